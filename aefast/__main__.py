@@ -1,0 +1,3 @@
+from aefast.cli import main
+
+raise SystemExit(main())

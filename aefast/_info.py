@@ -1,0 +1,51 @@
+"""aefast.info(): what was built, what can run here, and what fell back."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from aefast import backend as _backend
+from aefast._extension import BUILD_INFO
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def info() -> dict:
+    """Version, build, backends (usable and why), CUDA archs, Triton version, fallback counters."""
+    import aefast
+
+    return {
+        "version": aefast.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "build": dict(BUILD_INFO),
+        "cuda_archs": BUILD_INFO["cuda_archs"].split(",") if BUILD_INFO["cuda_archs"] else [],
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "triton": _version("triton"),
+        "backends": {name: {"usable": ok, "why": why} for name, (ok, why) in _backend.availability().items()},
+        "backend_forced": _backend.get_backend(),
+        "fallbacks": _backend.fallback_counts(),
+    }
+
+
+def format_info(data: dict) -> str:
+    lines = [f"aefast {data['version']}  (torch {data['torch']}, python {data['python']})"]
+    b = data["build"]
+    lines.append(f"built against torch {b['torch_version']} with {b['compiler']}; CUDA kernels: "
+                 + (f"yes, archs {', '.join(data['cuda_archs'])}" if b["cuda"] else "no"))
+    lines.append(f"CUDA device: {data['cuda_device'] or 'none'};  Triton: {data['triton'] or 'not installed'}")
+    lines.append("backends:")
+    for name, st in data["backends"].items():
+        lines.append(f"  {name:<10} {'usable' if st['usable'] else 'unavailable':<12} {st['why']}")
+    lines.append(f"forced backend: {data['backend_forced'] or 'none (cuda for CUDA tensors, cpu for CPU tensors)'}")
+    if data["fallbacks"]:
+        lines.append("fallbacks to the reference path:")
+        lines.extend(f"  {k}: {n}" for k, n in data["fallbacks"].items())
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Backend choice: which implementation serves an op for a given tensor.
+
+Order of precedence: :func:`set_backend` (also usable as a context manager), then the
+``AEFAST_BACKEND`` environment variable, then the default (``cuda`` for CUDA tensors, ``cpu``
+for CPU tensors). A named backend that cannot run is an error that says why; an op that a
+backend does not cover for some parameter falls back to the reference path, and every such
+fallback is counted in :func:`aefast.info`.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import threading
+
+import torch
+
+from aefast._extension import BUILD_INFO
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "AEFAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, no device, or wrong device)."""
+
+
+_override = threading.local()
+_fallbacks: collections.Counter = collections.Counter()
+_fallback_lock = threading.Lock()
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"aefast: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability() -> dict[str, tuple[bool, str]]:
+    """Each backend's (usable, reason) on this machine, for any device it may serve."""
+    status = {"reference": (True, "pure PyTorch, always available"), "cpu": (True, "C++ kernels built")}
+    if not BUILD_INFO["cuda"]:
+        status["cuda"] = (False, "aefast._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)")
+    elif not torch.cuda.is_available():
+        status["cuda"] = (False, "built with CUDA, but torch.cuda.is_available() is False")
+    else:
+        status["cuda"] = (True, f"CUDA kernels built for sm {BUILD_INFO['cuda_archs']}")
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = (False, "the triton package is not installed (pip install triton)")
+    elif torch.cuda.is_available():
+        status["triton"] = (True, "on CUDA tensors" + (", and CPU tensors under TRITON_INTERPRET=1" if triton_interpreting() else ""))
+    elif triton_interpreting():
+        status["triton"] = (True, "interpreter on CPU tensors (TRITON_INTERPRET=1)")
+    else:
+        status["triton"] = (False, "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter")
+    return status
+
+
+class _BackendScope:
+    """Returned by set_backend; restores the previous choice when used as a context manager."""
+
+    def __init__(self, previous: str | None):
+        self._previous = previous
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _override.name = self._previous
+        return False
+
+
+def set_backend(name: str | None) -> _BackendScope:
+    """Force a backend for all aefast ops (None returns to automatic choice).
+
+    ``aefast.set_backend("cpu")`` sets it for this thread; ``with aefast.set_backend("triton"):``
+    sets it for the block only.
+    """
+    if name is not None:
+        _check_name(name)
+        usable, reason = availability()[name]
+        if not usable:
+            raise BackendUnavailableError(f"aefast: backend {name!r} is unavailable: {reason}")
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    return _BackendScope(previous)
+
+
+def get_backend() -> str | None:
+    """The forced backend (set_backend, else AEFAST_BACKEND), or None for automatic choice."""
+    name = getattr(_override, "name", None)
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (from the environment variable {ENV_VAR})") from None
+    return None
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that will serve tensors on ``device``; raises if the forced one cannot."""
+    name = get_backend()
+    if name is None:
+        return "cuda" if device.type == "cuda" and BUILD_INFO["cuda"] else ("cpu" if device.type == "cpu" else "reference")
+    if name == "reference":
+        return name
+    usable, reason = availability()[name]
+    if not usable:
+        raise BackendUnavailableError(f"aefast: backend {name!r} is unavailable: {reason}")
+    if name == "cpu" and device.type != "cpu":
+        raise BackendUnavailableError(f"aefast: backend 'cpu' runs CPU tensors only, got a tensor on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"aefast: backend 'cuda' runs CUDA tensors only, got a tensor on {device}")
+    if name == "triton" and device.type == "cpu" and not triton_interpreting():
+        raise BackendUnavailableError("aefast: backend 'triton' needs TRITON_INTERPRET=1 to run CPU tensors")
+    if name == "triton" and device.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"aefast: backend 'triton' cannot run tensors on {device}")
+    return name
+
+
+def record_fallback(op: str, backend: str, reason: str) -> None:
+    with _fallback_lock:
+        _fallbacks[(op, backend, reason)] += 1
+
+
+def fallback_counts() -> dict[str, int]:
+    """``{"op[backend]: reason": count}`` for every request a backend handed to the reference."""
+    with _fallback_lock:
+        return {f"{op}[{backend}]: {reason}": n for (op, backend, reason), n in sorted(_fallbacks.items())}
+
+
+def reset_fallback_counts() -> None:
+    with _fallback_lock:
+        _fallbacks.clear()

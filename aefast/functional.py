@@ -1,0 +1,386 @@
+"""aefast's public functions: validate every argument, pick a backend, call the op.
+
+Validation lives here, once, for every backend: a bad argument raises TypeError/ValueError
+before any kernel runs. Backends that have no kernel for a call (yet, or for some parameter)
+take the reference twin, and the fallback is counted in ``aefast.info()``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from aefast import _checks
+from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
+from aefast.ops import _registry
+from aefast.ops._dispatch import choose
+from aefast.reference import functional as ref
+
+ACTIVATIONS = ref.ACTIVATIONS
+LOSS_KINDS = ref.LOSS_KINDS
+CORRUPTIONS = ref.CORRUPTIONS
+INDEX_FORMATS = ("flat", "window")
+REAL_DTYPES = FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+# ================================================================ index formats
+
+def _index_geometry(t, input_size, kernel_size, stride, padding, dilation):
+    if isinstance(input_size, torch.Tensor):
+        raise TypeError("aefast: input_size must be a tuple of ints such as x.shape[-2:], not a tensor")
+    geo = _checks.pool_geometry(input_size, kernel_size, stride, padding, dilation)
+    if geo.window_elements > 255:
+        raise ValueError(f"aefast: window indices are uint8, so a window may hold at most 255 elements; "
+                         f"kernel_size={geo.kernel_size} holds {geo.window_elements}")
+    return geo
+
+
+def flat_to_window(indices, input_size, kernel_size, stride=None, padding=0, dilation=1, *, check=True):
+    """PyTorch's int64 pooling indices -> aefast's uint8 offsets inside each pool window.
+
+    ``input_size`` is the pooled input's (H, W) (or its full shape); the pooling arguments are
+    those given to ``max_pool2d``. With ``check`` an index that is out of range or outside its
+    own window raises ValueError (this reads the data back, a device sync on CUDA).
+    """
+    check_tensor(indices, "indices", dtypes=(torch.int64,))
+    if indices.dim() < 2:
+        raise ValueError(f"aefast: indices must have at least 2 dims (…, H_out, W_out), got shape {tuple(indices.shape)}")
+    geo = _index_geometry(indices, input_size, kernel_size, stride, padding, dilation)
+    plane = geo.input_size[0] * geo.input_size[1]
+    if check and indices.numel():
+        lo, hi = torch.aminmax(indices)
+        if lo.item() < 0 or hi.item() >= plane:
+            raise ValueError(f"aefast: indices must lie in [0, {plane}) for an input of size {geo.input_size}; "
+                             f"found values in [{lo.item()}, {hi.item()}]")
+    backend = choose("flat_to_window", indices.device)
+    if backend == "reference":
+        out = ref.flat_to_window(indices, geo.input_size, geo.kernel_size, geo.stride, geo.padding, geo.dilation)
+    else:
+        out = _registry.op(backend, "flat_to_window")(indices, *geo.op_args())
+    if check and indices.numel():
+        bad = out == 255
+        if bad.any():
+            pos = tuple(int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"aefast: index {indices[pos].item()} at position {pos} is not inside its own pooling "
+                             f"window (kernel_size={geo.kernel_size}, stride={geo.stride}, padding={geo.padding}, "
+                             f"dilation={geo.dilation})")
+    return out
+
+
+def window_to_flat(window, input_size, kernel_size, stride=None, padding=0, dilation=1, *, check=True):
+    """aefast's uint8 window offsets -> PyTorch's int64 flat pooling indices."""
+    check_tensor(window, "window", dtypes=(torch.uint8,))
+    if window.dim() < 2:
+        raise ValueError(f"aefast: window indices must have at least 2 dims (…, H_out, W_out), got shape {tuple(window.shape)}")
+    geo = _index_geometry(window, input_size, kernel_size, stride, padding, dilation)
+    if check and window.numel():
+        hi = window.max().item()
+        if hi >= geo.window_elements:
+            raise ValueError(f"aefast: window offsets must lie in [0, {geo.window_elements}) for kernel_size="
+                             f"{geo.kernel_size}; found {hi}")
+    backend = choose("window_to_flat", window.device)
+    if backend == "reference":
+        out = ref.window_to_flat(window, geo.input_size, geo.kernel_size, geo.stride, geo.padding, geo.dilation)
+    else:
+        out = _registry.op(backend, "window_to_flat")(window, *geo.op_args())
+    if check and window.numel():
+        bad = out < 0
+        if bad.any():
+            pos = tuple(int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"aefast: window offset {window[pos].item()} at position {pos} points into the padding, "
+                             f"not at an input element")
+    return out
+
+
+# ================================================================ shared validation
+
+def _check_activation(activation, negative_slope):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"aefast: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    if not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"aefast: negative_slope must be a number, got {negative_slope!r}")
+
+
+def _check_float_inputs(**tensors):
+    present = {k: v for k, v in tensors.items() if v is not None}
+    for name, t in present.items():
+        check_tensor(t, name, dtypes=FLOAT_DTYPES)
+    dtypes = {t.dtype for t in present.values()}
+    if len(dtypes) > 1:
+        raise TypeError("aefast: dtypes differ: " + ", ".join(f"{k} is {str(v.dtype).replace('torch.', '')}"
+                                                          for k, v in present.items()))
+    return check_same_device(**present)
+
+
+def _check_index_format(index_format):
+    if index_format not in INDEX_FORMATS:
+        raise ValueError(f"aefast: index_format must be one of {INDEX_FORMATS}, got {index_format!r}")
+
+
+def _check_unpool_indices(input, indices, index_format, out_hw, window_elements):
+    _check_index_format(index_format)
+    want = torch.int64 if index_format == "flat" else torch.uint8
+    check_tensor(indices, "indices", dtypes=(want,))
+    if indices.shape != input.shape:
+        raise ValueError(f"aefast: indices must have the input's shape {tuple(input.shape)}, got {tuple(indices.shape)}")
+    check_same_device(input=input, indices=indices)
+    if not indices.numel():
+        return
+    limit = out_hw[0] * out_hw[1] if index_format == "flat" else window_elements
+    lo, hi = torch.aminmax(indices)
+    if lo.item() < 0 or hi.item() >= limit:
+        what = f"flat indices into an output of size {tuple(out_hw)}" if index_format == "flat" else "window offsets"
+        raise ValueError(f"aefast: {what} must lie in [0, {limit}); found values in [{lo.item()}, {hi.item()}]")
+
+
+# ================================================================ pooling
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """Drop-in for torch.nn.functional.max_pool2d (same arguments, values and indices)."""
+    check_tensor(input, "input", dtypes=REAL_DTYPES, dims=(3, 4))
+    if any(s == 0 for s in input.shape[-3:]):
+        raise ValueError(f"aefast: max_pool2d needs non-empty channel and spatial dims, got shape {tuple(input.shape)}")
+    _checks.pool_geometry(input.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
+    choose("max_pool2d", input.device, lambda b: "no kernel for this op yet")
+    return ref.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """Drop-in for torch.nn.functional.max_unpool2d. Duplicate indices: the last pooled
+    position (row-major) naming an element wins, on every backend."""
+    check_tensor(input, "input", dtypes=FLOAT_DTYPES, dims=(3, 4))
+    k = pair(kernel_size, "kernel_size", minimum=1)
+    s = k if stride is None else pair(stride, "stride", minimum=1)
+    p = pair(padding, "padding", minimum=0)
+    out_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k, s, p, output_size)
+    _check_unpool_indices(input, indices, "flat", out_hw, None)
+    choose("max_unpool2d", input.device, lambda b: "no kernel for this op yet")
+    return ref.max_unpool2d(input, indices, k, s, p, out_hw)
+
+
+# ================================================================ transposed convolution
+
+def _check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, in_hw=None):
+    """``in_hw`` overrides the input's spatial size (the decoder convolves the unpooled map)."""
+    device = _check_float_inputs(input=input, weight=weight, bias=bias)
+    check_tensor(input, "input", dims=(3, 4))
+    check_tensor(weight, "weight", dims=(4,))
+    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
+    op, d = pair(output_padding, "output_padding", minimum=0), pair(dilation, "dilation", minimum=1)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"aefast: groups must be a positive int, got {groups!r}")
+    c_in = input.shape[-3]
+    if weight.shape[0] != c_in:
+        raise ValueError(f"aefast: weight of shape {tuple(weight.shape)} expects {weight.shape[0]} input channels "
+                         f"(weight is (C_in, C_out/groups, kH, kW)), but input has {c_in}")
+    if c_in % groups:
+        raise ValueError(f"aefast: input channels {c_in} are not divisible by groups={groups}")
+    c_out = weight.shape[1] * groups
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"aefast: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    for a in range(2):
+        if op[a] >= s[a] and op[a] >= d[a]:
+            raise ValueError(f"aefast: output_padding {op} must be smaller than either stride {s} or dilation {d}")
+    in_hw = tuple(input.shape[-2:]) if in_hw is None else in_hw
+    out_hw = [(in_hw[a] - 1) * s[a] - 2 * p[a] + d[a] * (weight.shape[2 + a] - 1) + op[a] + 1 for a in range(2)]
+    if min(out_hw) < 1:
+        raise ValueError(f"aefast: conv_transpose2d output would be empty ({tuple(out_hw)}); padding is too large")
+    return device, (s, p, op, d), tuple(out_hw)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Drop-in for torch.nn.functional.conv_transpose2d."""
+    device, (s, p, op, d), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    choose("conv_transpose2d", device, lambda b: "no kernel for this op yet")
+    return ref.conv_transpose2d(input, weight, bias, s, p, op, groups, d)
+
+
+# ================================================================ fused blocks
+
+def _conv_out_hw(hw, k, s, p):
+    return tuple((hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in range(2))
+
+
+def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu", pool_size=2,
+                return_indices=True, index_format="flat", *, negative_slope=0.01):
+    """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, return_indices=True)
+    in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets."""
+    _check_float_inputs(input=input, weight=weight, bias=bias)
+    check_tensor(input, "input", dims=(4,))
+    check_tensor(weight, "weight", dims=(4,))
+    _check_activation(activation, negative_slope)
+    _check_index_format(index_format)
+    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
+    k_pool = pair(pool_size, "pool_size", minimum=1)
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(f"aefast: input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} "
+                         f"expects {weight.shape[1]} (weight is (C_out, C_in, kH, kW))")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"aefast: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    conv_hw = _conv_out_hw(input.shape[-2:], weight.shape[-2:], s, p)
+    if min(conv_hw) < 1:
+        raise ValueError(f"aefast: the conv kernel {tuple(weight.shape[-2:])} is larger than the padded input "
+                         f"{tuple(input.shape[-2:])} (padding={p})")
+    if conv_hw[0] < k_pool[0] or conv_hw[1] < k_pool[1]:
+        raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
+    if index_format == "window" and k_pool[0] * k_pool[1] > 255:
+        raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
+    choose("conv_pool2d", input.device, lambda b: "no kernel for this op yet")
+    return ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
+                           negative_slope=negative_slope)
+
+
+def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, output_size=None, stride=1,
+                            padding=0, output_padding=0, activation=None, index_format="flat", *,
+                            negative_slope=0.01):
+    """act(conv_transpose2d(max_unpool2d(input, indices, pool_size, output_size=output_size),
+    weight, bias, stride, padding, output_padding)) without building the unpooled map."""
+    check_tensor(input, "input", dims=(4,))
+    k_pool = pair(pool_size, "pool_size", minimum=1)
+    unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, k_pool, (0, 0), output_size)
+    _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1])
+    _check_activation(activation, negative_slope)
+    device, (s, p, op, _), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 1, 1,
+                                                     in_hw=unpooled_hw)
+    choose("unpool_conv_transpose2d", device, lambda b: "no kernel for this op yet")
+    return ref.unpool_conv_transpose2d(input, indices, weight, bias, k_pool, unpooled_hw, s, p, op, activation,
+                                       index_format, negative_slope=negative_slope)
+
+
+# ================================================================ losses
+
+def _reduction(reduction, size_average=None, reduce=None, allowed=("none", "mean", "sum")):
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction as legacy
+
+        reduction = legacy.legacy_get_string(size_average, reduce)
+    if reduction not in allowed:
+        raise ValueError(f"aefast: reduction must be one of {allowed}, got {reduction!r}")
+    return reduction
+
+
+def _check_loss_pair(input, target, *, same_shape, op_name, weight=None, extra=None):
+    tensors = {"input": input, "target": target, "weight": weight}
+    if extra:
+        tensors.update(extra)
+    _check_float_inputs(**tensors)
+    if input.shape != target.shape:
+        if same_shape:
+            raise ValueError(f"aefast: {op_name}: target size {tuple(target.shape)} must equal input size "
+                             f"{tuple(input.shape)}")
+        warnings.warn(f"Using a target size ({target.shape}) that is different to the input size ({input.shape}). "
+                      "This will likely lead to incorrect results due to broadcasting. Please ensure they have the "
+                      "same size.", stacklevel=3)
+        torch.broadcast_shapes(input.shape, target.shape)
+
+
+def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """Drop-in for torch.nn.functional.mse_loss."""
+    reduction = _reduction(reduction, size_average, reduce)
+    _check_loss_pair(input, target, same_shape=False, op_name="mse_loss", weight=weight)
+    choose("mse_loss", input.device, lambda b: "no kernel for this op yet")
+    return ref.mse_loss(input, target, reduction=reduction, weight=weight)
+
+
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    """Drop-in for torch.nn.functional.l1_loss."""
+    reduction = _reduction(reduction, size_average, reduce)
+    _check_loss_pair(input, target, same_shape=False, op_name="l1_loss")
+    choose("l1_loss", input.device, lambda b: "no kernel for this op yet")
+    return ref.l1_loss(input, target, reduction=reduction)
+
+
+def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
+    """Drop-in for torch.nn.functional.huber_loss."""
+    reduction = _reduction(reduction)
+    if not delta > 0:
+        raise ValueError(f"aefast: huber_loss delta must be positive, got {delta}")
+    _check_loss_pair(input, target, same_shape=False, op_name="huber_loss", weight=weight)
+    choose("huber_loss", input.device, lambda b: "no kernel for this op yet")
+    return ref.huber_loss(input, target, reduction=reduction, delta=delta, weight=weight)
+
+
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
+    """Drop-in for torch.nn.functional.binary_cross_entropy (each log clamped at -100)."""
+    reduction = _reduction(reduction, size_average, reduce)
+    _check_loss_pair(input, target, same_shape=True, op_name="binary_cross_entropy")
+    if weight is not None:
+        _check_float_inputs(input=input, weight=weight)
+        torch.broadcast_shapes(weight.shape, input.shape)
+    if input.numel() and ((input < 0) | (input > 1)).any():
+        raise ValueError("aefast: binary_cross_entropy: all elements of input should be between 0 and 1")
+    choose("binary_cross_entropy", input.device, lambda b: "no kernel for this op yet")
+    return ref.binary_cross_entropy(input, target, weight, reduction=reduction)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
+    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits."""
+    reduction = _reduction(reduction, size_average, reduce)
+    _check_loss_pair(input, target, same_shape=True, op_name="binary_cross_entropy_with_logits",
+                     extra={"weight": weight, "pos_weight": pos_weight})
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is not None:
+            try:
+                torch.broadcast_shapes(t.shape, input.shape)
+            except RuntimeError:
+                raise ValueError(f"aefast: {name} of shape {tuple(t.shape)} does not broadcast to the input's "
+                                 f"{tuple(input.shape)}") from None
+    choose("binary_cross_entropy_with_logits", input.device, lambda b: "no kernel for this op yet")
+    return ref.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+
+
+def reconstruction_loss(input, target, kind="mse", reduction="mean", *, delta=1.0):
+    """One reconstruction loss; ``reduction="per_sample"`` gives one value per batch item (the
+    mean over the other dims), the anomaly score."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"aefast: unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")
+    reduction = _reduction(reduction, allowed=ref.REDUCTIONS)
+    _check_loss_pair(input, target, same_shape=True, op_name="reconstruction_loss")
+    if reduction == "per_sample" and input.dim() < 1:
+        raise ValueError("aefast: reduction='per_sample' needs a batch dim")
+    if kind == "bce" and input.numel() and ((input < 0) | (input > 1)).any():
+        raise ValueError("aefast: kind='bce' needs probabilities in [0, 1]; use kind='bce_logits' for logits")
+    choose("reconstruction_loss", input.device, lambda b: "no kernel for this op yet")
+    return ref.reconstruction_loss(input, target, kind, reduction, delta=delta)
+
+
+# ================================================================ corruption and VAE terms
+
+def corrupt(input, kind="gaussian", level=0.1, generator=None, *, low=0.0, high=1.0):
+    """Denoising-AE input corruption: gaussian (std=level), masking (fraction ``level`` zeroed)
+    or salt_pepper (fraction ``level`` set to ``low``/``high`` by a fair coin)."""
+    check_tensor(input, "input", dtypes=FLOAT_DTYPES)
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"aefast: unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
+    if not isinstance(level, (int, float)) or level < 0 or (kind != "gaussian" and level > 1):
+        raise ValueError(f"aefast: corruption level must be {'>= 0' if kind == 'gaussian' else 'in [0, 1]'}, got {level!r}")
+    if generator is not None and generator.device.type != input.device.type:
+        raise ValueError(f"aefast: generator is on {generator.device} but input is on {input.device}")
+    choose("corrupt", input.device, lambda b: "no kernel for this op yet")
+    return ref.corrupt(input, kind, level, generator, low=low, high=high)
+
+
+def _check_mu_logvar(mu, logvar):
+    _check_float_inputs(mu=mu, logvar=logvar)
+    if mu.shape != logvar.shape:
+        raise ValueError(f"aefast: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have one shape")
+
+
+def reparameterize(mu, logvar, generator=None):
+    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, 1)."""
+    _check_mu_logvar(mu, logvar)
+    if generator is not None and generator.device.type != mu.device.type:
+        raise ValueError(f"aefast: generator is on {generator.device} but mu is on {mu.device}")
+    choose("reparameterize", mu.device, lambda b: "no kernel for this op yet")
+    return ref.reparameterize(mu, logvar, generator)
+
+
+def kl_divergence(mu, logvar, reduction="mean"):
+    """KL(N(mu, exp(logvar)) || N(0, I)); ``mean`` sums latent dims and averages the batch."""
+    _check_mu_logvar(mu, logvar)
+    reduction = _reduction(reduction, allowed=ref.REDUCTIONS)
+    if reduction != "none" and mu.dim() < 1:
+        raise ValueError("aefast: kl_divergence needs a batch dim")
+    choose("kl_divergence", mu.device, lambda b: "no kernel for this op yet")
+    return ref.kl_divergence(mu, logvar, reduction)

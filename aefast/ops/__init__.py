@@ -1,0 +1,2 @@
+"""torch.library glue per op family: fake functions, autograd formulas, Triton twins."""
+from aefast.ops import pool_index  # noqa: F401

@@ -1,0 +1,74 @@
+"""Glue between the C++ schemas and the Python-side registrations.
+
+Every schema is defined once, in csrc/ops.cpp (namespace ``aefast``). The Triton kernels are a
+second implementation of the same schemas, registered under the twin namespace
+``aefast_triton`` (CPU and CUDA dispatch keys) so that a backend choice never changes the
+schema, the fake function or the autograd formula.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+
+NAMESPACE = "aefast"
+TRITON_NAMESPACE = "aefast_triton"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+_triton_lib = torch.library.Library(TRITON_NAMESPACE, "DEF") if HAS_TRITON else None
+_triton_ops: set[str] = set()
+
+
+def namespace_for(backend: str):
+    """The torch.ops namespace whose kernels implement ``backend`` ("cpu", "cuda" or "triton")."""
+    if backend == "triton":
+        return getattr(torch.ops, TRITON_NAMESPACE)
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops, NAMESPACE)
+    raise ValueError(f"aefast: backend {backend!r} has no compiled operators")
+
+
+def op(backend: str, name: str):
+    return getattr(namespace_for(backend), name).default
+
+
+def has_triton_kernel(name: str) -> bool:
+    return name in _triton_ops
+
+
+def _schema_without_namespace(name: str) -> str:
+    schema = str(getattr(torch.ops.aefast, name).default._schema)
+    prefix = f"{NAMESPACE}::"
+    assert schema.startswith(prefix), schema
+    return schema[len(prefix):]
+
+
+def register_triton(name: str, impl: Callable) -> None:
+    """Register ``impl`` (a Python launcher of Triton kernels) as the Triton twin of aefast::name."""
+    if _triton_lib is None:
+        return
+    _triton_lib.define(_schema_without_namespace(name))
+    for key in ("CPU", "CUDA"):
+        _triton_lib.impl(name, impl, key)
+    _triton_ops.add(name)
+
+
+def _qualified_names(name: str):
+    yield f"{NAMESPACE}::{name}"
+    if name in _triton_ops:
+        yield f"{TRITON_NAMESPACE}::{name}"
+
+
+def register_fake(name: str, fake: Callable) -> None:
+    """One fake (meta) function for the op and its Triton twin."""
+    for qualname in _qualified_names(name):
+        torch.library.register_fake(qualname, fake)
+
+
+def register_autograd(name: str, make_backward: Callable, setup_context: Callable) -> None:
+    """``make_backward(ns)`` returns the backward that calls the backward ops of namespace ``ns``,
+    so a forward on one backend is differentiated on the same backend."""
+    for qualname in _qualified_names(name):
+        ns = getattr(torch.ops, qualname.split("::")[0])
+        torch.library.register_autograd(qualname, make_backward(ns), setup_context=setup_context)

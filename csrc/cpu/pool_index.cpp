@@ -1,0 +1,72 @@
+// CPU kernels of the pool_index family: flat <-> window index conversion.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "aefast/pool_index.h"
+#include "aefast/torch_utils.h"
+
+namespace aefast {
+namespace {
+
+// Calls body(plane_begin, plane_end, out_h, out_w) over (…, Ho, Wo) planes in parallel.
+template <typename Body>
+void for_each_plane_range(const at::Tensor& t, Body body) {
+  TORCH_CHECK(t.dim() >= 2, "aefast: pooled indices need at least 2 dims, got ", t.dim());
+  const int64_t out_h = t.size(-2), out_w = t.size(-1);
+  const int64_t plane = out_h * out_w;
+  const int64_t planes = plane == 0 ? 0 : t.numel() / plane;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane, 1));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) { body(begin, end, out_h, out_w); });
+}
+
+at::Tensor flat_to_window_cpu(const at::Tensor& indices, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
+                              c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::flat_to_window: indices must be int64");
+  const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
+  const at::Tensor src = indices.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kByte));
+  const int64_t* in_ptr = src.const_data_ptr<int64_t>();
+  uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
+  for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t base = p * out_h * out_w;
+      for (int64_t oh = 0; oh < out_h; ++oh)
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          const int64_t k = base + oh * out_w + ow;
+          out_ptr[k] = window_offset_of_flat(in_ptr[k], oh, ow, g);
+        }
+    }
+  });
+  return out;
+}
+
+at::Tensor window_to_flat_cpu(const at::Tensor& window, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
+                              c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK(window.scalar_type() == at::kByte, "aefast::window_to_flat: window offsets must be uint8");
+  const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
+  const at::Tensor src = window.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kLong));
+  const uint8_t* in_ptr = src.const_data_ptr<uint8_t>();
+  int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
+  for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t base = p * out_h * out_w;
+      for (int64_t oh = 0; oh < out_h; ++oh)
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          const int64_t k = base + oh * out_w + ow;
+          out_ptr[k] = flat_of_window_offset(in_ptr[k], oh, ow, g);
+        }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("flat_to_window", &flat_to_window_cpu);
+  m.impl("window_to_flat", &window_to_flat_cpu);
+}
+
+}  // namespace aefast

@@ -1,0 +1,24 @@
+#pragma once
+// Host-side helpers for the op implementations (torch headers allowed here).
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include "aefast/common.h"
+
+namespace aefast {
+
+// The Python layer validates every argument before calling an op; these checks only
+// guard the C++ entry points against direct torch.ops calls with malformed arguments.
+inline PoolGeometry pool_geometry_from_args(c10::IntArrayRef input_size, c10::IntArrayRef kernel,
+                                            c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                            c10::IntArrayRef dilation) {
+  TORCH_CHECK(input_size.size() == 2 && kernel.size() == 2 && stride.size() == 2 &&
+                  padding.size() == 2 && dilation.size() == 2,
+              "aefast: pooling geometry arguments must have two entries each");
+  TORCH_CHECK(kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 && dilation[0] > 0 &&
+                  dilation[1] > 0 && padding[0] >= 0 && padding[1] >= 0,
+              "aefast: kernel, stride and dilation must be positive and padding non-negative");
+  return PoolGeometry{input_size[0], input_size[1], kernel[0], kernel[1], stride[0],
+                      stride[1],     padding[0],    padding[1], dilation[0], dilation[1]};
+}
+
+}  // namespace aefast

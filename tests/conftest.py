@@ -1,0 +1,76 @@
+"""Backend parametrization shared by every test file.
+
+The Triton backend runs CPU tensors under the interpreter (TRITON_INTERPRET=1), set here
+before anything imports triton, unless a GPU is present (then Triton compiles for it).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import aefast  # noqa: E402
+from aefast import backend as _backend  # noqa: E402
+
+HAS_CUDA_BACKEND = _backend.availability()["cuda"][0]
+
+
+def backend_device(name: str) -> str:
+    """The device a backend's tests put their tensors on."""
+    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def _backend_params(names):
+    params = []
+    for name in names:
+        marks = []
+        if name == "cuda":
+            marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="no CUDA backend here")]
+        elif name == "triton":
+            marks = [pytest.mark.gpu_triton] if torch.cuda.is_available() else []
+            ok, why = _backend.availability()["triton"]
+            marks.append(pytest.mark.skipif(not ok, reason=why))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+ALL_BACKENDS = _backend_params(["cpu", "triton", "reference", "cuda"])
+KERNEL_BACKENDS = _backend_params(["cpu", "triton", "cuda"])
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Runs the test once per backend, with that backend forced; yields its name."""
+    with aefast.set_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    with aefast.set_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallback_counts():
+    _backend.reset_fallback_counts()
+    yield
+
+
+# Tolerances per dtype for values computed in a different order than the reference
+# (fp32 accumulation in every case).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
