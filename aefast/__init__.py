@@ -7,8 +7,8 @@ import torch  # noqa: F401  (the extension's operators need torch loaded first)
 
 from aefast._extension import BUILD_INFO  # noqa: E402  raises a clear ImportError when unbuilt
 from aefast import ops  # noqa: E402,F401  registers fake functions, autograd and Triton twins
-from aefast import functional, reference  # noqa: E402,F401
+from aefast import functional, nn, reference  # noqa: E402,F401
 from aefast.backend import BACKENDS, BackendUnavailableError, get_backend, set_backend  # noqa: E402
 from aefast._info import info  # noqa: E402
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "reference", "set_backend"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "reference", "set_backend"]

@@ -1,0 +1,171 @@
+"""Shared benchmark machinery: median timings, peak memory, ratio tables, JSON/markdown/PNG.
+
+Speed and memory claims are ratios measured in one run against the PyTorch reference on the
+same machine; absolute CPU times on shared 2-core machines are noise.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+# Measured on the CI/dev machines (AMD EPYC, 2 cores, AVX2+FMA): see shared/DESIGN.md.
+CPU_SGEMM_GFLOPS = 120.0
+CPU_COPY_GBPS = 26.0
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str = "cpu", *, warmup: int = 2, repeats: int = 7,
+                min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was live before it.
+
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocator events
+    (every c10 CPU allocation, kernel-internal buffers included), summed in time order.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Allocations are charged to the op that made them (its self usage, so nesting does not
+    # count twice); frees of tensors outliving their op show as standalone "[memory]" events.
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class Row:
+    case: str
+    variant: str
+    seconds: float
+    peak_bytes: int
+    flops: float = 0.0
+    bytes_moved: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_moved / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def environment(device: str) -> dict:
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            env["driver"] = "unknown"
+    return env
+
+
+def ratio_table(rows: list[Row], baseline: str, *, peak_gflops: float | None = None,
+                peak_gbps: float | None = None) -> str:
+    """Markdown: each variant's time, speedup over ``baseline``, peak memory and its ratio, and
+    achieved GFLOP/s and GB/s against the machine's limits."""
+    header = "| case | variant | median ms | speedup vs " + baseline + " | peak MiB | memory ratio | GFLOP/s | GB/s |"
+    lines = [header, "|" + "---|" * 8]
+    by_case: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.variant] = r
+    for case, variants in by_case.items():
+        base = variants.get(baseline)
+        for name, r in variants.items():
+            speed = f"{base.seconds / r.seconds:.2f}x" if base and r.seconds else "-"
+            mem = f"{r.peak_bytes / base.peak_bytes:.2f}" if base and base.peak_bytes else "-"
+            gf = f"{r.gflops:.1f}" + (f" ({100 * r.gflops / peak_gflops:.0f}% of peak)" if peak_gflops and r.flops else "")
+            gb = f"{r.gbps:.1f}" + (f" ({100 * r.gbps / peak_gbps:.0f}% of peak)" if peak_gbps and r.bytes_moved else "")
+            lines.append(f"| {case} | {name} | {1e3 * r.seconds:.3f} | {speed} | {r.peak_bytes / 2**20:.1f} | {mem} | {gf} | {gb} |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[Row], device: str, table: str, out_dir: str | None = None) -> str:
+    """Writes <name>.json, <name>.md and <name>.png under out_dir (default bench/out or $OUT)."""
+    out_dir = out_dir or os.environ.get("AEFAST_BENCH_OUT") or os.path.join(os.path.dirname(__file__), "out")
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment(device)
+    payload = {"benchmark": name, "environment": env,
+               "rows": [dict(asdict(r), gflops=r.gflops, gbps=r.gbps) for r in rows]}
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(f"# {name}\n\n{json.dumps(env)}\n\n{table}\n")
+    _plot(name, rows, os.path.join(out_dir, f"{name}.png"))
+    return out_dir
+
+
+def _plot(name: str, rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in rows))
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(len(variants), 1)
+    for vi, v in enumerate(variants):
+        times = [next((1e3 * r.seconds for r in rows if r.case == c and r.variant == v), 0) for c in cases]
+        mems = [next((r.peak_bytes / 2**20 for r in rows if r.case == c and r.variant == v), 0) for c in cases]
+        xs = [i + vi * width for i in range(len(cases))]
+        axes[0].bar(xs, times, width, label=v)
+        axes[1].bar(xs, mems, width, label=v)
+    for ax, title in zip(axes, ("median time (ms)", "peak memory (MiB)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
