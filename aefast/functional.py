@@ -268,10 +268,14 @@ def _check_loss_pair(input, target, *, same_shape, op_name, weight=None, extra=N
         if same_shape:
             raise ValueError(f"aefast: {op_name}: target size {tuple(target.shape)} must equal input size "
                              f"{tuple(input.shape)}")
+        try:
+            torch.broadcast_shapes(input.shape, target.shape)
+        except RuntimeError:
+            raise ValueError(f"aefast: {op_name}: target size {tuple(target.shape)} does not broadcast to input "
+                             f"size {tuple(input.shape)}") from None
         warnings.warn(f"Using a target size ({target.shape}) that is different to the input size ({input.shape}). "
                       "This will likely lead to incorrect results due to broadcasting. Please ensure they have the "
                       "same size.", stacklevel=3)
-        torch.broadcast_shapes(input.shape, target.shape)
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
