@@ -10,5 +10,6 @@ from aefast import ops  # noqa: E402,F401  registers fake functions, autograd an
 from aefast import functional, nn, reference  # noqa: E402,F401
 from aefast.backend import BACKENDS, BackendUnavailableError, get_backend, set_backend  # noqa: E402
 from aefast._info import info  # noqa: E402
+from aefast.optimize import optimize  # noqa: E402
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "reference", "set_backend"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "optimize", "reference", "set_backend"]
