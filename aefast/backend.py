@@ -126,6 +126,8 @@ def resolve(device: torch.device) -> str:
 
 
 def record_fallback(op: str, backend: str, reason: str) -> None:
+    if torch.compiler.is_compiling():  # a count at trace time would not count the calls
+        return
     with _fallback_lock:
         _fallbacks[(op, backend, reason)] += 1
 

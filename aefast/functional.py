@@ -23,6 +23,13 @@ INDEX_FORMATS = ("flat", "window")
 REAL_DTYPES = FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+
+def _compiling() -> bool:
+    """Checks that read tensor values (index ranges, probability ranges) need a device sync and
+    break torch.compile graphs; under compile they are skipped and the kernels' own guards hold."""
+    return torch.compiler.is_compiling()
+
+
 # ================================================================ index formats
 
 def _index_geometry(t, input_size, kernel_size, stride, padding, dilation):
@@ -47,7 +54,7 @@ def flat_to_window(indices, input_size, kernel_size, stride=None, padding=0, dil
         raise ValueError(f"aefast: indices must have at least 2 dims (…, H_out, W_out), got shape {tuple(indices.shape)}")
     geo = _index_geometry(indices, input_size, kernel_size, stride, padding, dilation)
     plane = geo.input_size[0] * geo.input_size[1]
-    if check and indices.numel():
+    if check and indices.numel() and not _compiling():
         lo, hi = torch.aminmax(indices)
         if lo.item() < 0 or hi.item() >= plane:
             raise ValueError(f"aefast: indices must lie in [0, {plane}) for an input of size {geo.input_size}; "
@@ -57,7 +64,7 @@ def flat_to_window(indices, input_size, kernel_size, stride=None, padding=0, dil
         out = ref.flat_to_window(indices, geo.input_size, geo.kernel_size, geo.stride, geo.padding, geo.dilation)
     else:
         out = _registry.op(backend, "flat_to_window")(indices, *geo.op_args())
-    if check and indices.numel():
+    if check and indices.numel() and not _compiling():
         bad = out == 255
         if bad.any():
             pos = tuple(int(v) for v in bad.nonzero()[0])
@@ -73,7 +80,7 @@ def window_to_flat(window, input_size, kernel_size, stride=None, padding=0, dila
     if window.dim() < 2:
         raise ValueError(f"aefast: window indices must have at least 2 dims (…, H_out, W_out), got shape {tuple(window.shape)}")
     geo = _index_geometry(window, input_size, kernel_size, stride, padding, dilation)
-    if check and window.numel():
+    if check and window.numel() and not _compiling():
         hi = window.max().item()
         if hi >= geo.window_elements:
             raise ValueError(f"aefast: window offsets must lie in [0, {geo.window_elements}) for kernel_size="
@@ -83,7 +90,7 @@ def window_to_flat(window, input_size, kernel_size, stride=None, padding=0, dila
         out = ref.window_to_flat(window, geo.input_size, geo.kernel_size, geo.stride, geo.padding, geo.dilation)
     else:
         out = _registry.op(backend, "window_to_flat")(window, *geo.op_args())
-    if check and window.numel():
+    if check and window.numel() and not _compiling():
         bad = out < 0
         if bad.any():
             pos = tuple(int(v) for v in bad.nonzero()[0])
@@ -124,7 +131,7 @@ def _check_unpool_indices(input, indices, index_format, out_hw, window_elements)
     if indices.shape != input.shape:
         raise ValueError(f"aefast: indices must have the input's shape {tuple(input.shape)}, got {tuple(indices.shape)}")
     check_same_device(input=input, indices=indices)
-    if not indices.numel():
+    if not indices.numel() or _compiling():
         return
     limit = out_hw[0] * out_hw[1] if index_format == "flat" else window_elements
     lo, hi = torch.aminmax(indices)
@@ -311,7 +318,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     if weight is not None:
         _check_float_inputs(input=input, weight=weight)
         torch.broadcast_shapes(weight.shape, input.shape)
-    if input.numel() and ((input < 0) | (input > 1)).any():
+    if input.numel() and not _compiling() and ((input < 0) | (input > 1)).any():
         raise ValueError("aefast: binary_cross_entropy: all elements of input should be between 0 and 1")
     choose("binary_cross_entropy", input.device, lambda b: "no kernel for this op yet")
     return ref.binary_cross_entropy(input, target, weight, reduction=reduction)
@@ -343,7 +350,7 @@ def reconstruction_loss(input, target, kind="mse", reduction="mean", *, delta=1.
     _check_loss_pair(input, target, same_shape=True, op_name="reconstruction_loss")
     if reduction == "per_sample" and input.dim() < 1:
         raise ValueError("aefast: reduction='per_sample' needs a batch dim")
-    if kind == "bce" and input.numel() and ((input < 0) | (input > 1)).any():
+    if kind == "bce" and input.numel() and not _compiling() and ((input < 0) | (input > 1)).any():
         raise ValueError("aefast: kind='bce' needs probabilities in [0, 1]; use kind='bce_logits' for logits")
     choose("reconstruction_loss", input.device, lambda b: "no kernel for this op yet")
     return ref.reconstruction_loss(input, target, kind, reduction, delta=delta)
