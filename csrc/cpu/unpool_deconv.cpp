@@ -1,0 +1,509 @@
+// CPU kernels of the unpool_deconv family: the fused decoder block
+//   out = act(conv_transpose2d(max_unpool2d(z, idx, pool), W, b, stride, padding, output_padding))
+// and the drop-in max_unpool2d, forward and backward.
+//
+// Math (dilation 1, groups 1). Let pos(n, ci, ph, pw) = (h, w) be where pooled value
+// z[n, ci, ph, pw] sits in the unpooled plane (the map u is z there and 0 elsewhere). Then
+//   pre[n, co, oy, ox] = b[co] + sum_{ci, ph, pw, kh, kw : oy = h*sh - padh + kh, ox = w*sw - padw + kw}
+//                                z[n, ci, ph, pw] * W[ci, co, kh, kw]
+// i.e. every pooled value scatters z * W[ci] over the KH x KW footprint of its one position:
+// 1/(pool_h*pool_w) of the MACs of the dense transposed conv over u, and u is never built.
+// With gpre = grad_out * act'(.) the gradients are
+//   grad_z[n, ci, ph, pw] = sum_{co, kh, kw} gpre[n, co, h*sh - padh + kh, w*sw - padw + kw] * W[ci, co, kh, kw]
+//       (the dgrad conv evaluated only at the argmax position of each window: a gather),
+//   grad_W[ci, co, kh, kw] = sum_{n, ph, pw} z[n, ci, ph, pw] * gpre[n, co, h*sh - padh + kh, w*sw - padw + kw]
+//       (only the nonzero positions of u contribute),
+//   grad_b[co] = sum_{n, oy, ox} gpre[n, co, oy, ox].
+//
+// Layout: accumulation happens in a channels-last fp32 (fp64 for double) buffer acc[a][c][co]
+// with a = oy + padh in [0, Ha), c = ox + padw in [0, Wa), large enough for every footprint,
+// so the hot loops have no bounds checks. In that layout one kernel row of a footprint
+// (kw = 0..KW-1, all co) is ONE contiguous run of KW*C_out values, and so is the matching row of
+// the weight reordered to Wt[ci][kh][kw][co]: the inner loop is a contiguous axpy / dot that
+// gcc vectorises (compiled twice: baseline and AVX2+FMA, picked at run time).
+//
+// Determinism: every output element is owned by one thread and accumulated in a fixed order
+// (forward and grad_input per batch item; grad_weight per input channel, looping the batch in
+// order; grad_bias from per-item partial sums added in item order). No atomics; results do
+// not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aefast/unpool_deconv.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define AEFAST_X86_CLONES 1
+#define AEFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define AEFAST_TARGET_AVX2
+#endif
+#define AEFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace aefast {
+namespace {
+
+bool cpu_has_avx2_fma() {
+#ifdef AEFAST_X86_CLONES
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+DecoderAct parse_activation(const std::optional<c10::string_view>& name) {
+  if (!name.has_value()) return DecoderAct::None;
+  const std::string s(name->data(), name->size());
+  if (s == "relu") return DecoderAct::Relu;
+  if (s == "leaky_relu") return DecoderAct::LeakyRelu;
+  if (s == "sigmoid") return DecoderAct::Sigmoid;
+  if (s == "tanh") return DecoderAct::Tanh;
+  if (s == "gelu") return DecoderAct::Gelu;
+  if (s == "silu") return DecoderAct::Silu;
+  TORCH_CHECK(false, "aefast::unpool_conv_transpose2d: unknown activation '", s, "'");
+}
+
+DecoderGeometry decoder_geometry(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& weight,
+                                 c10::IntArrayRef pool, c10::IntArrayRef unpooled, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, c10::IntArrayRef output_padding) {
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::unpool_conv_transpose2d: input and weight must be 4-D");
+  TORCH_CHECK(indices.sizes() == input.sizes(), "aefast::unpool_conv_transpose2d: indices must have the input's shape");
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kByte,
+              "aefast::unpool_conv_transpose2d: indices must be int64 (flat) or uint8 (window)");
+  TORCH_CHECK(weight.size(0) == input.size(1), "aefast::unpool_conv_transpose2d: weight/input channel mismatch");
+  TORCH_CHECK(pool.size() == 2 && unpooled.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  output_padding.size() == 2,
+              "aefast::unpool_conv_transpose2d: geometry arguments need two entries each");
+  DecoderGeometry g;
+  g.n = input.size(0);
+  g.c_in = input.size(1);
+  g.c_out = weight.size(1);
+  g.pooled_h = input.size(2);
+  g.pooled_w = input.size(3);
+  g.pool_h = pool[0];
+  g.pool_w = pool[1];
+  g.unpooled_h = unpooled[0];
+  g.unpooled_w = unpooled[1];
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.out_h = (g.unpooled_h - 1) * g.stride_h - 2 * g.pad_h + g.kernel_h + output_padding[0];
+  g.out_w = (g.unpooled_w - 1) * g.stride_w - 2 * g.pad_w + g.kernel_w + output_padding[1];
+  TORCH_CHECK(g.pool_h > 0 && g.pool_w > 0 && g.stride_h > 0 && g.stride_w > 0 && g.pad_h >= 0 && g.pad_w >= 0 &&
+                  g.out_h > 0 && g.out_w > 0 && g.unpooled_h > 0 && g.unpooled_w > 0,
+              "aefast::unpool_conv_transpose2d: invalid geometry");
+  return g;
+}
+
+// Extent of the channels-last accumulation buffer: row a = oy + pad_h covers every footprint
+// row h*sh + kh (< (Hu-1)*sh + KH) and every output row (< Ho + pad_h).
+struct AccExtent {
+  int64_t rows, cols;
+};
+AccExtent acc_extent(const DecoderGeometry& g) {
+  return {std::max((g.unpooled_h - 1) * g.stride_h + g.kernel_h, g.out_h + g.pad_h),
+          std::max((g.unpooled_w - 1) * g.stride_w + g.kernel_w, g.out_w + g.pad_w)};
+}
+
+template <typename index_t>
+AEFAST_ALWAYS_INLINE void position_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw, const DecoderGeometry& g,
+                                      int64_t& h, int64_t& w) {
+  if constexpr (std::is_same_v<index_t, int64_t>) {
+    unpooled_position_flat(idx[k], g.unpooled_w, h, w);
+  } else {
+    unpooled_position_window(static_cast<int64_t>(idx[k]), ph, pw, g.pool_h, g.pool_w, h, w);
+  }
+}
+
+// ---------------------------------------------------------------- forward scatter (one item)
+// acc (zeroed, Ha x Wa x C_out) += sum over pooled values of z * Wt[ci] at the footprint.
+template <typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                            const acc_t* __restrict__ wt, acc_t* __restrict__ acc,
+                                            const DecoderGeometry& g, int64_t acc_cols) {
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co;
+  for (int64_t ci = 0; ci < g.c_in; ++ci) {
+    const acc_t* __restrict__ wc = wt + ci * g.kernel_h * run;
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+        const int64_t k = (ci * g.pooled_h + ph) * g.pooled_w + pw;
+        const acc_t v = static_cast<acc_t>(z[k]);
+        int64_t h, w;
+        position_of(idx, k, ph, pw, g, h, w);
+        acc_t* __restrict__ base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          acc_t* __restrict__ dst = base + kh * row_stride;
+          const acc_t* __restrict__ src = wc + kh * run;
+          for (int64_t j = 0; j < run; ++j) dst[j] += v * src[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+AEFAST_TARGET_AVX2 void scatter_item_avx2(const scalar_t* z, const index_t* idx, const acc_t* wt, acc_t* acc,
+                                          const DecoderGeometry& g, int64_t acc_cols) {
+  scatter_item_body(z, idx, wt, acc, g, acc_cols);
+}
+template <typename scalar_t, typename acc_t, typename index_t>
+void scatter_item_base(const scalar_t* z, const index_t* idx, const acc_t* wt, acc_t* acc, const DecoderGeometry& g,
+                       int64_t acc_cols) {
+  scatter_item_body(z, idx, wt, acc, g, acc_cols);
+}
+
+// ---------------------------------------------------------------- grad_input gather (one item)
+template <typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void gather_item_body(const index_t* __restrict__ idx, const acc_t* __restrict__ wt,
+                                           const acc_t* __restrict__ gpad, scalar_t* __restrict__ grad_z,
+                                           const DecoderGeometry& g, int64_t acc_cols) {
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co;
+  for (int64_t ci = 0; ci < g.c_in; ++ci) {
+    const acc_t* __restrict__ wc = wt + ci * g.kernel_h * run;
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+        const int64_t k = (ci * g.pooled_h + ph) * g.pooled_w + pw;
+        int64_t h, w;
+        position_of(idx, k, ph, pw, g, h, w);
+        const acc_t* __restrict__ base = gpad + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
+        acc_t sum = 0;
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          const acc_t* __restrict__ src = base + kh * row_stride;
+          const acc_t* __restrict__ wr = wc + kh * run;
+          acc_t part = 0;
+          for (int64_t j = 0; j < run; ++j) part += src[j] * wr[j];
+          sum += part;
+        }
+        grad_z[k] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+AEFAST_TARGET_AVX2 void gather_item_avx2(const index_t* idx, const acc_t* wt, const acc_t* gpad, scalar_t* grad_z,
+                                         const DecoderGeometry& g, int64_t acc_cols) {
+  gather_item_body(idx, wt, gpad, grad_z, g, acc_cols);
+}
+template <typename scalar_t, typename acc_t, typename index_t>
+void gather_item_base(const index_t* idx, const acc_t* wt, const acc_t* gpad, scalar_t* grad_z,
+                      const DecoderGeometry& g, int64_t acc_cols) {
+  gather_item_body(idx, wt, gpad, grad_z, g, acc_cols);
+}
+
+// ---------------------------------------------------------------- grad_weight (one item, channels [c0, c1))
+template <typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void wgrad_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                          const acc_t* __restrict__ gpad, acc_t* __restrict__ gwt,
+                                          const DecoderGeometry& g, int64_t acc_cols, int64_t c0, int64_t c1) {
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co;
+  for (int64_t ci = c0; ci < c1; ++ci) {
+    acc_t* __restrict__ gc = gwt + ci * g.kernel_h * run;
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+        const int64_t k = (ci * g.pooled_h + ph) * g.pooled_w + pw;
+        const acc_t v = static_cast<acc_t>(z[k]);
+        int64_t h, w;
+        position_of(idx, k, ph, pw, g, h, w);
+        const acc_t* __restrict__ base = gpad + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          acc_t* __restrict__ dst = gc + kh * run;
+          const acc_t* __restrict__ src = base + kh * row_stride;
+          for (int64_t j = 0; j < run; ++j) dst[j] += v * src[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+AEFAST_TARGET_AVX2 void wgrad_item_avx2(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt,
+                                        const DecoderGeometry& g, int64_t acc_cols, int64_t c0, int64_t c1) {
+  wgrad_item_body(z, idx, gpad, gwt, g, acc_cols, c0, c1);
+}
+template <typename scalar_t, typename acc_t, typename index_t>
+void wgrad_item_base(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt, const DecoderGeometry& g,
+                     int64_t acc_cols, int64_t c0, int64_t c1) {
+  wgrad_item_body(z, idx, gpad, gwt, g, acc_cols, c0, c1);
+}
+
+// W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> reorder_weight(const at::Tensor& weight, const DecoderGeometry& g) {
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  std::vector<acc_t> wt(static_cast<size_t>(g.c_in * g.c_out * g.kernel_h * g.kernel_w));
+  for (int64_t ci = 0; ci < g.c_in; ++ci)
+    for (int64_t co = 0; co < g.c_out; ++co)
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw)
+          wt[((ci * g.kernel_h + kh) * g.kernel_w + kw) * g.c_out + co] =
+              static_cast<acc_t>(w[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw]);
+  return wt;
+}
+
+template <typename scalar_t, typename index_t>
+void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const DecoderGeometry& g, DecoderAct act, double slope,
+                   at::Tensor& out, at::Tensor& pre) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
+  std::vector<acc_t> b(static_cast<size_t>(g.c_out), acc_t(0));
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bc = bias->contiguous();
+    for (int64_t co = 0; co < g.c_out; ++co) b[co] = static_cast<acc_t>(bc.const_data_ptr<scalar_t>()[co]);
+  }
+  const AccExtent ext = acc_extent(g);
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const index_t* ip = idx.const_data_ptr<index_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  scalar_t* pp = pre.numel() ? pre.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
+  const bool avx2 = cpu_has_avx2_fma();
+  const acc_t sl = static_cast<acc_t>(slope);
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<acc_t> acc(static_cast<size_t>(ext.rows * ext.cols * g.c_out));
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      if (avx2)
+        scatter_item_avx2<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, wt.data(), acc.data(), g,
+                                                    ext.cols);
+      else
+        scatter_item_base<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, wt.data(), acc.data(), g,
+                                                    ext.cols);
+      // Epilogue: crop the padding, add bias, activate, write NCHW.
+      scalar_t* o = op + n * plane_out;
+      scalar_t* p = pp ? pp + n * plane_out : nullptr;
+      for (int64_t co = 0; co < g.c_out; ++co)
+        for (int64_t oy = 0; oy < g.out_h; ++oy) {
+          const acc_t* row = acc.data() + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
+          const int64_t o_base = (co * g.out_h + oy) * g.out_w;
+          for (int64_t ox = 0; ox < g.out_w; ++ox) {
+            const acc_t x = row[ox * g.c_out] + b[co];
+            if (p) p[o_base + ox] = static_cast<scalar_t>(x);
+            o[o_base + ox] = static_cast<scalar_t>(act_forward<acc_t>(x, act, sl));
+          }
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
+    const at::Tensor& input, const at::Tensor& indices, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef output_padding, std::optional<c10::string_view> activation, double negative_slope) {
+  const DecoderGeometry g =
+      decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
+  const DecoderAct act = parse_activation(activation);
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "aefast::unpool_conv_transpose2d: dtype mismatch");
+  const at::Tensor z = input.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
+  at::Tensor out = at::empty({g.n, g.c_out, g.out_h, g.out_w}, input.options());
+  at::Tensor pre = act_needs_preactivation(act) ? at::empty_like(out) : at::empty({0}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_cpu", [&] {
+    if (idx.scalar_type() == at::kLong)
+      forward_typed<scalar_t, int64_t>(z, idx, w, bias, g, act, negative_slope, out, pre);
+    else
+      forward_typed<scalar_t, uint8_t>(z, idx, w, bias, g, act, negative_slope, out, pre);
+  });
+  return {out, pre};
+}
+
+template <typename scalar_t, typename index_t>
+void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const at::Tensor& z, const at::Tensor& idx,
+                    const at::Tensor& weight, const DecoderGeometry& g, DecoderAct act, double slope,
+                    std::array<bool, 3> mask, at::Tensor& grad_z, at::Tensor& grad_w, at::Tensor& grad_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AccExtent ext = acc_extent(g);
+  const int64_t item = ext.rows * ext.cols * g.c_out;
+  const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
+  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* ap = act_in.const_data_ptr<scalar_t>();
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const index_t* ip = idx.const_data_ptr<index_t>();
+  const acc_t sl = static_cast<acc_t>(slope);
+  const bool avx2 = cpu_has_avx2_fma();
+  const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
+  // gpre in the padded channels-last layout for every item (read again by the weight gradient),
+  // plus one bias partial sum per item.
+  std::vector<acc_t> gpad(static_cast<size_t>(g.n * item));
+  std::vector<acc_t> bias_part(static_cast<size_t>(g.n * g.c_out));
+  scalar_t* gz = mask[0] ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      acc_t* gn = gpad.data() + n * item;
+      std::fill(gn, gn + item, acc_t(0));
+      const scalar_t* go = gp + n * plane_out;
+      const scalar_t* ai = ap + n * plane_out;
+      for (int64_t co = 0; co < g.c_out; ++co) {
+        acc_t bsum = 0;
+        for (int64_t oy = 0; oy < g.out_h; ++oy) {
+          acc_t* row = gn + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
+          const int64_t o_base = (co * g.out_h + oy) * g.out_w;
+          for (int64_t ox = 0; ox < g.out_w; ++ox) {
+            const acc_t d = static_cast<acc_t>(go[o_base + ox]) *
+                            act_derivative<acc_t>(static_cast<acc_t>(ai[o_base + ox]), act, sl);
+            row[ox * g.c_out] = d;
+            bsum += d;
+          }
+        }
+        bias_part[n * g.c_out + co] = bsum;
+      }
+      if (gz) {
+        if (avx2)
+          gather_item_avx2<scalar_t, acc_t, index_t>(ip + n * plane_in, wt.data(), gn, gz + n * plane_in, g, ext.cols);
+        else
+          gather_item_base<scalar_t, acc_t, index_t>(ip + n * plane_in, wt.data(), gn, gz + n * plane_in, g, ext.cols);
+      }
+    }
+  });
+  if (mask[1]) {
+    const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out;
+    std::vector<acc_t> gwt(static_cast<size_t>(g.c_in * per_ci), acc_t(0));
+    // Each thread owns a range of input channels and walks the batch in order.
+    at::parallel_for(0, g.c_in, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < g.n; ++n) {
+        if (avx2)
+          wgrad_item_avx2<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, gpad.data() + n * item,
+                                                    gwt.data(), g, ext.cols, c0, c1);
+        else
+          wgrad_item_base<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, gpad.data() + n * item,
+                                                    gwt.data(), g, ext.cols, c0, c1);
+      }
+    });
+    scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
+    for (int64_t ci = 0; ci < g.c_in; ++ci)
+      for (int64_t co = 0; co < g.c_out; ++co)
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw)
+            gw[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw] =
+                static_cast<scalar_t>(gwt[((ci * g.kernel_h + kh) * g.kernel_w + kw) * g.c_out + co]);
+  }
+  if (mask[2]) {
+    scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
+    for (int64_t co = 0; co < g.c_out; ++co) {
+      acc_t s = 0;
+      for (int64_t n = 0; n < g.n; ++n) s += bias_part[n * g.c_out + co];
+      gb[co] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& act_input, const at::Tensor& input, const at::Tensor& indices,
+    const at::Tensor& weight, c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef output_padding, std::optional<c10::string_view> activation,
+    double negative_slope, std::array<bool, 3> output_mask) {
+  const DecoderGeometry g =
+      decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
+  const DecoderAct act = parse_activation(activation);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n, g.c_out, g.out_h, g.out_w}) &&
+                  act_input.sizes() == grad_out.sizes(),
+              "aefast::unpool_conv_transpose2d_backward: grad_out / act_input have the wrong shape");
+  const at::Tensor go = grad_out.contiguous().to(input.scalar_type()), ai = act_input.contiguous();
+  const at::Tensor z = input.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
+  at::Tensor grad_z = output_mask[0] ? at::empty_like(z) : at::zeros_like(z);
+  at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : at::zeros_like(w);
+  at::Tensor grad_b = at::zeros({g.c_out}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_bwd_cpu", [&] {
+    if (idx.scalar_type() == at::kLong)
+      backward_typed<scalar_t, int64_t>(go, ai, z, idx, w, g, act, negative_slope, output_mask, grad_z, grad_w, grad_b);
+    else
+      backward_typed<scalar_t, uint8_t>(go, ai, z, idx, w, g, act, negative_slope, output_mask, grad_z, grad_w, grad_b);
+  });
+  return {grad_z, grad_w, grad_b};
+}
+
+// ---------------------------------------------------------------- drop-in max_unpool2d
+// out[plane, idx[plane, p]] = in[plane, p]; with duplicate indices the last p (row-major) wins,
+// because each plane is written by one thread in increasing p. Backward: grad_in[p] =
+// grad_out[idx[p]] for the winning p of each element and 0 for the positions it overwrote (they
+// do not reach the output), found by a reverse scan that marks elements already claimed.
+at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices, c10::IntArrayRef output_size) {
+  TORCH_CHECK(input.dim() >= 2 && indices.sizes() == input.sizes() && indices.scalar_type() == at::kLong &&
+                  output_size.size() == 2,
+              "aefast::max_unpool2d: indices must be int64 with the input's shape, output_size two ints");
+  const at::Tensor x = input.contiguous(), idx = indices.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.push_back(output_size[0]);
+  shape.push_back(output_size[1]);
+  at::Tensor out = at::zeros(shape, x.options());
+  const int64_t plane_in = x.size(-2) * x.size(-1), plane_out = output_size[0] * output_size[1];
+  const int64_t planes = plane_in ? x.numel() / plane_in : 0;
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_unpool2d_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t p = 0; p < plane_in; ++p) {
+          const int64_t t = ip[b * plane_in + p];
+          if (t < 0 || t >= plane_out) {
+            bad = true;
+            continue;
+          }
+          op[b * plane_out + t] = xp[b * plane_in + p];
+        }
+    });
+  });
+  TORCH_CHECK(!bad, "aefast::max_unpool2d: an index is outside the output plane");
+  return out;
+}
+
+at::Tensor max_unpool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& indices) {
+  TORCH_CHECK(grad_out.dim() >= 2 && indices.dim() == grad_out.dim() && indices.scalar_type() == at::kLong,
+              "aefast::max_unpool2d_backward: bad arguments");
+  const at::Tensor g = grad_out.contiguous(), idx = indices.contiguous();
+  at::Tensor grad_in = at::empty(idx.sizes(), g.options());
+  const int64_t plane_in = idx.size(-2) * idx.size(-1), plane_out = g.size(-2) * g.size(-1);
+  const int64_t planes = plane_in ? idx.numel() / plane_in : 0;
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "max_unpool2d_backward_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    scalar_t* out = grad_in.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<uint8_t> claimed(static_cast<size_t>(plane_out), 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t* ib = ip + b * plane_in;
+        for (int64_t p = plane_in - 1; p >= 0; --p) {
+          const int64_t t = ib[p];
+          if (t < 0 || t >= plane_out) {
+            bad = true;
+            out[b * plane_in + p] = scalar_t(0);
+            continue;
+          }
+          out[b * plane_in + p] = claimed[t] ? scalar_t(0) : gp[b * plane_out + t];
+          claimed[t] = 1;
+        }
+        for (int64_t p = 0; p < plane_in; ++p) {
+          const int64_t t = ib[p];
+          if (t >= 0 && t < plane_out) claimed[t] = 0;
+        }
+      }
+    });
+  });
+  TORCH_CHECK(!bad, "aefast::max_unpool2d_backward: an index is outside the output plane");
+  return grad_in;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("unpool_conv_transpose2d", &unpool_conv_transpose2d_cpu);
+  m.impl("unpool_conv_transpose2d_backward", &unpool_conv_transpose2d_backward_cpu);
+  m.impl("max_unpool2d", &max_unpool2d_cpu);
+  m.impl("max_unpool2d_backward", &max_unpool2d_backward_cpu);
+}
+
+}  // namespace aefast
