@@ -118,14 +118,14 @@ def _check_index_format(index_format):
         raise ValueError(f"aefast: index_format must be one of {INDEX_FORMATS}, got {index_format!r}")
 
 
-def _check_unpool_indices(input, indices, index_format, out_hw, window_elements):
+def _check_unpool_indices(input, indices, index_format, out_hw, window_elements, *, values=True):
     _check_index_format(index_format)
     want = torch.int64 if index_format == "flat" else torch.uint8
     check_tensor(indices, "indices", dtypes=(want,))
     if indices.shape != input.shape:
         raise ValueError(f"aefast: indices must have the input's shape {tuple(input.shape)}, got {tuple(indices.shape)}")
     check_same_device(input=input, indices=indices)
-    if not indices.numel():
+    if not indices.numel() or not values:
         return
     limit = out_hw[0] * out_hw[1] if index_format == "flat" else window_elements
     lo, hi = torch.aminmax(indices)
@@ -249,6 +249,12 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
                            negative_slope=negative_slope)
 
 
+def _backend_name(device):
+    from aefast import backend as _backend
+
+    return _backend.resolve(device)
+
+
 def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool):
     """Each index must name an element of its own pool window (stride = pool_size) inside the
     unpooled plane; anything else is a ValueError here, so no kernel reads out of bounds."""
@@ -261,6 +267,12 @@ def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool
             offsets = _registry.op(backend, "flat_to_window")(indices, list(unpooled_hw), list(k_pool), list(k_pool),
                                                              [0, 0], [1, 1])
             bad = offsets == 255
+            if bad.any():
+                pos = tuple(int(v) for v in bad.nonzero()[0])
+                value, limit = indices[pos].item(), unpooled_hw[0] * unpooled_hw[1]
+                if not 0 <= value < limit:
+                    raise ValueError(f"aefast: flat indices into an output of size {tuple(unpooled_hw)} must lie in "
+                                     f"[0, {limit}); found {value} at position {pos}")
         else:
             oh = torch.arange(hp, device=indices.device).view(hp, 1)
             ow = torch.arange(wp, device=indices.device).view(1, wp)
@@ -291,7 +303,9 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
     check_tensor(input, "input", dims=(4,))
     k_pool = pair(pool_size, "pool_size", minimum=1)
     unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, k_pool, (0, 0), output_size)
-    _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1])
+    # Flat indices of a kernel backend get their range checked with the window check below (one pass).
+    _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1],
+                          values=index_format == "window" or _backend_name(input.device) == "reference")
     _check_activation(activation, negative_slope)
     device, (s, p, op, _), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 1, 1,
                                                      in_hw=unpooled_hw)

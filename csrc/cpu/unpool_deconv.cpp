@@ -126,27 +126,141 @@ AEFAST_ALWAYS_INLINE void position_of(const index_t* idx, int64_t k, int64_t ph,
   }
 }
 
+// ---------------------------------------------------------------- vector helpers
+// GCC vector extensions, one AVX register (32 bytes) each: the AVX2+FMA clones compile them to
+// ymm FMAs, the baseline clones to pairs of SSE ops.
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = v8f;
+  static constexpr int L = 8;
+};
+template <>
+struct Vec<double> {
+  using type = v4d;
+  static constexpr int L = 4;
+};
+template <typename V, typename T>
+AEFAST_ALWAYS_INLINE V vload(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+AEFAST_ALWAYS_INLINE void vstore(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// dst[0 : NV*L] += sum_t vals[t] * base[offs[t] : offs[t] + NV*L], summed in registers in t order
+// and added to dst once: one load per FMA and no store in the loop.
+template <int NV, typename T>
+AEFAST_ALWAYS_INLINE void axpy_rows_block(T* __restrict__ dst, const T* __restrict__ base,
+                                          const int64_t* __restrict__ offs, const T* __restrict__ vals,
+                                          int64_t count) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V r[NV];
+  for (int q = 0; q < NV; ++q) r[q] = V{};
+  for (int64_t t = 0; t < count; ++t) {
+    const T* s = base + offs[t];
+    const V v = V{} + vals[t];
+    for (int q = 0; q < NV; ++q) r[q] += v * vload<V>(s + q * L);
+  }
+  for (int q = 0; q < NV; ++q) vstore(dst + q * L, vload<V>(dst + q * L) + r[q]);
+}
+
+// dst[0 : run] += sum_t vals[t] * base[offs[t] : offs[t] + run] (a gathered-row GEMV).
+template <typename T>
+AEFAST_ALWAYS_INLINE void axpy_rows(T* __restrict__ dst, const T* __restrict__ base, const int64_t* __restrict__ offs,
+                                    const T* __restrict__ vals, int64_t count, int64_t run) {
+  constexpr int L = Vec<T>::L;
+  int64_t j = 0;
+  for (; j + 12 * L <= run; j += 12 * L) axpy_rows_block<12>(dst + j, base + j, offs, vals, count);
+  for (; j + 4 * L <= run; j += 4 * L) axpy_rows_block<4>(dst + j, base + j, offs, vals, count);
+  for (; j + L <= run; j += L) axpy_rows_block<1>(dst + j, base + j, offs, vals, count);
+  for (; j < run; ++j) {
+    T s = 0;
+    for (int64_t t = 0; t < count; ++t) s += vals[t] * base[offs[t] + j];
+    dst[j] += s;
+  }
+}
+
+// sum_j a[j] * b[j] with vector lanes (a float reduction the compiler would leave scalar).
+template <typename T>
+AEFAST_ALWAYS_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V s0 = V{}, s1 = V{};
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    s0 += vload<V>(a + j) * vload<V>(b + j);
+    s1 += vload<V>(a + j + L) * vload<V>(b + j + L);
+  }
+  for (; j + L <= n; j += L) s0 += vload<V>(a + j) * vload<V>(b + j);
+  s0 += s1;
+  T s = 0;
+  for (int l = 0; l < L; ++l) s += s0[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Window offset (i*pool_w + j) of pooled value k at window (ph, pw).
+template <typename index_t>
+AEFAST_ALWAYS_INLINE int64_t window_offset_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw,
+                                              const DecoderGeometry& g) {
+  if constexpr (std::is_same_v<index_t, int64_t>) {
+    int64_t h, w;
+    unpooled_position_flat(idx[k], g.unpooled_w, h, w);
+    return (h - ph * g.pool_h) * g.pool_w + (w - pw * g.pool_w);
+  } else {
+    return static_cast<int64_t>(idx[k]);
+  }
+}
+
+// Per-thread scratch for grouping the channels of one window by their argmax offset.
+template <typename acc_t>
+struct GroupScratch {
+  std::vector<int64_t> offset_of_ci, count, start, offs;
+  std::vector<acc_t> vals;
+  GroupScratch(int64_t c_in, int64_t window) : offset_of_ci(c_in), count(window + 1), start(window + 1),
+                                               offs(c_in), vals(c_in) {}
+};
+
 // ---------------------------------------------------------------- forward scatter (one item)
-// acc (zeroed, Ha x Wa x C_out) += sum over pooled values of z * Wt[ci] at the footprint.
+// For each pool window the input channels are grouped (stable counting sort) by where their
+// maximum sits; each group shares one position, so its contribution to a footprint row is the
+// gathered-row GEMV sum_ci z[ci] * Wt[ci][kh] computed in registers and added to acc once.
 template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                             const acc_t* __restrict__ wt, acc_t* __restrict__ acc,
-                                            const DecoderGeometry& g, int64_t acc_cols) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co;
-  for (int64_t ci = 0; ci < g.c_in; ++ci) {
-    const acc_t* __restrict__ wc = wt + ci * g.kernel_h * run;
-    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-        const int64_t k = (ci * g.pooled_h + ph) * g.pooled_w + pw;
-        const acc_t v = static_cast<acc_t>(z[k]);
-        int64_t h, w;
-        position_of(idx, k, ph, pw, g, h, w);
-        acc_t* __restrict__ base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          acc_t* __restrict__ dst = base + kh * row_stride;
-          const acc_t* __restrict__ src = wc + kh * run;
-          for (int64_t j = 0; j < run; ++j) dst[j] += v * src[j];
-        }
+                                            const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
+  const int64_t window = g.pool_h * g.pool_w, plane = g.pooled_h * g.pooled_w;
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      std::fill(sc.count.begin(), sc.count.end(), int64_t(0));
+      for (int64_t ci = 0; ci < g.c_in; ++ci) {
+        const int64_t o = window_offset_of(idx, ci * plane + ph * g.pooled_w + pw, ph, pw, g);
+        sc.offset_of_ci[ci] = o;
+        ++sc.count[o + 1];
+      }
+      for (int64_t o = 0; o < window; ++o) sc.count[o + 1] += sc.count[o];
+      std::copy(sc.count.begin(), sc.count.end(), sc.start.begin());
+      for (int64_t ci = 0; ci < g.c_in; ++ci) {
+        const int64_t slot = sc.start[sc.offset_of_ci[ci]]++;
+        sc.offs[slot] = ci * per_ci;
+        sc.vals[slot] = static_cast<acc_t>(z[ci * plane + ph * g.pooled_w + pw]);
+      }
+      for (int64_t o = 0; o < window; ++o) {
+        const int64_t first = sc.count[o], cnt = sc.count[o + 1] - first;
+        if (cnt == 0) continue;
+        const int64_t h = ph * g.pool_h + o / g.pool_w, w = pw * g.pool_w + o % g.pool_w;
+        acc_t* base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+          axpy_rows(base + kh * row_stride, wt + kh * run, sc.offs.data() + first, sc.vals.data() + first, cnt, run);
       }
     }
   }
@@ -154,13 +268,13 @@ AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, cons
 
 template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_TARGET_AVX2 void scatter_item_avx2(const scalar_t* z, const index_t* idx, const acc_t* wt, acc_t* acc,
-                                          const DecoderGeometry& g, int64_t acc_cols) {
-  scatter_item_body(z, idx, wt, acc, g, acc_cols);
+                                          const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
+  scatter_item_body(z, idx, wt, acc, g, acc_cols, sc);
 }
 template <typename scalar_t, typename acc_t, typename index_t>
 void scatter_item_base(const scalar_t* z, const index_t* idx, const acc_t* wt, acc_t* acc, const DecoderGeometry& g,
-                       int64_t acc_cols) {
-  scatter_item_body(z, idx, wt, acc, g, acc_cols);
+                       int64_t acc_cols, GroupScratch<acc_t>& sc) {
+  scatter_item_body(z, idx, wt, acc, g, acc_cols, sc);
 }
 
 // ---------------------------------------------------------------- grad_input gather (one item)
@@ -178,13 +292,7 @@ AEFAST_ALWAYS_INLINE void gather_item_body(const index_t* __restrict__ idx, cons
         position_of(idx, k, ph, pw, g, h, w);
         const acc_t* __restrict__ base = gpad + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
         acc_t sum = 0;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          const acc_t* __restrict__ src = base + kh * row_stride;
-          const acc_t* __restrict__ wr = wc + kh * run;
-          acc_t part = 0;
-          for (int64_t j = 0; j < run; ++j) part += src[j] * wr[j];
-          sum += part;
-        }
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) sum += dot(base + kh * row_stride, wc + kh * run, run);
         grad_z[k] = static_cast<scalar_t>(sum);
       }
     }
@@ -202,40 +310,46 @@ void gather_item_base(const index_t* idx, const acc_t* wt, const acc_t* gpad, sc
   gather_item_body(idx, wt, gpad, grad_z, g, acc_cols);
 }
 
-// ---------------------------------------------------------------- grad_weight (one item, channels [c0, c1))
+// ---------------------------------------------------------------- grad_weight (items [n0, n1), channels [c0, c1))
+// grad_Wt[ci][kh] += sum over the block's pooled values of channel ci of z * gpre row kh at the
+// value's footprint: again a gathered-row GEMV, accumulated in registers over the whole block.
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_ALWAYS_INLINE void wgrad_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
-                                          const acc_t* __restrict__ gpad, acc_t* __restrict__ gwt,
-                                          const DecoderGeometry& g, int64_t acc_cols, int64_t c0, int64_t c1) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co;
+AEFAST_ALWAYS_INLINE void wgrad_block_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                           const acc_t* __restrict__ gpad, acc_t* __restrict__ gwt,
+                                           const DecoderGeometry& g, int64_t acc_cols, int64_t item, int64_t n0,
+                                           int64_t n1, int64_t c0, int64_t c1, int64_t* offs, acc_t* vals) {
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
+  const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane;
   for (int64_t ci = c0; ci < c1; ++ci) {
-    acc_t* __restrict__ gc = gwt + ci * g.kernel_h * run;
-    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-        const int64_t k = (ci * g.pooled_h + ph) * g.pooled_w + pw;
-        const acc_t v = static_cast<acc_t>(z[k]);
-        int64_t h, w;
-        position_of(idx, k, ph, pw, g, h, w);
-        const acc_t* __restrict__ base = gpad + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          acc_t* __restrict__ dst = gc + kh * run;
-          const acc_t* __restrict__ src = base + kh * row_stride;
-          for (int64_t j = 0; j < run; ++j) dst[j] += v * src[j];
+    int64_t cnt = 0;
+    for (int64_t n = n0; n < n1; ++n) {
+      const scalar_t* zn = z + n * plane_in + ci * plane;
+      const index_t* in = idx + n * plane_in + ci * plane;
+      for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+        for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+          int64_t h, w;
+          position_of(in, ph * g.pooled_w + pw, ph, pw, g, h, w);
+          offs[cnt] = (n - n0) * item + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
+          vals[cnt] = static_cast<acc_t>(zn[ph * g.pooled_w + pw]);
+          ++cnt;
         }
-      }
     }
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+      axpy_rows(gwt + ci * per_ci + kh * run, gpad + kh * row_stride, offs, vals, cnt, run);
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_TARGET_AVX2 void wgrad_item_avx2(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt,
-                                        const DecoderGeometry& g, int64_t acc_cols, int64_t c0, int64_t c1) {
-  wgrad_item_body(z, idx, gpad, gwt, g, acc_cols, c0, c1);
+AEFAST_TARGET_AVX2 void wgrad_block_avx2(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt,
+                                         const DecoderGeometry& g, int64_t acc_cols, int64_t item, int64_t n0,
+                                         int64_t n1, int64_t c0, int64_t c1, int64_t* offs, acc_t* vals) {
+  wgrad_block_body(z, idx, gpad, gwt, g, acc_cols, item, n0, n1, c0, c1, offs, vals);
 }
 template <typename scalar_t, typename acc_t, typename index_t>
-void wgrad_item_base(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt, const DecoderGeometry& g,
-                     int64_t acc_cols, int64_t c0, int64_t c1) {
-  wgrad_item_body(z, idx, gpad, gwt, g, acc_cols, c0, c1);
+void wgrad_block_base(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt, const DecoderGeometry& g,
+                      int64_t acc_cols, int64_t item, int64_t n0, int64_t n1, int64_t c0, int64_t c1, int64_t* offs,
+                      acc_t* vals) {
+  wgrad_block_body(z, idx, gpad, gwt, g, acc_cols, item, n0, n1, c0, c1, offs, vals);
 }
 
 // W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type.
@@ -273,14 +387,15 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const acc_t sl = static_cast<acc_t>(slope);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> acc(static_cast<size_t>(ext.rows * ext.cols * g.c_out));
+    GroupScratch<acc_t> scratch(g.c_in, g.pool_h * g.pool_w);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (avx2)
         scatter_item_avx2<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, wt.data(), acc.data(), g,
-                                                    ext.cols);
+                                                    ext.cols, scratch);
       else
         scatter_item_base<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, wt.data(), acc.data(), g,
-                                                    ext.cols);
+                                                    ext.cols, scratch);
       // Epilogue: crop the padding, add bias, activate, write NCHW.
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
@@ -369,15 +484,22 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   if (mask[1]) {
     const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out;
     std::vector<acc_t> gwt(static_cast<size_t>(g.c_in * per_ci), acc_t(0));
-    // Each thread owns a range of input channels and walks the batch in order.
+    // Each thread owns a range of input channels and walks the batch in order, in blocks of
+    // items whose gpre fits in L2 (the block is the reduction's only grouping: fixed, thread-free).
+    const int64_t block = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(1, item * int64_t(sizeof(acc_t))));
     at::parallel_for(0, g.c_in, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t n = 0; n < g.n; ++n) {
+      const int64_t cap = block * g.pooled_h * g.pooled_w;
+      std::vector<int64_t> offs(static_cast<size_t>(cap));
+      std::vector<acc_t> vals(static_cast<size_t>(cap));
+      for (int64_t n0 = 0; n0 < g.n; n0 += block) {
+        const int64_t n1 = std::min(g.n, n0 + block);
+        const acc_t* gblock = gpad.data() + n0 * item;
         if (avx2)
-          wgrad_item_avx2<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, gpad.data() + n * item,
-                                                    gwt.data(), g, ext.cols, c0, c1);
+          wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt.data(), g, ext.cols, item, n0, n1, c0, c1,
+                                                     offs.data(), vals.data());
         else
-          wgrad_item_base<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, gpad.data() + n * item,
-                                                    gwt.data(), g, ext.cols, c0, c1);
+          wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt.data(), g, ext.cols, item, n0, n1, c0, c1,
+                                                     offs.data(), vals.data());
       }
     });
     scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
