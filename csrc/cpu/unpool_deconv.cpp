@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "aefast/unpool_deconv.h"
+#include "aefast/unpool_deconv_args.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define AEFAST_X86_CLONES 1
@@ -57,53 +58,6 @@ bool cpu_has_avx2_fma() {
 #else
   return false;
 #endif
-}
-
-DecoderAct parse_activation(const std::optional<c10::string_view>& name) {
-  if (!name.has_value()) return DecoderAct::None;
-  const std::string s(name->data(), name->size());
-  if (s == "relu") return DecoderAct::Relu;
-  if (s == "leaky_relu") return DecoderAct::LeakyRelu;
-  if (s == "sigmoid") return DecoderAct::Sigmoid;
-  if (s == "tanh") return DecoderAct::Tanh;
-  if (s == "gelu") return DecoderAct::Gelu;
-  if (s == "silu") return DecoderAct::Silu;
-  TORCH_CHECK(false, "aefast::unpool_conv_transpose2d: unknown activation '", s, "'");
-}
-
-DecoderGeometry decoder_geometry(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& weight,
-                                 c10::IntArrayRef pool, c10::IntArrayRef unpooled, c10::IntArrayRef stride,
-                                 c10::IntArrayRef padding, c10::IntArrayRef output_padding) {
-  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::unpool_conv_transpose2d: input and weight must be 4-D");
-  TORCH_CHECK(indices.sizes() == input.sizes(), "aefast::unpool_conv_transpose2d: indices must have the input's shape");
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kByte,
-              "aefast::unpool_conv_transpose2d: indices must be int64 (flat) or uint8 (window)");
-  TORCH_CHECK(weight.size(0) == input.size(1), "aefast::unpool_conv_transpose2d: weight/input channel mismatch");
-  TORCH_CHECK(pool.size() == 2 && unpooled.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
-                  output_padding.size() == 2,
-              "aefast::unpool_conv_transpose2d: geometry arguments need two entries each");
-  DecoderGeometry g;
-  g.n = input.size(0);
-  g.c_in = input.size(1);
-  g.c_out = weight.size(1);
-  g.pooled_h = input.size(2);
-  g.pooled_w = input.size(3);
-  g.pool_h = pool[0];
-  g.pool_w = pool[1];
-  g.unpooled_h = unpooled[0];
-  g.unpooled_w = unpooled[1];
-  g.kernel_h = weight.size(2);
-  g.kernel_w = weight.size(3);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.out_h = (g.unpooled_h - 1) * g.stride_h - 2 * g.pad_h + g.kernel_h + output_padding[0];
-  g.out_w = (g.unpooled_w - 1) * g.stride_w - 2 * g.pad_w + g.kernel_w + output_padding[1];
-  TORCH_CHECK(g.pool_h > 0 && g.pool_w > 0 && g.stride_h > 0 && g.stride_w > 0 && g.pad_h >= 0 && g.pad_w >= 0 &&
-                  g.out_h > 0 && g.out_w > 0 && g.unpooled_h > 0 && g.unpooled_w > 0,
-              "aefast::unpool_conv_transpose2d: invalid geometry");
-  return g;
 }
 
 // Extent of the channels-last accumulation buffer: row a = oy + pad_h covers every footprint
@@ -450,12 +404,16 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
   // gpre in the padded channels-last layout for every item (read again by the weight gradient),
   // plus one bias partial sum per item.
-  std::vector<acc_t> gpad(static_cast<size_t>(g.n * item));
-  std::vector<acc_t> bias_part(static_cast<size_t>(g.n * g.c_out));
+  // Allocated through the c10 allocator (not std::vector) so that memory profilers see them.
+  const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor gpad_t = at::empty({g.n * item}, acc_opts);
+  at::Tensor bias_part_t = at::empty({g.n * g.c_out}, acc_opts);
+  acc_t* gpad_p = gpad_t.mutable_data_ptr<acc_t>();
+  acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
   scalar_t* gz = mask[0] ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      acc_t* gn = gpad.data() + n * item;
+      acc_t* gn = gpad_p + n * item;
       std::fill(gn, gn + item, acc_t(0));
       const scalar_t* go = gp + n * plane_out;
       const scalar_t* ai = ap + n * plane_out;
@@ -483,7 +441,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   });
   if (mask[1]) {
     const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out;
-    std::vector<acc_t> gwt(static_cast<size_t>(g.c_in * per_ci), acc_t(0));
+    at::Tensor gwt_t = at::zeros({g.c_in * per_ci}, acc_opts);
+    acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
     // Each thread owns a range of input channels and walks the batch in order, in blocks of
     // items whose gpre fits in L2 (the block is the reduction's only grouping: fixed, thread-free).
     const int64_t block = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(1, item * int64_t(sizeof(acc_t))));
@@ -493,12 +452,12 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
       std::vector<acc_t> vals(static_cast<size_t>(cap));
       for (int64_t n0 = 0; n0 < g.n; n0 += block) {
         const int64_t n1 = std::min(g.n, n0 + block);
-        const acc_t* gblock = gpad.data() + n0 * item;
+        const acc_t* gblock = gpad_p + n0 * item;
         if (avx2)
-          wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt.data(), g, ext.cols, item, n0, n1, c0, c1,
+          wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt, g, ext.cols, item, n0, n1, c0, c1,
                                                      offs.data(), vals.data());
         else
-          wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt.data(), g, ext.cols, item, n0, n1, c0, c1,
+          wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt, g, ext.cols, item, n0, n1, c0, c1,
                                                      offs.data(), vals.data());
       }
     });

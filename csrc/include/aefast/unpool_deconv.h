@@ -3,12 +3,26 @@
 // unpool -> transposed conv, the position of each pooled value in the unpooled plane (for both
 // index formats), and the activations with their derivatives. Free of torch headers.
 #include <cmath>
+#include <string_view>
 
 #include "aefast/common.h"
 
 namespace aefast {
 
 enum class DecoderAct : int { None = 0, Relu, LeakyRelu, Sigmoid, Tanh, Gelu, Silu };
+
+// Host side: the activation named by the op's `str? activation` argument; ok=false if unknown.
+inline DecoderAct decoder_act_from_name(std::string_view s, bool& ok) {
+  ok = true;
+  if (s == "relu") return DecoderAct::Relu;
+  if (s == "leaky_relu") return DecoderAct::LeakyRelu;
+  if (s == "sigmoid") return DecoderAct::Sigmoid;
+  if (s == "tanh") return DecoderAct::Tanh;
+  if (s == "gelu") return DecoderAct::Gelu;
+  if (s == "silu") return DecoderAct::Silu;
+  ok = false;
+  return DecoderAct::None;
+}
 
 // Activations whose derivative needs the pre-activation; the others use the output y.
 AEFAST_HD bool act_needs_preactivation(DecoderAct a) {
