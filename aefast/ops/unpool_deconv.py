@@ -70,6 +70,10 @@ _registry.register_triton("unpool_conv_transpose2d", _triton_forward)
 _registry.register_triton("unpool_conv_transpose2d_backward", _triton_backward)
 _registry.register_triton("max_unpool2d", _triton_max_unpool2d)
 _registry.register_triton("max_unpool2d_backward", _triton_max_unpool2d_backward)
+# aefast.functional.conv_transpose2d has no op of its own: it runs unpool_conv_transpose2d with
+# 1x1 pool windows, so its Triton kernels are those of that twin (tell the backend chooser).
+if _registry.HAS_TRITON:
+    _registry._triton_ops.add("conv_transpose2d")
 
 
 # ---------------------------------------------------------------- fake (meta) functions
