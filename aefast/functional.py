@@ -13,6 +13,7 @@ import torch
 from aefast import _checks
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
+from aefast.ops import unpool_deconv as _unpool_deconv
 from aefast.ops._dispatch import choose
 from aefast.reference import functional as ref
 
@@ -124,14 +125,14 @@ def _check_index_format(index_format):
         raise ValueError(f"aefast: index_format must be one of {INDEX_FORMATS}, got {index_format!r}")
 
 
-def _check_unpool_indices(input, indices, index_format, out_hw, window_elements):
+def _check_unpool_indices(input, indices, index_format, out_hw, window_elements, *, values=True):
     _check_index_format(index_format)
     want = torch.int64 if index_format == "flat" else torch.uint8
     check_tensor(indices, "indices", dtypes=(want,))
     if indices.shape != input.shape:
         raise ValueError(f"aefast: indices must have the input's shape {tuple(input.shape)}, got {tuple(indices.shape)}")
     check_same_device(input=input, indices=indices)
-    if not indices.numel() or _compiling():
+    if not indices.numel() or not values or _compiling():
         return
     limit = out_hw[0] * out_hw[1] if index_format == "flat" else window_elements
     lo, hi = torch.aminmax(indices)
@@ -161,8 +162,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     p = pair(padding, "padding", minimum=0)
     out_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k, s, p, output_size)
     _check_unpool_indices(input, indices, "flat", out_hw, None)
-    choose("max_unpool2d", input.device, lambda b: "no kernel for this op yet")
-    return ref.max_unpool2d(input, indices, k, s, p, out_hw)
+    backend = choose("max_unpool2d", input.device)
+    if backend == "reference":
+        return ref.max_unpool2d(input, indices, k, s, p, out_hw)
+    return _unpool_deconv.max_unpool2d(backend, input, indices, out_hw)
 
 
 # ================================================================ transposed convolution
@@ -198,8 +201,24 @@ def _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """Drop-in for torch.nn.functional.conv_transpose2d."""
     device, (s, p, op, d), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
-    choose("conv_transpose2d", device, lambda b: "no kernel for this op yet")
-    return ref.conv_transpose2d(input, weight, bias, s, p, op, groups, d)
+
+    def unsupported(b):
+        if groups != 1:
+            return "groups != 1"
+        if d != (1, 1):
+            return "dilation != 1"
+        return None
+
+    backend = choose("conv_transpose2d", device, unsupported)
+    if backend == "reference":
+        return ref.conv_transpose2d(input, weight, bias, s, p, op, groups, d)
+    # A transposed conv is the fused decoder with 1x1 pool windows: every input value is its own
+    # window's maximum (window offset 0), so the same kernels serve it, forward and backward.
+    x = input if input.dim() == 4 else input.unsqueeze(0)
+    offsets = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    y = _unpool_deconv.unpool_conv_transpose2d(backend, x, offsets, weight, bias, (1, 1), tuple(x.shape[-2:]), s, p,
+                                               op, None, 0.01)
+    return y if input.dim() == 4 else y.squeeze(0)
 
 
 # ================================================================ fused blocks
@@ -237,6 +256,52 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
                            negative_slope=negative_slope)
 
 
+def _backend_name(device):
+    from aefast import backend as _backend
+
+    return _backend.resolve(device)
+
+
+def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool):
+    """Each index must name an element of its own pool window (stride = pool_size) inside the
+    unpooled plane; anything else is a ValueError here, so no kernel reads out of bounds."""
+    if not indices.numel():
+        return
+    hp, wp = indices.shape[-2:]
+    if index_format == "flat":
+        if backend != "reference":
+            # The index-conversion kernel marks an index outside its window with 255.
+            offsets = _registry.op(backend, "flat_to_window")(indices, list(unpooled_hw), list(k_pool), list(k_pool),
+                                                             [0, 0], [1, 1])
+            bad = offsets == 255
+            if bad.any():
+                pos = tuple(int(v) for v in bad.nonzero()[0])
+                value, limit = indices[pos].item(), unpooled_hw[0] * unpooled_hw[1]
+                if not 0 <= value < limit:
+                    raise ValueError(f"aefast: flat indices into an output of size {tuple(unpooled_hw)} must lie in "
+                                     f"[0, {limit}); found {value} at position {pos}")
+        else:
+            oh = torch.arange(hp, device=indices.device).view(hp, 1)
+            ow = torch.arange(wp, device=indices.device).view(1, wp)
+            h = torch.div(indices, unpooled_hw[1], rounding_mode="floor")
+            w = indices - h * unpooled_hw[1]
+            bad = (torch.div(h, k_pool[0], rounding_mode="floor") != oh) | (torch.div(w, k_pool[1], rounding_mode="floor") != ow)
+    else:
+        if hp * k_pool[0] <= unpooled_hw[0] and wp * k_pool[1] <= unpooled_hw[1]:
+            return  # every offset < pool_h*pool_w (checked) lands inside the plane
+        oh = torch.arange(hp, device=indices.device).view(hp, 1)
+        ow = torch.arange(wp, device=indices.device).view(1, wp)
+        off = indices.to(torch.int64)
+        h = oh * k_pool[0] + torch.div(off, k_pool[1], rounding_mode="floor")
+        w = ow * k_pool[1] + torch.remainder(off, k_pool[1])
+        bad = (h >= unpooled_hw[0]) | (w >= unpooled_hw[1])
+    if bad.any():
+        pos = tuple(int(v) for v in bad.nonzero()[0])
+        what = "index" if index_format == "flat" else "window offset"
+        raise ValueError(f"aefast: {what} {indices[pos].item()} at position {pos} is not inside its own pool window "
+                         f"(pool_size={tuple(k_pool)}, unpooled size {tuple(unpooled_hw)})")
+
+
 def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, output_size=None, stride=1,
                             padding=0, output_padding=0, activation=None, index_format="flat", *,
                             negative_slope=0.01):
@@ -245,11 +310,17 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
     check_tensor(input, "input", dims=(4,))
     k_pool = pair(pool_size, "pool_size", minimum=1)
     unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, k_pool, (0, 0), output_size)
-    _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1])
+    # Flat indices of a kernel backend get their range checked with the window check below (one pass).
+    _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1],
+                          values=index_format == "window" or _backend_name(input.device) == "reference")
     _check_activation(activation, negative_slope)
     device, (s, p, op, _), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 1, 1,
                                                      in_hw=unpooled_hw)
-    choose("unpool_conv_transpose2d", device, lambda b: "no kernel for this op yet")
+    backend = choose("unpool_conv_transpose2d", device)
+    _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool)
+    if backend != "reference":
+        return _unpool_deconv.unpool_conv_transpose2d(backend, input, indices, weight, bias, k_pool, unpooled_hw, s, p,
+                                                      op, activation, negative_slope)
     return ref.unpool_conv_transpose2d(input, indices, weight, bias, k_pool, unpooled_hw, s, p, op, activation,
                                        index_format, negative_slope=negative_slope)
 

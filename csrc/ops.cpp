@@ -24,6 +24,23 @@ TORCH_LIBRARY(aefast, m) {
   // ---- conv_pool (encoder) ----
 
   // ---- unpool_deconv (decoder) ----
+  // Fused act(conv_transpose2d(max_unpool2d(input, indices, pool_size, unpooled_size), weight, bias,
+  // stride, padding, output_padding)) without the unpooled map. indices are int64 flat positions in
+  // the (unpooled_size) plane or uint8 offsets inside each pool window (stride = pool_size). Returns
+  // (out, saved): saved is the pre-activation for leaky_relu/gelu/silu (their derivative needs it)
+  // and an empty tensor otherwise (the backward then uses out).
+  m.def("unpool_conv_transpose2d(Tensor input, Tensor indices, Tensor weight, Tensor? bias, int[2] pool_size, "
+        "int[2] unpooled_size, int[2] stride, int[2] padding, int[2] output_padding, str? activation, "
+        "float negative_slope) -> (Tensor, Tensor)");
+  // grad_out and act_input (out or the pre-activation, as above) -> (grad_input, grad_weight, grad_bias).
+  m.def("unpool_conv_transpose2d_backward(Tensor grad_out, Tensor act_input, Tensor input, Tensor indices, "
+        "Tensor weight, int[2] pool_size, int[2] unpooled_size, int[2] stride, int[2] padding, "
+        "int[2] output_padding, str? activation, float negative_slope, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Drop-in max_unpool2d on (…, H, W) planes with int64 flat indices; duplicates: the last pooled
+  // position in row-major order naming an element wins (forward value and backward gradient).
+  m.def("max_unpool2d(Tensor input, Tensor indices, int[2] output_size) -> Tensor");
+  m.def("max_unpool2d_backward(Tensor grad_out, Tensor indices) -> Tensor");
 
   // ---- recon_loss (loss, corruption, VAE terms) ----
 }

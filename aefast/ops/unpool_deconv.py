@@ -1,0 +1,175 @@
+"""unpool_deconv family (the decoder): aefast::unpool_conv_transpose2d (+ _backward) and the
+drop-in aefast::max_unpool2d (+ _backward).
+
+Forward (dilation 1, groups 1). With (h, w) = pos(n, ci, ph, pw) the position of pooled value
+z[n, ci, ph, pw] in the unpooled plane (flat index h*W_u + w, or window offset i*pool_w + j with
+h = ph*pool_h + i, w = pw*pool_w + j):
+
+    pre[n, co, oy, ox] = b[co] + sum z[n, ci, ph, pw] * W[ci, co, kh, kw]
+                         over oy = h*sh - padh + kh, ox = w*sw - padw + kw
+    out = act(pre)
+
+Backward, with gpre = grad_out * act'(pre) (act' from ``out`` for relu/sigmoid/tanh, from the
+saved ``pre`` for leaky_relu/gelu/silu, which is the op's second output):
+
+    grad_z[n, ci, ph, pw] = sum_{co, kh, kw} gpre[n, co, h*sh - padh + kh, w*sw - padw + kw] * W[ci, co, kh, kw]
+    grad_W[ci, co, kh, kw] = sum_{n, ph, pw} z[n, ci, ph, pw] * gpre[n, co, h*sh - padh + kh, w*sw - padw + kw]
+    grad_b[co] = sum_{n, oy, ox} gpre[n, co, oy, ox]
+
+The backward op is linear in gpre, so a gradient that reaches the second output (``pre``) is
+handled by a second call with activation=None.
+
+max_unpool2d: out[plane, idx[p]] = in[plane, p], the last p (row-major) wins for duplicate
+indices; grad_in[p] = grad_out[idx[p]] for the winning p and 0 for the overwritten ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from aefast.ops import _registry
+
+NEEDS_PREACTIVATION = ("leaky_relu", "gelu", "silu")
+
+
+def _out_hw(unpooled_size, weight, stride, padding, output_padding):
+    return [(unpooled_size[a] - 1) * stride[a] - 2 * padding[a] + weight.shape[2 + a] + output_padding[a]
+            for a in range(2)]
+
+
+# ---------------------------------------------------------------- Triton twins
+
+def _triton_forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding,
+                    activation, negative_slope):
+    from aefast.triton import unpool_deconv as kernels
+
+    return kernels.forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding,
+                           activation, negative_slope)
+
+
+def _triton_backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding,
+                     output_padding, activation, negative_slope, output_mask):
+    from aefast.triton import unpool_deconv as kernels
+
+    return kernels.backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding,
+                            output_padding, activation, negative_slope, output_mask)
+
+
+def _triton_max_unpool2d(input, indices, output_size):
+    from aefast.triton import unpool_deconv as kernels
+
+    return kernels.max_unpool2d(input, indices, output_size)
+
+
+def _triton_max_unpool2d_backward(grad_out, indices):
+    from aefast.triton import unpool_deconv as kernels
+
+    return kernels.max_unpool2d_backward(grad_out, indices)
+
+
+_registry.register_triton("unpool_conv_transpose2d", _triton_forward)
+_registry.register_triton("unpool_conv_transpose2d_backward", _triton_backward)
+_registry.register_triton("max_unpool2d", _triton_max_unpool2d)
+_registry.register_triton("max_unpool2d_backward", _triton_max_unpool2d_backward)
+# aefast.functional.conv_transpose2d has no op of its own: it runs unpool_conv_transpose2d with
+# 1x1 pool windows, so its Triton kernels are those of that twin (tell the backend chooser).
+if _registry.HAS_TRITON:
+    _registry._triton_ops.add("conv_transpose2d")
+
+
+# ---------------------------------------------------------------- fake (meta) functions
+
+def _fake_forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding,
+                  activation, negative_slope):
+    h, w = _out_hw(unpooled_size, weight, stride, padding, output_padding)
+    out = input.new_empty((input.shape[0], weight.shape[1], h, w))
+    pre = input.new_empty(out.shape) if activation in NEEDS_PREACTIVATION else input.new_empty((0,))
+    return out, pre
+
+
+def _fake_backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding,
+                   output_padding, activation, negative_slope, output_mask):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[1],)))
+
+
+def _fake_max_unpool2d(input, indices, output_size):
+    return input.new_empty((*input.shape[:-2], *output_size))
+
+
+def _fake_max_unpool2d_backward(grad_out, indices):
+    return grad_out.new_empty(indices.shape)
+
+
+_registry.register_fake("unpool_conv_transpose2d", _fake_forward)
+_registry.register_fake("unpool_conv_transpose2d_backward", _fake_backward)
+_registry.register_fake("max_unpool2d", _fake_max_unpool2d)
+_registry.register_fake("max_unpool2d_backward", _fake_max_unpool2d_backward)
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_forward(ctx, inputs, output):
+    (input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding, activation,
+     negative_slope) = inputs
+    out, pre = output
+    act_input = pre if activation in NEEDS_PREACTIVATION else out
+    ctx.save_for_backward(input, indices, weight, act_input)
+    ctx.geometry = (pool_size, unpooled_size, stride, padding, output_padding)
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+    ctx.has_bias = bias is not None
+
+
+def _make_forward_backward(ns):
+    def backward(ctx, grad_out, grad_pre):
+        input, indices, weight, act_input = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
+        grads = None
+        if grad_out is not None:
+            grads = ns.unpool_conv_transpose2d_backward(grad_out.contiguous(), act_input, input, indices, weight,
+                                                        *ctx.geometry, ctx.activation, ctx.negative_slope, need)
+        if grad_pre is not None and grad_pre.numel():
+            # The op is linear in gpre: a gradient on the pre-activation output adds the
+            # gradients of the transposed conv without activation.
+            extra = ns.unpool_conv_transpose2d_backward(grad_pre.contiguous(), grad_pre, input, indices, weight,
+                                                        *ctx.geometry, None, 0.0, need)
+            grads = extra if grads is None else tuple(a + b for a, b in zip(grads, extra))
+        if grads is None:
+            return (None,) * 11
+        gz, gw, gb = grads
+        return (gz if need[0] else None, None, gw if need[1] else None, gb if need[2] else None,
+                None, None, None, None, None, None, None)
+
+    return backward
+
+
+def _setup_max_unpool(ctx, inputs, output):
+    _, indices, _ = inputs
+    ctx.save_for_backward(indices)
+
+
+def _make_max_unpool_backward(ns):
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        return ns.max_unpool2d_backward(grad_out.contiguous(), indices), None, None
+
+    return backward
+
+
+_registry.register_autograd("unpool_conv_transpose2d", _make_forward_backward, _setup_forward)
+_registry.register_autograd("max_unpool2d", _make_max_unpool_backward, _setup_max_unpool)
+
+
+# ---------------------------------------------------------------- entry points for aefast.functional
+
+def unpool_conv_transpose2d(backend, input, indices, weight, bias, pool_size, unpooled_size, stride, padding,
+                            output_padding, activation, negative_slope):
+    """Arguments validated by aefast.functional; returns the activated output only."""
+    out, _ = _registry.op(backend, "unpool_conv_transpose2d")(
+        input, indices, weight, bias, list(pool_size), list(unpooled_size), list(stride), list(padding),
+        list(output_padding), activation, float(negative_slope))
+    return out
+
+
+def max_unpool2d(backend, input, indices, output_size):
+    return _registry.op(backend, "max_unpool2d")(input, indices, list(output_size))

@@ -1,0 +1,148 @@
+"""End-to-end figures: one SGD training step (forward, loss, backward, optimizer.step) and one
+inference pass of the conv autoencoders, aefast against its torch.nn reference twin (eager) and
+torch.compile of that twin, measured in one run.
+
+    python bench/bench_training.py [--device cuda] [--quick] [--bf16] [--out DIR]
+
+W1: ConvAutoencoder 1x28x28, channels 32/64, batch 256, MSE.
+W2: ConvAutoencoder 3x128x128, channels 32/64/128, batch 32, MSE.
+Plus ConvDenoisingAutoencoder, SegNetAutoencoder and ConvVAE at the W1 size. GFLOP/s are the
+dense FLOPs of the reference step (torch.utils.flop_counter) per second: for aefast that is an
+effective rate, since its sparse kernels skip part of that work.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _harness as H  # noqa: E402
+
+import aefast  # noqa: E402
+import aefast.models as fast_models  # noqa: E402
+from aefast import functional as AF  # noqa: E402
+from aefast.reference import models as ref_models  # noqa: E402
+
+
+def workloads(quick: bool):
+    if quick:
+        return [("W1-tiny", "ConvAutoencoder", dict(in_channels=1, channels=(4, 8)), (4, 1, 12, 12))]
+    return [
+        ("W1", "ConvAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
+        ("W2", "ConvAutoencoder", dict(in_channels=3, channels=(32, 64, 128)), (32, 3, 128, 128)),
+        ("ConvDAE-W1", "ConvDenoisingAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
+        ("SegNet-W1", "SegNetAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
+        ("ConvVAE-W1", "ConvVAE", dict(in_channels=1, channels=(32, 64), input_size=(28, 28)), (256, 1, 28, 28)),
+    ]
+
+
+def reference_loss(name, out, x, target):
+    if name == "SegNetAutoencoder":
+        return F.binary_cross_entropy_with_logits(out, target)
+    if name == "ConvVAE":
+        recon, mu, logvar = out[0], out[1], out[2]
+        kl = (-0.5 * (1 + logvar - mu * mu - logvar.exp())).sum(1).mean()
+        return F.binary_cross_entropy(recon, x, reduction="sum") / x.shape[0] + kl
+    return F.mse_loss(out, x)
+
+
+def aefast_loss(name, out, x, target):
+    if name == "SegNetAutoencoder":
+        return AF.reconstruction_loss(out, target, "bce_logits")
+    if name == "ConvVAE":
+        return AF.reconstruction_loss(out[0], x, "bce", "sum") / x.shape[0] + AF.kl_divergence(out[1], out[2])
+    return AF.reconstruction_loss(out, x, "mse")
+
+
+def make_step(model, loss_fn, name, x, target, autocast_dtype):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    amp = (lambda: torch.autocast(x.device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = loss_fn(name, model(x), x, target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def infer():
+        with torch.no_grad(), amp():
+            return model(x)
+
+    return step, infer
+
+
+def run(args) -> list[H.Row]:
+    device = args.device
+    dtype = torch.bfloat16 if args.bf16 else None
+    rows: list[H.Row] = []
+    for case, name, kwargs, shape in workloads(args.quick):
+        torch.manual_seed(0)
+        x = torch.rand(shape, device=device)
+        target = (torch.rand(shape, device=device) > 0.5).float()
+        reference = getattr(ref_models, name)(**kwargs).to(device)
+        fast = getattr(fast_models, name)(**kwargs).to(device)
+        fast.load_state_dict(reference.state_dict())
+        variants = {"eager": (reference, reference_loss), "aefast": (fast, aefast_loss)}
+        if not args.no_compile:
+            mode = "max-autotune" if device == "cuda" else None
+            compiled_ref = getattr(ref_models, name)(**kwargs).to(device)
+            compiled_ref.load_state_dict(reference.state_dict())
+            variants["torch.compile"] = (torch.compile(compiled_ref, mode=mode), reference_loss)
+        with FlopCounterMode(display=False) as counter:
+            make_step(reference, reference_loss, name, x, target, dtype)[0]()
+        step_flops = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            make_step(reference, reference_loss, name, x, target, dtype)[1]()
+        infer_flops = counter.get_total_flops()
+        for variant, (model, loss_fn) in variants.items():
+            model.train()
+            step, infer = make_step(model, loss_fn, name, x, target, dtype)
+            for what, fn, flops in (("train step", step, step_flops), ("inference", infer, infer_flops)):
+                if what == "inference":
+                    model.eval()
+                label = f"{case} {what}"
+                try:
+                    fn()  # first call compiles / warms up
+                    seconds = H.median_time(fn, device, warmup=1, repeats=args.repeats)
+                    peak = H.peak_memory_bytes(fn, device)
+                    rows.append(H.Row(label, variant, seconds, peak, flops=flops))
+                except Exception as exc:  # noqa: BLE001 - a failure is a figure too
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                    rows.append(H.Row(label, variant + " FAILED", float("nan"), 0, extra={"error": reason}))
+                    print(f"{label} {variant}: FAILED: {reason}", file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (CI smoke run)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None, help="output directory (default bench/out)")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = run(args)
+    peak = H.CPU_SGEMM_GFLOPS if args.device == "cpu" else None
+    table = H.ratio_table(rows, "eager", peak_gflops=peak)
+    name = "training" + ("_bf16" if args.bf16 else "") + ("_" + args.device)
+    out = H.write_results(name, rows, args.device, table, args.out)
+    print(table)
+    print(f"results in {out}; aefast backends: {aefast.info()['backends']['cpu']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""The fused decoder block aefast.functional.unpool_conv_transpose2d on every backend.
+
+Spec: act(F.conv_transpose2d(F.max_unpool2d(z, idx, pool, output_size=...), w, b, stride,
+padding, output_padding)), values and the gradients of z, w and b.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import aefast
+from aefast import backend as _backend
+from aefast import functional as AF
+from aefast.reference import functional as ref
+from conftest import TOLERANCES, backend_device
+
+ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
+
+
+def torch_decoder(z, idx, w, b, pool, output_size, stride, padding, output_padding, act, slope=0.01):
+    """The composition the fused op must equal, from torch.nn.functional alone."""
+    u = F.max_unpool2d(z, idx, pool, output_size=output_size)
+    y = F.conv_transpose2d(u, w, b, stride, padding, output_padding)
+    if act is None:
+        return y
+    if act == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    return getattr(F, act)(y)
+
+
+def make_case(n, c_in, c_out, hw, pool, k, *, dtype=torch.float32, device="cpu", ceil_mode=False, seed=0,
+              bias=True):
+    """Pooled input + flat indices from a real max-pool of an (hw)-sized map, and the unpooled size."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, *hw, generator=g, dtype=torch.float64)
+    z, idx = F.max_pool2d(x, pool, return_indices=True, ceil_mode=ceil_mode)
+    kk = (k, k) if isinstance(k, int) else k
+    w = torch.randn(c_in, c_out, *kk, generator=g, dtype=torch.float64) / (c_in * kk[0] * kk[1]) ** 0.5
+    b = torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    return cast(z), idx.to(device), cast(w), cast(b), tuple(hw)
+
+
+def run_both(backend, z, idx, w, b, pool, out_hw, stride, padding, output_padding, act, fmt, grad_seed=1):
+    """Outputs and gradients of the fused op on ``backend`` and of the torch composition (fp64)."""
+    flat_idx = idx
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, pool)
+    leaves = [t.detach().clone().requires_grad_() for t in (z, w) + ((b,) if b is not None else ())]
+    with aefast.set_backend(backend):
+        y = AF.unpool_conv_transpose2d(leaves[0], idx, leaves[1], leaves[2] if b is not None else None, pool,
+                                       out_hw, stride, padding, output_padding, act, fmt)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, g.to(y.dtype).to(y.device))
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    yr = torch_decoder(ref_leaves[0], flat_idx.cpu(), ref_leaves[1], ref_leaves[2] if b is not None else None,
+                       pool, out_hw, stride, padding, output_padding, act)
+    grads_r = torch.autograd.grad(yr, ref_leaves, g)
+    return (y,) + tuple(grads), (yr,) + tuple(grads_r)
+
+
+def assert_close_all(got, want, dtype, scale=1.0):
+    tol = TOLERANCES[dtype]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.cpu().double(), b, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
+
+
+# (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, ceil_mode)
+GRID = [
+    (1, 3, 17, (7, 9), 2, 3, 1, 1, 0, False),     # batch 1, odd sizes (output_size), 17 out channels
+    (2, 17, 3, (9, 9), 3, 3, 2, 1, 1, False),     # pool 3, stride 2, output_padding
+    (2, 3, 3, (7, 7), 2, 3, 2, 0, 1, True),       # ceil_mode windows, odd size
+    (1, 4, 5, (8, 6), 2, (2, 4), 2, (0, 1), (1, 0), False),  # rectangular kernel, asymmetric args
+    (2, 5, 2, (6, 6), 3, 1, 1, 0, 0, False),      # 1x1 kernel
+    (1, 2, 3, (5, 7), (1, 2), 3, 3, 2, 2, False),  # rectangular pool, stride 3
+    (3, 3, 4, (8, 8), 2, 5, 1, 2, 0, False),      # kernel larger than the window
+]
+TRITON_GRID = [GRID[0], GRID[1], GRID[2]]
+
+
+@pytest.mark.parametrize("case", GRID)
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_grid_cpu(case, fmt):
+    n, ci, co, hw, pool, k, s, p, op, ceil = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, ceil_mode=ceil)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, "relu", fmt)
+    assert_close_all(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("case", TRITON_GRID)
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_grid_kernel_backends(kernel_backend, case, fmt):
+    n, ci, co, hw, pool, k, s, p, op, ceil = case
+    dev = backend_device(kernel_backend)
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, ceil_mode=ceil, device=dev)
+    got, want = run_both(kernel_backend, z, idx, w, b, pool, out_hw, s, p, op, "tanh", fmt)
+    assert_close_all(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activations(kernel_backend, act):
+    dev = backend_device(kernel_backend)
+    z, idx, w, b, out_hw = make_case(2, 3, 4, (6, 6), 2, 3, device=dev, seed=3)
+    got, want = run_both(kernel_backend, z, idx, w, b, 2, out_hw, 1, 1, 0, act, "window")
+    assert_close_all(got, want, torch.float32)
+
+
+def test_leaky_relu_slope():
+    z, idx, w, b, out_hw = make_case(2, 3, 4, (6, 6), 2, 3, seed=4)
+    with aefast.set_backend("cpu"):
+        y = AF.unpool_conv_transpose2d(z, idx, w, b, 2, out_hw, 1, 1, 0, "leaky_relu", negative_slope=0.3)
+    want = torch_decoder(z, idx, w, b, 2, out_hw, 1, 1, 0, "leaky_relu", slope=0.3)
+    torch.testing.assert_close(y, want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_cpu(dtype):
+    z, idx, w, b, out_hw = make_case(2, 17, 3, (7, 9), 2, 3, dtype=dtype, seed=5)
+    got, want = run_both("cpu", z, idx, w, b, 2, out_hw, 2, 1, 1, "gelu", "flat")
+    # Half-precision inputs and outputs, fp32 accumulation: compare to the fp64 composition of
+    # the same (rounded) inputs; gradients sum over many terms, hence the scaled tolerance.
+    assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_dtypes_triton(dtype):
+    if not _backend.availability()["triton"][0]:
+        pytest.skip("triton unavailable")
+    dev = backend_device("triton")
+    z, idx, w, b, out_hw = make_case(1, 3, 2, (5, 5), 2, 3, dtype=dtype, device=dev, seed=6)
+    got, want = run_both("triton", z, idx, w, b, 2, out_hw, 1, 1, 0, "silu", "window")
+    assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 2.0)
+
+
+def test_no_bias_and_partial_grads():
+    z, idx, w, _, out_hw = make_case(2, 3, 4, (6, 6), 2, 3, bias=False, seed=7)
+    w = w.clone().requires_grad_()
+    with aefast.set_backend("cpu"):
+        y = AF.unpool_conv_transpose2d(z, idx, w, None, 2, out_hw, 1, 1, 0, "sigmoid")
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    wr = w.detach().clone().requires_grad_()
+    (gwr,) = torch.autograd.grad(torch_decoder(z, idx, wr, None, 2, out_hw, 1, 1, 0, "sigmoid").sum(), [wr])
+    torch.testing.assert_close(gw, gwr, **TOLERANCES[torch.float32])
+
+
+def test_default_output_size_and_module():
+    z, idx, w, b, _ = make_case(2, 3, 4, (8, 8), 2, 3, seed=8)
+    with aefast.set_backend("cpu"):
+        y = AF.unpool_conv_transpose2d(z, idx, w, b, activation="relu")
+    torch.testing.assert_close(y, torch_decoder(z, idx, w, b, 2, None, 1, 0, 0, "relu"), **TOLERANCES[torch.float32])
+
+
+# ---------------------------------------------------------------- gradcheck and opcheck
+
+@pytest.mark.parametrize("act", [None, "tanh", "gelu", "leaky_relu"])
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_gradcheck_cpu(act, fmt):
+    z, idx, w, b, out_hw = make_case(2, 3, 2, (5, 7), 2, 3, dtype=torch.float64, seed=9)
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, 2)
+    leaves = [t.clone().requires_grad_() for t in (z, w, b)]
+
+    def fn(z, w, b):
+        with aefast.set_backend("cpu"):
+            return AF.unpool_conv_transpose2d(z, idx, w, b, 2, out_hw, 2, 1, 1, act, fmt)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def _op_args(device="cpu", fmt="flat", act="gelu", dtype=torch.float32):
+    z, idx, w, b, out_hw = make_case(2, 3, 2, (5, 6), 2, 3, device=device, dtype=dtype, seed=10)
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, 2)
+    return [z.requires_grad_(), idx, w.requires_grad_(), b.requires_grad_(), [2, 2], list(out_hw), [2, 2], [1, 1],
+            [1, 0], act, 0.01]
+
+
+def _namespaces():
+    out = [pytest.param("cpu", id="aefast")]
+    ok, why = _backend.availability()["triton"]
+    out.append(pytest.param("triton", id="aefast_triton", marks=pytest.mark.skipif(not ok, reason=why)))
+    return out
+
+
+@pytest.mark.parametrize("which", _namespaces())
+@pytest.mark.parametrize("fmt,act", [("flat", "gelu"), ("window", "relu")])
+def test_opcheck_forward(which, fmt, act):
+    from aefast.ops import _registry
+
+    dev = backend_device(which)
+    args = _op_args(dev, fmt, act)
+    torch.library.opcheck(_registry.op(which, "unpool_conv_transpose2d"), args)
+
+
+@pytest.mark.parametrize("which", _namespaces())
+def test_opcheck_backward_and_unpool(which):
+    from aefast.ops import _registry
+
+    dev = backend_device(which)
+    args = _op_args(dev)
+    z, idx, w, b, geo = args[0].detach(), args[1], args[2].detach(), args[3], args[4:]
+    out, pre = _registry.op(which, "unpool_conv_transpose2d")(z, idx, w, b.detach(), *geo)
+    g = torch.randn_like(out)
+    torch.library.opcheck(_registry.op(which, "unpool_conv_transpose2d_backward"),
+                          [g, pre, z, idx, w, *geo[:-2], "gelu", 0.01, [True, True, True]])
+    x = torch.randn(2, 3, 4, 4, device=dev, requires_grad=True)
+    _, flat = F.max_pool2d(torch.randn(2, 3, 8, 8), 2, return_indices=True)
+    torch.library.opcheck(_registry.op(which, "max_unpool2d"), [x, flat.to(dev), [8, 8]])
+    torch.library.opcheck(_registry.op(which, "max_unpool2d_backward"),
+                          [torch.randn(2, 3, 8, 8, device=dev), flat.to(dev)])
+
+
+def test_torch_compile_fullgraph():
+    """The op (validation excluded: it reads index values) compiles without graph breaks."""
+    z, idx, w, b, out_hw = make_case(2, 3, 2, (6, 6), 2, 3, seed=11)
+    op = torch.ops.aefast.unpool_conv_transpose2d
+
+    def fn(z, w, b):
+        return op(z, idx, w, b, [2, 2], list(out_hw), [1, 1], [1, 1], [0, 0], "relu", 0.01)[0]
+
+    leaves = [t.clone().requires_grad_() for t in (z, w, b)]
+    want = fn(*leaves)
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves))
+
+
+# ---------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_deterministic(kernel_backend, fmt):
+    dev = backend_device(kernel_backend)
+    z, idx, w, b, out_hw = make_case(3, 5, 4, (7, 8), 2, 3, device=dev, seed=12)
+    runs = [run_both(kernel_backend, z, idx, w, b, 2, out_hw, 2, 1, 1, "gelu", fmt)[0] for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_cpu_result_independent_of_thread_count():
+    z, idx, w, b, out_hw = make_case(6, 9, 5, (10, 10), 2, 3, seed=13)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run_both("cpu", z, idx, w, b, 2, out_hw, 1, 1, 0, "silu", "flat")[0])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- no unpooled map
+
+class _RecordShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numels.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("which", ["cpu", "reference"])
+def test_no_unpooled_map_is_allocated(which):
+    """No op of the fused path (forward and backward) makes a tensor as large as the unpooled map
+    N*C_in*H_u*W_u; the reference path does (the check detects it)."""
+    z, idx, w, b, out_hw = make_case(2, 16, 2, (12, 12), 2, 3, seed=14)
+    unpooled = z.shape[0] * z.shape[1] * out_hw[0] * out_hw[1]
+    leaves = [t.clone().requires_grad_() for t in (z, w, b)]
+    rec = _RecordShapes()
+    with aefast.set_backend(which), rec:
+        y = AF.unpool_conv_transpose2d(leaves[0], idx, leaves[1], leaves[2], 2, out_hw, 1, 1, 0, "relu")
+        y.sum().backward()
+    big = [(f, n) for f, n in rec.numels if n >= unpooled]
+    if which == "reference":
+        assert big
+    else:
+        assert not big, big
+
+
+def test_peak_memory_below_unpooled_map():
+    """The profiler sees every c10 allocation, kernel-internal buffers included."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench._harness import peak_memory_bytes
+
+    z, idx, w, b, out_hw = make_case(4, 64, 2, (16, 16), 2, 3, seed=15)
+    unpooled_bytes = z.shape[0] * z.shape[1] * out_hw[0] * out_hw[1] * 4
+    leaves = [t.clone().requires_grad_() for t in (z, w, b)]
+
+    def step():
+        y = AF.unpool_conv_transpose2d(leaves[0], idx, leaves[1], leaves[2], 2, out_hw, 1, 1, 0, "relu")
+        y.sum().backward()
+
+    with aefast.set_backend("cpu"):
+        fused = peak_memory_bytes(step)
+    with aefast.set_backend("reference"):
+        reference = peak_memory_bytes(step)
+    assert fused < unpooled_bytes <= reference
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def _good(device="cpu"):
+    z, idx, w, b, out_hw = make_case(1, 2, 3, (4, 4), 2, 3, device=device, seed=16)
+    return dict(input=z, indices=idx, weight=w, bias=b, pool_size=2, output_size=out_hw, stride=1, padding=1)
+
+
+def _call(**kw):
+    return AF.unpool_conv_transpose2d(**kw)
+
+
+BAD = [
+    ("indices int32", lambda a: a.update(indices=a["indices"].int()), TypeError, "indices must have dtype"),
+    ("indices shape", lambda a: a.update(indices=a["indices"][..., :1]), ValueError, "indices must have the input"),
+    ("index too large", lambda a: a["indices"].view(-1).__setitem__(0, 16), ValueError, r"\[0, 16\)"),
+    ("index negative", lambda a: a["indices"].view(-1).__setitem__(0, -1), ValueError, r"\[0, 16\)"),
+    ("index outside its window", lambda a: a["indices"].view(-1).__setitem__(0, 15), ValueError, "own pool window"),
+    ("window offset too large", lambda a: a.update(indices=torch.full_like(a["indices"], 4, dtype=torch.uint8)),
+     ValueError, "window offsets"),
+    ("weight channels", lambda a: a.update(weight=a["weight"][:1]), ValueError, "input channels"),
+    ("bias shape", lambda a: a.update(bias=a["bias"][:2]), ValueError, "bias must have shape"),
+    ("dtype mismatch", lambda a: a.update(weight=a["weight"].double()), TypeError, "dtypes differ"),
+    ("3-D input", lambda a: a.update(input=a["input"][0], indices=a["indices"][0]), ValueError, "4-D"),
+    ("output_padding", lambda a: a.update(output_padding=1), ValueError, "output_padding"),
+    ("activation", lambda a: a.update(activation="swish"), ValueError, "unknown activation"),
+    ("index_format", lambda a: a.update(index_format="csr"), ValueError, "index_format"),
+    ("output_size", lambda a: a.update(output_size=(9, 9)), ValueError, "output_size"),
+    ("pool_size", lambda a: a.update(pool_size=0), ValueError, "pool_size"),
+    ("stride", lambda a: a.update(stride=(1, 0)), ValueError, "stride"),
+    ("padding too large", lambda a: a.update(padding=5), ValueError, "empty"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs(backend, name, mutate, exc, match):
+    args = _good(backend_device(backend))
+    if name.startswith("window offset"):
+        args["index_format"] = "window"
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        _call(**args)
+
+
+def test_window_offset_outside_plane(backend):
+    """A window offset of a clipped last window (output_size smaller than pool * pooled) that
+    points past the unpooled plane is an error on every backend."""
+    dev = backend_device(backend)
+    z = torch.randn(1, 1, 2, 2, device=dev)
+    w = torch.randn(1, 1, 3, 3, device=dev)
+    idx = torch.zeros(1, 1, 2, 2, dtype=torch.uint8, device=dev)
+    idx[0, 0, 1, 1] = 3  # row 3, col 3 of a 3x3 plane
+    with pytest.raises(ValueError, match="own pool window"):
+        AF.unpool_conv_transpose2d(z, idx, w, None, 2, (3, 3), index_format="window")
+    idx[0, 0, 1, 1] = 0
+    AF.unpool_conv_transpose2d(z, idx, w, None, 2, (3, 3), index_format="window")
+
+
+# ---------------------------------------------------------------- module
+
+def test_module_matches_conv_transpose_init_and_state_dict():
+    torch.manual_seed(0)
+    ours = aefast.nn.UnpoolConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, activation="relu")
+    torch.manual_seed(0)
+    theirs = torch.nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+    assert ours.weight.shape == theirs.weight.shape == (4, 3, 3, 3)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    theirs2 = torch.nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+    ours.load_state_dict(theirs2.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    z, idx = F.max_pool2d(x, 2, return_indices=True)
+    with aefast.set_backend("cpu"):
+        y = ours(z, idx)
+    want = torch.relu(theirs2(F.max_unpool2d(z, idx, 2)))
+    torch.testing.assert_close(y, want, **TOLERANCES[torch.float32])
+    y.sum().backward()
+    assert ours.weight.grad is not None and ours.bias.grad is not None
+
+
+# ---------------------------------------------------------------- fuzz
+
+@st.composite
+def decoder_cases(draw):
+    pool = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    hp, wp = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    extra = (draw(st.integers(0, pool[0] - 1)), draw(st.integers(0, pool[1] - 1)))
+    out_hw = (hp * pool[0] + extra[0], wp * pool[1] + extra[1])
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    op = (draw(st.integers(0, s[0] - 1)), draw(st.integers(0, s[1] - 1)))
+    for a in range(2):
+        assume((out_hw[a] - 1) * s[a] - 2 * p[a] + k[a] + op[a] >= 1)
+    return dict(n=draw(st.integers(1, 2)), ci=draw(st.integers(1, 4)), co=draw(st.integers(1, 4)), pool=pool,
+                out_hw=out_hw, k=k, s=s, p=p, op=op, act=draw(st.sampled_from(ACTS)),
+                fmt=draw(st.sampled_from(["flat", "window"])), bias=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(decoder_cases())
+def test_fuzz_cpu(c):
+    z, idx, w, b, out_hw = make_case(c["n"], c["ci"], c["co"], c["out_hw"], c["pool"], c["k"], dtype=torch.float64,
+                                     seed=c["seed"], bias=c["bias"])
+    got, want = run_both("cpu", z, idx, w, b, c["pool"], out_hw, c["s"], c["p"], c["op"], c["act"], c["fmt"])
+    assert_close_all(got, want, torch.float64)
