@@ -142,7 +142,13 @@ def test_bad_input_raises_clear_error(case, monkeypatch):
     def no_kernels(*a, **k):
         raise AssertionError("a kernel ran before validation rejected the input")
 
-    monkeypatch.setattr(registry, "op", no_kernels)
+    real_op = registry.op
+
+    def index_checks_only(backend, name):
+        # Index validation may use the index-conversion op (one pass marking bad entries).
+        return real_op(backend, name) if name in ("flat_to_window", "window_to_flat") else no_kernels()
+
+    monkeypatch.setattr(registry, "op", index_checks_only)
     for name in ("max_pool2d", "max_unpool2d", "conv_transpose2d", "conv_pool2d", "unpool_conv_transpose2d",
                  "mse_loss", "l1_loss", "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
                  "reconstruction_loss", "corrupt", "reparameterize", "kl_divergence"):

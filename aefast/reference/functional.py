@@ -152,29 +152,16 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     return out.reshape(*lead, *out_hw).contiguous(memory_format=_memory_format(input))
 
 
-class _ScatterLastWins(torch.autograd.Function):
-    """out[idx[k]] = src[k], the last k winning among duplicates; the gradient of every src[k]
-    is grad_out[idx[k]] (torch's max_unpool2d backward is this gather, duplicates included)."""
-
-    @staticmethod
-    def forward(ctx, out, idx, src):
-        order = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
-        winner = torch.full(out.shape, -1, dtype=torch.int64, device=out.device)
-        winner = winner.scatter_reduce(-1, idx, order, reduce="amax", include_self=True)
-        is_winner = winner.gather(-1, idx) == order
-        rows = torch.arange(out.shape[0], device=out.device).unsqueeze(1).expand_as(idx)
-        ctx.save_for_backward(idx)
-        # Only winners write, so each element receives exactly one value, deterministically.
-        return out.index_put((rows[is_winner], idx[is_winner]), src[is_winner])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        return None, None, grad.gather(-1, idx)
-
-
 def _scatter_last_wins(out, idx, src):
-    return _ScatterLastWins.apply(out, idx, src)
+    """out[idx[k]] = src[k], the last k winning among duplicates. Only winners reach the output,
+    so only they receive a gradient (torch's own backward also hands it to the overwritten ones)."""
+    order = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
+    winner = torch.full(out.shape, -1, dtype=torch.int64, device=out.device)
+    winner = winner.scatter_reduce(-1, idx, order, reduce="amax", include_self=True)
+    is_winner = winner.gather(-1, idx) == order
+    rows = torch.arange(out.shape[0], device=out.device).unsqueeze(1).expand_as(idx)
+    # Only winners write, so each element receives exactly one value, deterministically.
+    return out.index_put((rows[is_winner], idx[is_winner]), src[is_winner])
 
 
 # ---------------------------------------------------------------- transposed convolution
