@@ -205,8 +205,9 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     return _reduce(loss * weight if weight is not None else loss, reduction)
 
 
-def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
-    return _reduce((input - target).abs(), reduction)
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    loss = (input - target).abs()
+    return _reduce(loss * weight if weight is not None else loss, reduction)
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
