@@ -303,9 +303,20 @@ def _fused_loss(op_name, kind, input, target, reduction, reference, *, weight=No
     own_t = kind in _OWN_TARGET_GRAD
     grad_input = need_x or (need_t and not own_t)
     grad_target = need_t and own_t
-    out = _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind, reduction, float(delta),
+    # torch's weighted mse_loss / l1_loss normalise the mean by sum(weight): the kernel sums,
+    # and autograd carries the division into the (scaling) backward.
+    by_weight_sum = weight is not None and reduction == "mean" and kind in ("mse", "l1")
+    out = _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind,
+                                              "sum" if by_weight_sum else reduction, float(delta),
                                               grad_input, grad_target)
-    return out[0]
+    return out[0] / weight.sum() if by_weight_sum else out[0]
+
+
+def _check_same_size_weight(input, weight):
+    """torch's mse_loss, l1_loss and huber_loss take a weight of exactly the input's size."""
+    if weight is not None and weight.shape != input.shape:
+        raise ValueError(f"aefast: weight of shape {tuple(weight.shape)} must have the input's size "
+                         f"{tuple(input.shape)} (torch: 'Weights and input must have the same size.')")
 
 
 def _check_probabilities(input, what):
@@ -321,6 +332,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     """Drop-in for torch.nn.functional.mse_loss."""
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="mse_loss", weight=weight)
+    _check_same_size_weight(input, weight)
     return _fused_loss("mse_loss", "mse", input, target, reduction,
                        lambda: ref.mse_loss(input, target, reduction=reduction, weight=weight), weight=weight)
 
@@ -329,6 +341,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
     """Drop-in for torch.nn.functional.l1_loss."""
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="l1_loss", weight=weight)
+    _check_same_size_weight(input, weight)
     return _fused_loss("l1_loss", "l1", input, target, reduction,
                        lambda: ref.l1_loss(input, target, reduction=reduction, weight=weight), weight=weight)
 
@@ -341,6 +354,7 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     if not delta > 0:
         raise ValueError(f"aefast: huber_loss delta must be positive, got {delta}")
     _check_loss_pair(input, target, same_shape=False, op_name="huber_loss", weight=weight)
+    _check_same_size_weight(input, weight)
     return _fused_loss("huber_loss", "huber", input, target, reduction,
                        lambda: ref.huber_loss(input, target, reduction=reduction, delta=delta, weight=weight),
                        weight=weight, delta=delta)

@@ -95,15 +95,25 @@ def _scale(ns, g, saved, alpha, what):
     return ns.loss_grad_scale(g, saved, alpha)
 
 
+def _keep_saved_grads(ctx, output):
+    # The gradient outputs are not differentiable, and autograd must not zero-fill a grad for
+    # them (that would be two extra input-sized passes per backward).
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1], output[2])
+
+
 def _setup_recon_loss(ctx, inputs, output):
     _, _, _, _, kind, _, _, _, _ = inputs
     ctx.kind = kind
-    ctx.save_for_backward(output[1], output[2])
+    _keep_saved_grads(ctx, output)
 
 
 def _make_recon_loss_backward(ns):
     def backward(ctx, grad, _g_gx, _g_gt):
         gx, gt = ctx.saved_tensors
+        if grad is None:  # the loss itself was not used (grads are not zero-filled)
+            return (None,) * 9
         need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise RuntimeError("aefast::recon_loss does not differentiate weight or pos_weight; "
@@ -121,12 +131,14 @@ def _make_recon_loss_backward(ns):
 
 
 def _setup_kl(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    _keep_saved_grads(ctx, output)
 
 
 def _make_kl_backward(ns):
     def backward(ctx, grad, _g1, _g2):
         gmu, glv = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
         grad_mu = _scale(ns, grad, gmu, 1.0, "mu") if ctx.needs_input_grad[0] else None
         grad_lv = _scale(ns, grad, glv, 1.0, "logvar") if ctx.needs_input_grad[1] else None
         return grad_mu, grad_lv, None, None

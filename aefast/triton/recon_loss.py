@@ -66,13 +66,13 @@ def _loss_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, part
     elif KIND == 3:  # bce, logs clamped at -100 (NaN passes the clamp as in torch)
         log_x = tl.log(x)
         log_1mx = _log1p(-x)
+        dt = log_1mx - log_x  # unclamped: torch's target gradient is -logit(x)
         log_x = tl.where(log_x < -100.0, -100.0, log_x)
         log_1mx = tl.where(log_1mx < -100.0, -100.0, log_1mx)
         l = (t - 1.0) * log_1mx - t * log_x
         denom = (1.0 - x) * x
         denom = tl.where(denom < 1e-12, 1e-12, denom)
         dx = (x - t) / denom
-        dt = log_1mx - log_x
     elif KIND == 4:  # bce_logits, stable: only exp(-|x|) is taken
         if HAS_PW:
             pw = tl.load(pw_ptr + offs, mask=mask, other=1.0)

@@ -12,7 +12,7 @@
 //              dl/dx = clamp(d, -delta, delta)  (NaN passes through, as torch)
 //   bce        l = -(t max(log x, -100) + (1-t) max(log(1-x), -100))        (torch's clamp)
 //              dl/dx = (x-t) / max(x(1-x), 1e-12)   (torch's backward formula, also at 0 and 1)
-//              dl/dt = max(log(1-x), -100) - max(log x, -100)
+//              dl/dt = log(1-x) - log x  (= -logit(x), UNclamped, as torch's target backward: ±inf at 0 and 1)
 //   bce_logits l = (1-t)x - lw log σ(x),  lw = 1 + (pw-1)t,  log σ(x) = min(x,0) - log1p(e^-|x|)
 //              (stable for |x| = 100: no exp of a positive number is ever taken)
 //              dl/dx = (pw t + 1 - t) σ(x) - pw t   (= σ(x) - t without pos_weight)
@@ -64,7 +64,7 @@ AEFAST_HD void loss_elem(T x, T t, T pw, T delta, T& l, T& dx, T& dt) {
     T denom = (T(1) - x) * x;
     denom = denom < T(1e-12) ? T(1e-12) : denom;
     dx = (x - t) / denom;
-    dt = log_1mx - log_x;
+    dt = log1p(-x) - log(x);
   } else if constexpr (KIND == kBceLogits) {
     const T e = exp(-abs(x));
     const T log_sig = min(x, T(0)) - log1p(e);
