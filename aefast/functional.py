@@ -13,6 +13,7 @@ import torch
 from aefast import _checks
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
+from aefast.ops import recon_loss as _recon_loss_ops
 from aefast.ops._dispatch import choose
 from aefast.reference import functional as ref
 
@@ -306,10 +307,9 @@ def _fused_loss(op_name, kind, input, target, reduction, reference, *, weight=No
     # torch's weighted mse_loss / l1_loss normalise the mean by sum(weight): the kernel sums,
     # and autograd carries the division into the (scaling) backward.
     by_weight_sum = weight is not None and reduction == "mean" and kind in ("mse", "l1")
-    out = _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind,
-                                              "sum" if by_weight_sum else reduction, float(delta),
-                                              grad_input, grad_target)
-    return out[0] / weight.sum() if by_weight_sum else out[0]
+    out = _recon_loss_ops.recon_loss(backend, input, target, weight, pos_weight, kind,
+                                     "sum" if by_weight_sum else reduction, float(delta), grad_input, grad_target)
+    return out / weight.sum() if by_weight_sum else out
 
 
 def _check_same_size_weight(input, weight):

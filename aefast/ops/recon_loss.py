@@ -109,25 +109,69 @@ def _setup_recon_loss(ctx, inputs, output):
     _keep_saved_grads(ctx, output)
 
 
+def _recon_loss_grads(ns, ctx, grad):
+    """(grad_input, grad_target) from the saved gradients: the whole backward is this scale."""
+    gx, gt = ctx.saved_tensors
+    need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError("aefast::recon_loss does not differentiate weight or pos_weight; "
+                           "aefast.functional routes such calls to the reference")
+    grad_x = _scale(ns, grad, gx, 1.0, "input") if need_x else None
+    grad_t = None
+    if need_t:
+        if ctx.kind in OWN_TARGET_GRAD:
+            grad_t = _scale(ns, grad, gt, 1.0, "target")
+        else:
+            grad_t = _scale(ns, grad, gx, -1.0, "target")
+    return grad_x, grad_t
+
+
 def _make_recon_loss_backward(ns):
     def backward(ctx, grad, _g_gx, _g_gt):
-        gx, gt = ctx.saved_tensors
         if grad is None:  # the loss itself was not used (grads are not zero-filled)
             return (None,) * 9
-        need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            raise RuntimeError("aefast::recon_loss does not differentiate weight or pos_weight; "
-                               "aefast.functional routes such calls to the reference")
-        grad_x = _scale(ns, grad, gx, 1.0, "input") if need_x else None
-        grad_t = None
-        if need_t:
-            if ctx.kind in OWN_TARGET_GRAD:
-                grad_t = _scale(ns, grad, gt, 1.0, "target")
-            else:
-                grad_t = _scale(ns, grad, gx, -1.0, "target")
-        return grad_x, grad_t, None, None, None, None, None, None, None
+        return (*_recon_loss_grads(ns, ctx, grad), None, None, None, None, None, None, None)
 
     return backward
+
+
+class _EagerReconLoss(torch.autograd.Function):
+    """The same op and the same backward as the registered autograd formula, entered through a
+    plain autograd.Function that calls the kernel below the Autograd key. torch.library's
+    Python autograd wrapper costs ~30 us per call, which is the whole kernel time of a
+    MNIST-sized batch; eager calls on plain tensors take this path, torch.compile and tensor
+    subclasses the registered one (recon_loss_eager decides)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, pos_weight, backend, kind, reduction, delta, grad_input, grad_target):
+        ns = _registry.namespace_for(backend)
+        with torch._C._AutoDispatchBelowAutograd():
+            out, gx, gt = ns.recon_loss.default(input, target, weight, pos_weight, kind, reduction, delta,
+                                                grad_input, grad_target)
+        ctx.kind, ctx.ns = kind, ns
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gx, gt)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 10
+        return (*_recon_loss_grads(ctx.ns, ctx, grad), None, None, None, None, None, None, None, None)
+
+
+def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta, grad_input, grad_target):
+    """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal)."""
+    plain = all(type(t) is torch.Tensor for t in (input, target, weight, pos_weight) if t is not None)
+    if plain and not torch.compiler.is_compiling():
+        if grad_input or grad_target:
+            return _EagerReconLoss.apply(input, target, weight, pos_weight, backend, kind, reduction, delta,
+                                         grad_input, grad_target)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind, reduction, delta,
+                                                       False, False)[0]
+    return _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind, reduction, delta,
+                                               grad_input, grad_target)[0]
 
 
 def _setup_kl(ctx, inputs, output):

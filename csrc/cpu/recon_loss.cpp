@@ -24,126 +24,32 @@
 namespace aefast {
 namespace {
 
-constexpr int64_t kChunk = 2048;           // elements per reduction block (fixed: determinism)
 constexpr int64_t kGrainElems = 32768;     // below this, one thread (parallel overhead dominates)
-constexpr int kLanes = 8;
-
-template <typename acc_t>
-acc_t lane_sum(const acc_t* v, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += v[i + l];  // independent lanes: vectorises, fixed order
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += v[i];
-  return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
-}
-
-// One chunk: loss values into lbuf (accumulation type), gradients scaled by gscale.
-template <typename scalar_t, typename acc_t, int KIND, bool HAS_W, bool GRAD>
-void loss_chunk(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t, const scalar_t* __restrict__ w,
-                const scalar_t* __restrict__ pw, int64_t n, acc_t delta, acc_t gscale, acc_t* __restrict__ lbuf,
-                scalar_t* __restrict__ gx, scalar_t* __restrict__ gt) {
-  if constexpr (loss_kind_has_own_target_grad(KIND)) {
-    // log/exp do not vectorise without libmvec; keep one loop with runtime pointers.
-    for (int64_t i = 0; i < n; ++i) {
-      acc_t l, dx, dt;
-      const acc_t pwv = pw ? static_cast<acc_t>(pw[i]) : acc_t(1);
-      loss_elem<KIND, acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), pwv, delta, l, dx, dt);
-      if constexpr (HAS_W) {
-        const acc_t wv = static_cast<acc_t>(w[i]);
-        l *= wv;
-        dx *= wv;
-        dt *= wv;
-      }
-      lbuf[i] = l;
-      if constexpr (GRAD) gx[i] = static_cast<scalar_t>(dx * gscale);
-      if (gt) gt[i] = static_cast<scalar_t>(dt * gscale);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      acc_t l, dx, dt;
-      loss_elem<KIND, acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), acc_t(1), delta, l, dx, dt);
-      if constexpr (HAS_W) {
-        const acc_t wv = static_cast<acc_t>(w[i]);
-        l *= wv;
-        dx *= wv;
-      }
-      lbuf[i] = l;
-      if constexpr (GRAD) gx[i] = static_cast<scalar_t>(dx * gscale);
-    }
-  }
-}
 
 struct LossPointers {
   const void *x, *t, *w, *pw;
   void *loss, *gx, *gt;
 };
 
-template <typename scalar_t, int KIND, bool HAS_W, bool GRAD>
-void run_loss(const LossPointers& ptr, const LossPlan& plan, double delta_d, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto* x = static_cast<const scalar_t*>(ptr.x);
-  const auto* t = static_cast<const scalar_t*>(ptr.t);
-  const auto* w = static_cast<const scalar_t*>(ptr.w);
-  const auto* pw = static_cast<const scalar_t*>(ptr.pw);
-  auto* loss = static_cast<scalar_t*>(ptr.loss);
-  auto* gx = static_cast<scalar_t*>(ptr.gx);
-  auto* gt = static_cast<scalar_t*>(ptr.gt);
-  const acc_t delta = static_cast<acc_t>(delta_d), gscale = static_cast<acc_t>(plan.grad_scale);
-  const int64_t rows = plan.rows, cols = plan.cols;
-  const int64_t chunks = (cols + kChunk - 1) / kChunk;
-  const bool none = plan.reduction == kNone;
-  std::vector<acc_t> partial(none ? 0 : rows * chunks);
-  at::parallel_for(0, rows * chunks, std::max<int64_t>(1, kGrainElems / kChunk), [&](int64_t b, int64_t e) {
-    acc_t lbuf[kChunk];
-    for (int64_t id = b; id < e; ++id) {
-      const int64_t r = id / chunks, c = id - r * chunks;
-      const int64_t start = r * cols + c * kChunk;
-      const int64_t n = std::min(kChunk, cols - c * kChunk);
-      loss_chunk<scalar_t, acc_t, KIND, HAS_W, GRAD>(x + start, t + start, w ? w + start : nullptr,
-                                                     pw ? pw + start : nullptr, n, delta, gscale, lbuf,
-                                                     GRAD ? gx + start : nullptr, gt ? gt + start : nullptr);
-      if (none) {
-        for (int64_t i = 0; i < n; ++i) loss[start + i] = static_cast<scalar_t>(lbuf[i]);
-      } else {
-        partial[id] = lane_sum(lbuf, n);
-      }
-    }
-  });
-  if (none) return;
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const acc_t scale = static_cast<acc_t>(plan.out_scale);
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t s = 0;
-    for (int64_t c = 0; c < chunks; ++c) s += partial[r * chunks + c];  // fixed order
-    o[r] = static_cast<scalar_t>(s * scale);
-  }
-}
+}  // namespace
 
-template <typename scalar_t>
-void dispatch_loss(int kind, bool has_w, bool grad, const LossPointers& ptr, const LossPlan& plan, double delta,
-                   at::Tensor& out) {
-#define AEFAST_LOSS_CASE(K)                                                             \
-  case K:                                                                               \
-    if (has_w) {                                                                        \
-      grad ? run_loss<scalar_t, K, true, true>(ptr, plan, delta, out)                   \
-           : run_loss<scalar_t, K, true, false>(ptr, plan, delta, out);                 \
-    } else {                                                                            \
-      grad ? run_loss<scalar_t, K, false, true>(ptr, plan, delta, out)                  \
-           : run_loss<scalar_t, K, false, false>(ptr, plan, delta, out);                \
-    }                                                                                   \
-    break;
-  switch (kind) {
-    AEFAST_LOSS_CASE(kMse)
-    AEFAST_LOSS_CASE(kL1)
-    AEFAST_LOSS_CASE(kHuber)
-    AEFAST_LOSS_CASE(kBce)
-    AEFAST_LOSS_CASE(kBceLogits)
-    AEFAST_LOSS_CASE(kKl)
-    default:
-      TORCH_CHECK(false, "aefast: bad loss kind ", kind);
-  }
-#undef AEFAST_LOSS_CASE
+// The loss kernels are compiled twice from one source: for the portable baseline (SSE2) and
+// for AVX2+FMA, chosen at run time by what the CPU supports (no -march=native, no AVX-512).
+namespace base {
+#include "recon_loss_kernels.inc"
+}  // namespace base
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "recon_loss_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+namespace {
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const at::Tensor& input_, const at::Tensor& target_,
@@ -176,7 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const at::Tensor& in
                      reduction == kNone ? out.mutable_data_ptr() : nullptr,
                      grad_input ? gx.mutable_data_ptr() : nullptr,
                      own_gt ? gt.mutable_data_ptr() : nullptr};
-    dispatch_loss<scalar_t>(kind, weight.defined(), grad_input, ptr, plan, delta, out);
+    if (cpu_has_avx2())
+      avx2::dispatch_loss<scalar_t>(kind, weight.defined(), grad_input, ptr, plan, delta, out);
+    else
+      base::dispatch_loss<scalar_t>(kind, weight.defined(), grad_input, ptr, plan, delta, out);
   });
   return {out, gx, gt};
 }
