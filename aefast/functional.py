@@ -14,6 +14,7 @@ from aefast import _checks
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
 from aefast.ops import unpool_deconv as _unpool_deconv
+from aefast.ops import recon_loss as _recon_loss_ops
 from aefast.ops._dispatch import choose
 from aefast.reference import functional as ref
 
@@ -356,30 +357,89 @@ def _check_loss_pair(input, target, *, same_shape, op_name, weight=None, extra=N
                       "same size.", stacklevel=3)
 
 
+_OWN_TARGET_GRAD = ("bce", "bce_logits")
+
+
+def _needs_grad(t) -> bool:
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def _fused_loss(op_name, kind, input, target, reduction, reference, *, weight=None, pos_weight=None, delta=1.0):
+    """Routes one validated loss call to the fused recon_loss op, or to ``reference()`` with a
+    counted reason when a parameter is outside what the kernels take."""
+
+    def unsupported(backend):
+        if input.shape != target.shape:
+            return f"{op_name}: target broadcasts to the input (the kernels take equal shapes)"
+        for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+            if t is not None and t.shape != input.shape:
+                return f"{op_name}: {name} broadcasts (the kernels take a {name} of the input's shape)"
+            if _needs_grad(t):
+                return f"{op_name}: {name} requires grad (the kernels differentiate input and target only)"
+        return None
+
+    # Every loss is the one recon_loss op; the public name goes into the fallback reason.
+    backend = choose("recon_loss", input.device, unsupported)
+    if backend == "reference":
+        return reference()
+    need_x, need_t = _needs_grad(input), _needs_grad(target)
+    own_t = kind in _OWN_TARGET_GRAD
+    grad_input = need_x or (need_t and not own_t)
+    grad_target = need_t and own_t
+    # torch's weighted mse_loss / l1_loss normalise the mean by sum(weight): the kernel sums,
+    # and autograd carries the division into the (scaling) backward.
+    by_weight_sum = weight is not None and reduction == "mean" and kind in ("mse", "l1")
+    out = _recon_loss_ops.recon_loss(backend, input, target, weight, pos_weight, kind,
+                                     "sum" if by_weight_sum else reduction, float(delta), grad_input, grad_target)
+    return out / weight.sum() if by_weight_sum else out
+
+
+def _check_same_size_weight(input, weight):
+    """torch's mse_loss, l1_loss and huber_loss take a weight of exactly the input's size."""
+    if weight is not None and weight.shape != input.shape:
+        raise ValueError(f"aefast: weight of shape {tuple(weight.shape)} must have the input's size "
+                         f"{tuple(input.shape)} (torch: 'Weights and input must have the same size.')")
+
+
+def _check_probabilities(input, what):
+    """torch raises for p outside [0, 1] and for NaN; one min/max pass (aminmax) finds both."""
+    if input.numel() and not _compiling():
+        lo, hi = torch.aminmax(input.detach())
+        if not (lo.item() >= 0 and hi.item() <= 1):
+            raise ValueError(f"aefast: {what}: all elements of input should be between 0 and 1 (found values in "
+                             f"[{lo.item()}, {hi.item()}])")
+
+
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Drop-in for torch.nn.functional.mse_loss."""
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="mse_loss", weight=weight)
-    choose("mse_loss", input.device, lambda b: "no kernel for this op yet")
-    return ref.mse_loss(input, target, reduction=reduction, weight=weight)
+    _check_same_size_weight(input, weight)
+    return _fused_loss("mse_loss", "mse", input, target, reduction,
+                       lambda: ref.mse_loss(input, target, reduction=reduction, weight=weight), weight=weight)
 
 
-def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Drop-in for torch.nn.functional.l1_loss."""
     reduction = _reduction(reduction, size_average, reduce)
-    _check_loss_pair(input, target, same_shape=False, op_name="l1_loss")
-    choose("l1_loss", input.device, lambda b: "no kernel for this op yet")
-    return ref.l1_loss(input, target, reduction=reduction)
+    _check_loss_pair(input, target, same_shape=False, op_name="l1_loss", weight=weight)
+    _check_same_size_weight(input, weight)
+    return _fused_loss("l1_loss", "l1", input, target, reduction,
+                       lambda: ref.l1_loss(input, target, reduction=reduction, weight=weight), weight=weight)
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """Drop-in for torch.nn.functional.huber_loss."""
     reduction = _reduction(reduction)
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool):
+        raise TypeError(f"aefast: huber_loss delta must be a number, got {delta!r}")
     if not delta > 0:
         raise ValueError(f"aefast: huber_loss delta must be positive, got {delta}")
     _check_loss_pair(input, target, same_shape=False, op_name="huber_loss", weight=weight)
-    choose("huber_loss", input.device, lambda b: "no kernel for this op yet")
-    return ref.huber_loss(input, target, reduction=reduction, delta=delta, weight=weight)
+    _check_same_size_weight(input, weight)
+    return _fused_loss("huber_loss", "huber", input, target, reduction,
+                       lambda: ref.huber_loss(input, target, reduction=reduction, delta=delta, weight=weight),
+                       weight=weight, delta=delta)
 
 
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
@@ -388,11 +448,14 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     _check_loss_pair(input, target, same_shape=True, op_name="binary_cross_entropy")
     if weight is not None:
         _check_float_inputs(input=input, weight=weight)
-        torch.broadcast_shapes(weight.shape, input.shape)
-    if input.numel() and not _compiling() and ((input < 0) | (input > 1)).any():
-        raise ValueError("aefast: binary_cross_entropy: all elements of input should be between 0 and 1")
-    choose("binary_cross_entropy", input.device, lambda b: "no kernel for this op yet")
-    return ref.binary_cross_entropy(input, target, weight, reduction=reduction)
+        try:
+            torch.broadcast_shapes(weight.shape, input.shape)
+        except RuntimeError:
+            raise ValueError(f"aefast: weight of shape {tuple(weight.shape)} does not broadcast to the input's "
+                             f"{tuple(input.shape)}") from None
+    _check_probabilities(input, "binary_cross_entropy")
+    return _fused_loss("binary_cross_entropy", "bce", input, target, reduction,
+                       lambda: ref.binary_cross_entropy(input, target, weight, reduction=reduction), weight=weight)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
@@ -408,39 +471,69 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
             except RuntimeError:
                 raise ValueError(f"aefast: {name} of shape {tuple(t.shape)} does not broadcast to the input's "
                                  f"{tuple(input.shape)}") from None
-    choose("binary_cross_entropy_with_logits", input.device, lambda b: "no kernel for this op yet")
-    return ref.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+    return _fused_loss("binary_cross_entropy_with_logits", "bce_logits", input, target, reduction,
+                       lambda: ref.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
+                                                                    pos_weight=pos_weight),
+                       weight=weight, pos_weight=pos_weight)
 
 
 def reconstruction_loss(input, target, kind="mse", reduction="mean", *, delta=1.0):
     """One reconstruction loss; ``reduction="per_sample"`` gives one value per batch item (the
-    mean over the other dims), the anomaly score."""
+    mean over the other dims), the anomaly score. The gradient is computed in the forward
+    pass (only for tensors that require grad), so the backward is a scale by grad_output.
+    ``kind="bce_logits"`` fuses the decoder's final sigmoid."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"aefast: unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")
     reduction = _reduction(reduction, allowed=ref.REDUCTIONS)
+    if kind == "huber" and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0):
+        raise ValueError(f"aefast: huber delta must be a positive number, got {delta!r}")
     _check_loss_pair(input, target, same_shape=True, op_name="reconstruction_loss")
     if reduction == "per_sample" and input.dim() < 1:
         raise ValueError("aefast: reduction='per_sample' needs a batch dim")
-    if kind == "bce" and input.numel() and not _compiling() and ((input < 0) | (input > 1)).any():
-        raise ValueError("aefast: kind='bce' needs probabilities in [0, 1]; use kind='bce_logits' for logits")
-    choose("reconstruction_loss", input.device, lambda b: "no kernel for this op yet")
-    return ref.reconstruction_loss(input, target, kind, reduction, delta=delta)
+    if kind == "bce":
+        _check_probabilities(input, "reconstruction_loss(kind='bce') (use kind='bce_logits' for logits)")
+    return _fused_loss("reconstruction_loss", kind, input, target, reduction,
+                       lambda: ref.reconstruction_loss(input, target, kind, reduction, delta=delta), delta=delta)
 
 
 # ================================================================ corruption and VAE terms
 
+def _draw_seed(generator, device) -> int:
+    """A 63-bit Philox key drawn from ``generator`` (or the device's default generator), so that
+    torch.manual_seed / a seeded Generator makes the noise reproducible on every backend."""
+    where = generator.device if generator is not None else device
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=where).item())
+
+
+def _check_generator(generator, device, name):
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"aefast: generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"aefast: generator is on {generator.device} but {name} is on {device}")
+
+
 def corrupt(input, kind="gaussian", level=0.1, generator=None, *, low=0.0, high=1.0):
     """Denoising-AE input corruption: gaussian (std=level), masking (fraction ``level`` zeroed)
-    or salt_pepper (fraction ``level`` set to ``low``/``high`` by a fair coin)."""
+    or salt_pepper (fraction ``level`` set to ``low``/``high`` by a fair coin).
+
+    The kernels draw counter-based Philox noise keyed by one seed taken from ``generator``:
+    the same generator state gives the same noise; element i always uses counter i."""
     check_tensor(input, "input", dtypes=FLOAT_DTYPES)
     if kind not in CORRUPTIONS:
         raise ValueError(f"aefast: unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
-    if not isinstance(level, (int, float)) or level < 0 or (kind != "gaussian" and level > 1):
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not level >= 0 or \
+            (kind != "gaussian" and level > 1) or level == float("inf"):
         raise ValueError(f"aefast: corruption level must be {'>= 0' if kind == 'gaussian' else 'in [0, 1]'}, got {level!r}")
-    if generator is not None and generator.device.type != input.device.type:
-        raise ValueError(f"aefast: generator is on {generator.device} but input is on {input.device}")
-    choose("corrupt", input.device, lambda b: "no kernel for this op yet")
-    return ref.corrupt(input, kind, level, generator, low=low, high=high)
+    for name, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"aefast: {name} must be a number, got {v!r}")
+    _check_generator(generator, input.device, "input")
+    backend = choose("corrupt", input.device)
+    if backend == "reference":
+        return ref.corrupt(input, kind, level, generator, low=low, high=high)
+    seed = _draw_seed(generator, input.device)
+    return _registry.op(backend, "corrupt")(input, seed, kind, float(level), float(low), float(high))
 
 
 def _check_mu_logvar(mu, logvar):
@@ -450,12 +543,14 @@ def _check_mu_logvar(mu, logvar):
 
 
 def reparameterize(mu, logvar, generator=None):
-    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, 1)."""
+    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, 1), in one pass; the backward regenerates eps
+    from the seed instead of storing it."""
     _check_mu_logvar(mu, logvar)
-    if generator is not None and generator.device.type != mu.device.type:
-        raise ValueError(f"aefast: generator is on {generator.device} but mu is on {mu.device}")
-    choose("reparameterize", mu.device, lambda b: "no kernel for this op yet")
-    return ref.reparameterize(mu, logvar, generator)
+    _check_generator(generator, mu.device, "mu")
+    backend = choose("reparameterize", mu.device)
+    if backend == "reference":
+        return ref.reparameterize(mu, logvar, generator)
+    return _registry.op(backend, "reparameterize")(mu, logvar, _draw_seed(generator, mu.device))
 
 
 def kl_divergence(mu, logvar, reduction="mean"):
@@ -464,5 +559,8 @@ def kl_divergence(mu, logvar, reduction="mean"):
     reduction = _reduction(reduction, allowed=ref.REDUCTIONS)
     if reduction != "none" and mu.dim() < 1:
         raise ValueError("aefast: kl_divergence needs a batch dim")
-    choose("kl_divergence", mu.device, lambda b: "no kernel for this op yet")
-    return ref.kl_divergence(mu, logvar, reduction)
+    backend = choose("kl_divergence", mu.device)
+    if backend == "reference":
+        return ref.kl_divergence(mu, logvar, reduction)
+    grad = _needs_grad(mu) or _needs_grad(logvar)
+    return _registry.op(backend, "kl_divergence")(mu, logvar, reduction, grad)[0]

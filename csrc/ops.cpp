@@ -43,6 +43,30 @@ TORCH_LIBRARY(aefast, m) {
   m.def("max_unpool2d_backward(Tensor grad_out, Tensor indices) -> Tensor");
 
   // ---- recon_loss (loss, corruption, VAE terms) ----
+  // One pass computes the loss (reduced as asked) AND, when grad_input / grad_target is set,
+  // the gradient of the REDUCED loss w.r.t. input / target (the reduction's 1/numel or 1/M
+  // already applied), so the backward is only loss_grad_scale. kind: mse | l1 | huber | bce |
+  // bce_logits; reduction: none | mean | sum | per_sample (mean over all dims but the first).
+  // weight and pos_weight, when given, have the input's shape. Returns (loss, grad_input,
+  // grad_target); an unrequested gradient is an empty tensor. grad_target is only produced
+  // for bce and bce_logits (for the others it is -grad_input, applied by the backward).
+  m.def("recon_loss(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, str kind, str reduction, "
+        "float delta, bool grad_input, bool grad_target) -> (Tensor, Tensor, Tensor)");
+  // alpha * saved * grad_output, with grad_output a scalar (mean/sum), one value per row of
+  // saved (per_sample) or saved's shape (none). The backward of recon_loss and kl_divergence.
+  m.def("loss_grad_scale(Tensor grad_output, Tensor saved, float alpha) -> Tensor");
+  // KL(N(mu, exp(logvar)) || N(0, 1)); reduction none | per_sample (sum over all dims but the
+  // first) | mean (per-sample sums averaged over the batch) | sum. Returns (kl, grad_mu,
+  // grad_logvar), the gradients empty unless grad is set.
+  m.def("kl_divergence(Tensor mu, Tensor logvar, str reduction, bool grad) -> (Tensor, Tensor, Tensor)");
+  // Denoising corruption from a counter-based Philox stream keyed by seed (aefast/philox.h):
+  // gaussian (x + level * n), masking (x -> 0 where u < level), salt_pepper (x -> low if
+  // u < level/2, high if level/2 <= u < level). Element i always uses counter i.
+  m.def("corrupt(Tensor input, int seed, str kind, float level, float low, float high) -> Tensor");
+  // z = mu + exp(logvar/2) * eps(seed); the backward regenerates eps from the seed.
+  m.def("reparameterize(Tensor mu, Tensor logvar, int seed) -> Tensor");
+  // grad_logvar = grad * exp(logvar/2) * eps(seed) / 2 (grad_mu is grad itself).
+  m.def("reparameterize_backward(Tensor grad, Tensor logvar, int seed) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -202,13 +202,21 @@ def _reduce(loss, reduction):
     raise ValueError(f"aefast: unknown reduction {reduction!r}")
 
 
+def _weighted_by_sum(loss, weight, reduction):
+    # torch's weighted mse_loss / l1_loss: the weighted mean is normalised by sum(weight).
+    if weight is None:
+        return _reduce(loss, reduction)
+    if reduction == "mean":
+        return (loss * weight).sum() / weight.sum()
+    return _reduce(loss * weight, reduction)
+
+
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
-    loss = (input - target) ** 2
-    return _reduce(loss * weight if weight is not None else loss, reduction)
+    return _weighted_by_sum((input - target) ** 2, weight, reduction)
 
 
-def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
-    return _reduce((input - target).abs(), reduction)
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    return _weighted_by_sum((input - target).abs(), weight, reduction)
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
@@ -227,13 +235,14 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
                                      reduction="mean", pos_weight=None):
-    # -[pw*t*log σ(x) + (1-t)*log(1-σ(x))], with log σ(x) = -softplus(-x) written stably.
-    softplus_neg = torch.clamp(-input, min=0) + torch.log1p(torch.exp(-input.abs()))
+    # -[pw*t*log σ(x) + (1-t)*log(1-σ(x))] = (1-t)*x - (1 + (pw-1)*t) * log σ(x). F.logsigmoid is
+    # stable for large |x| and, unlike a clamp/abs formulation, has the exact gradient at x = 0.
+    log_sig = F.logsigmoid(input)
     if pos_weight is None:
-        loss = (1 - target) * input + softplus_neg
+        loss = (1 - target) * input - log_sig
     else:
         log_weight = 1 + (pos_weight - 1) * target
-        loss = (1 - target) * input + log_weight * softplus_neg
+        loss = (1 - target) * input - log_weight * log_sig
     return _reduce(loss * weight if weight is not None else loss, reduction)
 
 

@@ -1,0 +1,139 @@
+"""Reconstruction loss forward+backward: aefast's fused kernels against eager PyTorch and
+torch.compile of the same composition, for every kind and reduction, on N x 1 x 28 x 28
+(N=256, MNIST-like) and N x 3 x 128 x 128 (N=32). Reports the median time, the speedup, the
+peak memory and its ratio, and GB/s of the minimum traffic against the machine's copy rate.
+
+    python bench/bench_recon_loss.py [--device cuda] [--quick] [--no-compile] [--out DIR]
+
+Minimum traffic of a fused forward+backward (what any implementation must move): read input
+and target, write the input gradient; reduction none also writes the loss and reads the
+incoming gradient; per_sample reads one incoming value per sample (negligible).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import CPU_COPY_GBPS, Row, median_time, peak_memory_bytes, ratio_table, write_results  # noqa: E402
+
+import aefast  # noqa: E402
+import aefast.functional as AF  # noqa: E402
+
+KINDS = ("mse", "l1", "huber", "bce", "bce_logits")
+REDUCTIONS = ("mean", "sum", "none", "per_sample")
+TORCH_FN = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss, "bce": F.binary_cross_entropy,
+            "bce_logits": F.binary_cross_entropy_with_logits}
+
+
+def eager_loss(kind, reduction):
+    fn = TORCH_FN[kind]
+
+    def loss(x, t):
+        if reduction == "per_sample":
+            return fn(x, t, reduction="none").reshape(x.shape[0], -1).mean(1)
+        return fn(x, t, reduction=reduction)
+
+    return loss
+
+
+def aefast_loss(kind, reduction):
+    return lambda x, t: AF.reconstruction_loss(x, t, kind, reduction)
+
+
+def make_inputs(kind, shape, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if kind == "bce":
+        x = torch.rand(shape, generator=g) * 0.98 + 0.01
+        t = torch.rand(shape, generator=g)
+    elif kind == "bce_logits":
+        x = torch.randn(shape, generator=g) * 3
+        t = torch.rand(shape, generator=g)
+    else:
+        x, t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return x.to(device, dtype).requires_grad_(), t.to(device, dtype)
+
+
+def min_bytes(x, reduction):
+    n = x.numel() * x.element_size()
+    return 3 * n + (2 * n if reduction == "none" else 0)
+
+
+def step_fn(loss_fn, x, t, grad_out):
+    def step():
+        loss = loss_fn(x, t)
+        return torch.autograd.grad(loss, x, grad_out(loss))
+
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
+    p.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run in seconds")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--reductions", default=",".join(REDUCTIONS))
+    p.add_argument("--out", default=None, help="output directory (default bench/out or $AEFAST_BENCH_OUT)")
+    args = p.parse_args(argv)
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    shapes = [(4, 1, 8, 8), (2, 3, 16, 16)] if args.quick else [(256, 1, 28, 28), (32, 3, 128, 128)]
+    use_compile = not (args.quick or args.no_compile)
+    repeats = 3 if args.quick else 25
+    rows: list[Row] = []
+    for shape in shapes:
+        for kind in args.kinds.split(","):
+            for reduction in args.reductions.split(","):
+                x, t = make_inputs(kind, shape, device, dtype)
+                ones = {}
+
+                def grad_out(loss):  # a preallocated incoming gradient, the same for every variant
+                    key = tuple(loss.shape)
+                    if key not in ones:
+                        ones[key] = torch.ones_like(loss)
+                    return ones[key]
+
+                variants = {"eager": eager_loss(kind, reduction), "aefast": aefast_loss(kind, reduction)}
+                if use_compile:
+                    variants["compile"] = torch.compile(eager_loss(kind, reduction), dynamic=False)
+                case = f"{kind}/{reduction} {'x'.join(map(str, shape))}"
+                nbytes = min_bytes(x, reduction)
+                for name, fn in variants.items():
+                    step = step_fn(fn, x, t, grad_out)
+                    step()  # compile / warm up
+                    seconds = median_time(step, device, warmup=2, repeats=repeats)
+                    peak = peak_memory_bytes(step, device)
+                    rows.append(Row(case, name, seconds, peak, bytes_moved=nbytes))
+                # correctness guard: the benchmark compares equal results
+                a = torch.autograd.grad(variants["aefast"](x, t).sum(), x)[0]
+                b = torch.autograd.grad(variants["eager"](x, t).sum(), x)[0]
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+                print(f"{case}: " + ", ".join(f"{r.variant} {1e3 * r.seconds:.3f} ms" for r in rows[-len(variants):]),
+                      flush=True)
+    fallbacks = aefast.info()["fallbacks"]
+    table = ratio_table(rows, "eager", peak_gbps=CPU_COPY_GBPS if device == "cpu" else None)
+    summary = [f"threads: {torch.get_num_threads()}, dtype: {args.dtype}, fallbacks: {fallbacks or 'none'}"]
+    for shape in shapes:
+        key = f"mse/mean {'x'.join(map(str, shape))}"
+        e = next(r for r in rows if r.case == key and r.variant == "eager") if any(r.case == key for r in rows) else None
+        a = next((r for r in rows if r.case == key and r.variant == "aefast"), None)
+        if e and a:
+            summary.append(f"acceptance 5 ({key}): aefast fwd+bwd is {e.seconds / a.seconds:.2f}x eager "
+                           f"F.mse_loss + backward")
+    table = "\n".join(summary) + "\n\n" + table
+    out = write_results("bench_recon_loss" + ("_quick" if args.quick else ""), rows, device, table, args.out)
+    print(table)
+    print(f"results in {out}")
+    if fallbacks:
+        print("WARNING: reference fallbacks happened during the benchmark:", fallbacks)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+// CPU kernels of the recon_loss family: fused losses (value + gradient in one pass), the
+// backward scale, KL divergence, denoising corruption and the VAE reparameterisation.
+//
+// Determinism: every reduction is blocked on FIXED chunk boundaries (kChunk elements of one
+// row), each chunk is summed into 8 lanes in a fixed order and folded by a fixed tree, and
+// the chunk partials are summed serially in chunk order. The result therefore does not
+// depend on the number of threads or on how at::parallel_for splits the range.
+// Vectorisation: the hot loops are plain loops over contiguous arrays with the kind and the
+// weight/gradient switches as template parameters, so gcc -O3 vectorises mse/l1/huber (AVX2
+// when built for it; SSE2 baseline otherwise). Half types are widened to float per element.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "aefast/philox.h"
+#include "aefast/recon_loss.h"
+#include "aefast/recon_loss_host.h"
+
+namespace aefast {
+namespace {
+
+constexpr int64_t kGrainElems = 32768;     // below this, one thread (parallel overhead dominates)
+
+struct LossPointers {
+  const void *x, *t, *w, *pw;
+  void *loss, *gx, *gt;
+};
+
+}  // namespace
+
+// The loss kernels are compiled twice from one source: for the portable baseline (SSE2) and
+// for AVX2+FMA, chosen at run time by what the CPU supports (no -march=native, no AVX-512).
+namespace base {
+#include "recon_loss_kernels.inc"
+}  // namespace base
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "recon_loss_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+namespace {
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const at::Tensor& input_, const at::Tensor& target_,
+                                                             const std::optional<at::Tensor>& weight_,
+                                                             const std::optional<at::Tensor>& pos_weight_, int kind,
+                                                             int reduction, double delta, bool grad_input,
+                                                             bool grad_target) {
+  check_same(input_, target_, "target");
+  const at::Tensor input = input_.contiguous(), target = target_.contiguous();
+  at::Tensor weight, pos_weight;
+  if (weight_.has_value()) {
+    check_same(input_, *weight_, "weight");
+    weight = weight_->contiguous();
+  }
+  if (pos_weight_.has_value()) {
+    TORCH_CHECK(kind == kBceLogits, "aefast: pos_weight is only for bce_logits");
+    check_same(input_, *pos_weight_, "pos_weight");
+    pos_weight = pos_weight_->contiguous();
+  }
+  const LossPlan plan = plan_loss(input, reduction, kind == kKl);
+  at::Tensor out = reduced_output(input, plan);
+  at::Tensor gx = grad_buffer(input, grad_input);
+  const bool own_gt = loss_kind_has_own_target_grad(kind) && grad_target;
+  at::Tensor gt = grad_buffer(input, own_gt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "aefast_recon_loss_cpu", [&] {
+    LossPointers ptr{input.const_data_ptr(),
+                     target.const_data_ptr(),
+                     weight.defined() ? weight.const_data_ptr() : nullptr,
+                     pos_weight.defined() ? pos_weight.const_data_ptr() : nullptr,
+                     reduction == kNone ? out.mutable_data_ptr() : nullptr,
+                     grad_input ? gx.mutable_data_ptr() : nullptr,
+                     own_gt ? gt.mutable_data_ptr() : nullptr};
+    if (cpu_has_avx2())
+      avx2::dispatch_loss<scalar_t>(kind, weight.defined(), grad_input, ptr, plan, delta, out);
+    else
+      base::dispatch_loss<scalar_t>(kind, weight.defined(), grad_input, ptr, plan, delta, out);
+  });
+  return {out, gx, gt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recon_loss_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& pos_weight,
+                                                               c10::string_view kind, c10::string_view reduction,
+                                                               double delta, bool grad_input, bool grad_target) {
+  return loss_forward(input, target, weight, pos_weight, parse_loss_kind(kind), parse_reduction(reduction), delta,
+                      grad_input, grad_target);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                                  c10::string_view reduction, bool grad) {
+  return loss_forward(mu, logvar, std::nullopt, std::nullopt, kKl, parse_reduction(reduction), 0.0, grad, grad);
+}
+
+// Backward of every loss op: grad = alpha * saved * grad_output, grad_output broadcast as a
+// scalar (mean/sum), per row (per_sample) or elementwise (none).
+at::Tensor loss_grad_scale_cpu(const at::Tensor& grad_output_, const at::Tensor& saved_, double alpha) {
+  TORCH_CHECK(grad_output_.scalar_type() == saved_.scalar_type(), "aefast::loss_grad_scale: dtypes differ");
+  const int mode = grad_scale_mode(grad_output_, saved_);
+  const at::Tensor g = grad_output_.contiguous(), saved = saved_.contiguous();
+  at::Tensor out = at::empty(saved.sizes(), saved.options());
+  const int64_t numel = saved.numel();
+  if (numel == 0) return out;
+  const int64_t rows = mode == 1 ? saved.size(0) : 1;
+  const int64_t cols = numel / rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "aefast_loss_grad_scale_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* s = saved.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t a = static_cast<acc_t>(alpha);
+    at::parallel_for(0, numel, kGrainElems, [&](int64_t b, int64_t e) {
+      if (mode == 2) {
+        for (int64_t i = b; i < e; ++i)
+          o[i] = static_cast<scalar_t>(a * static_cast<acc_t>(s[i]) * static_cast<acc_t>(gp[i]));
+        return;
+      }
+      // Walk [b, e) row by row so the inner loop has a constant factor (vectorises).
+      for (int64_t i = b; i < e;) {
+        const int64_t r = i / cols;
+        const int64_t stop = std::min(e, (r + 1) * cols);
+        const acc_t f = a * static_cast<acc_t>(gp[mode == 1 ? r : 0]);
+        for (int64_t k = i; k < stop; ++k) o[k] = static_cast<scalar_t>(f * static_cast<acc_t>(s[k]));
+        i = stop;
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- noise
+// Element i of a call draws Philox(seed, counter = i) (aefast/philox.h), the same stream as
+// the Triton kernels' tl.rand / tl.randn(seed, i): uniforms agree bit for bit across
+// backends, normals up to the last bits of logf/cosf.
+//   gaussian:    y = x + level * n_i
+//   masking:     y = u_i < level ? 0 : x
+//   salt_pepper: y = u_i < level/2 ? low : (u_i < level ? high : x)   (given u < level, u/level
+//                is uniform, so "below half of it" is a fair coin; one draw per element)
+// The backward of masking and salt_pepper is masking of the gradient with the same seed.
+
+at::Tensor corrupt_cpu(const at::Tensor& input_, int64_t seed, c10::string_view kind_s, double level, double low,
+                       double high) {
+  const int kind = parse_corruption(kind_s);
+  const at::Tensor input = input_.contiguous();
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  const int64_t numel = input.numel();
+  const uint64_t key = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "aefast_corrupt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const float lv = static_cast<float>(level), half = static_cast<float>(level * 0.5);
+    const scalar_t lo = static_cast<scalar_t>(low), hi = static_cast<scalar_t>(high);
+    at::parallel_for(0, numel, kGrainElems / 4, [&](int64_t b, int64_t e) {
+      if (kind == 0) {
+        const acc_t a = static_cast<acc_t>(level);
+        for (int64_t i = b; i < e; ++i)
+          y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + a * static_cast<acc_t>(philox_normal_at(key, i)));
+      } else if (kind == 1) {
+        for (int64_t i = b; i < e; ++i) y[i] = philox_uniform_at(key, i) < lv ? scalar_t(0) : x[i];
+      } else {
+        for (int64_t i = b; i < e; ++i) {
+          const float u = philox_uniform_at(key, i);
+          y[i] = u < half ? lo : (u < lv ? hi : x[i]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// z = mu + exp(logvar / 2) * eps_i,   eps_i = normal(seed, i)
+at::Tensor reparameterize_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, int64_t seed) {
+  check_same(mu_, logvar_, "logvar");
+  const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
+  at::Tensor z = at::empty(mu.sizes(), mu.options());
+  const uint64_t key = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "aefast_reparameterize_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* m = mu.const_data_ptr<scalar_t>();
+    const scalar_t* lv = logvar.const_data_ptr<scalar_t>();
+    scalar_t* o = z.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), kGrainElems / 4, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t eps = static_cast<acc_t>(philox_normal_at(key, i));
+        o[i] = static_cast<scalar_t>(static_cast<acc_t>(m[i]) + std::exp(acc_t(0.5) * static_cast<acc_t>(lv[i])) * eps);
+      }
+    });
+  });
+  return z;
+}
+
+// d z / d logvar = exp(logvar / 2) * eps / 2, with eps regenerated from the seed (nothing saved).
+at::Tensor reparameterize_backward_cpu(const at::Tensor& grad_, const at::Tensor& logvar_, int64_t seed) {
+  check_same(logvar_, grad_, "grad");
+  const at::Tensor grad = grad_.contiguous(), logvar = logvar_.contiguous();
+  at::Tensor out = at::empty(logvar.sizes(), logvar.options());
+  const uint64_t key = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logvar.scalar_type(), "aefast_reparam_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* lv = logvar.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, logvar.numel(), kGrainElems / 4, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const acc_t eps = static_cast<acc_t>(philox_normal_at(key, i));
+        o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * acc_t(0.5) *
+                                     std::exp(acc_t(0.5) * static_cast<acc_t>(lv[i])) * eps);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("recon_loss", &recon_loss_cpu);
+  m.impl("loss_grad_scale", &loss_grad_scale_cpu);
+  m.impl("kl_divergence", &kl_divergence_cpu);
+  m.impl("corrupt", &corrupt_cpu);
+  m.impl("reparameterize", &reparameterize_cpu);
+  m.impl("reparameterize_backward", &reparameterize_backward_cpu);
+}
+
+}  // namespace aefast

@@ -1,0 +1,93 @@
+#pragma once
+// Host-side planning of the recon_loss family, shared by the CPU and CUDA entry points:
+// argument parsing, the (rows x cols) view of the data, and the reduction's scales.
+#include <ATen/ATen.h>
+
+#include <string_view>
+
+#include "aefast/recon_loss.h"
+
+namespace aefast {
+
+enum LossReduction : int { kNone = 0, kMean = 1, kSum = 2, kPerSample = 3 };
+
+inline int parse_loss_kind(std::string_view kind) {
+  if (kind == "mse") return kMse;
+  if (kind == "l1") return kL1;
+  if (kind == "huber") return kHuber;
+  if (kind == "bce") return kBce;
+  if (kind == "bce_logits") return kBceLogits;
+  TORCH_CHECK(false, "aefast::recon_loss: unknown kind '", std::string(kind), "'");
+}
+
+inline int parse_reduction(std::string_view reduction) {
+  if (reduction == "none") return kNone;
+  if (reduction == "mean") return kMean;
+  if (reduction == "sum") return kSum;
+  if (reduction == "per_sample") return kPerSample;
+  TORCH_CHECK(false, "aefast: unknown reduction '", std::string(reduction), "'");
+}
+
+// The data is viewed as rows x cols (row-major, contiguous). per_sample reduces each row
+// (rows = batch); mean/sum reduce one row of every element; none reduces nothing.
+// out[r] = out_scale * sum_c l[r, c]; saved gradient = grad_scale * dl/dx.
+struct LossPlan {
+  int reduction;
+  int64_t rows, cols;
+  double out_scale, grad_scale;
+};
+
+inline LossPlan plan_loss(const at::Tensor& input, int reduction, bool kl) {
+  LossPlan p{reduction, 1, input.numel(), 1.0, 1.0};
+  const int64_t batch = input.dim() > 0 ? input.size(0) : 1;
+  if (reduction == kPerSample) {
+    TORCH_CHECK(input.dim() >= 1, "aefast: reduction per_sample needs a batch dim");
+    p.rows = batch;
+    p.cols = batch == 0 ? 0 : input.numel() / batch;
+    // recon_loss: mean over each sample's elements; kl: sum over latent dims.
+    p.out_scale = p.grad_scale = kl ? 1.0 : 1.0 / static_cast<double>(p.cols);
+  } else if (reduction == kMean) {
+    // recon_loss: mean of all elements; kl: per-sample sums averaged over the batch.
+    // 1/0 = inf makes an empty mean NaN (0 * inf), as torch's mean of an empty tensor.
+    const double count = kl ? static_cast<double>(batch) : static_cast<double>(input.numel());
+    p.out_scale = p.grad_scale = 1.0 / count;
+  }
+  return p;
+}
+
+inline at::Tensor reduced_output(const at::Tensor& input, const LossPlan& p) {
+  if (p.reduction == kNone) return at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.reduction == kPerSample) return at::empty({p.rows}, input.options());
+  return at::empty({}, input.options());
+}
+
+inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "aefast: ", what, " must have the input's shape ", a.sizes(), ", got ",
+              b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "aefast: ", what, " must have the input's dtype");
+  TORCH_CHECK(a.device() == b.device(), "aefast: ", what, " must be on the input's device");
+}
+
+inline at::Tensor grad_buffer(const at::Tensor& input, bool wanted) {
+  return wanted ? at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous))
+                : at::empty({0}, input.options());
+}
+
+// How grad_output broadcasts over saved in loss_grad_scale: 0 scalar, 1 per row, 2 elementwise.
+inline int grad_scale_mode(const at::Tensor& grad_output, const at::Tensor& saved) {
+  if (grad_output.sizes() == saved.sizes()) return 2;
+  if (grad_output.dim() == 0) return 0;
+  TORCH_CHECK(grad_output.dim() == 1 && saved.dim() >= 1 && grad_output.size(0) == saved.size(0),
+              "aefast::loss_grad_scale: grad_output of shape ", grad_output.sizes(),
+              " is neither a scalar, one value per row, nor the shape of ", saved.sizes());
+  return 1;
+}
+
+inline int parse_corruption(std::string_view kind) {
+  if (kind == "gaussian") return 0;
+  if (kind == "masking") return 1;
+  if (kind == "salt_pepper") return 2;
+  TORCH_CHECK(false, "aefast::corrupt: unknown kind '", std::string(kind), "'");
+}
+
+}  // namespace aefast
