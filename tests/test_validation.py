@@ -117,7 +117,7 @@ CASES = {
                                     "must equal input size"),
     "reconstruction_loss: bce needs probabilities": (lambda: AF.reconstruction_loss(x4(2, 3) + 3, torch.rand(2, 3),
                                                                                     kind="bce"),
-                                                     ValueError, "probabilities"),
+                                                     ValueError, "bce_logits.*between 0 and 1"),
     # ---- corruption and VAE terms
     "corrupt: kind": (lambda: AF.corrupt(x4(3), "dropout"), ValueError, "unknown corruption"),
     "corrupt: level": (lambda: AF.corrupt(x4(3), "masking", 1.5), ValueError, r"in \[0, 1\]"),
