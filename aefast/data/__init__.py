@@ -152,8 +152,8 @@ def _texture(rng, size):
         phase = rng.uniform(0, 2 * np.pi)
         img += 0.5 * np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
     img = 0.5 + 0.12 * img / 2 + 0.08 * (_smooth_noise(rng, size, 4) - 0.5)
-    img += rng.normal(0, 0.02, (size, size)).astype(np.float32)
-    return img
+    img += rng.normal(0, 0.02, (size, size))
+    return img.astype(np.float32)
 
 
 def _segment_distance(yy, xx, p0, p1):
@@ -191,10 +191,10 @@ def _defect_mask(rng, size, kind):
 def _paint_defect(rng, img, kind):
     """Paints one defect on a (H, W) image in [0, 1]; returns the defect's pixel mask."""
     mask = _defect_mask(rng, img.shape[-1], kind)
-    if kind == "crack":
-        value = rng.uniform(0.0, 0.1)           # cracks are dark
-    else:
-        value = rng.choice([rng.uniform(0.0, 0.1), rng.uniform(0.9, 1.0)])  # dark or bright
+    # Contrast against what lies underneath: bright on dark regions (digit background), dark on
+    # bright ones, so that a defect is always visible.
+    bright = img[mask].mean() < 0.5 if kind != "crack" else img[mask].mean() < 0.25
+    value = rng.uniform(0.85, 1.0) if bright else rng.uniform(0.0, 0.1)
     img[mask] = value
     return mask
 
@@ -230,7 +230,7 @@ def make_textures(n_train: int = 1000, n_test: int = 400, size: int = 32, defect
     n_train, n_test = _check_count("n_train", n_train), _check_count("n_test", n_test)
     size = _check_count("size", size, minimum=8)
     rng = np.random.default_rng(_check_seed(seed))
-    clean = np.stack([_texture(rng, size) for _ in range(n_train + n_test)])[:, None].clip(0, 1)
+    clean = np.stack([_texture(rng, size) for _ in range(n_train + n_test)])[:, None].clip(0, 1).astype(np.float32)
     train = Split(torch.from_numpy(clean[:n_train].copy()), torch.zeros(n_train, dtype=torch.int64),
                   torch.zeros(n_train, 1, size, size))
     test_imgs, labels, masks = add_defects(torch.from_numpy(clean[n_train:].copy()), defect_fraction, kinds,
