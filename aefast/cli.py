@@ -371,33 +371,11 @@ def _cmd_segment(args) -> int:
 
 # ================================================================ reduce
 
-def fit_linear_pca(model, images, max_iter=500):
-    """Full-batch L-BFGS on the fused MSE: converges to the principal subspace far more tightly than
-    minibatch Adam, whose noise leaves the directions with a small eigengap unresolved."""
-    import torch
-
-    x = images.flatten(1)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)
-
-    def closure():
-        opt.zero_grad()
-        loss = model.training_loss(x)
-        loss.backward()
-        return loss
-
-    model.train()
-    opt.step(closure)
-    model.eval()
-    with torch.no_grad():
-        return float(model.training_loss(x))
-
-
 def _cmd_reduce(args) -> int:
     import numpy as np
 
     from aefast import _plots
-    from aefast.tasks import codes, compare_with_pca
+    from aefast.tasks import codes, compare_with_pca, fit_linear_autoencoder
 
     _setup(args)
     if args.model in SEGMENTATION_MODELS:
@@ -409,7 +387,7 @@ def _cmd_reduce(args) -> int:
         model, kwargs = _build_model(args.model, ds, args)
         print(f"aefast reduce: {args.model} {kwargs} on {args.data} ({len(ds.train)} train images)")
         if args.model == "linear":
-            loss = fit_linear_pca(model, ds.train.images.to(args.device))
+            loss = fit_linear_autoencoder(model, ds.train.images.to(args.device))
             print(f"full-batch L-BFGS: train MSE {loss:.6f}")
         else:
             res = _train(args, ds, model, kwargs)

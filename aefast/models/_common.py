@@ -150,16 +150,20 @@ def default_indices(z: torch.Tensor, size, pool_size: int, index_format: str = "
     return (rows * size[1] + cols).expand(n, c, h, w).contiguous()
 
 
-def code_from_tensor(model, z, sizes, pool_size, index_format, depth, channels):
-    """A ConvCode for a bare latent map (sizes: the pre-pool size of every stage for this input size)."""
-    if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != channels:
-        raise ValueError(f"{_where(model)}: a bare code must be (N, {channels}, h, w), got "
+def code_from_tensor(model, z, sizes, pool_size, index_format, channels):
+    """A ConvCode for a bare latent map. ``sizes``: the pre-pool size of every stage for this input
+    size; ``channels``: every stage's output channels (the decoder stage that undoes stage s takes a
+    map of channels[s] channels and stage s's pooled size)."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != channels[-1]:
+        raise ValueError(f"{_where(model)}: a bare code must be (N, {channels[-1]}, h, w), got "
                          f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-    indices, cur = [], z
-    for s in reversed(sizes):
-        indices.append(default_indices(cur, s, pool_size, index_format))
-        cur = cur.new_empty(cur.shape[0], 1, *s)
-    return ConvCode(z, tuple(reversed(indices)), tuple(sizes))
+    pooled = [(h // pool_size, w // pool_size) for h, w in sizes]
+    if tuple(z.shape[-2:]) != pooled[-1]:
+        raise ValueError(f"{_where(model)}: a code of spatial size {tuple(z.shape[-2:])} does not come from an "
+                         f"input of size {sizes[0]} (expected {pooled[-1]})")
+    indices = tuple(default_indices(z.new_empty(z.shape[0], c, *p), s, pool_size, index_format)
+                    for c, p, s in zip(channels, pooled, sizes))
+    return ConvCode(z, indices, tuple(sizes))
 
 
 def stage_sizes(hw, depth, pool_size):

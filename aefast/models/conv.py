@@ -34,7 +34,7 @@ class _PoolingEncoderMixin:
             hw = input_size or tuple(s * self.pool_size ** len(self.channels) for s in code.shape[-2:])
             sizes, _ = stage_sizes(hw, len(self.channels), self.pool_size)
             return code_from_tensor(type(self).__name__, code, sizes, self.pool_size, self.index_format,
-                                    len(self.channels), self.channels[-1])
+                                    self.channels)
         return check_code(type(self).__name__, code, ConvCode)
 
     def _unpool_decode(self, code: ConvCode):

@@ -324,8 +324,8 @@ class ConvAutoencoder(nn.Module):
         if isinstance(code, torch.Tensor):
             hw = input_size or tuple(s * self.pool_size ** len(self.channels) for s in code.shape[-2:])
             sizes, _ = stage_sizes(hw, len(self.channels), self.pool_size)
-            code = code_from_tensor(type(self).__name__, code, sizes, self.pool_size, "flat", len(self.channels),
-                                    self.channels[-1])
+            code = code_from_tensor(type(self).__name__, code, sizes, self.pool_size, "flat",
+                                    self.channels)
         check_code(type(self).__name__, code, ConvCode)
         indices = _flat_indices(code.indices, self.pool_size, code.sizes)
         y = code.z
