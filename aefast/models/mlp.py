@@ -194,7 +194,7 @@ class StackedDenoisingAutoencoder(_FlatAutoencoder):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(h)
+                    total += float(loss.detach()) * len(h)
                 losses.append(total / len(clean))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             history.append(losses)

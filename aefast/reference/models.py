@@ -237,7 +237,7 @@ class StackedDenoisingAutoencoder(_FlatAutoencoder):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(h)
+                    total += float(loss.detach()) * len(h)
                 losses.append(total / len(clean))
             history.append(losses)
         self.train(was_training)
