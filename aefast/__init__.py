@@ -13,3 +13,12 @@ from aefast._info import info  # noqa: E402
 from aefast.optimize import optimize  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "optimize", "reference", "set_backend"]
+
+
+def __getattr__(name):
+    # The model family, data sets and tasks load on first use (they pull in numpy/sklearn).
+    if name in ("models", "data", "tasks"):
+        import importlib
+
+        return importlib.import_module(f"aefast.{name}")
+    raise AttributeError(f"module 'aefast' has no attribute {name!r}")
