@@ -117,3 +117,20 @@ def unpool_output_size(in_hw: tuple[int, int], kernel, stride, padding, output_s
                              f"strictly between {tuple(d - s for d, s in zip(default, stride))} and "
                              f"{tuple(d + s for d, s in zip(default, stride))}")
     return size
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None outside autocast."""
+    kind = device.type if device.type in ("cpu", "cuda") else None
+    if kind is None or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_cast(dtype: torch.dtype | None, *tensors):
+    """Casts the floating tensors to ``dtype`` (None: unchanged), as autocast does for an op on
+    its lower-precision or fp32 list."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+                 for t in tensors)
