@@ -54,122 +54,95 @@ Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int
   return s;
 }
 
-// Pooled rows per strip so that the strip's colsT and conv tile stay near L2 size.
-int64_t strip_rows(const Shape& s, int64_t bytes_per_value) {
-  const int64_t per_row = s.PKH * s.WU() * (s.K() + s.Cout) * bytes_per_value;
-  return std::clamp<int64_t>((512 * 1024) / std::max<int64_t>(per_row, 1), 1, s.HO);
+namespace generic {
+#include "conv_pool_kernels.inc"
+}  // namespace generic
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "conv_pool_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// AVX2+FMA when the CPU has them (decided once), the baseline build otherwise: no -march=native.
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
 }
 
-// colsT[(r - r0) * WU + c][(ci*KH + ki)*KW + kj] = x[ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside),
-// for conv rows r in [r0, r1) and conv cols c in [0, WU).
+template <typename T>
+void axpy(T* y, const T* x, T a, int64_t n) {
+  if (use_avx2())
+    avx2::axpy<T>(y, x, a, n);
+  else
+    generic::axpy<T>(y, x, a, n);
+}
+
+// The kernels read the input channels-last: the Cin values of one pixel are contiguous, so one
+// kernel row of a receptive field, x[n, y, x0:x0+KW, :], is one contiguous run of KW*Cin values.
+// Patches and weight rows are ordered k = (ki*KW + kj)*Cin + ci to match.
+//
+// colsT[(r - r0)*WU + c][k] = x[n, ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside), for the conv rows r in
+// [r0, r1) and the conv cols c in [0, WU) of a strip.
 template <typename scalar_t, typename acc_t>
-void im2col_strip(const scalar_t* x, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
-  const int64_t K = s.K(), WU = s.WU();
+void im2col_strip(const scalar_t* xl, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
+  const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
   for (int64_t r = r0; r < r1; ++r) {
-    acc_t* row = colsT + (r - r0) * WU * K;
-    for (int64_t ci = 0; ci < s.Cin; ++ci) {
+    for (int64_t c = 0; c < WU; ++c) {
+      acc_t* row = colsT + ((r - r0) * WU + c) * K;
+      const int64_t x0 = c * s.SW - s.PW;
+      const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
       for (int64_t ki = 0; ki < s.KH; ++ki) {
+        acc_t* dst = row + ki * run;
         const int64_t y = r * s.SH - s.PH + ki;
-        const int64_t kbase = (ci * s.KH + ki) * s.KW;
-        if (y < 0 || y >= s.H) {
-          for (int64_t c = 0; c < WU; ++c)
-            for (int64_t kj = 0; kj < s.KW; ++kj) row[c * K + kbase + kj] = acc_t(0);
+        if (y < 0 || y >= s.H || kj1 <= kj0) {
+          std::fill(dst, dst + run, acc_t(0));
           continue;
         }
-        const scalar_t* xrow = x + (ci * s.H + y) * s.W;
-        for (int64_t c = 0; c < WU; ++c) {
-          const int64_t x0 = c * s.SW - s.PW;
-          acc_t* dst = row + c * K + kbase;
-          for (int64_t kj = 0; kj < s.KW; ++kj) {
-            const int64_t xx = x0 + kj;
-            dst[kj] = (xx >= 0 && xx < s.W) ? acc_t(xrow[xx]) : acc_t(0);
-          }
-        }
+        std::fill(dst, dst + kj0 * s.Cin, acc_t(0));
+        const scalar_t* src = xl + (y * s.W + x0 + kj0) * s.Cin;
+        const int64_t len = (kj1 - kj0) * s.Cin;
+        for (int64_t e = 0; e < len; ++e) dst[kj0 * s.Cin + e] = static_cast<acc_t>(src[e]);
+        std::fill(dst + kj1 * s.Cin, dst + run, acc_t(0));
       }
     }
   }
 }
 
-// The adjoint of im2col_strip: gx[ci, y, x] += gcolsT[...] for every in-bounds tap.
-template <typename acc_t>
-void col2im_strip(const acc_t* gcolsT, const Shape& s, int64_t r0, int64_t r1, acc_t* gx) {
-  const int64_t K = s.K(), WU = s.WU();
-  for (int64_t r = r0; r < r1; ++r) {
-    const acc_t* row = gcolsT + (r - r0) * WU * K;
-    for (int64_t ci = 0; ci < s.Cin; ++ci) {
-      for (int64_t ki = 0; ki < s.KH; ++ki) {
-        const int64_t y = r * s.SH - s.PH + ki;
-        if (y < 0 || y >= s.H) continue;
-        const int64_t kbase = (ci * s.KH + ki) * s.KW;
-        acc_t* gxrow = gx + (ci * s.H + y) * s.W;
-        for (int64_t c = 0; c < WU; ++c) {
-          const int64_t x0 = c * s.SW - s.PW;
-          const acc_t* src = row + c * K + kbase;
-          for (int64_t kj = 0; kj < s.KW; ++kj) {
-            const int64_t xx = x0 + kj;
-            if (xx >= 0 && xx < s.W) gxrow[xx] += src[kj];
-          }
-        }
-      }
-    }
-  }
-}
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
 
-// The fused epilogue of one strip of pooled rows [pr0, pr1) of image n. tile is the strip's
-// conv output without bias, (positions, Cout) row-major. Each value is rounded to scalar_t as
-// the eager composition rounds it (conv output, then activation output), so that the argmax
-// compares the same numbers as torch's max_pool2d over act(conv2d(...)).
-template <int ACT, typename scalar_t, typename acc_t>
-void epilogue_strip(const acc_t* tile, const acc_t* bias, const Shape& s, int64_t n, int64_t pr0, int64_t pr1,
-                    acc_t slope, scalar_t* pooled, uint8_t* window, scalar_t* preact, acc_t* best, acc_t* bestz,
-                    uint8_t* bestk) {
-  const int64_t Cout = s.Cout, WU = s.WU(), plane = s.HO * s.WO;
-  for (int64_t pr = pr0; pr < pr1; ++pr) {
-    for (int64_t pc = 0; pc < s.WO; ++pc) {
-      for (int64_t co = 0; co < Cout; ++co) {
-        best[co] = -std::numeric_limits<acc_t>::infinity();
-        bestk[co] = 0;
-        bestz[co] = acc_t(0);
-      }
-      for (int64_t i = 0; i < s.PKH; ++i) {
-        for (int64_t j = 0; j < s.PKW; ++j) {
-          const int64_t pos = ((pr - pr0) * s.PKH + i) * WU + pc * s.PKW + j;
-          const acc_t* v = tile + pos * Cout;
-          const uint8_t k = static_cast<uint8_t>(i * s.PKW + j);
-          for (int64_t co = 0; co < Cout; ++co) {
-            const acc_t z = static_cast<acc_t>(static_cast<scalar_t>(v[co] + bias[co]));
-            const acc_t a = static_cast<acc_t>(static_cast<scalar_t>(activate<acc_t>(z, ACT, slope)));
-            const bool take = pool_takes(a, best[co]);
-            best[co] = take ? a : best[co];
-            bestz[co] = take ? z : bestz[co];
-            bestk[co] = take ? k : bestk[co];
-          }
-        }
-      }
-      const int64_t out = (n * Cout) * plane + pr * s.WO + pc;
-      for (int64_t co = 0; co < Cout; ++co) {
-        pooled[out + co * plane] = static_cast<scalar_t>(best[co]);
-        window[out + co * plane] = bestk[co];
-        preact[out + co * plane] = static_cast<scalar_t>(bestz[co]);
-      }
-    }
+template <typename T>
+using GemmFn = void (*)(const T*, int64_t, int64_t, const T*, const T*, int64_t, T*);
+
+template <typename T>
+GemmFn<T> pick_gemm() {
+  if constexpr (std::is_same_v<T, float>) {
+    return use_avx2() ? &avx2::gemm_strip<float, f32x8> : &generic::gemm_strip<float, f32x8>;
+  } else {
+    return use_avx2() ? &avx2::gemm_strip<double, f64x4> : &generic::gemm_strip<double, f64x4>;
   }
 }
 
 template <typename scalar_t, typename acc_t>
 using EpilogueFn = void (*)(const acc_t*, const acc_t*, const Shape&, int64_t, int64_t, int64_t, acc_t, scalar_t*,
-                            uint8_t*, scalar_t*, acc_t*, acc_t*, uint8_t*);
+                            uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
+
+template <typename scalar_t, typename acc_t, int ACT>
+EpilogueFn<scalar_t, acc_t> pick_isa() {
+  return use_avx2() ? &avx2::epilogue_strip<ACT, scalar_t, acc_t> : &generic::epilogue_strip<ACT, scalar_t, acc_t>;
+}
 
 template <typename scalar_t, typename acc_t>
 EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act) {
   switch (act) {
-    case 0: return &epilogue_strip<0, scalar_t, acc_t>;
-    case 1: return &epilogue_strip<1, scalar_t, acc_t>;
-    case 2: return &epilogue_strip<2, scalar_t, acc_t>;
-    case 3: return &epilogue_strip<3, scalar_t, acc_t>;
-    case 4: return &epilogue_strip<4, scalar_t, acc_t>;
-    case 5: return &epilogue_strip<5, scalar_t, acc_t>;
-    default: return &epilogue_strip<6, scalar_t, acc_t>;
+    case 0: return pick_isa<scalar_t, acc_t, 0>();
+    case 1: return pick_isa<scalar_t, acc_t, 1>();
+    case 2: return pick_isa<scalar_t, acc_t, 2>();
+    case 3: return pick_isa<scalar_t, acc_t, 3>();
+    case 4: return pick_isa<scalar_t, acc_t, 4>();
+    case 5: return pick_isa<scalar_t, acc_t, 5>();
+    default: return pick_isa<scalar_t, acc_t, 6>();
   }
 }
 
@@ -184,6 +157,11 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight) {
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "aefast::conv_pool2d: input and weight dtypes differ");
 }
 
+// w (Cout, Cin, KH, KW) -> (Cout, K) in the accumulation type, k = (ki*KW + kj)*Cin + ci.
+at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc_dtype) {
+  return weight.permute({0, 2, 3, 1}).to(acc_dtype).contiguous().view({weight.size(0), -1});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
@@ -192,46 +170,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   check_activation(activation);
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
-  const at::Tensor x = input.contiguous();
   at::Tensor pooled = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
   at::Tensor window = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
   at::Tensor preact = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
+  const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t K = s.K();
-    // w^T (K, Cout) in the accumulation type: the GEMM's right operand.
-    const at::Tensor wt = weight.reshape({s.Cout, K}).to(acc_dtype).t();
+    const at::Tensor wt = weight_rows(weight, acc_dtype).t();  // (K, Cout): the GEMM's right operand
     at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
                               ? bias_opt->to(acc_dtype).contiguous()
                               : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
     const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
-    const int64_t rows = strip_rows(s, sizeof(acc_t));
+    // B = w^T (K, Cout) and its packed copy (Cout / NR, K, NR) for the register-blocked GEMM.
+    constexpr int64_t NR = 2 * (32 / sizeof(acc_t));
+    const at::Tensor B = wt.contiguous();
+    const int64_t nb = s.Cout / NR;
+    const at::Tensor Bp = B.narrow(1, 0, nb * NR).reshape({K, nb, NR}).permute({1, 0, 2}).contiguous();
+    const acc_t* B_p = B.const_data_ptr<acc_t>();
+    const acc_t* Bp_p = Bp.const_data_ptr<acc_t>();
+    const auto gemm = pick_gemm<acc_t>();
+    // One task per (image, strip of pooled rows), each strip's patches and conv tile sized for
+    // L2; the GEMM is our own (calling BLAS from inside at::parallel_for was measured 5x slower).
+    const int64_t per_row = s.PKH * s.WU() * (K + s.Cout) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t rows = std::clamp<int64_t>((256 << 10) / std::max<int64_t>(per_row, 1), 1, s.HO);
     const int64_t strips = (s.HO + rows - 1) / rows;
     const int64_t max_pos = rows * s.PKH * s.WU();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xl.const_data_ptr<scalar_t>();
     scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
     uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
     const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
     const acc_t slope = static_cast<acc_t>(negative_slope);
     at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor cols = at::empty({max_pos, K}, input.options().dtype(acc_dtype));
-      at::Tensor tile = at::empty({max_pos, s.Cout}, input.options().dtype(acc_dtype));
-      std::vector<acc_t> best(s.Cout), bestz(s.Cout);
-      std::vector<uint8_t> bestk(s.Cout);
+      std::vector<acc_t> cols(max_pos * K), tile(max_pos * s.Cout), best(s.Cout), bestz(s.Cout);
+      std::vector<int32_t> bestk(s.Cout);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / strips, pr0 = (task % strips) * rows;
         const int64_t pr1 = std::min(pr0 + rows, s.HO);
         const int64_t npos = (pr1 - pr0) * s.PKH * s.WU();
-        im2col_strip<scalar_t, acc_t>(xp + n * s.Cin * s.H * s.W, s, pr0 * s.PKH, pr1 * s.PKH,
-                                      cols.mutable_data_ptr<acc_t>());
-        at::Tensor t = tile.narrow(0, 0, npos);
-        at::mm_out(t, cols.narrow(0, 0, npos), wt);
-        epilogue(t.const_data_ptr<acc_t>(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p,
-                 best.data(), bestz.data(), bestk.data());
+        im2col_strip<scalar_t, acc_t>(xp + n * s.Cin * s.H * s.W, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        gemm(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
+        epilogue(tile.data(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
+                 bestz.data(), bestk.data());
       }
     });
   });
@@ -240,16 +224,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
 
 // The conv output's gradient at the argmax of pooled element j:
 //   gz[j] = grad_pooled[j] * act'(z[j]),   and 0 at every other conv position.
-// So with pos(j) the conv position of the argmax,
-//   grad_b[co]        = sum_{n,i,j} gz
-//   grad_w[co, k]     = sum_{n,i,j} gz * colsT[pos, k]          (one axpy of length K per nonzero)
-//   gcolsT[pos, k]   += gz * w[co, k];  grad_x = col2im(gcolsT)  (one axpy of length K per nonzero)
-// which is 1/(PKH*PKW) of the dense backward's MACs, fewer where gz is 0 (relu).
+// With (h, w) the conv position of that argmax and x0 = w*SW - PW:
+//   grad_b[co]                      = sum_{n,i,j} gz
+//   grad_w[co, ki, kj0:kj1, :]     += gz * x[n, h*SH-PH+ki, x0+kj0 : x0+kj1, :]   (channels-last run)
+//   grad_x[n, h*SH-PH+ki, x0+kj0 : x0+kj1, :] += gz * w[co, ki, kj0:kj1, :]
+// for every kernel row ki inside the input (kj0..kj1 clips the run to the input). That is one
+// axpy of KW*Cin per nonzero and kernel row: 1/(PKH*PKW) of the dense backward's MACs, fewer
+// where gz is 0 (relu), and no im2col or col2im at all.
 template <typename scalar_t, typename acc_t>
 void conv_grad_at_argmax(const scalar_t* grad, const scalar_t* preact, int64_t count, int64_t act, acc_t slope,
                          acc_t* gz) {
   for (int64_t j = 0; j < count; ++j)
     gz[j] = static_cast<acc_t>(grad[j]) * activation_grad<acc_t>(static_cast<acc_t>(preact[j]), act, slope);
+}
+
+// Calls f(x_offset_of_run, k_offset_of_run, run_length) for each kernel row of the receptive
+// field of conv position (h, w) that lies inside the input; offsets count channels-last values.
+template <typename F>
+inline void for_each_kernel_row(const Shape& s, int64_t h, int64_t w, F f) {
+  const int64_t x0 = w * s.SW - s.PW;
+  const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
+  if (kj1 <= kj0) return;
+  const int64_t len = (kj1 - kj0) * s.Cin;
+  for (int64_t ki = 0; ki < s.KH; ++ki) {
+    const int64_t y = h * s.SH - s.PH + ki;
+    if (y < 0 || y >= s.H) continue;
+    f((y * s.W + x0 + kj0) * s.Cin, (ki * s.KW + kj0) * s.Cin, len);
+  }
 }
 
 void check_backward_args(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact) {
@@ -266,7 +267,8 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
                                           c10::IntArrayRef pool_size) {
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
-  TORCH_CHECK(input_size.size() == 2, "aefast::conv_pool2d_backward_input: input_size needs two entries");
+  TORCH_CHECK(input_size.size() == 2 && weight.dim() == 4, "aefast::conv_pool2d_backward_input: bad arguments");
+  TORCH_CHECK(weight.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_input: dtypes differ");
   const Shape s = make_shape(grad_pooled.size(0), weight.size(1), input_size[0], input_size[1], weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
   TORCH_CHECK(grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
@@ -278,45 +280,39 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_input_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = s.K(), WU = s.WU(), plane = s.HO * s.WO;
-    const at::Tensor wacc = weight.reshape({s.Cout, K}).to(acc_dtype).contiguous();
-    const acc_t* wp = wacc.const_data_ptr<acc_t>();
-    const int64_t rows = strip_rows(s, sizeof(acc_t));
-    const int64_t max_pos = rows * s.PKH * WU;
+    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
+    const at::Tensor wrows = weight_rows(weight, acc_dtype);
+    const acc_t* wp = wrows.const_data_ptr<acc_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
     scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
     const acc_t slope = static_cast<acc_t>(negative_slope);
-    const int64_t image = s.Cin * s.H * s.W;
-    // Images are independent (their col2im regions do not overlap), so each thread owns whole images.
+    // Each thread owns whole images: their gradients do not overlap.
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gcols(max_pos * K), gx(image), gz(s.Cout * plane);
+      std::vector<acc_t> gx(image), gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
         conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
                                              activation, slope, gz.data());
         const uint8_t* kn = kp + n * s.Cout * plane;
-        std::fill(gx.begin(), gx.end(), acc_t(0));
-        for (int64_t pr0 = 0; pr0 < s.HO; pr0 += rows) {
-          const int64_t pr1 = std::min(pr0 + rows, s.HO);
-          std::fill(gcols.begin(), gcols.begin() + (pr1 - pr0) * s.PKH * WU * K, acc_t(0));
-          for (int64_t co = 0; co < s.Cout; ++co) {
-            const acc_t* wrow = wp + co * K;
-            for (int64_t pr = pr0; pr < pr1; ++pr) {
-              for (int64_t pc = 0; pc < s.WO; ++pc) {
-                const int64_t j = co * plane + pr * s.WO + pc;
-                const acc_t gj = gz[j];
-                if (gj == acc_t(0)) continue;
-                const int64_t i = kn[j] / s.PKW, jj = kn[j] % s.PKW;
-                acc_t* dst = gcols.data() + (((pr - pr0) * s.PKH + i) * WU + pc * s.PKW + jj) * K;
-                for (int64_t k = 0; k < K; ++k) dst[k] += gj * wrow[k];
-              }
+        std::fill(gx.begin(), gx.end(), acc_t(0));  // channels-last (H, W, Cin)
+        for (int64_t co = 0; co < s.Cout; ++co) {
+          const acc_t* wrow = wp + co * K;
+          for (int64_t pr = 0; pr < s.HO; ++pr) {
+            for (int64_t pc = 0; pc < s.WO; ++pc) {
+              const int64_t j = co * plane + pr * s.WO + pc;
+              const acc_t gj = gz[j];
+              if (gj == acc_t(0)) continue;
+              const int64_t h = pr * s.PKH + kn[j] / s.PKW, w = pc * s.PKW + kn[j] % s.PKW;
+              for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
+                axpy<acc_t>(gx.data() + xo, wrow + ko, gj, len);
+              });
             }
           }
-          col2im_strip<acc_t>(gcols.data(), s, pr0 * s.PKH, pr1 * s.PKH, gx.data());
         }
         scalar_t* dst = out + n * image;
-        for (int64_t e = 0; e < image; ++e) dst[e] = static_cast<scalar_t>(gx[e]);
+        for (int64_t ci = 0; ci < s.Cin; ++ci)
+          for (int64_t e = 0; e < s.H * s.W; ++e) dst[ci * s.H * s.W + e] = static_cast<scalar_t>(gx[e * s.Cin + ci]);
       }
     });
   });
@@ -336,19 +332,19 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
               "aefast::conv_pool2d_backward_weight: grad shape does not match the conv geometry");
   const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
-  const at::Tensor x = input.contiguous();
   at::Tensor grad_weight, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_weight_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = s.K(), WU = s.WU(), plane = s.HO * s.WO;
-    const int64_t rows = strip_rows(s, sizeof(acc_t));
-    const int64_t max_pos = rows * s.PKH * WU;
+    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
+    // Channels-last input in the accumulation type (half types are widened once, here).
+    const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast).to(acc_dtype)
+                              .contiguous(at::MemoryFormat::ChannelsLast);
+    const acc_t* xp = xl.const_data_ptr<acc_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const acc_t slope = static_cast<acc_t>(negative_slope);
     // One partial (grad_w, grad_b) per thread, summed at the end.
     const int64_t threads = at::get_num_threads();
@@ -361,32 +357,28 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
         gw.assign(s.Cout * K, acc_t(0));
         gb.assign(s.Cout, acc_t(0));
       }
-      std::vector<acc_t> cols(max_pos * K), gz(s.Cout * plane);
+      std::vector<acc_t> gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
         conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
                                              activation, slope, gz.data());
         const uint8_t* kn = kp + n * s.Cout * plane;
+        const acc_t* xn = xp + n * image;
         for (int64_t co = 0; co < s.Cout; ++co) {
+          acc_t* dst = gw.data() + co * K;
           acc_t sum = 0;
-          for (int64_t j = 0; j < plane; ++j) sum += gz[co * plane + j];
-          gb[co] += sum;
-        }
-        for (int64_t pr0 = 0; pr0 < s.HO; pr0 += rows) {
-          const int64_t pr1 = std::min(pr0 + rows, s.HO);
-          im2col_strip<scalar_t, acc_t>(xp + n * s.Cin * s.H * s.W, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
-          for (int64_t co = 0; co < s.Cout; ++co) {
-            acc_t* dst = gw.data() + co * K;
-            for (int64_t pr = pr0; pr < pr1; ++pr) {
-              for (int64_t pc = 0; pc < s.WO; ++pc) {
-                const int64_t j = co * plane + pr * s.WO + pc;
-                const acc_t gj = gz[j];
-                if (gj == acc_t(0)) continue;
-                const int64_t i = kn[j] / s.PKW, jj = kn[j] % s.PKW;
-                const acc_t* src = cols.data() + (((pr - pr0) * s.PKH + i) * WU + pc * s.PKW + jj) * K;
-                for (int64_t k = 0; k < K; ++k) dst[k] += gj * src[k];
-              }
+          for (int64_t pr = 0; pr < s.HO; ++pr) {
+            for (int64_t pc = 0; pc < s.WO; ++pc) {
+              const int64_t j = co * plane + pr * s.WO + pc;
+              const acc_t gj = gz[j];
+              sum += gj;
+              if (gj == acc_t(0)) continue;
+              const int64_t h = pr * s.PKH + kn[j] / s.PKW, w = pc * s.PKW + kn[j] % s.PKW;
+              for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
+                axpy<acc_t>(dst + ko, xn + xo, gj, len);
+              });
             }
           }
+          gb[co] += sum;
         }
       }
     });
@@ -399,7 +391,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
       for (int64_t e = 0; e < s.Cout * K; ++e) gwp[e] += part_w[t][e];
       for (int64_t e = 0; e < s.Cout; ++e) gbp[e] += part_b[t][e];
     }
-    grad_weight = gw_acc.view({s.Cout, s.Cin, s.KH, s.KW}).to(input.scalar_type());
+    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW)
+    grad_weight = gw_acc.view({s.Cout, s.KH, s.KW, s.Cin}).permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
     grad_bias = gb_acc.to(input.scalar_type());
   });
   return {grad_weight, grad_bias};
