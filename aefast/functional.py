@@ -141,7 +141,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if any(s == 0 for s in input.shape[-3:]):
         raise ValueError(f"aefast: max_pool2d needs non-empty channel and spatial dims, got shape {tuple(input.shape)}")
     geo = _checks.pool_geometry(input.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
-    backend = choose("max_pool2d", input.device, lambda b: _max_pool2d_unsupported(b, input))
+    backend = choose("max_pool2d_forward", input.device, lambda b: _max_pool2d_unsupported(b, input))
     if backend == "reference":
         return ref.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     squeeze = input.dim() == 3
@@ -239,7 +239,7 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
         raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
     if index_format == "window" and k_pool[0] * k_pool[1] > 255:
         raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
-    backend = choose("conv_pool2d", input.device)
+    backend = choose("conv_pool2d_forward", input.device)
     if backend == "reference":
         return ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
                                negative_slope=negative_slope)

@@ -71,8 +71,10 @@ bool use_avx2() {
 }
 
 template <typename T>
-void axpy(T* y, const T* x, T a, int64_t n) {
-  if (use_avx2())
+inline void axpy(T* y, const T* x, T a, int64_t n) {
+  if (n <= 8) {  // short runs (Cin = 1 or 3): a call would cost more than the work
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  } else if (use_avx2())
     avx2::axpy<T>(y, x, a, n);
   else
     generic::axpy<T>(y, x, a, n);
