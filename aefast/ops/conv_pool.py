@@ -136,6 +136,8 @@ _registry.register_fake("max_pool2d_backward", _fake_max_pool2d_backward)
 def _setup_forward(ctx, inputs, output):
     input, weight, bias, stride, padding, activation, negative_slope, pool_size = inputs
     _, window, preact = output
+    # window and preact are the backward's own bookkeeping, not values to differentiate.
+    ctx.mark_non_differentiable(window, preact)
     ctx.geometry = (list(stride), list(padding), activation, negative_slope, list(pool_size))
     ctx.input_size = list(input.shape[-2:])
     ctx.kernel_size = list(weight.shape[-2:])
@@ -170,6 +172,7 @@ def _make_forward_backward(ns):
 def _setup_max_pool2d(ctx, inputs, output):
     input = inputs[0]
     _, indices = output
+    ctx.mark_non_differentiable(indices)
     ctx.save_for_backward(indices, input)
 
 

@@ -21,6 +21,8 @@ Under TRITON_INTERPRET=1 these run on CPU tensors (the tests do that on small sh
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -180,6 +182,13 @@ def _conv_pool_bwd_kernel(g_ptr, win_ptr, pre_ptr, x_ptr, w_ptr, gx_ptr, gw_ptr,
             tl.atomic_add(gx_ptr + addr, gz[:, None] * wv[None, :], mask=m)
 
 
+# The interpreter runs each block as numpy arrays, so larger blocks mean fewer Python-level
+# steps; on a GPU the smaller ones keep the (BLOCK_P, BLOCK_K, BLOCK_C) product in registers.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FWD_BLOCKS = (64, 32, 64) if _INTERPRET else (32, 16, 16)
+_BWD_BLOCKS = (64, 64) if _INTERPRET else (32, 16)
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -209,7 +218,7 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
     if pooled.numel() == 0:
         return pooled, window, preact
     b = bias.contiguous() if bias is not None else w  # never read without HAS_BIAS
-    block_p, block_c, block_k = 32, 16, 16
+    block_p, block_c, block_k = _FWD_BLOCKS
     grid = (triton.cdiv(n * ho * wo, block_p), triton.cdiv(cout, block_c))
     _conv_pool_fwd_kernel[grid](x, w, b, pooled, window, preact, n, cin, h, wd, cout, ho, wo, stride[0], stride[1],
                                 padding[0], padding[1], _slope(negative_slope, x), KH=kh, KW=kw, PKH=pool_size[0],
@@ -228,7 +237,7 @@ def _backward(grad, window, preact, x, w, input_size, kernel_size, cin, stride, 
     gw = torch.zeros((cout, cin, kh, kw), dtype=acc, device=grad.device) if wgrad else None
     gb = torch.zeros((cout,), dtype=acc, device=grad.device) if wgrad else None
     if grad.numel():
-        block_j, block_k = 32, 16
+        block_j, block_k = _BWD_BLOCKS
         dummy = gx if gx is not None else gw
         grid = (n * cout, triton.cdiv(ho * wo, block_j))
         _conv_pool_bwd_kernel[grid](grad.contiguous(), window.contiguous(), preact.contiguous(),
