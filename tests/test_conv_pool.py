@@ -77,7 +77,6 @@ def check_indices(idx, ridx, x, w, b, stride, padding, act, slope):
     gap = (ours - theirs).abs() / theirs.abs().clamp_min(1.0)
     assert gap.max() <= NEAR_TIE[x.dtype], (
         f"indices differ at {differ.nonzero()[:5].tolist()} with value gaps {gap[:5].tolist()}")
-    assert int(differ.sum()) <= max(2, differ.numel() // 20), f"{int(differ.sum())} near ties of {differ.numel()}"
 
 
 def check_case(x, w, b, stride, padding, act, pool, *, slope=0.01, grad_tol=None):
