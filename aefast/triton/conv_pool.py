@@ -33,7 +33,7 @@ from aefast.ops.conv_pool import conv_output_size, pool_output_size
 @triton.jit
 def _activate(z, ACT: tl.constexpr, slope):
     if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # NaN passes through, as torch.relu
     elif ACT == 2:
         z = tl.where(z >= 0, z, z * slope)
     elif ACT == 3:

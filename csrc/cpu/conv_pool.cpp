@@ -233,12 +233,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
 // for every kernel row ki inside the input (kj0..kj1 clips the run to the input). That is one
 // axpy of KW*Cin per nonzero and kernel row: 1/(PKH*PKW) of the dense backward's MACs, fewer
 // where gz is 0 (relu), and no im2col or col2im at all.
+template <int ACT, typename scalar_t, typename acc_t>
+void conv_grad_at_argmax_ct(const scalar_t* grad, const scalar_t* preact, int64_t count, acc_t slope, acc_t* gz) {
+  for (int64_t j = 0; j < count; ++j)
+    gz[j] = static_cast<acc_t>(grad[j]) * activation_grad_ct<ACT, acc_t>(static_cast<acc_t>(preact[j]), slope);
+}
+
 template <typename scalar_t, typename acc_t>
 void conv_grad_at_argmax(const scalar_t* grad, const scalar_t* preact, int64_t count, int64_t act, acc_t slope,
                          acc_t* gz) {
-  for (int64_t j = 0; j < count; ++j)
-    gz[j] = static_cast<acc_t>(grad[j]) * activation_grad<acc_t>(static_cast<acc_t>(preact[j]), act, slope);
+  switch (act) {
+    case 0: return conv_grad_at_argmax_ct<0>(grad, preact, count, slope, gz);
+    case 1: return conv_grad_at_argmax_ct<1>(grad, preact, count, slope, gz);
+    case 2: return conv_grad_at_argmax_ct<2>(grad, preact, count, slope, gz);
+    case 3: return conv_grad_at_argmax_ct<3>(grad, preact, count, slope, gz);
+    case 4: return conv_grad_at_argmax_ct<4>(grad, preact, count, slope, gz);
+    case 5: return conv_grad_at_argmax_ct<5>(grad, preact, count, slope, gz);
+    default: return conv_grad_at_argmax_ct<6>(grad, preact, count, slope, gz);
+  }
 }
+
+// Row and column of each window offset inside its window: integer division by the runtime
+// pool width per nonzero was measured to cost more than the axpys for small Cin.
+struct WindowTable {
+  int32_t di[256], dj[256];
+  explicit WindowTable(const Shape& s) {
+    for (int64_t k = 0; k < s.PKH * s.PKW; ++k) {
+      di[k] = static_cast<int32_t>(k / s.PKW);
+      dj[k] = static_cast<int32_t>(k % s.PKW);
+    }
+  }
+};
 
 // Calls f(x_offset_of_run, k_offset_of_run, run_length) for each kernel row of the receptive
 // field of conv position (h, w) that lies inside the input; offsets count channels-last values.
@@ -290,6 +315,7 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
     scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
     const acc_t slope = static_cast<acc_t>(negative_slope);
+    const WindowTable table(s);
     // Each thread owns whole images: their gradients do not overlap.
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> gx(image), gz(s.Cout * plane);
@@ -305,7 +331,7 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
               const int64_t j = co * plane + pr * s.WO + pc;
               const acc_t gj = gz[j];
               if (gj == acc_t(0)) continue;
-              const int64_t h = pr * s.PKH + kn[j] / s.PKW, w = pc * s.PKW + kn[j] % s.PKW;
+              const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
               for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
                 axpy<acc_t>(gx.data() + xo, wrow + ko, gj, len);
               });
@@ -348,6 +374,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
     const acc_t slope = static_cast<acc_t>(negative_slope);
+    const WindowTable table(s);
     // One partial (grad_w, grad_b) per thread, summed at the end.
     const int64_t threads = at::get_num_threads();
     std::vector<std::vector<acc_t>> part_w(threads), part_b(threads);
@@ -374,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
               const acc_t gj = gz[j];
               sum += gj;
               if (gj == acc_t(0)) continue;
-              const int64_t h = pr * s.PKH + kn[j] / s.PKW, w = pc * s.PKW + kn[j] % s.PKW;
+              const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
               for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
                 axpy<acc_t>(dst + ko, xn + xo, gj, len);
               });

@@ -19,13 +19,35 @@ template <typename T>
 AEFAST_HD T activate(T z, int act, T slope) {
   using std::erf; using std::exp; using std::tanh;
   switch (act) {
-    case 1: return z > T(0) ? z : T(0);
+    case 1: return z < T(0) ? T(0) : z;  // NaN passes through, as torch.relu
     case 2: return z >= T(0) ? z : z * slope;
     case 3: return T(1) / (T(1) + exp(-z));
     case 4: return tanh(z);
     case 5: return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
     case 6: return z / (T(1) + exp(-z));
     default: return z;
+  }
+}
+
+// activate() with the activation fixed at compile time, so that the fused epilogue loops inline
+// it and vectorise (a runtime switch around erf/exp/tanh blocks both).
+template <int ACT, typename T>
+AEFAST_HD T activate_ct(T z, T slope) {
+  using std::erf; using std::exp; using std::tanh;
+  if constexpr (ACT == 1) {
+    return z < T(0) ? T(0) : z;  // NaN passes through, as torch.relu
+  } else if constexpr (ACT == 2) {
+    return z >= T(0) ? z : z * slope;
+  } else if constexpr (ACT == 3) {
+    return T(1) / (T(1) + exp(-z));
+  } else if constexpr (ACT == 4) {
+    return tanh(z);
+  } else if constexpr (ACT == 5) {
+    return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
+  } else if constexpr (ACT == 6) {
+    return z / (T(1) + exp(-z));
+  } else {
+    return z;
   }
 }
 
@@ -56,6 +78,21 @@ AEFAST_HD T activation_grad(T z, int act, T slope) {
       return s * (T(1) + z * (T(1) - s));
     }
     default: return T(1);
+  }
+}
+
+// activation_grad() with the activation fixed at compile time.
+template <int ACT, typename T>
+AEFAST_HD T activation_grad_ct(T z, T slope) {
+  using std::erf; using std::exp; using std::tanh;
+  if constexpr (ACT == 0) {
+    return T(1);
+  } else if constexpr (ACT == 1) {
+    return z > T(0) ? T(1) : T(0);
+  } else if constexpr (ACT == 2) {
+    return z >= T(0) ? T(1) : slope;
+  } else {
+    return activation_grad<T>(z, ACT, slope);
   }
 }
 
