@@ -149,9 +149,23 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     check_tensor(input, "input", dtypes=REAL_DTYPES, dims=(3, 4))
     if any(s == 0 for s in input.shape[-3:]):
         raise ValueError(f"aefast: max_pool2d needs non-empty channel and spatial dims, got shape {tuple(input.shape)}")
-    _checks.pool_geometry(input.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
-    choose("max_pool2d", input.device, lambda b: "no kernel for this op yet")
-    return ref.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    geo = _checks.pool_geometry(input.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
+    backend = choose("max_pool2d_forward", input.device, lambda b: _max_pool2d_unsupported(b, input))
+    if backend == "reference":
+        return ref.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    squeeze = input.dim() == 3
+    x = input.unsqueeze(0) if squeeze else input
+    out, idx = _registry.op(backend, "max_pool2d_forward")(x, list(geo.kernel_size), list(geo.stride),
+                                                           list(geo.padding), list(geo.dilation), bool(ceil_mode))
+    if squeeze:
+        out, idx = out.squeeze(0), idx.squeeze(0)
+    return (out, idx) if return_indices else out
+
+
+def _max_pool2d_unsupported(backend, input):
+    if backend != "cpu" and not input.dtype.is_floating_point:  # the CPU kernel covers every real dtype
+        return f"{backend} max_pool2d kernels cover floating dtypes only, got {str(input.dtype).replace('torch.', '')}"
+    return None
 
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
@@ -252,9 +266,21 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
         raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
     if index_format == "window" and k_pool[0] * k_pool[1] > 255:
         raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
-    choose("conv_pool2d", input.device, lambda b: "no kernel for this op yet")
-    return ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
-                           negative_slope=negative_slope)
+    backend = choose("conv_pool2d_forward", input.device)
+    if backend == "reference":
+        return ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
+                               negative_slope=negative_slope)
+    from aefast.ops.conv_pool import ACTIVATION_CODES
+
+    pooled, window, _ = _registry.op(backend, "conv_pool2d_forward")(
+        input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool))
+    if not return_indices:
+        return pooled
+    if index_format == "window":
+        return pooled, window
+    # The kernels write compact window offsets; torch's flat indices follow from the geometry.
+    flat = _registry.op(backend, "window_to_flat")(window, list(conv_hw), list(k_pool), list(k_pool), [0, 0], [1, 1])
+    return pooled, flat
 
 
 def _backend_name(device):

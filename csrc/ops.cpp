@@ -22,6 +22,24 @@ TORCH_LIBRARY(aefast, m) {
         "int[2] padding, int[2] dilation) -> Tensor");
 
   // ---- conv_pool (encoder) ----
+  // activation: 0 none, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh, 5 gelu, 6 silu
+  // (csrc/include/aefast/conv_pool.h). Pools are non-overlapping (stride = pool_size, no
+  // padding, floor mode). The forward writes only pooled-size tensors: the pooled map, the
+  // uint8 window offset of each maximum and the conv output (pre-activation) at that maximum,
+  // which is all the backward needs.
+  m.def("conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int activation, float negative_slope, int[2] pool_size) -> (Tensor pooled, Tensor window, Tensor preact)");
+  // Sparse backward: the conv output's gradient is nonzero only at the argmax of each window.
+  m.def("conv_pool2d_backward_input(Tensor grad_pooled, Tensor window, Tensor preact, Tensor weight, "
+        "int[2] input_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
+        "int[2] pool_size) -> Tensor");
+  m.def("conv_pool2d_backward_weight(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
+        "int[2] pool_size) -> (Tensor grad_weight, Tensor grad_bias)");
+  // The drop-in max_pool2d (4-D input, any memory format; flat int64 indices as torch's).
+  m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
 
   // ---- unpool_deconv (decoder) ----
   // Fused act(conv_transpose2d(max_unpool2d(input, indices, pool_size, unpooled_size), weight, bias,

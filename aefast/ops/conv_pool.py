@@ -1,0 +1,188 @@
+"""conv_pool family: the fused encoder block and the drop-in max_pool2d.
+
+Ops (schemas in csrc/ops.cpp):
+
+* ``conv_pool2d_forward(x, w, b, stride, padding, act, slope, pool) -> (pooled, window, preact)``:
+  ``pooled = maxpool(act(z))`` with ``z = conv2d(x, w, b)``; ``window`` is the uint8 row-major
+  offset of each window's first maximum and ``preact`` is z at that maximum. All three are
+  pooled-size: nothing at conv resolution is kept for the backward.
+* ``conv_pool2d_backward_input`` / ``conv_pool2d_backward_weight``: the gradient formula.
+  The pool routes each pooled gradient to one conv position, so with
+  ``gz = grad_pooled * act'(preact)`` (pooled-size) and ``pos`` the conv position named by
+  ``window``::
+
+      dL/dz[n, co, pos]  = gz[n, co, i, j]            (zero at every other conv position)
+      grad_b[co]         = sum_{n,i,j} gz
+      grad_w[co,ci,u,v]  = sum_{n,i,j} gz * x[n, ci, pos_h*SH - PH + u, pos_w*SW - PW + v]
+      grad_x[n,ci,y,x]   = sum_{co,i,j,u,v : pos*S - P + (u,v) = (y,x)} gz * w[co,ci,u,v]
+
+  which is 1/(pool_h*pool_w) of the dense backward's multiply-adds.
+* ``max_pool2d_forward`` / ``max_pool2d_backward``: torch's max_pool2d with indices and its
+  scatter-add backward.
+
+Each op has a fake function and an autograd formula here, registered for the ``aefast`` op and
+its ``aefast_triton`` twin; the backward of a backend runs on the same backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from aefast.ops import _registry
+
+ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "gelu": 5, "silu": 6}
+
+
+def conv_output_size(in_hw, kernel_hw, stride, padding):
+    return tuple((in_hw[a] + 2 * padding[a] - kernel_hw[a]) // stride[a] + 1 for a in range(2))
+
+
+# ---------------------------------------------------------------- Triton twins
+
+def _triton_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size):
+    from aefast.triton import conv_pool as kernels
+
+    return kernels.conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size)
+
+
+def _triton_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
+                           pool_size):
+    from aefast.triton import conv_pool as kernels
+
+    return kernels.conv_pool2d_backward_input(grad, window, preact, weight, input_size, stride, padding, activation,
+                                              negative_slope, pool_size)
+
+
+def _triton_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
+                            pool_size):
+    from aefast.triton import conv_pool as kernels
+
+    return kernels.conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation,
+                                               negative_slope, pool_size)
+
+
+def _triton_max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+    from aefast.triton import conv_pool as kernels
+
+    return kernels.max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _triton_max_pool2d_backward(grad_output, indices, input):
+    from aefast.triton import conv_pool as kernels
+
+    return kernels.max_pool2d_backward(grad_output, indices, input)
+
+
+_registry.register_triton("conv_pool2d_forward", _triton_forward)
+_registry.register_triton("conv_pool2d_backward_input", _triton_backward_input)
+_registry.register_triton("conv_pool2d_backward_weight", _triton_backward_weight)
+_registry.register_triton("max_pool2d_forward", _triton_max_pool2d_forward)
+_registry.register_triton("max_pool2d_backward", _triton_max_pool2d_backward)
+
+
+# ---------------------------------------------------------------- fake functions
+
+def _fake_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size):
+    hc, wc = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
+    shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
+    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(shape))
+
+
+def _fake_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
+                         pool_size):
+    return grad.new_empty((grad.shape[0], weight.shape[1], *input_size))
+
+
+def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
+                          pool_size):
+    return (grad.new_empty((grad.shape[1], input.shape[1], *kernel_size)), grad.new_empty((grad.shape[1],)))
+
+
+def _memory_format(t):
+    return torch.channels_last if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+                                   and not t.is_contiguous()) else torch.contiguous_format
+
+
+def pool_output_size(size, k, s, p, d, ceil_mode):
+    span = d * (k - 1) + 1
+    out = (size + 2 * p - span + ((s - 1) if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _fake_max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+    oh = pool_output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    ow = pool_output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    fmt = _memory_format(input)
+    shape = (input.shape[0], input.shape[1], oh, ow)
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt),
+            torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt))
+
+
+def _fake_max_pool2d_backward(grad_output, indices, input):
+    return torch.empty(input.shape, dtype=grad_output.dtype, device=grad_output.device,
+                       memory_format=_memory_format(input))
+
+
+_registry.register_fake("conv_pool2d_forward", _fake_forward)
+_registry.register_fake("conv_pool2d_backward_input", _fake_backward_input)
+_registry.register_fake("conv_pool2d_backward_weight", _fake_backward_weight)
+_registry.register_fake("max_pool2d_forward", _fake_max_pool2d_forward)
+_registry.register_fake("max_pool2d_backward", _fake_max_pool2d_backward)
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_forward(ctx, inputs, output):
+    input, weight, bias, stride, padding, activation, negative_slope, pool_size = inputs
+    _, window, preact = output
+    # window and preact are the backward's own bookkeeping, not values to differentiate.
+    ctx.mark_non_differentiable(window, preact)
+    ctx.geometry = (list(stride), list(padding), activation, negative_slope, list(pool_size))
+    ctx.input_size = list(input.shape[-2:])
+    ctx.kernel_size = list(weight.shape[-2:])
+    ctx.has_bias = bias is not None
+    # Only pooled-size tensors (window, preact) plus the operands themselves are saved.
+    ctx.save_for_backward(input if ctx.needs_input_grad[1] else None,
+                          weight if ctx.needs_input_grad[0] else None, window, preact)
+
+
+def _make_forward_backward(ns):
+    def backward(ctx, grad_pooled, grad_window, grad_preact):
+        input, weight, window, preact = ctx.saved_tensors
+        stride, padding, activation, negative_slope, pool_size = ctx.geometry
+        grad_input = grad_weight = grad_bias = None
+        grad_pooled = grad_pooled.contiguous()
+        if ctx.needs_input_grad[0]:
+            grad_input = ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight, ctx.input_size, stride,
+                                                       padding, activation, negative_slope, pool_size)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad_weight, grad_bias = ns.conv_pool2d_backward_weight(grad_pooled, window, preact, input,
+                                                                    ctx.kernel_size, stride, padding, activation,
+                                                                    negative_slope, pool_size)
+            if not ctx.needs_input_grad[1]:
+                grad_weight = None
+            if not (ctx.has_bias and ctx.needs_input_grad[2]):
+                grad_bias = None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+    return backward
+
+
+def _setup_max_pool2d(ctx, inputs, output):
+    input = inputs[0]
+    _, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(indices, input)
+
+
+def _make_max_pool2d_backward(ns):
+    def backward(ctx, grad_output, grad_indices):
+        indices, input = ctx.saved_tensors
+        return ns.max_pool2d_backward(grad_output, indices, input), None, None, None, None, None
+
+    return backward
+
+
+_registry.register_autograd("conv_pool2d_forward", _make_forward_backward, _setup_forward)
+_registry.register_autograd("max_pool2d_forward", _make_max_pool2d_backward, _setup_max_pool2d)

@@ -1,0 +1,552 @@
+// CPU kernels of the conv_pool family: the fused encoder block conv -> bias -> activation ->
+// non-overlapping max-pool with argmax, its sparse backward, and the drop-in max_pool2d.
+//
+// Notation: x (N, Cin, H, W) input, w (Cout, Cin, KH, KW) weight, b bias, stride (SH, SW),
+// padding (PH, PW), pool (PKH, PKW) with stride = pool and floor mode. K = Cin*KH*KW.
+//   z[n,co,r,c]  = b[co] + sum_{ci,ki,kj} w[co,ci,ki,kj] * x[n,ci, r*SH-PH+ki, c*SW-PW+kj]  (0 outside)
+//   a            = act(z)
+//   p[n,co,i,j]  = max over the window (i*PKH.., j*PKW..) of a; o = row-major offset of the
+//                  first maximum (torch's rule: `val > max || isnan(val)` replaces it).
+// Only conv rows < HO*PKH and cols < WO*PKW feed a window, so only those are computed.
+//
+// Every tile of the conv output is a GEMM: colsT (positions, K) @ w^T (K, Cout), done by at::mm
+// on a cache-sized strip of pooled rows, followed in the same strip by the fused epilogue
+// (bias + activation + pool + argmax) over the (positions, Cout) tile, vectorised over Cout.
+// Nothing at conv resolution leaves the strip: the op writes the pooled map, the uint8 window
+// offsets and z at the argmax (pooled size), which is all the backward needs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "aefast/conv_pool.h"
+
+namespace aefast {
+namespace {
+
+struct Shape {
+  int64_t N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, PKH, PKW;
+  int64_t HC, WC;  // conv output
+  int64_t HO, WO;  // pooled output
+  int64_t K() const { return Cin * KH * KW; }
+  int64_t WU() const { return WO * PKW; }  // conv columns that feed a window
+};
+
+Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t KH, int64_t KW,
+                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef pool) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && pool.size() == 2,
+              "aefast::conv_pool2d: stride, padding and pool_size need two entries each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && pool[0] > 0 && pool[1] > 0,
+              "aefast::conv_pool2d: stride and pool_size must be positive and padding non-negative");
+  TORCH_CHECK(pool[0] * pool[1] <= 255, "aefast::conv_pool2d: a pool window may hold at most 255 elements");
+  Shape s{N, Cin, H, W, Cout, KH, KW, stride[0], stride[1], padding[0], padding[1], pool[0], pool[1], 0, 0, 0, 0};
+  s.HC = (H + 2 * s.PH - KH) / s.SH + 1;
+  s.WC = (W + 2 * s.PW - KW) / s.SW + 1;
+  TORCH_CHECK(H + 2 * s.PH >= KH && W + 2 * s.PW >= KW && s.HC >= s.PKH && s.WC >= s.PKW,
+              "aefast::conv_pool2d: the conv output is empty or smaller than the pool window");
+  s.HO = s.HC / s.PKH;
+  s.WO = s.WC / s.PKW;
+  return s;
+}
+
+namespace generic {
+#include "conv_pool_kernels.inc"
+}  // namespace generic
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "conv_pool_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// AVX2+FMA when the CPU has them (decided once), the baseline build otherwise: no -march=native.
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+template <typename T>
+inline void axpy(T* y, const T* x, T a, int64_t n) {
+  if (n <= 8) {  // short runs (Cin = 1 or 3): a call would cost more than the work
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  } else if (use_avx2())
+    avx2::axpy<T>(y, x, a, n);
+  else
+    generic::axpy<T>(y, x, a, n);
+}
+
+// The kernels read the input channels-last: the Cin values of one pixel are contiguous, so one
+// kernel row of a receptive field, x[n, y, x0:x0+KW, :], is one contiguous run of KW*Cin values.
+// Patches and weight rows are ordered k = (ki*KW + kj)*Cin + ci to match.
+//
+// colsT[(r - r0)*WU + c][k] = x[n, ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside), for the conv rows r in
+// [r0, r1) and the conv cols c in [0, WU) of a strip.
+template <typename scalar_t, typename acc_t>
+void im2col_strip(const scalar_t* xl, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
+  const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < WU; ++c) {
+      acc_t* row = colsT + ((r - r0) * WU + c) * K;
+      const int64_t x0 = c * s.SW - s.PW;
+      const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
+      for (int64_t ki = 0; ki < s.KH; ++ki) {
+        acc_t* dst = row + ki * run;
+        const int64_t y = r * s.SH - s.PH + ki;
+        if (y < 0 || y >= s.H || kj1 <= kj0) {
+          std::fill(dst, dst + run, acc_t(0));
+          continue;
+        }
+        std::fill(dst, dst + kj0 * s.Cin, acc_t(0));
+        const scalar_t* src = xl + (y * s.W + x0 + kj0) * s.Cin;
+        const int64_t len = (kj1 - kj0) * s.Cin;
+        for (int64_t e = 0; e < len; ++e) dst[kj0 * s.Cin + e] = static_cast<acc_t>(src[e]);
+        std::fill(dst + kj1 * s.Cin, dst + run, acc_t(0));
+      }
+    }
+  }
+}
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+
+template <typename T>
+using GemmFn = void (*)(const T*, int64_t, int64_t, const T*, const T*, int64_t, T*);
+
+template <typename T>
+GemmFn<T> pick_gemm() {
+  if constexpr (std::is_same_v<T, float>) {
+    return use_avx2() ? &avx2::gemm_strip<float, f32x8> : &generic::gemm_strip<float, f32x8>;
+  } else {
+    return use_avx2() ? &avx2::gemm_strip<double, f64x4> : &generic::gemm_strip<double, f64x4>;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+using EpilogueFn = void (*)(const acc_t*, const acc_t*, const Shape&, int64_t, int64_t, int64_t, acc_t, scalar_t*,
+                            uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
+
+template <typename scalar_t, typename acc_t, int ACT>
+EpilogueFn<scalar_t, acc_t> pick_isa() {
+  return use_avx2() ? &avx2::epilogue_strip<ACT, scalar_t, acc_t> : &generic::epilogue_strip<ACT, scalar_t, acc_t>;
+}
+
+template <typename scalar_t, typename acc_t>
+EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act) {
+  switch (act) {
+    case 0: return pick_isa<scalar_t, acc_t, 0>();
+    case 1: return pick_isa<scalar_t, acc_t, 1>();
+    case 2: return pick_isa<scalar_t, acc_t, 2>();
+    case 3: return pick_isa<scalar_t, acc_t, 3>();
+    case 4: return pick_isa<scalar_t, acc_t, 4>();
+    case 5: return pick_isa<scalar_t, acc_t, 5>();
+    default: return pick_isa<scalar_t, acc_t, 6>();
+  }
+}
+
+void check_activation(int64_t act) {
+  TORCH_CHECK(act >= 0 && act < kNumActivations, "aefast::conv_pool2d: unknown activation code ", act);
+}
+
+void check_conv_args(const at::Tensor& input, const at::Tensor& weight) {
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::conv_pool2d: input and weight must be 4-D");
+  TORCH_CHECK(input.size(1) == weight.size(1), "aefast::conv_pool2d: input has ", input.size(1),
+              " channels but weight expects ", weight.size(1));
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "aefast::conv_pool2d: input and weight dtypes differ");
+}
+
+// w (Cout, Cin, KH, KW) -> (Cout, K) in the accumulation type, k = (ki*KW + kj)*Cin + ci.
+at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc_dtype) {
+  return weight.permute({0, 2, 3, 1}).to(acc_dtype).contiguous().view({weight.size(0), -1});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
+    c10::IntArrayRef pool_size) {
+  check_conv_args(input, weight);
+  check_activation(activation);
+  const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
+                             weight.size(2), weight.size(3), stride, padding, pool_size);
+  at::Tensor pooled = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
+  at::Tensor window = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
+  at::Tensor preact = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
+  if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
+  const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t K = s.K();
+    const at::Tensor wt = weight_rows(weight, acc_dtype).t();  // (K, Cout): the GEMM's right operand
+    at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
+                              ? bias_opt->to(acc_dtype).contiguous()
+                              : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
+    const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
+    // B = w^T (K, Cout) and its packed copy (Cout / NR, K, NR) for the register-blocked GEMM.
+    constexpr int64_t NR = 2 * (32 / sizeof(acc_t));
+    const at::Tensor B = wt.contiguous();
+    const int64_t nb = s.Cout / NR;
+    const at::Tensor Bp = B.narrow(1, 0, nb * NR).reshape({K, nb, NR}).permute({1, 0, 2}).contiguous();
+    const acc_t* B_p = B.const_data_ptr<acc_t>();
+    const acc_t* Bp_p = Bp.const_data_ptr<acc_t>();
+    const auto gemm = pick_gemm<acc_t>();
+    // One task per (image, strip of pooled rows), each strip's patches and conv tile sized for
+    // L2; the GEMM is our own (calling BLAS from inside at::parallel_for was measured 5x slower).
+    const int64_t per_row = s.PKH * s.WU() * (K + s.Cout) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t rows = std::clamp<int64_t>((256 << 10) / std::max<int64_t>(per_row, 1), 1, s.HO);
+    const int64_t strips = (s.HO + rows - 1) / rows;
+    const int64_t max_pos = rows * s.PKH * s.WU();
+    const scalar_t* xp = xl.const_data_ptr<scalar_t>();
+    scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
+    uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
+    scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
+    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> cols(max_pos * K), tile(max_pos * s.Cout), best(s.Cout), bestz(s.Cout);
+      std::vector<int32_t> bestk(s.Cout);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / strips, pr0 = (task % strips) * rows;
+        const int64_t pr1 = std::min(pr0 + rows, s.HO);
+        const int64_t npos = (pr1 - pr0) * s.PKH * s.WU();
+        im2col_strip<scalar_t, acc_t>(xp + n * s.Cin * s.H * s.W, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        gemm(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
+        epilogue(tile.data(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
+                 bestz.data(), bestk.data());
+      }
+    });
+  });
+  return {pooled, window, preact};
+}
+
+// The conv output's gradient at the argmax of pooled element j:
+//   gz[j] = grad_pooled[j] * act'(z[j]),   and 0 at every other conv position.
+// With (h, w) the conv position of that argmax and x0 = w*SW - PW:
+//   grad_b[co]                      = sum_{n,i,j} gz
+//   grad_w[co, ki, kj0:kj1, :]     += gz * x[n, h*SH-PH+ki, x0+kj0 : x0+kj1, :]   (channels-last run)
+//   grad_x[n, h*SH-PH+ki, x0+kj0 : x0+kj1, :] += gz * w[co, ki, kj0:kj1, :]
+// for every kernel row ki inside the input (kj0..kj1 clips the run to the input). That is one
+// axpy of KW*Cin per nonzero and kernel row: 1/(PKH*PKW) of the dense backward's MACs, fewer
+// where gz is 0 (relu), and no im2col or col2im at all.
+template <int ACT, typename scalar_t, typename acc_t>
+void conv_grad_at_argmax_ct(const scalar_t* grad, const scalar_t* preact, int64_t count, acc_t slope, acc_t* gz) {
+  for (int64_t j = 0; j < count; ++j)
+    gz[j] = static_cast<acc_t>(grad[j]) * activation_grad_ct<ACT, acc_t>(static_cast<acc_t>(preact[j]), slope);
+}
+
+template <typename scalar_t, typename acc_t>
+void conv_grad_at_argmax(const scalar_t* grad, const scalar_t* preact, int64_t count, int64_t act, acc_t slope,
+                         acc_t* gz) {
+  switch (act) {
+    case 0: return conv_grad_at_argmax_ct<0>(grad, preact, count, slope, gz);
+    case 1: return conv_grad_at_argmax_ct<1>(grad, preact, count, slope, gz);
+    case 2: return conv_grad_at_argmax_ct<2>(grad, preact, count, slope, gz);
+    case 3: return conv_grad_at_argmax_ct<3>(grad, preact, count, slope, gz);
+    case 4: return conv_grad_at_argmax_ct<4>(grad, preact, count, slope, gz);
+    case 5: return conv_grad_at_argmax_ct<5>(grad, preact, count, slope, gz);
+    default: return conv_grad_at_argmax_ct<6>(grad, preact, count, slope, gz);
+  }
+}
+
+// Row and column of each window offset inside its window: integer division by the runtime
+// pool width per nonzero was measured to cost more than the axpys for small Cin.
+struct WindowTable {
+  int32_t di[256], dj[256];
+  explicit WindowTable(const Shape& s) {
+    for (int64_t k = 0; k < s.PKH * s.PKW; ++k) {
+      di[k] = static_cast<int32_t>(k / s.PKW);
+      dj[k] = static_cast<int32_t>(k % s.PKW);
+    }
+  }
+};
+
+// Calls f(x_offset_of_run, k_offset_of_run, run_length) for each kernel row of the receptive
+// field of conv position (h, w) that lies inside the input; offsets count channels-last values.
+template <typename F>
+inline void for_each_kernel_row(const Shape& s, int64_t h, int64_t w, F f) {
+  const int64_t x0 = w * s.SW - s.PW;
+  const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
+  if (kj1 <= kj0) return;
+  const int64_t len = (kj1 - kj0) * s.Cin;
+  for (int64_t ki = 0; ki < s.KH; ++ki) {
+    const int64_t y = h * s.SH - s.PH + ki;
+    if (y < 0 || y >= s.H) continue;
+    f((y * s.W + x0 + kj0) * s.Cin, (ki * s.KW + kj0) * s.Cin, len);
+  }
+}
+
+void check_backward_args(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact) {
+  TORCH_CHECK(grad.dim() == 4 && grad.sizes() == window.sizes() && grad.sizes() == preact.sizes(),
+              "aefast::conv_pool2d backward: grad, window and preact must share one 4-D shape");
+  TORCH_CHECK(window.scalar_type() == at::kByte, "aefast::conv_pool2d backward: window must be uint8");
+  TORCH_CHECK(grad.scalar_type() == preact.scalar_type(), "aefast::conv_pool2d backward: grad and preact dtypes differ");
+}
+
+at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const at::Tensor& window,
+                                          const at::Tensor& preact, const at::Tensor& weight,
+                                          c10::IntArrayRef input_size, c10::IntArrayRef stride,
+                                          c10::IntArrayRef padding, int64_t activation, double negative_slope,
+                                          c10::IntArrayRef pool_size) {
+  check_backward_args(grad_pooled, window, preact);
+  check_activation(activation);
+  TORCH_CHECK(input_size.size() == 2 && weight.dim() == 4, "aefast::conv_pool2d_backward_input: bad arguments");
+  TORCH_CHECK(weight.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_input: dtypes differ");
+  const Shape s = make_shape(grad_pooled.size(0), weight.size(1), input_size[0], input_size[1], weight.size(0),
+                             weight.size(2), weight.size(3), stride, padding, pool_size);
+  TORCH_CHECK(grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
+              "aefast::conv_pool2d_backward_input: grad shape does not match the conv geometry");
+  at::Tensor grad_input = at::empty({s.N, s.Cin, s.H, s.W}, grad_pooled.options());
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_input_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
+    const at::Tensor wrows = weight_rows(weight, acc_dtype);
+    const acc_t* wp = wrows.const_data_ptr<acc_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const uint8_t* kp = win.const_data_ptr<uint8_t>();
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const WindowTable table(s);
+    // Each thread owns whole images: their gradients do not overlap.
+    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> gx(image), gz(s.Cout * plane);
+      for (int64_t n = begin; n < end; ++n) {
+        conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
+                                             activation, slope, gz.data());
+        const uint8_t* kn = kp + n * s.Cout * plane;
+        std::fill(gx.begin(), gx.end(), acc_t(0));  // channels-last (H, W, Cin)
+        for (int64_t co = 0; co < s.Cout; ++co) {
+          const acc_t* wrow = wp + co * K;
+          for (int64_t pr = 0; pr < s.HO; ++pr) {
+            for (int64_t pc = 0; pc < s.WO; ++pc) {
+              const int64_t j = co * plane + pr * s.WO + pc;
+              const acc_t gj = gz[j];
+              if (gj == acc_t(0)) continue;
+              const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
+              for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
+                axpy<acc_t>(gx.data() + xo, wrow + ko, gj, len);
+              });
+            }
+          }
+        }
+        scalar_t* dst = out + n * image;
+        for (int64_t ci = 0; ci < s.Cin; ++ci)
+          for (int64_t e = 0; e < s.H * s.W; ++e) dst[ci * s.H * s.W + e] = static_cast<scalar_t>(gx[e * s.Cin + ci]);
+      }
+    });
+  });
+  return grad_input;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
+    const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
+    c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
+    double negative_slope, c10::IntArrayRef pool_size) {
+  check_backward_args(grad_pooled, window, preact);
+  check_activation(activation);
+  TORCH_CHECK(input.dim() == 4 && kernel_size.size() == 2, "aefast::conv_pool2d_backward_weight: bad arguments");
+  TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_weight: dtypes differ");
+  const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), grad_pooled.size(1),
+                             kernel_size[0], kernel_size[1], stride, padding, pool_size);
+  TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
+              "aefast::conv_pool2d_backward_weight: grad shape does not match the conv geometry");
+  const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
+  at::Tensor grad_weight, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_weight_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
+    // Channels-last input in the accumulation type (half types are widened once, here).
+    const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast).to(acc_dtype)
+                              .contiguous(at::MemoryFormat::ChannelsLast);
+    const acc_t* xp = xl.const_data_ptr<acc_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const uint8_t* kp = win.const_data_ptr<uint8_t>();
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const WindowTable table(s);
+    // One partial (grad_w, grad_b) per thread, summed at the end.
+    const int64_t threads = at::get_num_threads();
+    std::vector<std::vector<acc_t>> part_w(threads), part_b(threads);
+    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      std::vector<acc_t>& gw = part_w[tid];
+      std::vector<acc_t>& gb = part_b[tid];
+      if (gw.empty()) {
+        gw.assign(s.Cout * K, acc_t(0));
+        gb.assign(s.Cout, acc_t(0));
+      }
+      std::vector<acc_t> gz(s.Cout * plane);
+      for (int64_t n = begin; n < end; ++n) {
+        conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
+                                             activation, slope, gz.data());
+        const uint8_t* kn = kp + n * s.Cout * plane;
+        const acc_t* xn = xp + n * image;
+        for (int64_t co = 0; co < s.Cout; ++co) {
+          acc_t* dst = gw.data() + co * K;
+          acc_t sum = 0;
+          for (int64_t pr = 0; pr < s.HO; ++pr) {
+            for (int64_t pc = 0; pc < s.WO; ++pc) {
+              const int64_t j = co * plane + pr * s.WO + pc;
+              const acc_t gj = gz[j];
+              sum += gj;
+              if (gj == acc_t(0)) continue;
+              const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
+              for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
+                axpy<acc_t>(dst + ko, xn + xo, gj, len);
+              });
+            }
+          }
+          gb[co] += sum;
+        }
+      }
+    });
+    at::Tensor gw_acc = at::zeros({s.Cout, K}, input.options().dtype(acc_dtype));
+    at::Tensor gb_acc = at::zeros({s.Cout}, input.options().dtype(acc_dtype));
+    acc_t* gwp = gw_acc.mutable_data_ptr<acc_t>();
+    acc_t* gbp = gb_acc.mutable_data_ptr<acc_t>();
+    for (int64_t t = 0; t < threads; ++t) {
+      if (part_w[t].empty()) continue;
+      for (int64_t e = 0; e < s.Cout * K; ++e) gwp[e] += part_w[t][e];
+      for (int64_t e = 0; e < s.Cout; ++e) gbp[e] += part_b[t][e];
+    }
+    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW)
+    grad_weight = gw_acc.view({s.Cout, s.KH, s.KW, s.Cin}).permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
+    grad_bias = gb_acc.to(input.scalar_type());
+  });
+  return {grad_weight, grad_bias};
+}
+
+// ---------------------------------------------------------------- drop-in max_pool2d
+//
+// out[n,c,oh,ow] = max over the window {(oh*SH - PH + i*DH, ow*SW - PW + j*DW)} ∩ input of x,
+// scanned row-major with torch's rule (`val > max || isnan(val)`), starting from the window's
+// first in-bounds element with max = -inf (so an all -inf window reports that element).
+// Backward: grad_x[n,c,idx] += grad_out[n,c,oh,ow] (windows may overlap, so it accumulates).
+// Both run over any strides, so channels_last input gives channels_last output, as in torch.
+
+int64_t pool_out_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  const int64_t span = d * (k - 1) + 1;
+  const int64_t num = size + 2 * p - span + (ceil_mode ? s - 1 : 0);
+  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
+  if (ceil_mode && (out - 1) * s >= size + p) --out;
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& input, c10::IntArrayRef kernel,
+                                                          c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                          c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(input.dim() == 4, "aefast::max_pool2d_forward: input must be 4-D");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "aefast::max_pool2d_forward: geometry arguments need two entries each");
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t KH = kernel[0], KW = kernel[1], SH = stride[0], SW = stride[1];
+  const int64_t PH = padding[0], PW = padding[1], DH = dilation[0], DW = dilation[1];
+  TORCH_CHECK(KH > 0 && KW > 0 && SH > 0 && SW > 0 && DH > 0 && DW > 0 && PH >= 0 && PW >= 0 && PH <= KH / 2 &&
+                  PW <= KW / 2,
+              "aefast::max_pool2d_forward: invalid pooling geometry");
+  const int64_t OH = pool_out_size(H, KH, SH, PH, DH, ceil_mode), OW = pool_out_size(W, KW, SW, PW, DW, ceil_mode);
+  TORCH_CHECK(OH > 0 && OW > 0, "aefast::max_pool2d_forward: output would be empty");
+  const auto fmt = input.suggest_memory_format();
+  at::Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(fmt));
+  at::Tensor idx = at::empty({N, C, OH, OW}, input.options().dtype(at::kLong).memory_format(fmt));
+  if (out.numel() == 0) return {out, idx};
+  const int64_t xs[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    constexpr acc_t lowest = std::numeric_limits<acc_t>::has_infinity ? -std::numeric_limits<acc_t>::infinity()
+                                                                        : std::numeric_limits<acc_t>::lowest();
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 4096 / (OH * OW)), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n = p / C, c = p % C;
+        const scalar_t* plane = xp + n * xs[0] + c * xs[1];
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          int64_t h0 = oh * SH - PH;
+          const int64_t h1 = std::min(h0 + (KH - 1) * DH + 1, H);
+          while (h0 < 0) h0 += DH;
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            int64_t w0 = ow * SW - PW;
+            const int64_t w1 = std::min(w0 + (KW - 1) * DW + 1, W);
+            while (w0 < 0) w0 += DW;
+            int64_t best_i = h0 * W + w0;
+            acc_t best = lowest;
+            for (int64_t h = h0; h < h1; h += DH)
+              for (int64_t w = w0; w < w1; w += DW) {
+                const acc_t v = static_cast<acc_t>(plane[h * xs[2] + w * xs[3]]);
+                if (pool_takes(v, best)) {
+                  best = v;
+                  best_i = h * W + w;
+                }
+              }
+            const int64_t o = n * os[0] + c * os[1] + oh * os[2] + ow * os[3];
+            op[o] = static_cast<scalar_t>(best);
+            ip[o] = best_i;
+          }
+        }
+      }
+    });
+  });
+  return {out, idx};
+}
+
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& input) {
+  TORCH_CHECK(grad_output.dim() == 4 && indices.sizes() == grad_output.sizes() && input.dim() == 4,
+              "aefast::max_pool2d_backward: grad_output and indices must share one 4-D shape");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::max_pool2d_backward: indices must be int64");
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  at::Tensor grad_input = at::empty(input.sizes(), grad_output.options().memory_format(input.suggest_memory_format()));
+  if (grad_input.numel() == 0) return grad_input;
+  const int64_t gs[4] = {grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
+  const int64_t is[4] = {indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3)};
+  const int64_t xs[4] = {grad_input.stride(0), grad_input.stride(1), grad_input.stride(2), grad_input.stride(3)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "max_pool2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    scalar_t* xp = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 4096 / (H * W)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(H * W);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n = p / C, c = p % C;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t oh = 0; oh < OH; ++oh)
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const int64_t k = ip[n * is[0] + c * is[1] + oh * is[2] + ow * is[3]];
+            TORCH_CHECK(k >= 0 && k < H * W, "aefast::max_pool2d_backward: index ", k, " out of range");
+            acc[k] += static_cast<acc_t>(gp[n * gs[0] + c * gs[1] + oh * gs[2] + ow * gs[3]]);
+          }
+        scalar_t* dst = xp + n * xs[0] + c * xs[1];
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) dst[h * xs[2] + w * xs[3]] = static_cast<scalar_t>(acc[h * W + w]);
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("conv_pool2d_forward", &conv_pool2d_forward_cpu);
+  m.impl("conv_pool2d_backward_input", &conv_pool2d_backward_input_cpu);
+  m.impl("conv_pool2d_backward_weight", &conv_pool2d_backward_weight_cpu);
+  m.impl("max_pool2d_forward", &max_pool2d_forward_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+}
+
+}  // namespace aefast

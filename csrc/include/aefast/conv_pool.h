@@ -1,0 +1,106 @@
+#pragma once
+// What the CPU and CUDA encoder kernels share: the activation enum, each activation and its
+// derivative (in the accumulation type), and torch's max-pool comparison rule.
+// Free of torch headers so that it compiles quickly under nvcc.
+#include <cmath>
+
+#include "aefast/common.h"
+
+namespace aefast {
+
+// The codes passed through the op schemas (`int activation`); aefast/ops/conv_pool.py holds
+// the same table (ACTIVATION_CODES).
+enum class Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2, kSigmoid = 3, kTanh = 4, kGelu = 5, kSilu = 6 };
+constexpr int kNumActivations = 7;
+
+// act(z). leaky_relu is z >= 0 ? z : slope*z, as the reference twin writes it; gelu is the
+// exact erf form (torch's default), silu is z*sigmoid(z).
+template <typename T>
+AEFAST_HD T activate(T z, int act, T slope) {
+  using std::erf; using std::exp; using std::tanh;
+  switch (act) {
+    case 1: return z < T(0) ? T(0) : z;  // NaN passes through, as torch.relu
+    case 2: return z >= T(0) ? z : z * slope;
+    case 3: return T(1) / (T(1) + exp(-z));
+    case 4: return tanh(z);
+    case 5: return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
+    case 6: return z / (T(1) + exp(-z));
+    default: return z;
+  }
+}
+
+// activate() with the activation fixed at compile time, so that the fused epilogue loops inline
+// it and vectorise (a runtime switch around erf/exp/tanh blocks both).
+template <int ACT, typename T>
+AEFAST_HD T activate_ct(T z, T slope) {
+  using std::erf; using std::exp; using std::tanh;
+  if constexpr (ACT == 1) {
+    return z < T(0) ? T(0) : z;  // NaN passes through, as torch.relu
+  } else if constexpr (ACT == 2) {
+    return z >= T(0) ? z : z * slope;
+  } else if constexpr (ACT == 3) {
+    return T(1) / (T(1) + exp(-z));
+  } else if constexpr (ACT == 4) {
+    return tanh(z);
+  } else if constexpr (ACT == 5) {
+    return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
+  } else if constexpr (ACT == 6) {
+    return z / (T(1) + exp(-z));
+  } else {
+    return z;
+  }
+}
+
+// d act / dz at z. relu's is 0 at z == 0 (torch's threshold_backward); leaky_relu's is 1 at
+// z == 0 (the derivative of the `where(z >= 0, z, slope*z)` branch that is taken).
+//   sigmoid: s(1-s);  tanh: 1-t^2;  gelu: Phi(z) + z*phi(z);  silu: s*(1 + z*(1-s)).
+template <typename T>
+AEFAST_HD T activation_grad(T z, int act, T slope) {
+  using std::erf; using std::exp; using std::tanh;
+  switch (act) {
+    case 1: return z > T(0) ? T(1) : T(0);
+    case 2: return z >= T(0) ? T(1) : slope;
+    case 3: {
+      const T s = T(1) / (T(1) + exp(-z));
+      return s * (T(1) - s);
+    }
+    case 4: {
+      const T t = tanh(z);
+      return T(1) - t * t;
+    }
+    case 5: {
+      const T cdf = T(0.5) * (T(1) + erf(z * T(0.70710678118654752440)));
+      const T pdf = exp(T(-0.5) * z * z) * T(0.39894228040143267794);
+      return cdf + z * pdf;
+    }
+    case 6: {
+      const T s = T(1) / (T(1) + exp(-z));
+      return s * (T(1) + z * (T(1) - s));
+    }
+    default: return T(1);
+  }
+}
+
+// activation_grad() with the activation fixed at compile time.
+template <int ACT, typename T>
+AEFAST_HD T activation_grad_ct(T z, T slope) {
+  using std::erf; using std::exp; using std::tanh;
+  if constexpr (ACT == 0) {
+    return T(1);
+  } else if constexpr (ACT == 1) {
+    return z > T(0) ? T(1) : T(0);
+  } else if constexpr (ACT == 2) {
+    return z >= T(0) ? T(1) : slope;
+  } else {
+    return activation_grad<T>(z, ACT, slope);
+  }
+}
+
+// torch's max-pool update rule: a strictly larger value or any NaN replaces the running
+// maximum, so the first maximum wins and the last NaN of a window gives the index.
+template <typename T>
+AEFAST_HD bool pool_takes(T val, T best) {
+  return val > best || val != val;
+}
+
+}  // namespace aefast

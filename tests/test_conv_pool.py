@@ -1,0 +1,332 @@
+"""conv_pool2d: the fused encoder block against PyTorch's eager composition.
+
+The spec is ``F.max_pool2d(act(F.conv2d(x, w, b, stride, padding)), pool, return_indices=True)``
+with torch's own activation functions: indices must be equal bit for bit, values and every
+gradient within the per-dtype tolerance.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import aefast
+import aefast.functional as AF
+from aefast import backend as _backend
+from aefast.ops.conv_pool import ACTIVATION_CODES
+from conftest import TOLERANCES, backend_device
+
+ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
+
+
+def torch_act(name, slope=0.01):
+    return {
+        None: lambda z: z,
+        "relu": F.relu,
+        "leaky_relu": lambda z: F.leaky_relu(z, slope),
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "gelu": F.gelu,
+        "silu": F.silu,
+    }[name]
+
+
+def eager(x, w, b, stride, padding, act, pool, slope=0.01):
+    return F.max_pool2d(torch_act(act, slope)(F.conv2d(x, w, b, stride, padding)), pool, return_indices=True)
+
+
+def routed_grads(x, w, b, stride, padding, act, idx, grad, slope=0.01):
+    """The exact (fp64) gradients of the pooled values selected by ``idx``: the conv output
+    differentiated at those positions only."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    a = torch_act(act, slope)(F.conv2d(x64, w64, b64, stride, padding))
+    pooled = a.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+    inputs = [x64, w64] + ([b64] if b is not None else [])
+    return torch.autograd.grad(pooled, inputs, grad.double())
+
+
+def make(n, cin, cout, h, w, k, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype).to(device).requires_grad_()
+    wt = (torch.randn(cout, cin, kh, kw, generator=g) / math.sqrt(cin * kh * kw)).to(dtype).to(device).requires_grad_()
+    b = torch.randn(cout, generator=g).to(dtype).to(device).requires_grad_() if bias else None
+    return x, wt, b
+
+
+# Two window elements whose activated values agree to within the conv's rounding (different
+# summation orders give values 1-2 ulp apart) form a numerical tie that no implementation can
+# resolve like torch's oneDNN/MKL kernels without copying their summation order. Such indices
+# are accepted when the two values agree to NEAR_TIE (relative); every other index must be
+# equal bit for bit. Exact ties (integer data below) are resolved by the first-max rule.
+NEAR_TIE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check_indices(idx, ridx, x, w, b, stride, padding, act, slope):
+    differ = idx != ridx
+    if not differ.any():
+        return
+    with torch.no_grad():
+        a = torch_act(act, slope)(F.conv2d(x, w, b, stride, padding)).flatten(2)
+        ours = a.gather(2, idx.flatten(2))[differ.flatten(2)].double()
+        theirs = a.gather(2, ridx.flatten(2))[differ.flatten(2)].double()
+    gap = (ours - theirs).abs() / theirs.abs().clamp_min(1.0)
+    assert gap.max() <= NEAR_TIE[x.dtype], (
+        f"indices differ at {differ.nonzero()[:5].tolist()} with value gaps {gap[:5].tolist()}")
+
+
+def check_case(x, w, b, stride, padding, act, pool, *, slope=0.01, grad_tol=None):
+    """Forward values and indices against eager, gradients against the routed fp64 reference."""
+    y, idx = AF.conv_pool2d(x, w, b, stride, padding, act, pool, negative_slope=slope)
+    ry, ridx = eager(x, w, b, stride, padding, act, pool, slope)
+    tol = TOLERANCES[x.dtype]
+    assert idx.dtype == torch.int64 and idx.shape == ridx.shape
+    check_indices(idx, ridx, x, w, b, stride, padding, act, slope)
+    torch.testing.assert_close(y, ry, **tol)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(y.device)
+    inputs = [x, w] + ([b] if b is not None else [])
+    got = torch.autograd.grad(y, inputs, grad)
+    want = routed_grads(x, w, b, stride, padding, act, idx, grad, slope)
+    gtol = grad_tol or tol
+    for name, g_, r_ in zip(("input", "weight", "bias"), got, want):
+        scale = max(1.0, r_.abs().max().item())
+        torch.testing.assert_close(g_.double(), r_, rtol=gtol["rtol"], atol=gtol["atol"] * scale,
+                                   msg=lambda m: f"grad_{name}: {m}")
+
+
+# ------------------------------------------------------------------ the acceptance grid
+
+# Every activation x pool x stride x padding; the channel pair alternates between 3->17 and
+# 17->3 so both channel counts meet every other parameter value (and the Triton interpreter
+# stays within the CI budget).
+GRID = [(act, pool, stride, padding, ((3, 17), (17, 3))[(i + pool + stride + padding) % 2])
+        for i, act in enumerate(ACTS) for pool in (2, 3) for stride in (1, 2) for padding in (0, 1)]
+
+
+@pytest.mark.parametrize("act,pool,stride,padding,chans", GRID,
+                         ids=[f"{a}-p{p}-s{s}-pad{q}-{c[0]}to{c[1]}" for a, p, s, q, c in GRID])
+def test_grid_matches_torch(backend, act, pool, stride, padding, chans):
+    cin, cout = chans
+    # odd H/W, batch 1; a 3x3 conv
+    x, w, b = make(1, cin, cout, 13, 11, 3, torch.float32, backend_device(backend), seed=hash((act, pool)) % 1000)
+    check_case(x, w, b, stride, padding, act, pool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_dtypes(kernel_backend, dtype, act):
+    device = backend_device(kernel_backend)
+    if device == "cpu" and kernel_backend == "cuda":
+        pytest.skip("cuda backend needs CUDA tensors")
+    x, w, b = make(2, 3, 5, 9, 8, 3, dtype, device, seed=7)
+    grad_tol = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}.get(dtype)
+    check_case(x, w, b, 1, 1, act, 2, grad_tol=grad_tol)
+
+
+def test_no_bias_rect_kernel_and_pool(backend):
+    x, w, _ = make(2, 4, 6, 12, 10, (3, 2), torch.float32, backend_device(backend))
+    check_case(x, w, None, (1, 2), (1, 0), "relu", (2, 3))
+
+
+def test_leaky_slope_and_batch(backend):
+    x, w, b = make(3, 2, 4, 8, 8, 3, torch.float32, backend_device(backend), seed=3)
+    check_case(x, w, b, 1, 1, "leaky_relu", 2, slope=0.2)
+
+
+def test_ties_and_relu_zeros_give_first_index(backend):
+    # Integer data: exact conv sums, many exact ties (and all-negative windows under relu),
+    # where only torch's first-max rule decides the index.
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (2, 3, 9, 9), generator=g).float().to(device).requires_grad_()
+    w = torch.randint(-1, 2, (4, 3, 3, 3), generator=g).float().to(device).requires_grad_()
+    b = torch.zeros(4, device=device, requires_grad=True)
+    for act in (None, "relu"):
+        check_case(x, w, b, 1, 1, act, 2)
+
+
+def test_index_formats_and_return_indices(backend):
+    device = backend_device(backend)
+    x, w, b = make(2, 3, 4, 11, 9, 3, torch.float32, device)
+    y, flat = AF.conv_pool2d(x, w, b, 1, 0, "relu", 2)
+    y2, win = AF.conv_pool2d(x, w, b, 1, 0, "relu", 2, index_format="window")
+    only = AF.conv_pool2d(x, w, b, 1, 0, "relu", 2, return_indices=False)
+    assert win.dtype == torch.uint8 and win.shape == flat.shape
+    conv_hw = (9, 7)
+    assert torch.equal(AF.window_to_flat(win, conv_hw, 2), flat)
+    assert torch.equal(AF.flat_to_window(flat, conv_hw, 2), win)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    assert isinstance(only, torch.Tensor)
+    torch.testing.assert_close(only, y, rtol=0, atol=0)
+
+
+def test_only_pooled_size_tensors_are_saved():
+    # The forward op's extra outputs are pooled-size; nothing at conv resolution exists afterwards.
+    x, w, b = make(2, 3, 8, 16, 16, 3, torch.float32, "cpu")
+    pooled, window, preact = torch.ops.aefast.conv_pool2d_forward(x, w, b, [1, 1], [1, 1], 1, 0.01, [2, 2])
+    assert pooled.shape == window.shape == preact.shape == (2, 8, 8, 8)
+    assert window.dtype == torch.uint8 and window.max() < 4
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with aefast.set_backend("cpu"):
+            AF.conv_pool2d(x, w, b, 1, 1, "gelu", 2)
+    conv_numel = 2 * 8 * 16 * 16
+    big = [tuple(t.shape) for t in saved if t.numel() >= conv_numel and t is not x]
+    assert not big, f"full-resolution tensors saved for backward: {big}"
+
+
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_gradcheck_fp64_cpu(act):
+    x, w, b = make(2, 3, 4, 9, 8, 3, torch.float64, "cpu", seed=11)
+    with aefast.set_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda x, w, b: AF.conv_pool2d(x, w, b, (1, 2), 1, act, 2)[0], (x, w, b))
+        assert torch.autograd.gradcheck(lambda x, w: AF.conv_pool2d(x, w, None, 2, 0, act, 3)[0], (x, w))
+
+
+def test_only_needed_grads():
+    x, w, b = make(2, 3, 4, 9, 8, 3, torch.float32, "cpu")
+    x.requires_grad_(False)
+    with aefast.set_backend("cpu"):
+        y, _ = AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+        gw, gb = torch.autograd.grad(y.sum(), (w, b))
+    ry, _ = eager(x, w, b, 1, 1, "relu", 2)
+    rw, rb = torch.autograd.grad(ry.sum(), (w, b))
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ opcheck on every op
+
+def _op_args(device="cpu", dtype=torch.float32):
+    x, w, b = make(2, 3, 4, 9, 8, 3, dtype, device, seed=2)
+    pooled, window, preact = torch.ops.aefast.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1],
+                                                                  5, 0.01, [2, 2])
+    grad = torch.randn_like(pooled)
+    return x, w, b, grad, window, preact
+
+
+def _namespaces():
+    out = [pytest.param("aefast", id="aefast")]
+    ok, why = _backend.availability()["triton"]
+    out.append(pytest.param("aefast_triton", id="aefast_triton", marks=pytest.mark.skipif(not ok, reason=why)))
+    return out
+
+
+@pytest.mark.parametrize("ns", _namespaces())
+def test_opcheck_all_ops(ns):
+    ops = getattr(torch.ops, ns)
+    x, w, b, grad, window, preact = _op_args()
+    torch.library.opcheck(ops.conv_pool2d_forward.default, (x, w, b, [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    torch.library.opcheck(ops.conv_pool2d_forward.default, (x, w, None, [2, 1], [0, 1], 1, 0.01, [2, 3]))
+    torch.library.opcheck(ops.conv_pool2d_backward_input.default,
+                          (grad, window, preact, w.detach(), [9, 8], [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    torch.library.opcheck(ops.conv_pool2d_backward_weight.default,
+                          (grad, window, preact, x.detach(), [3, 3], [1, 1], [1, 1], 5, 0.01, [2, 2]))
+
+
+# ------------------------------------------------------------------ hypothesis fuzz (cpu)
+
+@st.composite
+def conv_pool_cases(draw):
+    n = draw(st.integers(1, 2))
+    cin = draw(st.integers(1, 4))
+    cout = draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    pool = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    h, w = draw(st.integers(1, 10)), draw(st.integers(1, 10))
+    hc, wc = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    assume(h + 2 * ph >= kh and w + 2 * pw >= kw and hc >= pool[0] and wc >= pool[1])
+    act = draw(st.sampled_from(ACTS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return n, cin, cout, h, w, (kh, kw), (sh, sw), (ph, pw), pool, act, dtype, bias, seed
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(conv_pool_cases())
+def test_fuzz_cpu(case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype, bias, seed = case
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", bias=bias, seed=seed)
+    with aefast.set_backend("cpu"):
+        check_case(x, wt, b, s, p, act, pool)
+
+
+# ------------------------------------------------------------------ bad inputs
+
+def test_bad_inputs():
+    x, w, b = make(1, 3, 4, 8, 8, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="channels"):
+        AF.conv_pool2d(x, torch.randn(4, 2, 3, 3), b)
+    with pytest.raises(ValueError, match="pool_size"):
+        AF.conv_pool2d(x, w, b, 1, 0, "relu", 7)  # conv output is 6x6
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        AF.conv_pool2d(torch.randn(1, 3, 2, 2), w, b)
+    with pytest.raises(TypeError, match="dtype"):
+        AF.conv_pool2d(x.detach().to(torch.int64), w.detach().to(torch.int64))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        AF.conv_pool2d(x, w.double(), b)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        AF.conv_pool2d(x, w, b.double())
+    with pytest.raises(ValueError, match="one device"):
+        AF.conv_pool2d(x, w.detach().to("meta"), b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        AF.conv_pool2d(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match="unknown activation"):
+        AF.conv_pool2d(x, w, b, activation="swish")
+    with pytest.raises(ValueError, match="index_format"):
+        AF.conv_pool2d(x, w, b, index_format="int32")
+    with pytest.raises(ValueError, match="4-D"):
+        AF.conv_pool2d(x[0], w, b)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        AF.conv_pool2d(x.tolist(), w, b)
+    with pytest.raises(ValueError, match="stride"):
+        AF.conv_pool2d(x, w, b, stride=0)
+    with pytest.raises(ValueError, match="padding"):
+        AF.conv_pool2d(x, w, b, padding=-1)
+    with pytest.raises(TypeError, match="negative_slope"):
+        AF.conv_pool2d(x, w, b, activation="leaky_relu", negative_slope="0.1")
+
+
+def test_activation_codes_match_header():
+    header = open(__file__.replace("tests/test_conv_pool.py", "csrc/include/aefast/conv_pool.h")).read()
+    for name, code in ACTIVATION_CODES.items():
+        enum = {None: "kNone", "relu": "kRelu", "leaky_relu": "kLeakyRelu", "sigmoid": "kSigmoid", "tanh": "kTanh",
+                "gelu": "kGelu", "silu": "kSilu"}[name]
+        assert f"{enum} = {code}" in header
+
+
+# ------------------------------------------------------------------ nn.ConvPool2d
+
+def test_module_matches_conv2d_init_and_state_dict(backend):
+    device = backend_device(backend)
+    torch.manual_seed(123)
+    ours = aefast.nn.ConvPool2d(3, 8, 3, stride=1, padding=1, activation="relu", pool_size=2).to(device)
+    torch.manual_seed(123)
+    ref = torch.nn.Conv2d(3, 8, 3, stride=1, padding=1).to(device)
+    assert ours.weight.shape == ref.weight.shape == (8, 3, 3, 3) and ours.bias.shape == (8,)
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=0, atol=0)
+    torch.testing.assert_close(ours.bias, ref.bias, rtol=0, atol=0)
+    assert list(ours.state_dict().keys()) == list(ref.state_dict().keys())
+    fresh = aefast.nn.ConvPool2d(3, 8, 3, padding=1).to(device)
+    fresh.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 10, 10, device=device)
+    y, idx = fresh(x)
+    ry, ridx = F.max_pool2d(F.relu(ref(x)), 2, return_indices=True)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(y, ry, **TOLERANCES[torch.float32])
+    y.sum().backward()
+    ry.sum().backward()
+    torch.testing.assert_close(fresh.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
