@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -578,9 +579,49 @@ at::Tensor max_unpool2d_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   return grad_in;
 }
 
+at::Tensor first_bad_unpool_index_cpu(const at::Tensor& indices, c10::IntArrayRef unpooled_size,
+                                      c10::IntArrayRef pool_size, bool in_window) {
+  TORCH_CHECK(indices.dim() >= 2 && (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kByte) &&
+                  unpooled_size.size() == 2 && pool_size.size() == 2 && pool_size[0] > 0 && pool_size[1] > 0,
+              "aefast::first_bad_unpool_index: bad arguments");
+  const at::Tensor idx = indices.contiguous();
+  const int64_t hp = idx.size(-2), wp = idx.size(-1), plane = hp * wp;
+  const int64_t planes = plane ? idx.numel() / plane : 0;
+  const int64_t uh = unpooled_size[0], uw = unpooled_size[1], kh = pool_size[0], kw = pool_size[1];
+  const bool flat = idx.scalar_type() == at::kLong;
+  const int64_t none = std::numeric_limits<int64_t>::max();
+  // One first-bad slot per plane, combined in plane order: the answer is the minimum position.
+  std::vector<int64_t> first(static_cast<size_t>(planes), none);
+  const int64_t* flat_ptr = flat ? idx.const_data_ptr<int64_t>() : nullptr;
+  const uint8_t* window_ptr = flat ? nullptr : idx.const_data_ptr<uint8_t>();
+  at::parallel_for(0, planes, std::max<int64_t>(1, 65536 / std::max<int64_t>(plane, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t ph = 0; ph < hp; ++ph)
+        for (int64_t pw = 0; pw < wp; ++pw) {
+          const int64_t k = b * plane + ph * wp + pw;
+          const bool ok = flat ? unpool_index_valid_flat(flat_ptr[k], ph, pw, uh, uw, kh, kw, in_window)
+                               : unpool_index_valid_window(window_ptr[k], ph, pw, uh, uw, kh, kw);
+          if (!ok) {
+            first[b] = k;
+            ph = hp;  // stop this plane
+            break;
+          }
+        }
+    }
+  });
+  int64_t result = -1;
+  for (int64_t b = 0; b < planes; ++b)
+    if (first[b] != none) {
+      result = first[b];
+      break;
+    }
+  return at::scalar_tensor(result, idx.options().dtype(at::kLong));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("first_bad_unpool_index", &first_bad_unpool_index_cpu);
   m.impl("unpool_conv_transpose2d", &unpool_conv_transpose2d_cpu);
   m.impl("unpool_conv_transpose2d_backward", &unpool_conv_transpose2d_backward_cpu);
   m.impl("max_unpool2d", &max_unpool2d_cpu);
