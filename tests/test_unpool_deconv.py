@@ -431,6 +431,10 @@ def test_first_bad_unpool_index_op():
     assert int(op(bad, [6, 6], [2, 2], False)) == (1 * 3 + 2) * 9 + 8  # range only
     win = AF.flat_to_window(idx, (6, 6), 2)
     assert int(op(win, [6, 6], [2, 2], True)) == -1
-    win[0, 0, 2, 2] = 3
-    assert int(op(win, [5, 5], [2, 2], True)) == 8  # row 5 of a 5-row plane
+    clipped = torch.zeros(1, 1, 3, 3, dtype=torch.uint8)
+    assert int(op(clipped, [5, 5], [2, 2], True)) == -1
+    clipped[0, 0, 2, 2] = 3
+    assert int(op(clipped, [5, 5], [2, 2], True)) == 8  # row 5 of a 5-row plane
+    clipped[0, 0, 0, 0] = 4
+    assert int(op(clipped, [5, 5], [2, 2], True)) == 0  # offset beyond the window
     torch.library.opcheck(op, [bad, [6, 6], [2, 2], True])
