@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -71,14 +72,42 @@ AccExtent acc_extent(const DecoderGeometry& g) {
           std::max((g.unpooled_w - 1) * g.stride_w + g.kernel_w, g.out_w + g.pad_w)};
 }
 
+// Offset i*pool_w + j of pooled value k inside its window (ph, pw), or -1 if the index does not
+// name an element of that window inside the unpooled plane. The Python layer rejects such
+// indices before any kernel runs; the kernels still skip them so that a direct torch.ops call
+// with bad indices cannot write out of bounds. Flat indices avoid a 64-bit division: inside
+// the window, v - start = i*W + j with i < pool_h, so i is found by pool_h comparisons.
 template <typename index_t>
-AEFAST_ALWAYS_INLINE void position_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw, const DecoderGeometry& g,
-                                      int64_t& h, int64_t& w) {
+AEFAST_ALWAYS_INLINE int64_t window_offset_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw,
+                                              const DecoderGeometry& g) {
+  int64_t i, j;
   if constexpr (std::is_same_v<index_t, int64_t>) {
-    unpooled_position_flat(idx[k], g.unpooled_w, h, w);
+    const int64_t rel = idx[k] - (ph * g.pool_h) * g.unpooled_w - pw * g.pool_w;
+    if (rel < 0) return -1;
+    i = 0;  // branch-free: the argmax row is random, a data-dependent loop would mispredict
+    for (int64_t q = 1; q <= g.pool_h; ++q) i += rel >= q * g.unpooled_w;
+    j = rel - i * g.unpooled_w;
+    if (i >= g.pool_h || j >= g.pool_w) return -1;
   } else {
-    unpooled_position_window(static_cast<int64_t>(idx[k]), ph, pw, g.pool_h, g.pool_w, h, w);
+    const int64_t o = static_cast<int64_t>(idx[k]);
+    if (o >= g.pool_h * g.pool_w) return -1;
+    i = o / g.pool_w;
+    j = o - i * g.pool_w;
   }
+  if (ph * g.pool_h + i >= g.unpooled_h || pw * g.pool_w + j >= g.unpooled_w) return -1;
+  return i * g.pool_w + j;
+}
+
+// Unpooled position (h, w) of pooled value k; false for an invalid index (see above).
+template <typename index_t>
+AEFAST_ALWAYS_INLINE bool position_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw, const DecoderGeometry& g,
+                                      int64_t& h, int64_t& w) {
+  const int64_t o = window_offset_of(idx, k, ph, pw, g);
+  if (o < 0) return false;
+  const int64_t i = o / g.pool_w;
+  h = ph * g.pool_h + i;
+  w = pw * g.pool_w + (o - i * g.pool_w);
+  return true;
 }
 
 // ---------------------------------------------------------------- vector helpers
@@ -162,60 +191,57 @@ AEFAST_ALWAYS_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int
   return s;
 }
 
-// Window offset (i*pool_w + j) of pooled value k at window (ph, pw).
-template <typename index_t>
-AEFAST_ALWAYS_INLINE int64_t window_offset_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw,
-                                              const DecoderGeometry& g) {
-  if constexpr (std::is_same_v<index_t, int64_t>) {
-    int64_t h, w;
-    unpooled_position_flat(idx[k], g.unpooled_w, h, w);
-    return (h - ph * g.pool_h) * g.pool_w + (w - pw * g.pool_w);
-  } else {
-    return static_cast<int64_t>(idx[k]);
-  }
-}
-
 // Per-thread scratch for grouping the channels of one window by their argmax offset.
 template <typename acc_t>
 struct GroupScratch {
   std::vector<int64_t> offset_of_ci, count, start, offs;
-  std::vector<acc_t> vals;
-  GroupScratch(int64_t c_in, int64_t window) : offset_of_ci(c_in), count(window + 1), start(window + 1),
-                                               offs(c_in), vals(c_in) {}
+  std::vector<acc_t> vals, slab;
+  GroupScratch(int64_t c_in, int64_t window, int64_t per_ci)
+      : offset_of_ci(c_in), count(window + 1), start(window + 1), offs(c_in), vals(c_in), slab(per_ci) {}
 };
 
 // ---------------------------------------------------------------- forward scatter (one item)
 // For each pool window the input channels are grouped (stable counting sort) by where their
-// maximum sits; each group shares one position, so its contribution to a footprint row is the
-// gathered-row GEMV sum_ci z[ci] * Wt[ci][kh] computed in registers and added to acc once.
+// maximum sits. A group shares one position, so its whole contribution is one gathered-row GEMV
+//   slab[kh][kw][co] = sum_{ci in group} z[ci] * Wt[ci][kh][kw][co]
+// over the contiguous per-channel weight slab (KH*KW*C_out values, accumulated in registers),
+// added to the footprint rows of acc once. MACs: one per (pooled value, weight of its channel).
 template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                             const acc_t* __restrict__ wt, acc_t* __restrict__ acc,
                                             const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
   const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
   const int64_t window = g.pool_h * g.pool_w, plane = g.pooled_h * g.pooled_w;
+  acc_t* __restrict__ slab = sc.slab.data();
   for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
     for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
       std::fill(sc.count.begin(), sc.count.end(), int64_t(0));
       for (int64_t ci = 0; ci < g.c_in; ++ci) {
         const int64_t o = window_offset_of(idx, ci * plane + ph * g.pooled_w + pw, ph, pw, g);
         sc.offset_of_ci[ci] = o;
-        ++sc.count[o + 1];
+        if (o >= 0) ++sc.count[o + 1];
       }
       for (int64_t o = 0; o < window; ++o) sc.count[o + 1] += sc.count[o];
       std::copy(sc.count.begin(), sc.count.end(), sc.start.begin());
       for (int64_t ci = 0; ci < g.c_in; ++ci) {
-        const int64_t slot = sc.start[sc.offset_of_ci[ci]]++;
+        const int64_t o = sc.offset_of_ci[ci];
+        if (o < 0) continue;
+        const int64_t slot = sc.start[o]++;
         sc.offs[slot] = ci * per_ci;
         sc.vals[slot] = static_cast<acc_t>(z[ci * plane + ph * g.pooled_w + pw]);
       }
       for (int64_t o = 0; o < window; ++o) {
         const int64_t first = sc.count[o], cnt = sc.count[o + 1] - first;
         if (cnt == 0) continue;
+        std::fill(slab, slab + per_ci, acc_t(0));
+        axpy_rows(slab, wt, sc.offs.data() + first, sc.vals.data() + first, cnt, per_ci);
         const int64_t h = ph * g.pool_h + o / g.pool_w, w = pw * g.pool_w + o % g.pool_w;
         acc_t* base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-          axpy_rows(base + kh * row_stride, wt + kh * run, sc.offs.data() + first, sc.vals.data() + first, cnt, run);
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          acc_t* __restrict__ dst = base + kh * row_stride;
+          const acc_t* __restrict__ src = slab + kh * run;
+          for (int64_t j = 0; j < run; ++j) dst[j] += src[j];
+        }
       }
     }
   }
@@ -232,48 +258,56 @@ void scatter_item_base(const scalar_t* z, const index_t* idx, const acc_t* wt, a
   scatter_item_body(z, idx, wt, acc, g, acc_cols, sc);
 }
 
-// ---------------------------------------------------------------- grad_input gather (one item)
+// ---------------------------------------------------------------- backward building blocks
+// col[h][w][kh][kw][co] = gpre at the footprint of unpooled position (h, w): the im2col of gpre,
+// so that every pooled value meets one contiguous slab of KH*KW*C_out values.
+template <typename acc_t>
+void build_col_rows(const acc_t* __restrict__ gpad, acc_t* __restrict__ col, const DecoderGeometry& g,
+                    int64_t acc_cols, int64_t h0, int64_t h1) {
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t w = 0; w < g.unpooled_w; ++w)
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+        std::memcpy(col + (h * g.unpooled_w + w) * per_ci + kh * run,
+                    gpad + (h * g.stride_h + kh) * row_stride + (w * g.stride_w) * co, sizeof(acc_t) * run);
+}
+
+// grad_z of channel ci of one item: a dot of the channel's weight slab with the col slab at the
+// value's position (the dgrad conv evaluated at the argmax position only).
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_ALWAYS_INLINE void gather_item_body(const index_t* __restrict__ idx, const acc_t* __restrict__ wt,
-                                           const acc_t* __restrict__ gpad, scalar_t* __restrict__ grad_z,
-                                           const DecoderGeometry& g, int64_t acc_cols) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co;
-  for (int64_t ci = 0; ci < g.c_in; ++ci) {
-    const acc_t* __restrict__ wc = wt + ci * g.kernel_h * run;
-    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-        const int64_t k = (ci * g.pooled_h + ph) * g.pooled_w + pw;
-        int64_t h, w;
-        position_of(idx, k, ph, pw, g, h, w);
-        const acc_t* __restrict__ base = gpad + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
-        acc_t sum = 0;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) sum += dot(base + kh * row_stride, wc + kh * run, run);
-        grad_z[k] = static_cast<scalar_t>(sum);
-      }
+AEFAST_ALWAYS_INLINE void gather_channel_body(const index_t* __restrict__ idx, const acc_t* __restrict__ wc,
+                                              const acc_t* __restrict__ col, scalar_t* __restrict__ grad_z,
+                                              const DecoderGeometry& g) {
+  const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out;
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t k = ph * g.pooled_w + pw;
+      int64_t h, w;
+      grad_z[k] = position_of(idx, k, ph, pw, g, h, w)
+                      ? static_cast<scalar_t>(dot(col + (h * g.unpooled_w + w) * per_ci, wc, per_ci))
+                      : scalar_t(0);
     }
-  }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_TARGET_AVX2 void gather_item_avx2(const index_t* idx, const acc_t* wt, const acc_t* gpad, scalar_t* grad_z,
-                                         const DecoderGeometry& g, int64_t acc_cols) {
-  gather_item_body(idx, wt, gpad, grad_z, g, acc_cols);
+AEFAST_TARGET_AVX2 void gather_channel_avx2(const index_t* idx, const acc_t* wc, const acc_t* col, scalar_t* grad_z,
+                                            const DecoderGeometry& g) {
+  gather_channel_body(idx, wc, col, grad_z, g);
 }
 template <typename scalar_t, typename acc_t, typename index_t>
-void gather_item_base(const index_t* idx, const acc_t* wt, const acc_t* gpad, scalar_t* grad_z,
-                      const DecoderGeometry& g, int64_t acc_cols) {
-  gather_item_body(idx, wt, gpad, grad_z, g, acc_cols);
+void gather_channel_base(const index_t* idx, const acc_t* wc, const acc_t* col, scalar_t* grad_z,
+                         const DecoderGeometry& g) {
+  gather_channel_body(idx, wc, col, grad_z, g);
 }
 
-// ---------------------------------------------------------------- grad_weight (items [n0, n1), channels [c0, c1))
-// grad_Wt[ci][kh] += sum over the block's pooled values of channel ci of z * gpre row kh at the
-// value's footprint: again a gathered-row GEMV, accumulated in registers over the whole block.
+// grad_Wt[ci] += sum over the block's pooled values of channel ci of z * (col slab at the value's
+// position): a gathered-row GEMV accumulated in registers over the whole block of items.
 template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void wgrad_block_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
-                                           const acc_t* __restrict__ gpad, acc_t* __restrict__ gwt,
-                                           const DecoderGeometry& g, int64_t acc_cols, int64_t item, int64_t n0,
-                                           int64_t n1, int64_t c0, int64_t c1, int64_t* offs, acc_t* vals) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
+                                           const acc_t* __restrict__ col, acc_t* __restrict__ gwt,
+                                           const DecoderGeometry& g, int64_t n0, int64_t n1, int64_t c0, int64_t c1,
+                                           int64_t* offs, acc_t* vals) {
+  const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out, col_item = g.unpooled_h * g.unpooled_w * per_ci;
   const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane;
   for (int64_t ci = c0; ci < c1; ++ci) {
     int64_t cnt = 0;
@@ -283,28 +317,26 @@ AEFAST_ALWAYS_INLINE void wgrad_block_body(const scalar_t* __restrict__ z, const
       for (int64_t ph = 0; ph < g.pooled_h; ++ph)
         for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
           int64_t h, w;
-          position_of(in, ph * g.pooled_w + pw, ph, pw, g, h, w);
-          offs[cnt] = (n - n0) * item + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
+          if (!position_of(in, ph * g.pooled_w + pw, ph, pw, g, h, w)) continue;
+          offs[cnt] = (n - n0) * col_item + (h * g.unpooled_w + w) * per_ci;
           vals[cnt] = static_cast<acc_t>(zn[ph * g.pooled_w + pw]);
           ++cnt;
         }
     }
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-      axpy_rows(gwt + ci * per_ci + kh * run, gpad + kh * row_stride, offs, vals, cnt, run);
+    axpy_rows(gwt + ci * per_ci, col, offs, vals, cnt, per_ci);
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_TARGET_AVX2 void wgrad_block_avx2(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt,
-                                         const DecoderGeometry& g, int64_t acc_cols, int64_t item, int64_t n0,
-                                         int64_t n1, int64_t c0, int64_t c1, int64_t* offs, acc_t* vals) {
-  wgrad_block_body(z, idx, gpad, gwt, g, acc_cols, item, n0, n1, c0, c1, offs, vals);
+AEFAST_TARGET_AVX2 void wgrad_block_avx2(const scalar_t* z, const index_t* idx, const acc_t* col, acc_t* gwt,
+                                         const DecoderGeometry& g, int64_t n0, int64_t n1, int64_t c0, int64_t c1,
+                                         int64_t* offs, acc_t* vals) {
+  wgrad_block_body(z, idx, col, gwt, g, n0, n1, c0, c1, offs, vals);
 }
 template <typename scalar_t, typename acc_t, typename index_t>
-void wgrad_block_base(const scalar_t* z, const index_t* idx, const acc_t* gpad, acc_t* gwt, const DecoderGeometry& g,
-                      int64_t acc_cols, int64_t item, int64_t n0, int64_t n1, int64_t c0, int64_t c1, int64_t* offs,
-                      acc_t* vals) {
-  wgrad_block_body(z, idx, gpad, gwt, g, acc_cols, item, n0, n1, c0, c1, offs, vals);
+void wgrad_block_base(const scalar_t* z, const index_t* idx, const acc_t* col, acc_t* gwt, const DecoderGeometry& g,
+                      int64_t n0, int64_t n1, int64_t c0, int64_t c1, int64_t* offs, acc_t* vals) {
+  wgrad_block_body(z, idx, col, gwt, g, n0, n1, c0, c1, offs, vals);
 }
 
 // W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type.
@@ -342,7 +374,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const acc_t sl = static_cast<acc_t>(slope);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> acc(static_cast<size_t>(ext.rows * ext.cols * g.c_out));
-    GroupScratch<acc_t> scratch(g.c_in, g.pool_h * g.pool_w);
+    GroupScratch<acc_t> scratch(g.c_in, g.pool_h * g.pool_w, g.kernel_h * g.kernel_w * g.c_out);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (avx2)
@@ -388,6 +420,13 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   return {out, pre};
 }
 
+// Backward in blocks of items whose im2col of gpre fits in about 1 MiB (a fixed size: the
+// block is the only grouping of the weight-gradient sum, so results do not depend on threads):
+//   1. gpre = grad_out * act'(.) into the padded channels-last buffer, one (item, c_out) lane
+//      per task, with a bias partial sum per (item, c_out);
+//   2. im2col of gpre, one (item, row) per task;
+//   3. grad_weight, one range of input channels per thread, walking the block in order;
+//   4. grad_input, one (item, input channel) per task.
 template <typename scalar_t, typename index_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const at::Tensor& z, const at::Tensor& idx,
                     const at::Tensor& weight, const DecoderGeometry& g, DecoderAct act, double slope,
@@ -395,7 +434,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   using acc_t = at::opmath_type<scalar_t>;
   const AccExtent ext = acc_extent(g);
   const int64_t item = ext.rows * ext.cols * g.c_out;
-  const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
+  const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out, col_item = g.unpooled_h * g.unpooled_w * per_ci;
+  const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane, plane_out = g.c_out * g.out_h * g.out_w;
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* ap = act_in.const_data_ptr<scalar_t>();
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
@@ -403,65 +443,74 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const acc_t sl = static_cast<acc_t>(slope);
   const bool avx2 = cpu_has_avx2_fma();
   const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
-  // gpre in the padded channels-last layout for every item (read again by the weight gradient),
-  // plus one bias partial sum per item.
-  // Allocated through the c10 allocator (not std::vector) so that memory profilers see them.
+  const int64_t block = std::max<int64_t>(
+      1, std::min<int64_t>(g.n, (1 << 20) / std::max<int64_t>(1, col_item * int64_t(sizeof(acc_t)))));
+  // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor gpad_t = at::empty({g.n * item}, acc_opts);
+  at::Tensor gpad_t = at::empty({block * item}, acc_opts);
+  at::Tensor col_t = at::empty({block * col_item}, acc_opts);
   at::Tensor bias_part_t = at::empty({g.n * g.c_out}, acc_opts);
-  acc_t* gpad_p = gpad_t.mutable_data_ptr<acc_t>();
+  at::Tensor gwt_t = at::zeros({g.c_in * per_ci}, acc_opts);
+  acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
+  acc_t* col = col_t.mutable_data_ptr<acc_t>();
   acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
-  scalar_t* gz = mask[0] ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      acc_t* gn = gpad_p + n * item;
-      std::fill(gn, gn + item, acc_t(0));
-      const scalar_t* go = gp + n * plane_out;
-      const scalar_t* ai = ap + n * plane_out;
-      for (int64_t co = 0; co < g.c_out; ++co) {
+  acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
+  scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
+  for (int64_t n0 = 0; n0 < g.n; n0 += block) {
+    const int64_t n1 = std::min(g.n, n0 + block), nb = n1 - n0;
+    at::parallel_for(0, nb * g.c_out, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n = n0 + u / g.c_out, co = u % g.c_out;
+        acc_t* lane = gpad + (n - n0) * item + co;
+        for (int64_t a = 0; a < ext.rows * ext.cols; ++a) lane[a * g.c_out] = acc_t(0);
+        const scalar_t* go = gp + n * plane_out + co * g.out_h * g.out_w;
+        const scalar_t* ai = ap + n * plane_out + co * g.out_h * g.out_w;
         acc_t bsum = 0;
         for (int64_t oy = 0; oy < g.out_h; ++oy) {
-          acc_t* row = gn + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
-          const int64_t o_base = (co * g.out_h + oy) * g.out_w;
+          acc_t* row = lane + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out;
           for (int64_t ox = 0; ox < g.out_w; ++ox) {
-            const acc_t d = static_cast<acc_t>(go[o_base + ox]) *
-                            act_derivative<acc_t>(static_cast<acc_t>(ai[o_base + ox]), act, sl);
+            const int64_t o = oy * g.out_w + ox;
+            const acc_t d = static_cast<acc_t>(go[o]) * act_derivative<acc_t>(static_cast<acc_t>(ai[o]), act, sl);
             row[ox * g.c_out] = d;
             bsum += d;
           }
         }
         bias_part[n * g.c_out + co] = bsum;
       }
-      if (gz) {
-        if (avx2)
-          gather_item_avx2<scalar_t, acc_t, index_t>(ip + n * plane_in, wt.data(), gn, gz + n * plane_in, g, ext.cols);
-        else
-          gather_item_base<scalar_t, acc_t, index_t>(ip + n * plane_in, wt.data(), gn, gz + n * plane_in, g, ext.cols);
-      }
-    }
-  });
-  if (mask[1]) {
-    const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out;
-    at::Tensor gwt_t = at::zeros({g.c_in * per_ci}, acc_opts);
-    acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
-    // Each thread owns a range of input channels and walks the batch in order, in blocks of
-    // items whose gpre fits in L2 (the block is the reduction's only grouping: fixed, thread-free).
-    const int64_t block = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(1, item * int64_t(sizeof(acc_t))));
-    at::parallel_for(0, g.c_in, 1, [&](int64_t c0, int64_t c1) {
-      const int64_t cap = block * g.pooled_h * g.pooled_w;
-      std::vector<int64_t> offs(static_cast<size_t>(cap));
-      std::vector<acc_t> vals(static_cast<size_t>(cap));
-      for (int64_t n0 = 0; n0 < g.n; n0 += block) {
-        const int64_t n1 = std::min(g.n, n0 + block);
-        const acc_t* gblock = gpad_p + n0 * item;
-        if (avx2)
-          wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt, g, ext.cols, item, n0, n1, c0, c1,
-                                                     offs.data(), vals.data());
-        else
-          wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, gblock, gwt, g, ext.cols, item, n0, n1, c0, c1,
-                                                     offs.data(), vals.data());
+    });
+    if (!mask[0] && !mask[1]) continue;
+    at::parallel_for(0, nb * g.unpooled_h, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / g.unpooled_h, h = r % g.unpooled_h;
+        build_col_rows(gpad + b * item, col + b * col_item, g, ext.cols, h, h + 1);
       }
     });
+    if (mask[1]) {
+      at::parallel_for(0, g.c_in, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<int64_t> offs(static_cast<size_t>(nb * plane));
+        std::vector<acc_t> vals(static_cast<size_t>(nb * plane));
+        if (avx2)
+          wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, col, gwt, g, n0, n1, c0, c1, offs.data(), vals.data());
+        else
+          wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, col, gwt, g, n0, n1, c0, c1, offs.data(), vals.data());
+      });
+    }
+    if (mask[0]) {
+      at::parallel_for(0, nb * g.c_in, 1, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t n = n0 + u / g.c_in, ci = u % g.c_in;
+          const int64_t off = n * plane_in + ci * plane;
+          if (avx2)
+            gather_channel_avx2<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * per_ci,
+                                                          col + (n - n0) * col_item, gz + off, g);
+          else
+            gather_channel_base<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * per_ci,
+                                                          col + (n - n0) * col_item, gz + off, g);
+        }
+      });
+    }
+  }
+  if (mask[1]) {
     scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
     for (int64_t ci = 0; ci < g.c_in; ++ci)
       for (int64_t co = 0; co < g.c_out; ++co)
@@ -473,9 +522,9 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   if (mask[2]) {
     scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
     for (int64_t co = 0; co < g.c_out; ++co) {
-      acc_t s = 0;
-      for (int64_t n = 0; n < g.n; ++n) s += bias_part[n * g.c_out + co];
-      gb[co] = static_cast<scalar_t>(s);
+      acc_t sum = 0;
+      for (int64_t n = 0; n < g.n; ++n) sum += bias_part[n * g.c_out + co];
+      gb[co] = static_cast<scalar_t>(sum);
     }
   }
 }
