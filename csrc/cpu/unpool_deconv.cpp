@@ -156,20 +156,40 @@ AEFAST_ALWAYS_INLINE void axpy_rows_block(T* __restrict__ dst, const T* __restri
   for (int q = 0; q < NV; ++q) vstore(dst + q * L, vload<V>(dst + q * L) + r[q]);
 }
 
-// dst[0 : run] += sum_t vals[t] * base[offs[t] : offs[t] + run] (a gathered-row GEMV).
+// dst[0 : run] += sum_t vals[t] * base[offs[t] : offs[t] + run] (a gathered-row GEMV). Rows of
+// up to 12 vectors are done in one pass over the list with exactly as many accumulators; slabs
+// are padded to whole vectors, so the scalar tail only serves unpadded callers.
 template <typename T>
 AEFAST_ALWAYS_INLINE void axpy_rows(T* __restrict__ dst, const T* __restrict__ base, const int64_t* __restrict__ offs,
                                     const T* __restrict__ vals, int64_t count, int64_t run) {
   constexpr int L = Vec<T>::L;
   int64_t j = 0;
   for (; j + 12 * L <= run; j += 12 * L) axpy_rows_block<12>(dst + j, base + j, offs, vals, count);
-  for (; j + 4 * L <= run; j += 4 * L) axpy_rows_block<4>(dst + j, base + j, offs, vals, count);
-  for (; j + L <= run; j += L) axpy_rows_block<1>(dst + j, base + j, offs, vals, count);
+  const int64_t nv = (run - j) / L;
+  switch (nv) {
+#define AEFAST_AXPY_CASE(K) \
+  case K:                   \
+    axpy_rows_block<K>(dst + j, base + j, offs, vals, count); \
+    break;
+    AEFAST_AXPY_CASE(1) AEFAST_AXPY_CASE(2) AEFAST_AXPY_CASE(3) AEFAST_AXPY_CASE(4) AEFAST_AXPY_CASE(5)
+    AEFAST_AXPY_CASE(6) AEFAST_AXPY_CASE(7) AEFAST_AXPY_CASE(8) AEFAST_AXPY_CASE(9) AEFAST_AXPY_CASE(10)
+    AEFAST_AXPY_CASE(11)
+#undef AEFAST_AXPY_CASE
+    default: break;
+  }
+  j += nv * L;
   for (; j < run; ++j) {
     T s = 0;
     for (int64_t t = 0; t < count; ++t) s += vals[t] * base[offs[t] + j];
     dst[j] += s;
   }
+}
+
+// Per-channel slab stride: KH*KW*C_out rounded up to whole vectors (the padding is zero).
+template <typename acc_t>
+int64_t slab_stride(const DecoderGeometry& g) {
+  constexpr int64_t L = Vec<acc_t>::L;
+  return (g.kernel_h * g.kernel_w * g.c_out + L - 1) / L * L;
 }
 
 // sum_j a[j] * b[j] with vector lanes (a float reduction the compiler would leave scalar).
@@ -210,7 +230,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                             const acc_t* __restrict__ wt, acc_t* __restrict__ acc,
                                             const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, ps = slab_stride<acc_t>(g);
   const int64_t window = g.pool_h * g.pool_w, plane = g.pooled_h * g.pooled_w;
   acc_t* __restrict__ slab = sc.slab.data();
   for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
@@ -227,14 +247,14 @@ AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, cons
         const int64_t o = sc.offset_of_ci[ci];
         if (o < 0) continue;
         const int64_t slot = sc.start[o]++;
-        sc.offs[slot] = ci * per_ci;
+        sc.offs[slot] = ci * ps;
         sc.vals[slot] = static_cast<acc_t>(z[ci * plane + ph * g.pooled_w + pw]);
       }
       for (int64_t o = 0; o < window; ++o) {
         const int64_t first = sc.count[o], cnt = sc.count[o + 1] - first;
         if (cnt == 0) continue;
-        std::fill(slab, slab + per_ci, acc_t(0));
-        axpy_rows(slab, wt, sc.offs.data() + first, sc.vals.data() + first, cnt, per_ci);
+        std::fill(slab, slab + ps, acc_t(0));
+        axpy_rows(slab, wt, sc.offs.data() + first, sc.vals.data() + first, cnt, ps);
         const int64_t h = ph * g.pool_h + o / g.pool_w, w = pw * g.pool_w + o % g.pool_w;
         acc_t* base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
         for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
@@ -264,11 +284,11 @@ void scatter_item_base(const scalar_t* z, const index_t* idx, const acc_t* wt, a
 template <typename acc_t>
 void build_col_rows(const acc_t* __restrict__ gpad, acc_t* __restrict__ col, const DecoderGeometry& g,
                     int64_t acc_cols, int64_t h0, int64_t h1) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, per_ci = g.kernel_h * run;
+  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, ps = slab_stride<acc_t>(g);
   for (int64_t h = h0; h < h1; ++h)
     for (int64_t w = 0; w < g.unpooled_w; ++w)
       for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-        std::memcpy(col + (h * g.unpooled_w + w) * per_ci + kh * run,
+        std::memcpy(col + (h * g.unpooled_w + w) * ps + kh * run,
                     gpad + (h * g.stride_h + kh) * row_stride + (w * g.stride_w) * co, sizeof(acc_t) * run);
 }
 
@@ -278,13 +298,13 @@ template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void gather_channel_body(const index_t* __restrict__ idx, const acc_t* __restrict__ wc,
                                               const acc_t* __restrict__ col, scalar_t* __restrict__ grad_z,
                                               const DecoderGeometry& g) {
-  const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out;
+  const int64_t ps = slab_stride<acc_t>(g);
   for (int64_t ph = 0; ph < g.pooled_h; ++ph)
     for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
       const int64_t k = ph * g.pooled_w + pw;
       int64_t h, w;
       grad_z[k] = position_of(idx, k, ph, pw, g, h, w)
-                      ? static_cast<scalar_t>(dot(col + (h * g.unpooled_w + w) * per_ci, wc, per_ci))
+                      ? static_cast<scalar_t>(dot(col + (h * g.unpooled_w + w) * ps, wc, ps))
                       : scalar_t(0);
     }
 }
@@ -307,7 +327,7 @@ AEFAST_ALWAYS_INLINE void wgrad_block_body(const scalar_t* __restrict__ z, const
                                            const acc_t* __restrict__ col, acc_t* __restrict__ gwt,
                                            const DecoderGeometry& g, int64_t n0, int64_t n1, int64_t c0, int64_t c1,
                                            int64_t* offs, acc_t* vals) {
-  const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out, col_item = g.unpooled_h * g.unpooled_w * per_ci;
+  const int64_t ps = slab_stride<acc_t>(g), col_item = g.unpooled_h * g.unpooled_w * ps;
   const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane;
   for (int64_t ci = c0; ci < c1; ++ci) {
     int64_t cnt = 0;
@@ -318,12 +338,12 @@ AEFAST_ALWAYS_INLINE void wgrad_block_body(const scalar_t* __restrict__ z, const
         for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
           int64_t h, w;
           if (!position_of(in, ph * g.pooled_w + pw, ph, pw, g, h, w)) continue;
-          offs[cnt] = (n - n0) * col_item + (h * g.unpooled_w + w) * per_ci;
+          offs[cnt] = (n - n0) * col_item + (h * g.unpooled_w + w) * ps;
           vals[cnt] = static_cast<acc_t>(zn[ph * g.pooled_w + pw]);
           ++cnt;
         }
     }
-    axpy_rows(gwt + ci * per_ci, col, offs, vals, cnt, per_ci);
+    axpy_rows(gwt + ci * ps, col, offs, vals, cnt, ps);
   }
 }
 
@@ -339,16 +359,18 @@ void wgrad_block_base(const scalar_t* z, const index_t* idx, const acc_t* col, a
   wgrad_block_body(z, idx, col, gwt, g, n0, n1, c0, c1, offs, vals);
 }
 
-// W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type.
+// W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type, one zero-padded slab of
+// slab_stride values per input channel.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> reorder_weight(const at::Tensor& weight, const DecoderGeometry& g) {
   const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  std::vector<acc_t> wt(static_cast<size_t>(g.c_in * g.c_out * g.kernel_h * g.kernel_w));
+  const int64_t ps = slab_stride<acc_t>(g);
+  std::vector<acc_t> wt(static_cast<size_t>(g.c_in * ps), acc_t(0));
   for (int64_t ci = 0; ci < g.c_in; ++ci)
     for (int64_t co = 0; co < g.c_out; ++co)
       for (int64_t kh = 0; kh < g.kernel_h; ++kh)
         for (int64_t kw = 0; kw < g.kernel_w; ++kw)
-          wt[((ci * g.kernel_h + kh) * g.kernel_w + kw) * g.c_out + co] =
+          wt[ci * ps + (kh * g.kernel_w + kw) * g.c_out + co] =
               static_cast<acc_t>(w[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw]);
   return wt;
 }
@@ -374,7 +396,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const acc_t sl = static_cast<acc_t>(slope);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> acc(static_cast<size_t>(ext.rows * ext.cols * g.c_out));
-    GroupScratch<acc_t> scratch(g.c_in, g.pool_h * g.pool_w, g.kernel_h * g.kernel_w * g.c_out);
+    GroupScratch<acc_t> scratch(g.c_in, g.pool_h * g.pool_w, slab_stride<acc_t>(g));
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (avx2)
@@ -420,13 +442,15 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   return {out, pre};
 }
 
-// Backward in blocks of items whose im2col of gpre fits in about 1 MiB (a fixed size: the
-// block is the only grouping of the weight-gradient sum, so results do not depend on threads):
-//   1. gpre = grad_out * act'(.) into the padded channels-last buffer, one (item, c_out) lane
-//      per task, with a bias partial sum per (item, c_out);
-//   2. im2col of gpre, one (item, row) per task;
-//   3. grad_weight, one range of input channels per thread, walking the block in order;
-//   4. grad_input, one (item, input channel) per task.
+// Backward: the batch is cut into at most 16 fixed chunks of consecutive items (their size
+// depends on N only, never on the thread count), processed in ONE parallel region (parallel
+// regions are costly on a busy machine). Per item, the thread owning its chunk
+//   1. writes gpre = grad_out * act'(.) into a padded channels-last buffer (bias partial sums
+//      per item and channel on the way),
+//   2. builds the im2col of gpre (one slab per unpooled position),
+//   3. computes grad_input (a dot per pooled value) and adds the item's grad_weight terms to its
+//      chunk's partial sum (gathered-row GEMVs, see wgrad_block_body).
+// The chunk partials and the bias partials are then added in chunk / item order.
 template <typename scalar_t, typename index_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const at::Tensor& z, const at::Tensor& idx,
                     const at::Tensor& weight, const DecoderGeometry& g, DecoderAct act, double slope,
@@ -434,7 +458,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   using acc_t = at::opmath_type<scalar_t>;
   const AccExtent ext = acc_extent(g);
   const int64_t item = ext.rows * ext.cols * g.c_out;
-  const int64_t per_ci = g.kernel_h * g.kernel_w * g.c_out, col_item = g.unpooled_h * g.unpooled_w * per_ci;
+  const int64_t ps = slab_stride<acc_t>(g), col_item = g.unpooled_h * g.unpooled_w * ps;
   const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane, plane_out = g.c_out * g.out_h * g.out_w;
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* ap = act_in.const_data_ptr<scalar_t>();
@@ -443,81 +467,75 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const acc_t sl = static_cast<acc_t>(slope);
   const bool avx2 = cpu_has_avx2_fma();
   const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
-  const int64_t block = std::max<int64_t>(
-      1, std::min<int64_t>(g.n, (1 << 20) / std::max<int64_t>(1, col_item * int64_t(sizeof(acc_t)))));
+  const int64_t chunk = std::max<int64_t>(1, (g.n + 15) / 16), chunks = (g.n + chunk - 1) / chunk;
   // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor gpad_t = at::empty({block * item}, acc_opts);
-  at::Tensor col_t = at::empty({block * col_item}, acc_opts);
   at::Tensor bias_part_t = at::empty({g.n * g.c_out}, acc_opts);
-  at::Tensor gwt_t = at::zeros({g.c_in * per_ci}, acc_opts);
-  acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
-  acc_t* col = col_t.mutable_data_ptr<acc_t>();
+  at::Tensor gwt_t = at::zeros({mask[1] ? chunks * g.c_in * ps : 0}, acc_opts);
   acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
   acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
   scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
-  for (int64_t n0 = 0; n0 < g.n; n0 += block) {
-    const int64_t n1 = std::min(g.n, n0 + block), nb = n1 - n0;
-    at::parallel_for(0, nb * g.c_out, 1, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t n = n0 + u / g.c_out, co = u % g.c_out;
-        acc_t* lane = gpad + (n - n0) * item + co;
-        for (int64_t a = 0; a < ext.rows * ext.cols; ++a) lane[a * g.c_out] = acc_t(0);
-        const scalar_t* go = gp + n * plane_out + co * g.out_h * g.out_w;
-        const scalar_t* ai = ap + n * plane_out + co * g.out_h * g.out_w;
-        acc_t bsum = 0;
-        for (int64_t oy = 0; oy < g.out_h; ++oy) {
-          acc_t* row = lane + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out;
-          for (int64_t ox = 0; ox < g.out_w; ++ox) {
-            const int64_t o = oy * g.out_w + ox;
-            const acc_t d = static_cast<acc_t>(go[o]) * act_derivative<acc_t>(static_cast<acc_t>(ai[o]), act, sl);
-            row[ox * g.c_out] = d;
-            bsum += d;
+  const bool need_col = mask[0] || mask[1];
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    at::Tensor gpad_t = at::empty({item}, acc_opts);
+    at::Tensor col_t = at::zeros({need_col ? col_item : 0}, acc_opts);  // slab padding stays zero
+    acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
+    acc_t* col = col_t.mutable_data_ptr<acc_t>();
+    std::vector<int64_t> offs(static_cast<size_t>(plane));
+    std::vector<acc_t> vals(static_cast<size_t>(plane));
+    for (int64_t kc = k0; kc < k1; ++kc) {
+      for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
+        std::fill(gpad, gpad + item, acc_t(0));
+        for (int64_t co = 0; co < g.c_out; ++co) {
+          const scalar_t* go = gp + n * plane_out + co * g.out_h * g.out_w;
+          const scalar_t* ai = ap + n * plane_out + co * g.out_h * g.out_w;
+          acc_t bsum = 0;
+          for (int64_t oy = 0; oy < g.out_h; ++oy) {
+            acc_t* row = gpad + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
+            for (int64_t ox = 0; ox < g.out_w; ++ox) {
+              const int64_t o = oy * g.out_w + ox;
+              const acc_t d = static_cast<acc_t>(go[o]) * act_derivative<acc_t>(static_cast<acc_t>(ai[o]), act, sl);
+              row[ox * g.c_out] = d;
+              bsum += d;
+            }
+          }
+          bias_part[n * g.c_out + co] = bsum;
+        }
+        if (!need_col) continue;
+        build_col_rows(gpad, col, g, ext.cols, 0, g.unpooled_h);
+        if (mask[1]) {
+          acc_t* part = gwt + kc * g.c_in * ps;
+          if (avx2)
+            wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, col, part, g, n, n + 1, 0, g.c_in, offs.data(),
+                                                       vals.data());
+          else
+            wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, col, part, g, n, n + 1, 0, g.c_in, offs.data(),
+                                                       vals.data());
+        }
+        if (mask[0]) {
+          for (int64_t ci = 0; ci < g.c_in; ++ci) {
+            const int64_t off = n * plane_in + ci * plane;
+            if (avx2)
+              gather_channel_avx2<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * ps, col, gz + off, g);
+            else
+              gather_channel_base<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * ps, col, gz + off, g);
           }
         }
-        bias_part[n * g.c_out + co] = bsum;
       }
-    });
-    if (!mask[0] && !mask[1]) continue;
-    at::parallel_for(0, nb * g.unpooled_h, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / g.unpooled_h, h = r % g.unpooled_h;
-        build_col_rows(gpad + b * item, col + b * col_item, g, ext.cols, h, h + 1);
-      }
-    });
-    if (mask[1]) {
-      at::parallel_for(0, g.c_in, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<int64_t> offs(static_cast<size_t>(nb * plane));
-        std::vector<acc_t> vals(static_cast<size_t>(nb * plane));
-        if (avx2)
-          wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, col, gwt, g, n0, n1, c0, c1, offs.data(), vals.data());
-        else
-          wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, col, gwt, g, n0, n1, c0, c1, offs.data(), vals.data());
-      });
     }
-    if (mask[0]) {
-      at::parallel_for(0, nb * g.c_in, 1, [&](int64_t u0, int64_t u1) {
-        for (int64_t u = u0; u < u1; ++u) {
-          const int64_t n = n0 + u / g.c_in, ci = u % g.c_in;
-          const int64_t off = n * plane_in + ci * plane;
-          if (avx2)
-            gather_channel_avx2<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * per_ci,
-                                                          col + (n - n0) * col_item, gz + off, g);
-          else
-            gather_channel_base<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * per_ci,
-                                                          col + (n - n0) * col_item, gz + off, g);
-        }
-      });
-    }
-  }
+  });
   if (mask[1]) {
+    for (int64_t kc = 1; kc < chunks; ++kc) {
+      const acc_t* part = gwt + kc * g.c_in * ps;
+      for (int64_t e = 0; e < g.c_in * ps; ++e) gwt[e] += part[e];
+    }
     scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
     for (int64_t ci = 0; ci < g.c_in; ++ci)
       for (int64_t co = 0; co < g.c_out; ++co)
         for (int64_t kh = 0; kh < g.kernel_h; ++kh)
           for (int64_t kw = 0; kw < g.kernel_w; ++kw)
             gw[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw] =
-                static_cast<scalar_t>(gwt[((ci * g.kernel_h + kh) * g.kernel_w + kw) * g.c_out + co]);
+                static_cast<scalar_t>(gwt[ci * ps + (kh * g.kernel_w + kw) * g.c_out + co]);
   }
   if (mask[2]) {
     scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
