@@ -211,56 +211,78 @@ AEFAST_ALWAYS_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int
   return s;
 }
 
-// Per-thread scratch for grouping the channels of one window by their argmax offset.
+// Per-thread scratch: the channels of every window of one item grouped by argmax offset.
 template <typename acc_t>
 struct GroupScratch {
-  std::vector<int64_t> offset_of_ci, count, start, offs;
+  std::vector<int64_t> offset_of_ci, bounds, fill, offs;
   std::vector<acc_t> vals, slab;
-  GroupScratch(int64_t c_in, int64_t window, int64_t per_ci)
-      : offset_of_ci(c_in), count(window + 1), start(window + 1), offs(c_in), vals(c_in), slab(per_ci) {}
+  GroupScratch(int64_t c_in, int64_t windows, int64_t window, int64_t slab_len)
+      : offset_of_ci(c_in), bounds(windows * (window + 1)), fill(window), offs(windows * c_in),
+        vals(windows * c_in), slab(slab_len) {}
 };
+
+// Columns of the weight slab handled per pass: 12 vectors, so that the weight block of all
+// input channels (C_in x 12 vectors) stays in L1 while every window of the item uses it.
+template <typename acc_t>
+constexpr int64_t kSlabChunk = 12 * Vec<acc_t>::L;
 
 // ---------------------------------------------------------------- forward scatter (one item)
 // For each pool window the input channels are grouped (stable counting sort) by where their
 // maximum sits. A group shares one position, so its whole contribution is one gathered-row GEMV
 //   slab[kh][kw][co] = sum_{ci in group} z[ci] * Wt[ci][kh][kw][co]
-// over the contiguous per-channel weight slab (KH*KW*C_out values, accumulated in registers),
-// added to the footprint rows of acc once. MACs: one per (pooled value, weight of its channel).
+// over the contiguous per-channel weight slab (accumulated in registers), added to the
+// footprint rows of acc once. The slab columns are done in chunks (outer loop) so the weight
+// block stays in L1 across windows. MACs: one per (pooled value, weight of its channel).
 template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                             const acc_t* __restrict__ wt, acc_t* __restrict__ acc,
                                             const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
   const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, ps = slab_stride<acc_t>(g);
+  const int64_t used = g.kernel_h * run;  // slab values before the zero padding
   const int64_t window = g.pool_h * g.pool_w, plane = g.pooled_h * g.pooled_w;
   acc_t* __restrict__ slab = sc.slab.data();
-  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-      std::fill(sc.count.begin(), sc.count.end(), int64_t(0));
-      for (int64_t ci = 0; ci < g.c_in; ++ci) {
-        const int64_t o = window_offset_of(idx, ci * plane + ph * g.pooled_w + pw, ph, pw, g);
-        sc.offset_of_ci[ci] = o;
-        if (o >= 0) ++sc.count[o + 1];
-      }
-      for (int64_t o = 0; o < window; ++o) sc.count[o + 1] += sc.count[o];
-      std::copy(sc.count.begin(), sc.count.end(), sc.start.begin());
-      for (int64_t ci = 0; ci < g.c_in; ++ci) {
-        const int64_t o = sc.offset_of_ci[ci];
-        if (o < 0) continue;
-        const int64_t slot = sc.start[o]++;
-        sc.offs[slot] = ci * ps;
-        sc.vals[slot] = static_cast<acc_t>(z[ci * plane + ph * g.pooled_w + pw]);
-      }
+  // Pass 1: group the channels of every window (bounds = group starts, per window).
+  for (int64_t p = 0; p < plane; ++p) {
+    const int64_t ph = p / g.pooled_w, pw = p - ph * g.pooled_w;
+    int64_t* bounds = sc.bounds.data() + p * (window + 1);
+    std::fill(bounds, bounds + window + 1, int64_t(0));
+    for (int64_t ci = 0; ci < g.c_in; ++ci) {
+      const int64_t o = window_offset_of(idx, ci * plane + p, ph, pw, g);
+      sc.offset_of_ci[ci] = o;
+      if (o >= 0) ++bounds[o + 1];
+    }
+    for (int64_t o = 0; o < window; ++o) bounds[o + 1] += bounds[o];
+    int64_t* fill = sc.fill.data();
+    for (int64_t o = 0; o < window; ++o) fill[o] = bounds[o];
+    for (int64_t ci = 0; ci < g.c_in; ++ci) {
+      const int64_t o = sc.offset_of_ci[ci];
+      if (o < 0) continue;
+      const int64_t slot = p * g.c_in + fill[o]++;
+      sc.offs[slot] = ci * ps;
+      sc.vals[slot] = static_cast<acc_t>(z[ci * plane + p]);
+    }
+  }
+  // Pass 2: per chunk of slab columns, every window and group.
+  constexpr int64_t CH = kSlabChunk<acc_t>;
+  for (int64_t c0 = 0; c0 < used; c0 += CH) {
+    const int64_t len = std::min(CH, ps - c0), stop = std::min(used, c0 + CH);
+    for (int64_t p = 0; p < plane; ++p) {
+      const int64_t ph = p / g.pooled_w, pw = p - ph * g.pooled_w;
+      const int64_t* bounds = sc.bounds.data() + p * (window + 1);
       for (int64_t o = 0; o < window; ++o) {
-        const int64_t first = sc.count[o], cnt = sc.count[o + 1] - first;
+        const int64_t first = bounds[o], cnt = bounds[o + 1] - first;
         if (cnt == 0) continue;
-        std::fill(slab, slab + ps, acc_t(0));
-        axpy_rows(slab, wt, sc.offs.data() + first, sc.vals.data() + first, cnt, ps);
+        std::fill(slab, slab + len, acc_t(0));
+        axpy_rows(slab, wt + c0, sc.offs.data() + p * g.c_in + first, sc.vals.data() + p * g.c_in + first, cnt, len);
         const int64_t h = ph * g.pool_h + o / g.pool_w, w = pw * g.pool_w + o % g.pool_w;
         acc_t* base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          acc_t* __restrict__ dst = base + kh * row_stride;
-          const acc_t* __restrict__ src = slab + kh * run;
-          for (int64_t j = 0; j < run; ++j) dst[j] += src[j];
+        // Add slab columns [c0, stop) to the footprint, one kernel-row segment at a time.
+        for (int64_t e = c0; e < stop;) {
+          const int64_t kh = e / run, r = e - kh * run, seg = std::min(stop - e, run - r);
+          acc_t* __restrict__ dst = base + kh * row_stride + r;
+          const acc_t* __restrict__ src = slab + (e - c0);
+          for (int64_t j = 0; j < seg; ++j) dst[j] += src[j];
+          e += seg;
         }
       }
     }
@@ -396,7 +418,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const acc_t sl = static_cast<acc_t>(slope);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> acc(static_cast<size_t>(ext.rows * ext.cols * g.c_out));
-    GroupScratch<acc_t> scratch(g.c_in, g.pool_h * g.pool_w, slab_stride<acc_t>(g));
+    GroupScratch<acc_t> scratch(g.c_in, g.pooled_h * g.pooled_w, g.pool_h * g.pool_w, kSlabChunk<acc_t>);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (avx2)
