@@ -163,7 +163,8 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     backend = choose("max_unpool2d", input.device)
     if backend == "reference":
         return ref.max_unpool2d(input, indices, k, s, p, out_hw)
-    return _unpool_deconv.max_unpool2d(backend, input, indices, out_hw)
+    out = _unpool_deconv.max_unpool2d(backend, input, indices, out_hw)
+    return out.contiguous(memory_format=ref._memory_format(input))  # channels_last in, channels_last out
 
 
 # ================================================================ transposed convolution
@@ -216,7 +217,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     offsets = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     y = _unpool_deconv.unpool_conv_transpose2d(backend, x, offsets, weight, bias, (1, 1), tuple(x.shape[-2:]), s, p,
                                                op, None, 0.01)
-    return y if input.dim() == 4 else y.squeeze(0)
+    return y.contiguous(memory_format=ref._memory_format(input)) if input.dim() == 4 else y.squeeze(0)
 
 
 # ================================================================ fused blocks

@@ -169,3 +169,17 @@ def test_conv_transpose2d_parameter_sweep_cpu():
                 continue
             torch.testing.assert_close(AF.conv_transpose2d(x, w, b, s, p, op),
                                        F.conv_transpose2d(x, w, b, s, p, op), **TOLERANCES[torch.float32])
+
+
+def test_channels_last_in_channels_last_out(backend):
+    dev = backend_device(backend)
+    x = torch.randn(2, 3, 4, 4, device=dev).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 2, 3, 3, device=dev)
+    with aefast.set_backend(backend):
+        y = AF.conv_transpose2d(x, w, None, 2, 1, 1)
+        _, idx = F.max_pool2d(torch.randn(2, 3, 8, 8), 2, return_indices=True)
+        u = AF.max_unpool2d(x, idx.to(dev).contiguous(memory_format=torch.channels_last), 2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert u.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.cpu(), F.conv_transpose2d(x.cpu(), w.cpu(), None, 2, 1, 1), **TOLERANCES[torch.float32])
+    torch.testing.assert_close(u.cpu(), F.max_unpool2d(x.cpu(), idx, 2))
