@@ -183,3 +183,15 @@ def test_channels_last_in_channels_last_out(backend):
     assert u.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y.cpu(), F.conv_transpose2d(x.cpu(), w.cpu(), None, 2, 1, 1), **TOLERANCES[torch.float32])
     torch.testing.assert_close(u.cpu(), F.max_unpool2d(x.cpu(), idx, 2))
+
+
+def test_gradcheck_drop_ins_cpu():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    _, idx = F.max_pool2d(torch.randn(1, 2, 7, 8, generator=gen), 2, return_indices=True, ceil_mode=True)
+    with aefast.set_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda x, w, b: AF.conv_transpose2d(x, w, b, 2, 1, 1), (x, w, b))
+        xu = torch.randn(1, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: AF.max_unpool2d(x, idx, 2, output_size=(7, 8)), (xu,))
