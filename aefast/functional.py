@@ -176,11 +176,17 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     s = k if stride is None else pair(stride, "stride", minimum=1)
     p = pair(padding, "padding", minimum=0)
     out_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k, s, p, output_size)
-    _check_unpool_indices(input, indices, "flat", out_hw, None)
+    compiled_check = _backend_name(input.device) != "reference" and _compiled_check_available(input.device)
+    _check_unpool_indices(input, indices, "flat", out_hw, None, values=not compiled_check)
+    if compiled_check and indices.numel():
+        bad = _unpool_deconv.first_bad_index(indices, out_hw, (1, 1), False)
+        if bad >= 0:
+            _raise_bad_index(indices, bad, "flat", out_hw, (1, 1))
     backend = choose("max_unpool2d", input.device)
     if backend == "reference":
         return ref.max_unpool2d(input, indices, k, s, p, out_hw)
-    return _unpool_deconv.max_unpool2d(backend, input, indices, out_hw)
+    out = _unpool_deconv.max_unpool2d(backend, input, indices, out_hw)
+    return out.contiguous(memory_format=ref._memory_format(input))  # channels_last in, channels_last out
 
 
 # ================================================================ transposed convolution
@@ -233,7 +239,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     offsets = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     y = _unpool_deconv.unpool_conv_transpose2d(backend, x, offsets, weight, bias, (1, 1), tuple(x.shape[-2:]), s, p,
                                                op, None, 0.01)
-    return y if input.dim() == 4 else y.squeeze(0)
+    return y.contiguous(memory_format=ref._memory_format(input)) if input.dim() == 4 else y.squeeze(0)
 
 
 # ================================================================ fused blocks
@@ -289,10 +295,38 @@ def _backend_name(device):
     return _backend.resolve(device)
 
 
+def _compiled_check_available(device):
+    """aefast::first_bad_unpool_index has CPU kernels, and CUDA ones in a CUDA build."""
+    from aefast._extension import BUILD_INFO
+
+    return device.type == "cpu" or (device.type == "cuda" and BUILD_INFO["cuda"])
+
+
+def _raise_bad_index(indices, linear, index_format, unpooled_hw, k_pool):
+    pos = tuple(int(v) for v in torch.unravel_index(torch.tensor(linear), tuple(indices.shape)))
+    value = indices[pos].item()
+    if index_format == "flat":
+        limit = unpooled_hw[0] * unpooled_hw[1]
+        if not 0 <= value < limit:
+            raise ValueError(f"aefast: flat indices into an output of size {tuple(unpooled_hw)} must lie in "
+                             f"[0, {limit}); found {value} at position {pos}")
+    elif value >= k_pool[0] * k_pool[1]:
+        raise ValueError(f"aefast: window offsets must lie in [0, {k_pool[0] * k_pool[1]}); found {value} at "
+                         f"position {pos}")
+    what = "index" if index_format == "flat" else "window offset"
+    raise ValueError(f"aefast: {what} {value} at position {pos} is not inside its own pool window "
+                     f"(pool_size={tuple(k_pool)}, unpooled size {tuple(unpooled_hw)})")
+
+
 def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool):
     """Each index must name an element of its own pool window (stride = pool_size) inside the
     unpooled plane; anything else is a ValueError here, so no kernel reads out of bounds."""
     if not indices.numel():
+        return
+    if backend != "reference" and _compiled_check_available(indices.device):
+        bad = _unpool_deconv.first_bad_index(indices, unpooled_hw, k_pool, True)
+        if bad >= 0:
+            _raise_bad_index(indices, bad, index_format, unpooled_hw, k_pool)
         return
     hp, wp = indices.shape[-2:]
     if index_format == "flat":
@@ -337,9 +371,10 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
     check_tensor(input, "input", dims=(4,))
     k_pool = pair(pool_size, "pool_size", minimum=1)
     unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, k_pool, (0, 0), output_size)
-    # Flat indices of a kernel backend get their range checked with the window check below (one pass).
+    # Kernel backends check range and window of the index values in one pass, below.
     _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1],
-                          values=index_format == "window" or _backend_name(input.device) == "reference")
+                          values=_backend_name(input.device) == "reference"
+                          or not _compiled_check_available(input.device))
     _check_activation(activation, negative_slope)
     device, (s, p, op, _), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 1, 1,
                                                      in_hw=unpooled_hw)

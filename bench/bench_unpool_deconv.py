@@ -65,7 +65,8 @@ def bench_shape(name, n, c_in, c_out, hw, act, device, backend, use_compile, rep
 
     variants = {"eager": (lambda zz, ww, bb: eager_decoder(zz, idx, ww, bb, act), dense_macs)}
     if use_compile:
-        compiled = torch.compile(lambda zz, ww, bb: eager_decoder(zz, idx, ww, bb, act))
+        torch._dynamo.reset()  # a fresh static-shape compile per shape (no dynamic-shape recompiles)
+        compiled = torch.compile(lambda zz, ww, bb: eager_decoder(zz, idx, ww, bb, act), dynamic=False)
         variants["torch.compile"] = (compiled, dense_macs)
     variants[f"aefast[{backend}] flat idx"] = (fused(idx, "flat"), sparse_macs)
     variants[f"aefast[{backend}] window idx"] = (fused(window, "window"), sparse_macs)

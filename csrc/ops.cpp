@@ -59,6 +59,11 @@ TORCH_LIBRARY(aefast, m) {
   // position in row-major order naming an element wins (forward value and backward gradient).
   m.def("max_unpool2d(Tensor input, Tensor indices, int[2] output_size) -> Tensor");
   m.def("max_unpool2d_backward(Tensor grad_out, Tensor indices) -> Tensor");
+  // Validation helper (one pass, no intermediate tensors): the linear position of the first
+  // invalid index as a 0-d int64 tensor, -1 if none. Flat (int64) indices must lie in
+  // [0, H*W) of the unpooled plane and, with in_window, inside their own pool window
+  // (stride = pool_size); window (uint8) offsets must be < pool_h*pool_w and land in the plane.
+  m.def("first_bad_unpool_index(Tensor indices, int[2] unpooled_size, int[2] pool_size, bool in_window) -> Tensor");
 
   // ---- recon_loss (loss, corruption, VAE terms) ----
   // One pass computes the loss (reduced as asked) AND, when grad_input / grad_target is set,

@@ -169,3 +169,29 @@ def test_conv_transpose2d_parameter_sweep_cpu():
                 continue
             torch.testing.assert_close(AF.conv_transpose2d(x, w, b, s, p, op),
                                        F.conv_transpose2d(x, w, b, s, p, op), **TOLERANCES[torch.float32])
+
+
+def test_channels_last_in_channels_last_out(backend):
+    dev = backend_device(backend)
+    x = torch.randn(2, 3, 4, 4, device=dev).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 2, 3, 3, device=dev)
+    with aefast.set_backend(backend):
+        y = AF.conv_transpose2d(x, w, None, 2, 1, 1)
+        _, idx = F.max_pool2d(torch.randn(2, 3, 8, 8), 2, return_indices=True)
+        u = AF.max_unpool2d(x, idx.to(dev).contiguous(memory_format=torch.channels_last), 2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert u.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.cpu(), F.conv_transpose2d(x.cpu(), w.cpu(), None, 2, 1, 1), **TOLERANCES[torch.float32])
+    torch.testing.assert_close(u.cpu(), F.max_unpool2d(x.cpu(), idx, 2))
+
+
+def test_gradcheck_drop_ins_cpu():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    _, idx = F.max_pool2d(torch.randn(1, 2, 7, 8, generator=gen), 2, return_indices=True, ceil_mode=True)
+    with aefast.set_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda x, w, b: AF.conv_transpose2d(x, w, b, 2, 1, 1), (x, w, b))
+        xu = torch.randn(1, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: AF.max_unpool2d(x, idx, 2, output_size=(7, 8)), (xu,))

@@ -418,3 +418,23 @@ def test_fuzz_cpu(c):
                                      seed=c["seed"], bias=c["bias"])
     got, want = run_both("cpu", z, idx, w, b, c["pool"], out_hw, c["s"], c["p"], c["op"], c["act"], c["fmt"])
     assert_close_all(got, want, torch.float64)
+
+
+def test_first_bad_unpool_index_op():
+    op = torch.ops.aefast.first_bad_unpool_index
+    _, idx = F.max_pool2d(torch.randn(2, 3, 6, 6), 2, return_indices=True)
+    assert int(op(idx, [6, 6], [2, 2], True)) == -1
+    bad = idx.clone()
+    bad[1, 2, 0, 1] = 0     # element (0, 0) belongs to window (0, 0), not (0, 1)
+    bad[1, 2, 2, 2] = 36    # out of range, later position
+    assert int(op(bad, [6, 6], [2, 2], True)) == (1 * 3 + 2) * 9 + 1
+    assert int(op(bad, [6, 6], [2, 2], False)) == (1 * 3 + 2) * 9 + 8  # range only
+    win = AF.flat_to_window(idx, (6, 6), 2)
+    assert int(op(win, [6, 6], [2, 2], True)) == -1
+    clipped = torch.zeros(1, 1, 3, 3, dtype=torch.uint8)
+    assert int(op(clipped, [5, 5], [2, 2], True)) == -1
+    clipped[0, 0, 2, 2] = 3
+    assert int(op(clipped, [5, 5], [2, 2], True)) == 8  # row 5 of a 5-row plane
+    clipped[0, 0, 0, 0] = 4
+    assert int(op(clipped, [5, 5], [2, 2], True)) == 0  # offset beyond the window
+    torch.library.opcheck(op, [bad, [6, 6], [2, 2], True])

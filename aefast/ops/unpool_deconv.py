@@ -104,6 +104,8 @@ _registry.register_fake("unpool_conv_transpose2d", _fake_forward)
 _registry.register_fake("unpool_conv_transpose2d_backward", _fake_backward)
 _registry.register_fake("max_unpool2d", _fake_max_unpool2d)
 _registry.register_fake("max_unpool2d_backward", _fake_max_unpool2d_backward)
+torch.library.register_fake("aefast::first_bad_unpool_index",
+                            lambda indices, unpooled_size, pool_size, in_window: indices.new_empty((), dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- autograd
@@ -169,6 +171,11 @@ def unpool_conv_transpose2d(backend, input, indices, weight, bias, pool_size, un
         input, indices, weight, bias, list(pool_size), list(unpooled_size), list(stride), list(padding),
         list(output_padding), activation, float(negative_slope))
     return out
+
+
+def first_bad_index(indices, unpooled_size, pool_size, in_window):
+    """Linear position of the first invalid index (C++ kernels, one pass), or -1."""
+    return int(torch.ops.aefast.first_bad_unpool_index(indices, list(unpooled_size), list(pool_size), in_window))
 
 
 def max_unpool2d(backend, input, indices, output_size):

@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 
 #include "aefast/unpool_deconv.h"
@@ -361,9 +362,54 @@ at::Tensor max_unpool2d_backward_cuda(const at::Tensor& grad_out, const at::Tens
   return grad_in;
 }
 
+// first_bad_unpool_index: atomicMin of the positions of invalid entries (an integer minimum,
+// independent of the order of the atomics).
+template <typename index_t>
+__global__ void first_bad_kernel(const index_t* __restrict__ idx, unsigned long long* __restrict__ first,
+                                 int64_t total, int64_t hp, int64_t wp, int64_t uh, int64_t uw, int64_t kh,
+                                 int64_t kw, bool in_window) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t pw = e % wp, ph = (e / wp) % hp;
+    bool ok;
+    if constexpr (std::is_same_v<index_t, int64_t>)
+      ok = unpool_index_valid_flat(idx[e], ph, pw, uh, uw, kh, kw, in_window);
+    else
+      ok = unpool_index_valid_window(static_cast<int64_t>(idx[e]), ph, pw, uh, uw, kh, kw);
+    if (!ok) atomicMin(first, static_cast<unsigned long long>(e));
+  }
+}
+
+at::Tensor first_bad_unpool_index_cuda(const at::Tensor& indices, c10::IntArrayRef unpooled_size,
+                                       c10::IntArrayRef pool_size, bool in_window) {
+  TORCH_CHECK(indices.dim() >= 2 && (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kByte) &&
+                  unpooled_size.size() == 2 && pool_size.size() == 2 && pool_size[0] > 0 && pool_size[1] > 0,
+              "aefast::first_bad_unpool_index: bad arguments");
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const at::Tensor idx = indices.contiguous();
+  const int64_t none = std::numeric_limits<int64_t>::max();
+  at::Tensor first = at::full({}, none, idx.options().dtype(at::kLong));
+  const int64_t total = idx.numel();
+  if (total) {
+    auto* fp = reinterpret_cast<unsigned long long*>(first.mutable_data_ptr<int64_t>());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (idx.scalar_type() == at::kLong)
+      first_bad_kernel<int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          idx.const_data_ptr<int64_t>(), fp, total, idx.size(-2), idx.size(-1), unpooled_size[0], unpooled_size[1],
+          pool_size[0], pool_size[1], in_window);
+    else
+      first_bad_kernel<uint8_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          idx.const_data_ptr<uint8_t>(), fp, total, idx.size(-2), idx.size(-1), unpooled_size[0], unpooled_size[1],
+          pool_size[0], pool_size[1], in_window);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return at::where(first == none, at::full({}, -1, first.options()), first);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
+  m.impl("first_bad_unpool_index", &first_bad_unpool_index_cuda);
   m.impl("unpool_conv_transpose2d", &unpool_conv_transpose2d_cuda);
   m.impl("unpool_conv_transpose2d_backward", &unpool_conv_transpose2d_backward_cuda);
   m.impl("max_unpool2d", &max_unpool2d_cuda);

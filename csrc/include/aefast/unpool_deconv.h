@@ -54,6 +54,21 @@ AEFAST_HD void unpooled_position_window(int64_t offset, int64_t ph, int64_t pw, 
   w = pw * pool_w + (offset - i * pool_w);
 }
 
+// Whether index value v of pooled position (ph, pw) is valid (see first_bad_unpool_index).
+AEFAST_HD bool unpool_index_valid_flat(int64_t v, int64_t ph, int64_t pw, int64_t unpooled_h, int64_t unpooled_w,
+                                       int64_t pool_h, int64_t pool_w, bool in_window) {
+  if (v < 0 || v >= unpooled_h * unpooled_w) return false;
+  if (!in_window) return true;
+  const int64_t h = v / unpooled_w, w = v - h * unpooled_w;
+  return h / pool_h == ph && w / pool_w == pw;
+}
+AEFAST_HD bool unpool_index_valid_window(int64_t v, int64_t ph, int64_t pw, int64_t unpooled_h, int64_t unpooled_w,
+                                         int64_t pool_h, int64_t pool_w) {
+  if (v < 0 || v >= pool_h * pool_w) return false;
+  const int64_t i = v / pool_w;
+  return ph * pool_h + i < unpooled_h && pw * pool_w + (v - i * pool_w) < unpooled_w;
+}
+
 // Forward activation (float or double math). torch.where(x >= 0, x, slope*x) for leaky_relu,
 // the exact erf GELU, x*sigmoid(x) for SiLU.
 template <typename T>
