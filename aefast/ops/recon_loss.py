@@ -86,6 +86,14 @@ def _is_plain_one(g) -> bool:
             and not torch.compiler.is_compiling() and g.item() == 1.0)
 
 
+def _no_double_backward(what):
+    # The saved gradient is a constant to autograd, so a graph built through it would have no
+    # second derivative: refuse instead of returning a silently wrong Hessian.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"aefast: double backward (create_graph=True) through the fused {what} is not supported; "
+                           "use aefast.set_backend('reference') for higher-order gradients")
+
+
 def _scale(ns, g, saved, alpha, what):
     if saved.numel() == 0 and g.numel() != 0:
         raise RuntimeError(f"aefast: the forward was called without computing the gradient w.r.t. {what}; "
@@ -111,6 +119,7 @@ def _setup_recon_loss(ctx, inputs, output):
 
 def _recon_loss_grads(ns, ctx, grad):
     """(grad_input, grad_target) from the saved gradients: the whole backward is this scale."""
+    _no_double_backward("loss")
     gx, gt = ctx.saved_tensors
     need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
@@ -183,6 +192,7 @@ def _make_kl_backward(ns):
         gmu, glv = ctx.saved_tensors
         if grad is None:
             return None, None, None, None
+        _no_double_backward("kl_divergence")
         grad_mu = _scale(ns, grad, gmu, 1.0, "mu") if ctx.needs_input_grad[0] else None
         grad_lv = _scale(ns, grad, glv, 1.0, "logvar") if ctx.needs_input_grad[1] else None
         return grad_mu, grad_lv, None, None

@@ -8,6 +8,11 @@
 // Vectorisation: the hot loops are plain loops over contiguous arrays with the kind and the
 // weight/gradient switches as template parameters, so gcc -O3 vectorises mse/l1/huber (AVX2
 // when built for it; SSE2 baseline otherwise). Half types are widened to float per element.
+// Before every include, so that all inline functions of this file share the flag (gcc does
+// not inline across different optimize options): the loss loops select between computed
+// values (clamps, NaN and zero cases), and gcc if-converts and vectorises such selects only
+// when it may assume that float operations do not trap. Nothing reads the FP exception flags.
+#pragma GCC optimize("no-trapping-math")
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
