@@ -109,6 +109,31 @@ AEFAST_FM float log(float x) {
   return select((x < 0.0f) | (x != x), nan, out);
 }
 
+// log(w) for w in [1, 2] with no special cases (callers guarantee the range; a NaN w gives a
+// garbage finite value, so callers must propagate NaN through another term).
+AEFAST_FM float log_1_2(float w) {
+  const int32_t bits = float_to_bits(w);
+  const float e0 = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  const float m0 = bits_to_float((bits & 0x807fffff) | 0x3f000000);
+  const float e_small = e0 - 1.0f, m_small = m0 + m0 - 1.0f, m_big = m0 - 1.0f;
+  const float e = select(m0 < 0.707106781186547524f, e_small, e0);
+  const float m = select(m0 < 0.707106781186547524f, m_small, m_big);
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
 // log(1 + u) without cancellation: log(w) * u / (w - 1) with w = 1 + u corrects the rounding of w.
 AEFAST_FM float log1p(float u) {
   // Both arms are computed and then selected (no conditional division), so gcc if-converts
@@ -142,6 +167,18 @@ template <typename T>
 AEFAST_HD T loss_log1p(T x) {
   if constexpr (AEFAST_FAST_FLOAT_MATH && sizeof(T) == 4) return fastmath::log1p(x);
   else return std::log1p(x);
+}
+
+// log(1 + e) for e in [0, 1], given inv = 1 / (1 + e): the rounding of w = 1 + e is corrected
+// to first order, log(1+e) = log(w) - ((w - 1) - e) / w, reusing the sigmoid's division.
+template <typename T>
+AEFAST_HD T loss_log1p_unit(T e, T inv) {
+  if constexpr (AEFAST_FAST_FLOAT_MATH && sizeof(T) == 4) {
+    const float w = 1.0f + e;
+    return fastmath::log_1_2(w) - ((w - 1.0f) - e) * inv;
+  } else {
+    return std::log1p(e);
+  }
 }
 
 template <typename T>
@@ -192,8 +229,8 @@ AEFAST_HD void loss_elem(T x, T t, T pw, T delta, T& l, T& dx, T& dt) {
     dx = (x - t) / denom;
   } else if constexpr (KIND == kBceLogits) {
     const T e = loss_exp_nonpos(-abs(x));
-    const T log_sig = loss_select(x < T(0), x, T(0)) - loss_log1p(e);
     const T inv = T(1) / (T(1) + e);
+    const T log_sig = loss_select(x < T(0), x, T(0)) - loss_log1p_unit(e, inv);
     const T sig = loss_select(x >= T(0), inv, e * inv);
     const T lw = T(1) + (pw - T(1)) * t;
     l = (T(1) - t) * x - lw * log_sig;
