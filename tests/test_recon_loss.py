@@ -489,3 +489,32 @@ def test_fp32_transcendentals_sweep(kernel_backend):
     # the target gradient -logit(p) is ±inf at 0 and 1, and torch's fp64 value for a p that
     # is exact in fp32
     torch.testing.assert_close(a[2].double(), b[2], rtol=2e-6, atol=1e-5)
+
+
+def test_portable_baseline_kernels_match_torch(tmp_path):
+    """The SSE2 baseline build of the loss kernels (the AVX2 one serves this machine): same
+    results, checked in a fresh process with AEFAST_CPU_BASELINE=1."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "baseline.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F, aefast, aefast.functional as AF\n"
+        "aefast.set_backend('cpu')\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(7, 3001, generator=g) * 4\n"
+        "p = torch.rand(7, 3001, generator=g)\n"
+        "t = torch.rand(7, 3001, generator=g)\n"
+        "for fn, a in ((F.mse_loss, x), (F.l1_loss, x), (F.huber_loss, x), (F.binary_cross_entropy, p),\n"
+        "              (F.binary_cross_entropy_with_logits, x)):\n"
+        "    for red in ('none', 'mean', 'sum'):\n"
+        "        a1 = a.clone().requires_grad_(); a2 = a.clone().requires_grad_()\n"
+        "        o1 = getattr(AF, fn.__name__)(a1, t, reduction=red); o2 = fn(a2, t, reduction=red)\n"
+        "        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)\n"
+        "        torch.testing.assert_close(torch.autograd.grad(o1.sum(), a1)[0], torch.autograd.grad(o2.sum(), a2)[0],\n"
+        "                                   rtol=1e-5, atol=1e-6)\n"
+        "print('baseline ok')\n")
+    env = dict(os.environ, AEFAST_CPU_BASELINE="1")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "baseline ok" in res.stdout, res.stderr[-3000:]

@@ -9,7 +9,7 @@ Gradient formulas (the kernels compute them, see csrc/include/aefast/recon_loss.
   ``loss_grad_scale(grad_output, saved, alpha)``: grad_output broadcast as a scalar (mean,
   sum), per row (per_sample) or elementwise (none). For mse, l1 and huber dl/dt = -dl/dx, so
   the target's gradient is the same buffer scaled by alpha = -1 (no second buffer).
-  aefast.functional calls reduction="none" with the flags off: its backward is one more
+  aefast.functional calls reduction="none" of mse/l1/huber with the flags off: the backward is one more
   recon_loss pass with weight = grad_output (see _recon_loss_grads); the op called directly
   with the flags on keeps the saved-gradient path, so both are correct.
 * When grad_output is the plain scalar 1.0 (``loss.backward()``), the saved gradient IS the
@@ -190,7 +190,10 @@ def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delt
     """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal)."""
     plain = all(type(t) is torch.Tensor for t in (input, target, weight, pos_weight) if t is not None)
     differentiable = grad_input or grad_target
-    if reduction == "none":  # the gradient is recomputed in the backward (see _recon_loss_grads)
+    if reduction == "none" and kind not in OWN_TARGET_GRAD:
+        # mse/l1/huber: the gradient is recomputed in the backward (see _recon_loss_grads), which
+        # moves as many bytes as saving it and holds no input-sized buffer between the passes.
+        # bce/bce_logits keep the saved gradient: recomputing would pay their log/exp twice.
         grad_input = grad_target = False
     if plain and not torch.compiler.is_compiling():
         if differentiable:

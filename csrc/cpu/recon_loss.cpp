@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "aefast/philox.h"
@@ -52,8 +53,10 @@ namespace avx2 {
 
 namespace {
 
+// AEFAST_CPU_BASELINE=1 forces the portable build of the loss kernels (its tests run that way).
 bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("AEFAST_CPU_BASELINE") == nullptr;
   return yes;
 }
 
