@@ -3,7 +3,7 @@ torch.compile of the same composition, for every kind and reduction, on N x 1 x 
 (N=256, MNIST-like) and N x 3 x 128 x 128 (N=32). Reports the median time, the speedup, the
 peak memory and its ratio, and GB/s of the minimum traffic against the machine's copy rate.
 
-    python bench/bench_recon_loss.py [--device cuda] [--quick] [--no-compile] [--out DIR]
+    python bench/bench_recon_loss.py [--device cuda] [--quick] [--no-compile] [--threads N] [--out DIR]
 
 Minimum traffic of a fused forward+backward (what any implementation must move): read input
 and target, write the input gradient; reduction none also writes the loss and reads the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -77,6 +78,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     p.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run in seconds")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--reductions", default=",".join(REDUCTIONS))
     p.add_argument("--out", default=None, help="output directory (default bench/out or $AEFAST_BENCH_OUT)")
@@ -85,7 +87,10 @@ def main(argv=None):
     device, dtype = args.device, getattr(torch, args.dtype)
     shapes = [(4, 1, 8, 8), (2, 3, 16, 16)] if args.quick else [(256, 1, 28, 28), (32, 3, 128, 128)]
     use_compile = not (args.quick or args.no_compile)
-    repeats = 3 if args.quick else 25
+    repeats = 3 if args.quick else 7
+    rounds = 1 if args.quick else 7
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows: list[Row] = []
     for shape in shapes:
         for kind in args.kinds.split(","):
@@ -101,15 +106,26 @@ def main(argv=None):
 
                 variants = {"eager": eager_loss(kind, reduction), "aefast": aefast_loss(kind, reduction)}
                 if use_compile:
+                    torch._dynamo.reset()  # one compiled graph per case; never the recompile limit's eager fallback
                     variants["compile"] = torch.compile(eager_loss(kind, reduction), dynamic=False)
                 case = f"{kind}/{reduction} {'x'.join(map(str, shape))}"
                 nbytes = min_bytes(x, reduction)
-                for name, fn in variants.items():
-                    step = step_fn(fn, x, t, grad_out)
+                steps = {name: step_fn(fn, x, t, grad_out) for name, fn in variants.items()}
+                for step in steps.values():
                     step()  # compile / warm up
-                    seconds = median_time(step, device, warmup=2, repeats=repeats)
+                # Interleaved rounds: on a shared machine the load drifts in bursts of seconds, and
+                # alternating the variants exposes each of them to the same conditions. The figure
+                # is the least-disturbed round's median (min over rounds of the per-round median,
+                # the same rule for every variant); the median over rounds is kept in `extra`.
+                times = {name: [] for name in steps}
+                for _ in range(rounds):
+                    for name, step in steps.items():
+                        times[name].append(median_time(step, device, warmup=1, repeats=repeats))
+                for name, step in steps.items():
                     peak = peak_memory_bytes(step, device)
-                    rows.append(Row(case, name, seconds, peak, bytes_moved=nbytes))
+                    rows.append(Row(case, name, min(times[name]), peak, bytes_moved=nbytes,
+                                    extra={"round_medians_s": times[name],
+                                           "median_of_rounds_s": statistics.median(times[name])}))
                 # correctness guard: the benchmark compares equal results
                 a = torch.autograd.grad(variants["aefast"](x, t).sum(), x)[0]
                 b = torch.autograd.grad(variants["eager"](x, t).sum(), x)[0]

@@ -9,6 +9,9 @@ Gradient formulas (the kernels compute them, see csrc/include/aefast/recon_loss.
   ``loss_grad_scale(grad_output, saved, alpha)``: grad_output broadcast as a scalar (mean,
   sum), per row (per_sample) or elementwise (none). For mse, l1 and huber dl/dt = -dl/dx, so
   the target's gradient is the same buffer scaled by alpha = -1 (no second buffer).
+  aefast.functional calls reduction="none" of mse/l1/huber with the flags off: the backward is one more
+  recon_loss pass with weight = grad_output (see _recon_loss_grads); the op called directly
+  with the flags on keeps the saved-gradient path, so both are correct.
 * When grad_output is the plain scalar 1.0 (``loss.backward()``), the saved gradient IS the
   answer and is returned without a pass over memory (Liger-Kernel's trick). It is kept with
   ``save_for_backward``, so if autograd later accumulates into it in place, a second
@@ -86,6 +89,14 @@ def _is_plain_one(g) -> bool:
             and not torch.compiler.is_compiling() and g.item() == 1.0)
 
 
+def _no_double_backward(what):
+    # The saved gradient is a constant to autograd, so a graph built through it would have no
+    # second derivative: refuse instead of returning a silently wrong Hessian.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"aefast: double backward (create_graph=True) through the fused {what} is not supported; "
+                           "use aefast.set_backend('reference') for higher-order gradients")
+
+
 def _scale(ns, g, saved, alpha, what):
     if saved.numel() == 0 and g.numel() != 0:
         raise RuntimeError(f"aefast: the forward was called without computing the gradient w.r.t. {what}; "
@@ -95,27 +106,42 @@ def _scale(ns, g, saved, alpha, what):
     return ns.loss_grad_scale(g, saved, alpha)
 
 
-def _keep_saved_grads(ctx, output):
+def _keep_saved_grads(ctx, output, *inputs):
     # The gradient outputs are not differentiable, and autograd must not zero-fill a grad for
-    # them (that would be two extra input-sized passes per backward).
+    # them (that would be two extra input-sized passes per backward). The inputs are kept for
+    # the reduction="none" backward (references, no copies).
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2], *inputs)
 
 
 def _setup_recon_loss(ctx, inputs, output):
-    _, _, _, _, kind, _, _, _, _ = inputs
-    ctx.kind = kind
-    _keep_saved_grads(ctx, output)
+    input, target, weight, pos_weight, kind, reduction, delta, _, _ = inputs
+    ctx.kind, ctx.reduction, ctx.delta = kind, reduction, delta
+    _keep_saved_grads(ctx, output, input, target, weight, pos_weight)
 
 
 def _recon_loss_grads(ns, ctx, grad):
-    """(grad_input, grad_target) from the saved gradients: the whole backward is this scale."""
-    gx, gt = ctx.saved_tensors
+    """(grad_input, grad_target) from the saved gradients: the whole backward is this scale.
+
+    reduction="none" is the exception: its incoming gradient is elementwise, so a gradient
+    saved in the forward saves nothing (the backward would still read it, read grad_output
+    and write the result) and costs an input-sized buffer between the passes. That case is
+    called with the gradient flags off, and its backward is ONE more recon_loss pass with
+    weight = grad_output (times weight) and reduction "sum", which writes only the gradients:
+    dl_i/dx_i * g_i is exactly the gradient of sum_i g_i l_i."""
+    _no_double_backward("loss")
+    gx, gt, inp, tgt, w, pw = ctx.saved_tensors
     need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
         raise RuntimeError("aefast::recon_loss does not differentiate weight or pos_weight; "
                            "aefast.functional routes such calls to the reference")
+    if ctx.reduction == "none" and gx.numel() == 0 and gt.numel() == 0:
+        own = ctx.kind in OWN_TARGET_GRAD
+        w_eff = grad.contiguous() if w is None else grad * w
+        _, rx, rt = ns.recon_loss.default(inp, tgt, w_eff, pw, ctx.kind, "sum", ctx.delta,
+                                          need_x or (need_t and not own), need_t and own)
+        return (rx if need_x else None), ((rt if own else -rx) if need_t else None)
     grad_x = _scale(ns, grad, gx, 1.0, "input") if need_x else None
     grad_t = None
     if need_t:
@@ -148,9 +174,9 @@ class _EagerReconLoss(torch.autograd.Function):
         with torch._C._AutoDispatchBelowAutograd():
             out, gx, gt = ns.recon_loss.default(input, target, weight, pos_weight, kind, reduction, delta,
                                                 grad_input, grad_target)
-        ctx.kind, ctx.ns = kind, ns
+        ctx.kind, ctx.ns, ctx.reduction, ctx.delta = kind, ns, reduction, delta
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(gx, gt)
+        ctx.save_for_backward(gx, gt, input, target, weight, pos_weight)
         return out
 
     @staticmethod
@@ -163,8 +189,14 @@ class _EagerReconLoss(torch.autograd.Function):
 def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta, grad_input, grad_target):
     """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal)."""
     plain = all(type(t) is torch.Tensor for t in (input, target, weight, pos_weight) if t is not None)
+    differentiable = grad_input or grad_target
+    if reduction == "none" and kind not in OWN_TARGET_GRAD:
+        # mse/l1/huber: the gradient is recomputed in the backward (see _recon_loss_grads), which
+        # moves as many bytes as saving it and holds no input-sized buffer between the passes.
+        # bce/bce_logits keep the saved gradient: recomputing would pay their log/exp twice.
+        grad_input = grad_target = False
     if plain and not torch.compiler.is_compiling():
-        if grad_input or grad_target:
+        if differentiable:
             return _EagerReconLoss.apply(input, target, weight, pos_weight, backend, kind, reduction, delta,
                                          grad_input, grad_target)
         with torch._C._AutoDispatchBelowAutograd():
@@ -175,7 +207,9 @@ def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delt
 
 
 def _setup_kl(ctx, inputs, output):
-    _keep_saved_grads(ctx, output)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1], output[2])
 
 
 def _make_kl_backward(ns):
@@ -183,6 +217,7 @@ def _make_kl_backward(ns):
         gmu, glv = ctx.saved_tensors
         if grad is None:
             return None, None, None, None
+        _no_double_backward("kl_divergence")
         grad_mu = _scale(ns, grad, gmu, 1.0, "mu") if ctx.needs_input_grad[0] else None
         grad_lv = _scale(ns, grad, glv, 1.0, "logvar") if ctx.needs_input_grad[1] else None
         return grad_mu, grad_lv, None, None

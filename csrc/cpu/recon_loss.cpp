@@ -8,6 +8,11 @@
 // Vectorisation: the hot loops are plain loops over contiguous arrays with the kind and the
 // weight/gradient switches as template parameters, so gcc -O3 vectorises mse/l1/huber (AVX2
 // when built for it; SSE2 baseline otherwise). Half types are widened to float per element.
+// Before every include, so that all inline functions of this file share the flag (gcc does
+// not inline across different optimize options): the loss loops select between computed
+// values (clamps, NaN and zero cases), and gcc if-converts and vectorises such selects only
+// when it may assume that float operations do not trap. Nothing reads the FP exception flags.
+#pragma GCC optimize("no-trapping-math")
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "aefast/philox.h"
@@ -47,8 +53,10 @@ namespace avx2 {
 
 namespace {
 
+// AEFAST_CPU_BASELINE=1 forces the portable build of the loss kernels (its tests run that way).
 bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("AEFAST_CPU_BASELINE") == nullptr;
   return yes;
 }
 
