@@ -32,6 +32,29 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+# Autocast policy (per op, as torch's own lists): the conv blocks (conv_pool2d,
+# unpool_conv_transpose2d, conv_transpose2d) run in the autocast dtype, like conv2d; the losses
+# and kl_divergence run in fp32, like mse_loss; pooling, unpooling, corrupt and reparameterize
+# keep their input dtype.
+def _autocast_lower(*tensors):
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+    return _checks.autocast_cast(_checks.autocast_dtype(device), *tensors) if device is not None else tensors
+
+
+def _autocast_fp32(*tensors):
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device is None or _checks.autocast_dtype(device) is None:
+        return tensors
+    return _checks.autocast_cast(torch.float32, *tensors)
+
+
+def _channels_last_like(out, input):
+    """torch's convolutions give channels_last outputs for channels_last inputs; so do ours."""
+    if input.dim() == 4 and ref._memory_format(input) == torch.channels_last:
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 # ================================================================ index formats
 
 def _index_geometry(t, input_size, kernel_size, stride, padding, dilation):
@@ -221,6 +244,7 @@ def _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 
 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """Drop-in for torch.nn.functional.conv_transpose2d."""
+    input, weight, bias = _autocast_lower(input, weight, bias)
     device, (s, p, op, d), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
     def unsupported(b):
@@ -252,6 +276,7 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
                 return_indices=True, index_format="flat", *, negative_slope=0.01):
     """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, return_indices=True)
     in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets."""
+    input, weight, bias = _autocast_lower(input, weight, bias)
     _check_float_inputs(input=input, weight=weight, bias=bias)
     check_tensor(input, "input", dims=(4,))
     check_tensor(weight, "weight", dims=(4,))
@@ -280,6 +305,7 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
 
     pooled, window, _ = _registry.op(backend, "conv_pool2d_forward")(
         input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool))
+    pooled = _channels_last_like(pooled, input)
     if not return_indices:
         return pooled
     if index_format == "window":
@@ -368,6 +394,7 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
                             negative_slope=0.01):
     """act(conv_transpose2d(max_unpool2d(input, indices, pool_size, output_size=output_size),
     weight, bias, stride, padding, output_padding)) without building the unpooled map."""
+    input, weight, bias = _autocast_lower(input, weight, bias)
     check_tensor(input, "input", dims=(4,))
     k_pool = pair(pool_size, "pool_size", minimum=1)
     unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, k_pool, (0, 0), output_size)
@@ -381,8 +408,9 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
     backend = choose("unpool_conv_transpose2d", device)
     _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool)
     if backend != "reference":
-        return _unpool_deconv.unpool_conv_transpose2d(backend, input, indices, weight, bias, k_pool, unpooled_hw, s, p,
-                                                      op, activation, negative_slope)
+        out = _unpool_deconv.unpool_conv_transpose2d(backend, input, indices, weight, bias, k_pool, unpooled_hw, s, p,
+                                                     op, activation, negative_slope)
+        return _channels_last_like(out, input)
     return ref.unpool_conv_transpose2d(input, indices, weight, bias, k_pool, unpooled_hw, s, p, op, activation,
                                        index_format, negative_slope=negative_slope)
 
@@ -473,6 +501,7 @@ def _check_probabilities(input, what):
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Drop-in for torch.nn.functional.mse_loss."""
+    input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="mse_loss", weight=weight)
     _check_same_size_weight(input, weight)
@@ -482,6 +511,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Drop-in for torch.nn.functional.l1_loss."""
+    input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="l1_loss", weight=weight)
     _check_same_size_weight(input, weight)
@@ -491,6 +521,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """Drop-in for torch.nn.functional.huber_loss."""
+    input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction)
     if not isinstance(delta, (int, float)) or isinstance(delta, bool):
         raise TypeError(f"aefast: huber_loss delta must be a number, got {delta!r}")
@@ -505,6 +536,7 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
 
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
     """Drop-in for torch.nn.functional.binary_cross_entropy (each log clamped at -100)."""
+    input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=True, op_name="binary_cross_entropy")
     if weight is not None:
@@ -522,6 +554,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
                                      reduction="mean", pos_weight=None):
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits."""
+    input, target, weight, pos_weight = _autocast_fp32(input, target, weight, pos_weight)
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=True, op_name="binary_cross_entropy_with_logits",
                      extra={"weight": weight, "pos_weight": pos_weight})
@@ -543,6 +576,7 @@ def reconstruction_loss(input, target, kind="mse", reduction="mean", *, delta=1.
     mean over the other dims), the anomaly score. The gradient is computed in the forward
     pass (only for tensors that require grad), so the backward is a scale by grad_output.
     ``kind="bce_logits"`` fuses the decoder's final sigmoid."""
+    input, target = _autocast_fp32(input, target)
     if kind not in LOSS_KINDS:
         raise ValueError(f"aefast: unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")
     reduction = _reduction(reduction, allowed=ref.REDUCTIONS)
@@ -616,6 +650,7 @@ def reparameterize(mu, logvar, generator=None):
 
 def kl_divergence(mu, logvar, reduction="mean"):
     """KL(N(mu, exp(logvar)) || N(0, I)); ``mean`` sums latent dims and averages the batch."""
+    mu, logvar = _autocast_fp32(mu, logvar)
     _check_mu_logvar(mu, logvar)
     reduction = _reduction(reduction, allowed=ref.REDUCTIONS)
     if reduction != "none" and mu.dim() < 1:
