@@ -1,0 +1,84 @@
+"""aefast.optimize on a conv autoencoder written the way PyTorch tutorials write it: one SGD
+training step (forward, MSE, backward, step) of the original model against the optimized one,
+measured in one run.
+
+    python bench/bench_optimize.py [--device cuda] [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _harness as H  # noqa: E402
+
+import aefast  # noqa: E402
+
+
+class TutorialConvAE(nn.Module):
+    """Conv → ReLU → MaxPool(indices) twice, then MaxUnpool → ConvTranspose → ReLU/Sigmoid."""
+
+    def __init__(self, in_channels=1, channels=(32, 64)):
+        super().__init__()
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.deconv2 = nn.ConvTranspose2d(c2, c1, 3, padding=1)
+        self.deconv1 = nn.ConvTranspose2d(c1, in_channels, 3, padding=1)
+
+    def forward(self, x):
+        h1 = F.relu(self.conv1(x))
+        p1, i1 = self.pool(h1)
+        h2 = F.relu(self.conv2(p1))
+        p2, i2 = self.pool(h2)
+        d2 = F.relu(self.deconv2(self.unpool(p2, i2, output_size=h2.shape[-2:])))
+        out = torch.sigmoid(self.deconv1(self.unpool(d2, i1, output_size=h1.shape[-2:])))
+        return out, F.mse_loss(out, x)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 7)
+    shape, channels = ((4, 1, 12, 12), (4, 8)) if args.quick else ((256, 1, 28, 28), (32, 64))
+    torch.manual_seed(0)
+    x = torch.rand(shape, device=args.device)
+    original = TutorialConvAE(shape[1], channels).to(args.device)
+    optimized = aefast.optimize(copy.deepcopy(original))
+    rows = []
+    with FlopCounterMode(display=False) as counter:
+        original(x)[1].backward()
+    flops = counter.get_total_flops()
+    for name, model in (("original (eager)", original), ("aefast.optimize", optimized)):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            model(x)[1].backward()
+            opt.step()
+
+        seconds = H.median_time(step, args.device, repeats=repeats)
+        rows.append(H.Row("tutorial conv AE train step", name, seconds, H.peak_memory_bytes(step, args.device),
+                          flops=flops, extra={"rewrites": getattr(model, "aefast_rewrites", [])}))
+    table = H.ratio_table(rows, "original (eager)", peak_gflops=H.CPU_SGEMM_GFLOPS if args.device == "cpu" else None)
+    out = H.write_results(f"optimize_{args.device}", rows, args.device, table, args.out)
+    print(table)
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
