@@ -330,3 +330,20 @@ def test_module_matches_conv2d_init_and_state_dict(backend):
     y.sum().backward()
     ry.sum().backward()
     torch.testing.assert_close(fresh.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_cpu():
+    x, w, b = make(2, 3, 4, 9, 8, 3, torch.float32, "cpu", seed=4)
+
+    def block(x, w, b):
+        return AF.conv_pool2d(x, w, b, 1, 1, "silu", 2)
+
+    with aefast.set_backend("cpu"):
+        y, idx = torch.compile(block, fullgraph=True)(x, w, b)
+        gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    ry, ridx = eager(x, w, b, 1, 1, "silu", 2)
+    rgx, rgw, rgb = torch.autograd.grad(ry.sum(), (x, w, b))
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(y, ry, **TOLERANCES[torch.float32])
+    for got, want in ((gx, rgx), (gw, rgw), (gb, rgb)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

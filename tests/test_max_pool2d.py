@@ -129,3 +129,15 @@ def test_bad_inputs():
         AF.max_pool2d(x[0, 0], 2)
     with pytest.raises(ValueError, match="non-empty"):
         AF.max_pool2d(torch.randn(1, 0, 5, 5), 2)
+
+
+def test_torch_compile_fullgraph_cpu():
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    with aefast.set_backend("cpu"):
+        out, idx = torch.compile(lambda t: AF.max_pool2d(t, 3, 2, 1, ceil_mode=True, return_indices=True),
+                                 fullgraph=True)(x)
+        got, = torch.autograd.grad(out.sum(), x)
+    rout, ridx = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+    want, = torch.autograd.grad(rout.sum(), x)
+    assert torch.equal(idx, ridx) and torch.equal(out, rout)
+    torch.testing.assert_close(got, want)

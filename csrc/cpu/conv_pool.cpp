@@ -9,9 +9,12 @@
 //                  first maximum (torch's rule: `val > max || isnan(val)` replaces it).
 // Only conv rows < HO*PKH and cols < WO*PKW feed a window, so only those are computed.
 //
-// Every tile of the conv output is a GEMM: colsT (positions, K) @ w^T (K, Cout), done by at::mm
-// on a cache-sized strip of pooled rows, followed in the same strip by the fused epilogue
-// (bias + activation + pool + argmax) over the (positions, Cout) tile, vectorised over Cout.
+// Every tile of the conv output is a GEMM: colsT (positions, K) @ w^T (K, Cout) on a cache-sized
+// strip of pooled rows, by the register-blocked kernel in conv_pool_kernels.inc (at::mm called
+// from inside at::parallel_for was measured 5x slower on the 2-core machines), followed in the
+// same strip by the fused epilogue (bias + activation + pool + argmax) over the (positions, Cout)
+// tile, vectorised over Cout. The hot loops are built twice (AVX2+FMA and baseline) and picked
+// at run time, so no -march=native is needed.
 // Nothing at conv resolution leaves the strip: the op writes the pooled map, the uint8 window
 // offsets and z at the argmax (pooled size), which is all the backward needs.
 #include <ATen/ATen.h>
@@ -226,11 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
 
 // The conv output's gradient at the argmax of pooled element j:
 //   gz[j] = grad_pooled[j] * act'(z[j]),   and 0 at every other conv position.
-// With (h, w) the conv position of that argmax and x0 = w*SW - PW:
+// With (h, w) the conv position of that argmax:
 //   grad_b[co]                      = sum_{n,i,j} gz
-//   grad_w[co, ki, kj0:kj1, :]     += gz * x[n, h*SH-PH+ki, x0+kj0 : x0+kj1, :]   (channels-last run)
-//   grad_x[n, h*SH-PH+ki, x0+kj0 : x0+kj1, :] += gz * w[co, ki, kj0:kj1, :]
-// for every kernel row ki inside the input (kj0..kj1 clips the run to the input). That is one
+//   grad_w[co, ki, :, :]                  += gz * xpad[n, h*SH+ki, w*SW : w*SW+KW, :]   (one channels-last run)
+//   gxpad[n, h*SH+ki, w*SW : w*SW+KW, :] += gz * w[co, ki, :, :]
+// for every kernel row ki, where xpad / gxpad are the zero-padded images. That is one
 // axpy of KW*Cin per nonzero and kernel row: 1/(PKH*PKW) of the dense backward's MACs, fewer
 // where gz is 0 (relu), and no im2col or col2im at all.
 template <int ACT, typename scalar_t, typename acc_t>
@@ -264,21 +267,6 @@ struct WindowTable {
     }
   }
 };
-
-// Calls f(x_offset_of_run, k_offset_of_run, run_length) for each kernel row of the receptive
-// field of conv position (h, w) that lies inside the input; offsets count channels-last values.
-template <typename F>
-inline void for_each_kernel_row(const Shape& s, int64_t h, int64_t w, F f) {
-  const int64_t x0 = w * s.SW - s.PW;
-  const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
-  if (kj1 <= kj0) return;
-  const int64_t len = (kj1 - kj0) * s.Cin;
-  for (int64_t ki = 0; ki < s.KH; ++ki) {
-    const int64_t y = h * s.SH - s.PH + ki;
-    if (y < 0 || y >= s.H) continue;
-    f((y * s.W + x0 + kj0) * s.Cin, (ki * s.KW + kj0) * s.Cin, len);
-  }
-}
 
 void check_backward_args(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact) {
   TORCH_CHECK(grad.dim() == 4 && grad.sizes() == window.sizes() && grad.sizes() == preact.sizes(),
@@ -318,12 +306,15 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
     const WindowTable table(s);
     // Each thread owns whole images: their gradients do not overlap.
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gx(image), gz(s.Cout * plane);
+      // The gradient accumulates in a zero-padded channels-last image, so every receptive field
+      // is KH full runs of KW*Cin values (no clipping per nonzero); its interior is the result.
+      const int64_t Wp = s.W + 2 * s.PW, run = s.KW * s.Cin, row = Wp * s.Cin;
+      std::vector<acc_t> gx((s.H + 2 * s.PH) * row), gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
         conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
                                              activation, slope, gz.data());
         const uint8_t* kn = kp + n * s.Cout * plane;
-        std::fill(gx.begin(), gx.end(), acc_t(0));  // channels-last (H, W, Cin)
+        std::fill(gx.begin(), gx.end(), acc_t(0));
         for (int64_t co = 0; co < s.Cout; ++co) {
           const acc_t* wrow = wp + co * K;
           for (int64_t pr = 0; pr < s.HO; ++pr) {
@@ -332,15 +323,18 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
               const acc_t gj = gz[j];
               if (gj == acc_t(0)) continue;
               const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
-              for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
-                axpy<acc_t>(gx.data() + xo, wrow + ko, gj, len);
-              });
+              acc_t* base = gx.data() + (h * s.SH) * row + (w * s.SW) * s.Cin;
+              for (int64_t ki = 0; ki < s.KH; ++ki) axpy<acc_t>(base + ki * row, wrow + ki * run, gj, run);
             }
           }
         }
         scalar_t* dst = out + n * image;
         for (int64_t ci = 0; ci < s.Cin; ++ci)
-          for (int64_t e = 0; e < s.H * s.W; ++e) dst[ci * s.H * s.W + e] = static_cast<scalar_t>(gx[e * s.Cin + ci]);
+          for (int64_t y = 0; y < s.H; ++y) {
+            const acc_t* src = gx.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+            scalar_t* d = dst + (ci * s.H + y) * s.W;
+            for (int64_t x = 0; x < s.W; ++x) d[x] = static_cast<scalar_t>(src[x * s.Cin]);
+          }
       }
     });
   });
@@ -386,12 +380,17 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
         gw.assign(s.Cout * K, acc_t(0));
         gb.assign(s.Cout, acc_t(0));
       }
-      std::vector<acc_t> gz(s.Cout * plane);
+      // The image, zero-padded and channels-last, so that every receptive field is KH full runs
+      // of KW*Cin values (no clipping per nonzero). The border stays zero across images.
+      const int64_t Wp = s.W + 2 * s.PW, run = s.KW * s.Cin, row = Wp * s.Cin;
+      std::vector<acc_t> xpad((s.H + 2 * s.PH) * row, acc_t(0)), gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
+        for (int64_t y = 0; y < s.H; ++y)
+          std::copy(xp + n * image + y * s.W * s.Cin, xp + n * image + (y + 1) * s.W * s.Cin,
+                    xpad.data() + (y + s.PH) * row + s.PW * s.Cin);
         conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
                                              activation, slope, gz.data());
         const uint8_t* kn = kp + n * s.Cout * plane;
-        const acc_t* xn = xp + n * image;
         for (int64_t co = 0; co < s.Cout; ++co) {
           acc_t* dst = gw.data() + co * K;
           acc_t sum = 0;
@@ -402,9 +401,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
               sum += gj;
               if (gj == acc_t(0)) continue;
               const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
-              for_each_kernel_row(s, h, w, [&](int64_t xo, int64_t ko, int64_t len) {
-                axpy<acc_t>(dst + ko, xn + xo, gj, len);
-              });
+              const acc_t* base = xpad.data() + (h * s.SH) * row + (w * s.SW) * s.Cin;
+              for (int64_t ki = 0; ki < s.KH; ++ki) axpy<acc_t>(dst + ki * run, base + ki * row, gj, run);
             }
           }
           gb[co] += sum;
