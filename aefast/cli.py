@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segmentation: IoU and Dice")
     p.add_argument("--model", choices=SEGMENTATION_MODELS, default="segnet", help="model (default segnet)")
-    _add_common(p, data=("shapes",), data_default="shapes", epochs=8, batch_size=32, lr=3e-3, out="aefast-segment")
+    _add_common(p, data=("shapes",), data_default="shapes", epochs=10, batch_size=16, lr=1e-2, out="aefast-segment")
     _add_model_shape(p)
     _add_resume(p)
     p.add_argument("--weights", default=None, help="model.pt from `aefast train` instead of training")
