@@ -246,6 +246,7 @@ def _cmd_train(args) -> int:
     if not res.finished:
         return _stopped(res, args)
     curves["fine-tune" if args.model == "sdae" else args.model] = res.history
+    step_curves = {"fine-tune" if args.model == "sdae" else args.model: res.step_losses}
     _save_model(os.path.join(args.out, "model.pt"), args.model, kwargs, args.data, model)
     print(f"final train loss {res.history[-1]:.6f} after {res.steps} steps")
     if seg:
@@ -263,7 +264,8 @@ def _cmd_train(args) -> int:
         curves["fine-tune, no pretraining"] = base_res.history
         mse_base = _test_mse(base, ds.test.images, args.device)
         print(f"fine-tuned test MSE with layer-wise pretraining {mse_pre:.6f}, without pretraining {mse_base:.6f}")
-    path = _plots.loss_curve(curves, os.path.join(args.out, "loss_curve.png"), f"aefast train {args.model} on {args.data}")
+    path = _plots.loss_curve(curves, os.path.join(args.out, "loss_curve.png"), f"aefast train {args.model} on {args.data}",
+                             steps=step_curves)
     print(f"wrote {os.path.join(args.out, 'model.pt')}, {path}")
     return 0
 
@@ -513,7 +515,8 @@ def _cmd_demo(args) -> int:
                              f"denoising: MSE {mse_model:.4f} vs identity {mse_identity:.4f}")
     amap = _anomaly_png(model, test, report, os.path.join(args.out, "anomaly_maps.png"), device=args.device)
     curve = _plots.loss_curve({"ConvDenoisingAutoencoder": res.history}, os.path.join(args.out, "loss_curve.png"),
-                              "aefast demo: training loss")
+                              "aefast demo: training loss (fused MSE)",
+                              steps={"ConvDenoisingAutoencoder": res.step_losses})
     summary = {"train_loss": res.history, "denoise_mse": mse_model, "identity_mse": mse_identity,
                "image_auroc": report.image_auroc, "pixel_auroc": report.pixel_auroc, "test_f1": report.test_f1,
                "threshold": report.threshold, "step_ms_aefast": 1e3 * t_fused, "step_ms_twin": 1e3 * t_twin,
