@@ -60,6 +60,7 @@ def _worker(rank, world, port, out):
             opt.step()
         if rank == 0:
             torch.save(model.state_dict(), out)
+        dist.barrier()   # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
