@@ -11,4 +11,15 @@ from aefast import functional, nn, reference  # noqa: E402,F401
 from aefast.backend import BACKENDS, BackendUnavailableError, get_backend, set_backend  # noqa: E402
 from aefast._info import info  # noqa: E402
 
+
+
+def __getattr__(name):
+    """aefast.models, .data, .tasks and .training load on first use (they pull in scikit-learn)."""
+    if name in ("models", "data", "tasks", "training"):
+        import importlib
+
+        return importlib.import_module(f"aefast.{name}")
+    raise AttributeError(f"module 'aefast' has no attribute {name!r}")
+
+
 __all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "reference", "set_backend"]

@@ -89,22 +89,22 @@ def _state(path):
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("model, data, extra", [
-    ("deep", "digits", ["--limit", "200"]),
+@pytest.mark.parametrize("model, data, extra, stops", [
+    ("deep", "digits", ["--limit", "200"], (2, 7)),               # 7 steps per epoch: 7 is an epoch end
     # corruption noise comes from the RNG whose state the checkpoint carries
-    ("conv_dae", "mnist", ["--limit", "96", "--channels", "4,8"]),
+    ("conv_dae", "mnist", ["--limit", "96", "--channels", "4,8"], (2, 4)),   # 3 steps per epoch
 ])
-def test_resume_ends_with_the_same_parameters(tmp_path, capsys, model, data, extra):
+def test_resume_ends_with_the_same_parameters(tmp_path, capsys, model, data, extra, stops):
     common = ["train", "--model", model, "--data", data, "--epochs", "2", "--batch-size", "32", "--no-progress",
               *extra]
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     assert _run([*common, "--out", whole], capsys)[0] == 0
-    # "interrupted" mid-epoch (after 2 steps), then again at a checkpoint_every boundary, then resumed to the end
-    code, out, _ = _run([*common, "--out", parts, "--max-steps", "2"], capsys)
-    assert code == 0 and "stopped after 2 steps" in out
+    # "interrupted" twice (mid-epoch, then at or across an epoch end), then resumed to the end
+    code, out, _ = _run([*common, "--out", parts, "--max-steps", str(stops[0])], capsys)
+    assert code == 0 and f"stopped after {stops[0]} steps" in out
     assert not os.path.exists(os.path.join(parts, "model.pt"))
-    code, out, _ = _run([*common, "--out", parts, "--resume", "--max-steps", "5"], capsys)
-    assert code == 0 and "stopped after 5 steps" in out
+    code, out, _ = _run([*common, "--out", parts, "--resume", "--max-steps", str(stops[1])], capsys)
+    assert code == 0 and f"stopped after {stops[1]} steps" in out
     assert _run([*common, "--out", parts, "--resume"], capsys)[0] == 0
     a, b = _state(os.path.join(whole, "model.pt")), _state(os.path.join(parts, "model.pt"))
     assert a.keys() == b.keys()
