@@ -12,13 +12,15 @@ from aefast.backend import BACKENDS, BackendUnavailableError, get_backend, set_b
 from aefast._info import info  # noqa: E402
 from aefast.optimize import optimize  # noqa: E402
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "optimize", "reference", "set_backend"]
-
 
 def __getattr__(name):
-    # The model family, data sets and tasks load on first use (they pull in numpy/sklearn).
-    if name in ("models", "data", "tasks"):
+    """aefast.models, .data, .tasks and .training load on first use (they pull in scikit-learn)."""
+    if name in ("models", "data", "tasks", "training"):
         import importlib
 
         return importlib.import_module(f"aefast.{name}")
     raise AttributeError(f"module 'aefast' has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "get_backend", "info", "nn", "optimize", "reference",
+           "set_backend"]

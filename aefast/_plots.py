@@ -42,17 +42,34 @@ def image_rows(rows: dict, path: str, title: str | None = None, cmap: str = "gra
     return path
 
 
-def loss_curve(curves: dict, path: str, title: str = "training loss", xlabel: str = "epoch") -> str:
+def loss_curve(curves: dict, path: str, title: str = "training loss", xlabel: str = "epoch",
+               steps: dict | None = None) -> str:
+    """Per-epoch mean losses (markers at epoch ends); ``steps`` adds each run's per-step losses
+    (faint) and their running mean, on the same epoch axis."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for label, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=label)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for i, (label, ys) in enumerate(curves.items()):
+        color = f"C{i}"
+        per_step = (steps or {}).get(label)
+        if per_step:
+            x = np.arange(1, len(per_step) + 1) * len(ys) / len(per_step)
+            ax.plot(x, per_step, color=color, alpha=0.25, linewidth=0.8)
+            w = max(1, len(per_step) // 25)
+            smooth = np.convolve(per_step, np.ones(w) / w, mode="valid")
+            ax.plot(x[w - 1:], smooth, color=color, linewidth=1.2, label=f"{label} (per step, running mean)")
+        ax.plot(range(1, len(ys) + 1), ys, "o", color=color, markersize=4,
+                label=f"{label} (epoch mean)" if per_step else label,
+                linestyle="none" if per_step else "-")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
     return path

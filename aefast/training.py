@@ -69,6 +69,7 @@ def load_checkpoint(path: str) -> dict:
 @dataclass
 class FitResult:
     history: list = field(default_factory=list)   # mean training loss per completed epoch
+    step_losses: list = field(default_factory=list)  # the loss of every optimizer step
     steps: int = 0                                  # optimizer steps taken in total
     finished: bool = True                           # False when stopped early by max_steps
 
@@ -112,6 +113,7 @@ def fit(model, inputs: torch.Tensor, targets: torch.Tensor | None = None, *, epo
         torch.set_rng_state(state["torch_rng"])
         start_epoch, start_step, partial = state["epoch"], state["step_in_epoch"], state["partial_loss"]
         result.history, result.steps = list(state["history"]), state["steps"]
+        result.step_losses = list(state["step_losses"])
     else:
         torch.manual_seed(seed)
 
@@ -122,7 +124,7 @@ def fit(model, inputs: torch.Tensor, targets: torch.Tensor | None = None, *, epo
             "aefast_checkpoint": CHECKPOINT_VERSION, "config": run_config, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
             "step_in_epoch": step_in_epoch, "partial_loss": partial_loss, "history": list(result.history),
-            "steps": result.steps, "finished": epoch >= epochs,
+            "step_losses": list(result.step_losses), "steps": result.steps, "finished": epoch >= epochs,
         })
 
     model.train()
@@ -142,7 +144,8 @@ def fit(model, inputs: torch.Tensor, targets: torch.Tensor | None = None, *, epo
             loss.backward()
             opt.step()
             result.steps += 1
-            total += float(loss.detach()) * len(idx)
+            result.step_losses.append(float(loss.detach()))
+            total += result.step_losses[-1] * len(idx)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
             done_in_epoch = step + 1
             last_step = done_in_epoch == steps_per_epoch and epoch == epochs - 1

@@ -240,3 +240,22 @@ def test_bad_inputs_are_clear_errors():
         M.ConvVAE(1, input_size=(28, 28)).encode(torch.rand(1, 1, 32, 32))
     with pytest.raises(TypeError, match="Tensor"):
         M.ConvAutoencoder(1)([1, 2, 3])
+
+
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(4, 17), w=st.integers(4, 17), c_in=st.integers(1, 3),
+       widths=st.lists(st.integers(1, 5), min_size=1, max_size=2), k=st.sampled_from([1, 3, 5]),
+       n=st.integers(1, 3), segnet=st.booleans())
+def test_conv_models_match_twin_fuzz(h, w, c_in, widths, k, n, segnet):
+    """Random sizes (odd ones, batch 1), widths and kernels: same outputs and grads as the twin."""
+    assume(min(h, w) >= 2 ** len(widths))
+    torch.manual_seed(0)
+    kw = dict(in_channels=c_in, channels=tuple(widths), kernel_size=k)
+    name = "segnet" if segnet else "conv"
+    model, twin = M.MODELS[name](**kw), R.MODELS[name](**kw)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    with aefast.set_backend("cpu"):
+        _check_against_twin(model, twin, torch.rand(n, c_in, h, w))

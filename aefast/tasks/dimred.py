@@ -27,7 +27,7 @@ def codes(model, images, batch_size: int = 256, device="cpu"):
     return batched(enc, images, batch_size, device)
 
 
-def fit_linear_autoencoder(model, images, max_iter: int = 500) -> float:
+def fit_linear_autoencoder(model, images, max_iter: int = 2000) -> float:
     """Trains a LinearAutoencoder (or any model with ``training_loss``) by full-batch L-BFGS on its
     fused MSE and returns the final training loss. L-BFGS converges onto the principal subspace far
     more tightly than minibatch Adam, whose gradient noise leaves the directions with a small
