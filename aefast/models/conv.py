@@ -53,7 +53,7 @@ class ConvAutoencoder(_PoolingEncoderMixin, nn.Module):
 
     def __init__(self, in_channels: int = 1, channels=(32, 64), kernel_size: int = 3, activation: str = "relu",
                  out_activation: str | None = "sigmoid", pool_size: int = 2, loss: str = "mse",
-                 index_format: str = "flat"):
+                 index_format: str = "window"):
         super().__init__()
         name = type(self).__name__
         self.in_channels = check_int(name, "in_channels", in_channels)
@@ -104,7 +104,7 @@ class ConvDenoisingAutoencoder(ConvAutoencoder):
 
     def __init__(self, in_channels: int = 1, channels=(32, 64), kernel_size: int = 3, activation: str = "relu",
                  out_activation: str | None = "sigmoid", pool_size: int = 2, loss: str = "mse",
-                 index_format: str = "flat", corruption: str = "gaussian", level: float = 0.3):
+                 index_format: str = "window", corruption: str = "gaussian", level: float = 0.3):
         super().__init__(in_channels, channels, kernel_size, activation, out_activation, pool_size, loss, index_format)
         kind, level = check_corruption(type(self).__name__, corruption, level)
         self.corruption = Corruption(kind, level)
@@ -120,7 +120,7 @@ class SegNetAutoencoder(ConvAutoencoder):
     trained with cross-entropy on integer masks)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, channels=(32, 64), kernel_size: int = 3,
-                 activation: str = "relu", pool_size: int = 2, index_format: str = "flat"):
+                 activation: str = "relu", pool_size: int = 2, index_format: str = "window"):
         self.num_classes = check_int(type(self).__name__, "num_classes", num_classes)
         super().__init__(in_channels, channels, kernel_size, activation, activation, pool_size, "bce_logits",
                          index_format)
