@@ -625,7 +625,9 @@ def corrupt(input, kind="gaussian", level=0.1, generator=None, *, low=0.0, high=
             raise TypeError(f"aefast: {name} must be a number, got {v!r}")
     _check_generator(generator, input.device, "input")
     backend = choose("corrupt", input.device)
-    if backend == "reference":
+    # Under torch.compile the seed cannot be read back without a graph break; the reference's
+    # torch.rand/randn trace, and inductor fuses them with the rest.
+    if backend == "reference" or _compiling():
         return ref.corrupt(input, kind, level, generator, low=low, high=high)
     seed = _draw_seed(generator, input.device)
     return _registry.op(backend, "corrupt")(input, seed, kind, float(level), float(low), float(high))
@@ -643,7 +645,7 @@ def reparameterize(mu, logvar, generator=None):
     _check_mu_logvar(mu, logvar)
     _check_generator(generator, mu.device, "mu")
     backend = choose("reparameterize", mu.device)
-    if backend == "reference":
+    if backend == "reference" or _compiling():  # as in corrupt()
         return ref.reparameterize(mu, logvar, generator)
     return _registry.op(backend, "reparameterize")(mu, logvar, _draw_seed(generator, mu.device))
 
