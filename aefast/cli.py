@@ -455,7 +455,7 @@ def _cmd_demo(args) -> int:
     limit = 400 if args.quick else args.limit
     ds = load_mnist(seed=args.seed, limit=limit)
     epochs = 1 if args.quick else args.epochs
-    kwargs = dict(in_channels=1, channels=args.channels or (16, 32), corruption="gaussian", level=args.level)
+    kwargs = dict(in_channels=1, channels=args.channels or (32, 64), corruption="gaussian", level=args.level)
     torch.manual_seed(args.seed)
     model = ConvDenoisingAutoencoder(**kwargs)
     twin = ref_models.ConvDenoisingAutoencoder(**kwargs)
@@ -584,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="THE MAIN JOB: denoising conv AE on embedded digits, defect detection, speed, PNGs")
-    _add_common(p, data=("mnist",), data_default="mnist", epochs=3, batch_size=64, lr=3e-3, out="aefast-demo")
-    p.add_argument("--channels", type=_widths, default=None, help="conv stage widths (default 16,32)")
+    _add_common(p, data=("mnist",), data_default="mnist", epochs=6, batch_size=64, lr=3e-3, out="aefast-demo")
+    p.add_argument("--channels", type=_widths, default=None, help="conv stage widths (default 32,64)")
     p.add_argument("--level", type=_level, default=0.3, help="gaussian noise std (default 0.3)")
     p.add_argument("--speed-steps", type=_positive_int, default=15, help="timed training steps per model")
     p.add_argument("--quick", action="store_true", help="tiny run (400 digits, 1 epoch) for smoke tests")
