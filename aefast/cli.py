@@ -579,6 +579,33 @@ def _add_resume(p):
                    help="stop after N optimizer steps in total, checkpointing there (resume later)")
 
 
+BENCH_SUITES = ("conv_pool", "unpool_deconv", "recon_loss", "optimize", "training")
+
+
+def _cmd_bench(args) -> int:
+    """Runs the benchmark scripts of the source tree's bench/ folder, each in its own process."""
+    import subprocess
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    if not (bench_dir / "_harness.py").exists():
+        raise FileNotFoundError(f"the benchmark suite lives in the aefast source tree (bench/), not found at "
+                                f"{bench_dir}; run from a source checkout (./dev bench)")
+    status = 0
+    for suite in args.suite or BENCH_SUITES:
+        cmd = [sys.executable, str(bench_dir / f"bench_{suite}.py"), "--device", args.device]
+        if args.quick:
+            cmd.append("--quick")
+        if args.out:
+            cmd += ["--out", args.out]
+        print(f"aefast bench: {suite}", flush=True)
+        rc = subprocess.call(cmd)
+        if rc:
+            print(f"aefast bench: {suite} failed with exit status {rc}", file=sys.stderr)
+            status = 1
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aefast", description="Fast autoencoders: fused kernels, models and tasks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -624,6 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume(p)
     p.add_argument("--weights", default=None, help="model.pt from `aefast train` instead of training")
     p.set_defaults(func=_cmd_reduce)
+
+    p = sub.add_parser("bench", help="benchmarks: each kernel family and the end-to-end training steps against "
+                                      "eager PyTorch and torch.compile, as ratios measured in one run")
+    p.add_argument("--suite", action="append", choices=BENCH_SUITES, help="run only this suite (repeatable)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (a smoke run)")
+    p.add_argument("--out", default=None, help="output directory for JSON, markdown and PNG (default bench/out)")
+    p.set_defaults(func=_cmd_bench)
 
     p_info = sub.add_parser("info", help="version, built and usable backends, CUDA archs, Triton version")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
