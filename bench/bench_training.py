@@ -102,22 +102,33 @@ def run(args) -> list[H.Row]:
         with FlopCounterMode(display=False) as counter:
             make_step(reference, reference_loss, name, x, target, dtype)[1]()
         infer_flops = counter.get_total_flops()
+        # Warm up (and compile) every variant, then time them interleaved, one call each per
+        # round, so that load from other processes spreads evenly over the variants.
+        timed = []  # (label, variant, fn, flops, model, train)
         for variant, (model, loss_fn) in variants.items():
-            model.train()
             step, infer = make_step(model, loss_fn, name, x, target, dtype)
-            for what, fn, flops in (("train step", step, step_flops), ("inference", infer, infer_flops)):
-                if what == "inference":
-                    model.eval()
+            for what, fn, flops, train in (("train step", step, step_flops, True),
+                                           ("inference", infer, infer_flops, False)):
                 label = f"{case} {what}"
+                model.train(train)
                 try:
-                    fn()  # first call compiles / warms up
-                    seconds = H.median_time(fn, device, warmup=1, repeats=args.repeats)
-                    peak = H.peak_memory_bytes(fn, device)
-                    rows.append(H.Row(label, variant, seconds, peak, flops=flops))
+                    fn()
+                    fn()
+                    timed.append((label, variant, fn, flops, model, train))
                 except Exception as exc:  # noqa: BLE001 - a failure is a figure too
                     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                     rows.append(H.Row(label, variant + " FAILED", float("nan"), 0, extra={"error": reason}))
                     print(f"{label} {variant}: FAILED: {reason}", file=sys.stderr)
+        samples = {id(t): [] for t in timed}
+        for _ in range(args.repeats):
+            for t in timed:
+                t[4].train(t[5])
+                samples[id(t)].append(H.median_time(t[2], device, warmup=0, repeats=1))
+        for t in timed:
+            label, variant, fn, flops, model, train = t
+            model.train(train)
+            seconds = sorted(samples[id(t)])[len(samples[id(t)]) // 2]
+            rows.append(H.Row(label, variant, seconds, H.peak_memory_bytes(fn, device), flops=flops))
     return rows
 
 
