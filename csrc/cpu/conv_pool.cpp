@@ -185,14 +185,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t K = s.K();
-    const at::Tensor wt = weight_rows(weight, acc_dtype).t();  // (K, Cout): the GEMM's right operand
     at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
                               ? bias_opt->to(acc_dtype).contiguous()
                               : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
     const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
     // B = w^T (K, Cout) and its packed copy (Cout / NR, K, NR) for the register-blocked GEMM.
     constexpr int64_t NR = 2 * (32 / sizeof(acc_t));
-    const at::Tensor B = wt.contiguous();
+    // w (Cout, Cin, KH, KW) -> B (K, Cout), k = (ki*KW + kj)*Cin + ci, in ONE copy (not the
+    // (Cout, K) rows of weight_rows followed by a second, transposing copy).
+    const at::Tensor B = weight.permute({2, 3, 1, 0}).to(acc_dtype).contiguous().view({K, s.Cout});
     const int64_t nb = s.Cout / NR;
     const at::Tensor Bp = B.narrow(1, 0, nb * NR).reshape({K, nb, NR}).permute({1, 0, 2}).contiguous();
     const acc_t* B_p = B.const_data_ptr<acc_t>();
@@ -358,12 +359,11 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_weight_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
-    // Channels-last input in the accumulation type (half types are widened once, here).
-    const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast).to(acc_dtype)
-                              .contiguous(at::MemoryFormat::ChannelsLast);
-    const acc_t* xp = xl.const_data_ptr<acc_t>();
+    const int64_t K = s.K(), plane = s.HO * s.WO;
+    // The input is read through its strides and copied (widened for half types) image by image
+    // into the padded channels-last buffer below: no whole-tensor channels-last copy first.
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
@@ -385,9 +385,21 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
       const int64_t Wp = s.W + 2 * s.PW, run = s.KW * s.Cin, row = Wp * s.Cin;
       std::vector<acc_t> xpad((s.H + 2 * s.PH) * row, acc_t(0)), gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t y = 0; y < s.H; ++y)
-          std::copy(xp + n * image + y * s.W * s.Cin, xp + n * image + (y + 1) * s.W * s.Cin,
-                    xpad.data() + (y + s.PH) * row + s.PW * s.Cin);
+        const scalar_t* xn = xp + n * xsN;
+        if (xsC == 1 && xsW == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
+          for (int64_t y = 0; y < s.H; ++y) {
+            const scalar_t* src = xn + y * xsH;
+            acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin;
+            for (int64_t e = 0; e < s.W * s.Cin; ++e) dst[e] = static_cast<acc_t>(src[e]);
+          }
+        } else {  // e.g. NCHW: read each channel row contiguously, scatter with stride Cin
+          for (int64_t ci = 0; ci < s.Cin; ++ci)
+            for (int64_t y = 0; y < s.H; ++y) {
+              const scalar_t* src = xn + ci * xsC + y * xsH;
+              acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+              for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = static_cast<acc_t>(src[x * xsW]);
+            }
+        }
         conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
                                              activation, slope, gz.data());
         const uint8_t* kn = kp + n * s.Cout * plane;
@@ -409,18 +421,25 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
         }
       }
     });
-    at::Tensor gw_acc = at::zeros({s.Cout, K}, input.options().dtype(acc_dtype));
-    at::Tensor gb_acc = at::zeros({s.Cout}, input.options().dtype(acc_dtype));
-    acc_t* gwp = gw_acc.mutable_data_ptr<acc_t>();
-    acc_t* gbp = gb_acc.mutable_data_ptr<acc_t>();
-    for (int64_t t = 0; t < threads; ++t) {
-      if (part_w[t].empty()) continue;
-      for (int64_t e = 0; e < s.Cout * K; ++e) gwp[e] += part_w[t][e];
-      for (int64_t e = 0; e < s.Cout; ++e) gbp[e] += part_b[t][e];
+    // Sum the partials (in thread order, from 0, as before) straight into the outputs, permuting
+    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW) on the way: no zeroed accumulator, no permuted copy.
+    grad_weight = at::empty({s.Cout, s.Cin, s.KH, s.KW}, input.options());
+    grad_bias = at::empty({s.Cout}, input.options());
+    scalar_t* gwo = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gbo = grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t co = 0; co < s.Cout; ++co) {
+      acc_t b = 0;
+      for (int64_t t = 0; t < threads; ++t)
+        if (!part_b[t].empty()) b += part_b[t][co];
+      gbo[co] = static_cast<scalar_t>(b);
+      for (int64_t k = 0; k < K; ++k) {  // k = (ki*KW + kj)*Cin + ci
+        acc_t v = 0;
+        for (int64_t t = 0; t < threads; ++t)
+          if (!part_w[t].empty()) v += part_w[t][co * K + k];
+        const int64_t ci = k % s.Cin, kk = k / s.Cin;
+        gwo[(co * s.Cin + ci) * s.KH * s.KW + kk] = static_cast<scalar_t>(v);
+      }
     }
-    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW)
-    grad_weight = gw_acc.view({s.Cout, s.KH, s.KW, s.Cin}).permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
-    grad_bias = gb_acc.to(input.scalar_type());
   });
   return {grad_weight, grad_bias};
 }
