@@ -88,9 +88,10 @@ inline void axpy(T* y, const T* x, T a, int64_t n) {
 // Patches and weight rows are ordered k = (ki*KW + kj)*Cin + ci to match.
 //
 // colsT[(r - r0)*WU + c][k] = x[n, ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside), for the conv rows r in
-// [r0, r1) and the conv cols c in [0, WU) of a strip.
+// [r0, r1) and the conv cols c in [0, WU) of a strip. xl holds the image's rows from y_base on
+// (the whole image, or just the rows a strip reads).
 template <typename scalar_t, typename acc_t>
-void im2col_strip(const scalar_t* xl, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
+void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
   const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < WU; ++c) {
@@ -105,7 +106,7 @@ void im2col_strip(const scalar_t* xl, const Shape& s, int64_t r0, int64_t r1, ac
           continue;
         }
         std::fill(dst, dst + kj0 * s.Cin, acc_t(0));
-        const scalar_t* src = xl + (y * s.W + x0 + kj0) * s.Cin;
+        const scalar_t* src = xl + ((y - y_base) * s.W + x0 + kj0) * s.Cin;
         const int64_t len = (kj1 - kj0) * s.Cin;
         for (int64_t e = 0; e < len; ++e) dst[kj0 * s.Cin + e] = static_cast<acc_t>(src[e]);
         std::fill(dst + kj1 * s.Cin, dst + run, acc_t(0));
@@ -179,7 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   at::Tensor window = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
   at::Tensor preact = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
-  const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast);
+  // A channels-last input is read in place; any other layout is transposed strip by strip inside
+  // the parallel loop (into a cache-sized buffer), not by a whole-tensor channels-last copy.
+  const bool in_place = input.is_contiguous(at::MemoryFormat::ChannelsLast);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -205,7 +208,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const int64_t rows = std::clamp<int64_t>((256 << 10) / std::max<int64_t>(per_row, 1), 1, s.HO);
     const int64_t strips = (s.HO + rows - 1) / rows;
     const int64_t max_pos = rows * s.PKH * s.WU();
-    const scalar_t* xp = xl.const_data_ptr<scalar_t>();
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
+    // Input rows one strip reads: conv rows [r0, r0 + rows*PKH) need y in [r0*SH - PH, .. + KH).
+    const int64_t max_in_rows = std::min<int64_t>(s.H, (rows * s.PKH - 1) * s.SH + s.KH);
     scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
     uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
@@ -214,11 +220,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cols(max_pos * K), tile(max_pos * s.Cout), best(s.Cout), bestz(s.Cout);
       std::vector<int32_t> bestk(s.Cout);
+      std::vector<scalar_t> xs(in_place ? 0 : max_in_rows * s.W * s.Cin);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / strips, pr0 = (task % strips) * rows;
         const int64_t pr1 = std::min(pr0 + rows, s.HO);
         const int64_t npos = (pr1 - pr0) * s.PKH * s.WU();
-        im2col_strip<scalar_t, acc_t>(xp + n * s.Cin * s.H * s.W, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        if (in_place) {
+          im2col_strip<scalar_t, acc_t>(xp + n * xsN, 0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        } else {
+          const int64_t y0 = std::max<int64_t>(0, pr0 * s.PKH * s.SH - s.PH);
+          const int64_t y1 = std::min<int64_t>(s.H, (pr1 * s.PKH - 1) * s.SH - s.PH + s.KH);
+          // (Cin, rows, W) through the strides -> (rows, W, Cin), one contiguous source row at a time.
+          for (int64_t ci = 0; ci < s.Cin; ++ci)
+            for (int64_t y = y0; y < y1; ++y) {
+              const scalar_t* src = xp + n * xsN + ci * xsC + y * xsH;
+              scalar_t* dst = xs.data() + (y - y0) * s.W * s.Cin + ci;
+              for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = src[x * xsW];
+            }
+          im2col_strip<scalar_t, acc_t>(xs.data(), y0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        }
         gemm(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
         epilogue(tile.data(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
                  bestz.data(), bestk.data());
