@@ -138,6 +138,9 @@ def _setup_forward(ctx, inputs, output):
     _, window, preact = output
     # window and preact are the backward's own bookkeeping, not values to differentiate.
     ctx.mark_non_differentiable(window, preact)
+    # Their gradients are never used: without this autograd would allocate and zero-fill two
+    # pooled-size tensors per backward just to pass them in as grad_window / grad_preact.
+    ctx.set_materialize_grads(False)
     ctx.geometry = (list(stride), list(padding), activation, negative_slope, list(pool_size))
     ctx.input_size = list(input.shape[-2:])
     ctx.kernel_size = list(weight.shape[-2:])
@@ -152,6 +155,8 @@ def _make_forward_backward(ns):
         input, weight, window, preact = ctx.saved_tensors
         stride, padding, activation, negative_slope, pool_size = ctx.geometry
         grad_input = grad_weight = grad_bias = None
+        if grad_pooled is None:  # grads are not materialised: no gradient reached the output
+            return grad_input, grad_weight, grad_bias, None, None, None, None, None
         grad_pooled = grad_pooled.contiguous()
         if ctx.needs_input_grad[0]:
             grad_input = ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight, ctx.input_size, stride,
@@ -173,12 +178,15 @@ def _setup_max_pool2d(ctx, inputs, output):
     input = inputs[0]
     _, indices = output
     ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)  # no zero-filled int64 grad_indices
     ctx.save_for_backward(indices, input)
 
 
 def _make_max_pool2d_backward(ns):
     def backward(ctx, grad_output, grad_indices):
         indices, input = ctx.saved_tensors
+        if grad_output is None:
+            return None, None, None, None, None, None
         return ns.max_pool2d_backward(grad_output, indices, input), None, None, None, None, None
 
     return backward

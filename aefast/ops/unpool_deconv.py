@@ -115,6 +115,9 @@ def _setup_forward(ctx, inputs, output):
      negative_slope) = inputs
     out, pre = output
     act_input = pre if activation in NEEDS_PREACTIVATION else out
+    # An unused output gets None, not a zero-filled tensor of its size (the backward handles None;
+    # for leaky_relu/gelu/silu a materialised zero grad_pre would also cost a second backward call).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, indices, weight, act_input)
     ctx.geometry = (pool_size, unpooled_size, stride, padding, output_padding)
     ctx.activation = activation

@@ -88,9 +88,10 @@ inline void axpy(T* y, const T* x, T a, int64_t n) {
 // Patches and weight rows are ordered k = (ki*KW + kj)*Cin + ci to match.
 //
 // colsT[(r - r0)*WU + c][k] = x[n, ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside), for the conv rows r in
-// [r0, r1) and the conv cols c in [0, WU) of a strip.
+// [r0, r1) and the conv cols c in [0, WU) of a strip. xl holds the image's rows from y_base on
+// (the whole image, or just the rows a strip reads).
 template <typename scalar_t, typename acc_t>
-void im2col_strip(const scalar_t* xl, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
+void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
   const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < WU; ++c) {
@@ -105,7 +106,7 @@ void im2col_strip(const scalar_t* xl, const Shape& s, int64_t r0, int64_t r1, ac
           continue;
         }
         std::fill(dst, dst + kj0 * s.Cin, acc_t(0));
-        const scalar_t* src = xl + (y * s.W + x0 + kj0) * s.Cin;
+        const scalar_t* src = xl + ((y - y_base) * s.W + x0 + kj0) * s.Cin;
         const int64_t len = (kj1 - kj0) * s.Cin;
         for (int64_t e = 0; e < len; ++e) dst[kj0 * s.Cin + e] = static_cast<acc_t>(src[e]);
         std::fill(dst + kj1 * s.Cin, dst + run, acc_t(0));
@@ -179,20 +180,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   at::Tensor window = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
   at::Tensor preact = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
-  const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast);
+  // A channels-last input is read in place; any other layout is transposed strip by strip inside
+  // the parallel loop (into a cache-sized buffer), not by a whole-tensor channels-last copy.
+  const bool in_place = input.is_contiguous(at::MemoryFormat::ChannelsLast);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t K = s.K();
-    const at::Tensor wt = weight_rows(weight, acc_dtype).t();  // (K, Cout): the GEMM's right operand
     at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
                               ? bias_opt->to(acc_dtype).contiguous()
                               : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
     const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
     // B = w^T (K, Cout) and its packed copy (Cout / NR, K, NR) for the register-blocked GEMM.
     constexpr int64_t NR = 2 * (32 / sizeof(acc_t));
-    const at::Tensor B = wt.contiguous();
+    // w (Cout, Cin, KH, KW) -> B (K, Cout), k = (ki*KW + kj)*Cin + ci, in ONE copy (not the
+    // (Cout, K) rows of weight_rows followed by a second, transposing copy).
+    const at::Tensor B = weight.permute({2, 3, 1, 0}).to(acc_dtype).contiguous().view({K, s.Cout});
     const int64_t nb = s.Cout / NR;
     const at::Tensor Bp = B.narrow(1, 0, nb * NR).reshape({K, nb, NR}).permute({1, 0, 2}).contiguous();
     const acc_t* B_p = B.const_data_ptr<acc_t>();
@@ -204,7 +208,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const int64_t rows = std::clamp<int64_t>((256 << 10) / std::max<int64_t>(per_row, 1), 1, s.HO);
     const int64_t strips = (s.HO + rows - 1) / rows;
     const int64_t max_pos = rows * s.PKH * s.WU();
-    const scalar_t* xp = xl.const_data_ptr<scalar_t>();
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
+    // Input rows one strip reads: conv rows [r0, r0 + rows*PKH) need y in [r0*SH - PH, .. + KH).
+    const int64_t max_in_rows = std::min<int64_t>(s.H, (rows * s.PKH - 1) * s.SH + s.KH);
     scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
     uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
@@ -213,11 +220,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cols(max_pos * K), tile(max_pos * s.Cout), best(s.Cout), bestz(s.Cout);
       std::vector<int32_t> bestk(s.Cout);
+      std::vector<scalar_t> xs(in_place ? 0 : max_in_rows * s.W * s.Cin);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / strips, pr0 = (task % strips) * rows;
         const int64_t pr1 = std::min(pr0 + rows, s.HO);
         const int64_t npos = (pr1 - pr0) * s.PKH * s.WU();
-        im2col_strip<scalar_t, acc_t>(xp + n * s.Cin * s.H * s.W, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        if (in_place) {
+          im2col_strip<scalar_t, acc_t>(xp + n * xsN, 0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        } else {
+          const int64_t y0 = std::max<int64_t>(0, pr0 * s.PKH * s.SH - s.PH);
+          const int64_t y1 = std::min<int64_t>(s.H, (pr1 * s.PKH - 1) * s.SH - s.PH + s.KH);
+          // (Cin, rows, W) through the strides -> (rows, W, Cin), one contiguous source row at a time.
+          for (int64_t ci = 0; ci < s.Cin; ++ci)
+            for (int64_t y = y0; y < y1; ++y) {
+              const scalar_t* src = xp + n * xsN + ci * xsC + y * xsH;
+              scalar_t* dst = xs.data() + (y - y0) * s.W * s.Cin + ci;
+              for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = src[x * xsW];
+            }
+          im2col_strip<scalar_t, acc_t>(xs.data(), y0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        }
         gemm(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
         epilogue(tile.data(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
                  bestz.data(), bestk.data());
@@ -358,12 +379,11 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_weight_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
-    // Channels-last input in the accumulation type (half types are widened once, here).
-    const at::Tensor xl = input.contiguous(at::MemoryFormat::ChannelsLast).to(acc_dtype)
-                              .contiguous(at::MemoryFormat::ChannelsLast);
-    const acc_t* xp = xl.const_data_ptr<acc_t>();
+    const int64_t K = s.K(), plane = s.HO * s.WO;
+    // The input is read through its strides and copied (widened for half types) image by image
+    // into the padded channels-last buffer below: no whole-tensor channels-last copy first.
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
@@ -385,9 +405,21 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
       const int64_t Wp = s.W + 2 * s.PW, run = s.KW * s.Cin, row = Wp * s.Cin;
       std::vector<acc_t> xpad((s.H + 2 * s.PH) * row, acc_t(0)), gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t y = 0; y < s.H; ++y)
-          std::copy(xp + n * image + y * s.W * s.Cin, xp + n * image + (y + 1) * s.W * s.Cin,
-                    xpad.data() + (y + s.PH) * row + s.PW * s.Cin);
+        const scalar_t* xn = xp + n * xsN;
+        if (xsC == 1 && xsW == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
+          for (int64_t y = 0; y < s.H; ++y) {
+            const scalar_t* src = xn + y * xsH;
+            acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin;
+            for (int64_t e = 0; e < s.W * s.Cin; ++e) dst[e] = static_cast<acc_t>(src[e]);
+          }
+        } else {  // e.g. NCHW: read each channel row contiguously, scatter with stride Cin
+          for (int64_t ci = 0; ci < s.Cin; ++ci)
+            for (int64_t y = 0; y < s.H; ++y) {
+              const scalar_t* src = xn + ci * xsC + y * xsH;
+              acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+              for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = static_cast<acc_t>(src[x * xsW]);
+            }
+        }
         conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
                                              activation, slope, gz.data());
         const uint8_t* kn = kp + n * s.Cout * plane;
@@ -409,18 +441,25 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
         }
       }
     });
-    at::Tensor gw_acc = at::zeros({s.Cout, K}, input.options().dtype(acc_dtype));
-    at::Tensor gb_acc = at::zeros({s.Cout}, input.options().dtype(acc_dtype));
-    acc_t* gwp = gw_acc.mutable_data_ptr<acc_t>();
-    acc_t* gbp = gb_acc.mutable_data_ptr<acc_t>();
-    for (int64_t t = 0; t < threads; ++t) {
-      if (part_w[t].empty()) continue;
-      for (int64_t e = 0; e < s.Cout * K; ++e) gwp[e] += part_w[t][e];
-      for (int64_t e = 0; e < s.Cout; ++e) gbp[e] += part_b[t][e];
+    // Sum the partials (in thread order, from 0, as before) straight into the outputs, permuting
+    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW) on the way: no zeroed accumulator, no permuted copy.
+    grad_weight = at::empty({s.Cout, s.Cin, s.KH, s.KW}, input.options());
+    grad_bias = at::empty({s.Cout}, input.options());
+    scalar_t* gwo = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gbo = grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t co = 0; co < s.Cout; ++co) {
+      acc_t b = 0;
+      for (int64_t t = 0; t < threads; ++t)
+        if (!part_b[t].empty()) b += part_b[t][co];
+      gbo[co] = static_cast<scalar_t>(b);
+      for (int64_t k = 0; k < K; ++k) {  // k = (ki*KW + kj)*Cin + ci
+        acc_t v = 0;
+        for (int64_t t = 0; t < threads; ++t)
+          if (!part_w[t].empty()) v += part_w[t][co * K + k];
+        const int64_t ci = k % s.Cin, kk = k / s.Cin;
+        gwo[(co * s.Cin + ci) * s.KH * s.KW + kk] = static_cast<scalar_t>(v);
+      }
     }
-    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW)
-    grad_weight = gw_acc.view({s.Cout, s.KH, s.KW, s.Cin}).permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
-    grad_bias = gb_acc.to(input.scalar_type());
   });
   return {grad_weight, grad_bias};
 }

@@ -493,21 +493,42 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor bias_part_t = at::empty({g.n * g.c_out}, acc_opts);
-  at::Tensor gwt_t = at::zeros({mask[1] ? chunks * g.c_in * ps : 0}, acc_opts);
+  // Per-chunk partials of grad_Wt; each chunk zeroes its own slice inside the parallel region
+  // (it accumulates there), rather than one serial zero pass over all of them up front.
+  at::Tensor gwt_t = at::empty({mask[1] ? chunks * g.c_in * ps : 0}, acc_opts);
   acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
   acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
   scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
   const bool need_col = mask[0] || mask[1];
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     at::Tensor gpad_t = at::empty({item}, acc_opts);
-    at::Tensor col_t = at::zeros({need_col ? col_item : 0}, acc_opts);  // slab padding stays zero
+    at::Tensor col_t = at::empty({need_col ? col_item : 0}, acc_opts);
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
+    // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
+    // all c_out; only the border around that interior must read as zero, and nothing writes it,
+    // so it is zeroed once here instead of filling the whole buffer per item.
+    {
+      const int64_t cols_c = ext.cols * g.c_out;
+      std::fill(gpad, gpad + g.pad_h * cols_c, acc_t(0));
+      for (int64_t r = g.pad_h; r < g.pad_h + g.out_h; ++r) {
+        std::fill(gpad + r * cols_c, gpad + r * cols_c + g.pad_w * g.c_out, acc_t(0));
+        std::fill(gpad + r * cols_c + (g.pad_w + g.out_w) * g.c_out, gpad + (r + 1) * cols_c, acc_t(0));
+      }
+      std::fill(gpad + (g.pad_h + g.out_h) * cols_c, gpad + item, acc_t(0));
+    }
+    // col: build_col_rows writes the first KH*KW*c_out values of every slab; only the slab's
+    // vector padding (read by dot / axpy_rows) must be zero, and nothing writes it.
+    if (need_col) {
+      const int64_t used = g.kernel_h * g.kernel_w * g.c_out;
+      if (used < ps)
+        for (int64_t q = 0; q < g.unpooled_h * g.unpooled_w; ++q) std::fill(col + q * ps + used, col + (q + 1) * ps, acc_t(0));
+    }
     std::vector<int64_t> offs(static_cast<size_t>(plane));
     std::vector<acc_t> vals(static_cast<size_t>(plane));
     for (int64_t kc = k0; kc < k1; ++kc) {
+      if (mask[1]) std::fill(gwt + kc * g.c_in * ps, gwt + (kc + 1) * g.c_in * ps, acc_t(0));
       for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
-        std::fill(gpad, gpad + item, acc_t(0));
         for (int64_t co = 0; co < g.c_out; ++co) {
           const scalar_t* go = gp + n * plane_out + co * g.out_h * g.out_w;
           const scalar_t* ai = ap + n * plane_out + co * g.out_h * g.out_w;
