@@ -16,9 +16,28 @@ from typing import Callable
 
 import torch
 
-# Measured on the CI/dev machines (AMD EPYC, 2 cores, AVX2+FMA): see shared/DESIGN.md.
-CPU_SGEMM_GFLOPS = 120.0
-CPU_COPY_GBPS = 26.0
+def _measure_cpu_limits() -> tuple[float, float]:
+    """The machine's sgemm GFLOP/s and copy GB/s (read+write), measured now, in this run:
+    a stored constant goes stale with the load on a shared machine (the 120 GFLOP/s once noted
+    for these 2-core machines is ~190 on a quiet one)."""
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    src = torch.ones(16 * 2**20)  # 64 MiB, beyond the L3 (written, so no shared zero page)
+    dst = torch.empty_like(src)
+    torch.mm(a, b)
+    dst.copy_(src)
+    mm_s = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    copy_s = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * 1024**3 / mm_s / 1e9, 2 * src.numel() * 4 / copy_s / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+CPU_SGEMM_GFLOPS, CPU_COPY_GBPS = _measure_cpu_limits()
 
 
 def synchronize(device: str) -> None:
