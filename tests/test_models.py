@@ -77,7 +77,7 @@ def test_model_matches_twin_cpu(name):
         _check_against_twin(model, twin, x)
 
 
-@pytest.mark.parametrize("name", ["conv", "segnet", "vae"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_model_matches_twin_triton(name):
     from aefast import backend
 
@@ -86,9 +86,19 @@ def test_model_matches_twin_triton(name):
         pytest.skip(why)
     kwargs, _ = CASES[name]
     torch.manual_seed(0)
-    small = {"conv": dict(in_channels=1, channels=(3,)), "segnet": dict(in_channels=1, channels=(2, 3)),
-             "vae": dict(in_features=16, hidden=(8,), latent_features=2)}[name]
-    shape = {"conv": (1, 1, 6, 5), "segnet": (2, 1, 8, 8), "vae": (2, 16)}[name]
+    # Every model, at sizes the Triton interpreter runs in a second or so.
+    small, shape = {
+        "linear": (dict(in_features=16, latent_features=3), (2, 1, 4, 4)),
+        "deep": (dict(in_features=16, hidden=(8,), latent_features=3, activation="gelu"), (2, 1, 4, 4)),
+        "dae": (dict(in_features=16, hidden=(8,), latent_features=4, activation="leaky_relu"), (2, 1, 4, 4)),
+        "sdae": (dict(in_features=16, hidden=(8, 4)), (2, 16)),
+        "conv": (dict(in_channels=1, channels=(3,)), (1, 1, 6, 5)),
+        "conv_dae": (dict(in_channels=1, channels=(3,), activation="tanh"), (1, 1, 6, 5)),
+        "segnet": (dict(in_channels=1, channels=(2, 3)), (2, 1, 8, 8)),
+        "fcn": (dict(in_channels=1, num_classes=2, channels=(2, 3, 4)), (1, 1, 8, 8)),
+        "vae": (dict(in_features=16, hidden=(8,), latent_features=2), (2, 16)),
+        "conv_vae": (dict(in_channels=1, channels=(2,), latent_features=2, input_size=(6, 6)), (1, 1, 6, 6)),
+    }[name]
     model, twin = M.MODELS[name](**small), R.MODELS[name](**small)
     twin.load_state_dict(model.state_dict(), strict=True)
     x = torch.rand(shape)
