@@ -209,24 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
                                                                   const std::optional<at::Tensor>& pos_weight_,
                                                                   int kind, int reduction, double delta,
                                                                   bool grad_input, bool grad_target) {
-  check_same(input_, target_, "target");
   const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous(), target = target_.contiguous();
-  at::Tensor weight, pos_weight;
-  if (weight_.has_value()) {
-    check_same(input_, *weight_, "weight");
-    weight = weight_->contiguous();
-  }
-  if (pos_weight_.has_value()) {
-    TORCH_CHECK(kind == kBceLogits, "aefast: pos_weight is only for bce_logits");
-    check_same(input_, *pos_weight_, "pos_weight");
-    pos_weight = pos_weight_->contiguous();
-  }
-  const LossPlan plan = plan_loss(input, reduction, kind == kKl);
-  at::Tensor out = reduced_output(input, plan);
-  at::Tensor gx = grad_buffer(input, grad_input);
-  const bool own_gt = loss_kind_has_own_target_grad(kind) && grad_target;
-  at::Tensor gt = grad_buffer(input, own_gt);
+  LossCall call = prepare_loss_call(input_, target_, weight_, pos_weight_, kind, reduction, grad_input, grad_target);
+  const at::Tensor &input = call.input, &target = call.target, &weight = call.weight, &pos_weight = call.pos_weight;
+  const LossPlan& plan = call.plan;
+  at::Tensor &out = call.out, &gx = call.gx, &gt = call.gt;
+  const bool own_gt = call.own_gt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "aefast_recon_loss_cuda", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* t = target.const_data_ptr<scalar_t>();

@@ -1,4 +1,5 @@
 #pragma once
+#include <optional>
 // Host-side planning of the recon_loss family, shared by the CPU and CUDA entry points:
 // argument parsing, the (rows x cols) view of the data, and the reduction's scales.
 #include <ATen/ATen.h>
@@ -88,6 +89,41 @@ inline int parse_corruption(std::string_view kind) {
   if (kind == "masking") return 1;
   if (kind == "salt_pepper") return 2;
   TORCH_CHECK(false, "aefast::corrupt: unknown kind '", std::string(kind), "'");
+}
+
+
+// The tensors one recon_loss call works on: contiguous operands, the reduced output and the
+// gradient buffers that were asked for. Both the CPU and the CUDA op start from this.
+struct LossCall {
+  at::Tensor input, target, weight, pos_weight;  // weight / pos_weight undefined when absent
+  LossPlan plan;
+  at::Tensor out, gx, gt;
+  bool own_gt;  // the kind has its own target gradient and it was asked for
+};
+
+inline LossCall prepare_loss_call(const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& pos_weight, int kind, int reduction,
+                                  bool grad_input, bool grad_target) {
+  check_same(input, target, "target");
+  LossCall c;
+  c.input = input.contiguous();
+  c.target = target.contiguous();
+  if (weight.has_value()) {
+    check_same(input, *weight, "weight");
+    c.weight = weight->contiguous();
+  }
+  if (pos_weight.has_value()) {
+    TORCH_CHECK(kind == kBceLogits, "aefast: pos_weight is only for bce_logits");
+    check_same(input, *pos_weight, "pos_weight");
+    c.pos_weight = pos_weight->contiguous();
+  }
+  c.plan = plan_loss(c.input, reduction, kind == kKl);
+  c.out = reduced_output(c.input, c.plan);
+  c.gx = grad_buffer(c.input, grad_input);
+  c.own_gt = loss_kind_has_own_target_grad(kind) && grad_target;
+  c.gt = grad_buffer(c.input, c.own_gt);
+  return c;
 }
 
 }  // namespace aefast
