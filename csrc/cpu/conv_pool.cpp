@@ -131,7 +131,7 @@ GemmFn<T> pick_gemm() {
 }
 
 template <typename scalar_t, typename acc_t>
-using EpilogueFn = void (*)(const acc_t*, const acc_t*, const Shape&, int64_t, int64_t, int64_t, acc_t, scalar_t*,
+using EpilogueFn = void (*)(const acc_t*, int64_t, const acc_t*, const Shape&, int64_t, int64_t, int64_t, acc_t, scalar_t*,
                             uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
 
 template <typename scalar_t, typename acc_t, int ACT>
@@ -168,6 +168,66 @@ at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc_dtype) {
   return weight.permute({0, 2, 3, 1}).to(acc_dtype).contiguous().view({weight.size(0), -1});
 }
 
+// The conv by ATen (oneDNN underneath), then the same fused epilogue over its output.
+//
+// On the 2-core machines oneDNN's convolution runs at 80-185 GFLOP/s where the register-blocked
+// GEMM above does not keep up, so for the types oneDNN covers (fp32, and fp16/bf16 computed in
+// fp32) the conv itself is left to at::convolution, without bias: z - b = conv(x, w). It is asked
+// for a channels-last output (input and weight passed channels-last), so that the pooled rows of
+// one image form a (positions, Cout) tile with WC positions per conv row: exactly what
+// epilogue_strip reads with ldr = WC. The epilogue then adds the bias, rounds z and act(z) to
+// scalar_t as before, pools, and writes only the pooled map, the uint8 window offsets and z at
+// the argmax, so the outputs mean exactly what the direct path's do. The full-resolution conv
+// output is a temporary freed on return: nothing at conv resolution is saved for backward.
+// Half types are widened to fp32 for the conv (accumulate in fp32, as the direct path does).
+void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias_opt, const Shape& s, int64_t activation,
+                              double negative_slope, at::Tensor& pooled, at::Tensor& window, at::Tensor& preact) {
+  // The conv is a step of this kernel, not an op autograd should see.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_aten", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    // Channels-last operands in the accumulation type. A tensor that already has channels-last
+    // strides is used as is; otherwise one copy (which also widens half types). The copy goes
+    // through at::empty(ChannelsLast) so that a 1-channel input gets the strides that make
+    // oneDNN pick the channels-last output too.
+    auto to_cl = [&](const at::Tensor& t) {
+      if (t.scalar_type() == acc_dtype && t.size(1) > 1 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
+      return at::empty(t.sizes(), t.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast))
+          .copy_(t);
+    };
+    at::Tensor conv = at::convolution(to_cl(input), to_cl(weight), /*bias=*/{}, {s.SH, s.SW}, {s.PH, s.PW},
+                                      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+                                      /*groups=*/1);
+    TORCH_CHECK(conv.size(2) == s.HC && conv.size(3) == s.WC, "aefast::conv_pool2d: unexpected conv output shape");
+    if (!conv.is_contiguous(at::MemoryFormat::ChannelsLast) || conv.stride(1) != 1)
+      conv = conv.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
+                              ? bias_opt->to(acc_dtype).contiguous()
+                              : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
+    const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
+    const acc_t* conv_p = conv.const_data_ptr<acc_t>();
+    scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
+    uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
+    scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
+    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const int64_t img = s.HC * s.WC * s.Cout, prow = s.PKH * s.WC * s.Cout;
+    // One task per (image, pooled row): each reads PKH conv rows once, in order.
+    at::parallel_for(0, s.N * s.HO, std::max<int64_t>(1, 16384 / std::max<int64_t>(prow, 1)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> best(s.Cout), bestz(s.Cout);
+      std::vector<int32_t> bestk(s.Cout);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / s.HO, pr = task % s.HO;
+        epilogue(conv_p + n * img + pr * prow, s.WC, bias_ptr, s, n, pr, pr + 1, slope, pooled_p, window_p,
+                 preact_p, best.data(), bestz.data(), bestk.data());
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
@@ -180,6 +240,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   at::Tensor window = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
   at::Tensor preact = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
+  // oneDNN's conv + the fused epilogue (see above) for fp32 and the half types when the reduction
+  // is long enough (K = Cin*KH*KW >= 64) for the conv's FLOPs to outweigh the epilogue's pass over
+  // the full-resolution output. Measured on the 2-core machines, same process, interleaved:
+  // 32->64 3x3 (K = 288) 2.3x faster than the direct path; 1->32 and 3->32 3x3 (K = 9, 27) 0.82x
+  // and 0.85x, so short reductions keep the direct path, whose conv tile never leaves the cache.
+  // fp64, which oneDNN does not cover (ATen would use its slow reference conv), also keeps it.
+  if (input.scalar_type() != at::kDouble && s.K() >= 64) {
+    conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, pooled, window, preact);
+    return {pooled, window, preact};
+  }
   // A channels-last input is read in place; any other layout is transposed strip by strip inside
   // the parallel loop (into a cache-sized buffer), not by a whole-tensor channels-last copy.
   const bool in_place = input.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -240,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
           im2col_strip<scalar_t, acc_t>(xs.data(), y0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
         }
         gemm(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
-        epilogue(tile.data(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
+        epilogue(tile.data(), s.WU(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
                  bestz.data(), bestk.data());
       }
     });
