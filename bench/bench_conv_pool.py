@@ -18,26 +18,17 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import aefast  # noqa: E402
-import aefast.functional as AF  # noqa: E402
 from _harness import (CPU_SGEMM_GFLOPS, Row, median_time, peak_memory_bytes, ratio_table,  # noqa: E402
                       synchronize, write_results)
-
-SHAPES = [  # N, Cin, Cout, H, W  (3x3 conv, stride 1, padding 1, relu, 2x2 pool)
-    (256, 1, 32, 28, 28),
-    (256, 32, 64, 14, 14),
-    (32, 3, 32, 128, 128),
-]
-QUICK_SHAPES = [(4, 1, 8, 12, 12), (2, 8, 16, 10, 10)]
-
-
-def eager_block(x, w, b):
-    return F.max_pool2d(F.relu(F.conv2d(x, w, b, 1, 1)), 2, return_indices=True)
+# The shapes and the calls live in workloads.py, shared with the pytest-benchmark suite.
+from workloads import CONV_POOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
+from workloads import CONV_POOL_SHAPES as SHAPES  # noqa: E402
+from workloads import conv_pool_case, conv_pool_flops, conv_pool_fused, conv_pool_inputs  # noqa: E402
+from workloads import conv_pool_eager as eager_block  # noqa: E402
 
 
 def make_variants(device, quick):
@@ -46,22 +37,15 @@ def make_variants(device, quick):
         variants["torch.compile"] = torch.compile(eager_block)
     backends = ["cuda", "triton"] if device == "cuda" else ["cpu"]
     for name in backends:
-        def fused(x, w, b, _name=name):
-            with aefast.set_backend(_name):
-                return AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
-        variants[f"aefast-{name}"] = fused
+        variants[f"aefast-{name}"] = conv_pool_fused(name)
     return variants
 
 
 def bench_shape(shape, device, variants, rounds, repeats):
-    n, cin, cout, h, w = shape
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, cin, h, w, generator=g).to(device).requires_grad_()
-    wt = (torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin ** 0.5)).to(device).requires_grad_()
-    b = torch.randn(cout, generator=g).to(device).requires_grad_()
-    inputs = (x, wt, b)
-    fwd_flops = 2.0 * n * cout * h * w * cin * 9
-    case = f"N{n} {cin}->{cout} {h}x{w}"
+    inputs = conv_pool_inputs(shape, device)
+    g = torch.Generator().manual_seed(1)
+    fwd_flops = conv_pool_flops(shape)
+    case = conv_pool_case(shape)
 
     fns = {}
     for name, fn in variants.items():

@@ -17,51 +17,16 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import CPU_COPY_GBPS, Row, median_time, peak_memory_bytes, ratio_table, write_results  # noqa: E402
 
 import aefast  # noqa: E402
-import aefast.functional as AF  # noqa: E402
 
-KINDS = ("mse", "l1", "huber", "bce", "bce_logits")
-REDUCTIONS = ("mean", "sum", "none", "per_sample")
-TORCH_FN = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss, "bce": F.binary_cross_entropy,
-            "bce_logits": F.binary_cross_entropy_with_logits}
-
-
-def eager_loss(kind, reduction):
-    fn = TORCH_FN[kind]
-
-    def loss(x, t):
-        if reduction == "per_sample":
-            return fn(x, t, reduction="none").reshape(x.shape[0], -1).mean(1)
-        return fn(x, t, reduction=reduction)
-
-    return loss
-
-
-def aefast_loss(kind, reduction):
-    return lambda x, t: AF.reconstruction_loss(x, t, kind, reduction)
-
-
-def make_inputs(kind, shape, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    if kind == "bce":
-        x = torch.rand(shape, generator=g) * 0.98 + 0.01
-        t = torch.rand(shape, generator=g)
-    elif kind == "bce_logits":
-        x = torch.randn(shape, generator=g) * 3
-        t = torch.rand(shape, generator=g)
-    else:
-        x, t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    return x.to(device, dtype).requires_grad_(), t.to(device, dtype)
-
-
-def min_bytes(x, reduction):
-    n = x.numel() * x.element_size()
-    return 3 * n + (2 * n if reduction == "none" else 0)
+# The shapes and the calls live in workloads.py, shared with the pytest-benchmark suite.
+from workloads import LOSS_KINDS as KINDS, LOSS_QUICK_SHAPES, LOSS_REDUCTIONS as REDUCTIONS, LOSS_SHAPES  # noqa: E402
+from workloads import loss_case, loss_eager as eager_loss, loss_fused as aefast_loss  # noqa: E402
+from workloads import loss_inputs as make_inputs, loss_min_bytes as min_bytes  # noqa: E402
 
 
 def step_fn(loss_fn, x, t, grad_out):
@@ -85,7 +50,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    shapes = [(4, 1, 8, 8), (2, 3, 16, 16)] if args.quick else [(256, 1, 28, 28), (32, 3, 128, 128)]
+    shapes = LOSS_QUICK_SHAPES if args.quick else LOSS_SHAPES
     use_compile = not (args.quick or args.no_compile)
     repeats = 3 if args.quick else 7
     rounds = 1 if args.quick else 7
@@ -108,7 +73,7 @@ def main(argv=None):
                 if use_compile:
                     torch._dynamo.reset()  # one compiled graph per case; never the recompile limit's eager fallback
                     variants["compile"] = torch.compile(eager_loss(kind, reduction), dynamic=False)
-                case = f"{kind}/{reduction} {'x'.join(map(str, shape))}"
+                case = loss_case(kind, reduction, shape)
                 nbytes = min_bytes(x, reduction)
                 steps = {name: step_fn(fn, x, t, grad_out) for name, fn in variants.items()}
                 for step in steps.values():

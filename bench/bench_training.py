@@ -13,70 +13,27 @@ effective rate, since its sparse kernels skip part of that work.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _harness as H  # noqa: E402
+import workloads as W  # noqa: E402  (the workloads, shared with the pytest-benchmark suite)
 
 import aefast  # noqa: E402
-import aefast.models as fast_models  # noqa: E402
-from aefast import functional as AF  # noqa: E402
 from aefast.reference import models as ref_models  # noqa: E402
 
 
 def workloads(quick: bool):
-    if quick:
-        return [("W1-tiny", "ConvAutoencoder", dict(in_channels=1, channels=(4, 8)), (4, 1, 12, 12))]
-    return [
-        ("W1", "ConvAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
-        ("W2", "ConvAutoencoder", dict(in_channels=3, channels=(32, 64, 128)), (32, 3, 128, 128)),
-        ("ConvDAE-W1", "ConvDenoisingAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
-        ("SegNet-W1", "SegNetAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
-        ("ConvVAE-W1", "ConvVAE", dict(in_channels=1, channels=(32, 64), input_size=(28, 28)), (256, 1, 28, 28)),
-    ]
+    # One tiny model for the quick run: its torch.compile (inductor) alone takes ~30 s on the
+    # 2-core dev machine; the pytest-benchmark suite's smoke run covers the four tiny models.
+    return W.MODEL_QUICK_WORKLOADS[:1] if quick else W.MODEL_WORKLOADS
 
 
-def reference_loss(name, out, x, target):
-    if name == "SegNetAutoencoder":
-        return F.binary_cross_entropy_with_logits(out, target)
-    if name == "ConvVAE":
-        recon, mu, logvar = out[0], out[1], out[2]
-        kl = (-0.5 * (1 + logvar - mu * mu - logvar.exp())).sum(1).mean()
-        return F.binary_cross_entropy(recon, x, reduction="sum") / x.shape[0] + kl
-    return F.mse_loss(out, x)
-
-
-def aefast_loss(name, out, x, target):
-    if name == "SegNetAutoencoder":
-        return AF.reconstruction_loss(out, target, "bce_logits")
-    if name == "ConvVAE":
-        return AF.reconstruction_loss(out[0], x, "bce", "sum") / x.shape[0] + AF.kl_divergence(out[1], out[2])
-    return AF.reconstruction_loss(out, x, "mse")
-
-
-def make_step(model, loss_fn, name, x, target, autocast_dtype):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    amp = (lambda: torch.autocast(x.device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with amp():
-            loss = loss_fn(name, model(x), x, target)
-        loss.backward()
-        opt.step()
-        return loss
-
-    def infer():
-        with torch.no_grad(), amp():
-            return model(x)
-
-    return step, infer
+reference_loss, aefast_loss, make_step = W.model_reference_loss, W.model_aefast_loss, W.make_model_step
 
 
 def run(args) -> list[H.Row]:
@@ -84,12 +41,8 @@ def run(args) -> list[H.Row]:
     dtype = torch.bfloat16 if args.bf16 else None
     rows: list[H.Row] = []
     for case, name, kwargs, shape in workloads(args.quick):
-        torch.manual_seed(0)
-        x = torch.rand(shape, device=device)
-        target = (torch.rand(shape, device=device) > 0.5).float()
-        reference = getattr(ref_models, name)(**kwargs).to(device)
-        fast = getattr(fast_models, name)(**kwargs).to(device)
-        fast.load_state_dict(reference.state_dict())
+        x, target = W.model_inputs(shape, device)
+        reference, fast = W.model_pair(name, kwargs, device)
         variants = {"eager": (reference, reference_loss), "aefast": (fast, aefast_loss)}
         if not args.no_compile:
             mode = "max-autotune" if device == "cuda" else None

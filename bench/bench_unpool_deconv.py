@@ -13,55 +13,28 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from aefast import functional as AF  # noqa: E402
 from bench._harness import (CPU_SGEMM_GFLOPS, Row, median_time, peak_memory_bytes, ratio_table,  # noqa: E402
                             write_results)
 
-# (name, N, C_in, C_out, unpooled H=W, activation); kernel 3, stride 1, padding 1, pool 2.
-SHAPES = [
-    ("64->32 @14x14 N=256", 256, 64, 32, 14, "relu"),
-    ("32->1 @28x28 N=256", 256, 32, 1, 28, "sigmoid"),
-    ("32->3 @128x128 N=32", 32, 32, 3, 128, "sigmoid"),
-]
-QUICK_SHAPES = [
-    ("quick 8->4 @8x8 N=2", 2, 8, 4, 8, "relu"),
-    ("quick 4->1 @6x6 N=1", 1, 4, 1, 6, "sigmoid"),
-]
-KERNEL, STRIDE, PADDING, POOL = 3, 1, 1, 2
-
-
-def eager_decoder(z, idx, w, b, act):
-    y = F.conv_transpose2d(F.max_unpool2d(z, idx, POOL), w, b, STRIDE, PADDING)
-    return torch.relu(y) if act == "relu" else torch.sigmoid(y)
-
-
-def make_inputs(n, c_in, c_out, hw, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c_in, hw, hw, generator=gen)
-    z, idx = F.max_pool2d(x, POOL, return_indices=True)
-    w = torch.randn(c_in, c_out, KERNEL, KERNEL, generator=gen) / (c_in * KERNEL * KERNEL) ** 0.5
-    b = torch.randn(c_out, generator=gen)
-    window = AF.flat_to_window(idx, (hw, hw), POOL)
-    return [t.to(device) for t in (z, idx, window, w, b)]
+# The shapes and the calls live in bench/workloads.py, shared with the pytest-benchmark suite.
+from bench.workloads import UNPOOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
+from bench.workloads import UNPOOL_SHAPES as SHAPES  # noqa: E402
+from bench.workloads import unpool_eager as eager_decoder, unpool_fused, unpool_inputs as make_inputs  # noqa: E402
+from bench.workloads import unpool_macs  # noqa: E402
 
 
 def bench_shape(name, n, c_in, c_out, hw, act, device, backend, use_compile, repeats):
     z, idx, window, w, b = make_inputs(n, c_in, c_out, hw, device)
-    dense_macs = n * c_in * hw * hw * c_out * KERNEL * KERNEL          # transposed conv over the unpooled map
-    sparse_macs = n * c_in * (hw // POOL) ** 2 * c_out * KERNEL * KERNEL  # over the pooled values only
+    dense_macs, sparse_macs = unpool_macs(n, c_in, c_out, hw)
     leaves = [t.clone().requires_grad_() for t in (z, w, b)]
     g = None
 
     def fused(indices, fmt):
-        def run(zz, ww, bb):
-            with aefast.set_backend(backend):
-                return AF.unpool_conv_transpose2d(zz, indices, ww, bb, POOL, None, STRIDE, PADDING, 0, act, fmt)
-        return run
+        return unpool_fused(backend, indices, fmt, act)
 
     variants = {"eager": (lambda zz, ww, bb: eager_decoder(zz, idx, ww, bb, act), dense_macs)}
     if use_compile:
