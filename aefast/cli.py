@@ -583,7 +583,9 @@ BENCH_SUITES = ("conv_pool", "unpool_deconv", "recon_loss", "optimize", "trainin
 
 
 def _cmd_bench(args) -> int:
-    """Runs the benchmark scripts of the source tree's bench/ folder, each in its own process."""
+    """Runs the benchmark scripts of the source tree's bench/ folder, each in its own process
+    (`./dev bench --scripts`). The pytest-benchmark suite over the same workloads
+    (bench/workloads.py) is `python -m pytest bench/suite` (`./dev bench`)."""
     import subprocess
     from pathlib import Path
 
@@ -652,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="model.pt from `aefast train` instead of training")
     p.set_defaults(func=_cmd_reduce)
 
-    p = sub.add_parser("bench", help="benchmarks: each kernel family and the end-to-end training steps against "
-                                      "eager PyTorch and torch.compile, as ratios measured in one run")
+    p = sub.add_parser("bench", help="benchmark scripts: each kernel family and the end-to-end training steps "
+                                      "against eager PyTorch and torch.compile, as ratios measured in one run "
+                                      "(the pytest-benchmark suite of the same workloads: ./dev bench)")
     p.add_argument("--suite", action="append", choices=BENCH_SUITES, help="run only this suite (repeatable)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (a smoke run)")

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --only-binary=:all: --no-deps -d gpu_wheels \
-  pytest pluggy iniconfig packaging hypothesis sortedcontainers attrs expecttest
+  pytest pluggy iniconfig packaging hypothesis sortedcontainers attrs expecttest \
+  pytest-benchmark py-cpuinfo2
 ls gpu_wheels

@@ -111,15 +111,15 @@ def bench(benchmark, request, opts):
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the cases that will run
 def pytest_collection_modifyitems(session, config, items):
-    """Every case of a family runs before its torch.compile cases (whose compiles, with
-    max-autotune on a GPU, take most of the time): a run cut short by a time limit keeps all the
+    """Every other case runs before the torch.compile ones (whose compiles, with max-autotune
+    on a GPU, take most of the time): a run cut short by a time limit keeps all the
     aefast-vs-eager figures. The collected cases go to the results file first, so that its table
     can name the cases a cut-short run never reached."""
     def is_compile(item):
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
         return isinstance(case, S.Case) and case.variant == S.COMPILE
 
-    items.sort(key=lambda item: (item.path, is_compile(item)))  # stable: the order within stays
+    items.sort(key=is_compile)  # stable: the collection order stays within each part
     if not hasattr(config, "workerinput"):
         S.append_row(options(config), {"collected": [[c.group, c.variant] for c in
                                                      (item.callspec.params["case"] for item in items

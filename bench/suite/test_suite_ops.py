@@ -24,32 +24,46 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _op_workload(f, inputs, leaves, mode, opts, fwd_flops, check=None, extra=None) -> S.Workload:
+def _op_workload(f, inputs, leaves, mode, opts, fwd_flops, compare=None, extra=None) -> S.Workload:
     """fwd: no-grad forward; bwd: the backward alone (the forward runs untimed in setup);
-    full: forward + backward. The incoming gradient is fixed per workload."""
+    full: forward + backward. The incoming gradient is fixed per workload. ``compare(out)``
+    checks an output against eager's; it runs on a call in the mode's own grad mode, so that a
+    compiled variant is checked on the very graph that is timed (and never compiles twice)."""
     extra = dict(extra or {}, mode=mode)
-    if mode == "fwd":
-        def fwd():
-            with torch.no_grad(), opts.amp():
-                return f(*inputs)
 
-        return S.Workload(fwd, fwd_flops, check=check, extra=extra)
+    def fwd():
+        with torch.no_grad(), opts.amp():
+            return f(*inputs)
 
     def forward():
         with opts.amp():
-            return _first(f(*inputs))
+            return f(*inputs)
 
-    y0 = forward()
+    check = None
+    if compare is not None:
+        def check():
+            out = fwd() if mode == "fwd" else tuple(t.detach() for t in _as_tuple(forward()))
+            with torch.no_grad():
+                compare(out)
+
+    if mode == "fwd":
+        return S.Workload(fwd, fwd_flops, check=check, extra=extra)
+
+    y0 = _first(forward())
     grad = torch.randn(y0.shape, generator=torch.Generator().manual_seed(1)).to(y0.device, y0.dtype)
     del y0
     if mode == "bwd":
         return S.Workload(lambda y: torch.autograd.grad(y, leaves, grad), 2 * fwd_flops,
-                          setup=lambda: (forward(),), check=check, extra=extra)
+                          setup=lambda: (_first(forward()),), check=check, extra=extra)
 
     def full():
-        return torch.autograd.grad(forward(), leaves, grad)
+        return torch.autograd.grad(_first(forward()), leaves, grad)
 
     return S.Workload(full, 3 * fwd_flops, check=check, extra=extra)
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
 
 
 def _variant_fn(variant, opts, eager, fused_for_backend):
@@ -65,15 +79,14 @@ def _variant_fn(variant, opts, eager, fused_for_backend):
 def _build_conv_pool(shape, mode, variant, opts):
     inputs = W.conv_pool_inputs(shape, opts.device)
     f = _variant_fn(variant, opts, W.conv_pool_eager, W.conv_pool_fused)
-    check = None
-    if variant != S.EAGER and opts.autocast is None:
-        def check():
-            with torch.no_grad():
-                y, idx = f(*inputs)
-                ry, ridx = W.conv_pool_eager(*inputs)
+    compare = None
+    if variant != S.EAGER and opts.autocast is None:  # (fp32 only: under autocast, ties differ)
+        def compare(out):
+            y, idx = out
+            ry, ridx = W.conv_pool_eager(*inputs)
             assert torch.equal(idx, ridx), f"{variant}: pooling indices differ from eager"
             torch.testing.assert_close(y, ry, rtol=1e-4, atol=1e-4)
-    return _op_workload(f, inputs, inputs, mode, opts, W.conv_pool_flops(shape), check)
+    return _op_workload(f, inputs, inputs, mode, opts, W.conv_pool_flops(shape), compare)
 
 
 def conv_pool_cases(opts):
@@ -100,13 +113,12 @@ def _build_unpool(spec, mode, variant, opts):
 
     f = _variant_fn(variant, opts, eager, fused)
     dense, sparse = W.unpool_macs(n, c_in, c_out, hw)
-    check = None
+    compare = None
     if variant != S.EAGER and opts.autocast is None:
-        def check():
-            with torch.no_grad():
-                torch.testing.assert_close(f(*leaves), eager(*leaves), rtol=1e-4, atol=1e-4)
+        def compare(out):
+            torch.testing.assert_close(_first(out), eager(*leaves), rtol=1e-4, atol=1e-4)
     executed = dense if variant in (S.EAGER, S.COMPILE) else sparse
-    return _op_workload(f, leaves, leaves, mode, opts, 2.0 * dense, check,
+    return _op_workload(f, leaves, leaves, mode, opts, 2.0 * dense, compare,
                         extra={"executed_macs_fwd": executed, "dense_macs_fwd": dense})
 
 
