@@ -199,7 +199,9 @@ def markdown(env: dict, rows: list[dict], collected=()) -> str:
     failed = [r for r in rows if r["status"] != "ok"]
     lines = [f"# aefast benchmark suite: {env.get('tag', '')}", "", "```", json.dumps(env, indent=1), "```", ""]
     lines.append(H.ratio_table(ok, EAGER) if ok else "(no timed rows)")
-    lines += ["", f"{len(ok)} timed, {len(failed)} failed."]
+    untimed = sum(1 for r in rows if r["status"] == "ok" and math.isnan(r["median_s"]))
+    lines += ["", f"{len(ok)} timed, {len(failed)} failed."
+              + (f" {untimed} ran untimed (--benchmark-disable)." if untimed else "")]
     if failed:
         lines += ["", "| case | variant | FAILED |", "|---|---|---|"]
         lines += [f"| {r['group']} | {r['variant']} | {r['error']} |" for r in failed]

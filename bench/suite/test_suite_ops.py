@@ -66,6 +66,14 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
+def _tolerance(opts):
+    """(rtol = atol, the fraction of pooling indices allowed to differ) of the checks against
+    eager. On CUDA eager's cuDNN convolutions run in TF32 (torch.backends.cudnn.allow_tf32 is on
+    by default), ~1e-3 relative, which also flips the argmax of a few near-tied pool windows (their
+    pooled values still agree); the tests, not this sanity check, hold the kernels to exactness."""
+    return (1e-2, 1e-3) if opts.device == "cuda" else (1e-4, 0.0)
+
+
 def _variant_fn(variant, opts, eager, fused_for_backend):
     if variant == S.EAGER:
         return eager
@@ -84,8 +92,10 @@ def _build_conv_pool(shape, mode, variant, opts):
         def compare(out):
             y, idx = out
             ry, ridx = W.conv_pool_eager(*inputs)
-            assert torch.equal(idx, ridx), f"{variant}: pooling indices differ from eager"
-            torch.testing.assert_close(y, ry, rtol=1e-4, atol=1e-4)
+            tol, index_slack = _tolerance(opts)
+            differ = (idx != ridx).float().mean().item()
+            assert differ <= index_slack, f"{variant}: {100 * differ:.3f}% of the pooling indices differ from eager"
+            torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
     return _op_workload(f, inputs, inputs, mode, opts, W.conv_pool_flops(shape), compare)
 
 
@@ -116,7 +126,8 @@ def _build_unpool(spec, mode, variant, opts):
     compare = None
     if variant != S.EAGER and opts.autocast is None:
         def compare(out):
-            torch.testing.assert_close(_first(out), eager(*leaves), rtol=1e-4, atol=1e-4)
+            tol = _tolerance(opts)[0]
+            torch.testing.assert_close(_first(out), eager(*leaves), rtol=tol, atol=tol)
     executed = dense if variant in (S.EAGER, S.COMPILE) else sparse
     return _op_workload(f, leaves, leaves, mode, opts, 2.0 * dense, compare,
                         extra={"executed_macs_fwd": executed, "dense_macs_fwd": dense})
