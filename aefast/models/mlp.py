@@ -16,8 +16,24 @@ from aefast.models._common import (Activation, Gaussian, VAEOutput, check_activa
 from aefast.nn import Corruption
 
 
+class FusedOps:
+    """The only places where the fully connected models leave torch.nn: their losses, corruption
+    and reparameterisation. The twins in aefast.reference.models are these same classes with
+    ``ops`` swapped for torch-only versions, so structure and training procedure exist once."""
+
+    reconstruction_loss = staticmethod(AF.reconstruction_loss)
+    reparameterize = staticmethod(AF.reparameterize)
+    Corruption = Corruption
+
+    @staticmethod
+    def kl_divergence(mu, logvar):
+        return AF.kl_divergence(mu, logvar, "mean")
+
+
 class _FlatAutoencoder(nn.Module):
     """forward(x) = decode(encode(x)) reshaped like x; inputs are (N, ...) with in_features per item."""
+
+    ops = FusedOps
 
     def _flat(self, x):
         return check_flat_input(type(self).__name__, x, self.in_features)
@@ -28,11 +44,11 @@ class _FlatAutoencoder(nn.Module):
     def training_loss(self, x, target=None):
         """The reconstruction loss of a batch (denoising models corrupt their own input)."""
         target = x if target is None else target
-        return AF.reconstruction_loss(self(x), target, self.loss)
+        return self.ops.reconstruction_loss(self(x), target, self.loss)
 
     def anomaly_score(self, x):
         """Per-item reconstruction error (the fused loss's ``per_sample`` reduction)."""
-        return AF.reconstruction_loss(self(x), x, "mse", "per_sample")
+        return self.ops.reconstruction_loss(self(x), x, "mse", "per_sample")
 
 
 class LinearAutoencoder(_FlatAutoencoder):
@@ -88,7 +104,7 @@ class DenoisingAutoencoder(DeepAutoencoder):
                  level: float = 0.3):
         super().__init__(in_features, hidden, latent_features, activation, out_activation, loss)
         kind, level = check_corruption(type(self).__name__, corruption, level)
-        self.corruption = Corruption(kind, level)
+        self.corruption = self.ops.Corruption(kind, level)
 
     def forward(self, x):
         return self.decode(self.encode(self.corruption(x))).reshape(x.shape)
@@ -123,7 +139,7 @@ class StackedDenoisingAutoencoder(_FlatAutoencoder):
         self.encoder_acts = nn.ModuleList(Activation(activation) for _ in self.hidden)
         self.decoder_acts = nn.ModuleList(Activation(out_activation if k == 0 else activation)
                                           for k in range(len(self.hidden)))
-        self.corruptions = nn.ModuleList(Corruption(kind, level) for _ in self.hidden)
+        self.corruptions = nn.ModuleList(self.ops.Corruption(kind, level) for _ in self.hidden)
 
     @property
     def depth(self) -> int:
@@ -156,7 +172,7 @@ class StackedDenoisingAutoencoder(_FlatAutoencoder):
     def layer_loss(self, h, k):
         """Layer k's denoising loss on a batch of its clean inputs ``h``: corrupt, encode, decode,
         compare with the clean ``h``."""
-        return AF.reconstruction_loss(self.decode_layer(self.encode_layer(self.corruptions[k](h), k), k), h, self.loss)
+        return self.ops.reconstruction_loss(self.decode_layer(self.encode_layer(self.corruptions[k](h), k), k), h, self.loss)
 
     def pretrain(self, x, epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                  progress: bool = False, layers=None):
@@ -210,6 +226,8 @@ class VAE(nn.Module):
     (``bce`` on sigmoid outputs by default) plus ``beta`` times the KL term, averaged over the batch.
     """
 
+    ops = FusedOps
+
     def __init__(self, in_features: int, hidden=(256,), latent_features: int = 16, activation: str = "relu",
                  out_activation: str | None = "sigmoid", loss: str = "bce", beta: float = 1.0):
         super().__init__()
@@ -235,7 +253,7 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def sample_latent(self, g: Gaussian):
-        return AF.reparameterize(g.mu, g.logvar) if self.training else g.mu
+        return self.ops.reparameterize(g.mu, g.logvar) if self.training else g.mu
 
     def forward(self, x) -> VAEOutput:
         g = self.encode(x)
@@ -245,8 +263,8 @@ class VAE(nn.Module):
     def training_loss(self, x, target=None):
         out = self(x)
         target = x if target is None else target
-        recon = AF.reconstruction_loss(out.recon, target, self.loss, "sum") / x.shape[0]
-        return recon + self.beta * AF.kl_divergence(out.mu, out.logvar, "mean")
+        recon = self.ops.reconstruction_loss(out.recon, target, self.loss, "sum") / x.shape[0]
+        return recon + self.beta * self.ops.kl_divergence(out.mu, out.logvar)
 
     def anomaly_score(self, x):
-        return AF.reconstruction_loss(self(x).recon, x, "mse", "per_sample")
+        return self.ops.reconstruction_loss(self(x).recon, x, "mse", "per_sample")

@@ -10,15 +10,14 @@ specification the fused models are tested against.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aefast.models._common import (Activation, ConvCode, FCNFeatures, Gaussian, VAEOutput, activation,
-                                   check_activation, check_code, check_corruption, check_flat_input,
-                                   check_image_input, check_int, check_kernel, check_loss, check_widths,
-                                   code_from_tensor, mlp_layers, stage_sizes)
+from aefast.models import mlp as _mlp
+from aefast.models._common import (ConvCode, FCNFeatures, Gaussian, VAEOutput, activation, check_activation,
+                                   check_code, check_corruption, check_image_input, check_int, check_kernel,
+                                   check_loss, check_widths, code_from_tensor, stage_sizes)
 
 
 # ================================================================ torch-only building blocks
@@ -100,187 +99,40 @@ def _flat_indices(indices, pool_size, sizes):
 
 
 # ================================================================ fully connected models
+#
+# Their layers are torch.nn.Linear already; only losses, corruption and reparameterisation are
+# fused. So the twins are aefast's own classes with those swapped for the torch-only versions
+# above: same structure and training procedure, written once in aefast/models/mlp.py.
 
-class _FlatAutoencoder(nn.Module):
-    def _flat(self, x):
-        return check_flat_input(type(self).__name__, x, self.in_features)
-
-    def forward(self, x):
-        return self.decode(self.encode(x)).reshape(x.shape)
-
-    def training_loss(self, x, target=None):
-        return reconstruction_loss(self(x), x if target is None else target, self.loss)
-
-    def anomaly_score(self, x):
-        return reconstruction_loss(self(x), x, "mse", "per_sample")
+def _reparameterize(mu, logvar):
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
-class LinearAutoencoder(_FlatAutoencoder):
-    def __init__(self, in_features: int, latent_features: int, loss: str = "mse"):
-        super().__init__()
-        name = type(self).__name__
-        self.in_features = check_int(name, "in_features", in_features)
-        self.latent_features = check_int(name, "latent_features", latent_features)
-        self.loss = check_loss(name, loss)
-        self.encoder = nn.Linear(in_features, latent_features)
-        self.decoder = nn.Linear(latent_features, in_features)
-
-    def encode(self, x):
-        return self.encoder(self._flat(x))
-
-    def decode(self, code):
-        return self.decoder(code)
+class _TorchOps:
+    reconstruction_loss = staticmethod(reconstruction_loss)
+    kl_divergence = staticmethod(kl_divergence)
+    reparameterize = staticmethod(_reparameterize)
+    Corruption = Corruption
 
 
-class DeepAutoencoder(_FlatAutoencoder):
-    def __init__(self, in_features: int, hidden=(256, 64), latent_features: int = 16, activation: str = "relu",
-                 out_activation: str | None = "sigmoid", loss: str = "mse"):
-        super().__init__()
-        name = type(self).__name__
-        self.in_features = check_int(name, "in_features", in_features)
-        self.hidden = check_widths(name, "hidden", hidden, allow_empty=True)
-        self.latent_features = check_int(name, "latent_features", latent_features)
-        self.activation = check_activation(name, "activation", activation)
-        self.out_activation = check_activation(name, "out_activation", out_activation)
-        self.loss = check_loss(name, loss)
-        widths = (in_features, *self.hidden, latent_features)
-        self.encoder = nn.Sequential(*mlp_layers(widths, activation, None))
-        self.decoder = nn.Sequential(*mlp_layers(widths[::-1], activation, out_activation))
-
-    def encode(self, x):
-        return self.encoder(self._flat(x))
-
-    def decode(self, code):
-        return self.decoder(code)
+class LinearAutoencoder(_mlp.LinearAutoencoder):
+    ops = _TorchOps
 
 
-class DenoisingAutoencoder(DeepAutoencoder):
-    def __init__(self, in_features: int, hidden=(256,), latent_features: int = 64, activation: str = "relu",
-                 out_activation: str | None = "sigmoid", loss: str = "mse", corruption: str = "masking",
-                 level: float = 0.3):
-        super().__init__(in_features, hidden, latent_features, activation, out_activation, loss)
-        self.corruption = Corruption(*check_corruption(type(self).__name__, corruption, level))
-
-    def forward(self, x):
-        return self.decode(self.encode(self.corruption(x))).reshape(x.shape)
+class DeepAutoencoder(_mlp.DeepAutoencoder):
+    ops = _TorchOps
 
 
-class StackedDenoisingAutoencoder(_FlatAutoencoder):
-    def __init__(self, in_features: int, hidden=(256, 64), activation: str = "sigmoid",
-                 out_activation: str | None = "sigmoid", loss: str = "mse", corruption: str = "masking",
-                 level: float = 0.3):
-        super().__init__()
-        name = type(self).__name__
-        self.in_features = check_int(name, "in_features", in_features)
-        self.hidden = check_widths(name, "hidden", hidden)
-        self.latent_features = self.hidden[-1]
-        self.activation = check_activation(name, "activation", activation)
-        self.out_activation = check_activation(name, "out_activation", out_activation)
-        self.loss = check_loss(name, loss)
-        kind, level = check_corruption(name, corruption, level)
-        widths = (in_features, *self.hidden)
-        self.encoders = nn.ModuleList(nn.Linear(widths[k], widths[k + 1]) for k in range(len(self.hidden)))
-        self.decoders = nn.ModuleList(nn.Linear(widths[k + 1], widths[k]) for k in range(len(self.hidden)))
-        self.encoder_acts = nn.ModuleList(Activation(activation) for _ in self.hidden)
-        self.decoder_acts = nn.ModuleList(Activation(out_activation if k == 0 else activation)
-                                          for k in range(len(self.hidden)))
-        self.corruptions = nn.ModuleList(Corruption(kind, level) for _ in self.hidden)
-
-    @property
-    def depth(self):
-        return len(self.hidden)
-
-    def encode_layer(self, h, k):
-        return self.encoder_acts[k](self.encoders[k](h))
-
-    def decode_layer(self, z, k):
-        return self.decoder_acts[k](self.decoders[k](z))
-
-    def encode(self, x, depth=None):
-        h = self._flat(x)
-        for k in range(self.depth if depth is None else depth):
-            h = self.encode_layer(h, k)
-        return h
-
-    def decode(self, code):
-        for k in reversed(range(self.depth)):
-            code = self.decode_layer(code, k)
-        return code
-
-    def forward(self, x):
-        h = self.corruptions[0](self._flat(x))
-        for k in range(self.depth):
-            h = self.encode_layer(h, k)
-        return self.decode(h).reshape(x.shape)
-
-    def layer_loss(self, h, k):
-        return reconstruction_loss(self.decode_layer(self.encode_layer(self.corruptions[k](h), k), k), h, self.loss)
-
-    def pretrain(self, x, epochs=5, batch_size=64, lr=1e-3, seed=0, progress=False, layers=None):
-        """Same greedy procedure as aefast.models.StackedDenoisingAutoencoder.pretrain."""
-        data = self._flat(x).detach()
-        history, was_training = [], self.training
-        for k in (range(self.depth) if layers is None else layers):
-            with torch.no_grad():
-                self.eval()
-                clean = self.encode(data, depth=k)
-            self.train()
-            opt = torch.optim.Adam([*self.encoders[k].parameters(), *self.decoders[k].parameters()], lr=lr)
-            with torch.no_grad():
-                losses = [float(self.layer_loss(clean, k))]
-            for epoch in range(epochs):
-                order = torch.from_numpy(np.random.default_rng([seed, k, epoch]).permutation(len(clean)))
-                total = 0.0
-                for start in range(0, len(clean), batch_size):
-                    h = clean[order[start:start + batch_size]]
-                    loss = self.layer_loss(h, k)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(h)
-                losses.append(total / len(clean))
-            history.append(losses)
-        self.train(was_training)
-        return history
+class DenoisingAutoencoder(_mlp.DenoisingAutoencoder):
+    ops = _TorchOps
 
 
-class VAE(nn.Module):
-    def __init__(self, in_features: int, hidden=(256,), latent_features: int = 16, activation: str = "relu",
-                 out_activation: str | None = "sigmoid", loss: str = "bce", beta: float = 1.0):
-        super().__init__()
-        name = type(self).__name__
-        self.in_features = check_int(name, "in_features", in_features)
-        self.hidden = check_widths(name, "hidden", hidden, allow_empty=True)
-        self.latent_features = check_int(name, "latent_features", latent_features)
-        self.activation = check_activation(name, "activation", activation)
-        self.out_activation = check_activation(name, "out_activation", out_activation)
-        self.loss = check_loss(name, loss)
-        self.beta = float(beta)
-        widths = (in_features, *self.hidden)
-        self.encoder = nn.Sequential(*mlp_layers(widths, activation, activation))
-        self.fc_mu = nn.Linear(widths[-1], latent_features)
-        self.fc_logvar = nn.Linear(widths[-1], latent_features)
-        self.decoder = nn.Sequential(*mlp_layers((latent_features, *widths[::-1]), activation, out_activation))
+class StackedDenoisingAutoencoder(_mlp.StackedDenoisingAutoencoder):
+    ops = _TorchOps
 
-    def encode(self, x):
-        h = self.encoder(check_flat_input(type(self).__name__, x, self.in_features))
-        return Gaussian(self.fc_mu(h), self.fc_logvar(h))
 
-    def decode(self, z):
-        return self.decoder(z)
-
-    def forward(self, x):
-        g = self.encode(x)
-        z = g.mu + torch.exp(0.5 * g.logvar) * torch.randn_like(g.mu) if self.training else g.mu
-        return VAEOutput(self.decode(z).reshape(x.shape), g.mu, g.logvar, z)
-
-    def training_loss(self, x, target=None):
-        out = self(x)
-        recon = reconstruction_loss(out.recon, x if target is None else target, self.loss, "sum") / x.shape[0]
-        return recon + self.beta * kl_divergence(out.mu, out.logvar)
-
-    def anomaly_score(self, x):
-        return reconstruction_loss(self(x).recon, x, "mse", "per_sample")
+class VAE(_mlp.VAE):
+    ops = _TorchOps
 
 
 # ================================================================ convolutional models
