@@ -530,8 +530,16 @@ def _walk(e, out: list, device: str) -> float:
         out.append((name, name in FORMULAS, ms, [], [], []))
         return inner + ms
     ms = _device_ms(e, device)
-    out.append((name, modelled, ms, list(e.input_shapes or []), list(e.input_dtypes or []),
-                list(e.concrete_inputs or [])))
+    # Under autocast the outer call (fp32 arguments) casts them and calls the op again: the cost
+    # is that of the inner call, in the dtype it computes in; the casts stay in the op's time.
+    inner_call = e
+    while True:
+        again = next((c for c in inner_call.cpu_children if c.name == name), None)
+        if again is None:
+            break
+        inner_call = again
+    out.append((name, modelled, ms, list(inner_call.input_shapes or []), list(inner_call.input_dtypes or []),
+                list(inner_call.concrete_inputs or [])))
     return ms
 
 
@@ -698,9 +706,12 @@ def breakdown_table(title: str, b: Breakdown, *, min_share: float = 0.005) -> st
 
 BREAKDOWN_LEGEND = """FLOPs executed: 2 x the multiply-adds each kernel performs (convolutions and GEMMs: eager's
 dense convs in full; aefast's sparse kernels what they execute, 1/(pool window) of the dense
-count for the encoder backward and the decoder, "dense" in brackets; elementwise, pool and loss
-ops a nominal count per element). Minimum bytes: inputs read once + outputs written once (uint8
-window offsets, int64 flat indices; kernel temporaries not counted). Binds: the limit (measured
-sgemm GFLOP/s or copy GB/s) that sets the op's minimum time; % of roof = that minimum time over
-the measured time. Op times are inclusive (nested aten calls belong to the op that made them).
-bench/_breakdown.py holds the formulas."""
+count for the encoder backward and the decoder, the dense count in brackets; elementwise, pool
+and loss ops a nominal count per element). Minimum bytes: inputs read once + outputs written
+once, in the dtypes the op computes in (uint8 window offsets, int64 flat indices; kernel
+temporaries not counted; under autocast the wrapper's casts are in the op's time, not its bytes).
+Binds: the limit (the GEMM GFLOP/s or the copy GB/s measured in this run) that sets the op's
+minimum time; % of roof = that minimum time over the measured time. Op times are inclusive
+(nested aten calls belong to the op that made them); "(outside ops)" is the rest of the step's
+wall time: Python, the autograd engine, the profiler. Ops under 0.5% of the step are folded
+into one row here; the JSON lists them all. The formulas: bench/_breakdown.py."""

@@ -116,6 +116,22 @@ def test_conv_formula_odd_geometry(transposed):
     assert row.bytes == 4 * (x.numel() + w.numel() + b.numel() + out.numel())
 
 
+def test_autocast_conv_counts_the_dtype_it_computes_in():
+    """Under bf16 autocast the outer aten::conv2d gets fp32 arguments, casts them and calls
+    conv2d again: one row, with the bf16 call's bytes and the whole call's time."""
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+
+    def fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.conv2d(x, w, b, 1, 1)
+
+    out = fn()
+    assert out.dtype == torch.bfloat16
+    row = _rows(B.profile_breakdown(fn, steps=1, **LIMITS))["aten::conv2d"]
+    assert row.calls == 1 and row.flops == _counted(fn)["convolution"]
+    assert row.bytes == 2 * (x.numel() + w.numel() + b.numel() + out.numel())
+
+
 def test_sparse_kernel_formulas_by_hand():
     """The aefast formulas against hand counts on one encoder and one decoder call."""
     n, cin, cout, h, w, k = 2, 3, 5, 9, 7, 3  # odd: the conv row/col that feeds no window is skipped
