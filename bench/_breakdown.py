@@ -548,13 +548,14 @@ def _device_ms(e, device) -> float:
 
 
 def machine_limits(device: str, dtype: torch.dtype | None = None) -> tuple[float, float, str]:
-    """(GEMM GFLOP/s, copy GB/s, label) measured in this run. CPU: the harness's sgemm and copy
-    (fp32, measured at its import). CUDA: a 8192^3 GEMM in the step's compute dtype (fp32, or
+    """(GEMM GFLOP/s, copy GB/s, label) measured now. CPU: the harness's sgemm and copy (fp32;
+    1024^3 GEMM, 64 MiB copy, best of 5). CUDA: a 8192^3 GEMM in the step's compute dtype (fp32, or
     bf16/fp16 under autocast) and a 1 GiB device copy, best of 5."""
     import _harness as H
 
     if not device.startswith("cuda"):
-        return H.CPU_SGEMM_GFLOPS, H.CPU_COPY_GBPS, "sgemm (fp32)"
+        gflops, gbps = H._measure_cpu_limits()
+        return gflops, gbps, "sgemm (fp32)"
     dt = dtype or torch.float32
     a = torch.randn(8192, 8192, device=device, dtype=dt)
     src = torch.ones(2**28, device=device)
@@ -579,16 +580,26 @@ def machine_limits(device: str, dtype: torch.dtype | None = None) -> tuple[float
 
 
 def profile_breakdown(fn: Callable[[], object], *, steps: int = 3, device: str = "cpu",
-                      peak_gflops: float, peak_gbps: float, peak_label: str = "sgemm",
+                      peak_gflops: float | None = None, peak_gbps: float | None = None,
+                      peak_label: str = "sgemm", dtype: torch.dtype | None = None,
                       warmup: int = 1) -> Breakdown:
     """Profiles ``steps`` calls of ``fn`` (after ``warmup``), each on its own, and returns the
     per-kernel breakdown of the median one by wall time: on a shared machine one step in a few
     stalls on a descheduled thread, and a median step keeps its rows adding up to its time.
     On CUDA the times are the device time of the kernels each op launched and the step time is
-    their sum; on CPU they are the ops' inclusive CPU time and the step's wall time."""
+    their sum; on CPU they are the ops' inclusive CPU time and the step's wall time.
+
+    Without ``peak_gflops`` / ``peak_gbps`` the limits are measured (``machine_limits``) right
+    before and right after the profiled steps, and the better of the two is used: on a shared
+    machine a figure measured minutes earlier, under another load, is not this step's limit."""
     for _ in range(warmup):
         fn()
+    measure = peak_gflops is None or peak_gbps is None
+    before = machine_limits(device, dtype) if measure else None
     profiled = sorted((_profile_one(fn, device) for _ in range(max(steps, 1))), key=lambda p: p[0])
+    if measure:
+        after = machine_limits(device, dtype)
+        peak_gflops, peak_gbps, peak_label = max(before[0], after[0]), max(before[1], after[1]), after[2]
     wall, found = profiled[len(profiled) // 2]
     b = _aggregate(found, wall, max(steps, 1), device, peak_gflops, peak_gbps)
     b.peak_label = peak_label
@@ -673,7 +684,7 @@ def breakdown_table(title: str, b: Breakdown, *, min_share: float = 0.005) -> st
     folded into one row (the JSON keeps them all)."""
     balance = b.peak_gflops / b.peak_gbps if b.peak_gbps else float("nan")
     lines = [f"**{title}**: {b.step_ms:.3f} ms per step ({b.timing}). "
-             f"Limits measured in this run: {b.peak_label} {b.peak_gflops:.1f} GFLOP/s, copy {b.peak_gbps:.1f} GB/s "
+             f"Limits measured around the profiled steps: {b.peak_label} {b.peak_gflops:.1f} GFLOP/s, copy {b.peak_gbps:.1f} GB/s "
              f"(balance {balance:.1f} FLOP/byte).", "",
              "| op | calls | ms/step | share | GFLOP executed | GFLOP/s | % peak | MB min. moved | GB/s | % copy BW "
              "| FLOP/byte | binds | % of roof |",
@@ -710,8 +721,10 @@ count for the encoder backward and the decoder, the dense count in brackets; ele
 and loss ops a nominal count per element). Minimum bytes: inputs read once + outputs written
 once, in the dtypes the op computes in (uint8 window offsets, int64 flat indices; kernel
 temporaries not counted; under autocast the wrapper's casts are in the op's time, not its bytes).
-Binds: the limit (the GEMM GFLOP/s or the copy GB/s measured in this run) that sets the op's
-minimum time; % of roof = that minimum time over the measured time. Op times are inclusive
+Binds: the limit (the GEMM GFLOP/s or the copy GB/s, measured just before and after the
+profiled steps, the better of the two) that sets the op's minimum time; % of roof = that minimum
+time over the measured time (above 100%: the machine was busier while the limits were measured
+than while the op ran, as happens on a shared machine). Op times are inclusive
 (nested aten calls belong to the op that made them); "(outside ops)" is the rest of the step's
 wall time: Python, the autograd engine, the profiler. Ops under 0.5% of the step are folded
 into one row here; the JSON lists them all. The formulas: bench/_breakdown.py."""

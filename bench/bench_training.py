@@ -14,7 +14,8 @@ whole step has no single minimum traffic worth quoting.
 Then, per case, a per-kernel breakdown of the aefast and the eager training step (one profiled
 step, the median of --breakdown-steps): per op its calls, time and share of the step, the FLOPs
 it EXECUTES (aefast's sparse kernels: what they compute, not the dense count), GFLOP/s against
-the sgemm rate and minimum bytes / GB/s against the copy bandwidth measured in the same run, and
+the sgemm rate and minimum bytes / GB/s against the copy bandwidth, both measured around the
+profiled steps, and
 which of the two limits binds (bench/_breakdown.py has the formulas and the rules).
 """
 from __future__ import annotations
@@ -49,7 +50,6 @@ def run(args) -> tuple[list[H.Row], list[dict]]:
     dtype = torch.bfloat16 if args.bf16 else None
     rows: list[H.Row] = []
     breakdowns: list[dict] = []
-    limits = B.machine_limits(device, dtype) if args.breakdown_steps else None
     for case, name, kwargs, shape in workloads(args.quick):
         x, target = W.model_inputs(shape, device)
         reference, fast = W.model_pair(name, kwargs, device)
@@ -101,8 +101,7 @@ def run(args) -> tuple[list[H.Row], list[dict]]:
             if t is None:
                 continue
             t[4].train(True)
-            b = B.profile_breakdown(t[2], steps=args.breakdown_steps, device=device, peak_gflops=limits[0],
-                                    peak_gbps=limits[1], peak_label=limits[2], warmup=0)
+            b = B.profile_breakdown(t[2], steps=args.breakdown_steps, device=device, dtype=dtype, warmup=0)
             breakdowns.append({"case": t[0], "variant": variant, **b.as_dict(),
                                "table": B.breakdown_table(f"{t[0]}, {variant}", b)})
     return rows, breakdowns
