@@ -683,9 +683,18 @@ def breakdown_table(title: str, b: Breakdown, *, min_share: float = 0.005) -> st
     """Markdown: one row per kernel (sorted by time); kernels under ``min_share`` of the step are
     folded into one row (the JSON keeps them all)."""
     balance = b.peak_gflops / b.peak_gbps if b.peak_gbps else float("nan")
+    modelled = [r for r in b.rows if r.modelled]
+    flops = sum(r.flops for r in modelled)
+    dense = sum(r.dense_flops for r in modelled)
+    nbytes = sum(r.bytes for r in modelled)
+    unmodelled_ms = sum(r.ms for r in b.rows if not r.modelled)
+    totals = (f"Modelled ops execute {flops / 1e9:.3g} GFLOP per step"
+              + (f" (dense equivalent {dense / 1e9:.3g})" if dense > 1.01 * flops else "")
+              + f" and move at least {nbytes / 1e6:.3g} MB; {100 * unmodelled_ms / b.step_ms:.1f}% of the step"
+              " is in unmodelled ops or outside ops.") if b.step_ms else ""
     lines = [f"**{title}**: {b.step_ms:.3f} ms per step ({b.timing}). "
              f"Limits measured around the profiled steps: {b.peak_label} {b.peak_gflops:.1f} GFLOP/s, copy {b.peak_gbps:.1f} GB/s "
-             f"(balance {balance:.1f} FLOP/byte).", "",
+             f"(balance {balance:.1f} FLOP/byte). " + totals, "",
              "| op | calls | ms/step | share | GFLOP executed | GFLOP/s | % peak | MB min. moved | GB/s | % copy BW "
              "| FLOP/byte | binds | % of roof |",
              "|" + "---|" * 13]
