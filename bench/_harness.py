@@ -131,9 +131,13 @@ def environment(device: str) -> dict:
 def ratio_table(rows: list[Row], baseline: str, *, peak_gflops: float | None = None,
                 peak_gbps: float | None = None) -> str:
     """Markdown: each variant's time, speedup over ``baseline``, peak memory and its ratio, and
-    achieved GFLOP/s and GB/s against the machine's limits."""
-    header = "| case | variant | median ms | speedup vs " + baseline + " | peak MiB | memory ratio | GFLOP/s | GB/s |"
-    lines = [header, "|" + "---|" * 8]
+    achieved GFLOP/s and GB/s against the machine's limits. The GFLOP/s (GB/s) column is left out
+    when no row carries a FLOP (byte) count, rather than printed as a column of zeros."""
+    show_gf = any(r.flops for r in rows)
+    show_gb = any(r.bytes_moved for r in rows)
+    header = "| case | variant | median ms | speedup vs " + baseline + " | peak MiB | memory ratio |"
+    header += " GFLOP/s |" * show_gf + " GB/s |" * show_gb
+    lines = [header, "|" + "---|" * (6 + show_gf + show_gb)]
     by_case: dict[str, dict[str, Row]] = {}
     for r in rows:
         by_case.setdefault(r.case, {})[r.variant] = r
@@ -142,19 +146,26 @@ def ratio_table(rows: list[Row], baseline: str, *, peak_gflops: float | None = N
         for name, r in variants.items():
             speed = f"{base.seconds / r.seconds:.2f}x" if base and r.seconds else "-"
             mem = f"{r.peak_bytes / base.peak_bytes:.2f}" if base and base.peak_bytes else "-"
-            gf = f"{r.gflops:.1f}" + (f" ({100 * r.gflops / peak_gflops:.0f}% of peak)" if peak_gflops and r.flops else "")
-            gb = f"{r.gbps:.1f}" + (f" ({100 * r.gbps / peak_gbps:.0f}% of peak)" if peak_gbps and r.bytes_moved else "")
-            lines.append(f"| {case} | {name} | {1e3 * r.seconds:.3f} | {speed} | {r.peak_bytes / 2**20:.1f} | {mem} | {gf} | {gb} |")
+            line = f"| {case} | {name} | {1e3 * r.seconds:.3f} | {speed} | {r.peak_bytes / 2**20:.1f} | {mem} |"
+            if show_gf:
+                line += f" {r.gflops:.1f}" + (f" ({100 * r.gflops / peak_gflops:.0f}% of peak)"
+                                              if peak_gflops and r.flops else "") + " |"
+            if show_gb:
+                line += f" {r.gbps:.1f}" + (f" ({100 * r.gbps / peak_gbps:.0f}% of peak)"
+                                            if peak_gbps and r.bytes_moved else "") + " |"
+            lines.append(line)
     return "\n".join(lines)
 
 
-def write_results(name: str, rows: list[Row], device: str, table: str, out_dir: str | None = None) -> str:
-    """Writes <name>.json, <name>.md and <name>.png under out_dir (default bench/out or $OUT)."""
+def write_results(name: str, rows: list[Row], device: str, table: str, out_dir: str | None = None,
+                  extra: dict | None = None) -> str:
+    """Writes <name>.json, <name>.md and <name>.png under out_dir (default bench/out or $OUT);
+    ``extra`` adds top-level keys to the JSON (e.g. the per-kernel breakdowns)."""
     out_dir = out_dir or os.environ.get("AEFAST_BENCH_OUT") or os.path.join(os.path.dirname(__file__), "out")
     os.makedirs(out_dir, exist_ok=True)
     env = environment(device)
     payload = {"benchmark": name, "environment": env,
-               "rows": [dict(asdict(r), gflops=r.gflops, gbps=r.gbps) for r in rows]}
+               "rows": [dict(asdict(r), gflops=r.gflops, gbps=r.gbps) for r in rows], **(extra or {})}
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:

@@ -8,7 +8,15 @@ W1: ConvAutoencoder 1x28x28, channels 32/64, batch 256, MSE.
 W2: ConvAutoencoder 3x128x128, channels 32/64/128, batch 32, MSE.
 Plus ConvDenoisingAutoencoder, SegNetAutoencoder and ConvVAE at the W1 size. GFLOP/s are the
 dense FLOPs of the reference step (torch.utils.flop_counter) per second: for aefast that is an
-effective rate, since its sparse kernels skip part of that work.
+effective rate, since its sparse kernels skip part of that work. The step rows carry no GB/s: a
+whole step has no single minimum traffic worth quoting.
+
+Then, per case, a per-kernel breakdown of the aefast and the eager training step (one profiled
+step, the median of --breakdown-steps): per op its calls, time and share of the step, the FLOPs
+it EXECUTES (aefast's sparse kernels: what they compute, not the dense count), GFLOP/s against
+the sgemm rate and minimum bytes / GB/s against the copy bandwidth, both measured around the
+profiled steps, and
+which of the two limits binds (bench/_breakdown.py has the formulas and the rules).
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _breakdown as B  # noqa: E402
 import _harness as H  # noqa: E402
 import workloads as W  # noqa: E402  (the workloads, shared with the pytest-benchmark suite)
 
@@ -36,10 +45,11 @@ def workloads(quick: bool):
 reference_loss, aefast_loss, make_step = W.model_reference_loss, W.model_aefast_loss, W.make_model_step
 
 
-def run(args) -> list[H.Row]:
+def run(args) -> tuple[list[H.Row], list[dict]]:
     device = args.device
     dtype = torch.bfloat16 if args.bf16 else None
     rows: list[H.Row] = []
+    breakdowns: list[dict] = []
     for case, name, kwargs, shape in workloads(args.quick):
         x, target = W.model_inputs(shape, device)
         reference, fast = W.model_pair(name, kwargs, device)
@@ -82,7 +92,19 @@ def run(args) -> list[H.Row]:
             model.train(train)
             seconds = sorted(samples[id(t)])[len(samples[id(t)]) // 2]
             rows.append(H.Row(label, variant, seconds, H.peak_memory_bytes(fn, device), flops=flops))
-    return rows
+        # Per-kernel breakdown of the training step, aefast then eager (after the timing, so that
+        # the profiler's overhead never reaches the timed figures).
+        for variant in ("aefast", "eager"):
+            if not args.breakdown_steps:
+                break
+            t = next((t for t in timed if t[1] == variant and t[5]), None)
+            if t is None:
+                continue
+            t[4].train(True)
+            b = B.profile_breakdown(t[2], steps=args.breakdown_steps, device=device, dtype=dtype, warmup=0)
+            breakdowns.append({"case": t[0], "variant": variant, **b.as_dict(),
+                               "table": B.breakdown_table(f"{t[0]}, {variant}", b)})
+    return rows, breakdowns
 
 
 def main(argv=None) -> int:
@@ -93,16 +115,22 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=None, help="output directory (default bench/out)")
+    parser.add_argument("--breakdown-steps", type=int, default=3,
+                        help="profiled training steps per breakdown (the median one is shown); 0: no breakdown")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = run(args)
+    rows, breakdowns = run(args)
     peak = H.CPU_SGEMM_GFLOPS if args.device == "cpu" else None
     table = H.ratio_table(rows, "eager", peak_gflops=peak)
+    if breakdowns:
+        table += ("\n\n## Per-kernel breakdown of the training step\n\n" + B.BREAKDOWN_LEGEND + "\n\n"
+                  + "\n\n".join(b["table"] for b in breakdowns))
     name = "training" + ("_bf16" if args.bf16 else "") + ("_" + args.device)
-    out = H.write_results(name, rows, args.device, table, args.out)
+    out = H.write_results(name, rows, args.device, table, args.out,
+                          extra={"breakdowns": [{k: v for k, v in b.items() if k != "table"} for b in breakdowns]})
     print(table)
     print(f"results in {out}; aefast backends: {aefast.info()['backends']['cpu']}")
     return 0

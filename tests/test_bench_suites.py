@@ -24,3 +24,17 @@ def test_quick_run_writes_results(tmp_path, script, result):
     assert all(r["seconds"] > 0 for r in data["rows"] if not r["variant"].endswith("FAILED"))
     for ext in ("md", "png"):
         assert (tmp_path / result.replace(".json", f".{ext}")).exists()
+    if script == "bench_training.py":
+        # The per-kernel breakdown of the aefast and the eager training step, in both files.
+        md = (tmp_path / "training_cpu.md").read_text()
+        assert "## Per-kernel breakdown of the training step" in md and "aefast::conv_pool2d_forward" in md
+        assert "GB/s" not in md.split("## Per-kernel")[0]  # no column of zeros in the step rows
+        breakdowns = {b["variant"]: b for b in data["breakdowns"]}
+        assert set(breakdowns) == {"aefast", "eager"}
+        for b in breakdowns.values():
+            modelled = [r for r in b["rows"] if r["modelled"] and r["flops"] > 0]
+            assert modelled and all(r["gflops"] > 0 and r["bytes"] > 0 and r["binds"] in ("compute", "memory")
+                                    for r in modelled)
+        ops = {r["op"] for r in breakdowns["aefast"]["rows"]}
+        assert {"aefast::conv_pool2d_forward", "aefast::unpool_conv_transpose2d_backward"} <= ops
+        assert "aten::convolution_backward" in {r["op"] for r in breakdowns["eager"]["rows"]}
