@@ -6,8 +6,18 @@ peak memory and its ratio, and GB/s of the minimum traffic against the machine's
     python bench/bench_recon_loss.py [--device cuda] [--quick] [--no-compile] [--threads N] [--out DIR]
 
 Minimum traffic of a fused forward+backward (what any implementation must move): read input
-and target, write the input gradient; reduction none also writes the loss and reads the
-incoming gradient; per_sample reads one incoming value per sample (negligible).
+and target, write the input gradient (3 tensor sizes). Reduction none moves 7: its forward
+cannot know the incoming gradient, so it reads input and target and writes the loss (3), and
+the backward reads the incoming gradient, writes the input gradient and needs dl/dx again,
+either by reading input and target (2) or by reading a gradient the forward wrote (1 + 1 in
+the forward): 7 either way, the same as eager's mse_loss + mse_loss_backward. per_sample
+reads one incoming value per sample (negligible).
+
+The bound printed with each mse/mean ratio: no implementation called through autograd can
+take less than the fixed cost of one differentiable call (torch.autograd.grad over a
+one-element x.sum(), measured now) plus its minimum traffic at the copy rate measured now
+for a working set of that size; eager's time over that floor is the largest speedup any
+implementation could show here.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import CPU_COPY_GBPS, Row, median_time, peak_memory_bytes, ratio_table, write_results  # noqa: E402
+from _harness import CPU_COPY_GBPS, Row, copy_gbps, median_time, peak_memory_bytes, ratio_table, write_results  # noqa: E402
 
 import aefast  # noqa: E402
 import aefast.functional as AF  # noqa: E402
@@ -61,7 +71,14 @@ def make_inputs(kind, shape, device, dtype):
 
 def min_bytes(x, reduction):
     n = x.numel() * x.element_size()
-    return 3 * n + (2 * n if reduction == "none" else 0)
+    return 7 * n if reduction == "none" else 3 * n
+
+
+def call_floor_seconds(device, repeats):
+    """Fixed cost of one differentiable op called from Python plus the autograd engine."""
+    x1 = torch.ones(1, device=device, requires_grad=True)
+    one = torch.ones((), device=device)
+    return median_time(lambda: torch.autograd.grad(x1.sum(), x1, one), device, warmup=20, repeats=20 * repeats)
 
 
 def step_fn(loss_fn, x, t, grad_out):
@@ -85,6 +102,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device, dtype = args.device, getattr(torch, args.dtype)
+    load_start = os.getloadavg()
     shapes = [(4, 1, 8, 8), (2, 3, 16, 16)] if args.quick else [(256, 1, 28, 28), (32, 3, 128, 128)]
     use_compile = not (args.quick or args.no_compile)
     repeats = 3 if args.quick else 7
@@ -132,16 +150,29 @@ def main(argv=None):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
                 print(f"{case}: " + ", ".join(f"{r.variant} {1e3 * r.seconds:.3f} ms" for r in rows[-len(variants):]),
                       flush=True)
+    floor_call = call_floor_seconds(device, repeats)
     fallbacks = aefast.info()["fallbacks"]
     table = ratio_table(rows, "eager", peak_gbps=CPU_COPY_GBPS if device == "cpu" else None)
-    summary = [f"threads: {torch.get_num_threads()}, dtype: {args.dtype}, fallbacks: {fallbacks or 'none'}"]
+    summary = [f"threads: {torch.get_num_threads()}, dtype: {args.dtype}, fallbacks: {fallbacks or 'none'}, "
+               f"load average (1/5/15 min) at the start {' '.join(f'{v:.2f}' for v in load_start)}, "
+               f"at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs"]
     for shape in shapes:
         key = f"mse/mean {'x'.join(map(str, shape))}"
         e = next(r for r in rows if r.case == key and r.variant == "eager") if any(r.case == key for r in rows) else None
         a = next((r for r in rows if r.case == key and r.variant == "aefast"), None)
         if e and a:
+            n = 1
+            for d in shape:
+                n *= d
+            gbps = copy_gbps(n * dtype.itemsize, device)
+            floor = floor_call + a.bytes_moved / (gbps * 1e9)
+            ceiling = e.seconds / floor
+            a.extra.update(floor_s=floor, call_floor_s=floor_call, copy_gbps_at_size=gbps, ceiling_x=ceiling)
             summary.append(f"acceptance 5 ({key}): aefast fwd+bwd is {e.seconds / a.seconds:.2f}x eager "
-                           f"F.mse_loss + backward")
+                           f"F.mse_loss + backward; bound: any implementation needs >= {1e3 * floor:.3f} ms "
+                           f"({1e6 * floor_call:.1f} us autograd call floor + {a.bytes_moved / 1e6:.2f} MB at "
+                           f"{gbps:.0f} GB/s, the copy rate measured now at this size), so at most {ceiling:.2f}x "
+                           f"eager here; 3x is {'within' if ceiling >= 3 else 'BEYOND'} that bound")
     table = "\n".join(summary) + "\n\n" + table
     out = write_results("bench_recon_loss" + ("_quick" if args.quick else ""), rows, device, table, args.out)
     print(table)

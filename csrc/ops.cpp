@@ -1,8 +1,11 @@
 // Every aefast operator schema, in one place. Kernels register per device in csrc/cpu and
 // csrc/cuda; fake (meta) functions, autograd formulas and the Triton twins are registered in
 // Python (aefast/ops/). Only this file may define a schema.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
+
+#include <set>
 
 #include <string>
 
@@ -101,6 +104,13 @@ PYBIND11_MODULE(_C, m) {
     info["torch_version"] = std::string(AEFAST_TORCH_VERSION);
     info["compiler"] = std::string(AEFAST_CXX_COMPILER);
     info["cplusplus"] = static_cast<long>(__cplusplus);
+    // Whether at::parallel_for runs on several threads in this build (see CMakeLists.txt: without
+    // -fopenmp against an OpenMP torch it is a serial loop).
+#ifdef INTRA_OP_PARALLEL
+    info["intra_op_parallel"] = true;
+#else
+    info["intra_op_parallel"] = false;
+#endif
 #ifdef AEFAST_WITH_CUDA
     info["cuda"] = true;
     info["cuda_archs"] = std::string(AEFAST_CUDA_ARCHS);
@@ -111,5 +121,14 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_compiler_version"] = std::string();
 #endif
     return info;
+  });
+  // How many distinct threads at::parallel_for, compiled here, runs a range of n items on (grain
+  // 1): the test that our kernels' parallel loops are parallel at all.
+  m.def("parallel_for_threads", [](int64_t n) {
+    std::vector<int> tid(static_cast<size_t>(n), -1);
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) tid[static_cast<size_t>(i)] = at::get_thread_num();
+    });
+    return static_cast<int64_t>(std::set<int>(tid.begin(), tid.end()).size());
   });
 }

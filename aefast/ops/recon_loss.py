@@ -169,8 +169,7 @@ class _EagerReconLoss(torch.autograd.Function):
     subclasses the registered one (recon_loss_eager decides)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, pos_weight, backend, kind, reduction, delta, grad_input, grad_target):
-        ns = _registry.namespace_for(backend)
+    def forward(ctx, input, target, weight, pos_weight, ns, kind, reduction, delta, grad_input, grad_target):
         with torch._C._AutoDispatchBelowAutograd():
             out, gx, gt = ns.recon_loss.default(input, target, weight, pos_weight, kind, reduction, delta,
                                                 grad_input, grad_target)
@@ -188,7 +187,9 @@ class _EagerReconLoss(torch.autograd.Function):
 
 def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta, grad_input, grad_target):
     """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal)."""
-    plain = all(type(t) is torch.Tensor for t in (input, target, weight, pos_weight) if t is not None)
+    plain = (type(input) is torch.Tensor and type(target) is torch.Tensor
+             and (weight is None or type(weight) is torch.Tensor)
+             and (pos_weight is None or type(pos_weight) is torch.Tensor))
     differentiable = grad_input or grad_target
     if reduction == "none" and kind not in OWN_TARGET_GRAD:
         # mse/l1/huber: the gradient is recomputed in the backward (see _recon_loss_grads), which
@@ -197,8 +198,8 @@ def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delt
         grad_input = grad_target = False
     if plain and not torch.compiler.is_compiling():
         if differentiable:
-            return _EagerReconLoss.apply(input, target, weight, pos_weight, backend, kind, reduction, delta,
-                                         grad_input, grad_target)
+            return _EagerReconLoss.apply(input, target, weight, pos_weight, _registry.namespace_for(backend), kind,
+                                         reduction, delta, grad_input, grad_target)
         with torch._C._AutoDispatchBelowAutograd():
             return _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind, reduction, delta,
                                                        False, False)[0]
