@@ -273,10 +273,51 @@ def _conv_out_hw(hw, k, s, p):
     return tuple((hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in range(2))
 
 
+def _check_corruption_arg(corruption):
+    """``corruption=(kind, level)`` or ``(kind, level, low, high)`` -> (kind, level, low, high),
+    validated as corrupt() validates its arguments."""
+    if not isinstance(corruption, (tuple, list)) or len(corruption) not in (2, 4):
+        raise TypeError(f"aefast: corruption must be (kind, level) or (kind, level, low, high), got {corruption!r}")
+    kind, level, low, high = (*corruption, 0.0, 1.0) if len(corruption) == 2 else corruption
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"aefast: unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not level >= 0 or \
+            (kind != "gaussian" and level > 1) or level == float("inf"):
+        raise ValueError(f"aefast: corruption level must be {'>= 0' if kind == 'gaussian' else 'in [0, 1]'}, got {level!r}")
+    for name, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"aefast: corruption {name} must be a number, got {v!r}")
+    return kind, float(level), float(low), float(high)
+
+
 def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu", pool_size=2,
-                return_indices=True, index_format="flat", *, negative_slope=0.01):
+                return_indices=True, index_format="flat", *, negative_slope=0.01, corruption=None, generator=None):
     """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, return_indices=True)
-    in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets."""
+    in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets.
+
+    ``corruption=(kind, level)`` (or ``(kind, level, low, high)``; kind gaussian | masking |
+    salt_pepper) convolves ``corrupt(input, kind, level, generator, low=low, high=high)`` instead
+    of ``input``: the noise is drawn with the same seed from ``generator`` (the default generator
+    when None) and the same per-element Philox stream as corrupt(), so the result equals
+    corrupt-then-conv_pool2d, but it is generated in the kernel's input load and regenerated in
+    the weight gradient's: no corrupted copy of the input is made or kept for the backward. The
+    gradient w.r.t. ``input`` is that of the corrupted input times d corrupt / d input (1 for
+    gaussian, 0 where an element was masked or salted)."""
+    noise = None
+    if corruption is not None:
+        check_tensor(input, "input", dtypes=FLOAT_DTYPES)
+        noise = _check_corruption_arg(corruption)
+        _check_generator(generator, input.device, "input")
+        kind, level, low, high = noise
+        lowered = _autocast_lower(input)[0]
+        # The definition, taken literally, where the noise cannot be generated in the load: the
+        # reference backend, tracing (corrupt() traces the reference there), and autocast, which
+        # would otherwise corrupt the lowered-precision copy instead of the input itself.
+        if (_compiling() or lowered.dtype != input.dtype
+                or choose("conv_pool2d_forward", input.device) == "reference"):
+            input, noise = corrupt(input, kind, level, generator, low=low, high=high), None
+    elif generator is not None:
+        raise ValueError("aefast: conv_pool2d takes a generator only together with corruption=")
     input, weight, bias = _autocast_lower(input, weight, bias)
     _check_float_inputs(input=input, weight=weight, bias=bias)
     check_tensor(input, "input", dims=(4,))
@@ -304,8 +345,13 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
                                negative_slope=negative_slope)
     from aefast.ops.conv_pool import ACTIVATION_CODES
 
+    extra = ()
+    if noise is not None:
+        kind, level, low, high = noise
+        extra = (kind, level, _draw_seed(generator, input.device), low, high)
     pooled, window, _ = _registry.op(backend, "conv_pool2d_forward")(
-        input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool))
+        input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool),
+        *extra)
     pooled = _channels_last_like(pooled, input)
     if not return_indices:
         return pooled

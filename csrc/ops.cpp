@@ -30,15 +30,21 @@ TORCH_LIBRARY(aefast, m) {
   // padding, floor mode). The forward writes only pooled-size tensors: the pooled map, the
   // uint8 window offset of each maximum and the conv output (pre-activation) at that maximum,
   // which is all the backward needs.
+  // corruption != "none" (gaussian | masking | salt_pepper, as aefast::corrupt with the same seed,
+  // level, low and high) corrupts each input element as it is loaded: the conv sees
+  // corrupt(input), and no corrupted copy of the input is stored (aefast/corruption.h).
   m.def("conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int activation, float negative_slope, int[2] pool_size) -> (Tensor pooled, Tensor window, Tensor preact)");
+        "int activation, float negative_slope, int[2] pool_size, str corruption=\"none\", float corruption_level=0., "
+        "int seed=0, float low=0., float high=1.) -> (Tensor pooled, Tensor window, Tensor preact)");
   // Sparse backward: the conv output's gradient is nonzero only at the argmax of each window.
   m.def("conv_pool2d_backward_input(Tensor grad_pooled, Tensor window, Tensor preact, Tensor weight, "
         "int[2] input_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
         "int[2] pool_size) -> Tensor");
+  // The corruption arguments of the forward: the input's noise is regenerated in the load.
   m.def("conv_pool2d_backward_weight(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
-        "int[2] pool_size) -> (Tensor grad_weight, Tensor grad_bias)");
+        "int[2] pool_size, str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., "
+        "float high=1.) -> (Tensor grad_weight, Tensor grad_bias)");
   // The drop-in max_pool2d (4-D input, any memory format; flat int64 indices as torch's).
   m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
