@@ -147,7 +147,9 @@ def test_cpu_kernels_use_torch_intra_op_threads():
         assert _C.parallel_for_threads(64) == 1
     finally:
         torch.set_num_threads(before)
-    # One OpenMP runtime in the process: ours resolves to the libgomp that torch loaded.
+    # Our _C needs the soname libgomp.so.1, which the loader resolves to the libgomp.so.1 that
+    # libtorch_cpu already loaded (torch/lib): no second copy of that runtime (e.g. the system's)
+    # is mapped. (Other packages may vendor theirs under other sonames: scikit-learn does.)
     with open("/proc/self/maps") as f:
-        gomps = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+        gomps = {line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libgomp.so")}
     assert len(gomps) <= 1, gomps
