@@ -34,19 +34,22 @@ def _measure_cpu_limits() -> tuple[float, float]:
 def copy_gbps(nbytes: int, device: str = "cpu") -> float:
     """The best read+write rate of copying an ``nbytes`` buffer into another, on all threads,
     measured now: the rate for a working set of this size (in cache when it fits), which
-    CPU_COPY_GBPS (64 MiB, beyond the L3) understates for small tensors. Best of 9 runs, so
-    a floor computed from it is a lower bound on the time of any implementation."""
+    CPU_COPY_GBPS (64 MiB, beyond the L3) understates for small tensors. The best run of at
+    least 20 spread over at least 50 ms (one preemption on a loaded machine can cover a few
+    short copies), so a floor computed from it is a lower bound on any implementation's time."""
     n = max(1, nbytes // 4)
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     synchronize(device)
     best = float("inf")
-    for _ in range(9):
+    runs, start = 0, time.perf_counter()
+    while runs < 20 or time.perf_counter() - start < 0.05:
         t0 = time.perf_counter()
         dst.copy_(src)
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
+        runs += 1
     return 2 * n * 4 / best / 1e9
 
 
