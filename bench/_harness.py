@@ -32,25 +32,35 @@ def _measure_cpu_limits() -> tuple[float, float]:
 
 
 def copy_gbps(nbytes: int, device: str = "cpu") -> float:
-    """The best read+write rate of copying an ``nbytes`` buffer into another, on all threads,
-    measured now: the rate for a working set of this size (in cache when it fits), which
-    CPU_COPY_GBPS (64 MiB, beyond the L3) understates for small tensors. The best run of at
-    least 20 spread over at least 50 ms (one preemption on a loaded machine can cover a few
-    short copies), so a floor computed from it is a lower bound on any implementation's time."""
+    """The read+write rate of copying an ``nbytes`` buffer into another, measured now, for a
+    working set of this size (in cache when it fits), which CPU_COPY_GBPS (64 MiB, beyond the
+    L3) understates for small tensors. Meant for a lower bound on any implementation's time,
+    so it errs high: on CPU it is ONE thread's best rate times the intra-op thread count
+    (perfect scaling). A multi-threaded copy itself is not timed: on a loaded machine every
+    parallel region waits for its slowest thread to be scheduled (seen: 12 ms for a 0.8 MB
+    copy at load 6 on 2 cores), which would make the bound meaningless. The best of at least
+    20 runs spread over at least 50 ms."""
     n = max(1, nbytes // 4)
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    best = float("inf")
-    runs, start = 0, time.perf_counter()
-    while runs < 20 or time.perf_counter() - start < 0.05:
-        t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if not device.startswith("cuda"):
+        torch.set_num_threads(1)
+    try:
         dst.copy_(src)
         synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return 2 * n * 4 / best / 1e9
+        best = float("inf")
+        runs, start = 0, time.perf_counter()
+        while runs < 20 or time.perf_counter() - start < 0.05:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+            runs += 1
+    finally:
+        torch.set_num_threads(threads)
+    rate = 2 * n * 4 / best / 1e9
+    return rate if device.startswith("cuda") else rate * threads
 
 
 def _timed(fn) -> float:
