@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from aefast import _checks
+from aefast import backend as _backend_module
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
 from aefast.ops import unpool_deconv as _unpool_deconv
@@ -272,10 +273,51 @@ def _conv_out_hw(hw, k, s, p):
     return tuple((hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in range(2))
 
 
+def _check_corruption_arg(corruption):
+    """``corruption=(kind, level)`` or ``(kind, level, low, high)`` -> (kind, level, low, high),
+    validated as corrupt() validates its arguments."""
+    if not isinstance(corruption, (tuple, list)) or len(corruption) not in (2, 4):
+        raise TypeError(f"aefast: corruption must be (kind, level) or (kind, level, low, high), got {corruption!r}")
+    kind, level, low, high = (*corruption, 0.0, 1.0) if len(corruption) == 2 else corruption
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"aefast: unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not level >= 0 or \
+            (kind != "gaussian" and level > 1) or level == float("inf"):
+        raise ValueError(f"aefast: corruption level must be {'>= 0' if kind == 'gaussian' else 'in [0, 1]'}, got {level!r}")
+    for name, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"aefast: corruption {name} must be a number, got {v!r}")
+    return kind, float(level), float(low), float(high)
+
+
 def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu", pool_size=2,
-                return_indices=True, index_format="flat", *, negative_slope=0.01):
+                return_indices=True, index_format="flat", *, negative_slope=0.01, corruption=None, generator=None):
     """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, return_indices=True)
-    in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets."""
+    in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets.
+
+    ``corruption=(kind, level)`` (or ``(kind, level, low, high)``; kind gaussian | masking |
+    salt_pepper) convolves ``corrupt(input, kind, level, generator, low=low, high=high)`` instead
+    of ``input``: the noise is drawn with the same seed from ``generator`` (the default generator
+    when None) and the same per-element Philox stream as corrupt(), so the result equals
+    corrupt-then-conv_pool2d, but it is generated in the kernel's input load and regenerated in
+    the weight gradient's: no corrupted copy of the input is made or kept for the backward. The
+    gradient w.r.t. ``input`` is that of the corrupted input times d corrupt / d input (1 for
+    gaussian, 0 where an element was masked or salted)."""
+    noise = None
+    if corruption is not None:
+        check_tensor(input, "input", dtypes=FLOAT_DTYPES)
+        noise = _check_corruption_arg(corruption)
+        _check_generator(generator, input.device, "input")
+        kind, level, low, high = noise
+        lowered = _autocast_lower(input)[0]
+        # The definition, taken literally, where the noise cannot be generated in the load: the
+        # reference backend, tracing (corrupt() traces the reference there), and autocast, which
+        # would otherwise corrupt the lowered-precision copy instead of the input itself.
+        if (_compiling() or lowered.dtype != input.dtype
+                or choose("conv_pool2d_forward", input.device) == "reference"):
+            input, noise = corrupt(input, kind, level, generator, low=low, high=high), None
+    elif generator is not None:
+        raise ValueError("aefast: conv_pool2d takes a generator only together with corruption=")
     input, weight, bias = _autocast_lower(input, weight, bias)
     _check_float_inputs(input=input, weight=weight, bias=bias)
     check_tensor(input, "input", dims=(4,))
@@ -303,8 +345,13 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
                                negative_slope=negative_slope)
     from aefast.ops.conv_pool import ACTIVATION_CODES
 
+    extra = ()
+    if noise is not None:
+        kind, level, low, high = noise
+        extra = (kind, level, _draw_seed(generator, input.device), low, high)
     pooled, window, _ = _registry.op(backend, "conv_pool2d_forward")(
-        input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool))
+        input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool),
+        *extra)
     pooled = _channels_last_like(pooled, input)
     if not return_indices:
         return pooled
@@ -483,6 +530,37 @@ def _fused_loss(op_name, kind, input, target, reduction, reference, *, weight=No
     return out / weight.sum() if by_weight_sum else out
 
 
+_FAST_LOSS_DEVICES = ("cpu", "cuda")
+
+
+def _fast_loss(kind, input, target, reduction, allowed, delta=1.0):
+    """The loss of the common eager call, or None when the full path must run.
+
+    The common call is two plain tensors of one float dtype, shape and CPU/CUDA device, no
+    weight, a valid reduction, no autocast and no tracing: every check of the full path
+    passes on it unchanged and ``choose`` returns the resolved backend (the kernels take equal
+    shapes). Testing that directly costs ~1 us; the general validation (autocast casts, the
+    pairwise dtype/device/shape checks, the fallback predicate) costs ~6 us, which on a
+    256x1x28x28 batch is a third of the whole kernel. Anything else returns None and takes the
+    general path, so the errors and fallbacks stay where they are."""
+    if (type(input) is not torch.Tensor or type(target) is not torch.Tensor or input.dtype != target.dtype
+            or input.dtype not in FLOAT_DTYPES or input.shape != target.shape or reduction not in allowed
+            or (reduction == "per_sample" and input.dim() < 1)):
+        return None
+    device = input.device
+    if (device.type not in _FAST_LOSS_DEVICES or target.device != device or torch.is_autocast_enabled(device.type)
+            or _compiling()):
+        return None
+    backend = _backend_module.resolve(device)
+    if backend == "reference":
+        return None
+    need_x = input.requires_grad and torch.is_grad_enabled()
+    need_t = target.requires_grad and torch.is_grad_enabled()
+    own_t = kind in _OWN_TARGET_GRAD
+    return _recon_loss_ops.recon_loss(backend, input, target, None, None, kind, reduction, float(delta),
+                                      need_x or (need_t and not own_t), need_t and own_t)
+
+
 def _check_same_size_weight(input, weight):
     """torch's mse_loss, l1_loss and huber_loss take a weight of exactly the input's size."""
     if weight is not None and weight.shape != input.shape:
@@ -501,6 +579,10 @@ def _check_probabilities(input, what):
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Drop-in for torch.nn.functional.mse_loss."""
+    if weight is None and size_average is None and reduce is None:
+        out = _fast_loss("mse", input, target, reduction, ("none", "mean", "sum"))
+        if out is not None:
+            return out
     input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="mse_loss", weight=weight)
@@ -511,6 +593,10 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Drop-in for torch.nn.functional.l1_loss."""
+    if weight is None and size_average is None and reduce is None:
+        out = _fast_loss("l1", input, target, reduction, ("none", "mean", "sum"))
+        if out is not None:
+            return out
     input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction, size_average, reduce)
     _check_loss_pair(input, target, same_shape=False, op_name="l1_loss", weight=weight)
@@ -521,6 +607,10 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """Drop-in for torch.nn.functional.huber_loss."""
+    if weight is None and type(delta) in (int, float) and delta > 0:
+        out = _fast_loss("huber", input, target, reduction, ("none", "mean", "sum"), delta)
+        if out is not None:
+            return out
     input, target, weight = _autocast_fp32(input, target, weight)
     reduction = _reduction(reduction)
     if not isinstance(delta, (int, float)) or isinstance(delta, bool):
@@ -576,6 +666,11 @@ def reconstruction_loss(input, target, kind="mse", reduction="mean", *, delta=1.
     mean over the other dims), the anomaly score. The gradient is computed in the forward
     pass (only for tensors that require grad), so the backward is a scale by grad_output.
     ``kind="bce_logits"`` fuses the decoder's final sigmoid."""
+    if kind in ("mse", "l1", "bce_logits") or (kind == "huber" and type(delta) in (int, float) and delta > 0):
+        # bce is left to the general path: its probability range check reads the data.
+        out = _fast_loss(kind, input, target, reduction, ref.REDUCTIONS, delta)
+        if out is not None:
+            return out
     input, target = _autocast_fp32(input, target)
     if kind not in LOSS_KINDS:
         raise ValueError(f"aefast: unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")

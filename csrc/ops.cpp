@@ -1,8 +1,11 @@
 // Every aefast operator schema, in one place. Kernels register per device in csrc/cpu and
 // csrc/cuda; fake (meta) functions, autograd formulas and the Triton twins are registered in
 // Python (aefast/ops/). Only this file may define a schema.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
+
+#include <set>
 
 #include <string>
 
@@ -27,15 +30,21 @@ TORCH_LIBRARY(aefast, m) {
   // padding, floor mode). The forward writes only pooled-size tensors: the pooled map, the
   // uint8 window offset of each maximum and the conv output (pre-activation) at that maximum,
   // which is all the backward needs.
+  // corruption != "none" (gaussian | masking | salt_pepper, as aefast::corrupt with the same seed,
+  // level, low and high) corrupts each input element as it is loaded: the conv sees
+  // corrupt(input), and no corrupted copy of the input is stored (aefast/corruption.h).
   m.def("conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int activation, float negative_slope, int[2] pool_size) -> (Tensor pooled, Tensor window, Tensor preact)");
+        "int activation, float negative_slope, int[2] pool_size, str corruption=\"none\", float corruption_level=0., "
+        "int seed=0, float low=0., float high=1.) -> (Tensor pooled, Tensor window, Tensor preact)");
   // Sparse backward: the conv output's gradient is nonzero only at the argmax of each window.
   m.def("conv_pool2d_backward_input(Tensor grad_pooled, Tensor window, Tensor preact, Tensor weight, "
         "int[2] input_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
         "int[2] pool_size) -> Tensor");
+  // The corruption arguments of the forward: the input's noise is regenerated in the load.
   m.def("conv_pool2d_backward_weight(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
-        "int[2] pool_size) -> (Tensor grad_weight, Tensor grad_bias)");
+        "int[2] pool_size, str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., "
+        "float high=1.) -> (Tensor grad_weight, Tensor grad_bias)");
   // The drop-in max_pool2d (4-D input, any memory format; flat int64 indices as torch's).
   m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
@@ -101,6 +110,13 @@ PYBIND11_MODULE(_C, m) {
     info["torch_version"] = std::string(AEFAST_TORCH_VERSION);
     info["compiler"] = std::string(AEFAST_CXX_COMPILER);
     info["cplusplus"] = static_cast<long>(__cplusplus);
+    // Whether at::parallel_for runs on several threads in this build (see CMakeLists.txt: without
+    // -fopenmp against an OpenMP torch it is a serial loop).
+#ifdef INTRA_OP_PARALLEL
+    info["intra_op_parallel"] = true;
+#else
+    info["intra_op_parallel"] = false;
+#endif
 #ifdef AEFAST_WITH_CUDA
     info["cuda"] = true;
     info["cuda_archs"] = std::string(AEFAST_CUDA_ARCHS);
@@ -111,5 +127,14 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_compiler_version"] = std::string();
 #endif
     return info;
+  });
+  // How many distinct threads at::parallel_for, compiled here, runs a range of n items on (grain
+  // 1): the test that our kernels' parallel loops are parallel at all.
+  m.def("parallel_for_threads", [](int64_t n) {
+    std::vector<int> tid(static_cast<size_t>(n), -1);
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) tid[static_cast<size_t>(i)] = at::get_thread_num();
+    });
+    return static_cast<int64_t>(std::set<int>(tid.begin(), tid.end()).size());
   });
 }

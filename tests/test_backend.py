@@ -129,3 +129,27 @@ def test_import_error_names_the_rebuild_command(monkeypatch):
     monkeypatch.setattr(_C, "build_info", lambda: {"torch_version": "0.0.0-other", "cuda": False, "cuda_archs": ""})
     with pytest.raises(ImportError, match=r"(?s)built against torch 0\.0\.0-other.*pip install --no-build-isolation -e \."):
         _extension.load()
+
+
+def test_cpu_kernels_use_torch_intra_op_threads():
+    """Our at::parallel_for loops run on torch's intra-op threads. at::parallel_for is a header
+    template: compiled without -fopenmp against an OpenMP torch (CMakeLists.txt) it is a serial
+    loop, and every CPU kernel of aefast silently ran on one thread."""
+    from aefast import _C
+
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert _C.build_info()["intra_op_parallel"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _C.parallel_for_threads(64) == 2
+        torch.set_num_threads(1)  # the thread count follows torch's setting (one OpenMP runtime)
+        assert _C.parallel_for_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)
+    # Our _C needs the soname libgomp.so.1, which the loader resolves to the libgomp.so.1 that
+    # libtorch_cpu already loaded (torch/lib): no second copy of that runtime (e.g. the system's)
+    # is mapped. (Other packages may vendor theirs under other sonames: scikit-learn does.)
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libgomp.so")}
+    assert len(gomps) <= 1, gomps

@@ -342,6 +342,85 @@ def test_deterministic_reduction_independent_of_threads():
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
 
 
+@pytest.mark.parametrize("kind", ["mse", "l1", "huber", "bce_logits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_do_not_change_any_bit(kind, dtype):
+    """Every reduction, with and without weight, gives the same bits on 1, 2 and 3 threads: the
+    chunk boundaries and the lane order are fixed (now that the loops do run in parallel)."""
+    x, t = make_pair(kind, (5, 3 * 2048 + 77), dtype)
+    w = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            run = []
+            for reduction in ("sum", "per_sample", "none"):
+                xr = x.clone().requires_grad_()
+                out = AF.reconstruction_loss(xr, t, kind, reduction)
+                run += [out, torch.autograd.grad(out.sum(), xr)[0]]
+            for weight in (None, w):
+                if kind != "bce_logits":
+                    xr = x.clone().requires_grad_()
+                    fn = {"mse": AF.mse_loss, "l1": AF.l1_loss, "huber": AF.huber_loss}[kind]
+                    out = fn(xr, t, reduction="sum", weight=weight)
+                    run += [out, torch.autograd.grad(out, xr)[0]]
+            runs.append(run)
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_equals_general_path(monkeypatch, dtype):
+    """The eager fast path of the losses (plain tensors, no weight, no autocast: functional.
+    _fast_loss) is taken for such calls and gives the same bits as the general path."""
+    calls = []
+    fast = AF._fast_loss
+
+    def spy(*args, **kwargs):
+        out = fast(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    cases = [(AF.mse_loss, "mse", r) for r in REDUCTIONS] + [(AF.l1_loss, "l1", r) for r in REDUCTIONS]
+    cases += [(lambda a, b, reduction: AF.huber_loss(a, b, reduction, delta=0.7), "huber", r) for r in REDUCTIONS]
+    cases += [(lambda a, b, reduction, k=k: AF.reconstruction_loss(a, b, k, reduction), k, r)
+              for k in ("mse", "l1", "huber", "bce_logits") for r in REDUCTIONS + ["per_sample"]]
+
+    def run_all():
+        res = []
+        for fn, kind, reduction in cases:
+            x, t = make_pair(kind, (3, 5, 7), dtype)
+            x.requires_grad_()
+            t.requires_grad_()
+            out = fn(x, t, reduction=reduction)
+            res += [out, *torch.autograd.grad(out.sum(), (x, t))]
+        return res
+
+    monkeypatch.setattr(AF, "_fast_loss", spy)
+    with aefast.set_backend("cpu"):
+        via_fast = run_all()
+        assert calls and all(calls)
+        monkeypatch.setattr(AF, "_fast_loss", lambda *a, **k: None)
+        general = run_all()
+    assert all(torch.equal(a, b) for a, b in zip(via_fast, general))
+
+
+def test_fast_path_leaves_autocast_and_reference_to_the_general_path():
+    x, t = make_pair("mse", (4, 6), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert AF._fast_loss("mse", x, t, "mean", REDUCTIONS) is None
+        assert AF.mse_loss(x, t).dtype == F.mse_loss(x, t).dtype == torch.float32  # fp32 list, as torch
+    with aefast.set_backend("reference"):
+        assert AF._fast_loss("mse", x, t, "mean", REDUCTIONS) is None
+    assert AF._fast_loss("mse", x, t.float(), "mean", REDUCTIONS) is None  # dtypes differ: the general path raises
+    assert AF._fast_loss("mse", x, t, "avg", REDUCTIONS) is None
+    with pytest.raises(TypeError, match="dtypes differ"):
+        AF.mse_loss(x, t.float())
+
+
 def test_module(backend, device):
     x, t = make_pair("bce_logits", (3, 5), torch.float32, device)
     m = ReconstructionLoss("bce_logits", "per_sample")

@@ -20,12 +20,14 @@ from aefast.nn import ConvPool2d, Corruption, UnpoolConvTranspose2d
 
 
 class _PoolingEncoderMixin:
-    def _encode(self, x) -> ConvCode:
+    def _encode(self, x, noise=None) -> ConvCode:
+        """``noise``: conv_pool2d's corruption keywords for the first block (the input corrupted
+        in that block's load, see ConvDenoisingAutoencoder)."""
         check_image_input(type(self).__name__, x, self.in_channels, len(self.channels), self.pool_size)
         indices, sizes = [], []
-        for block in self.encoder:
+        for i, block in enumerate(self.encoder):
             sizes.append(tuple(int(s) for s in x.shape[-2:]))  # 'same' conv: pre-pool size = input size
-            x, idx = block(x)
+            x, idx = block(x, **noise) if i == 0 and noise else block(x)
             indices.append(idx)
         return ConvCode(x, tuple(indices), tuple(sizes))
 
@@ -110,7 +112,14 @@ class ConvDenoisingAutoencoder(ConvAutoencoder):
         self.corruption = Corruption(kind, level)
 
     def forward(self, x):
-        return self.decode(self.encode(self.corruption(x)))
+        c = self.corruption
+        if not c.training or c.level == 0:
+            return self.decode(self.encode(x))
+        # decode(encode(corruption(x))) with the noise generated in the first encoder block's
+        # input load (conv_pool2d's corruption=): the same noise from the same generator draw,
+        # and no corrupted copy of the batch is made or kept for the backward.
+        noise = {"corruption": (c.kind, c.level, c.low, c.high), "generator": c.generator}
+        return self.decode(self._encode(x, noise))
 
 
 class SegNetAutoencoder(ConvAutoencoder):

@@ -24,10 +24,12 @@ class ConvPool2d(nn.Conv2d):
         self.index_format = index_format
         self.negative_slope = negative_slope
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, *, corruption=None, generator=None):
+        """``corruption=(kind, level)`` convolves corrupt(x) with the noise made in the kernel's
+        input load (see aefast.functional.conv_pool2d)."""
         return AF.conv_pool2d(x, self.weight, self.bias, self.stride, self.padding, self.activation, self.pool_size,
                               return_indices=True, index_format=self.index_format,
-                              negative_slope=self.negative_slope)
+                              negative_slope=self.negative_slope, corruption=corruption, generator=generator)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}, pool_size={self.pool_size}"

@@ -17,6 +17,14 @@ Ops (schemas in csrc/ops.cpp):
       grad_x[n,ci,y,x]   = sum_{co,i,j,u,v : pos*S - P + (u,v) = (y,x)} gz * w[co,ci,u,v]
 
   which is 1/(pool_h*pool_w) of the dense backward's multiply-adds.
+* ``corruption`` (``"none"`` | gaussian | masking | salt_pepper, with ``corruption_level``, ``seed``,
+  ``low``, ``high`` as in ``aefast::corrupt``): the forward and ``backward_weight`` read
+  ``xc = corrupt(x)`` element by element in their input load (the noise is regenerated from the
+  seed, never stored), so the op is conv_pool2d(corrupt(x)). The gradient w.r.t. the CLEAN x is
+  ``dL/dx = dL/dxc * dxc/dx``: dxc/dx = 1 for gaussian (xc = x + level n) and the keep mask
+  ``u >= level`` for masking and salt_pepper (a replaced element does not depend on x), i.e.
+  ``backward_input`` (the gradient w.r.t. xc) followed by the masking corruption of that gradient
+  with the same seed, exactly corrupt()'s own backward.
 * ``max_pool2d_forward`` / ``max_pool2d_backward``: torch's max_pool2d with indices and its
   scatter-add backward.
 
@@ -38,10 +46,12 @@ def conv_output_size(in_hw, kernel_hw, stride, padding):
 
 # ---------------------------------------------------------------- Triton twins
 
-def _triton_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size):
+def _triton_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size, corruption="none",
+                    corruption_level=0.0, seed=0, low=0.0, high=1.0):
     from aefast.triton import conv_pool as kernels
 
-    return kernels.conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size)
+    return kernels.conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
+                                       corruption, corruption_level, seed, low, high)
 
 
 def _triton_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
@@ -53,11 +63,12 @@ def _triton_backward_input(grad, window, preact, weight, input_size, stride, pad
 
 
 def _triton_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
-                            pool_size):
+                            pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
     from aefast.triton import conv_pool as kernels
 
     return kernels.conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation,
-                                               negative_slope, pool_size)
+                                               negative_slope, pool_size, corruption, corruption_level, seed, low,
+                                               high)
 
 
 def _triton_max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
@@ -81,7 +92,8 @@ _registry.register_triton("max_pool2d_backward", _triton_max_pool2d_backward)
 
 # ---------------------------------------------------------------- fake functions
 
-def _fake_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size):
+def _fake_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size, corruption="none",
+                  corruption_level=0.0, seed=0, low=0.0, high=1.0):
     hc, wc = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
     shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
     return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(shape))
@@ -93,7 +105,7 @@ def _fake_backward_input(grad, window, preact, weight, input_size, stride, paddi
 
 
 def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
-                          pool_size):
+                          pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
     return (grad.new_empty((grad.shape[1], input.shape[1], *kernel_size)), grad.new_empty((grad.shape[1],)))
 
 
@@ -134,7 +146,9 @@ _registry.register_fake("max_pool2d_backward", _fake_max_pool2d_backward)
 # ---------------------------------------------------------------- autograd
 
 def _setup_forward(ctx, inputs, output):
-    input, weight, bias, stride, padding, activation, negative_slope, pool_size = inputs
+    input, weight, bias, stride, padding, activation, negative_slope, pool_size = inputs[:8]
+    # (corruption, corruption_level, seed, low, high); absent when called with the 8 positional ones.
+    ctx.noise = tuple(inputs[8:]) + ("none", 0.0, 0, 0.0, 1.0)[len(inputs) - 8:]
     _, window, preact = output
     # window and preact are the backward's own bookkeeping, not values to differentiate.
     ctx.mark_non_differentiable(window, preact)
@@ -155,21 +169,26 @@ def _make_forward_backward(ns):
         input, weight, window, preact = ctx.saved_tensors
         stride, padding, activation, negative_slope, pool_size = ctx.geometry
         grad_input = grad_weight = grad_bias = None
+        rest = (None,) * (len(ctx.needs_input_grad) - 3)
         if grad_pooled is None:  # grads are not materialised: no gradient reached the output
-            return grad_input, grad_weight, grad_bias, None, None, None, None, None
+            return grad_input, grad_weight, grad_bias, *rest
         grad_pooled = grad_pooled.contiguous()
+        kind, level, seed, _, _ = ctx.noise
         if ctx.needs_input_grad[0]:
             grad_input = ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight, ctx.input_size, stride,
                                                        padding, activation, negative_slope, pool_size)
+            if kind in ("masking", "salt_pepper"):
+                # dxc/dx is the keep mask: zero where the element was replaced (corrupt's backward)
+                grad_input = ns.corrupt(grad_input, seed, "masking", level, 0.0, 0.0)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_weight, grad_bias = ns.conv_pool2d_backward_weight(grad_pooled, window, preact, input,
                                                                     ctx.kernel_size, stride, padding, activation,
-                                                                    negative_slope, pool_size)
+                                                                    negative_slope, pool_size, *ctx.noise)
             if not ctx.needs_input_grad[1]:
                 grad_weight = None
             if not (ctx.has_bias and ctx.needs_input_grad[2]):
                 grad_bias = None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, *rest
 
     return backward
 

@@ -14,6 +14,10 @@ backward   one program = one (n, co) plane slice of BLOCK_J pooled positions: gz
              grad_w[co, k] += sum_j gz_j * x[n, patch_j(k)]     (a reduction, one atomic per k)
              grad_x[n, patch_j(k)] += gz_j * w[co, k]           (atomic scatter, gz_j != 0 only)
            so only the argmax positions are touched: 1/(PKH*PKW) of the dense MACs.
+corruption with corruption != "none" the forward and the weight gradient read corrupt(x) in their
+           input load: _corrupt_value is aefast.triton.recon_loss's corrupt kernel on one
+           element (tl.rand / tl.randn keyed by the seed, counter = the element's NCHW index),
+           so the result equals corrupt-then-conv_pool2d and no corrupted copy is stored.
 max_pool2d torch's window scan (`v > best or isnan(v)`, first in-bounds element to start), any
            strides (channels_last in gives channels_last out); backward is an atomic scatter-add.
 
@@ -89,10 +93,30 @@ def _activation_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _corrupt_value(x, idx, seed, level, low, high, NOISE: tl.constexpr):
+    """corrupt() of the elements x at NCHW indices idx: the arithmetic of _corrupt_kernel in
+    aefast/triton/recon_loss.py, ending in the same cast to x's dtype."""
+    if NOISE == 0:
+        noise = tl.randn(seed, idx)
+        if x.dtype == tl.float64:
+            y = x.to(tl.float64) + level * noise.to(tl.float64)
+        else:
+            y = x.to(tl.float32) + level * noise
+    else:
+        u = tl.rand(seed, idx)
+        if NOISE == 1:
+            y = tl.where(u < level, 0.0, x)
+        else:
+            y = tl.where(u < level * 0.5, low, tl.where(u < level, high, x))
+    return y.to(x.dtype)
+
+
+@triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
                           N, CIN, H, W, COUT, HO, WO, SH, SW, PH, PW, slope_ptr,
+                          seed, nlevel, nlow, nhigh,
                           KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
-                          ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                          ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, NOISE: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -124,7 +148,11 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
             y = h[:, None] * SH - PH + ki[None, :]
             xx = w[:, None] * SW - PW + kj[None, :]
             m = p_mask[:, None] & k_mask[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
-            xv = tl.load(x_ptr + ((n[:, None] * CIN + ci[None, :]) * H + y) * W + xx, mask=m, other=0.0).to(ACC)
+            xa = ((n[:, None] * CIN + ci[None, :]) * H + y) * W + xx
+            xv = tl.load(x_ptr + xa, mask=m, other=0.0)
+            if NOISE >= 0:
+                xv = tl.where(m, _corrupt_value(xv, xa, seed, nlevel, nlow, nhigh, NOISE), 0.0)
+            xv = xv.to(ACC)
             wv = tl.load(w_ptr + co[None, :] * K + k[:, None], mask=k_mask[:, None] & c_mask[None, :],
                          other=0.0).to(ACC)
             acc += tl.sum(xv[:, :, None] * wv[None, :, :], axis=1)
@@ -144,9 +172,10 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
 @triton.jit
 def _conv_pool_bwd_kernel(g_ptr, win_ptr, pre_ptr, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
                           CIN, H, W, COUT, HO, WO, SH, SW, PH, PW, slope_ptr,
+                          seed, nlevel, nlow, nhigh,
                           KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
                           ACT: tl.constexpr, ACC: tl.constexpr, DGRAD: tl.constexpr, WGRAD: tl.constexpr,
-                          BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                          NOISE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)  # n * COUT + co
     n = plane // COUT
     co = plane % COUT
@@ -175,7 +204,10 @@ def _conv_pool_bwd_kernel(g_ptr, win_ptr, pre_ptr, x_ptr, w_ptr, gx_ptr, gw_ptr,
         m = nz[:, None] & k_mask[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
         addr = ((n * CIN + ci[None, :]) * H + y) * W + xx
         if WGRAD:
-            xv = tl.load(x_ptr + addr, mask=m, other=0.0).to(ACC)
+            xv = tl.load(x_ptr + addr, mask=m, other=0.0)
+            if NOISE >= 0:  # the forward's corruption, regenerated
+                xv = tl.where(m, _corrupt_value(xv, addr, seed, nlevel, nlow, nhigh, NOISE), 0.0)
+            xv = xv.to(ACC)
             tl.atomic_add(gw_ptr + co * K + k, tl.sum(gz[:, None] * xv, axis=0), mask=k_mask)
         if DGRAD:
             wv = tl.load(w_ptr + co * K + k, mask=k_mask, other=0.0).to(ACC)
@@ -206,7 +238,19 @@ def _shape(input_hw, kernel_hw, stride, padding, pool_size):
     return hc // pool_size[0], wc // pool_size[1]
 
 
-def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size):
+_NOISE_CODES = {"none": -1, "gaussian": 0, "masking": 1, "salt_pepper": 2}
+
+
+def _noise_code(corruption):
+    if corruption not in _NOISE_CODES:
+        raise RuntimeError(f"aefast::conv_pool2d: unknown corruption {corruption!r} (none, gaussian, masking, "
+                           "salt_pepper)")
+    return _NOISE_CODES[corruption]
+
+
+def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
+                        corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
+    noise = _noise_code(corruption)
     x = input.contiguous()
     w = weight.contiguous()
     n, cin, h, wd = x.shape
@@ -221,14 +265,15 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
     block_p, block_c, block_k = _FWD_BLOCKS
     grid = (triton.cdiv(n * ho * wo, block_p), triton.cdiv(cout, block_c))
     _conv_pool_fwd_kernel[grid](x, w, b, pooled, window, preact, n, cin, h, wd, cout, ho, wo, stride[0], stride[1],
-                                padding[0], padding[1], _slope(negative_slope, x), KH=kh, KW=kw, PKH=pool_size[0],
+                                padding[0], padding[1], _slope(negative_slope, x), seed, float(corruption_level),
+                                float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0],
                                 PKW=pool_size[1], ACT=int(activation), HAS_BIAS=bias is not None,
-                                ACC=_tl_acc(x.dtype), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k)
+                                ACC=_tl_acc(x.dtype), NOISE=noise, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k)
     return pooled, window, preact
 
 
 def _backward(grad, window, preact, x, w, input_size, kernel_size, cin, stride, padding, activation,
-              negative_slope, pool_size, dgrad, wgrad):
+              negative_slope, pool_size, dgrad, wgrad, noise=(-1, 0, 0.0, 0.0, 1.0)):
     n, cout, ho, wo = grad.shape
     h, wd = input_size
     kh, kw = kernel_size
@@ -244,9 +289,10 @@ def _backward(grad, window, preact, x, w, input_size, kernel_size, cin, stride, 
                                     x if x is not None else dummy, w if w is not None else dummy,
                                     dummy if gx is None else gx, dummy if gw is None else gw,
                                     dummy if gb is None else gb, cin, h, wd, cout, ho, wo, stride[0], stride[1],
-                                    padding[0], padding[1], _slope(negative_slope, grad), KH=kh, KW=kw,
+                                    padding[0], padding[1], _slope(negative_slope, grad), noise[1],
+                                    float(noise[2]), float(noise[3]), float(noise[4]), KH=kh, KW=kw,
                                     PKH=pool_size[0], PKW=pool_size[1], ACT=int(activation), ACC=_tl_acc(grad.dtype),
-                                    DGRAD=dgrad, WGRAD=wgrad, BLOCK_J=block_j, BLOCK_K=block_k)
+                                    DGRAD=dgrad, WGRAD=wgrad, NOISE=noise[0], BLOCK_J=block_j, BLOCK_K=block_k)
     return gx, gw, gb
 
 
@@ -259,10 +305,12 @@ def conv_pool2d_backward_input(grad, window, preact, weight, input_size, stride,
 
 
 def conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation,
-                                negative_slope, pool_size):
+                                negative_slope, pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0,
+                                high=1.0):
     x = input.contiguous()
+    noise = (_noise_code(corruption), seed, corruption_level, low, high)
     _, gw, gb = _backward(grad, window, preact, x, None, x.shape[-2:], kernel_size, x.shape[1], stride, padding,
-                          activation, negative_slope, pool_size, False, True)
+                          activation, negative_slope, pool_size, False, True, noise)
     return gw.to(grad.dtype), gb.to(grad.dtype)
 
 

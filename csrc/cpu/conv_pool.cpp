@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "aefast/conv_pool.h"
+#include "aefast/corruption.h"
 
 namespace aefast {
 namespace {
@@ -163,6 +164,35 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight) {
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "aefast::conv_pool2d: input and weight dtypes differ");
 }
 
+// ---- corruption in the input load (corruption=...; aefast/corruption.h)
+// The conv reads corrupt(x) instead of x: every input element is corrupted where it is loaded
+// (the strip copy of the direct path, the batch chunks of the oneDNN path, the padded image of
+// backward_weight), with the same function and element index as aefast::corrupt, so the result
+// equals corrupt-then-conv_pool2d and no corrupted copy of the input exists. Padding stays 0.
+struct InputCorruption {
+  int kind;
+  int64_t seed;
+  double level, low, high;
+  bool active() const { return kind != kNoCorruption; }
+  template <typename scalar_t, typename acc_t>
+  ElementCorruption<scalar_t, acc_t> at_element() const {
+    return active() ? ElementCorruption<scalar_t, acc_t>(kind, seed, level, low, high)
+                    : ElementCorruption<scalar_t, acc_t>();
+  }
+};
+
+InputCorruption parse_input_corruption(c10::string_view kind, double level, int64_t seed, double low, double high) {
+  const int code = corruption_kind_code(std::string_view(kind.data(), kind.size()));
+  TORCH_CHECK(code != -2, "aefast::conv_pool2d: unknown corruption '", std::string(kind.data(), kind.size()),
+              "' (none, gaussian, masking, salt_pepper)");
+  return InputCorruption{code, seed, level, low, high};
+}
+
+// The logical (N, C, H, W) flat index of x[n, c, y, x]: the element counter of the noise.
+inline uint64_t noise_index(const Shape& s, int64_t n, int64_t c, int64_t y, int64_t x) {
+  return static_cast<uint64_t>(((n * s.Cin + c) * s.H + y) * s.W + x);
+}
+
 // w (Cout, Cin, KH, KW) -> (Cout, K) in the accumulation type, k = (ki*KW + kj)*Cin + ci.
 at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc_dtype) {
   return weight.permute({0, 2, 3, 1}).to(acc_dtype).contiguous().view({weight.size(0), -1});
@@ -180,9 +210,16 @@ at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc_dtype) {
 // the argmax, so the outputs mean exactly what the direct path's do. The full-resolution conv
 // output is a temporary freed on return: nothing at conv resolution is saved for backward.
 // Half types are widened to fp32 for the conv (accumulate in fp32, as the direct path does).
+//
+// With a corruption, the conv cannot read the clean input: the corrupted operand is built in
+// batch chunks of at most N/4 images (and about kNoiseChunkBytes with the chunk's conv output),
+// each convolved and pooled before the next is built, so no input-sized buffer exists.
+constexpr int64_t kNoiseChunkBytes = 8 << 20;
+
 void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias_opt, const Shape& s, int64_t activation,
-                              double negative_slope, at::Tensor& pooled, at::Tensor& window, at::Tensor& preact) {
+                              double negative_slope, const InputCorruption& noise, at::Tensor& pooled,
+                              at::Tensor& window, at::Tensor& preact) {
   // The conv is a step of this kernel, not an op autograd should see.
   at::AutoDispatchBelowADInplaceOrView guard;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_aten", [&] {
@@ -197,43 +234,78 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
       return at::empty(t.sizes(), t.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast))
           .copy_(t);
     };
-    at::Tensor conv = at::convolution(to_cl(input), to_cl(weight), /*bias=*/{}, {s.SH, s.SW}, {s.PH, s.PW},
-                                      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
-                                      /*groups=*/1);
-    TORCH_CHECK(conv.size(2) == s.HC && conv.size(3) == s.WC, "aefast::conv_pool2d: unexpected conv output shape");
-    if (!conv.is_contiguous(at::MemoryFormat::ChannelsLast) || conv.stride(1) != 1)
-      conv = conv.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor weight_cl = to_cl(weight);
     at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
                               ? bias_opt->to(acc_dtype).contiguous()
                               : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
     const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
-    const acc_t* conv_p = conv.const_data_ptr<acc_t>();
     scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
     uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
     const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
     const acc_t slope = static_cast<acc_t>(negative_slope);
     const int64_t img = s.HC * s.WC * s.Cout, prow = s.PKH * s.WC * s.Cout;
-    // One task per (image, pooled row): each reads PKH conv rows once, in order.
-    at::parallel_for(0, s.N * s.HO, std::max<int64_t>(1, 16384 / std::max<int64_t>(prow, 1)),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> best(s.Cout), bestz(s.Cout);
-      std::vector<int32_t> bestk(s.Cout);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / s.HO, pr = task % s.HO;
-        epilogue(conv_p + n * img + pr * prow, s.WC, bias_ptr, s, n, pr, pr + 1, slope, pooled_p, window_p,
-                 preact_p, best.data(), bestz.data(), bestk.data());
-      }
-    });
+    // conv + epilogue of the images [n0, n0 + count), whose channels-last operand is x_cl.
+    auto conv_pool_images = [&](const at::Tensor& x_cl, int64_t n0, int64_t count) {
+      at::Tensor conv = at::convolution(x_cl, weight_cl, /*bias=*/{}, {s.SH, s.SW}, {s.PH, s.PW},
+                                        /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+                                        /*groups=*/1);
+      TORCH_CHECK(conv.size(2) == s.HC && conv.size(3) == s.WC, "aefast::conv_pool2d: unexpected conv output shape");
+      if (!conv.is_contiguous(at::MemoryFormat::ChannelsLast) || conv.stride(1) != 1)
+        conv = conv.contiguous(at::MemoryFormat::ChannelsLast);
+      const acc_t* conv_p = conv.const_data_ptr<acc_t>();
+      // One task per (image, pooled row): each reads PKH conv rows once, in order.
+      at::parallel_for(0, count * s.HO, std::max<int64_t>(1, 16384 / std::max<int64_t>(prow, 1)),
+                       [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> best(s.Cout), bestz(s.Cout);
+        std::vector<int32_t> bestk(s.Cout);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t i = task / s.HO, pr = task % s.HO;
+          epilogue(conv_p + i * img + pr * prow, s.WC, bias_ptr, s, n0 + i, pr, pr + 1, slope, pooled_p, window_p,
+                   preact_p, best.data(), bestz.data(), bestk.data());
+        }
+      });
+    };
+    if (!noise.active()) {
+      conv_pool_images(to_cl(input), 0, s.N);
+      return;
+    }
+    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
+    const int64_t per_image = (s.Cin * s.H * s.W + img) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t chunk = std::clamp<int64_t>(kNoiseChunkBytes / std::max<int64_t>(per_image, 1), 1,
+                                              std::max<int64_t>(1, s.N / 4));
+    at::Tensor xc = at::empty({chunk, s.Cin, s.H, s.W},
+                              input.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast));
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
+    for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
+      const int64_t count = std::min(chunk, s.N - n0);
+      acc_t* dst = xc.mutable_data_ptr<acc_t>();  // (count, H, W, Cin): channels-last
+      at::parallel_for(0, count * s.H, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = r / s.H, y = r % s.H, n = n0 + i;
+          acc_t* d = dst + r * s.W * s.Cin;
+          for (int64_t ci = 0; ci < s.Cin; ++ci) {
+            const scalar_t* src = xp + n * xsN + ci * xsC + y * xsH;
+            const uint64_t base = noise_index(s, n, ci, y, 0);
+            for (int64_t x = 0; x < s.W; ++x)
+              d[x * s.Cin + ci] = static_cast<acc_t>(corrupt_at(src[x * xsW], base + static_cast<uint64_t>(x)));
+          }
+        }
+      });
+      conv_pool_images(xc.narrow(0, 0, count), n0, count);
+    }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
-    c10::IntArrayRef pool_size) {
+    c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level, int64_t seed, double low,
+    double high) {
   check_conv_args(input, weight);
   check_activation(activation);
+  const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
   at::Tensor pooled = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
@@ -246,13 +318,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   // 32->64 3x3 (K = 288) 2.3x faster than the direct path; 1->32 and 3->32 3x3 (K = 9, 27) 0.82x
   // and 0.85x, so short reductions keep the direct path, whose conv tile never leaves the cache.
   // fp64, which oneDNN does not cover (ATen would use its slow reference conv), also keeps it.
-  if (input.scalar_type() != at::kDouble && s.K() >= 64) {
-    conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, pooled, window, preact);
+  // A corrupted input takes that path in chunks of at most N/4 images, so only from N = 4 on.
+  if (input.scalar_type() != at::kDouble && s.K() >= 64 && (!noise.active() || s.N >= 4)) {
+    conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window, preact);
     return {pooled, window, preact};
   }
   // A channels-last input is read in place; any other layout is transposed strip by strip inside
-  // the parallel loop (into a cache-sized buffer), not by a whole-tensor channels-last copy.
-  const bool in_place = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // the parallel loop (into a cache-sized buffer), not by a whole-tensor channels-last copy. A
+  // corrupted input always takes the strip copy, which corrupts each element it loads.
+  const bool in_place = !noise.active() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -287,6 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
     const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
     const acc_t slope = static_cast<acc_t>(negative_slope);
+    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
     at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cols(max_pos * K), tile(max_pos * s.Cout), best(s.Cout), bestz(s.Cout);
       std::vector<int32_t> bestk(s.Cout);
@@ -305,7 +380,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
             for (int64_t y = y0; y < y1; ++y) {
               const scalar_t* src = xp + n * xsN + ci * xsC + y * xsH;
               scalar_t* dst = xs.data() + (y - y0) * s.W * s.Cin + ci;
-              for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = src[x * xsW];
+              if (corrupt_at.active()) {
+                const uint64_t base = noise_index(s, n, ci, y, 0);
+                for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = corrupt_at(src[x * xsW], base + x);
+              } else {
+                for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = src[x * xsW];
+              }
             }
           im2col_strip<scalar_t, acc_t>(xs.data(), y0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
         }
@@ -435,9 +515,11 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
 std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
     const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
-    double negative_slope, c10::IntArrayRef pool_size) {
+    double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
+    int64_t seed, double low, double high) {
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
+  const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   TORCH_CHECK(input.dim() == 4 && kernel_size.size() == 2, "aefast::conv_pool2d_backward_weight: bad arguments");
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_weight: dtypes differ");
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), grad_pooled.size(1),
@@ -459,6 +541,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
     const acc_t slope = static_cast<acc_t>(negative_slope);
     const WindowTable table(s);
+    // The forward's corruption, regenerated element by element in the image load below.
+    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
     // One partial (grad_w, grad_b) per thread, summed at the end.
     const int64_t threads = at::get_num_threads();
     std::vector<std::vector<acc_t>> part_w(threads), part_b(threads);
@@ -476,7 +560,16 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
       std::vector<acc_t> xpad((s.H + 2 * s.PH) * row, acc_t(0)), gz(s.Cout * plane);
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* xn = xp + n * xsN;
-        if (xsC == 1 && xsW == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
+        if (corrupt_at.active()) {  // as the NCHW branch below, each element corrupted as it is loaded
+          for (int64_t ci = 0; ci < s.Cin; ++ci)
+            for (int64_t y = 0; y < s.H; ++y) {
+              const scalar_t* src = xn + ci * xsC + y * xsH;
+              acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+              const uint64_t base = noise_index(s, n, ci, y, 0);
+              for (int64_t x = 0; x < s.W; ++x)
+                dst[x * s.Cin] = static_cast<acc_t>(corrupt_at(src[x * xsW], base + static_cast<uint64_t>(x)));
+            }
+        } else if (xsC == 1 && xsW == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
           for (int64_t y = 0; y < s.H; ++y) {
             const scalar_t* src = xn + y * xsH;
             acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin;

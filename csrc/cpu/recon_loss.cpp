@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "aefast/corruption.h"
 #include "aefast/philox.h"
 #include "aefast/recon_loss.h"
 #include "aefast/recon_loss_host.h"
@@ -152,26 +153,14 @@ at::Tensor corrupt_cpu(const at::Tensor& input_, int64_t seed, c10::string_view 
   const at::Tensor input = input_.contiguous();
   at::Tensor out = at::empty(input.sizes(), input.options());
   const int64_t numel = input.numel();
-  const uint64_t key = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "aefast_corrupt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const float lv = static_cast<float>(level), half = static_cast<float>(level * 0.5);
-    const scalar_t lo = static_cast<scalar_t>(low), hi = static_cast<scalar_t>(high);
+    // The same element function as the encoder's corrupted input load (aefast/corruption.h).
+    const ElementCorruption<scalar_t, acc_t> corrupt_at(kind, seed, level, low, high);
     at::parallel_for(0, numel, kGrainElems / 4, [&](int64_t b, int64_t e) {
-      if (kind == 0) {
-        const acc_t a = static_cast<acc_t>(level);
-        for (int64_t i = b; i < e; ++i)
-          y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + a * static_cast<acc_t>(philox_normal_at(key, i)));
-      } else if (kind == 1) {
-        for (int64_t i = b; i < e; ++i) y[i] = philox_uniform_at(key, i) < lv ? scalar_t(0) : x[i];
-      } else {
-        for (int64_t i = b; i < e; ++i) {
-          const float u = philox_uniform_at(key, i);
-          y[i] = u < half ? lo : (u < lv ? hi : x[i]);
-        }
-      }
+      for (int64_t i = b; i < e; ++i) y[i] = corrupt_at(x[i], static_cast<uint64_t>(i));
     });
   });
   return out;

@@ -13,6 +13,9 @@
 // wgrad/bgrad  one block per (co, k): grad_w[co, k] = sum_{n,i,j} gz * x[n, patch(k)], a block
 //              reduction over the pooled positions (deterministic, no atomics); one block per co
 //              for grad_b = sum gz.
+// corruption   forward and wgrad read corrupt(x) (aefast/corruption.h: the element function of
+//              aefast::corrupt, keyed by the logical NCHW index) in place of x, so the conv sees
+//              the corrupted input and no corrupted copy is stored; padding stays 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +27,7 @@
 #include <limits>
 
 #include "aefast/conv_pool.h"
+#include "aefast/corruption.h"
 
 namespace aefast {
 namespace {
@@ -53,8 +57,8 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 template <typename scalar_t, typename acc_t>
 __global__ void conv_pool_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                                          const scalar_t* __restrict__ b, Geo g, int act, acc_t slope,
-                                         scalar_t* __restrict__ pooled, uint8_t* __restrict__ window,
-                                         scalar_t* __restrict__ preact) {
+                                         ElementCorruption<scalar_t, acc_t> noise, scalar_t* __restrict__ pooled,
+                                         uint8_t* __restrict__ window, scalar_t* __restrict__ preact) {
   const int64_t total = g.N * g.Cout * g.HO * g.WO;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t pc = e % g.WO, pr = (e / g.WO) % g.HO, co = (e / (g.WO * g.HO)) % g.Cout,
@@ -75,7 +79,10 @@ __global__ void conv_pool_forward_kernel(const scalar_t* __restrict__ x, const s
             for (int64_t kj = 0; kj < g.KW; ++kj) {
               const int64_t xx = x0 + kj;
               if (xx < 0 || xx >= g.W) continue;
-              acc += static_cast<acc_t>(xp[y * g.W + xx]) * static_cast<acc_t>(wp[ki * g.KW + kj]);
+              const int64_t xi = y * g.W + xx;
+              const scalar_t xv = noise.active() ? noise(xp[xi], static_cast<uint64_t>((n * g.Cin + ci) * g.H * g.W + xi))
+                                                 : xp[xi];
+              acc += static_cast<acc_t>(xv) * static_cast<acc_t>(wp[ki * g.KW + kj]);
             }
           }
         }
@@ -143,7 +150,8 @@ __device__ acc_t block_sum(acc_t v) {
 // blockIdx.x = co * K + k (k = (ci*KH + ki)*KW + kj); blockIdx.x >= Cout*K: the bias of co = that - Cout*K.
 template <typename scalar_t, typename acc_t>
 __global__ void wgrad_kernel(const acc_t* __restrict__ gz, const uint8_t* __restrict__ window,
-                             const scalar_t* __restrict__ x, Geo g, acc_t* __restrict__ gw, acc_t* __restrict__ gb) {
+                             const scalar_t* __restrict__ x, Geo g, ElementCorruption<scalar_t, acc_t> noise,
+                             acc_t* __restrict__ gw, acc_t* __restrict__ gb) {
   const int64_t K = g.Cin * g.KH * g.KW, plane = g.HO * g.WO;
   const int64_t id = blockIdx.x;
   const bool is_bias = id >= g.Cout * K;
@@ -163,7 +171,8 @@ __global__ void wgrad_kernel(const acc_t* __restrict__ gz, const uint8_t* __rest
     const int64_t y = ((jp / g.WO) * g.PKH + off / g.PKW) * g.SH - g.PH + ki;
     const int64_t xx = ((jp % g.WO) * g.PKW + off % g.PKW) * g.SW - g.PW + kj;
     if (y < 0 || y >= g.H || xx < 0 || xx >= g.W) continue;
-    sum += v * static_cast<acc_t>(x[((n * g.Cin + ci) * g.H + y) * g.W + xx]);
+    const int64_t xi = ((n * g.Cin + ci) * g.H + y) * g.W + xx;
+    sum += v * static_cast<acc_t>(noise.active() ? noise(x[xi], static_cast<uint64_t>(xi)) : x[xi]);
   }
   const acc_t total = block_sum<acc_t>(sum);
   if (threadIdx.x == 0) {
@@ -178,9 +187,24 @@ void check_act(int64_t act) {
   TORCH_CHECK(act >= 0 && act < kNumActivations, "aefast::conv_pool2d: unknown activation code ", act);
 }
 
+int corruption_code(c10::string_view kind) {
+  const int code = corruption_kind_code(std::string_view(kind.data(), kind.size()));
+  TORCH_CHECK(code != -2, "aefast::conv_pool2d: unknown corruption '", std::string(kind.data(), kind.size()),
+              "' (none, gaussian, masking, salt_pepper)");
+  return code;
+}
+
+template <typename scalar_t, typename acc_t>
+ElementCorruption<scalar_t, acc_t> make_noise(int code, int64_t seed, double level, double low, double high) {
+  return code == kNoCorruption ? ElementCorruption<scalar_t, acc_t>()
+                               : ElementCorruption<scalar_t, acc_t>(code, seed, level, low, high);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
-    c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size) {
+    c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
+    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high) {
+  const int noise_code = corruption_code(corruption);
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && input.size(1) == weight.size(1) &&
                   input.scalar_type() == weight.scalar_type(),
               "aefast::conv_pool2d_forward: input/weight shapes or dtypes do not match");
@@ -200,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     conv_pool_forward_kernel<scalar_t, acc_t><<<blocks_for(pooled.numel()), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-        g, static_cast<int>(activation), static_cast<acc_t>(negative_slope), pooled.mutable_data_ptr<scalar_t>(),
+        g, static_cast<int>(activation), static_cast<acc_t>(negative_slope),
+        make_noise<scalar_t, acc_t>(noise_code, seed, corruption_level, low, high), pooled.mutable_data_ptr<scalar_t>(),
         window.mutable_data_ptr<uint8_t>(), preact.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -256,7 +281,9 @@ at::Tensor conv_pool2d_backward_input_cuda(const at::Tensor& grad, const at::Ten
 std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cuda(
     const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
-    double negative_slope, c10::IntArrayRef pool_size) {
+    double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
+    int64_t seed, double low, double high) {
+  const int noise_code = corruption_code(corruption);
   TORCH_CHECK(grad.dim() == 4 && grad.sizes() == window.sizes() && grad.sizes() == preact.sizes() &&
                   window.scalar_type() == at::kByte && kernel_size.size() == 2 && input.dim() == 4,
               "aefast::conv_pool2d_backward_weight: bad arguments");
@@ -277,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cuda(
       using acc_t = at::opmath_type<scalar_t>;
       wgrad_kernel<scalar_t, acc_t><<<static_cast<unsigned>(g.Cout * (K + 1)), kThreads, 0, stream>>>(
           gz.const_data_ptr<acc_t>(), win.const_data_ptr<uint8_t>(), x.const_data_ptr<scalar_t>(), g,
-          gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>());
+          make_noise<scalar_t, acc_t>(noise_code, seed, corruption_level, low, high), gw.mutable_data_ptr<acc_t>(),
+          gb.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
