@@ -59,6 +59,15 @@ Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int
   return s;
 }
 
+// Geometry of the sparse backward (conv_pool2d_backward_impl): rows of Kp = K rounded up to 64
+// bytes, conv positions p = h*WU + w, strips of `rows` pooled rows for the wgrad patches, and
+// per window offset k its row di, column dj and position offset offk = di*WU + dj.
+struct BwdGeom {
+  int64_t Cin, Cout, KH, KW, SH, SW, HO, WO, PKH, PKW;
+  int64_t K, Kp, WU, row, run, rows, pkhw, keys;
+  int32_t di[256], dj[256], offk[256];
+};
+
 namespace generic {
 constexpr int kVecBytes = 16;
 #include "conv_pool_kernels.inc"
@@ -217,18 +226,6 @@ EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa) {
     case 4: return pick_isa<scalar_t, acc_t, 4>(isa);
     case 5: return pick_isa<scalar_t, acc_t, 5>(isa);
     default: return pick_isa<scalar_t, acc_t, 6>(isa);
-  }
-}
-
-template <typename T>
-using WsumFn = void (*)(const T*, const int32_t*, const T*, int64_t, int64_t, T*, bool);
-
-template <typename T>
-WsumFn<T> pick_wsum(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return &avx512::wsum<T>;
-    case Isa::kAvx2: return &avx2::wsum<T>;
-    default: return &generic::wsum<T>;
   }
 }
 
@@ -413,23 +410,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
 // Determinism: each image is done by one thread in a fixed order; weight/bias partials live per
 // fixed chunk of images (the chunking depends on N only) and are summed in chunk order, so the
 // result is bitwise independent of the thread count.
-template <int ACT, typename scalar_t, typename acc_t>
-void conv_grad_at_argmax_ct(const scalar_t* grad, const scalar_t* preact, int64_t count, acc_t slope, acc_t* gz) {
-  for (int64_t j = 0; j < count; ++j)
-    gz[j] = static_cast<acc_t>(grad[j]) * activation_grad_ct<ACT, acc_t>(static_cast<acc_t>(preact[j]), slope);
+template <typename T>
+struct BwdKernels {
+  void (*wgrad)(const BwdGeom&, const T*, const T*, const uint8_t*, T*, int32_t*, T*, T*, T*);
+  void (*dgrad)(const BwdGeom&, const T*, const uint8_t*, const T*, int32_t*, int32_t*, T*, T*, T*);
+};
+
+template <typename T>
+BwdKernels<T> pick_bwd(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return {&avx512::wgrad_image<T>, &avx512::dgrad_image<T>};
+    case Isa::kAvx2: return {&avx2::wgrad_image<T>, &avx2::dgrad_image<T>};
+    default: return {&generic::wgrad_image<T>, &generic::dgrad_image<T>};
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-void conv_grad_at_argmax(const scalar_t* grad, const scalar_t* preact, int64_t count, int64_t act, acc_t slope,
-                         acc_t* gz) {
+using GzFn = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t*);
+
+template <typename scalar_t, typename acc_t, int ACT>
+GzFn<scalar_t, acc_t> pick_gz_isa(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &avx512::conv_grad_at_argmax<ACT, scalar_t, acc_t>;
+    case Isa::kAvx2: return &avx2::conv_grad_at_argmax<ACT, scalar_t, acc_t>;
+    default: return &generic::conv_grad_at_argmax<ACT, scalar_t, acc_t>;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+GzFn<scalar_t, acc_t> pick_gz(int64_t act, Isa isa) {
   switch (act) {
-    case 0: return conv_grad_at_argmax_ct<0>(grad, preact, count, slope, gz);
-    case 1: return conv_grad_at_argmax_ct<1>(grad, preact, count, slope, gz);
-    case 2: return conv_grad_at_argmax_ct<2>(grad, preact, count, slope, gz);
-    case 3: return conv_grad_at_argmax_ct<3>(grad, preact, count, slope, gz);
-    case 4: return conv_grad_at_argmax_ct<4>(grad, preact, count, slope, gz);
-    case 5: return conv_grad_at_argmax_ct<5>(grad, preact, count, slope, gz);
-    default: return conv_grad_at_argmax_ct<6>(grad, preact, count, slope, gz);
+    case 0: return pick_gz_isa<scalar_t, acc_t, 0>(isa);
+    case 1: return pick_gz_isa<scalar_t, acc_t, 1>(isa);
+    case 2: return pick_gz_isa<scalar_t, acc_t, 2>(isa);
+    case 3: return pick_gz_isa<scalar_t, acc_t, 3>(isa);
+    case 4: return pick_gz_isa<scalar_t, acc_t, 4>(isa);
+    case 5: return pick_gz_isa<scalar_t, acc_t, 5>(isa);
+    default: return pick_gz_isa<scalar_t, acc_t, 6>(isa);
   }
 }
 
@@ -459,22 +476,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const auto wsum = pick_wsum<acc_t>(isa);
     constexpr int64_t kPad = 64 / sizeof(acc_t);
     const int64_t K = s.K(), Kp = (K + kPad - 1) / kPad * kPad, plane = s.HO * s.WO, E = s.Cout * plane;
-    const int64_t WU = s.WU(), HU = s.HO * s.PKH, P = HU * WU;
+    const int64_t WU = s.WU();
     const int64_t Hp = s.H + 2 * s.PH, Wp = s.W + 2 * s.PW, row = Wp * s.Cin, run = s.KW * s.Cin;
-    TORCH_CHECK(E < (int64_t(1) << 31) && s.Cout * Kp < (int64_t(1) << 31) && P < (int64_t(1) << 31),
+    TORCH_CHECK(E < (int64_t(1) << 31) && s.Cout * Kp < (int64_t(1) << 31) && s.WO * 256 * s.Cout < (int64_t(1) << 31),
                 "aefast::conv_pool2d backward: an image is too large for the CPU kernel");
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* kp = win.const_data_ptr<uint8_t>();
     const acc_t slope = static_cast<acc_t>(negative_slope);
-    int32_t di[256], dj[256];  // row and column of each window offset inside its window
-    for (int64_t k = 0; k < s.PKH * s.PKW; ++k) {
-      di[k] = static_cast<int32_t>(k / s.PKW);
-      dj[k] = static_cast<int32_t>(k % s.PKW);
-    }
+    const int64_t pkhw = s.PKH * s.PKW, keys = s.WO * pkhw;
+    const auto gzfn = pick_gz<scalar_t, acc_t>(activation, isa);
     // Weight rows (Cout, Kp), k = (ki*KW + kj)*Cin + ci, zero-padded, for the dgrad.
     at::Tensor wr;
     if (need_x) {
@@ -490,6 +503,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const int64_t rows = std::clamp<int64_t>((512 << 10) / std::max<int64_t>(s.PKH * WU * Kp * sizeof(acc_t), 1), 1,
                                              s.HO);
     const int64_t max_pos = rows * s.PKH * WU;
+    BwdGeom geo{s.Cin, s.Cout, s.KH, s.KW, s.SH, s.SW, s.HO, s.WO, s.PKH, s.PKW, K, Kp, WU, row, run, rows, pkhw, keys,
+                {}, {}, {}};
+    // Row and column of each window offset inside its window, and its conv position relative
+    // to the window's first one (tables: a division by the runtime pool width per entry costs
+    // more than the entry's work when Cin is small).
+    for (int64_t k = 0; k < pkhw; ++k) {
+      geo.di[k] = static_cast<int32_t>(k / s.PKW);
+      geo.dj[k] = static_cast<int32_t>(k % s.PKW);
+      geo.offk[k] = static_cast<int32_t>(geo.di[k] * WU + geo.dj[k]);
+    }
+    const auto kern = pick_bwd<acc_t>(isa);
     TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31), "aefast::conv_pool2d backward: the image is too wide");
     // Fixed chunks of images (a function of N and the sizes only) own the weight/bias partials.
     const int64_t chunks =
@@ -499,9 +523,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
 
     at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
       std::vector<acc_t> gz(E), gg(need_w ? plane : 0), xpad(need_w ? Hp * row : 0), patches(need_w ? max_pos * Kp : 0);
-      std::vector<int32_t> pos(E), off(need_w ? plane : 0);
-      std::vector<int32_t> start(need_x ? P + 1 : 0), fill(need_x ? P : 0), csr_off(need_x ? E : 0);
-      std::vector<acc_t> csr_g(need_x ? E : 0), gx(need_x ? Hp * row : 0), dcol(need_x ? Kp : 0);
+      std::vector<int32_t> off(need_w ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
+      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), gx(need_x ? Hp * row : 0), dcol(need_x ? Kp : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
         acc_t* gw = need_w ? part_w.data() + c * s.Cout * Kp : nullptr;
@@ -511,72 +534,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
           std::fill(gb, gb + s.Cout, acc_t(0));
         }
         for (int64_t n = n0; n < n1; ++n) {
-          // gz and the conv position of every pooled element of image n.
-          conv_grad_at_argmax<scalar_t, acc_t>(gp + n * E, zp + n * E, E, activation, slope, gz.data());
+          gzfn(gp + n * E, zp + n * E, E, slope, gz.data());
           const uint8_t* kn = kp + n * E;
-          for (int64_t co = 0; co < s.Cout; ++co)
-            for (int64_t pr = 0; pr < s.HO; ++pr)
-              for (int64_t pc = 0; pc < s.WO; ++pc) {
-                const int64_t j = co * plane + pr * s.WO + pc;
-                pos[j] = static_cast<int32_t>((pr * s.PKH + di[kn[j]]) * WU + pc * s.PKW + dj[kn[j]]);
-              }
           if (need_w) {
             // The padded channels-last image (its border stays zero across images).
             load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad.data() + s.PH * row + s.PW * s.Cin, row);
-            for (int64_t pr0 = 0; pr0 < s.HO; pr0 += rows) {
-              const int64_t pr1 = std::min(pr0 + rows, s.HO), p0 = pr0 * s.PKH * WU;
-              const int64_t npos = (pr1 - pr0) * s.PKH * WU;
-              for (int64_t q = 0; q < npos; ++q) {
-                const int64_t h = (p0 + q) / WU, w = (p0 + q) % WU;
-                acc_t* dst = patches.data() + q * Kp;
-                const acc_t* src = xpad.data() + (h * s.SH) * row + (w * s.SW) * s.Cin;
-                for (int64_t ki = 0; ki < s.KH; ++ki) std::copy(src + ki * row, src + ki * row + run, dst + ki * run);
-                std::fill(dst + K, dst + Kp, acc_t(0));
-              }
-              for (int64_t co = 0; co < s.Cout; ++co) {
-                // The channel's nonzero entries in the strip, compacted without a branch.
-                const int64_t j0 = co * plane + pr0 * s.WO, j1 = co * plane + pr1 * s.WO;
-                int64_t cnt = 0;
-                acc_t bsum = 0;
-                for (int64_t j = j0; j < j1; ++j) {
-                  const acc_t gj = gz[j];
-                  bsum += gj;
-                  off[cnt] = static_cast<int32_t>((pos[j] - p0) * Kp);
-                  gg[cnt] = gj;
-                  cnt += gj != acc_t(0);
-                }
-                gb[co] += bsum;
-                wsum(patches.data(), off.data(), gg.data(), cnt, Kp, gw + co * Kp, /*add=*/true);
-              }
-            }
+            kern.wgrad(geo, xpad.data(), gz.data(), kn, patches.data(), off.data(), gg.data(), gw, gb);
           }
           if (need_x) {
-            // Bucket the nonzero entries by conv position (counting sort; co order within one).
-            std::fill(start.begin(), start.end(), 0);
-            for (int64_t j = 0; j < E; ++j) start[pos[j] + 1] += gz[j] != acc_t(0);
-            for (int64_t p = 0; p < P; ++p) start[p + 1] += start[p];
-            std::copy(start.begin(), start.begin() + P, fill.begin());
-            for (int64_t co = 0; co < s.Cout; ++co)
-              for (int64_t j = co * plane; j < (co + 1) * plane; ++j) {
-                const acc_t gj = gz[j];
-                if (gj == acc_t(0)) continue;
-                const int32_t at = fill[pos[j]]++;
-                csr_off[at] = static_cast<int32_t>(co * Kp);
-                csr_g[at] = gj;
-              }
             std::fill(gx.begin(), gx.end(), acc_t(0));
-            for (int64_t p = 0; p < P; ++p) {
-              const int64_t cnt = start[p + 1] - start[p];
-              if (cnt == 0) continue;
-              wsum(wrp, csr_off.data() + start[p], csr_g.data() + start[p], cnt, Kp, dcol.data(), /*add=*/false);
-              const int64_t h = p / WU, w = p % WU;
-              acc_t* base = gx.data() + (h * s.SH) * row + (w * s.SW) * s.Cin;
-              for (int64_t ki = 0; ki < s.KH; ++ki) {
-                acc_t* d = base + ki * row;
-                const acc_t* src = dcol.data() + ki * run;
-                for (int64_t e = 0; e < run; ++e) d[e] += src[e];
-              }
-            }
+            kern.dgrad(geo, gz.data(), kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx.data());
             // The interior of the padded gradient image, to NCHW.
             scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
             for (int64_t ci = 0; ci < s.Cin; ++ci)
