@@ -232,6 +232,8 @@ def test_opcheck_all_ops(ns):
                           (grad, window, preact, w.detach(), [9, 8], [1, 1], [1, 1], 5, 0.01, [2, 2]))
     torch.library.opcheck(ops.conv_pool2d_backward_weight.default,
                           (grad, window, preact, x.detach(), [3, 3], [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    torch.library.opcheck(ops.conv_pool2d_backward.default,
+                          (grad, window, preact, x.detach(), w.detach(), [1, 1], [1, 1], 5, 0.01, [2, 2]))
 
 
 # ------------------------------------------------------------------ hypothesis fuzz (cpu)
@@ -466,3 +468,42 @@ def test_cpu_backward_independent_of_thread_count(monkeypatch, isa):
         for other in results[1:]:
             for a, r in zip(results[0], other):
                 assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("ns", _namespaces())
+def test_fused_backward_equals_the_two_ops(ns):
+    # conv_pool2d_backward (both gradients, gz computed once) against backward_input and
+    # backward_weight called separately: the same math, so the same numbers.
+    ops = getattr(torch.ops, ns)
+    for stride, padding, pool, act in (((1, 1), (1, 1), (2, 2), 1), ((2, 1), (0, 2), (3, 2), 5)):
+        x, w, b = make(2, 3, 5, 11, 10, 3, torch.float32, "cpu", seed=8)
+        pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), list(stride), list(padding),
+                                                         act, 0.01, list(pool))
+        grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(6))
+        gx, gw, gb = ops.conv_pool2d_backward(grad, window, preact, x.detach(), w.detach(), list(stride), list(padding),
+                                              act, 0.01, list(pool))
+        rx = ops.conv_pool2d_backward_input(grad, window, preact, w.detach(), [11, 10], list(stride), list(padding), act,
+                                            0.01, list(pool))
+        rw, rb = ops.conv_pool2d_backward_weight(grad, window, preact, x.detach(), [3, 3], list(stride), list(padding),
+                                                 act, 0.01, list(pool))
+        torch.testing.assert_close(gx, rx, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gb, rb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(True, False, True), (False, False, True), (True, True, False)],
+                             ids=["input+bias", "bias-only", "input+weight"])
+def test_partial_grads(needs):
+    # Every combination autograd may ask for goes through the right op (fused or single) and
+    # returns the routed gradients; a frozen weight with a trainable bias included.
+    x, w, b = make(2, 3, 4, 9, 8, 3, torch.float32, "cpu", seed=9)
+    for t, need in zip((x, w, b), needs):
+        t.requires_grad_(need)
+    with aefast.set_backend("cpu"):
+        y, idx = AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    wanted = [t for t, need in zip((x, w, b), needs) if need]
+    got = torch.autograd.grad(y, wanted, grad)
+    ref = [r for r, need in zip(routed_grads(x, w, b, 1, 1, "relu", idx, grad), needs) if need]
+    for g_, r_ in zip(got, ref):
+        torch.testing.assert_close(g_.double(), r_, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,9 @@ Ops (schemas in csrc/ops.cpp):
       grad_x[n,ci,y,x]   = sum_{co,i,j,u,v : pos*S - P + (u,v) = (y,x)} gz * w[co,ci,u,v]
 
   which is 1/(pool_h*pool_w) of the dense backward's multiply-adds.
+* ``conv_pool2d_backward(grad, window, preact, x, w, ...) -> (grad_x, grad_w, grad_b)``: both in
+  one call, so that a backend can compute gz once for the two (autograd uses it when the input
+  and the weight or bias all need gradients).
 * ``max_pool2d_forward`` / ``max_pool2d_backward``: torch's max_pool2d with indices and its
   scatter-add backward.
 
@@ -60,6 +63,14 @@ def _triton_backward_weight(grad, window, preact, input, kernel_size, stride, pa
                                                negative_slope, pool_size)
 
 
+def _triton_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size):
+    grad_input = _triton_backward_input(grad, window, preact, weight, list(input.shape[-2:]), stride, padding,
+                                        activation, negative_slope, pool_size)
+    grad_weight, grad_bias = _triton_backward_weight(grad, window, preact, input, list(weight.shape[-2:]), stride,
+                                                     padding, activation, negative_slope, pool_size)
+    return grad_input, grad_weight, grad_bias
+
+
 def _triton_max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     from aefast.triton import conv_pool as kernels
 
@@ -75,6 +86,7 @@ def _triton_max_pool2d_backward(grad_output, indices, input):
 _registry.register_triton("conv_pool2d_forward", _triton_forward)
 _registry.register_triton("conv_pool2d_backward_input", _triton_backward_input)
 _registry.register_triton("conv_pool2d_backward_weight", _triton_backward_weight)
+_registry.register_triton("conv_pool2d_backward", _triton_backward)
 _registry.register_triton("max_pool2d_forward", _triton_max_pool2d_forward)
 _registry.register_triton("max_pool2d_backward", _triton_max_pool2d_backward)
 
@@ -95,6 +107,11 @@ def _fake_backward_input(grad, window, preact, weight, input_size, stride, paddi
 def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
                           pool_size):
     return (grad.new_empty((grad.shape[1], input.shape[1], *kernel_size)), grad.new_empty((grad.shape[1],)))
+
+
+def _fake_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size):
+    return (grad.new_empty((grad.shape[0], weight.shape[1], *input.shape[-2:])),
+            grad.new_empty((grad.shape[1], input.shape[1], *weight.shape[-2:])), grad.new_empty((grad.shape[1],)))
 
 
 def _memory_format(t):
@@ -127,6 +144,7 @@ def _fake_max_pool2d_backward(grad_output, indices, input):
 _registry.register_fake("conv_pool2d_forward", _fake_forward)
 _registry.register_fake("conv_pool2d_backward_input", _fake_backward_input)
 _registry.register_fake("conv_pool2d_backward_weight", _fake_backward_weight)
+_registry.register_fake("conv_pool2d_backward", _fake_backward)
 _registry.register_fake("max_pool2d_forward", _fake_max_pool2d_forward)
 _registry.register_fake("max_pool2d_backward", _fake_max_pool2d_backward)
 
@@ -145,9 +163,11 @@ def _setup_forward(ctx, inputs, output):
     ctx.input_size = list(input.shape[-2:])
     ctx.kernel_size = list(weight.shape[-2:])
     ctx.has_bias = bias is not None
-    # Only pooled-size tensors (window, preact) plus the operands themselves are saved.
-    ctx.save_for_backward(input if ctx.needs_input_grad[1] else None,
-                          weight if ctx.needs_input_grad[0] else None, window, preact)
+    # Only pooled-size tensors (window, preact) plus the operands themselves are saved: the input
+    # when the weight or bias gradient is needed (backward_weight computes both), the weight when
+    # the input gradient is.
+    needs_wb = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    ctx.save_for_backward(input if needs_wb else None, weight if ctx.needs_input_grad[0] else None, window, preact)
 
 
 def _make_forward_backward(ns):
@@ -158,10 +178,20 @@ def _make_forward_backward(ns):
         if grad_pooled is None:  # grads are not materialised: no gradient reached the output
             return grad_input, grad_weight, grad_bias, None, None, None, None, None
         grad_pooled = grad_pooled.contiguous()
+        needs_wb = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+        if ctx.needs_input_grad[0] and needs_wb:  # all of them: one call, gz computed once
+            grad_input, grad_weight, grad_bias = ns.conv_pool2d_backward(grad_pooled, window, preact, input, weight,
+                                                                         stride, padding, activation, negative_slope,
+                                                                         pool_size)
+            if not ctx.needs_input_grad[1]:
+                grad_weight = None
+            if not (ctx.has_bias and ctx.needs_input_grad[2]):
+                grad_bias = None
+            return grad_input, grad_weight, grad_bias, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             grad_input = ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight, ctx.input_size, stride,
                                                        padding, activation, negative_slope, pool_size)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        if needs_wb:
             grad_weight, grad_bias = ns.conv_pool2d_backward_weight(grad_pooled, window, preact, input,
                                                                     ctx.kernel_size, stride, padding, activation,
                                                                     negative_slope, pool_size)

@@ -7,16 +7,37 @@
 //   a            = act(z)
 //   p[n,co,i,j]  = max over the window (i*PKH.., j*PKW..) of a; o = row-major offset of the
 //                  first maximum (torch's rule: `val > max || isnan(val)` replaces it).
-// Only conv rows < HO*PKH and cols < WO*PKW feed a window, so only those are computed.
+// Only conv rows < HU = HO*PKH and cols < WU = WO*PKW feed a window, so only those are computed.
+// Layout everywhere inside: channels-last (the Cin values of a pixel contiguous), receptive
+// fields and weight rows ordered k = (ki*KW + kj)*Cin + ci, so one kernel row of a receptive
+// field is one contiguous run of KW*Cin values.
 //
-// Every tile of the conv output is a GEMM: colsT (positions, K) @ w^T (K, Cout) on a cache-sized
-// strip of pooled rows, by the register-blocked kernel in conv_pool_kernels.inc (at::mm called
-// from inside at::parallel_for was measured 5x slower on the 2-core machines), followed in the
-// same strip by the fused epilogue (bias + activation + pool + argmax) over the (positions, Cout)
-// tile, vectorised over Cout. The hot loops are built twice (AVX2+FMA and baseline) and picked
-// at run time, so no -march=native is needed.
-// Nothing at conv resolution leaves the strip: the op writes the pooled map, the uint8 window
-// offsets and z at the argmax (pooled size), which is all the backward needs.
+// Forward. K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
+// epilogue over its output. K < 64: every strip of pooled rows is a GEMM colsT (positions, K) @
+// w^T (K, Cout), by the register-blocked kernel in conv_pool_kernels.inc (at::mm called from inside
+// at::parallel_for was measured 5x slower on the 2-core machines), followed in the same strip by
+// the fused epilogue (bias + activation + pool + argmax) over the (positions, Cout) tile,
+// vectorised over Cout. Nothing at conv resolution leaves the strip: the op writes the pooled
+// map, the uint8 window offsets and z at the argmax (pooled size), which is all the backward needs.
+//
+// Backward (sparse, GATHER form; derivation above conv_pool2d_backward_impl). Per image: gz =
+// grad * act'(z at the argmax), once for both gradients (the fused op conv_pool2d_backward serves
+// autograd when both are needed). Every gradient is then a weighted sum of rows of length Kp (K
+// rounded up to 64 bytes) with the Kp-long accumulator in vector registers while the rows stream
+// through (wsum): wgrad sums, per output channel, the input patches at its argmax positions; dgrad
+// sums, per conv position, the weight rows of the channels routed there (bucketed per pooled row)
+// and adds that receptive-field gradient onto the padded input gradient once per position.
+// About a quarter of the dense backward's multiply-adds, no im2col of the whole image, no stores
+// in the inner loop. Weight partials per fixed chunk of images, summed in chunk order: results do
+// not depend on the thread count.
+//
+// Instruction sets: the hot loops (conv_pool_kernels.inc) are built three times, AVX-512
+// (512-bit vectors), AVX2+FMA and the baseline, and picked at run time (cpu_isa(): the best the
+// CPU has, capped by AEFAST_CPU_ISA=generic|avx2|avx512 so tests can run every variant); no
+// -march=native is needed.
+//
+// Input loads: load_input_rows is the one place that reads input pixels (direct forward and
+// backward_weight), so that a transform applied on load (e.g. corruption per element) wraps it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -615,6 +636,26 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
   return {std::get<1>(out), std::get<2>(out)};
 }
 
+// Both gradients from one pass over gz (see conv_pool2d_backward_impl).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
+    const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
+    const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
+    double negative_slope, c10::IntArrayRef pool_size) {
+  check_backward_args(grad_pooled, window, preact);
+  check_activation(activation);
+  check_conv_args(input, weight);
+  TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward: dtypes differ");
+  const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
+                             weight.size(2), weight.size(3), stride, padding, pool_size);
+  TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO &&
+                  grad_pooled.size(3) == s.WO,
+              "aefast::conv_pool2d_backward: grad shape does not match the conv geometry");
+  if (s.N == 0 || s.Cout == 0 || s.K() == 0)
+    return {at::zeros({s.N, s.Cin, s.H, s.W}, grad_pooled.options()),
+            at::zeros({s.Cout, s.Cin, s.KH, s.KW}, grad_pooled.options()), at::zeros({s.Cout}, grad_pooled.options())};
+  return conv_pool2d_backward_impl(grad_pooled, window, preact, &input, &weight, s, activation, negative_slope);
+}
+
 // ---------------------------------------------------------------- drop-in max_pool2d
 //
 // out[n,c,oh,ow] = max over the window {(oh*SH - PH + i*DH, ow*SW - PW + j*DW)} ∩ input of x,
@@ -733,6 +774,7 @@ TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("conv_pool2d_forward", &conv_pool2d_forward_cpu);
   m.impl("conv_pool2d_backward_input", &conv_pool2d_backward_input_cpu);
   m.impl("conv_pool2d_backward_weight", &conv_pool2d_backward_weight_cpu);
+  m.impl("conv_pool2d_backward", &conv_pool2d_backward_cpu);
   m.impl("max_pool2d_forward", &max_pool2d_forward_cpu);
   m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
 }
