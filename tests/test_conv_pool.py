@@ -392,6 +392,10 @@ ISA_CASES = [
     (1, 40, 12, 8, 8, 3, 1, 1, 2, "silu", torch.float64),         # fp64, K = 360
     (2, 3, 16, 12, 12, 3, 1, 1, 2, "relu", torch.bfloat16),
     (2, 8, 24, 10, 10, 3, 1, 1, 2, "relu", torch.float16),        # K = 72: oneDNN forward in fp32
+    # pooled planes of >= 2 KiB: the epilogue's channels-last row buffer (smaller ones store directly)
+    (1, 3, 8, 48, 47, 3, 1, 1, 2, "relu", torch.float32),         # direct forward, 24x23 pooled
+    (1, 8, 6, 47, 48, 3, 1, 1, 2, "gelu", torch.float32),         # oneDNN forward (K = 72), 23x24 pooled
+    (1, 2, 5, 34, 35, 3, 1, 1, 2, "relu", torch.float64),         # fp64, 17x17 pooled
 ]
 HALF_GRAD_TOL = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
