@@ -45,6 +45,13 @@ TORCH_LIBRARY(aefast, m) {
         "int[2] kernel_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
         "int[2] pool_size, str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., "
         "float high=1.) -> (Tensor grad_weight, Tensor grad_bias)");
+  // Both: backward_input and backward_weight in one call, which computes the conv output's
+  // gradient at the argmax once for the two (autograd uses it when both are needed). grad_input
+  // is the gradient w.r.t. the (corrupted) conv operand; the weight gradient reads that operand.
+  m.def("conv_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, Tensor weight, "
+        "int[2] stride, int[2] padding, int activation, float negative_slope, int[2] pool_size, "
+        "str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., float high=1.) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The drop-in max_pool2d (4-D input, any memory format; flat int64 indices as torch's).
   m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");

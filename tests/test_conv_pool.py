@@ -232,6 +232,8 @@ def test_opcheck_all_ops(ns):
                           (grad, window, preact, w.detach(), [9, 8], [1, 1], [1, 1], 5, 0.01, [2, 2]))
     torch.library.opcheck(ops.conv_pool2d_backward_weight.default,
                           (grad, window, preact, x.detach(), [3, 3], [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    torch.library.opcheck(ops.conv_pool2d_backward.default,
+                          (grad, window, preact, x.detach(), w.detach(), [1, 1], [1, 1], 5, 0.01, [2, 2]))
 
 
 # ------------------------------------------------------------------ hypothesis fuzz (cpu)
@@ -347,3 +349,165 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(y, ry, **TOLERANCES[torch.float32])
     for got, want in ((gx, rgx), (gw, rgw), (gb, rgb)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ CPU ISA variants and paths
+#
+# The CPU kernels are built for three instruction sets (baseline, AVX2+FMA, AVX-512) and pick
+# the best the CPU has; AEFAST_CPU_ISA caps the choice per call, so that every variant is held
+# to the reference on a machine that has them all. The cases below cover each new code path:
+# the direct forward (K < 64) and the oneDNN forward (K >= 64), the backward's weighted row sums
+# for one vector (K = 9), a few, and more than one chunk of 8 vectors (K = 80*9 = 720), Cout
+# with leftover GEMM columns (33), strides, padding, rectangular kernels and pools, channels-last
+# input, and the input-needs-no-grad path (backward_weight alone, as in a first layer).
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+_ISAS = [
+    pytest.param("generic", id="generic"),
+    pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _FLAGS, reason="no AVX2/FMA")),
+    pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
+        not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= _FLAGS, reason="no AVX-512")),
+]
+
+# n, cin, cout, h, w, kernel, stride, padding, pool, act, dtype
+ISA_CASES = [
+    (2, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),        # first layer: K = 9, one vector
+    (2, 32, 64, 14, 14, 3, 1, 1, 2, "relu", torch.float32),       # K = 288: oneDNN forward, 18 vectors
+    (1, 3, 33, 17, 19, 3, 2, 1, 3, "gelu", torch.float32),        # K = 27, leftover GEMM columns
+    (2, 80, 9, 9, 8, 3, 1, 1, 2, "leaky_relu", torch.float32),    # K = 720: several chunks of 8 vectors
+    (1, 17, 5, 11, 9, (5, 3), (1, 2), (2, 1), (2, 3), "tanh", torch.float32),
+    (2, 3, 7, 10, 9, 1, 1, 0, 2, None, torch.float32),            # 1x1 kernel, K = 3
+    (1, 5, 6, 9, 9, 3, 1, 2, 2, "sigmoid", torch.float64),        # fp64: 8-wide rows
+    (1, 40, 12, 8, 8, 3, 1, 1, 2, "silu", torch.float64),         # fp64, K = 360
+    (2, 3, 16, 12, 12, 3, 1, 1, 2, "relu", torch.bfloat16),
+    (2, 8, 24, 10, 10, 3, 1, 1, 2, "relu", torch.float16),        # K = 72: oneDNN forward in fp32
+    # pooled planes of >= 2 KiB: the epilogue's channels-last row buffer (smaller ones store directly)
+    (1, 3, 8, 48, 47, 3, 1, 1, 2, "relu", torch.float32),         # direct forward, 24x23 pooled
+    (1, 8, 6, 47, 48, 3, 1, 1, 2, "gelu", torch.float32),         # oneDNN forward (K = 72), 23x24 pooled
+    (1, 2, 5, 34, 35, 3, 1, 1, 2, "relu", torch.float64),         # fp64, 17x17 pooled
+]
+HALF_GRAD_TOL = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
+                                                 for c in ISA_CASES])
+def test_cpu_isa_variants(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin * 100 + cout)
+    with aefast.set_backend("cpu"):
+        check_case(x, wt, b, s, p, act, pool, grad_tol=HALF_GRAD_TOL.get(dtype))
+        # channels-last input (the input loader's other branch), and an input that needs no
+        # grad (backward_weight alone)
+        xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        check_case(xc, wt, b, s, p, act, pool, grad_tol=HALF_GRAD_TOL.get(dtype))
+        y, idx = AF.conv_pool2d(x.detach(), wt, b, s, p, act, pool)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        gw, gb = torch.autograd.grad(y, (wt, b), grad)
+        _, rw, rb = routed_grads(x, wt, b, s, p, act, idx, grad)
+        tol = HALF_GRAD_TOL.get(dtype, TOLERANCES[dtype])
+        for g_, r_ in ((gw, rw), (gb, rb)):
+            torch.testing.assert_close(g_.double(), r_, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, r_.abs().max().item()))
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+def test_cpu_isa_variants_fuzz(monkeypatch, isa):
+    # A smaller version of test_fuzz_cpu for each forced ISA (the full fuzz runs the default).
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+
+    @settings(max_examples=120, deadline=None,
+              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+    @given(conv_pool_cases())
+    def run(case):
+        n, cin, cout, h, w, k, s, p, pool, act, dtype, bias, seed = case
+        x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", bias=bias, seed=seed)
+        with aefast.set_backend("cpu"):
+            check_case(x, wt, b, s, p, act, pool)
+
+    run()
+
+
+def test_cpu_isa_env_rejects_unknown_value(monkeypatch):
+    x, w, b = make(1, 3, 4, 8, 8, 3, torch.float32, "cpu")
+    monkeypatch.setenv("AEFAST_CPU_ISA", "sse9")
+    with aefast.set_backend("cpu"), pytest.raises(RuntimeError, match="AEFAST_CPU_ISA"):
+        AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+def test_cpu_backward_independent_of_thread_count(monkeypatch, isa):
+    # Weight/bias partials belong to fixed chunks of images and are summed in chunk order; each
+    # image's input gradient is computed by one thread: bitwise the same for 1, 2 and 3 threads.
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    ops = torch.ops.aefast
+    for cin, cout in ((1, 32), (32, 64)):
+        x, w, b = make(37, cin, cout, 12, 12, 3, torch.float32, "cpu", seed=cin)
+        pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], 1, 0.01,
+                                                         [2, 2])
+        grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(4))
+        before = torch.get_num_threads()
+        results = []
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                gx = ops.conv_pool2d_backward_input(grad, window, preact, w.detach(), [12, 12], [1, 1], [1, 1], 1, 0.01,
+                                                    [2, 2])
+                gw, gb = ops.conv_pool2d_backward_weight(grad, window, preact, x.detach(), [3, 3], [1, 1], [1, 1], 1,
+                                                         0.01, [2, 2])
+                results.append((gx, gw, gb))
+        finally:
+            torch.set_num_threads(before)
+        for other in results[1:]:
+            for a, r in zip(results[0], other):
+                assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("ns", _namespaces())
+def test_fused_backward_equals_the_two_ops(ns):
+    # conv_pool2d_backward (both gradients, gz computed once) against backward_input and
+    # backward_weight called separately: the same math, so the same numbers.
+    ops = getattr(torch.ops, ns)
+    for stride, padding, pool, act in (((1, 1), (1, 1), (2, 2), 1), ((2, 1), (0, 2), (3, 2), 5)):
+        x, w, b = make(2, 3, 5, 11, 10, 3, torch.float32, "cpu", seed=8)
+        pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), list(stride), list(padding),
+                                                         act, 0.01, list(pool))
+        grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(6))
+        gx, gw, gb = ops.conv_pool2d_backward(grad, window, preact, x.detach(), w.detach(), list(stride), list(padding),
+                                              act, 0.01, list(pool))
+        rx = ops.conv_pool2d_backward_input(grad, window, preact, w.detach(), [11, 10], list(stride), list(padding), act,
+                                            0.01, list(pool))
+        rw, rb = ops.conv_pool2d_backward_weight(grad, window, preact, x.detach(), [3, 3], list(stride), list(padding),
+                                                 act, 0.01, list(pool))
+        torch.testing.assert_close(gx, rx, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gb, rb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(True, False, True), (False, False, True), (True, True, False)],
+                             ids=["input+bias", "bias-only", "input+weight"])
+def test_partial_grads(needs):
+    # Every combination autograd may ask for goes through the right op (fused or single) and
+    # returns the routed gradients; a frozen weight with a trainable bias included.
+    x, w, b = make(2, 3, 4, 9, 8, 3, torch.float32, "cpu", seed=9)
+    for t, need in zip((x, w, b), needs):
+        t.requires_grad_(need)
+    with aefast.set_backend("cpu"):
+        y, idx = AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    wanted = [t for t, need in zip((x, w, b), needs) if need]
+    got = torch.autograd.grad(y, wanted, grad)
+    ref = [r for r, need in zip(routed_grads(x, w, b, 1, 1, "relu", idx, grad), needs) if need]
+    for g_, r_ in zip(got, ref):
+        torch.testing.assert_close(g_.double(), r_, rtol=1e-5, atol=1e-5)

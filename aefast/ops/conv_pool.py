@@ -25,6 +25,9 @@ Ops (schemas in csrc/ops.cpp):
   ``u >= level`` for masking and salt_pepper (a replaced element does not depend on x), i.e.
   ``backward_input`` (the gradient w.r.t. xc) followed by the masking corruption of that gradient
   with the same seed, exactly corrupt()'s own backward.
+* ``conv_pool2d_backward(grad, window, preact, x, w, ...) -> (grad_x, grad_w, grad_b)``: both in
+  one call, so that a backend can compute gz once for the two (autograd uses it when the input
+  and the weight or bias all need gradients).
 * ``max_pool2d_forward`` / ``max_pool2d_backward``: torch's max_pool2d with indices and its
   scatter-add backward.
 
@@ -71,6 +74,15 @@ def _triton_backward_weight(grad, window, preact, input, kernel_size, stride, pa
                                                high)
 
 
+def _triton_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size,
+                     *noise):
+    grad_input = _triton_backward_input(grad, window, preact, weight, list(input.shape[-2:]), stride, padding,
+                                        activation, negative_slope, pool_size)
+    grad_weight, grad_bias = _triton_backward_weight(grad, window, preact, input, list(weight.shape[-2:]), stride,
+                                                     padding, activation, negative_slope, pool_size, *noise)
+    return grad_input, grad_weight, grad_bias
+
+
 def _triton_max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     from aefast.triton import conv_pool as kernels
 
@@ -86,6 +98,7 @@ def _triton_max_pool2d_backward(grad_output, indices, input):
 _registry.register_triton("conv_pool2d_forward", _triton_forward)
 _registry.register_triton("conv_pool2d_backward_input", _triton_backward_input)
 _registry.register_triton("conv_pool2d_backward_weight", _triton_backward_weight)
+_registry.register_triton("conv_pool2d_backward", _triton_backward)
 _registry.register_triton("max_pool2d_forward", _triton_max_pool2d_forward)
 _registry.register_triton("max_pool2d_backward", _triton_max_pool2d_backward)
 
@@ -107,6 +120,12 @@ def _fake_backward_input(grad, window, preact, weight, input_size, stride, paddi
 def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
                           pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
     return (grad.new_empty((grad.shape[1], input.shape[1], *kernel_size)), grad.new_empty((grad.shape[1],)))
+
+
+def _fake_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size,
+                   corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
+    return (grad.new_empty((grad.shape[0], weight.shape[1], *input.shape[-2:])),
+            grad.new_empty((grad.shape[1], input.shape[1], *weight.shape[-2:])), grad.new_empty((grad.shape[1],)))
 
 
 def _memory_format(t):
@@ -139,6 +158,7 @@ def _fake_max_pool2d_backward(grad_output, indices, input):
 _registry.register_fake("conv_pool2d_forward", _fake_forward)
 _registry.register_fake("conv_pool2d_backward_input", _fake_backward_input)
 _registry.register_fake("conv_pool2d_backward_weight", _fake_backward_weight)
+_registry.register_fake("conv_pool2d_backward", _fake_backward)
 _registry.register_fake("max_pool2d_forward", _fake_max_pool2d_forward)
 _registry.register_fake("max_pool2d_backward", _fake_max_pool2d_backward)
 
@@ -159,9 +179,11 @@ def _setup_forward(ctx, inputs, output):
     ctx.input_size = list(input.shape[-2:])
     ctx.kernel_size = list(weight.shape[-2:])
     ctx.has_bias = bias is not None
-    # Only pooled-size tensors (window, preact) plus the operands themselves are saved.
-    ctx.save_for_backward(input if ctx.needs_input_grad[1] else None,
-                          weight if ctx.needs_input_grad[0] else None, window, preact)
+    # Only pooled-size tensors (window, preact) plus the operands themselves are saved: the input
+    # when the weight or bias gradient is needed (backward_weight computes both), the weight when
+    # the input gradient is.
+    needs_wb = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    ctx.save_for_backward(input if needs_wb else None, weight if ctx.needs_input_grad[0] else None, window, preact)
 
 
 def _make_forward_backward(ns):
@@ -174,13 +196,28 @@ def _make_forward_backward(ns):
             return grad_input, grad_weight, grad_bias, *rest
         grad_pooled = grad_pooled.contiguous()
         kind, level, seed, _, _ = ctx.noise
-        if ctx.needs_input_grad[0]:
-            grad_input = ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight, ctx.input_size, stride,
-                                                       padding, activation, negative_slope, pool_size)
+
+        def clean_input_grad(grad_input):  # dL/dx from dL/dxc, xc = corrupt(x)
             if kind in ("masking", "salt_pepper"):
                 # dxc/dx is the keep mask: zero where the element was replaced (corrupt's backward)
-                grad_input = ns.corrupt(grad_input, seed, "masking", level, 0.0, 0.0)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+                return ns.corrupt(grad_input, seed, "masking", level, 0.0, 0.0)
+            return grad_input
+
+        needs_wb = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+        if ctx.needs_input_grad[0] and needs_wb:  # all of them: one call, gz computed once
+            grad_input, grad_weight, grad_bias = ns.conv_pool2d_backward(grad_pooled, window, preact, input, weight,
+                                                                         stride, padding, activation, negative_slope,
+                                                                         pool_size, *ctx.noise)
+            if not ctx.needs_input_grad[1]:
+                grad_weight = None
+            if not (ctx.has_bias and ctx.needs_input_grad[2]):
+                grad_bias = None
+            return clean_input_grad(grad_input), grad_weight, grad_bias, *rest
+        if ctx.needs_input_grad[0]:
+            grad_input = clean_input_grad(ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight,
+                                                                        ctx.input_size, stride, padding, activation,
+                                                                        negative_slope, pool_size))
+        if needs_wb:
             grad_weight, grad_bias = ns.conv_pool2d_backward_weight(grad_pooled, window, preact, input,
                                                                     ctx.kernel_size, stride, padding, activation,
                                                                     negative_slope, pool_size, *ctx.noise)

@@ -7,16 +7,37 @@
 //   a            = act(z)
 //   p[n,co,i,j]  = max over the window (i*PKH.., j*PKW..) of a; o = row-major offset of the
 //                  first maximum (torch's rule: `val > max || isnan(val)` replaces it).
-// Only conv rows < HO*PKH and cols < WO*PKW feed a window, so only those are computed.
+// Only conv rows < HU = HO*PKH and cols < WU = WO*PKW feed a window, so only those are computed.
+// Layout everywhere inside: channels-last (the Cin values of a pixel contiguous), receptive
+// fields and weight rows ordered k = (ki*KW + kj)*Cin + ci, so one kernel row of a receptive
+// field is one contiguous run of KW*Cin values.
 //
-// Every tile of the conv output is a GEMM: colsT (positions, K) @ w^T (K, Cout) on a cache-sized
-// strip of pooled rows, by the register-blocked kernel in conv_pool_kernels.inc (at::mm called
-// from inside at::parallel_for was measured 5x slower on the 2-core machines), followed in the
-// same strip by the fused epilogue (bias + activation + pool + argmax) over the (positions, Cout)
-// tile, vectorised over Cout. The hot loops are built twice (AVX2+FMA and baseline) and picked
-// at run time, so no -march=native is needed.
-// Nothing at conv resolution leaves the strip: the op writes the pooled map, the uint8 window
-// offsets and z at the argmax (pooled size), which is all the backward needs.
+// Forward. K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
+// epilogue over its output. K < 64: every strip of pooled rows is a GEMM colsT (positions, K) @
+// w^T (K, Cout), by the register-blocked kernel in conv_pool_kernels.inc (at::mm called from inside
+// at::parallel_for was measured 5x slower on the 2-core machines), followed in the same strip by
+// the fused epilogue (bias + activation + pool + argmax) over the (positions, Cout) tile,
+// vectorised over Cout. Nothing at conv resolution leaves the strip: the op writes the pooled
+// map, the uint8 window offsets and z at the argmax (pooled size), which is all the backward needs.
+//
+// Backward (sparse, GATHER form; derivation above conv_pool2d_backward_impl). Per image: gz =
+// grad * act'(z at the argmax), once for both gradients (the fused op conv_pool2d_backward serves
+// autograd when both are needed). Every gradient is then a weighted sum of rows of length Kp (K
+// rounded up to 64 bytes) with the Kp-long accumulator in vector registers while the rows stream
+// through (wsum): wgrad sums, per output channel, the input patches at its argmax positions; dgrad
+// sums, per conv position, the weight rows of the channels routed there (bucketed per pooled row)
+// and adds that receptive-field gradient onto the padded input gradient once per position.
+// About a quarter of the dense backward's multiply-adds, no im2col of the whole image, no stores
+// in the inner loop. Weight partials per fixed chunk of images, summed in chunk order: results do
+// not depend on the thread count.
+//
+// Instruction sets: the hot loops (conv_pool_kernels.inc) are built three times, AVX-512
+// (512-bit vectors), AVX2+FMA and the baseline, and picked at run time (cpu_isa(): the best the
+// CPU has, capped by AEFAST_CPU_ISA=generic|avx2|avx512 so tests can run every variant); no
+// -march=native is needed.
+//
+// Input loads: load_input_rows is the one place that reads input pixels (direct forward and
+// backward_weight), so that a transform applied on load (e.g. corruption per element) wraps it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +45,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -58,30 +81,124 @@ Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int
   return s;
 }
 
+// Geometry of the sparse backward (conv_pool2d_backward_impl): rows of Kp = K rounded up to 64
+// bytes, conv positions p = h*WU + w, strips of `rows` pooled rows for the wgrad patches, and
+// per window offset k its row di, column dj and position offset offk = di*WU + dj.
+struct BwdGeom {
+  int64_t Cin, Cout, KH, KW, SH, SW, HO, WO, PKH, PKW;
+  int64_t K, Kp, WU, row, run, rows, pkhw, keys;
+  int32_t di[256], dj[256], offk[256];
+};
+
 namespace generic {
+constexpr int kVecBytes = 16;
 #include "conv_pool_kernels.inc"
 }  // namespace generic
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+constexpr int kVecBytes = 32;
 #include "conv_pool_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace avx512 {
+constexpr int kVecBytes = 64;
+#include "conv_pool_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// AVX2+FMA when the CPU has them (decided once), the baseline build otherwise: no -march=native.
-bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+// The instruction set the hot loops run with: the best the CPU has (decided once), capped by
+// AEFAST_CPU_ISA=generic|avx2|avx512 (read per call, so that tests can force every variant on a
+// machine that has them all). An AVX-512 loop never runs on a CPU without AVX-512.
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa cpu_isa() {
+  static const Isa hw = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kGeneric;
+  }();
+  Isa cap = Isa::kAvx512;
+  if (const char* env = std::getenv("AEFAST_CPU_ISA"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    if (v == "generic" || v == "baseline")
+      cap = Isa::kGeneric;
+    else if (v == "avx2")
+      cap = Isa::kAvx2;
+    else
+      TORCH_CHECK(v == "avx512", "AEFAST_CPU_ISA must be generic, avx2 or avx512, not '", v, "'");
+  }
+  return static_cast<Isa>(std::min(static_cast<int>(hw), static_cast<int>(cap)));
 }
 
-template <typename T>
-inline void axpy(T* y, const T* x, T a, int64_t n) {
-  if (n <= 8) {  // short runs (Cin = 1 or 3): a call would cost more than the work
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-  } else if (use_avx2())
-    avx2::axpy<T>(y, x, a, n);
-  else
-    generic::axpy<T>(y, x, a, n);
+// ---- corruption in the input load (corruption=...; aefast/corruption.h)
+// The conv reads corrupt(x) instead of x: every input element is corrupted where it is loaded
+// (the strip copy of the direct path, the batch chunks of the oneDNN path, the padded image of
+// backward_weight), with the same function and element index as aefast::corrupt, so the result
+// equals corrupt-then-conv_pool2d and no corrupted copy of the input exists. Padding stays 0.
+struct InputCorruption {
+  int kind = kNoCorruption;
+  int64_t seed = 0;
+  double level = 0.0, low = 0.0, high = 1.0;
+  bool active() const { return kind != kNoCorruption; }
+  template <typename scalar_t, typename acc_t>
+  ElementCorruption<scalar_t, acc_t> at_element() const {
+    return active() ? ElementCorruption<scalar_t, acc_t>(kind, seed, level, low, high)
+                    : ElementCorruption<scalar_t, acc_t>();
+  }
+};
+
+InputCorruption parse_input_corruption(c10::string_view kind, double level, int64_t seed, double low, double high) {
+  const int code = corruption_kind_code(std::string_view(kind.data(), kind.size()));
+  TORCH_CHECK(code != -2, "aefast::conv_pool2d: unknown corruption '", std::string(kind.data(), kind.size()),
+              "' (none, gaussian, masking, salt_pepper)");
+  return InputCorruption{code, seed, level, low, high};
+}
+
+// The logical (N, C, H, W) flat index of x[n, c, y, x]: the element counter of the noise.
+inline uint64_t noise_index(const Shape& s, int64_t n, int64_t c, int64_t y, int64_t x) {
+  return static_cast<uint64_t>(((n * s.Cin + c) * s.H + y) * s.W + x);
+}
+
+// THE load of the encoder's input: rows [y0, y1) of image n of x (any strides), channels-last
+// into dst of type D (widening half types):
+//   dst[(y - y0)*ld + xx*Cin + ci] = x[n, ci, y, xx]   for y0 <= y < y1, 0 <= xx < W.
+// Every read of input pixels by the direct forward and by backward_weight goes through this one
+// function, so that a transform applied while loading (e.g. corruption generated per element
+// index) wraps it alone. (The oneDNN forward path, K >= 64, hands the tensor to at::convolution.)
+template <typename scalar_t, typename D>
+void load_input_rows(const scalar_t* x, const int64_t* xs, const Shape& s, int64_t n, int64_t y0, int64_t y1, D* dst,
+                     int64_t ld, const ElementCorruption<scalar_t, at::opmath_type<scalar_t>>& noise) {
+  const scalar_t* xn = x + n * xs[0];
+  if (noise.active()) {  // corrupt(x) element by element, keyed by the element's logical NCHW index
+    for (int64_t ci = 0; ci < s.Cin; ++ci)
+      for (int64_t y = y0; y < y1; ++y) {
+        const scalar_t* src = xn + ci * xs[1] + y * xs[2];
+        D* d = dst + (y - y0) * ld + ci;
+        const uint64_t base = noise_index(s, n, ci, y, 0);
+        for (int64_t xx = 0; xx < s.W; ++xx)
+          d[xx * s.Cin] = static_cast<D>(noise(src[xx * xs[3]], base + static_cast<uint64_t>(xx)));
+      }
+    return;
+  }
+  if (xs[1] == 1 && xs[3] == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
+    for (int64_t y = y0; y < y1; ++y) {
+      const scalar_t* src = xn + y * xs[2];
+      D* d = dst + (y - y0) * ld;
+      for (int64_t e = 0; e < s.W * s.Cin; ++e) d[e] = static_cast<D>(src[e]);
+    }
+  } else {  // e.g. NCHW: read each channel row contiguously, write with stride Cin
+    for (int64_t ci = 0; ci < s.Cin; ++ci)
+      for (int64_t y = y0; y < y1; ++y) {
+        const scalar_t* src = xn + ci * xs[1] + y * xs[2];
+        D* d = dst + (y - y0) * ld + ci;
+        for (int64_t xx = 0; xx < s.W; ++xx) d[xx * s.Cin] = static_cast<D>(src[xx * xs[3]]);
+      }
+  }
 }
 
 // The kernels read the input channels-last: the Cin values of one pixel are contiguous, so one
@@ -118,16 +235,33 @@ void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
 
 template <typename T>
 using GemmFn = void (*)(const T*, int64_t, int64_t, const T*, const T*, int64_t, T*);
 
+// The direct GEMM and its column block NR (= 2 vectors: the packing of B depends on it).
 template <typename T>
-GemmFn<T> pick_gemm() {
+struct Gemm {
+  GemmFn<T> fn;
+  int64_t nr;
+};
+
+template <typename T>
+Gemm<T> pick_gemm(Isa isa) {
   if constexpr (std::is_same_v<T, float>) {
-    return use_avx2() ? &avx2::gemm_strip<float, f32x8> : &generic::gemm_strip<float, f32x8>;
+    switch (isa) {
+      case Isa::kAvx512: return {&avx512::gemm_strip<float, f32x16>, 32};
+      case Isa::kAvx2: return {&avx2::gemm_strip<float, f32x8>, 16};
+      default: return {&generic::gemm_strip<float, f32x8>, 16};
+    }
   } else {
-    return use_avx2() ? &avx2::gemm_strip<double, f64x4> : &generic::gemm_strip<double, f64x4>;
+    switch (isa) {
+      case Isa::kAvx512: return {&avx512::gemm_strip<double, f64x8>, 16};
+      case Isa::kAvx2: return {&avx2::gemm_strip<double, f64x4>, 8};
+      default: return {&generic::gemm_strip<double, f64x4>, 8};
+    }
   }
 }
 
@@ -136,20 +270,24 @@ using EpilogueFn = void (*)(const acc_t*, int64_t, const acc_t*, const Shape&, i
                             uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
 
 template <typename scalar_t, typename acc_t, int ACT>
-EpilogueFn<scalar_t, acc_t> pick_isa() {
-  return use_avx2() ? &avx2::epilogue_strip<ACT, scalar_t, acc_t> : &generic::epilogue_strip<ACT, scalar_t, acc_t>;
+EpilogueFn<scalar_t, acc_t> pick_isa(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &avx512::epilogue_strip<ACT, scalar_t, acc_t>;
+    case Isa::kAvx2: return &avx2::epilogue_strip<ACT, scalar_t, acc_t>;
+    default: return &generic::epilogue_strip<ACT, scalar_t, acc_t>;
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act) {
+EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa) {
   switch (act) {
-    case 0: return pick_isa<scalar_t, acc_t, 0>();
-    case 1: return pick_isa<scalar_t, acc_t, 1>();
-    case 2: return pick_isa<scalar_t, acc_t, 2>();
-    case 3: return pick_isa<scalar_t, acc_t, 3>();
-    case 4: return pick_isa<scalar_t, acc_t, 4>();
-    case 5: return pick_isa<scalar_t, acc_t, 5>();
-    default: return pick_isa<scalar_t, acc_t, 6>();
+    case 0: return pick_isa<scalar_t, acc_t, 0>(isa);
+    case 1: return pick_isa<scalar_t, acc_t, 1>(isa);
+    case 2: return pick_isa<scalar_t, acc_t, 2>(isa);
+    case 3: return pick_isa<scalar_t, acc_t, 3>(isa);
+    case 4: return pick_isa<scalar_t, acc_t, 4>(isa);
+    case 5: return pick_isa<scalar_t, acc_t, 5>(isa);
+    default: return pick_isa<scalar_t, acc_t, 6>(isa);
   }
 }
 
@@ -162,40 +300,6 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight) {
   TORCH_CHECK(input.size(1) == weight.size(1), "aefast::conv_pool2d: input has ", input.size(1),
               " channels but weight expects ", weight.size(1));
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "aefast::conv_pool2d: input and weight dtypes differ");
-}
-
-// ---- corruption in the input load (corruption=...; aefast/corruption.h)
-// The conv reads corrupt(x) instead of x: every input element is corrupted where it is loaded
-// (the strip copy of the direct path, the batch chunks of the oneDNN path, the padded image of
-// backward_weight), with the same function and element index as aefast::corrupt, so the result
-// equals corrupt-then-conv_pool2d and no corrupted copy of the input exists. Padding stays 0.
-struct InputCorruption {
-  int kind;
-  int64_t seed;
-  double level, low, high;
-  bool active() const { return kind != kNoCorruption; }
-  template <typename scalar_t, typename acc_t>
-  ElementCorruption<scalar_t, acc_t> at_element() const {
-    return active() ? ElementCorruption<scalar_t, acc_t>(kind, seed, level, low, high)
-                    : ElementCorruption<scalar_t, acc_t>();
-  }
-};
-
-InputCorruption parse_input_corruption(c10::string_view kind, double level, int64_t seed, double low, double high) {
-  const int code = corruption_kind_code(std::string_view(kind.data(), kind.size()));
-  TORCH_CHECK(code != -2, "aefast::conv_pool2d: unknown corruption '", std::string(kind.data(), kind.size()),
-              "' (none, gaussian, masking, salt_pepper)");
-  return InputCorruption{code, seed, level, low, high};
-}
-
-// The logical (N, C, H, W) flat index of x[n, c, y, x]: the element counter of the noise.
-inline uint64_t noise_index(const Shape& s, int64_t n, int64_t c, int64_t y, int64_t x) {
-  return static_cast<uint64_t>(((n * s.Cin + c) * s.H + y) * s.W + x);
-}
-
-// w (Cout, Cin, KH, KW) -> (Cout, K) in the accumulation type, k = (ki*KW + kj)*Cin + ci.
-at::Tensor weight_rows(const at::Tensor& weight, at::ScalarType acc_dtype) {
-  return weight.permute({0, 2, 3, 1}).to(acc_dtype).contiguous().view({weight.size(0), -1});
 }
 
 // The conv by ATen (oneDNN underneath), then the same fused epilogue over its output.
@@ -222,6 +326,7 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
                               at::Tensor& window, at::Tensor& preact) {
   // The conv is a step of this kernel, not an op autograd should see.
   at::AutoDispatchBelowADInplaceOrView guard;
+  const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_aten", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -242,7 +347,7 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
     scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
     uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
-    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
+    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation, isa);
     const acc_t slope = static_cast<acc_t>(negative_slope);
     const int64_t img = s.HC * s.WC * s.Cout, prow = s.PKH * s.WC * s.Cout;
     // conv + epilogue of the images [n0, n0 + count), whose channels-last operand is x_cl.
@@ -323,10 +428,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window, preact);
     return {pooled, window, preact};
   }
-  // A channels-last input is read in place; any other layout is transposed strip by strip inside
-  // the parallel loop (into a cache-sized buffer), not by a whole-tensor channels-last copy. A
-  // corrupted input always takes the strip copy, which corrupts each element it loads.
-  const bool in_place = !noise.active() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // The direct path: each strip's input rows are loaded channels-last (load_input_rows) into a
+  // cache-sized buffer inside the parallel loop, not by a whole-tensor channels-last copy.
+  const Isa isa = cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -337,15 +441,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
                               : at::zeros({s.Cout}, input.options().dtype(acc_dtype));
     const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
     // B = w^T (K, Cout) and its packed copy (Cout / NR, K, NR) for the register-blocked GEMM.
-    constexpr int64_t NR = 2 * (32 / sizeof(acc_t));
-    // w (Cout, Cin, KH, KW) -> B (K, Cout), k = (ki*KW + kj)*Cin + ci, in ONE copy (not the
-    // (Cout, K) rows of weight_rows followed by a second, transposing copy).
+    const auto gemm = pick_gemm<acc_t>(isa);
+    const int64_t NR = gemm.nr;
+    // w (Cout, Cin, KH, KW) -> B (K, Cout), k = (ki*KW + kj)*Cin + ci, in ONE copy.
     const at::Tensor B = weight.permute({2, 3, 1, 0}).to(acc_dtype).contiguous().view({K, s.Cout});
     const int64_t nb = s.Cout / NR;
     const at::Tensor Bp = B.narrow(1, 0, nb * NR).reshape({K, nb, NR}).permute({1, 0, 2}).contiguous();
     const acc_t* B_p = B.const_data_ptr<acc_t>();
     const acc_t* Bp_p = Bp.const_data_ptr<acc_t>();
-    const auto gemm = pick_gemm<acc_t>();
     // One task per (image, strip of pooled rows), each strip's patches and conv tile sized for
     // L2; the GEMM is our own (calling BLAS from inside at::parallel_for was measured 5x slower).
     const int64_t per_row = s.PKH * s.WU() * (K + s.Cout) * static_cast<int64_t>(sizeof(acc_t));
@@ -353,43 +456,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const int64_t strips = (s.HO + rows - 1) / rows;
     const int64_t max_pos = rows * s.PKH * s.WU();
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
-    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
+    const int64_t xstr[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
     // Input rows one strip reads: conv rows [r0, r0 + rows*PKH) need y in [r0*SH - PH, .. + KH).
     const int64_t max_in_rows = std::min<int64_t>(s.H, (rows * s.PKH - 1) * s.SH + s.KH);
     scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
     uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
     scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
-    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation);
+    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation, isa);
     const acc_t slope = static_cast<acc_t>(negative_slope);
     const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
     at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cols(max_pos * K), tile(max_pos * s.Cout), best(s.Cout), bestz(s.Cout);
       std::vector<int32_t> bestk(s.Cout);
-      std::vector<scalar_t> xs(in_place ? 0 : max_in_rows * s.W * s.Cin);
+      std::vector<scalar_t> xs(max_in_rows * s.W * s.Cin);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / strips, pr0 = (task % strips) * rows;
         const int64_t pr1 = std::min(pr0 + rows, s.HO);
         const int64_t npos = (pr1 - pr0) * s.PKH * s.WU();
-        if (in_place) {
-          im2col_strip<scalar_t, acc_t>(xp + n * xsN, 0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
-        } else {
-          const int64_t y0 = std::max<int64_t>(0, pr0 * s.PKH * s.SH - s.PH);
-          const int64_t y1 = std::min<int64_t>(s.H, (pr1 * s.PKH - 1) * s.SH - s.PH + s.KH);
-          // (Cin, rows, W) through the strides -> (rows, W, Cin), one contiguous source row at a time.
-          for (int64_t ci = 0; ci < s.Cin; ++ci)
-            for (int64_t y = y0; y < y1; ++y) {
-              const scalar_t* src = xp + n * xsN + ci * xsC + y * xsH;
-              scalar_t* dst = xs.data() + (y - y0) * s.W * s.Cin + ci;
-              if (corrupt_at.active()) {
-                const uint64_t base = noise_index(s, n, ci, y, 0);
-                for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = corrupt_at(src[x * xsW], base + x);
-              } else {
-                for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = src[x * xsW];
-              }
-            }
-          im2col_strip<scalar_t, acc_t>(xs.data(), y0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
-        }
-        gemm(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
+        const int64_t y0 = std::max<int64_t>(0, pr0 * s.PKH * s.SH - s.PH);
+        const int64_t y1 = std::min<int64_t>(s.H, (pr1 * s.PKH - 1) * s.SH - s.PH + s.KH);
+        load_input_rows<scalar_t, scalar_t>(xp, xstr, s, n, y0, y1, xs.data(), s.W * s.Cin, corrupt_at);
+        im2col_strip<scalar_t, acc_t>(xs.data(), y0, s, pr0 * s.PKH, pr1 * s.PKH, cols.data());
+        gemm.fn(cols.data(), npos, K, Bp_p, B_p, s.Cout, tile.data());
         epilogue(tile.data(), s.WU(), bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
                  bestz.data(), bestk.data());
       }
@@ -398,52 +486,207 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   return {pooled, window, preact};
 }
 
-// The conv output's gradient at the argmax of pooled element j:
-//   gz[j] = grad_pooled[j] * act'(z[j]),   and 0 at every other conv position.
-// With (h, w) the conv position of that argmax:
-//   grad_b[co]                      = sum_{n,i,j} gz
-//   grad_w[co, ki, :, :]                  += gz * xpad[n, h*SH+ki, w*SW : w*SW+KW, :]   (one channels-last run)
-//   gxpad[n, h*SH+ki, w*SW : w*SW+KW, :] += gz * w[co, ki, :, :]
-// for every kernel row ki, where xpad / gxpad are the zero-padded images. That is one
-// axpy of KW*Cin per nonzero and kernel row: 1/(PKH*PKW) of the dense backward's MACs, fewer
-// where gz is 0 (relu), and no im2col or col2im at all.
-template <int ACT, typename scalar_t, typename acc_t>
-void conv_grad_at_argmax_ct(const scalar_t* grad, const scalar_t* preact, int64_t count, acc_t slope, acc_t* gz) {
-  for (int64_t j = 0; j < count; ++j)
-    gz[j] = static_cast<acc_t>(grad[j]) * activation_grad_ct<ACT, acc_t>(static_cast<acc_t>(preact[j]), slope);
+// ---------------------------------------------------------------- sparse backward
+//
+// The conv output's gradient at the argmax of pooled element j = (n, co, i, j'):
+//   gz[j] = grad_pooled[j] * act'(z[j]),   and 0 at every other conv position,
+// computed ONCE per image for both gradients. With (h, w) the conv position of that argmax
+// (h < HU = HO*PKH, w < WU = WO*PKW) and p = h*WU + w:
+//   grad_b[co]                 = sum_{n,i,j'} gz
+//   grad_w[co, k]              = sum_{n, entries j of co} gz[j] * patch_n[p_j, k]
+//   dcol_n[p, k]               = sum_{entries j at position p} gz[j] * w[co_j, k]
+//   grad_x                     = col2im(dcol)
+// with k = (ki*KW + kj)*Cin + ci, patch_n[p, k] = xpad_n[h*SH + ki, w*SW + kj, ci] (xpad the
+// zero-padded channels-last image) and col2im adding dcol[p, ki*KW*Cin : (ki+1)*KW*Cin) onto
+// the run gxpad[h*SH + ki, w*SW : w*SW + KW, :]. Only the nonzero gz enter (about a quarter of
+// the dense backward's multiply-adds: one conv position in PKH*PKW per channel, fewer where
+// relu zeroes gz).
+//
+// Both sums are weighted sums of rows of length Kp = K rounded up to 64 bytes (zero padding),
+// done by wsum (conv_pool_kernels.inc) with the Kp-long accumulator chunk in vector registers
+// while the rows stream through, so nothing is stored inside the loop:
+//   wgrad (GATHER over the channel's entries): the rows are the patches at its argmax positions;
+//          patches of a strip of pooled rows are built once (cache-sized) and shared by all co.
+//   dgrad (GATHER over the position's entries): per image the nonzero entries are bucketed by
+//          conv position (CSR, in co order), and each position's dcol row is summed from the
+//          weight rows of its entries (W is (Cout, Kp), L1/L2-resident), then added into the
+//          padded gradient image once per position (KH runs of KW*Cin), not once per entry.
+// Small Cin (1, 3: K = 9, 27) vectorises over k the same way: K pads to 16 or 32 floats.
+//
+// Determinism: each image is done by one thread in a fixed order; weight/bias partials live per
+// fixed chunk of images (the chunking depends on N only) and are summed in chunk order, so the
+// result is bitwise independent of the thread count.
+template <typename T>
+struct BwdKernels {
+  void (*wgrad)(const BwdGeom&, const T*, const T*, const uint8_t*, T*, int32_t*, T*, T*, T*);
+  void (*dgrad)(const BwdGeom&, const T*, const uint8_t*, const T*, int32_t*, int32_t*, T*, T*, T*);
+};
+
+template <typename T>
+BwdKernels<T> pick_bwd(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return {&avx512::wgrad_image<T>, &avx512::dgrad_image<T>};
+    case Isa::kAvx2: return {&avx2::wgrad_image<T>, &avx2::dgrad_image<T>};
+    default: return {&generic::wgrad_image<T>, &generic::dgrad_image<T>};
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-void conv_grad_at_argmax(const scalar_t* grad, const scalar_t* preact, int64_t count, int64_t act, acc_t slope,
-                         acc_t* gz) {
-  switch (act) {
-    case 0: return conv_grad_at_argmax_ct<0>(grad, preact, count, slope, gz);
-    case 1: return conv_grad_at_argmax_ct<1>(grad, preact, count, slope, gz);
-    case 2: return conv_grad_at_argmax_ct<2>(grad, preact, count, slope, gz);
-    case 3: return conv_grad_at_argmax_ct<3>(grad, preact, count, slope, gz);
-    case 4: return conv_grad_at_argmax_ct<4>(grad, preact, count, slope, gz);
-    case 5: return conv_grad_at_argmax_ct<5>(grad, preact, count, slope, gz);
-    default: return conv_grad_at_argmax_ct<6>(grad, preact, count, slope, gz);
+using GzFn = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t*);
+
+template <typename scalar_t, typename acc_t, int ACT>
+GzFn<scalar_t, acc_t> pick_gz_isa(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &avx512::conv_grad_at_argmax<ACT, scalar_t, acc_t>;
+    case Isa::kAvx2: return &avx2::conv_grad_at_argmax<ACT, scalar_t, acc_t>;
+    default: return &generic::conv_grad_at_argmax<ACT, scalar_t, acc_t>;
   }
 }
 
-// Row and column of each window offset inside its window: integer division by the runtime
-// pool width per nonzero was measured to cost more than the axpys for small Cin.
-struct WindowTable {
-  int32_t di[256], dj[256];
-  explicit WindowTable(const Shape& s) {
-    for (int64_t k = 0; k < s.PKH * s.PKW; ++k) {
-      di[k] = static_cast<int32_t>(k / s.PKW);
-      dj[k] = static_cast<int32_t>(k % s.PKW);
-    }
+template <typename scalar_t, typename acc_t>
+GzFn<scalar_t, acc_t> pick_gz(int64_t act, Isa isa) {
+  switch (act) {
+    case 0: return pick_gz_isa<scalar_t, acc_t, 0>(isa);
+    case 1: return pick_gz_isa<scalar_t, acc_t, 1>(isa);
+    case 2: return pick_gz_isa<scalar_t, acc_t, 2>(isa);
+    case 3: return pick_gz_isa<scalar_t, acc_t, 3>(isa);
+    case 4: return pick_gz_isa<scalar_t, acc_t, 4>(isa);
+    case 5: return pick_gz_isa<scalar_t, acc_t, 5>(isa);
+    default: return pick_gz_isa<scalar_t, acc_t, 6>(isa);
   }
-};
+}
 
 void check_backward_args(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact) {
   TORCH_CHECK(grad.dim() == 4 && grad.sizes() == window.sizes() && grad.sizes() == preact.sizes(),
               "aefast::conv_pool2d backward: grad, window and preact must share one 4-D shape");
   TORCH_CHECK(window.scalar_type() == at::kByte, "aefast::conv_pool2d backward: window must be uint8");
   TORCH_CHECK(grad.scalar_type() == preact.scalar_type(), "aefast::conv_pool2d backward: grad and preact dtypes differ");
+}
+
+// Both gradients of the encoder block, from one gz per image. `input` is needed for the weight
+// gradient (and gives N, H, W), `weight` for the input gradient; either output may be skipped.
+// Returns (grad_input or undefined, grad_weight or undefined, grad_bias or undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
+    const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor* input,
+    const at::Tensor* weight, const Shape& s, int64_t activation, double negative_slope,
+    const InputCorruption& noise) {
+  const bool need_x = weight != nullptr, need_w = input != nullptr;
+  const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (need_x) grad_input = at::empty({s.N, s.Cin, s.H, s.W}, g.options());
+  if (need_w) {
+    grad_weight = at::empty({s.Cout, s.Cin, s.KH, s.KW}, g.options());
+    grad_bias = at::empty({s.Cout}, g.options());
+  }
+  const Isa isa = cpu_isa();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    constexpr int64_t kPad = 64 / sizeof(acc_t);
+    const int64_t K = s.K(), Kp = (K + kPad - 1) / kPad * kPad, plane = s.HO * s.WO, E = s.Cout * plane;
+    const int64_t WU = s.WU();
+    const int64_t Hp = s.H + 2 * s.PH, Wp = s.W + 2 * s.PW, row = Wp * s.Cin, run = s.KW * s.Cin;
+    TORCH_CHECK(E < (int64_t(1) << 31) && s.Cout * Kp < (int64_t(1) << 31) && s.WO * 256 * s.Cout < (int64_t(1) << 31),
+                "aefast::conv_pool2d backward: an image is too large for the CPU kernel");
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const uint8_t* kp = win.const_data_ptr<uint8_t>();
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const int64_t pkhw = s.PKH * s.PKW, keys = s.WO * pkhw;
+    const auto gzfn = pick_gz<scalar_t, acc_t>(activation, isa);
+    // Weight rows (Cout, Kp), k = (ki*KW + kj)*Cin + ci, zero-padded, for the dgrad.
+    at::Tensor wr;
+    if (need_x) {
+      wr = at::zeros({s.Cout, Kp}, g.options().dtype(acc_dtype));
+      wr.narrow(1, 0, K).copy_(weight->permute({0, 2, 3, 1}).reshape({s.Cout, K}));
+    }
+    const acc_t* wrp = need_x ? wr.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* xp = need_w ? input->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t xstr[4] = {need_w ? input->stride(0) : 0, need_w ? input->stride(1) : 0,
+                             need_w ? input->stride(2) : 0, need_w ? input->stride(3) : 0};
+    scalar_t* gxo = need_x ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    // wgrad: patches of a strip of pooled rows, sized for L2 (all rows when they fit).
+    const int64_t rows = std::clamp<int64_t>((512 << 10) / std::max<int64_t>(s.PKH * WU * Kp * sizeof(acc_t), 1), 1,
+                                             s.HO);
+    const int64_t max_pos = rows * s.PKH * WU;
+    BwdGeom geo{s.Cin, s.Cout, s.KH, s.KW, s.SH, s.SW, s.HO, s.WO, s.PKH, s.PKW, K, Kp, WU, row, run, rows, pkhw, keys,
+                {}, {}, {}};
+    // Row and column of each window offset inside its window, and its conv position relative
+    // to the window's first one (tables: a division by the runtime pool width per entry costs
+    // more than the entry's work when Cin is small).
+    for (int64_t k = 0; k < pkhw; ++k) {
+      geo.di[k] = static_cast<int32_t>(k / s.PKW);
+      geo.dj[k] = static_cast<int32_t>(k % s.PKW);
+      geo.offk[k] = static_cast<int32_t>(geo.di[k] * WU + geo.dj[k]);
+    }
+    const auto kern = pick_bwd<acc_t>(isa);
+    // The forward's corruption, regenerated element by element in the image load.
+    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
+    TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31), "aefast::conv_pool2d backward: the image is too wide");
+    // Fixed chunks of images (a function of N and the sizes only) own the weight/bias partials.
+    const int64_t chunks =
+        need_w ? std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(s.Cout * Kp, 1), 1, std::min<int64_t>(s.N, 16))
+               : s.N;
+    std::vector<acc_t> part_w(need_w ? chunks * s.Cout * Kp : 0), part_b(need_w ? chunks * s.Cout : 0);
+
+    at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+      std::vector<acc_t> gz(E), gg(need_w ? plane : 0), xpad(need_w ? Hp * row : 0), patches(need_w ? max_pos * Kp : 0);
+      std::vector<int32_t> off(need_w ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
+      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), gx(need_x ? Hp * row : 0), dcol(need_x ? Kp : 0);
+      for (int64_t c = cbegin; c < cend; ++c) {
+        const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
+        acc_t* gw = need_w ? part_w.data() + c * s.Cout * Kp : nullptr;
+        acc_t* gb = need_w ? part_b.data() + c * s.Cout : nullptr;
+        if (need_w) {
+          std::fill(gw, gw + s.Cout * Kp, acc_t(0));
+          std::fill(gb, gb + s.Cout, acc_t(0));
+        }
+        for (int64_t n = n0; n < n1; ++n) {
+          gzfn(gp + n * E, zp + n * E, E, slope, gz.data());
+          const uint8_t* kn = kp + n * E;
+          if (need_w) {
+            // The padded channels-last image (its border stays zero across images).
+            load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad.data() + s.PH * row + s.PW * s.Cin, row,
+                                             corrupt_at);
+            kern.wgrad(geo, xpad.data(), gz.data(), kn, patches.data(), off.data(), gg.data(), gw, gb);
+          }
+          if (need_x) {
+            std::fill(gx.begin(), gx.end(), acc_t(0));
+            kern.dgrad(geo, gz.data(), kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx.data());
+            // The interior of the padded gradient image, to NCHW.
+            scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
+            for (int64_t ci = 0; ci < s.Cin; ++ci)
+              for (int64_t y = 0; y < s.H; ++y) {
+                const acc_t* src = gx.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+                scalar_t* d = dst + (ci * s.H + y) * s.W;
+                for (int64_t xx = 0; xx < s.W; ++xx) d[xx] = static_cast<scalar_t>(src[xx * s.Cin]);
+              }
+          }
+        }
+      }
+    });
+    if (need_w) {
+      // Sum the chunk partials in chunk order straight into the outputs, permuting
+      // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW) on the way.
+      scalar_t* gwo = grad_weight.mutable_data_ptr<scalar_t>();
+      scalar_t* gbo = grad_bias.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, s.Cout, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t co = begin; co < end; ++co) {
+          acc_t b = 0;
+          for (int64_t c = 0; c < chunks; ++c) b += part_b[c * s.Cout + co];
+          gbo[co] = static_cast<scalar_t>(b);
+          for (int64_t k = 0; k < K; ++k) {  // k = (ki*KW + kj)*Cin + ci
+            acc_t v = 0;
+            for (int64_t c = 0; c < chunks; ++c) v += part_w[(c * s.Cout + co) * Kp + k];
+            const int64_t ci = k % s.Cin, kk = k / s.Cin;
+            gwo[(co * s.Cin + ci) * s.KH * s.KW + kk] = static_cast<scalar_t>(v);
+          }
+        }
+      });
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
 }
 
 at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const at::Tensor& window,
@@ -459,57 +702,9 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
                              weight.size(2), weight.size(3), stride, padding, pool_size);
   TORCH_CHECK(grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
               "aefast::conv_pool2d_backward_input: grad shape does not match the conv geometry");
-  at::Tensor grad_input = at::empty({s.N, s.Cin, s.H, s.W}, grad_pooled.options());
-  if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_input_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = s.K(), plane = s.HO * s.WO, image = s.Cin * s.H * s.W;
-    const at::Tensor wrows = weight_rows(weight, acc_dtype);
-    const acc_t* wp = wrows.const_data_ptr<acc_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const uint8_t* kp = win.const_data_ptr<uint8_t>();
-    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-    const acc_t slope = static_cast<acc_t>(negative_slope);
-    const WindowTable table(s);
-    // Each thread owns whole images: their gradients do not overlap.
-    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-      // The gradient accumulates in a zero-padded channels-last image, so every receptive field
-      // is KH full runs of KW*Cin values (no clipping per nonzero); its interior is the result.
-      const int64_t Wp = s.W + 2 * s.PW, run = s.KW * s.Cin, row = Wp * s.Cin;
-      std::vector<acc_t> gx((s.H + 2 * s.PH) * row), gz(s.Cout * plane);
-      for (int64_t n = begin; n < end; ++n) {
-        conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
-                                             activation, slope, gz.data());
-        const uint8_t* kn = kp + n * s.Cout * plane;
-        std::fill(gx.begin(), gx.end(), acc_t(0));
-        for (int64_t co = 0; co < s.Cout; ++co) {
-          const acc_t* wrow = wp + co * K;
-          for (int64_t pr = 0; pr < s.HO; ++pr) {
-            for (int64_t pc = 0; pc < s.WO; ++pc) {
-              const int64_t j = co * plane + pr * s.WO + pc;
-              const acc_t gj = gz[j];
-              if (gj == acc_t(0)) continue;
-              const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
-              acc_t* base = gx.data() + (h * s.SH) * row + (w * s.SW) * s.Cin;
-              for (int64_t ki = 0; ki < s.KH; ++ki) axpy<acc_t>(base + ki * row, wrow + ki * run, gj, run);
-            }
-          }
-        }
-        scalar_t* dst = out + n * image;
-        for (int64_t ci = 0; ci < s.Cin; ++ci)
-          for (int64_t y = 0; y < s.H; ++y) {
-            const acc_t* src = gx.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
-            scalar_t* d = dst + (ci * s.H + y) * s.W;
-            for (int64_t x = 0; x < s.W; ++x) d[x] = static_cast<scalar_t>(src[x * s.Cin]);
-          }
-      }
-    });
-  });
-  return grad_input;
+  if (s.N == 0 || s.Cin == 0 || s.H * s.W == 0) return at::zeros({s.N, s.Cin, s.H, s.W}, grad_pooled.options());
+  return std::get<0>(conv_pool2d_backward_impl(grad_pooled, window, preact, nullptr, &weight, s, activation,
+                                               negative_slope, InputCorruption{}));
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
@@ -526,105 +721,33 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
                              kernel_size[0], kernel_size[1], stride, padding, pool_size);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
               "aefast::conv_pool2d_backward_weight: grad shape does not match the conv geometry");
-  const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
-  at::Tensor grad_weight, grad_bias;
+  if (s.N == 0 || s.Cout == 0 || s.K() == 0)
+    return {at::zeros({s.Cout, s.Cin, s.KH, s.KW}, grad_pooled.options()), at::zeros({s.Cout}, grad_pooled.options())};
+  auto out = conv_pool2d_backward_impl(grad_pooled, window, preact, &input, nullptr, s, activation, negative_slope,
+                                       noise);
+  return {std::get<1>(out), std::get<2>(out)};
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_pool2d_backward_weight_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t K = s.K(), plane = s.HO * s.WO;
-    // The input is read through its strides and copied (widened for half types) image by image
-    // into the padded channels-last buffer below: no whole-tensor channels-last copy first.
-    const scalar_t* xp = input.const_data_ptr<scalar_t>();
-    const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const uint8_t* kp = win.const_data_ptr<uint8_t>();
-    const acc_t slope = static_cast<acc_t>(negative_slope);
-    const WindowTable table(s);
-    // The forward's corruption, regenerated element by element in the image load below.
-    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
-    // One partial (grad_w, grad_b) per thread, summed at the end.
-    const int64_t threads = at::get_num_threads();
-    std::vector<std::vector<acc_t>> part_w(threads), part_b(threads);
-    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-      const int64_t tid = at::get_thread_num();
-      std::vector<acc_t>& gw = part_w[tid];
-      std::vector<acc_t>& gb = part_b[tid];
-      if (gw.empty()) {
-        gw.assign(s.Cout * K, acc_t(0));
-        gb.assign(s.Cout, acc_t(0));
-      }
-      // The image, zero-padded and channels-last, so that every receptive field is KH full runs
-      // of KW*Cin values (no clipping per nonzero). The border stays zero across images.
-      const int64_t Wp = s.W + 2 * s.PW, run = s.KW * s.Cin, row = Wp * s.Cin;
-      std::vector<acc_t> xpad((s.H + 2 * s.PH) * row, acc_t(0)), gz(s.Cout * plane);
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* xn = xp + n * xsN;
-        if (corrupt_at.active()) {  // as the NCHW branch below, each element corrupted as it is loaded
-          for (int64_t ci = 0; ci < s.Cin; ++ci)
-            for (int64_t y = 0; y < s.H; ++y) {
-              const scalar_t* src = xn + ci * xsC + y * xsH;
-              acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
-              const uint64_t base = noise_index(s, n, ci, y, 0);
-              for (int64_t x = 0; x < s.W; ++x)
-                dst[x * s.Cin] = static_cast<acc_t>(corrupt_at(src[x * xsW], base + static_cast<uint64_t>(x)));
-            }
-        } else if (xsC == 1 && xsW == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
-          for (int64_t y = 0; y < s.H; ++y) {
-            const scalar_t* src = xn + y * xsH;
-            acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin;
-            for (int64_t e = 0; e < s.W * s.Cin; ++e) dst[e] = static_cast<acc_t>(src[e]);
-          }
-        } else {  // e.g. NCHW: read each channel row contiguously, scatter with stride Cin
-          for (int64_t ci = 0; ci < s.Cin; ++ci)
-            for (int64_t y = 0; y < s.H; ++y) {
-              const scalar_t* src = xn + ci * xsC + y * xsH;
-              acc_t* dst = xpad.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
-              for (int64_t x = 0; x < s.W; ++x) dst[x * s.Cin] = static_cast<acc_t>(src[x * xsW]);
-            }
-        }
-        conv_grad_at_argmax<scalar_t, acc_t>(gp + n * s.Cout * plane, zp + n * s.Cout * plane, s.Cout * plane,
-                                             activation, slope, gz.data());
-        const uint8_t* kn = kp + n * s.Cout * plane;
-        for (int64_t co = 0; co < s.Cout; ++co) {
-          acc_t* dst = gw.data() + co * K;
-          acc_t sum = 0;
-          for (int64_t pr = 0; pr < s.HO; ++pr) {
-            for (int64_t pc = 0; pc < s.WO; ++pc) {
-              const int64_t j = co * plane + pr * s.WO + pc;
-              const acc_t gj = gz[j];
-              sum += gj;
-              if (gj == acc_t(0)) continue;
-              const int64_t h = pr * s.PKH + table.di[kn[j]], w = pc * s.PKW + table.dj[kn[j]];
-              const acc_t* base = xpad.data() + (h * s.SH) * row + (w * s.SW) * s.Cin;
-              for (int64_t ki = 0; ki < s.KH; ++ki) axpy<acc_t>(dst + ki * run, base + ki * row, gj, run);
-            }
-          }
-          gb[co] += sum;
-        }
-      }
-    });
-    // Sum the partials (in thread order, from 0, as before) straight into the outputs, permuting
-    // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW) on the way: no zeroed accumulator, no permuted copy.
-    grad_weight = at::empty({s.Cout, s.Cin, s.KH, s.KW}, input.options());
-    grad_bias = at::empty({s.Cout}, input.options());
-    scalar_t* gwo = grad_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* gbo = grad_bias.mutable_data_ptr<scalar_t>();
-    for (int64_t co = 0; co < s.Cout; ++co) {
-      acc_t b = 0;
-      for (int64_t t = 0; t < threads; ++t)
-        if (!part_b[t].empty()) b += part_b[t][co];
-      gbo[co] = static_cast<scalar_t>(b);
-      for (int64_t k = 0; k < K; ++k) {  // k = (ki*KW + kj)*Cin + ci
-        acc_t v = 0;
-        for (int64_t t = 0; t < threads; ++t)
-          if (!part_w[t].empty()) v += part_w[t][co * K + k];
-        const int64_t ci = k % s.Cin, kk = k / s.Cin;
-        gwo[(co * s.Cin + ci) * s.KH * s.KW + kk] = static_cast<scalar_t>(v);
-      }
-    }
-  });
-  return {grad_weight, grad_bias};
+// Both gradients from one pass over gz (see conv_pool2d_backward_impl).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
+    const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
+    const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
+    double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
+    int64_t seed, double low, double high) {
+  check_backward_args(grad_pooled, window, preact);
+  check_activation(activation);
+  check_conv_args(input, weight);
+  const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
+  TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward: dtypes differ");
+  const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
+                             weight.size(2), weight.size(3), stride, padding, pool_size);
+  TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO &&
+                  grad_pooled.size(3) == s.WO,
+              "aefast::conv_pool2d_backward: grad shape does not match the conv geometry");
+  if (s.N == 0 || s.Cout == 0 || s.K() == 0)
+    return {at::zeros({s.N, s.Cin, s.H, s.W}, grad_pooled.options()),
+            at::zeros({s.Cout, s.Cin, s.KH, s.KW}, grad_pooled.options()), at::zeros({s.Cout}, grad_pooled.options())};
+  return conv_pool2d_backward_impl(grad_pooled, window, preact, &input, &weight, s, activation, negative_slope, noise);
 }
 
 // ---------------------------------------------------------------- drop-in max_pool2d
@@ -745,6 +868,7 @@ TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("conv_pool2d_forward", &conv_pool2d_forward_cpu);
   m.impl("conv_pool2d_backward_input", &conv_pool2d_backward_input_cpu);
   m.impl("conv_pool2d_backward_weight", &conv_pool2d_backward_weight_cpu);
+  m.impl("conv_pool2d_backward", &conv_pool2d_backward_cpu);
   m.impl("max_pool2d_forward", &max_pool2d_forward_cpu);
   m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
 }

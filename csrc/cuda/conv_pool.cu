@@ -429,10 +429,29 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
 
 }  // namespace
 
+// Both gradients: the two kernels above, one after the other (each computes gz itself; on the
+// GPU that pass is cheap next to the launches it would save).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
+    const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
+    double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
+    int64_t seed, double low, double high) {
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::conv_pool2d_backward: input and weight must be 4-D");
+  const int64_t input_size[2] = {input.size(2), input.size(3)};
+  const int64_t kernel_size[2] = {weight.size(2), weight.size(3)};
+  at::Tensor grad_input = conv_pool2d_backward_input_cuda(grad, window, preact, weight, input_size, stride, padding,
+                                                          activation, negative_slope, pool_size);
+  auto [grad_weight, grad_bias] = conv_pool2d_backward_weight_cuda(grad, window, preact, input, kernel_size, stride,
+                                                                   padding, activation, negative_slope, pool_size,
+                                                                   corruption, corruption_level, seed, low, high);
+  return {grad_input, grad_weight, grad_bias};
+}
+
 TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
   m.impl("conv_pool2d_forward", &conv_pool2d_forward_cuda);
   m.impl("conv_pool2d_backward_input", &conv_pool2d_backward_input_cuda);
   m.impl("conv_pool2d_backward_weight", &conv_pool2d_backward_weight_cuda);
+  m.impl("conv_pool2d_backward", &conv_pool2d_backward_cuda);
   m.impl("max_pool2d_forward", &max_pool2d_forward_cuda);
   m.impl("max_pool2d_backward", &max_pool2d_backward_cuda);
 }
