@@ -163,98 +163,153 @@ AEFAST_ALWAYS_INLINE T hsum(typename VecOf<T, B>::type v) {
 constexpr int vec_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : 32; }
 
 // ---------------------------------------------------------------- index decoding
-// Per-call tables of the pool window: tab[o] = (o / pool_w) * W_u + o % pool_w (the position
-// offset of window offset o from the window's corner), di/dj its row and column.
+// Per-call tables of the pool window: pos[o] = (o / pool_w) * W_u + o % pool_w (the position
+// offset of window offset o from the window's corner), di/dj its row and column; and per
+// "slot" s = p * window + o (window p, offset o) its unpooled position slot_q[s], or -1 where a
+// clipped window reaches past the plane. Windows do not overlap, so slots name positions once.
 struct WindowTable {
+  int64_t window;
   std::vector<int64_t> pos, di, dj;
-  explicit WindowTable(const DecoderGeometry& g) {
-    const int64_t n = g.pool_h * g.pool_w;
-    pos.resize(n);
-    di.resize(n);
-    dj.resize(n);
-    for (int64_t o = 0; o < n; ++o) {
+  std::vector<int32_t> slot_q;
+  explicit WindowTable(const DecoderGeometry& g) : window(g.pool_h * g.pool_w) {
+    pos.resize(window);
+    di.resize(window);
+    dj.resize(window);
+    for (int64_t o = 0; o < window; ++o) {
       di[o] = o / g.pool_w;
       dj[o] = o % g.pool_w;
       pos[o] = di[o] * g.unpooled_w + dj[o];
     }
+    slot_q.resize(g.pooled_h * g.pooled_w * window);
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw)
+        for (int64_t o = 0; o < window; ++o) {
+          const int64_t h = ph * g.pool_h + di[o], w = pw * g.pool_w + dj[o];
+          slot_q[(ph * g.pooled_w + pw) * window + o] =
+              h < g.unpooled_h && w < g.unpooled_w ? static_cast<int32_t>(h * g.unpooled_w + w) : -1;
+        }
   }
 };
 
-// Unpooled position q = h*W_u + w of pooled value k of window (ph, pw) whose corner is
-// (h0, w0), or -1 if the index does not name an element of that window inside the plane.
-// Flat indices avoid a 64-bit division: inside the window, v - corner = i*W_u + j with
-// i < pool_h, so i is counted by pool_h comparisons (branch-free: the argmax row is random).
+// Offset o inside window (ph, pw) (corner (h0, w0)) named by index k, or -1 if the index does
+// not name an element of that window inside the unpooled plane. Flat indices avoid a 64-bit
+// division: inside the window, v - corner = i*W_u + j with i < pool_h, so i is counted by
+// pool_h comparisons (branch-free: the argmax row is random).
 template <typename index_t>
-AEFAST_ALWAYS_INLINE int64_t decode_position(const index_t* idx, int64_t k, int64_t h0, int64_t w0,
-                                             const DecoderGeometry& g, const WindowTable& wt) {
+AEFAST_ALWAYS_INLINE int64_t decode_offset(const index_t* idx, int64_t k, int64_t h0, int64_t w0,
+                                           const DecoderGeometry& g, const WindowTable& wt) {
   if constexpr (std::is_same_v<index_t, int64_t>) {
-    const int64_t v = idx[k];
-    const int64_t rel = v - (h0 * g.unpooled_w + w0);
+    const int64_t rel = idx[k] - (h0 * g.unpooled_w + w0);
     if (rel < 0) return -1;
     int64_t i = 0;
     for (int64_t q = 1; q <= g.pool_h; ++q) i += rel >= q * g.unpooled_w;
     const int64_t j = rel - i * g.unpooled_w;
     if (i >= g.pool_h || j >= g.pool_w || h0 + i >= g.unpooled_h || w0 + j >= g.unpooled_w) return -1;
-    return v;
+    return i * g.pool_w + j;
   } else {
     const int64_t o = static_cast<int64_t>(idx[k]);
-    if (o >= g.pool_h * g.pool_w) return -1;
+    if (o >= wt.window) return -1;
     if (h0 + wt.di[o] >= g.unpooled_h || w0 + wt.dj[o] >= g.unpooled_w) return -1;
-    return h0 * g.unpooled_w + w0 + wt.pos[o];
+    return o;
   }
 }
 
-// Per-thread scratch of one image: positions of the entries and their CSR by position.
+// Per-thread scratch of one image: positions of the entries and their CSR by slot.
 template <typename acc_t>
 struct ImageScratch {
   std::vector<int32_t> pos_of;   // [ci*plane + p] -> q, or -1 for an invalid index
-  std::vector<int32_t> start;    // [q] first entry at q (size P + 1)
-  std::vector<int32_t> fill;     // counting-sort cursor
+  std::vector<int32_t> start;    // [slot] first entry of the slot (size slots + 1)
+  std::vector<uint8_t> has;      // [q] 1 if position q holds an entry (never set outside windows)
+  std::vector<int32_t> off_of;   // [ci] window offset of ci in the current window, -1 invalid
+  std::vector<int32_t> cnt;      // [o] entries per offset in the current window
   std::vector<int32_t> ent_w;    // entry -> ci * Kp (its weight slab)
   std::vector<int32_t> ent_k;    // entry -> ci * plane + p (its pooled value)
   std::vector<acc_t> ent_z;      // entry -> z
-  ImageScratch(int64_t values, int64_t positions)
-      : pos_of(values), start(positions + 1), fill(positions), ent_w(values), ent_k(values), ent_z(values) {}
+  ImageScratch(const DecoderGeometry& g, bool alloc)
+      : pos_of(alloc ? g.c_in * g.pooled_h * g.pooled_w : 0),
+        start(alloc ? g.pooled_h * g.pooled_w * g.pool_h * g.pool_w + 1 : 0),
+        has(alloc ? g.unpooled_h * g.unpooled_w : 0, 0),
+        off_of(alloc ? g.c_in : 0),
+        cnt(alloc ? g.pool_h * g.pool_w : 0),
+        ent_w(pos_of.size()),
+        ent_k(pos_of.size()),
+        ent_z(pos_of.size()) {}
 };
 
-// Decodes every index of one image into pos_of; returns the first invalid k (row-major within
-// the image) or -1. With csr, also sorts the entries by position (ci ascending within one).
+// Decodes every index of one image; returns the first invalid k (linear within the image) or
+// -1. Without csr: pos_of only (channel-major pass). With csr: the entries sorted by slot, one
+// window at a time (a counting sort over its pool_h*pool_w offsets that keeps ci ascending
+// within a slot: the sort stays in L1, unlike one over the whole plane), and has[].
 template <typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE int64_t build_entries(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                            const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
                                            bool csr, ImageScratch<acc_t>& s) {
-  const int64_t plane = g.pooled_h * g.pooled_w, P = g.unpooled_h * g.unpooled_w;
+  const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window;
   int32_t* __restrict__ pos_of = s.pos_of.data();
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  if (!csr) {
+    for (int64_t c = 0; c < g.c_in; ++c)
+      for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+        const int64_t kb = c * plane + ph * g.pooled_w, h0 = ph * g.pool_h;
+        for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+          const int64_t o = decode_offset(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
+          if (o < 0) {
+            pos_of[kb + pw] = -1;
+            first_bad = std::min(first_bad, kb + pw);
+          } else {
+            pos_of[kb + pw] = static_cast<int32_t>(h0 * g.unpooled_w + pw * g.pool_w + wtab.pos[o]);
+          }
+        }
+      }
+    return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+  }
   int32_t* __restrict__ start = s.start.data();
-  int64_t first_bad = -1;
-  if (csr) std::fill(start, start + P + 1, 0);
-  for (int64_t c = 0; c < g.c_in; ++c)
-    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-      const int64_t kb = c * plane + ph * g.pooled_w, h0 = ph * g.pool_h;
-      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-        const int64_t q = decode_position(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
-        pos_of[kb + pw] = static_cast<int32_t>(q);
-        if (q < 0) {
-          if (first_bad < 0) first_bad = kb + pw;
+  int32_t* __restrict__ off_of = s.off_of.data();
+  int32_t* __restrict__ cnt = s.cnt.data();
+  int32_t* __restrict__ ent_w = s.ent_w.data();
+  int32_t* __restrict__ ent_k = s.ent_k.data();
+  acc_t* __restrict__ ent_z = s.ent_z.data();
+  uint8_t* __restrict__ has = s.has.data();
+  int32_t e = 0;
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t p = ph * g.pooled_w + pw, h0 = ph * g.pool_h, w0 = pw * g.pool_w;
+      const int64_t qbase = h0 * g.unpooled_w + w0;
+      for (int64_t o = 0; o < window; ++o) cnt[o] = 0;
+      for (int64_t c = 0; c < g.c_in; ++c) {
+        const int64_t k = c * plane + p;
+        const int64_t o = decode_offset(idx, k, h0, w0, g, wtab);
+        off_of[c] = static_cast<int32_t>(o);
+        if (o < 0) {
+          pos_of[k] = -1;
+          first_bad = std::min(first_bad, k);
           continue;
         }
-        if (csr) ++start[q + 1];
+        pos_of[k] = static_cast<int32_t>(qbase + wtab.pos[o]);
+        ++cnt[o];
+      }
+      // cnt -> cursors; slot starts; has[] of the window's positions.
+      int32_t* st = start + p * window;
+      for (int64_t o = 0; o < window; ++o) {
+        const int32_t n_o = cnt[o];
+        st[o] = e;
+        cnt[o] = e;
+        e += n_o;
+        const int32_t q = wtab.slot_q[p * window + o];
+        if (q >= 0) has[q] = n_o > 0;
+      }
+      for (int64_t c = 0; c < g.c_in; ++c) {
+        const int32_t o = off_of[c];
+        if (o < 0) continue;
+        const int32_t d = cnt[o]++;
+        const int64_t k = c * plane + p;
+        ent_w[d] = static_cast<int32_t>(c * kp);
+        ent_k[d] = static_cast<int32_t>(k);
+        ent_z[d] = static_cast<acc_t>(z[k]);
       }
     }
-  if (!csr) return first_bad;
-  for (int64_t q = 0; q < P; ++q) start[q + 1] += start[q];
-  int32_t* __restrict__ fill = s.fill.data();
-  std::copy(start, start + P, fill);
-  for (int64_t c = 0; c < g.c_in; ++c)
-    for (int64_t p = 0; p < plane; ++p) {
-      const int64_t k = c * plane + p, q = pos_of[k];
-      if (q < 0) continue;
-      const int32_t e = fill[q]++;
-      s.ent_w[e] = static_cast<int32_t>(c * kp);
-      s.ent_k[e] = static_cast<int32_t>(k);
-      s.ent_z[e] = static_cast<acc_t>(z[k]);
-    }
-  return first_bad;
+  start[plane * window] = e;
+  return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
 }
 
 // Output taps along one axis: for output coordinate o, the (kernel offset, input position)
@@ -282,13 +337,15 @@ struct AxisTaps {
 // summed in NV vector registers (entries in CSR order), stored once.
 template <int VB, int NV, typename acc_t>
 AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const int32_t* __restrict__ start,
-                                    const int32_t* __restrict__ ent_w, const acc_t* __restrict__ ent_z,
-                                    acc_t* __restrict__ T, int64_t kp, int64_t P) {
+                                    const int32_t* __restrict__ slot_q, const int32_t* __restrict__ ent_w,
+                                    const acc_t* __restrict__ ent_z, acc_t* __restrict__ T, int64_t kp,
+                                    int64_t slots) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
-  for (int64_t q = 0; q < P; ++q) {
-    const int32_t e0 = start[q], e1 = start[q + 1];
+  for (int64_t sl = 0; sl < slots; ++sl) {
+    const int32_t e0 = start[sl], e1 = start[sl + 1];
     if (e0 == e1) continue;
+    const int64_t q = slot_q[sl];
     V a[NV];
     for (int j = 0; j < NV; ++j) a[j] = V{};
     for (int32_t e = e0; e < e1; ++e) {
@@ -335,15 +392,15 @@ struct ForwardPlan {
 
 // Step 1 of the forward for every chunk of the slab.
 template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* start, const int32_t* ent_w, const acc_t* ent_z,
-                                     acc_t* T, int64_t kp, int64_t nvc, int64_t P) {
+AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* start, const int32_t* slot_q, const int32_t* ent_w,
+                                     const acc_t* ent_z, acc_t* T, int64_t kp, int64_t nvc, int64_t slots) {
   constexpr int L = VecOf<acc_t, VB>::L;
   for (int64_t k0 = 0; k0 < kp; k0 += nvc * L) {
     const int64_t nv = std::min<int64_t>(nvc, (kp - k0) / L);
     switch (nv) {
 #define AEFAST_SLAB_CASE(K)                                                  \
   case K:                                                                    \
-    slab_sums<VB, K, acc_t>(wt + k0, start, ent_w, ent_z, T + k0, kp, P); \
+    slab_sums<VB, K, acc_t>(wt + k0, start, slot_q, ent_w, ent_z, T + k0, kp, slots); \
     break;
       AEFAST_SLAB_CASE(1) AEFAST_SLAB_CASE(2) AEFAST_SLAB_CASE(3) AEFAST_SLAB_CASE(4)
       AEFAST_SLAB_CASE(5) AEFAST_SLAB_CASE(6) AEFAST_SLAB_CASE(7) AEFAST_SLAB_CASE(8)
@@ -353,15 +410,15 @@ AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* start, cons
   }
 }
 AEFAST_ISA_CLONES(slabs,
-                  (const acc_t* wt, const int32_t* start, const int32_t* ent_w, const acc_t* ent_z, acc_t* T,
-                   int64_t kp, int64_t nvc, int64_t P),
-                  (wt, start, ent_w, ent_z, T, kp, nvc, P))
+                  (const acc_t* wt, const int32_t* start, const int32_t* slot_q, const int32_t* ent_w,
+                   const acc_t* ent_z, acc_t* T, int64_t kp, int64_t nvc, int64_t slots),
+                  (wt, start, slot_q, ent_w, ent_z, T, kp, nvc, slots))
 
 // Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
 // its end): those lanes are never stored.
 template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const int32_t* __restrict__ start,
+AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
                                         const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
                                         const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
                                         scalar_t* __restrict__ out, scalar_t* __restrict__ pre) {
@@ -378,7 +435,7 @@ AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const int32
           const int64_t qrow = rt.x[r] * g.unpooled_w, krow = rt.kk[r] * kw_n;
           for (int32_t c = c0; c < c1; ++c) {
             const int64_t q = qrow + ct.x[c];
-            if (start[q] == start[q + 1]) continue;
+            if (!has[q]) continue;
             a += vload<V>(T + q * kp + (krow + ct.kk[c]) * co_n + cb);
           }
         }
@@ -394,10 +451,10 @@ AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const int32
   }
 }
 AEFAST_ISA_CLONES(epilogue,
-                  (const acc_t* T, const int32_t* start, const acc_t* bias, const DecoderGeometry& g,
+                  (const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
                    const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl, scalar_t* out,
                    scalar_t* pre),
-                  (T, start, bias, g, rt, ct, kp, act, sl, out, pre))
+                  (T, has, bias, g, rt, ct, kp, act, sl, out, pre))
 
 // W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type, one zero-padded slab of kp
 // values per input channel.
@@ -413,6 +470,19 @@ at::Tensor reorder_weight(const at::Tensor& weight, const DecoderGeometry& g, in
           wt[ci * kp + (kh * g.kernel_w + kw) * g.c_out + co] =
               static_cast<acc_t>(w[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw]);
   return wt_t;
+}
+
+// act(x) in place on one image's output, with ATen's (vectorised) kernels: sigmoid, tanh, the
+// exact erf GELU, SiLU, the same functions the eager composition applies.
+void apply_activation_inplace(at::Tensor x, DecoderAct act) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  switch (act) {
+    case DecoderAct::Sigmoid: x.sigmoid_(); break;
+    case DecoderAct::Tanh: x.tanh_(); break;
+    case DecoderAct::Gelu: at::gelu_(x); break;
+    case DecoderAct::Silu: at::silu_(x); break;
+    default: break;
+  }
 }
 
 // Lower the first-bad position to v (min over images, whatever the thread order).
@@ -446,13 +516,18 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* pp = pre.numel() ? pre.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
-  const int64_t P = g.unpooled_h * g.unpooled_w;
+  const int64_t P = g.unpooled_h * g.unpooled_w, slots = g.pooled_h * g.pooled_w * wtab.window;
   const acc_t sl = static_cast<acc_t>(slope);
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const auto slabs = AEFAST_PICK(slabs, isa);
   const auto epilogue = AEFAST_PICK(epilogue, isa);
+  // Transcendental activations: the epilogue stores the pre-activation and ATen's vectorised
+  // kernel activates the image's output in place, right after (still in cache), in the same
+  // thread, so the result does not depend on the thread count. The rest are done at the store.
+  const bool post_act = act == DecoderAct::Sigmoid || act == DecoderAct::Tanh || act == DecoderAct::Gelu ||
+                        act == DecoderAct::Silu;
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    ImageScratch<acc_t> scratch(plane_in, P);
+    ImageScratch<acc_t> scratch(g, true);
     // T: one slab per position plus L values of slack (the epilogue's last vector may run past
     // the last slab). Zeroed once so that no lane is ever uninitialised.
     at::Tensor T_t = at::zeros({P * kp + L}, acc_opts);
@@ -463,8 +538,10 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
       const int64_t bad = build_entries<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, true, scratch);
-      slabs(wt, scratch.start.data(), scratch.ent_w.data(), scratch.ent_z.data(), T, kp, plan.nvc, P);
-      epilogue(T, scratch.start.data(), b, g, rt, ct, kp, act, sl, o, p);
+      slabs(wt, scratch.start.data(), wtab.slot_q.data(), scratch.ent_w.data(), scratch.ent_z.data(), T, kp,
+            plan.nvc, slots);
+      epilogue(T, scratch.has.data(), b, g, rt, ct, kp, post_act ? DecoderAct::None : act, sl, o, p);
+      if (post_act) apply_activation_inplace(out.select(0, n), act);
       if (bad >= 0) atomic_min(first_bad, n * plane_in + bad);
     }
   });
@@ -556,16 +633,18 @@ AEFAST_ALWAYS_INLINE void channel_chunk(const acc_t* __restrict__ w, const acc_t
 template <int VB, int NV, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void position_loop(const acc_t* __restrict__ wt, const acc_t* __restrict__ gpad,
                                         const int64_t* __restrict__ noff, const BackwardPlan& plan, int64_t run_copy,
-                                        const ImageScratch<acc_t>& s, int64_t P, scalar_t* __restrict__ gz,
-                                        acc_t* __restrict__ gwt, bool need_z, bool need_w) {
+                                        const ImageScratch<acc_t>& s, const int32_t* __restrict__ slot_q,
+                                        int64_t slots, scalar_t* __restrict__ gz, acc_t* __restrict__ gwt,
+                                        bool need_z, bool need_w) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   alignas(64) acc_t buf[NV * L];
   for (int l = 0; l < NV * L; ++l) buf[l] = acc_t(0);
   const int32_t* __restrict__ start = s.start.data();
-  for (int64_t q = 0; q < P; ++q) {
-    const int32_t e0 = start[q], e1 = start[q + 1];
+  for (int64_t sl = 0; sl < slots; ++sl) {
+    const int32_t e0 = start[sl], e1 = start[sl + 1];
     if (e0 == e1) continue;
+    const int64_t q = slot_q[sl];
     // nb(q): runs of run_copy values, packed (the tail of buf stays zero).
     const acc_t* __restrict__ src = gpad + noff[q];
     for (int64_t r = 0; r < plan.runs; ++r)
@@ -591,12 +670,13 @@ AEFAST_ALWAYS_INLINE void position_loop(const acc_t* __restrict__ wt, const acc_
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void positions_body(const acc_t* wt, const acc_t* gpad, const int64_t* noff,
                                          const BackwardPlan& plan, int64_t run, const ImageScratch<acc_t>& s,
-                                         int64_t P, scalar_t* gz, acc_t* gwt, bool need_z, bool need_w) {
+                                         const int32_t* slot_q, int64_t slots, scalar_t* gz, acc_t* gwt,
+                                         bool need_z, bool need_w) {
   constexpr int L = VecOf<acc_t, VB>::L;
   switch (plan.kp / L) {
 #define AEFAST_POS_CASE(K)                                                                              \
   case K:                                                                                               \
-    position_loop<VB, K, scalar_t, acc_t>(wt, gpad, noff, plan, run, s, P, gz, gwt, need_z, need_w); \
+    position_loop<VB, K, scalar_t, acc_t>(wt, gpad, noff, plan, run, s, slot_q, slots, gz, gwt, need_z, need_w); \
     break;
     AEFAST_POS_CASE(1) AEFAST_POS_CASE(2) AEFAST_POS_CASE(3) AEFAST_POS_CASE(4)
 #undef AEFAST_POS_CASE
@@ -605,8 +685,9 @@ AEFAST_ALWAYS_INLINE void positions_body(const acc_t* wt, const acc_t* gpad, con
 }
 AEFAST_ISA_CLONES(positions,
                   (const acc_t* wt, const acc_t* gpad, const int64_t* noff, const BackwardPlan& plan, int64_t run,
-                   const ImageScratch<acc_t>& s, int64_t P, scalar_t* gz, acc_t* gwt, bool need_z, bool need_w),
-                  (wt, gpad, noff, plan, run, s, P, gz, gwt, need_z, need_w))
+                   const ImageScratch<acc_t>& s, const int32_t* slot_q, int64_t slots, scalar_t* gz, acc_t* gwt,
+                   bool need_z, bool need_w),
+                  (wt, gpad, noff, plan, run, s, slot_q, slots, gz, gwt, need_z, need_w))
 
 // Per-channel order over one image: every channel, every chunk of its slab; then grad_z from
 // the partial vectors. nb: gpad (direct) or the image's im2col, nofs the matching offsets.
@@ -708,6 +789,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const at::Tensor wt_t = reorder_weight<scalar_t, acc_t>(weight, g, kp);
   const acc_t* wt = wt_t.const_data_ptr<acc_t>();
   const WindowTable wtab(g);
+  const int64_t slots = plane * wtab.window;
   const int64_t chunk = std::max<int64_t>(1, (g.n + 15) / 16), chunks = (g.n + chunk - 1) / chunk;
   // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -726,7 +808,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
-    ImageScratch<acc_t> scratch(need_img ? plane_in : 0, need_img ? P : 0);
+    ImageScratch<acc_t> scratch(g, need_img);
     // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
     // all c_out; only the border around that interior (and the slack at the end) must read as
     // zero, and nothing writes it, so it is zeroed once here.
@@ -765,7 +847,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
         build_entries<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, plan.per_position, scratch);
         if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
         if (plan.per_position) {
-          positions(wt, gpad, noff.data(), plan, run, scratch, P, gzn, part, mask[0], mask[1]);
+          positions(wt, gpad, noff.data(), plan, run, scratch, wtab.slot_q.data(), slots, gzn, part, mask[0], mask[1]);
           continue;
         }
         if (!plan.direct)  // the image's im2col: nb(q) at q * kp
