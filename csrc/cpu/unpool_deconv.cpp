@@ -214,102 +214,97 @@ AEFAST_ALWAYS_INLINE int64_t decode_offset(const index_t* idx, int64_t k, int64_
   }
 }
 
-// Per-thread scratch of one image: positions of the entries and their CSR by slot.
+// Per-thread scratch: the entries of one segment of a row of pool windows, bucketed by slot
+// (b = (pw - pw0) * window + o), each bucket with room for all C_in channels, so that the
+// bucketing is a single pass with independent counters (no prefix sums, no serial chains).
 template <typename acc_t>
 struct ImageScratch {
-  std::vector<int32_t> pos_of;   // [ci*plane + p] -> q, or -1 for an invalid index
-  std::vector<int32_t> start;    // [slot] first entry of the slot (size slots + 1)
-  std::vector<uint8_t> has;      // [q] 1 if position q holds an entry (never set outside windows)
-  std::vector<int32_t> off_of;   // [ci] window offset of ci in the current window, -1 invalid
-  std::vector<int32_t> cnt;      // [o] entries per offset in the current window
-  std::vector<int32_t> ent_w;    // entry -> ci * Kp (its weight slab)
-  std::vector<int32_t> ent_k;    // entry -> ci * plane + p (its pooled value)
-  std::vector<acc_t> ent_z;      // entry -> z
-  ImageScratch(const DecoderGeometry& g, bool alloc)
-      : pos_of(alloc ? g.c_in * g.pooled_h * g.pooled_w : 0),
-        start(alloc ? g.pooled_h * g.pooled_w * g.pool_h * g.pool_w + 1 : 0),
-        has(alloc ? g.unpooled_h * g.unpooled_w : 0, 0),
-        off_of(alloc ? g.c_in : 0),
-        cnt(alloc ? g.pool_h * g.pool_w : 0),
-        ent_w(pos_of.size()),
-        ent_k(pos_of.size()),
-        ent_z(pos_of.size()) {}
+  int64_t seg = 0;              // windows per segment
+  int64_t cap = 0;              // bucket capacity (C_in)
+  std::vector<int32_t> pos_of;  // [ci*plane + p] -> q, or -1 for an invalid index (per-channel backward)
+  std::vector<int32_t> cnt;     // [b] entries in bucket b
+  std::vector<int32_t> bq;      // [b] position of bucket b, -1 outside the plane
+  std::vector<int32_t> ent_w;   // [b*cap + i] ci * Kp (the entry's weight slab)
+  std::vector<int32_t> ent_k;   // [b*cap + i] ci * plane + p (its pooled value)
+  std::vector<acc_t> ent_z;     // [b*cap + i] z
+  std::vector<uint8_t> has;     // [q] 1 if position q holds an entry (never set outside windows)
+  ImageScratch(const DecoderGeometry& g, bool buckets, bool channels) {
+    const int64_t window = g.pool_h * g.pool_w;
+    if (channels) pos_of.resize(g.c_in * g.pooled_h * g.pooled_w);
+    if (!buckets) return;
+    cap = g.c_in;
+    // Segments of at most ~32K entries of room (a few hundred KiB), whole rows when they fit.
+    seg = std::max<int64_t>(1, std::min<int64_t>(g.pooled_w, 32768 / std::max<int64_t>(1, window * cap)));
+    cnt.resize(seg * window);
+    bq.resize(seg * window);
+    ent_w.resize(seg * window * cap);
+    ent_k.resize(seg * window * cap);
+    ent_z.resize(seg * window * cap);
+    has.assign(g.unpooled_h * g.unpooled_w, 0);
+  }
 };
 
-// Decodes every index of one image; returns the first invalid k (linear within the image) or
-// -1. Without csr: pos_of only (channel-major pass). With csr: the entries sorted by slot, one
-// window at a time (a counting sort over its pool_h*pool_w offsets that keeps ci ascending
-// within a slot: the sort stays in L1, unlike one over the whole plane), and has[].
+// Buckets the entries of windows (ph, pw0 .. pw1-1) by slot, ci ascending within a bucket
+// (channel-major pass: idx and z are read contiguously along pw), sets has[] of their
+// positions, and returns the first invalid k (linear within the image) or INT64_MAX.
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_ALWAYS_INLINE int64_t build_entries(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
-                                           const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
-                                           bool csr, ImageScratch<acc_t>& s) {
-  const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window;
-  int32_t* __restrict__ pos_of = s.pos_of.data();
-  int64_t first_bad = std::numeric_limits<int64_t>::max();
-  if (!csr) {
-    for (int64_t c = 0; c < g.c_in; ++c)
-      for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-        const int64_t kb = c * plane + ph * g.pooled_w, h0 = ph * g.pool_h;
-        for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-          const int64_t o = decode_offset(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
-          if (o < 0) {
-            pos_of[kb + pw] = -1;
-            first_bad = std::min(first_bad, kb + pw);
-          } else {
-            pos_of[kb + pw] = static_cast<int32_t>(h0 * g.unpooled_w + pw * g.pool_w + wtab.pos[o]);
-          }
-        }
-      }
-    return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
-  }
-  int32_t* __restrict__ start = s.start.data();
-  int32_t* __restrict__ off_of = s.off_of.data();
+__attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                                 const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
+                                                 int64_t ph, int64_t pw0, int64_t pw1, ImageScratch<acc_t>& s) {
+  const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window, cap = s.cap, h0 = ph * g.pool_h;
+  const int64_t nbk = (pw1 - pw0) * window;
   int32_t* __restrict__ cnt = s.cnt.data();
   int32_t* __restrict__ ent_w = s.ent_w.data();
   int32_t* __restrict__ ent_k = s.ent_k.data();
   acc_t* __restrict__ ent_z = s.ent_z.data();
-  uint8_t* __restrict__ has = s.has.data();
-  int32_t e = 0;
-  for (int64_t ph = 0; ph < g.pooled_h; ++ph)
-    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-      const int64_t p = ph * g.pooled_w + pw, h0 = ph * g.pool_h, w0 = pw * g.pool_w;
-      const int64_t qbase = h0 * g.unpooled_w + w0;
-      for (int64_t o = 0; o < window; ++o) cnt[o] = 0;
-      for (int64_t c = 0; c < g.c_in; ++c) {
-        const int64_t k = c * plane + p;
-        const int64_t o = decode_offset(idx, k, h0, w0, g, wtab);
-        off_of[c] = static_cast<int32_t>(o);
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  std::fill(cnt, cnt + nbk, 0);
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const int64_t kb = c * plane + ph * g.pooled_w;
+    const int32_t wo = static_cast<int32_t>(c * kp);
+    for (int64_t pw = pw0; pw < pw1; ++pw) {
+      const int64_t k = kb + pw;
+      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+      if (o < 0) {
+        first_bad = std::min(first_bad, k);
+        continue;
+      }
+      const int64_t b = (pw - pw0) * window + o;
+      const int64_t d = b * cap + cnt[b]++;
+      ent_w[d] = wo;
+      ent_k[d] = static_cast<int32_t>(k);
+      ent_z[d] = static_cast<acc_t>(z[k]);
+    }
+  }
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int64_t pw = pw0 + b / window, o = b % window;
+    const int32_t q = wtab.slot_q[(ph * g.pooled_w + pw) * window + o];
+    s.bq[b] = q;
+    if (q >= 0) s.has[q] = cnt[b] > 0;
+  }
+  return first_bad;
+}
+
+// pos_of of one image (channel-major); returns the first invalid k or INT64_MAX.
+template <typename index_t>
+int64_t positions_of(const index_t* __restrict__ idx, const DecoderGeometry& g, const WindowTable& wtab,
+                     int32_t* __restrict__ pos_of) {
+  const int64_t plane = g.pooled_h * g.pooled_w;
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  for (int64_t c = 0; c < g.c_in; ++c)
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+      const int64_t kb = c * plane + ph * g.pooled_w, h0 = ph * g.pool_h;
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+        const int64_t o = decode_offset(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
         if (o < 0) {
-          pos_of[k] = -1;
-          first_bad = std::min(first_bad, k);
-          continue;
+          pos_of[kb + pw] = -1;
+          first_bad = std::min(first_bad, kb + pw);
+        } else {
+          pos_of[kb + pw] = static_cast<int32_t>(h0 * g.unpooled_w + pw * g.pool_w + wtab.pos[o]);
         }
-        pos_of[k] = static_cast<int32_t>(qbase + wtab.pos[o]);
-        ++cnt[o];
-      }
-      // cnt -> cursors; slot starts; has[] of the window's positions.
-      int32_t* st = start + p * window;
-      for (int64_t o = 0; o < window; ++o) {
-        const int32_t n_o = cnt[o];
-        st[o] = e;
-        cnt[o] = e;
-        e += n_o;
-        const int32_t q = wtab.slot_q[p * window + o];
-        if (q >= 0) has[q] = n_o > 0;
-      }
-      for (int64_t c = 0; c < g.c_in; ++c) {
-        const int32_t o = off_of[c];
-        if (o < 0) continue;
-        const int32_t d = cnt[o]++;
-        const int64_t k = c * plane + p;
-        ent_w[d] = static_cast<int32_t>(c * kp);
-        ent_k[d] = static_cast<int32_t>(k);
-        ent_z[d] = static_cast<acc_t>(z[k]);
       }
     }
-  start[plane * window] = e;
-  return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+  return first_bad;
 }
 
 // Output taps along one axis: for output coordinate o, the (kernel offset, input position)
@@ -336,16 +331,16 @@ struct AxisTaps {
 // T[q][k0 : k0 + NV*L] = sum_{e at q} z_e * Wt[c_e][k0 : ...] for every position with entries,
 // summed in NV vector registers (entries in CSR order), stored once.
 template <int VB, int NV, typename acc_t>
-AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const int32_t* __restrict__ start,
-                                    const int32_t* __restrict__ slot_q, const int32_t* __restrict__ ent_w,
-                                    const acc_t* __restrict__ ent_z, acc_t* __restrict__ T, int64_t kp,
-                                    int64_t slots) {
+AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const int32_t* __restrict__ cnt,
+                                    const int32_t* __restrict__ bq, const int32_t* __restrict__ ent_w,
+                                    const acc_t* __restrict__ ent_z, int64_t cap, acc_t* __restrict__ T, int64_t kp,
+                                    int64_t nbk) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
-  for (int64_t sl = 0; sl < slots; ++sl) {
-    const int32_t e0 = start[sl], e1 = start[sl + 1];
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int32_t e0 = static_cast<int32_t>(b * cap), e1 = e0 + cnt[b];
     if (e0 == e1) continue;
-    const int64_t q = slot_q[sl];
+    const int64_t q = bq[b];
     V a[NV];
     for (int j = 0; j < NV; ++j) a[j] = V{};
     for (int32_t e = e0; e < e1; ++e) {
@@ -392,15 +387,16 @@ struct ForwardPlan {
 
 // Step 1 of the forward for every chunk of the slab.
 template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* start, const int32_t* slot_q, const int32_t* ent_w,
-                                     const acc_t* ent_z, acc_t* T, int64_t kp, int64_t nvc, int64_t slots) {
+AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* cnt, const int32_t* bq, const int32_t* ent_w,
+                                     const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc,
+                                     int64_t nbk) {
   constexpr int L = VecOf<acc_t, VB>::L;
   for (int64_t k0 = 0; k0 < kp; k0 += nvc * L) {
     const int64_t nv = std::min<int64_t>(nvc, (kp - k0) / L);
     switch (nv) {
 #define AEFAST_SLAB_CASE(K)                                                  \
   case K:                                                                    \
-    slab_sums<VB, K, acc_t>(wt + k0, start, slot_q, ent_w, ent_z, T + k0, kp, slots); \
+    slab_sums<VB, K, acc_t>(wt + k0, cnt, bq, ent_w, ent_z, cap, T + k0, kp, nbk); \
     break;
       AEFAST_SLAB_CASE(1) AEFAST_SLAB_CASE(2) AEFAST_SLAB_CASE(3) AEFAST_SLAB_CASE(4)
       AEFAST_SLAB_CASE(5) AEFAST_SLAB_CASE(6) AEFAST_SLAB_CASE(7) AEFAST_SLAB_CASE(8)
@@ -410,9 +406,9 @@ AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* start, cons
   }
 }
 AEFAST_ISA_CLONES(slabs,
-                  (const acc_t* wt, const int32_t* start, const int32_t* slot_q, const int32_t* ent_w,
-                   const acc_t* ent_z, acc_t* T, int64_t kp, int64_t nvc, int64_t slots),
-                  (wt, start, slot_q, ent_w, ent_z, T, kp, nvc, slots))
+                  (const acc_t* wt, const int32_t* cnt, const int32_t* bq, const int32_t* ent_w,
+                   const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc, int64_t nbk),
+                  (wt, cnt, bq, ent_w, ent_z, cap, T, kp, nvc, nbk))
 
 // Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
@@ -516,7 +512,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* pp = pre.numel() ? pre.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
-  const int64_t P = g.unpooled_h * g.unpooled_w, slots = g.pooled_h * g.pooled_w * wtab.window;
+  const int64_t P = g.unpooled_h * g.unpooled_w;
   const acc_t sl = static_cast<acc_t>(slope);
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const auto slabs = AEFAST_PICK(slabs, isa);
@@ -527,7 +523,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const bool post_act = act == DecoderAct::Sigmoid || act == DecoderAct::Tanh || act == DecoderAct::Gelu ||
                         act == DecoderAct::Silu;
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    ImageScratch<acc_t> scratch(g, true);
+    ImageScratch<acc_t> scratch(g, true, false);
     // T: one slab per position plus L values of slack (the epilogue's last vector may run past
     // the last slab). Zeroed once so that no lane is ever uninitialised.
     at::Tensor T_t = at::zeros({P * kp + L}, acc_opts);
@@ -537,12 +533,17 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
       const index_t* in = ip + n * plane_in;
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
-      const int64_t bad = build_entries<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, true, scratch);
-      slabs(wt, scratch.start.data(), wtab.slot_q.data(), scratch.ent_w.data(), scratch.ent_z.data(), T, kp,
-            plan.nvc, slots);
+      int64_t bad = std::numeric_limits<int64_t>::max();
+      for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+        for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
+          const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
+          bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch));
+          slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(), scratch.cap,
+                T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
+        }
       epilogue(T, scratch.has.data(), b, g, rt, ct, kp, post_act ? DecoderAct::None : act, sl, o, p);
       if (post_act) apply_activation_inplace(out.select(0, n), act);
-      if (bad >= 0) atomic_min(first_bad, n * plane_in + bad);
+      if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
   });
   const int64_t bad = first_bad.load();
@@ -633,18 +634,17 @@ AEFAST_ALWAYS_INLINE void channel_chunk(const acc_t* __restrict__ w, const acc_t
 template <int VB, int NV, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void position_loop(const acc_t* __restrict__ wt, const acc_t* __restrict__ gpad,
                                         const int64_t* __restrict__ noff, const BackwardPlan& plan, int64_t run_copy,
-                                        const ImageScratch<acc_t>& s, const int32_t* __restrict__ slot_q,
-                                        int64_t slots, scalar_t* __restrict__ gz, acc_t* __restrict__ gwt,
+                                        const ImageScratch<acc_t>& s, int64_t nbk, scalar_t* __restrict__ gz,
+                                        acc_t* __restrict__ gwt,
                                         bool need_z, bool need_w) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   alignas(64) acc_t buf[NV * L];
   for (int l = 0; l < NV * L; ++l) buf[l] = acc_t(0);
-  const int32_t* __restrict__ start = s.start.data();
-  for (int64_t sl = 0; sl < slots; ++sl) {
-    const int32_t e0 = start[sl], e1 = start[sl + 1];
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int32_t e0 = static_cast<int32_t>(b * s.cap), e1 = e0 + s.cnt[b];
     if (e0 == e1) continue;
-    const int64_t q = slot_q[sl];
+    const int64_t q = s.bq[b];
     // nb(q): runs of run_copy values, packed (the tail of buf stays zero).
     const acc_t* __restrict__ src = gpad + noff[q];
     for (int64_t r = 0; r < plan.runs; ++r)
@@ -670,13 +670,13 @@ AEFAST_ALWAYS_INLINE void position_loop(const acc_t* __restrict__ wt, const acc_
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void positions_body(const acc_t* wt, const acc_t* gpad, const int64_t* noff,
                                          const BackwardPlan& plan, int64_t run, const ImageScratch<acc_t>& s,
-                                         const int32_t* slot_q, int64_t slots, scalar_t* gz, acc_t* gwt,
+                                         int64_t nbk, scalar_t* gz, acc_t* gwt,
                                          bool need_z, bool need_w) {
   constexpr int L = VecOf<acc_t, VB>::L;
   switch (plan.kp / L) {
 #define AEFAST_POS_CASE(K)                                                                              \
   case K:                                                                                               \
-    position_loop<VB, K, scalar_t, acc_t>(wt, gpad, noff, plan, run, s, slot_q, slots, gz, gwt, need_z, need_w); \
+    position_loop<VB, K, scalar_t, acc_t>(wt, gpad, noff, plan, run, s, nbk, gz, gwt, need_z, need_w); \
     break;
     AEFAST_POS_CASE(1) AEFAST_POS_CASE(2) AEFAST_POS_CASE(3) AEFAST_POS_CASE(4)
 #undef AEFAST_POS_CASE
@@ -685,9 +685,8 @@ AEFAST_ALWAYS_INLINE void positions_body(const acc_t* wt, const acc_t* gpad, con
 }
 AEFAST_ISA_CLONES(positions,
                   (const acc_t* wt, const acc_t* gpad, const int64_t* noff, const BackwardPlan& plan, int64_t run,
-                   const ImageScratch<acc_t>& s, const int32_t* slot_q, int64_t slots, scalar_t* gz, acc_t* gwt,
-                   bool need_z, bool need_w),
-                  (wt, gpad, noff, plan, run, s, slot_q, slots, gz, gwt, need_z, need_w))
+                   const ImageScratch<acc_t>& s, int64_t nbk, scalar_t* gz, acc_t* gwt, bool need_z, bool need_w),
+                  (wt, gpad, noff, plan, run, s, nbk, gz, gwt, need_z, need_w))
 
 // Per-channel order over one image: every channel, every chunk of its slab; then grad_z from
 // the partial vectors. nb: gpad (direct) or the image's im2col, nofs the matching offsets.
@@ -789,7 +788,6 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const at::Tensor wt_t = reorder_weight<scalar_t, acc_t>(weight, g, kp);
   const acc_t* wt = wt_t.const_data_ptr<acc_t>();
   const WindowTable wtab(g);
-  const int64_t slots = plane * wtab.window;
   const int64_t chunk = std::max<int64_t>(1, (g.n + 15) / 16), chunks = (g.n + chunk - 1) / chunk;
   // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -808,7 +806,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
-    ImageScratch<acc_t> scratch(g, need_img);
+    ImageScratch<acc_t> scratch(g, need_img && plan.per_position, need_img && !plan.per_position);
     // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
     // all c_out; only the border around that interior (and the slack at the end) must read as
     // zero, and nothing writes it, so it is zeroed once here.
@@ -844,12 +842,18 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
         const index_t* in = ip + n * plane_in;
         scalar_t* gzn = gz + n * plane_in;
         acc_t* part = mask[1] ? gwt + kc * g.c_in * kp : nullptr;
-        build_entries<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, plan.per_position, scratch);
         if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
         if (plan.per_position) {
-          positions(wt, gpad, noff.data(), plan, run, scratch, wtab.slot_q.data(), slots, gzn, part, mask[0], mask[1]);
+          for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+            for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
+              const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
+              bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch);
+              positions(wt, gpad, noff.data(), plan, run, scratch, (pw1 - pw0) * wtab.window, gzn, part, mask[0],
+                        mask[1]);
+            }
           continue;
         }
+        positions_of(in, g, wtab, scratch.pos_of.data());
         if (!plan.direct)  // the image's im2col: nb(q) at q * kp
           for (int64_t q = 0; q < P; ++q)
             for (int64_t r = 0; r < g.kernel_h; ++r)
