@@ -398,6 +398,23 @@ struct ForwardPlan {
   __attribute__((noinline)) void NAME##_base PARAMS {                                               \
     NAME##_body<32, scalar_t, acc_t> ARGS;                                                          \
   }
+// The same for bodies templated on the index type too.
+#define AEFAST_ISA_CLONES_IDX(NAME, RET, PARAMS, ARGS)                                              \
+  template <typename scalar_t, typename acc_t, typename index_t>                                    \
+  AEFAST_TARGET_AVX512 __attribute__((noinline)) RET NAME##_avx512 PARAMS {                         \
+    return NAME##_body<64, scalar_t, acc_t, index_t> ARGS;                                          \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t, typename index_t>                                    \
+  AEFAST_TARGET_AVX2 __attribute__((noinline)) RET NAME##_avx2 PARAMS {                             \
+    return NAME##_body<32, scalar_t, acc_t, index_t> ARGS;                                          \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t, typename index_t>                                    \
+  __attribute__((noinline)) RET NAME##_base PARAMS {                                                \
+    return NAME##_body<32, scalar_t, acc_t, index_t> ARGS;                                          \
+  }
+#define AEFAST_PICK_IDX(NAME, isa)                                                                    \
+  ((isa) == Isa::Avx512 ? &NAME##_avx512<scalar_t, acc_t, index_t>                                    \
+                        : (isa) == Isa::Avx2 ? &NAME##_avx2<scalar_t, acc_t, index_t> : &NAME##_base<scalar_t, acc_t, index_t>)
 // The clone of NAME<scalar_t, acc_t> for isa.
 #define AEFAST_PICK(NAME, isa) \
   ((isa) == Isa::Avx512 ? &NAME##_avx512<scalar_t, acc_t> : (isa) == Isa::Avx2 ? &NAME##_avx2<scalar_t, acc_t> : &NAME##_base<scalar_t, acc_t>)
@@ -427,9 +444,70 @@ AEFAST_ISA_CLONES(slabs,
                    const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc, int64_t nbk),
                   (wt, cnt, bq, ent_w, ent_z, cap, T, kp, nvc, nbk))
 
+// Step 1 for small slabs (kp <= 4 vectors, e.g. C_out = 1 or 3), one row of pool windows
+// (unpooled rows h0 .. h0 + pool_h - 1): there a position holds about C_in / window entries
+// of one or two vectors each, too few to pay for sorting them. Instead T of the row band is
+// zeroed and every entry adds z * Wt[c] to T[q] (channel-major: Wt[c] stays in registers, idx
+// and z are read contiguously; consecutive entries are different windows, so the adds do not
+// wait on each other). Also decodes (checks) the row's indices: returns the first invalid k
+// or INT64_MAX.
+template <int VB, int NV, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE int64_t band_sums(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                       const acc_t* __restrict__ wt, const DecoderGeometry& g,
+                                       const WindowTable& wtab, int64_t kp, int64_t ph, acc_t* __restrict__ T) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t plane = g.pooled_h * g.pooled_w, h0 = ph * g.pool_h;
+  const int64_t h1 = std::min(g.unpooled_h, h0 + g.pool_h);
+  std::fill(T + h0 * g.unpooled_w * kp, T + h1 * g.unpooled_w * kp, acc_t(0));
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  const int64_t* __restrict__ pos = wtab.pos.data();
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    V w[NV];
+    for (int j = 0; j < NV; ++j) w[j] = vload<V>(wt + c * kp + j * L);
+    const int64_t kb = c * plane + ph * g.pooled_w;
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t k = kb + pw;
+      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+      if (o < 0) {
+        first_bad = std::min(first_bad, k);
+        continue;
+      }
+      acc_t* __restrict__ t = T + (h0 * g.unpooled_w + pw * g.pool_w + pos[o]) * kp;
+      const V zb = V{} + static_cast<acc_t>(z[k]);
+      for (int j = 0; j < NV; ++j) vstore(t + j * L, vload<V>(t + j * L) + zb * w[j]);
+    }
+  }
+  return first_bad;
+}
+template <int VB, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE int64_t bands_body(const scalar_t* z, const index_t* idx, const acc_t* wt,
+                                        const DecoderGeometry& g, const WindowTable& wtab, int64_t kp, acc_t* T) {
+  constexpr int L = VecOf<acc_t, VB>::L;
+  int64_t bad = std::numeric_limits<int64_t>::max();
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+    int64_t b = bad;
+    switch (kp / L) {
+#define AEFAST_BAND_CASE(K)                                                                       \
+  case K:                                                                                         \
+    b = band_sums<VB, K, scalar_t, acc_t, index_t>(z, idx, wt, g, wtab, kp, ph, T); \
+    break;
+      AEFAST_BAND_CASE(1) AEFAST_BAND_CASE(2) AEFAST_BAND_CASE(3) AEFAST_BAND_CASE(4)
+#undef AEFAST_BAND_CASE
+      default: break;
+    }
+    bad = std::min(bad, b);
+  }
+  return bad;
+}
+AEFAST_ISA_CLONES_IDX(bands, int64_t,
+                      (const scalar_t* z, const index_t* idx, const acc_t* wt, const DecoderGeometry& g,
+                       const WindowTable& wtab, int64_t kp, acc_t* T),
+                      (z, idx, wt, g, wtab, kp, T))
+
 // Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
-// its end): those lanes are never stored.
+// its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
                                         const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
@@ -448,7 +526,7 @@ AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const uint8
           const int64_t qrow = rt.x[r] * g.unpooled_w, krow = rt.kk[r] * kw_n;
           for (int32_t c = c0; c < c1; ++c) {
             const int64_t q = qrow + ct.x[c];
-            if (!has[q]) continue;
+            if (has && !has[q]) continue;
             a += vload<V>(T + q * kp + (krow + ct.kk[c]) * co_n + cb);
           }
         }
@@ -539,8 +617,11 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   // thread, so the result does not depend on the thread count. The rest are done at the store.
   const bool post_act = act == DecoderAct::Sigmoid || act == DecoderAct::Tanh || act == DecoderAct::Gelu ||
                         act == DecoderAct::Silu;
+  // Small slabs: row bands of dense T (band_sums); larger ones: bucketed entries (slab_sums).
+  const bool small = kp / L <= 4;
+  const auto bands = AEFAST_PICK_IDX(bands, isa);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    ImageScratch<acc_t> scratch(g, true, false);
+    ImageScratch<acc_t> scratch(g, !small, false);
     // T: one slab per position plus L values of slack (the epilogue's last vector may run past
     // the last slab). Zeroed once so that no lane is ever uninitialised.
     at::Tensor T_t = at::zeros({P * kp + L}, acc_opts);
@@ -551,14 +632,18 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
       int64_t bad = std::numeric_limits<int64_t>::max();
-      for (int64_t ph = 0; ph < g.pooled_h; ++ph)
-        for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
-          const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
-          bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch));
-          slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(), scratch.cap,
-                T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
-        }
-      epilogue(T, scratch.has.data(), b, g, rt, ct, kp, post_act ? DecoderAct::None : act, sl, o, p);
+      if (small) {
+        bad = bands(zn, in, wt, g, wtab, kp, T);
+      } else {
+        for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+          for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
+            const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
+            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch));
+            slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(),
+                  scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
+          }
+      }
+      epilogue(T, small ? nullptr : scratch.has.data(), b, g, rt, ct, kp, post_act ? DecoderAct::None : act, sl, o, p);
       if (post_act) apply_activation_inplace(out.select(0, n), act);
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
@@ -705,6 +790,80 @@ AEFAST_ISA_CLONES(positions,
                    const ImageScratch<acc_t>& s, int64_t nbk, scalar_t* gz, acc_t* gwt, bool need_z, bool need_w),
                   (wt, gpad, noff, plan, run, s, nbk, gz, gwt, need_z, need_w))
 
+// Backward for small slabs, one row of pool windows: nb of every position of the row band is
+// copied once into col (runs of KW*C_out values packed, zero tail), then channel-major: Wt[c]
+// and the grad_Wt[c] sum in registers, per entry one nb load, a dot (grad_z) and an FMA.
+template <int VB, int NV, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void band_grads(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                     const acc_t* __restrict__ wt, const acc_t* __restrict__ gpad,
+                                     const int64_t* __restrict__ noff, int64_t row_stride, const DecoderGeometry& g,
+                                     const WindowTable& wtab, int64_t kp, int64_t ph, acc_t* __restrict__ col,
+                                     scalar_t* __restrict__ gz, acc_t* __restrict__ gwt, bool need_z, bool need_w) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t plane = g.pooled_h * g.pooled_w, h0 = ph * g.pool_h;
+  const int64_t h1 = std::min(g.unpooled_h, h0 + g.pool_h), run = g.kernel_w * g.c_out;
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t w = 0; w < g.unpooled_w; ++w) {
+      const acc_t* __restrict__ src = gpad + noff[h * g.unpooled_w + w];
+      acc_t* __restrict__ dst = col + ((h - h0) * g.unpooled_w + w) * kp;
+      for (int64_t r = 0; r < g.kernel_h; ++r)
+        for (int64_t i = 0; i < run; ++i) dst[r * run + i] = src[r * row_stride + i];
+    }
+  const int64_t* __restrict__ pos = wtab.pos.data();
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    V w[NV], ga[NV];
+    for (int j = 0; j < NV; ++j) {
+      w[j] = vload<V>(wt + c * kp + j * L);
+      ga[j] = V{};
+    }
+    const int64_t kb = c * plane + ph * g.pooled_w;
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t k = kb + pw;
+      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+      if (o < 0) continue;  // invalid: grad_z stays 0
+      const acc_t* __restrict__ x = col + (pw * g.pool_w + pos[o]) * kp;
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = vload<V>(x + j * L);
+      if (need_z) {
+        V d = w[0] * xv[0];
+        for (int j = 1; j < NV; ++j) d += w[j] * xv[j];
+        gz[k] = static_cast<scalar_t>(hsum<acc_t, VB>(d));
+      }
+      if (need_w) {
+        const V zb = V{} + static_cast<acc_t>(z[k]);
+        for (int j = 0; j < NV; ++j) ga[j] += zb * xv[j];
+      }
+    }
+    if (need_w)
+      for (int j = 0; j < NV; ++j) vstore(gwt + c * kp + j * L, vload<V>(gwt + c * kp + j * L) + ga[j]);
+  }
+}
+template <int VB, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void band_grads_all_body(const scalar_t* z, const index_t* idx, const acc_t* wt, const acc_t* gpad,
+                                              const int64_t* noff, int64_t row_stride, const DecoderGeometry& g,
+                                              const WindowTable& wtab, int64_t kp, acc_t* col, scalar_t* gz,
+                                              acc_t* gwt, bool need_z, bool need_w) {
+  constexpr int L = VecOf<acc_t, VB>::L;
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+    switch (kp / L) {
+#define AEFAST_BANDG_CASE(K)                                                                                  \
+  case K:                                                                                                     \
+    band_grads<VB, K, scalar_t, acc_t, index_t>(z, idx, wt, gpad, noff, row_stride, g, wtab, kp, ph, col, gz, gwt, \
+                                                need_z, need_w);                                              \
+    break;
+      AEFAST_BANDG_CASE(1) AEFAST_BANDG_CASE(2) AEFAST_BANDG_CASE(3) AEFAST_BANDG_CASE(4)
+#undef AEFAST_BANDG_CASE
+      default: break;
+    }
+  }
+}
+AEFAST_ISA_CLONES_IDX(band_grads_all, void,
+                      (const scalar_t* z, const index_t* idx, const acc_t* wt, const acc_t* gpad, const int64_t* noff,
+                       int64_t row_stride, const DecoderGeometry& g, const WindowTable& wtab, int64_t kp, acc_t* col,
+                       scalar_t* gz, acc_t* gwt, bool need_z, bool need_w),
+                      (z, idx, wt, gpad, noff, row_stride, g, wtab, kp, col, gz, gwt, need_z, need_w))
+
 // Per-channel order over one image: every channel, every chunk of its slab; then grad_z from
 // the partial vectors. nb: gpad (direct) or the image's im2col, nofs the matching offsets.
 template <int VB, typename scalar_t, typename acc_t>
@@ -814,16 +973,19 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
   scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
   const bool need_img = mask[0] || mask[1];
-  const auto positions = AEFAST_PICK(positions, isa);
+  const auto band_grads_all = AEFAST_PICK_IDX(band_grads_all, isa);
   const auto channels = AEFAST_PICK(channels, isa);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     at::Tensor gpad_t = at::empty({item + L}, acc_opts);
-    at::Tensor col_t = at::zeros({need_img && !plan.per_position && !plan.direct ? P * kp : 0}, acc_opts);
+    // im2col: of the whole image (per-channel order without direct runs), or of one row band of
+    // pool windows (small slabs); the slab tails stay zero.
+    at::Tensor col_t = at::zeros({!need_img ? 0 : plan.per_position ? g.pool_h * g.unpooled_w * kp
+                                                 : plan.direct ? 0 : P * kp}, acc_opts);
     at::Tensor dzv_t = at::empty({need_img && !plan.per_position ? plane * L : 0}, acc_opts);
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
-    ImageScratch<acc_t> scratch(g, need_img && plan.per_position, need_img && !plan.per_position);
+    ImageScratch<acc_t> scratch(g, false, need_img && !plan.per_position);
     // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
     // all c_out; only the border around that interior (and the slack at the end) must read as
     // zero, and nothing writes it, so it is zeroed once here.
@@ -861,13 +1023,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
         acc_t* part = mask[1] ? gwt + kc * g.c_in * kp : nullptr;
         if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
         if (plan.per_position) {
-          for (int64_t ph = 0; ph < g.pooled_h; ++ph)
-            for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
-              const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
-              bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch);
-              positions(wt, gpad, noff.data(), plan, run, scratch, (pw1 - pw0) * wtab.window, gzn, part, mask[0],
-                        mask[1]);
-            }
+          band_grads_all(zn, in, wt, gpad, noff.data(), row_stride, g, wtab, kp, col, gzn, part, mask[0], mask[1]);
           continue;
         }
         positions_of(in, g, wtab, scratch.pos_of.data());
