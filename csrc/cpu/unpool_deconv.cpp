@@ -244,6 +244,29 @@ struct ImageScratch {
   }
 };
 
+// The kernels read a row of pool windows channel by channel: the reads hop by a whole plane
+// from channel to channel, which the hardware prefetchers do not follow. So the same windows of
+// the next row are fetched (every channel) while this row is processed (measured: without it
+// the decoding waited on memory for most of its time).
+template <typename scalar_t, typename index_t>
+AEFAST_ALWAYS_INLINE void prefetch_window_row(const scalar_t* z, const index_t* idx, const DecoderGeometry& g,
+                                              int64_t ph, int64_t pw0, int64_t pw1) {
+  if (ph >= g.pooled_h) return;
+  constexpr int64_t line = 64;
+  const int64_t plane = g.pooled_h * g.pooled_w;
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const int64_t k0 = c * plane + ph * g.pooled_w + pw0, k1 = k0 + (pw1 - pw0);
+    const char* zb = reinterpret_cast<const char*>(z + k0);
+    const char* ze = reinterpret_cast<const char*>(z + k1);
+    for (const char* a = zb; a < ze; a += line) __builtin_prefetch(a);
+    __builtin_prefetch(ze - 1);
+    const char* ib = reinterpret_cast<const char*>(idx + k0);
+    const char* ie = reinterpret_cast<const char*>(idx + k1);
+    for (const char* a = ib; a < ie; a += line) __builtin_prefetch(a);
+    __builtin_prefetch(ie - 1);
+  }
+}
+
 // Buckets the entries of windows (ph, pw0 .. pw1-1) by slot, ci ascending within a bucket
 // (channel-major pass: idx and z are read contiguously along pw), sets has[] of their
 // positions, and returns the first invalid k (linear within the image) or INT64_MAX.
@@ -259,23 +282,7 @@ __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z,
   acc_t* __restrict__ ent_z = s.ent_z.data();
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   std::fill(cnt, cnt + nbk, 0);
-  // The reads hop from channel to channel (stride plane), which the hardware prefetchers do
-  // not follow: fetch the same segment of the next window row of every channel now (measured:
-  // without this the bucketing waited on memory for most of its time).
-  if (ph + 1 < g.pooled_h) {
-    constexpr int64_t line = 64;
-    for (int64_t c = 0; c < g.c_in; ++c) {
-      const int64_t k0 = c * plane + (ph + 1) * g.pooled_w + pw0, k1 = k0 + (pw1 - pw0);
-      const char* zb = reinterpret_cast<const char*>(z + k0);
-      const char* ze = reinterpret_cast<const char*>(z + k1);
-      for (const char* a = zb; a < ze; a += line) __builtin_prefetch(a);
-      __builtin_prefetch(ze - 1);
-      const char* ib = reinterpret_cast<const char*>(idx + k0);
-      const char* ie = reinterpret_cast<const char*>(idx + k1);
-      for (const char* a = ib; a < ie; a += line) __builtin_prefetch(a);
-      __builtin_prefetch(ie - 1);
-    }
-  }
+  prefetch_window_row(z, idx, g, ph + 1, pw0, pw1);
   for (int64_t c = 0; c < g.c_in; ++c) {
     const int64_t kb = c * plane + ph * g.pooled_w;
     const int32_t wo = static_cast<int32_t>(c * kp);
@@ -460,6 +467,7 @@ AEFAST_ALWAYS_INLINE int64_t band_sums(const scalar_t* __restrict__ z, const ind
   const int64_t plane = g.pooled_h * g.pooled_w, h0 = ph * g.pool_h;
   const int64_t h1 = std::min(g.unpooled_h, h0 + g.pool_h);
   std::fill(T + h0 * g.unpooled_w * kp, T + h1 * g.unpooled_w * kp, acc_t(0));
+  prefetch_window_row(z, idx, g, ph + 1, 0, g.pooled_w);
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   const int64_t* __restrict__ pos = wtab.pos.data();
   for (int64_t c = 0; c < g.c_in; ++c) {
@@ -810,6 +818,7 @@ AEFAST_ALWAYS_INLINE void band_grads(const scalar_t* __restrict__ z, const index
       for (int64_t r = 0; r < g.kernel_h; ++r)
         for (int64_t i = 0; i < run; ++i) dst[r * run + i] = src[r * row_stride + i];
     }
+  prefetch_window_row(z, idx, g, ph + 1, 0, g.pooled_w);
   const int64_t* __restrict__ pos = wtab.pos.data();
   for (int64_t c = 0; c < g.c_in; ++c) {
     V w[NV], ga[NV];
