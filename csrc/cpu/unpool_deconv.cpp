@@ -916,6 +916,55 @@ AEFAST_ISA_CLONES(channels,
                    bool need_z, bool need_w),
                   (z, wt, nb, nofs, pos_of, g, plan, dzv, gwt, gz, need_z, need_w))
 
+// gpre of one image into the zero-bordered channels-last buffer gpad, and its per-channel sums
+// (grad_b partials). Per (co, output row): d = grad_out * act'(.) into a row buffer (the act is
+// a compile-time constant there, so the loop vectorises), its sum in vector lanes (not one
+// serial add chain), then the row is stored with stride C_out.
+template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void gpre_act(const scalar_t* __restrict__ go, const scalar_t* __restrict__ ai,
+                                   const DecoderGeometry& g, int64_t cols, acc_t sl, acc_t* __restrict__ gpad,
+                                   acc_t* __restrict__ bias_part, acc_t* __restrict__ drow) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t hw = g.out_h * g.out_w, wo = g.out_w;
+  for (int64_t co = 0; co < g.c_out; ++co) {
+    const scalar_t* gc = go + co * hw;
+    const scalar_t* ac = ai + co * hw;
+    V vs = V{};
+    acc_t tail = 0;
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      const scalar_t* gr = gc + oy * wo;
+      const scalar_t* ar = ac + oy * wo;
+      for (int64_t ox = 0; ox < wo; ++ox)
+        drow[ox] = static_cast<acc_t>(gr[ox]) * act_derivative<acc_t>(static_cast<acc_t>(ar[ox]), A, sl);
+      int64_t ox = 0;
+      for (; ox + L <= wo; ox += L) vs += vload<V>(drow + ox);
+      for (; ox < wo; ++ox) tail += drow[ox];
+      acc_t* __restrict__ row = gpad + ((oy + g.pad_h) * cols + g.pad_w) * g.c_out + co;
+      for (int64_t x = 0; x < wo; ++x) row[x * g.c_out] = drow[x];
+    }
+    bias_part[co] = hsum<acc_t, VB>(vs) + tail;
+  }
+}
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void gpre_body(const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols,
+                                    DecoderAct act, acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow) {
+  switch (act) {
+#define AEFAST_GPRE_CASE(A)                                                         \
+  case A:                                                                           \
+    gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, cols, sl, gpad, bias_part, drow); \
+    break;
+    AEFAST_GPRE_CASE(DecoderAct::Relu) AEFAST_GPRE_CASE(DecoderAct::LeakyRelu) AEFAST_GPRE_CASE(DecoderAct::Sigmoid)
+    AEFAST_GPRE_CASE(DecoderAct::Tanh) AEFAST_GPRE_CASE(DecoderAct::Gelu) AEFAST_GPRE_CASE(DecoderAct::Silu)
+    default: AEFAST_GPRE_CASE(DecoderAct::None)
+#undef AEFAST_GPRE_CASE
+  }
+}
+AEFAST_ISA_CLONES(gpre,
+                  (const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols, DecoderAct act,
+                   acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow),
+                  (go, ai, g, cols, act, sl, gpad, bias_part, drow))
+
 // Extent of the channels-last gpre buffer: row a = oy + pad_h covers every footprint row
 // h*sh + kh (< (Hu-1)*sh + KH) and every output row (< Ho + pad_h).
 struct AccExtent {
@@ -983,6 +1032,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
   const bool need_img = mask[0] || mask[1];
   const auto band_grads_all = AEFAST_PICK_IDX(band_grads_all, isa);
+  const auto gpre = AEFAST_PICK(gpre, isa);
   const auto channels = AEFAST_PICK(channels, isa);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     at::Tensor gpad_t = at::empty({item + L}, acc_opts);
@@ -994,6 +1044,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> drow_v(static_cast<size_t>(g.out_w + 64));
+    acc_t* drow = drow_v.data();
     ImageScratch<acc_t> scratch(g, false, need_img && !plan.per_position);
     // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
     // all c_out; only the border around that interior (and the slack at the end) must read as
@@ -1010,21 +1062,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     for (int64_t kc = k0; kc < k1; ++kc) {
       if (mask[1]) std::fill(gwt + kc * g.c_in * kp, gwt + (kc + 1) * g.c_in * kp, acc_t(0));
       for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
-        for (int64_t co = 0; co < g.c_out; ++co) {
-          const scalar_t* go = gp + n * plane_out + co * g.out_h * g.out_w;
-          const scalar_t* ai = ap + n * plane_out + co * g.out_h * g.out_w;
-          acc_t bsum = 0;
-          for (int64_t oy = 0; oy < g.out_h; ++oy) {
-            acc_t* row = gpad + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
-            for (int64_t ox = 0; ox < g.out_w; ++ox) {
-              const int64_t o = oy * g.out_w + ox;
-              const acc_t d = static_cast<acc_t>(go[o]) * act_derivative<acc_t>(static_cast<acc_t>(ai[o]), act, sl);
-              row[ox * g.c_out] = d;
-              bsum += d;
-            }
-          }
-          bias_part[n * g.c_out + co] = bsum;
-        }
+        gpre(gp + n * plane_out, ap + n * plane_out, g, ext.cols, act, sl, gpad, bias_part + n * g.c_out, drow);
         if (!need_img) continue;
         const scalar_t* zn = zp + n * plane_in;
         const index_t* in = ip + n * plane_in;
