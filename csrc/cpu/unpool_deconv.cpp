@@ -17,50 +17,62 @@
 // Notation. Wt[ci][kh][kw][co] is the weight reordered so that the KH*KW*C_out weights of one
 // input channel form one contiguous "slab" of K = KH*KW*C_out values (padded with zeros to Kp,
 // a whole number of SIMD vectors). An "entry" is one pooled value (ci, z) at its unpooled
-// position q = h*W_u + w. Per image the entries are sorted by position (a counting sort that
-// keeps ci ascending: a CSR list per position), which also validates every index.
+// position q = h*W_u + w. Both directions work on one image at a time and on one row of pool
+// windows (pool_h unpooled rows) at a time, reading z and idx channel by channel along the
+// row (the next row is software-prefetched: the hop from channel to channel defeats the
+// hardware prefetchers). Decoding an index IS its validation (see below).
 //
-// Forward, GATHER form (no store in the MAC loop, no zero-filled accumulator):
-//   1. per position q with entries: T[q][k] = sum_{e at q} z_e * Wt[c_e][k], k < Kp, summed in
-//      SIMD registers over the entries (the weight columns are taken in chunks of up to 8
-//      vectors so that the Cin x chunk weight block stays in L1 across positions). One load of
-//      a weight vector per FMA, nothing stored until the position is done. For C_out = 1 or 3
-//      the whole tap vector (9 or 27 values) is one or two vectors, so those layers do not run
-//      scalar either.
+// Forward (no zero-filled unpooled map; u is never built):
+//   1. T[q][k] = sum_{e at q} z_e * Wt[c_e][k] (k < Kp), the tap vector of position q.
+//      * large slabs (Kp > 4 vectors, e.g. 64->32: 18 zmm): GATHER. The entries of a row
+//        segment of windows are bucketed by (window, offset) in one pass (each bucket has room
+//        for C_in entries, so there are no prefix sums and no serial counter chains; ci stays
+//        ascending), then per position the slab is summed in SIMD registers over its entries,
+//        in column chunks of <= 8 vectors so that the C_in x chunk weight block stays in L1:
+//        one weight load per FMA, nothing stored until the position is done.
+//      * small slabs (Kp <= 4 vectors, e.g. C_out = 1 or 3: 9 or 27 taps in one or two
+//        vectors): a position holds only ~C_in/window entries of one or two vectors, too few to
+//        pay for any sorting. The row band of T is zeroed and, channel-major with Wt[c] in
+//        registers, each entry adds z * Wt[c] to T[q] (consecutive entries hit different
+//        windows, so the adds do not wait on each other).
 //   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
-//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, then bias + activation
-//      at the (NCHW) store.
-// Backward: gpre is written once per image into a zero-bordered channels-last buffer gpad, so
-// that the KH*KW*C_out neighbourhood nb(q) of position q (the footprint in gpre) is KH runs of
-// KW*C_out contiguous values, (h*sh + kh, w*sw .. w*sw + KW-1, all co). Then
+//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
+//      activation at the (NCHW) store: relu / leaky_relu inline; sigmoid, tanh, gelu and silu
+//      by ATen's vectorised kernels on the image's output right after (same thread, in cache).
+// Backward: gpre = grad_out * act'(.) is written once per image into a zero-bordered
+// channels-last buffer gpad (the act a compile-time constant, the grad_b partials summed in
+// vector lanes), so that the KH*KW*C_out neighbourhood nb(q) of position q (its footprint in
+// gpre) is KH runs of KW*C_out contiguous values. Then
 //   grad_z[e] = <Wt[c_e], nb(q_e)>   and   grad_Wt[ci] += sum_{e of ci} z_e * nb(q_e).
-// Two loop orders, picked by the slab size:
-//   * per channel (Kp > 4 vectors, e.g. 64->32): for each ci and each chunk of the slab, the
-//     weight chunk and the grad_Wt chunk live in registers; every entry of ci loads its nb chunk
-//     once and uses it for both the grad_z dot (partial vectors kept per entry across chunks)
-//     and the grad_W FMA: two FMAs per load, nothing stored in the loop. When KW*C_out is a
-//     whole number of vectors, nb is read straight from gpad (a few KiB, L1); otherwise from a
+//   * large slabs: per channel. For each ci and each chunk of its slab, the weight chunk and the
+//     grad_Wt chunk live in registers; every entry of ci loads its nb chunk once and uses it for
+//     both the grad_z dot (a partial vector per entry, kept across chunks, reduced once) and the
+//     grad_W FMA: two FMAs per load, nothing stored in the loop. When KW*C_out is a whole
+//     number of vectors, nb is read straight from gpad (a few KiB, L1); otherwise from a
 //     per-image im2col of gpad.
-//   * per position (Kp <= 4 vectors, e.g. 32->1 and 32->3): nb(q) is copied once into one to
-//     four registers, then each entry at q costs one dot (grad_z) and one register-sized
-//     read-modify-write of its channel's grad_Wt slab (C_in*Kp values, in L1).
+//   * small slabs: per row band of windows, nb of every position of the band is copied once
+//     into a band im2col; then channel-major with Wt[c] and the grad_Wt[c] sum in registers,
+//     each entry costs one nb load, a dot (grad_z) and an FMA (grad_W).
 // SIMD: GCC vector extensions, compiled three times: baseline (x86-64 SSE2), AVX2+FMA (32-byte
-// vectors) and AVX-512 (64-byte vectors), picked at run time with __builtin_cpu_supports.
-// AEFAST_CPU_ISA=baseline|avx2|avx512 (read per call) caps the choice, so the tests run every
-// variant on one machine; torch.ops.aefast.unpool_deconv_cpu_isa() says which one runs.
+// vectors) and AVX-512 (64-byte vectors), each hot loop nest a separate target-attributed
+// function, picked at run time with __builtin_cpu_supports (never an AVX-512 instruction on a
+// CPU without it). AEFAST_CPU_ISA=baseline|avx2|avx512 (read per call) caps the choice, so the
+// tests run every variant on one machine; torch.ops.aefast.unpool_deconv_cpu_isa() says which
+// one runs.
 //
-// Index validation: the forward's counting sort decodes every index anyway, so it also finds
-// the first invalid one (outside the unpooled plane or outside its own pool window) and the op
-// raises (after the parallel region; the output is never returned). aefast.functional turns
-// that into the same ValueError as the separate check (first_bad_unpool_index) that the other
-// backends run. Invalid entries are skipped by every kernel, so a direct torch.ops call with
-// bad indices cannot write out of bounds (the backward skips them silently).
+// Index validation: the forward decodes every index anyway, so it also finds the first invalid
+// one in row-major order (outside the unpooled plane or outside its own pool window) and the op
+// raises after the parallel region (no output is returned). aefast.functional turns that into
+// the same ValueError as the separate check (first_bad_unpool_index) that the other backends
+// still run first. Invalid entries are skipped by every kernel, so a direct torch.ops call
+// with bad indices cannot write out of bounds (the backward skips them silently: grad 0).
+// Duplicate positions cannot occur here: the indices must lie in their own (disjoint) windows.
 //
 // Determinism: every output element is owned by one thread and accumulated in a fixed order
-// (forward and grad_input per image; grad_weight per fixed chunk of images, entries in position
-// / channel order, the chunk partials added in chunk order; grad_bias from per-image partial
-// sums added in image order). No atomics in the sums; results do not depend on the number of
-// threads (the chunks depend on N only).
+// (forward and grad_input per image; grad_weight per fixed chunk of images, entries in a fixed
+// channel / window order, the chunk partials added in chunk order; grad_bias from per-image
+// partial sums added in image order). No atomics in the sums; results do not depend on the
+// number of threads (the chunks depend on N only).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -225,7 +237,6 @@ struct ImageScratch {
   std::vector<int32_t> cnt;     // [b] entries in bucket b
   std::vector<int32_t> bq;      // [b] position of bucket b, -1 outside the plane
   std::vector<int32_t> ent_w;   // [b*cap + i] ci * Kp (the entry's weight slab)
-  std::vector<int32_t> ent_k;   // [b*cap + i] ci * plane + p (its pooled value)
   std::vector<acc_t> ent_z;     // [b*cap + i] z
   std::vector<uint8_t> has;     // [q] 1 if position q holds an entry (never set outside windows)
   ImageScratch(const DecoderGeometry& g, bool buckets, bool channels) {
@@ -238,7 +249,6 @@ struct ImageScratch {
     cnt.resize(seg * window);
     bq.resize(seg * window);
     ent_w.resize(seg * window * cap);
-    ent_k.resize(seg * window * cap);
     ent_z.resize(seg * window * cap);
     has.assign(g.unpooled_h * g.unpooled_w, 0);
   }
@@ -278,7 +288,6 @@ __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z,
   const int64_t nbk = (pw1 - pw0) * window;
   int32_t* __restrict__ cnt = s.cnt.data();
   int32_t* __restrict__ ent_w = s.ent_w.data();
-  int32_t* __restrict__ ent_k = s.ent_k.data();
   acc_t* __restrict__ ent_z = s.ent_z.data();
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   std::fill(cnt, cnt + nbk, 0);
@@ -296,7 +305,6 @@ __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z,
       const int64_t b = (pw - pw0) * window + o;
       const int64_t d = b * cap + cnt[b]++;
       ent_w[d] = wo;
-      ent_k[d] = static_cast<int32_t>(k);
       ent_z[d] = static_cast<acc_t>(z[k]);
     }
   }
@@ -692,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
 // per-image im2col buffer (one run of kp values at noff[q] = q * kp).
 struct BackwardPlan {
   int64_t kp;
-  bool per_position;  // small slabs: per-position loop order (else per channel)
+  bool per_position;  // small slabs: row bands (band_grads), else per channel
   bool direct;        // nb read straight from gpad (else from the im2col buffer)
   int64_t runs, run_len, run_stride;
   int64_t nvc;        // vectors per chunk (per-channel order)
@@ -739,64 +747,6 @@ AEFAST_ALWAYS_INLINE void channel_chunk(const acc_t* __restrict__ w, const acc_t
   if (need_w)
     for (int j = 0; j < NV; ++j) vstore(gw + j * L, vload<V>(gw + j * L) + ga[j]);
 }
-
-// Per position (kp <= 4 vectors): nb(q) in NV registers, each entry one dot and one slab RMW.
-template <int VB, int NV, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void position_loop(const acc_t* __restrict__ wt, const acc_t* __restrict__ gpad,
-                                        const int64_t* __restrict__ noff, const BackwardPlan& plan, int64_t run_copy,
-                                        const ImageScratch<acc_t>& s, int64_t nbk, scalar_t* __restrict__ gz,
-                                        acc_t* __restrict__ gwt,
-                                        bool need_z, bool need_w) {
-  using V = typename VecOf<acc_t, VB>::type;
-  constexpr int L = VecOf<acc_t, VB>::L;
-  alignas(64) acc_t buf[NV * L];
-  for (int l = 0; l < NV * L; ++l) buf[l] = acc_t(0);
-  for (int64_t b = 0; b < nbk; ++b) {
-    const int32_t e0 = static_cast<int32_t>(b * s.cap), e1 = e0 + s.cnt[b];
-    if (e0 == e1) continue;
-    const int64_t q = s.bq[b];
-    // nb(q): runs of run_copy values, packed (the tail of buf stays zero).
-    const acc_t* __restrict__ src = gpad + noff[q];
-    for (int64_t r = 0; r < plan.runs; ++r)
-      for (int64_t i = 0; i < run_copy; ++i) buf[r * run_copy + i] = src[r * plan.run_stride + i];
-    V x[NV];
-    for (int j = 0; j < NV; ++j) x[j] = vload<V>(buf + j * L);
-    for (int32_t e = e0; e < e1; ++e) {
-      const int32_t wo = s.ent_w[e];
-      if (need_z) {
-        V d = V{};
-        for (int j = 0; j < NV; ++j) d += vload<V>(wt + wo + j * L) * x[j];
-        gz[s.ent_k[e]] = static_cast<scalar_t>(hsum<acc_t, VB>(d));
-      }
-      if (need_w) {
-        const V zb = V{} + s.ent_z[e];
-        for (int j = 0; j < NV; ++j) vstore(gwt + wo + j * L, vload<V>(gwt + wo + j * L) + zb * x[j]);
-      }
-    }
-  }
-}
-
-// Per-position order over one image (kp <= 4 vectors).
-template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void positions_body(const acc_t* wt, const acc_t* gpad, const int64_t* noff,
-                                         const BackwardPlan& plan, int64_t run, const ImageScratch<acc_t>& s,
-                                         int64_t nbk, scalar_t* gz, acc_t* gwt,
-                                         bool need_z, bool need_w) {
-  constexpr int L = VecOf<acc_t, VB>::L;
-  switch (plan.kp / L) {
-#define AEFAST_POS_CASE(K)                                                                              \
-  case K:                                                                                               \
-    position_loop<VB, K, scalar_t, acc_t>(wt, gpad, noff, plan, run, s, nbk, gz, gwt, need_z, need_w); \
-    break;
-    AEFAST_POS_CASE(1) AEFAST_POS_CASE(2) AEFAST_POS_CASE(3) AEFAST_POS_CASE(4)
-#undef AEFAST_POS_CASE
-    default: break;
-  }
-}
-AEFAST_ISA_CLONES(positions,
-                  (const acc_t* wt, const acc_t* gpad, const int64_t* noff, const BackwardPlan& plan, int64_t run,
-                   const ImageScratch<acc_t>& s, int64_t nbk, scalar_t* gz, acc_t* gwt, bool need_z, bool need_w),
-                  (wt, gpad, noff, plan, run, s, nbk, gz, gwt, need_z, need_w))
 
 // Backward for small slabs, one row of pool windows: nb of every position of the row band is
 // copied once into col (runs of KW*C_out values packed, zero tail), then channel-major: Wt[c]
@@ -981,7 +931,7 @@ AccExtent acc_extent(const DecoderGeometry& g) {
 //   1. writes gpre = grad_out * act'(.) into a zero-bordered channels-last buffer (bias
 //      partial sums per item and channel on the way),
 //   2. computes grad_input and adds the item's grad_weight terms to its chunk's partial sum
-//      (positions_body or channels_body).
+//      (band_grads_all or channels_body).
 // The chunk partials and the bias partials are then added in chunk / item order.
 template <typename scalar_t, typename index_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const at::Tensor& z, const at::Tensor& idx,
