@@ -524,11 +524,11 @@ AEFAST_ISA_CLONES_IDX(bands, int64_t,
 // Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
 // its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
-template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
-                                        const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
-                                        const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
-                                        scalar_t* __restrict__ out, scalar_t* __restrict__ pre) {
+template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
+                                       const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
+                                       const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
+                                       scalar_t* __restrict__ out, scalar_t* __restrict__ pre) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   const int64_t co_n = g.c_out, hw_out = g.out_h * g.out_w, kw_n = g.kernel_w;
@@ -548,13 +548,41 @@ AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* __restrict__ T, const uint8
         }
         const int64_t nl = std::min<int64_t>(L, co_n - cb);
         const int64_t o = cb * hw_out + oy * g.out_w + ox;
+        if (pre)
+          for (int64_t l = 0; l < nl; ++l) pre[o + l * hw_out] = static_cast<scalar_t>(a[l]);
+        // relu / leaky_relu on the whole vector (NaN propagates: x < 0 is false for it).
+        if constexpr (A == DecoderAct::Relu) {
+          a = a < V{} ? V{} : a;
+        } else if constexpr (A == DecoderAct::LeakyRelu) {
+          a = a >= V{} ? a : a * sl;
+        }
         for (int64_t l = 0; l < nl; ++l) {
-          const acc_t x = a[l];
-          if (pre) pre[o + l * hw_out] = static_cast<scalar_t>(x);
-          out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(x, act, sl));
+          if constexpr (A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu)
+            out[o + l * hw_out] = static_cast<scalar_t>(a[l]);
+          else
+            out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(a[l], act, sl));
         }
       }
     }
+  }
+}
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
+                                        const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
+                                        scalar_t* out, scalar_t* pre) {
+  switch (act) {
+    case DecoderAct::None:
+      epilogue_act<VB, DecoderAct::None, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Relu:
+      epilogue_act<VB, DecoderAct::Relu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::LeakyRelu:
+      epilogue_act<VB, DecoderAct::LeakyRelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    default:  // (the forward activates these with ATen afterwards; kept complete for any caller)
+      epilogue_act<VB, DecoderAct::Sigmoid, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
   }
 }
 AEFAST_ISA_CLONES(epilogue,
