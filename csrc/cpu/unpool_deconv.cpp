@@ -37,8 +37,10 @@
 //        windows, so the adds do not wait on each other).
 //   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
 //      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
-//      activation at the (NCHW) store: relu / leaky_relu inline; sigmoid, tanh, gelu and silu
-//      by ATen's vectorised kernels on the image's output right after (same thread, in cache).
+//      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu on whole
+//      vectors). (Calling ATen's vectorised sigmoid per image from inside the parallel region
+//      was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
+//      activations stay scalar here.)
 // Backward: gpre = grad_out * act'(.) is written once per image into a zero-bordered
 // channels-last buffer gpad (the act a compile-time constant, the grad_b partials summed in
 // vector lanes), so that the KH*KW*C_out neighbourhood nb(q) of position q (its footprint in
@@ -560,7 +562,7 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_
           if constexpr (A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu)
             out[o + l * hw_out] = static_cast<scalar_t>(a[l]);
           else
-            out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(a[l], act, sl));
+            out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(a[l], A, sl));
         }
       }
     }
@@ -580,8 +582,17 @@ AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, cons
     case DecoderAct::LeakyRelu:
       epilogue_act<VB, DecoderAct::LeakyRelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
       break;
-    default:  // (the forward activates these with ATen afterwards; kept complete for any caller)
+    case DecoderAct::Sigmoid:
       epilogue_act<VB, DecoderAct::Sigmoid, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Tanh:
+      epilogue_act<VB, DecoderAct::Tanh, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Gelu:
+      epilogue_act<VB, DecoderAct::Gelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    default:
+      epilogue_act<VB, DecoderAct::Silu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
       break;
   }
 }
@@ -605,19 +616,6 @@ at::Tensor reorder_weight(const at::Tensor& weight, const DecoderGeometry& g, in
           wt[ci * kp + (kh * g.kernel_w + kw) * g.c_out + co] =
               static_cast<acc_t>(w[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw]);
   return wt_t;
-}
-
-// act(x) in place on one image's output, with ATen's (vectorised) kernels: sigmoid, tanh, the
-// exact erf GELU, SiLU, the same functions the eager composition applies.
-void apply_activation_inplace(at::Tensor x, DecoderAct act) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  switch (act) {
-    case DecoderAct::Sigmoid: x.sigmoid_(); break;
-    case DecoderAct::Tanh: x.tanh_(); break;
-    case DecoderAct::Gelu: at::gelu_(x); break;
-    case DecoderAct::Silu: at::silu_(x); break;
-    default: break;
-  }
 }
 
 // Lower the first-bad position to v (min over images, whatever the thread order).
@@ -656,11 +654,6 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const auto slabs = AEFAST_PICK(slabs, isa);
   const auto epilogue = AEFAST_PICK(epilogue, isa);
-  // Transcendental activations: the epilogue stores the pre-activation and ATen's vectorised
-  // kernel activates the image's output in place, right after (still in cache), in the same
-  // thread, so the result does not depend on the thread count. The rest are done at the store.
-  const bool post_act = act == DecoderAct::Sigmoid || act == DecoderAct::Tanh || act == DecoderAct::Gelu ||
-                        act == DecoderAct::Silu;
   // Small slabs: row bands of dense T (band_sums); larger ones: bucketed entries (slab_sums).
   const bool small = kp / L <= 4;
   const auto bands = AEFAST_PICK_IDX(bands, isa);
@@ -687,8 +680,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
                   scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
           }
       }
-      epilogue(T, small ? nullptr : scratch.has.data(), b, g, rt, ct, kp, post_act ? DecoderAct::None : act, sl, o, p);
-      if (post_act) apply_activation_inplace(out.select(0, n), act);
+      epilogue(T, small ? nullptr : scratch.has.data(), b, g, rt, ct, kp, act, sl, o, p);
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
   });
