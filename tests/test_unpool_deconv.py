@@ -564,3 +564,15 @@ def test_cpu_kernel_finds_the_first_bad_index(fmt, monkeypatch):
             AF.unpool_conv_transpose2d(z, bad, w, b, 2, out_hw, 1, 1, index_format=fmt)
         y = AF.unpool_conv_transpose2d(z, idx, w, b, 2, out_hw, 1, 1, index_format=fmt)  # good ones pass
     assert y.shape == (3, 2, 6, 6)
+
+
+def test_cpu_vector_sigmoid_accuracy(cpu_isa):
+    """The fp32 epilogue computes sigmoid on whole vectors (own exp): within a few ulp of
+    torch.sigmoid over the whole range, saturating at +-inf, NaN propagating."""
+    t = torch.cat([torch.linspace(-95, 95, 40001), torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])])
+    t = t.view(1, 1, 1, -1)
+    idx = torch.zeros_like(t, dtype=torch.uint8)
+    w = torch.ones(1, 1, 1, 1)
+    with aefast.set_backend("cpu"):
+        y = AF.unpool_conv_transpose2d(t, idx, w, None, 1, None, 1, 0, 0, "sigmoid", index_format="window")
+    torch.testing.assert_close(y, torch.sigmoid(t), rtol=8 * 2**-24, atol=1e-30, equal_nan=True)

@@ -37,8 +37,8 @@
 //        windows, so the adds do not wait on each other).
 //   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
 //      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
-//      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu on whole
-//      vectors). (Calling ATen's vectorised sigmoid per image from inside the parallel region
+//      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
+//      for fp32 accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from inside the parallel region
 //      was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
 //      activations stay scalar here.)
 // Backward: gpre = grad_out * act'(.) is written once per image into a zero-bordered
@@ -526,6 +526,33 @@ AEFAST_ISA_CLONES_IDX(bands, int64_t,
 // Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
 // its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
+// sigmoid on a whole float vector: 1 / (1 + exp(-x)) with exp by range reduction
+// (x = n ln2 + r, |r| <= ln2/2) and the Cephes expf polynomial (about 1 ulp), 2^n through the
+// exponent bits. x is clamped to [-88, 88] first (the result is then 0 or 1 to float precision
+// anyway); NaN fails both comparisons of the clamp and propagates.
+template <typename V, typename IV>
+AEFAST_ALWAYS_INLINE V sigmoid_vec_f32(V x) {
+  V t = -x;
+  t = t > V{} + 88.0f ? V{} + 88.0f : t;
+  t = t < V{} - 88.0f ? V{} - 88.0f : t;
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V kf = (t * 1.44269504088896341f + magic) - magic;
+  V r = t - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const IV ki = __builtin_convertvector(kf, IV);
+  const IV bits = (ki + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(V));
+  return 1.0f / (1.0f + p * scale);
+}
+
 template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
                                        const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
@@ -557,9 +584,13 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_
           a = a < V{} ? V{} : a;
         } else if constexpr (A == DecoderAct::LeakyRelu) {
           a = a >= V{} ? a : a * sl;
+        } else if constexpr (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>) {
+          a = sigmoid_vec_f32<V, typename VecOf<int32_t, VB>::type>(a);
         }
+        constexpr bool vec_done = A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu ||
+                                  (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>);
         for (int64_t l = 0; l < nl; ++l) {
-          if constexpr (A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu)
+          if constexpr (vec_done)
             out[o + l * hw_out] = static_cast<scalar_t>(a[l]);
           else
             out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(a[l], A, sl));
