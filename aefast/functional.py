@@ -453,11 +453,22 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
     device, (s, p, op, _), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 1, 1,
                                                      in_hw=unpooled_hw)
     backend = choose("unpool_conv_transpose2d", device)
-    _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool)
+    # The CPU kernel decodes (and so checks) every index itself and names the first bad one;
+    # the other backends run the separate one-pass check first.
+    kernel_checks = backend == "cpu" and device.type == "cpu"
+    if not kernel_checks:
+        _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool)
     if backend != "reference":
-        out = _unpool_deconv.unpool_conv_transpose2d(backend, input, indices, weight, bias, k_pool, unpooled_hw, s, p,
-                                                     op, activation, negative_slope)
-        return _channels_last_like(out, input)
+        try:
+            out = _unpool_deconv.unpool_conv_transpose2d(backend, input, indices, weight, bias, k_pool, unpooled_hw,
+                                                         s, p, op, activation, negative_slope)
+        except RuntimeError as err:
+            bad = _unpool_deconv.bad_index_position(err) if kernel_checks else None
+            if bad is None:
+                raise
+        else:
+            return _channels_last_like(out, input)
+        _raise_bad_index(indices, bad, index_format, unpooled_hw, k_pool)
     return ref.unpool_conv_transpose2d(input, indices, weight, bias, k_pool, unpooled_hw, s, p, op, activation,
                                        index_format, negative_slope=negative_slope)
 

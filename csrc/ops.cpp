@@ -80,6 +80,9 @@ TORCH_LIBRARY(aefast, m) {
   // [0, H*W) of the unpooled plane and, with in_window, inside their own pool window
   // (stride = pool_size); window (uint8) offsets must be < pool_h*pool_w and land in the plane.
   m.def("first_bad_unpool_index(Tensor indices, int[2] unpooled_size, int[2] pool_size, bool in_window) -> Tensor");
+  // Which SIMD variant the CPU decoder kernels run now: 0 baseline, 1 AVX2+FMA, 2 AVX-512 (the
+  // CPU's best, capped by AEFAST_CPU_ISA=baseline|avx2|avx512, read per call).
+  m.def("unpool_deconv_cpu_isa() -> int");
 
   // ---- recon_loss (loss, corruption, VAE terms) ----
   // One pass computes the loss (reduced as asked) AND, when grad_input / grad_target is set,

@@ -438,3 +438,141 @@ def test_first_bad_unpool_index_op():
     clipped[0, 0, 0, 0] = 4
     assert int(op(clipped, [5, 5], [2, 2], True)) == 0  # offset beyond the window
     torch.library.opcheck(op, [bad, [6, 6], [2, 2], True])
+
+
+# ---------------------------------------------------------------- CPU kernel variants and paths
+
+_BEST_ISA = torch.ops.aefast.unpool_deconv_cpu_isa()
+ISAS = {"baseline": 0, "avx2": 1, "avx512": 2}
+
+# Cases that reach each loop order of the CPU kernels, for every vector width:
+#   small slabs (C_out 1 and 3, K <= 4 vectors) -> per-position backward;
+#   K*C_out a whole number of vectors (C_out 16, 3x3: runs of 48) -> per-channel, nb read from gpad;
+#   C_out 17 -> per-channel through the im2col; C_in 64 x C_out 32 -> several weight chunks;
+#   pool 1 (every position full), pool 3 with a clipped last window, stride 2, 1x1 kernel.
+# (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, act)
+PATH_CASES = [
+    (3, 32, 1, (12, 12), 2, 3, 1, 1, 0, "sigmoid"),
+    (2, 32, 3, (16, 14), 2, 3, 1, 1, 0, "sigmoid"),
+    (2, 8, 16, (8, 8), 2, 3, 1, 1, 0, "relu"),
+    (2, 6, 17, (7, 9), 2, 3, 2, 1, 1, "gelu"),
+    (2, 64, 32, (6, 6), 2, 3, 1, 1, 0, "relu"),
+    (2, 5, 4, (5, 5), 1, 3, 1, 1, 0, "tanh"),
+    (2, 4, 6, (8, 7), 3, 2, 2, 0, 1, "silu"),
+    (1, 3, 40, (6, 6), 2, 1, 1, 0, 0, "leaky_relu"),
+]
+
+
+@pytest.fixture(params=list(ISAS))
+def cpu_isa(request, monkeypatch):
+    """Runs the test with the CPU decoder kernels capped to one SIMD variant (AEFAST_CPU_ISA is
+    read per call); a variant above what this CPU has is skipped."""
+    if ISAS[request.param] > _BEST_ISA:
+        pytest.skip(f"this CPU lacks {request.param}")
+    monkeypatch.setenv("AEFAST_CPU_ISA", request.param)
+    assert torch.ops.aefast.unpool_deconv_cpu_isa() == ISAS[request.param]
+    return request.param
+
+
+def test_isa_cap_environment(monkeypatch):
+    monkeypatch.setenv("AEFAST_CPU_ISA", "baseline")
+    assert torch.ops.aefast.unpool_deconv_cpu_isa() == 0
+    monkeypatch.setenv("AEFAST_CPU_ISA", "avx512")
+    assert torch.ops.aefast.unpool_deconv_cpu_isa() == _BEST_ISA  # a cap never raises the CPU's limit
+    monkeypatch.delenv("AEFAST_CPU_ISA")
+    monkeypatch.setenv("AEFAST_CPU_BASELINE", "1")
+    assert torch.ops.aefast.unpool_deconv_cpu_isa() == 0
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=[f"{c[1]}to{c[2]}_pool{c[4]}_k{c[5]}_s{c[6]}" for c in PATH_CASES])
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_cpu_paths_per_isa(cpu_isa, case, fmt):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=21, ceil_mode=True)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, fmt)
+    assert_close_all(got, want, torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", [PATH_CASES[1], PATH_CASES[3], PATH_CASES[4]], ids=["small", "im2col", "chunks"])
+def test_cpu_paths_dtypes_per_isa(cpu_isa, case, dtype):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=dtype, seed=22)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "window")
+    assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 4.0)
+
+
+@pytest.mark.parametrize("case", [PATH_CASES[0], PATH_CASES[3], PATH_CASES[4]], ids=["small", "im2col", "chunks"])
+def test_cpu_partial_gradients_per_isa(cpu_isa, case):
+    """output_mask with one gradient only: each loop order has input-only and weight-only modes."""
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=torch.float64, seed=23)
+    full = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "flat")[0]
+    for which in (0, 1):
+        leaves = [z.clone().requires_grad_(which == 0), w.clone().requires_grad_(which == 1)]
+        y = AF.unpool_conv_transpose2d(leaves[0], idx, leaves[1], b, pool, out_hw, s, p, op, act)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (grad,) = torch.autograd.grad(y, [leaves[which]], g)
+        torch.testing.assert_close(grad, full[1 + which], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [PATH_CASES[0], PATH_CASES[3], PATH_CASES[4]], ids=["small", "im2col", "chunks"])
+def test_cpu_paths_independent_of_thread_count(cpu_isa, case):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(5, ci, co, hw, pool, k, seed=24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "window")[0])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- index check inside the CPU kernel
+
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_cpu_kernel_finds_the_first_bad_index(fmt, monkeypatch):
+    """The CPU forward checks the indices itself (no separate pass runs) and names the first bad
+    one in row-major order, across images, as first_bad_unpool_index does."""
+    z, idx, w, b, out_hw = make_case(3, 4, 2, (6, 6), 2, 3, seed=25)
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, 2)
+    bad = idx.clone()
+    if fmt == "flat":
+        bad[2, 1, 0, 1] = 0    # element (0, 0) belongs to window (0, 0), not (0, 1)
+        bad[1, 3, 2, 2] = 36   # out of range, earlier image: this one is first
+    else:
+        bad[2, 1, 0, 1] = 4
+        bad[1, 3, 2, 2] = 7
+    first = int(torch.ops.aefast.first_bad_unpool_index(bad, list(out_hw), [2, 2], True))
+    assert first == (1 * 4 + 3) * 9 + 2 * 3 + 2
+    with pytest.raises(RuntimeError, match=f"invalid index at linear position {first}"):
+        torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, [2, 2], list(out_hw), [1, 1], [1, 1], [0, 0], None, 0.0)
+    from aefast.ops import unpool_deconv as ops
+
+    def no_separate_pass(*a, **k):
+        raise AssertionError("the CPU path ran the separate index check")
+
+    monkeypatch.setattr(ops, "first_bad_index", no_separate_pass)
+    with aefast.set_backend("cpu"):
+        with pytest.raises(ValueError, match=r"at position \(1, 3, 2, 2\)"):
+            AF.unpool_conv_transpose2d(z, bad, w, b, 2, out_hw, 1, 1, index_format=fmt)
+        y = AF.unpool_conv_transpose2d(z, idx, w, b, 2, out_hw, 1, 1, index_format=fmt)  # good ones pass
+    assert y.shape == (3, 2, 6, 6)
+
+
+def test_cpu_vector_sigmoid_accuracy(cpu_isa):
+    """The fp32 epilogue computes sigmoid on whole vectors (own exp): within a few ulp of
+    torch.sigmoid over the whole range, saturating at +-inf, NaN propagating."""
+    t = torch.cat([torch.linspace(-95, 95, 40001), torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])])
+    t = t.view(1, 1, 1, -1)
+    idx = torch.zeros_like(t, dtype=torch.uint8)
+    w = torch.ones(1, 1, 1, 1)
+    with aefast.set_backend("cpu"):
+        y = AF.unpool_conv_transpose2d(t, idx, w, None, 1, None, 1, 0, 0, "sigmoid", index_format="window")
+    torch.testing.assert_close(y, torch.sigmoid(t), rtol=8 * 2**-24, atol=1e-30, equal_nan=True)

@@ -24,6 +24,8 @@ indices; grad_in[p] = grad_out[idx[p]] for the winning p and 0 for the overwritt
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from aefast.ops import _registry
@@ -174,6 +176,16 @@ def unpool_conv_transpose2d(backend, input, indices, weight, bias, pool_size, un
         input, indices, weight, bias, list(pool_size), list(unpooled_size), list(stride), list(padding),
         list(output_padding), activation, float(negative_slope))
     return out
+
+
+_BAD_INDEX = re.compile(r"aefast::unpool_conv_transpose2d: invalid index at linear position (\d+)")
+
+
+def bad_index_position(err):
+    """The linear position the CPU forward kernel names when it meets an invalid index (it
+    raises after decoding them all: the first bad one in row-major order), or None."""
+    m = _BAD_INDEX.search(str(err))
+    return int(m.group(1)) if m else None
 
 
 def first_bad_index(indices, unpooled_size, pool_size, in_window):

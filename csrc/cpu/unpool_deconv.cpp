@@ -6,26 +6,75 @@
 // z[n, ci, ph, pw] sits in the unpooled plane (the map u is z there and 0 elsewhere). Then
 //   pre[n, co, oy, ox] = b[co] + sum_{ci, ph, pw, kh, kw : oy = h*sh - padh + kh, ox = w*sw - padw + kw}
 //                                z[n, ci, ph, pw] * W[ci, co, kh, kw]
-// i.e. every pooled value scatters z * W[ci] over the KH x KW footprint of its one position:
 // 1/(pool_h*pool_w) of the MACs of the dense transposed conv over u, and u is never built.
 // With gpre = grad_out * act'(.) the gradients are
 //   grad_z[n, ci, ph, pw] = sum_{co, kh, kw} gpre[n, co, h*sh - padh + kh, w*sw - padw + kw] * W[ci, co, kh, kw]
-//       (the dgrad conv evaluated only at the argmax position of each window: a gather),
+//       (the dgrad conv evaluated only at the argmax position of each window),
 //   grad_W[ci, co, kh, kw] = sum_{n, ph, pw} z[n, ci, ph, pw] * gpre[n, co, h*sh - padh + kh, w*sw - padw + kw]
 //       (only the nonzero positions of u contribute),
 //   grad_b[co] = sum_{n, oy, ox} gpre[n, co, oy, ox].
 //
-// Layout: accumulation happens in a channels-last fp32 (fp64 for double) buffer acc[a][c][co]
-// with a = oy + padh in [0, Ha), c = ox + padw in [0, Wa), large enough for every footprint,
-// so the hot loops have no bounds checks. In that layout one kernel row of a footprint
-// (kw = 0..KW-1, all co) is ONE contiguous run of KW*C_out values, and so is the matching row of
-// the weight reordered to Wt[ci][kh][kw][co]: the inner loop is a contiguous axpy / dot that
-// gcc vectorises (compiled twice: baseline and AVX2+FMA, picked at run time).
+// Notation. Wt[ci][kh][kw][co] is the weight reordered so that the KH*KW*C_out weights of one
+// input channel form one contiguous "slab" of K = KH*KW*C_out values (padded with zeros to Kp,
+// a whole number of SIMD vectors). An "entry" is one pooled value (ci, z) at its unpooled
+// position q = h*W_u + w. Both directions work on one image at a time and on one row of pool
+// windows (pool_h unpooled rows) at a time, reading z and idx channel by channel along the
+// row (the next row is software-prefetched: the hop from channel to channel defeats the
+// hardware prefetchers). Decoding an index IS its validation (see below).
+//
+// Forward (no zero-filled unpooled map; u is never built):
+//   1. T[q][k] = sum_{e at q} z_e * Wt[c_e][k] (k < Kp), the tap vector of position q.
+//      * large slabs (Kp > 4 vectors, e.g. 64->32: 18 zmm): GATHER. The entries of a row
+//        segment of windows are bucketed by (window, offset) in one pass (each bucket has room
+//        for C_in entries, so there are no prefix sums and no serial counter chains; ci stays
+//        ascending), then per position the slab is summed in SIMD registers over its entries,
+//        in column chunks of <= 8 vectors so that the C_in x chunk weight block stays in L1:
+//        one weight load per FMA, nothing stored until the position is done.
+//      * small slabs (Kp <= 4 vectors, e.g. C_out = 1 or 3: 9 or 27 taps in one or two
+//        vectors): a position holds only ~C_in/window entries of one or two vectors, too few to
+//        pay for any sorting. The row band of T is zeroed and, channel-major with Wt[c] in
+//        registers, each entry adds z * Wt[c] to T[q] (consecutive entries hit different
+//        windows, so the adds do not wait on each other).
+//   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
+//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
+//      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
+//      for fp32 accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from inside the parallel region
+//      was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
+//      activations stay scalar here.)
+// Backward: gpre = grad_out * act'(.) is written once per image into a zero-bordered
+// channels-last buffer gpad (the act a compile-time constant, the grad_b partials summed in
+// vector lanes), so that the KH*KW*C_out neighbourhood nb(q) of position q (its footprint in
+// gpre) is KH runs of KW*C_out contiguous values. Then
+//   grad_z[e] = <Wt[c_e], nb(q_e)>   and   grad_Wt[ci] += sum_{e of ci} z_e * nb(q_e).
+//   * large slabs: per channel. For each ci and each chunk of its slab, the weight chunk and the
+//     grad_Wt chunk live in registers; every entry of ci loads its nb chunk once and uses it for
+//     both the grad_z dot (a partial vector per entry, kept across chunks, reduced once) and the
+//     grad_W FMA: two FMAs per load, nothing stored in the loop. When KW*C_out is a whole
+//     number of vectors, nb is read straight from gpad (a few KiB, L1); otherwise from a
+//     per-image im2col of gpad.
+//   * small slabs: per row band of windows, nb of every position of the band is copied once
+//     into a band im2col; then channel-major with Wt[c] and the grad_Wt[c] sum in registers,
+//     each entry costs one nb load, a dot (grad_z) and an FMA (grad_W).
+// SIMD: GCC vector extensions, compiled three times: baseline (x86-64 SSE2), AVX2+FMA (32-byte
+// vectors) and AVX-512 (64-byte vectors), each hot loop nest a separate target-attributed
+// function, picked at run time with __builtin_cpu_supports (never an AVX-512 instruction on a
+// CPU without it). AEFAST_CPU_ISA=baseline|avx2|avx512 (read per call) caps the choice, so the
+// tests run every variant on one machine; torch.ops.aefast.unpool_deconv_cpu_isa() says which
+// one runs.
+//
+// Index validation: the forward decodes every index anyway, so it also finds the first invalid
+// one in row-major order (outside the unpooled plane or outside its own pool window) and the op
+// raises after the parallel region (no output is returned). aefast.functional turns that into
+// the same ValueError as the separate check (first_bad_unpool_index) that the other backends
+// still run first. Invalid entries are skipped by every kernel, so a direct torch.ops call
+// with bad indices cannot write out of bounds (the backward skips them silently: grad 0).
+// Duplicate positions cannot occur here: the indices must lie in their own (disjoint) windows.
 //
 // Determinism: every output element is owned by one thread and accumulated in a fixed order
-// (forward and grad_input per batch item; grad_weight per input channel, looping the batch in
-// order; grad_bias from per-item partial sums added in item order). No atomics; results do
-// not depend on the number of threads.
+// (forward and grad_input per image; grad_weight per fixed chunk of images, entries in a fixed
+// channel / window order, the chunk partials added in chunk order; grad_bias from per-image
+// partial sums added in image order). No atomics in the sums; results do not depend on the
+// number of threads (the chunks depend on N only).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,10 +82,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "aefast/unpool_deconv.h"
@@ -45,87 +96,56 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define AEFAST_X86_CLONES 1
 #define AEFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define AEFAST_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #else
 #define AEFAST_TARGET_AVX2
+#define AEFAST_TARGET_AVX512
 #endif
 #define AEFAST_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace aefast {
 namespace {
 
-bool cpu_has_avx2_fma() {
+// ---------------------------------------------------------------- ISA choice
+enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa cpu_best_isa() {
 #ifdef AEFAST_X86_CLONES
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  static const Isa best = [] {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? Isa::Avx512 : avx2 ? Isa::Avx2 : Isa::Base;
+  }();
+  return best;
 #else
-  return false;
+  return Isa::Base;
 #endif
 }
 
-// Extent of the channels-last accumulation buffer: row a = oy + pad_h covers every footprint
-// row h*sh + kh (< (Hu-1)*sh + KH) and every output row (< Ho + pad_h).
-struct AccExtent {
-  int64_t rows, cols;
-};
-AccExtent acc_extent(const DecoderGeometry& g) {
-  return {std::max((g.unpooled_h - 1) * g.stride_h + g.kernel_h, g.out_h + g.pad_h),
-          std::max((g.unpooled_w - 1) * g.stride_w + g.kernel_w, g.out_w + g.pad_w)};
-}
-
-// Offset i*pool_w + j of pooled value k inside its window (ph, pw), or -1 if the index does not
-// name an element of that window inside the unpooled plane. The Python layer rejects such
-// indices before any kernel runs; the kernels still skip them so that a direct torch.ops call
-// with bad indices cannot write out of bounds. Flat indices avoid a 64-bit division: inside
-// the window, v - start = i*W + j with i < pool_h, so i is found by pool_h comparisons.
-template <typename index_t>
-AEFAST_ALWAYS_INLINE int64_t window_offset_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw,
-                                              const DecoderGeometry& g) {
-  int64_t i, j;
-  if constexpr (std::is_same_v<index_t, int64_t>) {
-    const int64_t rel = idx[k] - (ph * g.pool_h) * g.unpooled_w - pw * g.pool_w;
-    if (rel < 0) return -1;
-    i = 0;  // branch-free: the argmax row is random, a data-dependent loop would mispredict
-    for (int64_t q = 1; q <= g.pool_h; ++q) i += rel >= q * g.unpooled_w;
-    j = rel - i * g.unpooled_w;
-    if (i >= g.pool_h || j >= g.pool_w) return -1;
-  } else {
-    const int64_t o = static_cast<int64_t>(idx[k]);
-    if (o >= g.pool_h * g.pool_w) return -1;
-    i = o / g.pool_w;
-    j = o - i * g.pool_w;
+// The variant the decoder kernels run: the best the CPU has, capped by AEFAST_CPU_ISA
+// (baseline | avx2 | avx512) or AEFAST_CPU_BASELINE=1. Read per call (cheap next to a kernel),
+// so a test can switch variants inside one process; it never raises the CPU's own limit.
+Isa decoder_isa() {
+  Isa isa = cpu_best_isa();
+  if (const char* b = std::getenv("AEFAST_CPU_BASELINE"); b && *b && std::string_view(b) != "0") isa = Isa::Base;
+  if (const char* cap = std::getenv("AEFAST_CPU_ISA"); cap && *cap) {
+    const std::string_view s(cap);
+    const Isa c = (s == "baseline" || s == "base") ? Isa::Base : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
+    if (static_cast<int>(c) < static_cast<int>(isa)) isa = c;
   }
-  if (ph * g.pool_h + i >= g.unpooled_h || pw * g.pool_w + j >= g.unpooled_w) return -1;
-  return i * g.pool_w + j;
+  return isa;
 }
 
-// Unpooled position (h, w) of pooled value k; false for an invalid index (see above).
-template <typename index_t>
-AEFAST_ALWAYS_INLINE bool position_of(const index_t* idx, int64_t k, int64_t ph, int64_t pw, const DecoderGeometry& g,
-                                      int64_t& h, int64_t& w) {
-  const int64_t o = window_offset_of(idx, k, ph, pw, g);
-  if (o < 0) return false;
-  const int64_t i = o / g.pool_w;
-  h = ph * g.pool_h + i;
-  w = pw * g.pool_w + (o - i * g.pool_w);
-  return true;
-}
+int64_t unpool_deconv_cpu_isa() { return static_cast<int64_t>(decoder_isa()); }
 
-// ---------------------------------------------------------------- vector helpers
-// GCC vector extensions, one AVX register (32 bytes) each: the AVX2+FMA clones compile them to
-// ymm FMAs, the baseline clones to pairs of SSE ops.
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  using type = v8f;
-  static constexpr int L = 8;
-};
-template <>
-struct Vec<double> {
-  using type = v4d;
-  static constexpr int L = 4;
+// ---------------------------------------------------------------- vectors
+// VecOf<T, B>: B bytes of T (GCC vector extension). B = 64 in the AVX-512 clones, 32 in the
+// AVX2 and baseline ones (the baseline compiles them to pairs of SSE ops).
+template <typename T, int B>
+struct VecOf {
+  typedef T type __attribute__((vector_size(B)));
+  static constexpr int L = B / static_cast<int>(sizeof(T));
 };
 template <typename V, typename T>
 AEFAST_ALWAYS_INLINE V vload(const T* p) {
@@ -137,264 +157,503 @@ template <typename V, typename T>
 AEFAST_ALWAYS_INLINE void vstore(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
-
-// dst[0 : NV*L] += sum_t vals[t] * base[offs[t] : offs[t] + NV*L], summed in registers in t order
-// and added to dst once: one load per FMA and no store in the loop.
-template <int NV, typename T>
-AEFAST_ALWAYS_INLINE void axpy_rows_block(T* __restrict__ dst, const T* __restrict__ base,
-                                          const int64_t* __restrict__ offs, const T* __restrict__ vals,
-                                          int64_t count) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
-  V r[NV];
-  for (int q = 0; q < NV; ++q) r[q] = V{};
-  for (int64_t t = 0; t < count; ++t) {
-    const T* s = base + offs[t];
-    const V v = V{} + vals[t];
-    for (int q = 0; q < NV; ++q) r[q] += v * vload<V>(s + q * L);
-  }
-  for (int q = 0; q < NV; ++q) vstore(dst + q * L, vload<V>(dst + q * L) + r[q]);
-}
-
-// dst[0 : run] += sum_t vals[t] * base[offs[t] : offs[t] + run] (a gathered-row GEMV). Rows of
-// up to 12 vectors are done in one pass over the list with exactly as many accumulators; slabs
-// are padded to whole vectors, so the scalar tail only serves unpadded callers.
-template <typename T>
-AEFAST_ALWAYS_INLINE void axpy_rows(T* __restrict__ dst, const T* __restrict__ base, const int64_t* __restrict__ offs,
-                                    const T* __restrict__ vals, int64_t count, int64_t run) {
-  constexpr int L = Vec<T>::L;
-  int64_t j = 0;
-  for (; j + 12 * L <= run; j += 12 * L) axpy_rows_block<12>(dst + j, base + j, offs, vals, count);
-  const int64_t nv = (run - j) / L;
-  switch (nv) {
-#define AEFAST_AXPY_CASE(K) \
-  case K:                   \
-    axpy_rows_block<K>(dst + j, base + j, offs, vals, count); \
-    break;
-    AEFAST_AXPY_CASE(1) AEFAST_AXPY_CASE(2) AEFAST_AXPY_CASE(3) AEFAST_AXPY_CASE(4) AEFAST_AXPY_CASE(5)
-    AEFAST_AXPY_CASE(6) AEFAST_AXPY_CASE(7) AEFAST_AXPY_CASE(8) AEFAST_AXPY_CASE(9) AEFAST_AXPY_CASE(10)
-    AEFAST_AXPY_CASE(11)
-#undef AEFAST_AXPY_CASE
-    default: break;
-  }
-  j += nv * L;
-  for (; j < run; ++j) {
+// Sum of the lanes, by halving (extract + add), not lane by lane.
+template <typename T, int B>
+AEFAST_ALWAYS_INLINE T hsum(typename VecOf<T, B>::type v) {
+  if constexpr (B > 16) {
+    using H = typename VecOf<T, B / 2>::type;
+    H lo, hi;
+    __builtin_memcpy(&lo, &v, B / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + B / 2, B / 2);
+    return hsum<T, B / 2>(lo + hi);
+  } else {
     T s = 0;
-    for (int64_t t = 0; t < count; ++t) s += vals[t] * base[offs[t] + j];
-    dst[j] += s;
+    for (int l = 0; l < VecOf<T, B>::L; ++l) s += v[l];
+    return s;
   }
 }
 
-// Per-channel slab stride: KH*KW*C_out rounded up to whole vectors (the padding is zero).
-template <typename acc_t>
-int64_t slab_stride(const DecoderGeometry& g) {
-  constexpr int64_t L = Vec<acc_t>::L;
-  return (g.kernel_h * g.kernel_w * g.c_out + L - 1) / L * L;
-}
+// Vector width in bytes of each variant.
+constexpr int vec_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : 32; }
 
-// sum_j a[j] * b[j] with vector lanes (a float reduction the compiler would leave scalar).
-template <typename T>
-AEFAST_ALWAYS_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
-  V s0 = V{}, s1 = V{};
-  int64_t j = 0;
-  for (; j + 2 * L <= n; j += 2 * L) {
-    s0 += vload<V>(a + j) * vload<V>(b + j);
-    s1 += vload<V>(a + j + L) * vload<V>(b + j + L);
+// ---------------------------------------------------------------- index decoding
+// Per-call tables of the pool window: pos[o] = (o / pool_w) * W_u + o % pool_w (the position
+// offset of window offset o from the window's corner), di/dj its row and column; and per
+// "slot" s = p * window + o (window p, offset o) its unpooled position slot_q[s], or -1 where a
+// clipped window reaches past the plane. Windows do not overlap, so slots name positions once.
+struct WindowTable {
+  int64_t window;
+  std::vector<int64_t> pos, di, dj;
+  std::vector<int32_t> slot_q;
+  explicit WindowTable(const DecoderGeometry& g) : window(g.pool_h * g.pool_w) {
+    pos.resize(window);
+    di.resize(window);
+    dj.resize(window);
+    for (int64_t o = 0; o < window; ++o) {
+      di[o] = o / g.pool_w;
+      dj[o] = o % g.pool_w;
+      pos[o] = di[o] * g.unpooled_w + dj[o];
+    }
+    slot_q.resize(g.pooled_h * g.pooled_w * window);
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw)
+        for (int64_t o = 0; o < window; ++o) {
+          const int64_t h = ph * g.pool_h + di[o], w = pw * g.pool_w + dj[o];
+          slot_q[(ph * g.pooled_w + pw) * window + o] =
+              h < g.unpooled_h && w < g.unpooled_w ? static_cast<int32_t>(h * g.unpooled_w + w) : -1;
+        }
   }
-  for (; j + L <= n; j += L) s0 += vload<V>(a + j) * vload<V>(b + j);
-  s0 += s1;
-  T s = 0;
-  for (int l = 0; l < L; ++l) s += s0[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-
-// Per-thread scratch: the channels of every window of one item grouped by argmax offset.
-template <typename acc_t>
-struct GroupScratch {
-  std::vector<int64_t> offset_of_ci, bounds, fill, offs;
-  std::vector<acc_t> vals, slab;
-  GroupScratch(int64_t c_in, int64_t windows, int64_t window, int64_t slab_len)
-      : offset_of_ci(c_in), bounds(windows * (window + 1)), fill(window), offs(windows * c_in),
-        vals(windows * c_in), slab(slab_len) {}
 };
 
-// Columns of the weight slab handled per pass: 12 vectors, so that the weight block of all
-// input channels (C_in x 12 vectors) stays in L1 while every window of the item uses it.
-template <typename acc_t>
-constexpr int64_t kSlabChunk = 12 * Vec<acc_t>::L;
+// Offset o inside window (ph, pw) (corner (h0, w0)) named by index k, or -1 if the index does
+// not name an element of that window inside the unpooled plane. Flat indices avoid a 64-bit
+// division: inside the window, v - corner = i*W_u + j with i < pool_h, so i is counted by
+// pool_h comparisons (branch-free: the argmax row is random).
+template <typename index_t>
+AEFAST_ALWAYS_INLINE int64_t decode_offset(const index_t* idx, int64_t k, int64_t h0, int64_t w0,
+                                           const DecoderGeometry& g, const WindowTable& wt) {
+  if constexpr (std::is_same_v<index_t, int64_t>) {
+    const int64_t rel = idx[k] - (h0 * g.unpooled_w + w0);
+    if (rel < 0) return -1;
+    int64_t i = 0;
+    for (int64_t q = 1; q <= g.pool_h; ++q) i += rel >= q * g.unpooled_w;
+    const int64_t j = rel - i * g.unpooled_w;
+    if (i >= g.pool_h || j >= g.pool_w || h0 + i >= g.unpooled_h || w0 + j >= g.unpooled_w) return -1;
+    return i * g.pool_w + j;
+  } else {
+    const int64_t o = static_cast<int64_t>(idx[k]);
+    if (o >= wt.window) return -1;
+    if (h0 + wt.di[o] >= g.unpooled_h || w0 + wt.dj[o] >= g.unpooled_w) return -1;
+    return o;
+  }
+}
 
-// ---------------------------------------------------------------- forward scatter (one item)
-// For each pool window the input channels are grouped (stable counting sort) by where their
-// maximum sits. A group shares one position, so its whole contribution is one gathered-row GEMV
-//   slab[kh][kw][co] = sum_{ci in group} z[ci] * Wt[ci][kh][kw][co]
-// over the contiguous per-channel weight slab (accumulated in registers), added to the
-// footprint rows of acc once. The slab columns are done in chunks (outer loop) so the weight
-// block stays in L1 across windows. MACs: one per (pooled value, weight of its channel).
+// Per-thread scratch: the entries of one segment of a row of pool windows, bucketed by slot
+// (b = (pw - pw0) * window + o), each bucket with room for all C_in channels, so that the
+// bucketing is a single pass with independent counters (no prefix sums, no serial chains).
+template <typename acc_t>
+struct ImageScratch {
+  int64_t seg = 0;              // windows per segment
+  int64_t cap = 0;              // bucket capacity (C_in)
+  std::vector<int32_t> pos_of;  // [ci*plane + p] -> q, or -1 for an invalid index (per-channel backward)
+  std::vector<int32_t> cnt;     // [b] entries in bucket b
+  std::vector<int32_t> bq;      // [b] position of bucket b, -1 outside the plane
+  std::vector<int32_t> ent_w;   // [b*cap + i] ci * Kp (the entry's weight slab)
+  std::vector<acc_t> ent_z;     // [b*cap + i] z
+  std::vector<uint8_t> has;     // [q] 1 if position q holds an entry (never set outside windows)
+  ImageScratch(const DecoderGeometry& g, bool buckets, bool channels) {
+    const int64_t window = g.pool_h * g.pool_w;
+    if (channels) pos_of.resize(g.c_in * g.pooled_h * g.pooled_w);
+    if (!buckets) return;
+    cap = g.c_in;
+    // Segments of at most ~32K entries of room (a few hundred KiB), whole rows when they fit.
+    seg = std::max<int64_t>(1, std::min<int64_t>(g.pooled_w, 32768 / std::max<int64_t>(1, window * cap)));
+    cnt.resize(seg * window);
+    bq.resize(seg * window);
+    ent_w.resize(seg * window * cap);
+    ent_z.resize(seg * window * cap);
+    has.assign(g.unpooled_h * g.unpooled_w, 0);
+  }
+};
+
+// The kernels read a row of pool windows channel by channel: the reads hop by a whole plane
+// from channel to channel, which the hardware prefetchers do not follow. So the same windows of
+// the next row are fetched (every channel) while this row is processed (measured: without it
+// the decoding waited on memory for most of its time).
+template <typename scalar_t, typename index_t>
+AEFAST_ALWAYS_INLINE void prefetch_window_row(const scalar_t* z, const index_t* idx, const DecoderGeometry& g,
+                                              int64_t ph, int64_t pw0, int64_t pw1) {
+  if (ph >= g.pooled_h) return;
+  constexpr int64_t line = 64;
+  const int64_t plane = g.pooled_h * g.pooled_w;
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const int64_t k0 = c * plane + ph * g.pooled_w + pw0, k1 = k0 + (pw1 - pw0);
+    const char* zb = reinterpret_cast<const char*>(z + k0);
+    const char* ze = reinterpret_cast<const char*>(z + k1);
+    for (const char* a = zb; a < ze; a += line) __builtin_prefetch(a);
+    __builtin_prefetch(ze - 1);
+    const char* ib = reinterpret_cast<const char*>(idx + k0);
+    const char* ie = reinterpret_cast<const char*>(idx + k1);
+    for (const char* a = ib; a < ie; a += line) __builtin_prefetch(a);
+    __builtin_prefetch(ie - 1);
+  }
+}
+
+// Buckets the entries of windows (ph, pw0 .. pw1-1) by slot, ci ascending within a bucket
+// (channel-major pass: idx and z are read contiguously along pw), sets has[] of their
+// positions, and returns the first invalid k (linear within the image) or INT64_MAX.
 template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_ALWAYS_INLINE void scatter_item_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
-                                            const acc_t* __restrict__ wt, acc_t* __restrict__ acc,
-                                            const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, ps = slab_stride<acc_t>(g);
-  const int64_t used = g.kernel_h * run;  // slab values before the zero padding
-  const int64_t window = g.pool_h * g.pool_w, plane = g.pooled_h * g.pooled_w;
-  acc_t* __restrict__ slab = sc.slab.data();
-  // Pass 1: group the channels of every window (bounds = group starts, per window).
-  for (int64_t p = 0; p < plane; ++p) {
-    const int64_t ph = p / g.pooled_w, pw = p - ph * g.pooled_w;
-    int64_t* bounds = sc.bounds.data() + p * (window + 1);
-    std::fill(bounds, bounds + window + 1, int64_t(0));
-    for (int64_t ci = 0; ci < g.c_in; ++ci) {
-      const int64_t o = window_offset_of(idx, ci * plane + p, ph, pw, g);
-      sc.offset_of_ci[ci] = o;
-      if (o >= 0) ++bounds[o + 1];
-    }
-    for (int64_t o = 0; o < window; ++o) bounds[o + 1] += bounds[o];
-    int64_t* fill = sc.fill.data();
-    for (int64_t o = 0; o < window; ++o) fill[o] = bounds[o];
-    for (int64_t ci = 0; ci < g.c_in; ++ci) {
-      const int64_t o = sc.offset_of_ci[ci];
-      if (o < 0) continue;
-      const int64_t slot = p * g.c_in + fill[o]++;
-      sc.offs[slot] = ci * ps;
-      sc.vals[slot] = static_cast<acc_t>(z[ci * plane + p]);
+__attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                                 const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
+                                                 int64_t ph, int64_t pw0, int64_t pw1, ImageScratch<acc_t>& s) {
+  const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window, cap = s.cap, h0 = ph * g.pool_h;
+  const int64_t nbk = (pw1 - pw0) * window;
+  int32_t* __restrict__ cnt = s.cnt.data();
+  int32_t* __restrict__ ent_w = s.ent_w.data();
+  acc_t* __restrict__ ent_z = s.ent_z.data();
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  std::fill(cnt, cnt + nbk, 0);
+  prefetch_window_row(z, idx, g, ph + 1, pw0, pw1);
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const int64_t kb = c * plane + ph * g.pooled_w;
+    const int32_t wo = static_cast<int32_t>(c * kp);
+    for (int64_t pw = pw0; pw < pw1; ++pw) {
+      const int64_t k = kb + pw;
+      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+      if (o < 0) {
+        first_bad = std::min(first_bad, k);
+        continue;
+      }
+      const int64_t b = (pw - pw0) * window + o;
+      const int64_t d = b * cap + cnt[b]++;
+      ent_w[d] = wo;
+      ent_z[d] = static_cast<acc_t>(z[k]);
     }
   }
-  // Pass 2: per chunk of slab columns, every window and group.
-  constexpr int64_t CH = kSlabChunk<acc_t>;
-  for (int64_t c0 = 0; c0 < used; c0 += CH) {
-    const int64_t len = std::min(CH, ps - c0), stop = std::min(used, c0 + CH);
-    for (int64_t p = 0; p < plane; ++p) {
-      const int64_t ph = p / g.pooled_w, pw = p - ph * g.pooled_w;
-      const int64_t* bounds = sc.bounds.data() + p * (window + 1);
-      for (int64_t o = 0; o < window; ++o) {
-        const int64_t first = bounds[o], cnt = bounds[o + 1] - first;
-        if (cnt == 0) continue;
-        std::fill(slab, slab + len, acc_t(0));
-        axpy_rows(slab, wt + c0, sc.offs.data() + p * g.c_in + first, sc.vals.data() + p * g.c_in + first, cnt, len);
-        const int64_t h = ph * g.pool_h + o / g.pool_w, w = pw * g.pool_w + o % g.pool_w;
-        acc_t* base = acc + (h * g.stride_h) * row_stride + (w * g.stride_w) * co;
-        // Add slab columns [c0, stop) to the footprint, one kernel-row segment at a time.
-        for (int64_t e = c0; e < stop;) {
-          const int64_t kh = e / run, r = e - kh * run, seg = std::min(stop - e, run - r);
-          acc_t* __restrict__ dst = base + kh * row_stride + r;
-          const acc_t* __restrict__ src = slab + (e - c0);
-          for (int64_t j = 0; j < seg; ++j) dst[j] += src[j];
-          e += seg;
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int64_t pw = pw0 + b / window, o = b % window;
+    const int32_t q = wtab.slot_q[(ph * g.pooled_w + pw) * window + o];
+    s.bq[b] = q;
+    if (q >= 0) s.has[q] = cnt[b] > 0;
+  }
+  return first_bad;
+}
+
+// pos_of of one image (channel-major); returns the first invalid k or INT64_MAX.
+template <typename index_t>
+int64_t positions_of(const index_t* __restrict__ idx, const DecoderGeometry& g, const WindowTable& wtab,
+                     int32_t* __restrict__ pos_of) {
+  const int64_t plane = g.pooled_h * g.pooled_w;
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  for (int64_t c = 0; c < g.c_in; ++c)
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+      const int64_t kb = c * plane + ph * g.pooled_w, h0 = ph * g.pool_h;
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+        const int64_t o = decode_offset(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
+        if (o < 0) {
+          pos_of[kb + pw] = -1;
+          first_bad = std::min(first_bad, kb + pw);
+        } else {
+          pos_of[kb + pw] = static_cast<int32_t>(h0 * g.unpooled_w + pw * g.pool_w + wtab.pos[o]);
+        }
+      }
+    }
+  return first_bad;
+}
+
+// Output taps along one axis: for output coordinate o, the (kernel offset, input position)
+// pairs with o = x*s - pad + kk, 0 <= x < extent. Flattened: first[o] .. first[o + 1].
+struct AxisTaps {
+  std::vector<int32_t> first, kk, x;
+  AxisTaps(int64_t out, int64_t extent, int64_t kernel, int64_t stride, int64_t pad) {
+    first.push_back(0);
+    for (int64_t o = 0; o < out; ++o) {
+      for (int64_t t = 0; t < kernel; ++t) {
+        const int64_t num = o + pad - t;
+        if (num < 0 || num % stride) continue;
+        const int64_t xx = num / stride;
+        if (xx >= extent) continue;
+        kk.push_back(static_cast<int32_t>(t));
+        x.push_back(static_cast<int32_t>(xx));
+      }
+      first.push_back(static_cast<int32_t>(kk.size()));
+    }
+  }
+};
+
+// ---------------------------------------------------------------- forward
+// T[q][k0 : k0 + NV*L] = sum_{e at q} z_e * Wt[c_e][k0 : ...] for every position with entries,
+// summed in NV vector registers (entries in CSR order), stored once.
+template <int VB, int NV, typename acc_t>
+AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const int32_t* __restrict__ cnt,
+                                    const int32_t* __restrict__ bq, const int32_t* __restrict__ ent_w,
+                                    const acc_t* __restrict__ ent_z, int64_t cap, acc_t* __restrict__ T, int64_t kp,
+                                    int64_t nbk) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int32_t e0 = static_cast<int32_t>(b * cap), e1 = e0 + cnt[b];
+    if (e0 == e1) continue;
+    const int64_t q = bq[b];
+    V a[NV];
+    for (int j = 0; j < NV; ++j) a[j] = V{};
+    for (int32_t e = e0; e < e1; ++e) {
+      const V zb = V{} + ent_z[e];
+      const acc_t* __restrict__ w = wt + ent_w[e];
+      for (int j = 0; j < NV; ++j) a[j] += zb * vload<V>(w + j * L);
+    }
+    for (int j = 0; j < NV; ++j) vstore(T + q * kp + j * L, a[j]);
+  }
+}
+
+// Chunking of a slab of nvt vectors: chunks of at most max_nv vectors, and at most what keeps
+// C_in chunks of weights within ~32 KiB (L1), balanced.
+inline int64_t chunk_vectors(int64_t nvt, int64_t rows, int64_t vec_bytes_, int64_t max_nv) {
+  const int64_t l1 = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows * vec_bytes_));
+  const int64_t cap = std::max<int64_t>(1, std::min({max_nv, nvt, l1}));
+  const int64_t chunks = (nvt + cap - 1) / cap;
+  return (nvt + chunks - 1) / chunks;
+}
+
+struct ForwardPlan {
+  int64_t kp;   // slab stride (whole vectors)
+  int64_t nvc;  // vectors per chunk
+};
+
+// Clones of a body template: NAME_avx512 / NAME_avx2 / NAME_base, each a separate (noinline)
+// function compiled for its ISA, so that each hot loop nest gets its own register allocation.
+#define AEFAST_ISA_CLONES(NAME, PARAMS, ARGS)                                                       \
+  template <typename scalar_t, typename acc_t>                                                      \
+  AEFAST_TARGET_AVX512 __attribute__((noinline)) void NAME##_avx512 PARAMS {                        \
+    NAME##_body<64, scalar_t, acc_t> ARGS;                                                          \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t>                                                      \
+  AEFAST_TARGET_AVX2 __attribute__((noinline)) void NAME##_avx2 PARAMS {                            \
+    NAME##_body<32, scalar_t, acc_t> ARGS;                                                          \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t>                                                      \
+  __attribute__((noinline)) void NAME##_base PARAMS {                                               \
+    NAME##_body<32, scalar_t, acc_t> ARGS;                                                          \
+  }
+// The same for bodies templated on the index type too.
+#define AEFAST_ISA_CLONES_IDX(NAME, RET, PARAMS, ARGS)                                              \
+  template <typename scalar_t, typename acc_t, typename index_t>                                    \
+  AEFAST_TARGET_AVX512 __attribute__((noinline)) RET NAME##_avx512 PARAMS {                         \
+    return NAME##_body<64, scalar_t, acc_t, index_t> ARGS;                                          \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t, typename index_t>                                    \
+  AEFAST_TARGET_AVX2 __attribute__((noinline)) RET NAME##_avx2 PARAMS {                             \
+    return NAME##_body<32, scalar_t, acc_t, index_t> ARGS;                                          \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t, typename index_t>                                    \
+  __attribute__((noinline)) RET NAME##_base PARAMS {                                                \
+    return NAME##_body<32, scalar_t, acc_t, index_t> ARGS;                                          \
+  }
+#define AEFAST_PICK_IDX(NAME, isa)                                                                    \
+  ((isa) == Isa::Avx512 ? &NAME##_avx512<scalar_t, acc_t, index_t>                                    \
+                        : (isa) == Isa::Avx2 ? &NAME##_avx2<scalar_t, acc_t, index_t> : &NAME##_base<scalar_t, acc_t, index_t>)
+// The clone of NAME<scalar_t, acc_t> for isa.
+#define AEFAST_PICK(NAME, isa) \
+  ((isa) == Isa::Avx512 ? &NAME##_avx512<scalar_t, acc_t> : (isa) == Isa::Avx2 ? &NAME##_avx2<scalar_t, acc_t> : &NAME##_base<scalar_t, acc_t>)
+
+// Step 1 of the forward for every chunk of the slab.
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* cnt, const int32_t* bq, const int32_t* ent_w,
+                                     const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc,
+                                     int64_t nbk) {
+  constexpr int L = VecOf<acc_t, VB>::L;
+  for (int64_t k0 = 0; k0 < kp; k0 += nvc * L) {
+    const int64_t nv = std::min<int64_t>(nvc, (kp - k0) / L);
+    switch (nv) {
+#define AEFAST_SLAB_CASE(K)                                                  \
+  case K:                                                                    \
+    slab_sums<VB, K, acc_t>(wt + k0, cnt, bq, ent_w, ent_z, cap, T + k0, kp, nbk); \
+    break;
+      AEFAST_SLAB_CASE(1) AEFAST_SLAB_CASE(2) AEFAST_SLAB_CASE(3) AEFAST_SLAB_CASE(4)
+      AEFAST_SLAB_CASE(5) AEFAST_SLAB_CASE(6) AEFAST_SLAB_CASE(7) AEFAST_SLAB_CASE(8)
+#undef AEFAST_SLAB_CASE
+      default: break;
+    }
+  }
+}
+AEFAST_ISA_CLONES(slabs,
+                  (const acc_t* wt, const int32_t* cnt, const int32_t* bq, const int32_t* ent_w,
+                   const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc, int64_t nbk),
+                  (wt, cnt, bq, ent_w, ent_z, cap, T, kp, nvc, nbk))
+
+// Step 1 for small slabs (kp <= 4 vectors, e.g. C_out = 1 or 3), one row of pool windows
+// (unpooled rows h0 .. h0 + pool_h - 1): there a position holds about C_in / window entries
+// of one or two vectors each, too few to pay for sorting them. Instead T of the row band is
+// zeroed and every entry adds z * Wt[c] to T[q] (channel-major: Wt[c] stays in registers, idx
+// and z are read contiguously; consecutive entries are different windows, so the adds do not
+// wait on each other). Also decodes (checks) the row's indices: returns the first invalid k
+// or INT64_MAX.
+template <int VB, int NV, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE int64_t band_sums(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                       const acc_t* __restrict__ wt, const DecoderGeometry& g,
+                                       const WindowTable& wtab, int64_t kp, int64_t ph, acc_t* __restrict__ T) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t plane = g.pooled_h * g.pooled_w, h0 = ph * g.pool_h;
+  const int64_t h1 = std::min(g.unpooled_h, h0 + g.pool_h);
+  std::fill(T + h0 * g.unpooled_w * kp, T + h1 * g.unpooled_w * kp, acc_t(0));
+  prefetch_window_row(z, idx, g, ph + 1, 0, g.pooled_w);
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  const int64_t* __restrict__ pos = wtab.pos.data();
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    V w[NV];
+    for (int j = 0; j < NV; ++j) w[j] = vload<V>(wt + c * kp + j * L);
+    const int64_t kb = c * plane + ph * g.pooled_w;
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t k = kb + pw;
+      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+      if (o < 0) {
+        first_bad = std::min(first_bad, k);
+        continue;
+      }
+      acc_t* __restrict__ t = T + (h0 * g.unpooled_w + pw * g.pool_w + pos[o]) * kp;
+      const V zb = V{} + static_cast<acc_t>(z[k]);
+      for (int j = 0; j < NV; ++j) vstore(t + j * L, vload<V>(t + j * L) + zb * w[j]);
+    }
+  }
+  return first_bad;
+}
+template <int VB, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE int64_t bands_body(const scalar_t* z, const index_t* idx, const acc_t* wt,
+                                        const DecoderGeometry& g, const WindowTable& wtab, int64_t kp, acc_t* T) {
+  constexpr int L = VecOf<acc_t, VB>::L;
+  int64_t bad = std::numeric_limits<int64_t>::max();
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+    int64_t b = bad;
+    switch (kp / L) {
+#define AEFAST_BAND_CASE(K)                                                                       \
+  case K:                                                                                         \
+    b = band_sums<VB, K, scalar_t, acc_t, index_t>(z, idx, wt, g, wtab, kp, ph, T); \
+    break;
+      AEFAST_BAND_CASE(1) AEFAST_BAND_CASE(2) AEFAST_BAND_CASE(3) AEFAST_BAND_CASE(4)
+#undef AEFAST_BAND_CASE
+      default: break;
+    }
+    bad = std::min(bad, b);
+  }
+  return bad;
+}
+AEFAST_ISA_CLONES_IDX(bands, int64_t,
+                      (const scalar_t* z, const index_t* idx, const acc_t* wt, const DecoderGeometry& g,
+                       const WindowTable& wtab, int64_t kp, acc_t* T),
+                      (z, idx, wt, g, wtab, kp, T))
+
+// Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
+// The vector over co may run past C_out into the next tap or slab (T has L values of slack at
+// its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
+// sigmoid on a whole float vector: 1 / (1 + exp(-x)) with exp by range reduction
+// (x = n ln2 + r, |r| <= ln2/2) and the Cephes expf polynomial (about 1 ulp), 2^n through the
+// exponent bits. x is clamped to [-88, 88] first (the result is then 0 or 1 to float precision
+// anyway); NaN fails both comparisons of the clamp and propagates.
+template <typename V, typename IV>
+AEFAST_ALWAYS_INLINE V sigmoid_vec_f32(V x) {
+  V t = -x;
+  t = t > V{} + 88.0f ? V{} + 88.0f : t;
+  t = t < V{} - 88.0f ? V{} - 88.0f : t;
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V kf = (t * 1.44269504088896341f + magic) - magic;
+  V r = t - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const IV ki = __builtin_convertvector(kf, IV);
+  const IV bits = (ki + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(V));
+  return 1.0f / (1.0f + p * scale);
+}
+
+template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
+                                       const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
+                                       const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
+                                       scalar_t* __restrict__ out, scalar_t* __restrict__ pre) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t co_n = g.c_out, hw_out = g.out_h * g.out_w, kw_n = g.kernel_w;
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const int32_t r0 = rt.first[oy], r1 = rt.first[oy + 1];
+    for (int64_t ox = 0; ox < g.out_w; ++ox) {
+      const int32_t c0 = ct.first[ox], c1 = ct.first[ox + 1];
+      for (int64_t cb = 0; cb < co_n; cb += L) {
+        V a = vload<V>(bias + cb);
+        for (int32_t r = r0; r < r1; ++r) {
+          const int64_t qrow = rt.x[r] * g.unpooled_w, krow = rt.kk[r] * kw_n;
+          for (int32_t c = c0; c < c1; ++c) {
+            const int64_t q = qrow + ct.x[c];
+            if (has && !has[q]) continue;
+            a += vload<V>(T + q * kp + (krow + ct.kk[c]) * co_n + cb);
+          }
+        }
+        const int64_t nl = std::min<int64_t>(L, co_n - cb);
+        const int64_t o = cb * hw_out + oy * g.out_w + ox;
+        if (pre)
+          for (int64_t l = 0; l < nl; ++l) pre[o + l * hw_out] = static_cast<scalar_t>(a[l]);
+        // relu / leaky_relu on the whole vector (NaN propagates: x < 0 is false for it).
+        if constexpr (A == DecoderAct::Relu) {
+          a = a < V{} ? V{} : a;
+        } else if constexpr (A == DecoderAct::LeakyRelu) {
+          a = a >= V{} ? a : a * sl;
+        } else if constexpr (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>) {
+          a = sigmoid_vec_f32<V, typename VecOf<int32_t, VB>::type>(a);
+        }
+        constexpr bool vec_done = A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu ||
+                                  (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>);
+        for (int64_t l = 0; l < nl; ++l) {
+          if constexpr (vec_done)
+            out[o + l * hw_out] = static_cast<scalar_t>(a[l]);
+          else
+            out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(a[l], A, sl));
         }
       }
     }
   }
 }
-
-template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_TARGET_AVX2 void scatter_item_avx2(const scalar_t* z, const index_t* idx, const acc_t* wt, acc_t* acc,
-                                          const DecoderGeometry& g, int64_t acc_cols, GroupScratch<acc_t>& sc) {
-  scatter_item_body(z, idx, wt, acc, g, acc_cols, sc);
-}
-template <typename scalar_t, typename acc_t, typename index_t>
-void scatter_item_base(const scalar_t* z, const index_t* idx, const acc_t* wt, acc_t* acc, const DecoderGeometry& g,
-                       int64_t acc_cols, GroupScratch<acc_t>& sc) {
-  scatter_item_body(z, idx, wt, acc, g, acc_cols, sc);
-}
-
-// ---------------------------------------------------------------- backward building blocks
-// col[h][w][kh][kw][co] = gpre at the footprint of unpooled position (h, w): the im2col of gpre,
-// so that every pooled value meets one contiguous slab of KH*KW*C_out values.
-template <typename acc_t>
-void build_col_rows(const acc_t* __restrict__ gpad, acc_t* __restrict__ col, const DecoderGeometry& g,
-                    int64_t acc_cols, int64_t h0, int64_t h1) {
-  const int64_t co = g.c_out, run = g.kernel_w * co, row_stride = acc_cols * co, ps = slab_stride<acc_t>(g);
-  for (int64_t h = h0; h < h1; ++h)
-    for (int64_t w = 0; w < g.unpooled_w; ++w)
-      for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-        std::memcpy(col + (h * g.unpooled_w + w) * ps + kh * run,
-                    gpad + (h * g.stride_h + kh) * row_stride + (w * g.stride_w) * co, sizeof(acc_t) * run);
-}
-
-// grad_z of channel ci of one item: a dot of the channel's weight slab with the col slab at the
-// value's position (the dgrad conv evaluated at the argmax position only).
-template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_ALWAYS_INLINE void gather_channel_body(const index_t* __restrict__ idx, const acc_t* __restrict__ wc,
-                                              const acc_t* __restrict__ col, scalar_t* __restrict__ grad_z,
-                                              const DecoderGeometry& g) {
-  const int64_t ps = slab_stride<acc_t>(g);
-  for (int64_t ph = 0; ph < g.pooled_h; ++ph)
-    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-      const int64_t k = ph * g.pooled_w + pw;
-      int64_t h, w;
-      grad_z[k] = position_of(idx, k, ph, pw, g, h, w)
-                      ? static_cast<scalar_t>(dot(col + (h * g.unpooled_w + w) * ps, wc, ps))
-                      : scalar_t(0);
-    }
-}
-
-template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_TARGET_AVX2 void gather_channel_avx2(const index_t* idx, const acc_t* wc, const acc_t* col, scalar_t* grad_z,
-                                            const DecoderGeometry& g) {
-  gather_channel_body(idx, wc, col, grad_z, g);
-}
-template <typename scalar_t, typename acc_t, typename index_t>
-void gather_channel_base(const index_t* idx, const acc_t* wc, const acc_t* col, scalar_t* grad_z,
-                         const DecoderGeometry& g) {
-  gather_channel_body(idx, wc, col, grad_z, g);
-}
-
-// grad_Wt[ci] += sum over the block's pooled values of channel ci of z * (col slab at the value's
-// position): a gathered-row GEMV accumulated in registers over the whole block of items.
-template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_ALWAYS_INLINE void wgrad_block_body(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
-                                           const acc_t* __restrict__ col, acc_t* __restrict__ gwt,
-                                           const DecoderGeometry& g, int64_t n0, int64_t n1, int64_t c0, int64_t c1,
-                                           int64_t* offs, acc_t* vals) {
-  const int64_t ps = slab_stride<acc_t>(g), col_item = g.unpooled_h * g.unpooled_w * ps;
-  const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane;
-  for (int64_t ci = c0; ci < c1; ++ci) {
-    int64_t cnt = 0;
-    for (int64_t n = n0; n < n1; ++n) {
-      const scalar_t* zn = z + n * plane_in + ci * plane;
-      const index_t* in = idx + n * plane_in + ci * plane;
-      for (int64_t ph = 0; ph < g.pooled_h; ++ph)
-        for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-          int64_t h, w;
-          if (!position_of(in, ph * g.pooled_w + pw, ph, pw, g, h, w)) continue;
-          offs[cnt] = (n - n0) * col_item + (h * g.unpooled_w + w) * ps;
-          vals[cnt] = static_cast<acc_t>(zn[ph * g.pooled_w + pw]);
-          ++cnt;
-        }
-    }
-    axpy_rows(gwt + ci * ps, col, offs, vals, cnt, ps);
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
+                                        const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
+                                        scalar_t* out, scalar_t* pre) {
+  switch (act) {
+    case DecoderAct::None:
+      epilogue_act<VB, DecoderAct::None, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Relu:
+      epilogue_act<VB, DecoderAct::Relu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::LeakyRelu:
+      epilogue_act<VB, DecoderAct::LeakyRelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Sigmoid:
+      epilogue_act<VB, DecoderAct::Sigmoid, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Tanh:
+      epilogue_act<VB, DecoderAct::Tanh, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    case DecoderAct::Gelu:
+      epilogue_act<VB, DecoderAct::Gelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
+    default:
+      epilogue_act<VB, DecoderAct::Silu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
+      break;
   }
 }
+AEFAST_ISA_CLONES(epilogue,
+                  (const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
+                   const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl, scalar_t* out,
+                   scalar_t* pre),
+                  (T, has, bias, g, rt, ct, kp, act, sl, out, pre))
 
-template <typename scalar_t, typename acc_t, typename index_t>
-AEFAST_TARGET_AVX2 void wgrad_block_avx2(const scalar_t* z, const index_t* idx, const acc_t* col, acc_t* gwt,
-                                         const DecoderGeometry& g, int64_t n0, int64_t n1, int64_t c0, int64_t c1,
-                                         int64_t* offs, acc_t* vals) {
-  wgrad_block_body(z, idx, col, gwt, g, n0, n1, c0, c1, offs, vals);
-}
-template <typename scalar_t, typename acc_t, typename index_t>
-void wgrad_block_base(const scalar_t* z, const index_t* idx, const acc_t* col, acc_t* gwt, const DecoderGeometry& g,
-                      int64_t n0, int64_t n1, int64_t c0, int64_t c1, int64_t* offs, acc_t* vals) {
-  wgrad_block_body(z, idx, col, gwt, g, n0, n1, c0, c1, offs, vals);
-}
-
-// W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type, one zero-padded slab of
-// slab_stride values per input channel.
+// W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type, one zero-padded slab of kp
+// values per input channel.
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> reorder_weight(const at::Tensor& weight, const DecoderGeometry& g) {
+at::Tensor reorder_weight(const at::Tensor& weight, const DecoderGeometry& g, int64_t kp) {
   const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  const int64_t ps = slab_stride<acc_t>(g);
-  std::vector<acc_t> wt(static_cast<size_t>(g.c_in * ps), acc_t(0));
+  at::Tensor wt_t = at::zeros({g.c_in * kp}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* wt = wt_t.mutable_data_ptr<acc_t>();
   for (int64_t ci = 0; ci < g.c_in; ++ci)
     for (int64_t co = 0; co < g.c_out; ++co)
       for (int64_t kh = 0; kh < g.kernel_h; ++kh)
         for (int64_t kw = 0; kw < g.kernel_w; ++kw)
-          wt[ci * ps + (kh * g.kernel_w + kw) * g.c_out + co] =
+          wt[ci * kp + (kh * g.kernel_w + kw) * g.c_out + co] =
               static_cast<acc_t>(w[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw]);
-  return wt;
+  return wt_t;
+}
+
+// Lower the first-bad position to v (min over images, whatever the thread order).
+void atomic_min(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load();
+  while (v < cur && !a.compare_exchange_weak(cur, v)) {
+  }
 }
 
 template <typename scalar_t, typename index_t>
@@ -402,46 +661,65 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
                    const std::optional<at::Tensor>& bias, const DecoderGeometry& g, DecoderAct act, double slope,
                    at::Tensor& out, at::Tensor& pre) {
   using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
-  std::vector<acc_t> b(static_cast<size_t>(g.c_out), acc_t(0));
-  if (bias.has_value() && bias->defined()) {
-    const at::Tensor bc = bias->contiguous();
-    for (int64_t co = 0; co < g.c_out; ++co) b[co] = static_cast<acc_t>(bc.const_data_ptr<scalar_t>()[co]);
-  }
-  const AccExtent ext = acc_extent(g);
+  const Isa isa = decoder_isa();
+  const int64_t L = vec_bytes(isa) / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t K = g.kernel_h * g.kernel_w * g.c_out, kp = (K + L - 1) / L * L;
+  const ForwardPlan plan{kp, chunk_vectors(kp / L, g.c_in, vec_bytes(isa), 8)};
+  const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor wt_t = reorder_weight<scalar_t, acc_t>(weight, g, kp);
+  // Bias padded to whole vectors (the epilogue loads it by vector).
+  at::Tensor b_t = at::zeros({(g.c_out + L - 1) / L * L}, acc_opts);
+  if (bias.has_value() && bias->defined()) b_t.narrow(0, 0, g.c_out).copy_(*bias);
+  const acc_t* wt = wt_t.const_data_ptr<acc_t>();
+  const acc_t* b = b_t.const_data_ptr<acc_t>();
+  const WindowTable wtab(g);
+  const AxisTaps rt(g.out_h, g.unpooled_h, g.kernel_h, g.stride_h, g.pad_h);
+  const AxisTaps ct(g.out_w, g.unpooled_w, g.kernel_w, g.stride_w, g.pad_w);
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   const index_t* ip = idx.const_data_ptr<index_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* pp = pre.numel() ? pre.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
-  const bool avx2 = cpu_has_avx2_fma();
+  const int64_t P = g.unpooled_h * g.unpooled_w;
   const acc_t sl = static_cast<acc_t>(slope);
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  const auto slabs = AEFAST_PICK(slabs, isa);
+  const auto epilogue = AEFAST_PICK(epilogue, isa);
+  // Small slabs: row bands of dense T (band_sums); larger ones: bucketed entries (slab_sums).
+  const bool small = kp / L <= 4;
+  const auto bands = AEFAST_PICK_IDX(bands, isa);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<acc_t> acc(static_cast<size_t>(ext.rows * ext.cols * g.c_out));
-    GroupScratch<acc_t> scratch(g.c_in, g.pooled_h * g.pooled_w, g.pool_h * g.pool_w, kSlabChunk<acc_t>);
+    ImageScratch<acc_t> scratch(g, !small, false);
+    // T: one slab per position plus L values of slack (the epilogue's last vector may run past
+    // the last slab). Zeroed once so that no lane is ever uninitialised.
+    at::Tensor T_t = at::zeros({P * kp + L}, acc_opts);
+    acc_t* T = T_t.mutable_data_ptr<acc_t>();
     for (int64_t n = n0; n < n1; ++n) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      if (avx2)
-        scatter_item_avx2<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, wt.data(), acc.data(), g,
-                                                    ext.cols, scratch);
-      else
-        scatter_item_base<scalar_t, acc_t, index_t>(zp + n * plane_in, ip + n * plane_in, wt.data(), acc.data(), g,
-                                                    ext.cols, scratch);
-      // Epilogue: crop the padding, add bias, activate, write NCHW.
+      const scalar_t* zn = zp + n * plane_in;
+      const index_t* in = ip + n * plane_in;
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
-      for (int64_t co = 0; co < g.c_out; ++co)
-        for (int64_t oy = 0; oy < g.out_h; ++oy) {
-          const acc_t* row = acc.data() + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
-          const int64_t o_base = (co * g.out_h + oy) * g.out_w;
-          for (int64_t ox = 0; ox < g.out_w; ++ox) {
-            const acc_t x = row[ox * g.c_out] + b[co];
-            if (p) p[o_base + ox] = static_cast<scalar_t>(x);
-            o[o_base + ox] = static_cast<scalar_t>(act_forward<acc_t>(x, act, sl));
+      int64_t bad = std::numeric_limits<int64_t>::max();
+      if (small) {
+        bad = bands(zn, in, wt, g, wtab, kp, T);
+      } else {
+        for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+          for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
+            const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
+            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch));
+            slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(),
+                  scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
           }
-        }
+      }
+      epilogue(T, small ? nullptr : scratch.has.data(), b, g, rt, ct, kp, act, sl, o, p);
+      if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
   });
+  const int64_t bad = first_bad.load();
+  // aefast.functional parses "invalid index at linear position <k>" into its ValueError.
+  TORCH_CHECK(bad == std::numeric_limits<int64_t>::max(),
+              "aefast::unpool_conv_transpose2d: invalid index at linear position ", bad,
+              " (outside the unpooled plane or outside its own pool window)");
 }
 
 std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
@@ -452,6 +730,9 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
       decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
   const DecoderAct act = parse_activation(activation);
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "aefast::unpool_conv_transpose2d: dtype mismatch");
+  TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
+                  g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
+              "aefast::unpool_conv_transpose2d: one image is too large for the CPU kernel");
   const at::Tensor z = input.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
   at::Tensor out = at::empty({g.n, g.c_out, g.out_h, g.out_w}, input.options());
   at::Tensor pre = act_needs_preactivation(act) ? at::empty_like(out) : at::empty({0}, input.options());
@@ -464,50 +745,312 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   return {out, pre};
 }
 
+// ---------------------------------------------------------------- backward
+// Where the neighbourhood nb(q) of each position lives: in gpad itself (runs of run_len values,
+// run r at offset r * run_stride from noff[q]; run_len a whole number of vectors), or in a
+// per-image im2col buffer (one run of kp values at noff[q] = q * kp).
+struct BackwardPlan {
+  int64_t kp;
+  bool per_position;  // small slabs: row bands (band_grads), else per channel
+  bool direct;        // nb read straight from gpad (else from the im2col buffer)
+  int64_t runs, run_len, run_stride;
+  int64_t nvc;        // vectors per chunk (per-channel order)
+};
+
+// Per channel, for one chunk of nv vectors at slab offset k0 (nb offset nbo of each run):
+// registers hold the weight chunk and the grad_Wt chunk; each entry loads its nb chunk once.
+// dzv keeps the grad_z partial vector of every entry across the chunks of a channel.
+template <int VB, int NV, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void channel_chunk(const acc_t* __restrict__ w, const acc_t* __restrict__ nb,
+                                        const int32_t* __restrict__ posq, const int64_t* __restrict__ noff,
+                                        const scalar_t* __restrict__ zc, int64_t plane, acc_t* __restrict__ dzv,
+                                        bool first, acc_t* __restrict__ gw, bool need_z, bool need_w) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  V wr[NV], ga[NV];
+  for (int j = 0; j < NV; ++j) {
+    wr[j] = vload<V>(w + j * L);
+    ga[j] = V{};
+  }
+  for (int64_t p = 0; p < plane; ++p) {
+    const int32_t q = posq[p];
+    if (q < 0) continue;
+    const acc_t* __restrict__ x = nb + noff[q];
+    if (need_w) {
+      const V zb = V{} + static_cast<acc_t>(zc[p]);
+      if (need_z) {
+        V d = first ? V{} : vload<V>(dzv + p * L);
+        for (int j = 0; j < NV; ++j) {
+          const V xv = vload<V>(x + j * L);
+          d += wr[j] * xv;
+          ga[j] += zb * xv;
+        }
+        vstore(dzv + p * L, d);
+      } else {
+        for (int j = 0; j < NV; ++j) ga[j] += zb * vload<V>(x + j * L);
+      }
+    } else {
+      V d = first ? V{} : vload<V>(dzv + p * L);
+      for (int j = 0; j < NV; ++j) d += wr[j] * vload<V>(x + j * L);
+      vstore(dzv + p * L, d);
+    }
+  }
+  if (need_w)
+    for (int j = 0; j < NV; ++j) vstore(gw + j * L, vload<V>(gw + j * L) + ga[j]);
+}
+
+// Backward for small slabs, one row of pool windows: nb of every position of the row band is
+// copied once into col (runs of KW*C_out values packed, zero tail), then channel-major: Wt[c]
+// and the grad_Wt[c] sum in registers, per entry one nb load, a dot (grad_z) and an FMA.
+template <int VB, int NV, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void band_grads(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
+                                     const acc_t* __restrict__ wt, const acc_t* __restrict__ gpad,
+                                     const int64_t* __restrict__ noff, int64_t row_stride, const DecoderGeometry& g,
+                                     const WindowTable& wtab, int64_t kp, int64_t ph, acc_t* __restrict__ col,
+                                     scalar_t* __restrict__ gz, acc_t* __restrict__ gwt, bool need_z, bool need_w) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t plane = g.pooled_h * g.pooled_w, h0 = ph * g.pool_h;
+  const int64_t h1 = std::min(g.unpooled_h, h0 + g.pool_h), run = g.kernel_w * g.c_out;
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t w = 0; w < g.unpooled_w; ++w) {
+      const acc_t* __restrict__ src = gpad + noff[h * g.unpooled_w + w];
+      acc_t* __restrict__ dst = col + ((h - h0) * g.unpooled_w + w) * kp;
+      for (int64_t r = 0; r < g.kernel_h; ++r)
+        for (int64_t i = 0; i < run; ++i) dst[r * run + i] = src[r * row_stride + i];
+    }
+  prefetch_window_row(z, idx, g, ph + 1, 0, g.pooled_w);
+  const int64_t* __restrict__ pos = wtab.pos.data();
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    V w[NV], ga[NV];
+    for (int j = 0; j < NV; ++j) {
+      w[j] = vload<V>(wt + c * kp + j * L);
+      ga[j] = V{};
+    }
+    const int64_t kb = c * plane + ph * g.pooled_w;
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t k = kb + pw;
+      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+      if (o < 0) continue;  // invalid: grad_z stays 0
+      const acc_t* __restrict__ x = col + (pw * g.pool_w + pos[o]) * kp;
+      V xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = vload<V>(x + j * L);
+      if (need_z) {
+        V d = w[0] * xv[0];
+        for (int j = 1; j < NV; ++j) d += w[j] * xv[j];
+        gz[k] = static_cast<scalar_t>(hsum<acc_t, VB>(d));
+      }
+      if (need_w) {
+        const V zb = V{} + static_cast<acc_t>(z[k]);
+        for (int j = 0; j < NV; ++j) ga[j] += zb * xv[j];
+      }
+    }
+    if (need_w)
+      for (int j = 0; j < NV; ++j) vstore(gwt + c * kp + j * L, vload<V>(gwt + c * kp + j * L) + ga[j]);
+  }
+}
+template <int VB, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE void band_grads_all_body(const scalar_t* z, const index_t* idx, const acc_t* wt, const acc_t* gpad,
+                                              const int64_t* noff, int64_t row_stride, const DecoderGeometry& g,
+                                              const WindowTable& wtab, int64_t kp, acc_t* col, scalar_t* gz,
+                                              acc_t* gwt, bool need_z, bool need_w) {
+  constexpr int L = VecOf<acc_t, VB>::L;
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+    switch (kp / L) {
+#define AEFAST_BANDG_CASE(K)                                                                                  \
+  case K:                                                                                                     \
+    band_grads<VB, K, scalar_t, acc_t, index_t>(z, idx, wt, gpad, noff, row_stride, g, wtab, kp, ph, col, gz, gwt, \
+                                                need_z, need_w);                                              \
+    break;
+      AEFAST_BANDG_CASE(1) AEFAST_BANDG_CASE(2) AEFAST_BANDG_CASE(3) AEFAST_BANDG_CASE(4)
+#undef AEFAST_BANDG_CASE
+      default: break;
+    }
+  }
+}
+AEFAST_ISA_CLONES_IDX(band_grads_all, void,
+                      (const scalar_t* z, const index_t* idx, const acc_t* wt, const acc_t* gpad, const int64_t* noff,
+                       int64_t row_stride, const DecoderGeometry& g, const WindowTable& wtab, int64_t kp, acc_t* col,
+                       scalar_t* gz, acc_t* gwt, bool need_z, bool need_w),
+                      (z, idx, wt, gpad, noff, row_stride, g, wtab, kp, col, gz, gwt, need_z, need_w))
+
+// Per-channel order over one image: every channel, every chunk of its slab; then grad_z from
+// the partial vectors. nb: gpad (direct) or the image's im2col, nofs the matching offsets.
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void channels_body(const scalar_t* z, const acc_t* wt, const acc_t* nb, const int64_t* nofs,
+                                        const int32_t* pos_of, const DecoderGeometry& g, const BackwardPlan& plan,
+                                        acc_t* dzv, acc_t* gwt, scalar_t* gz, bool need_z, bool need_w) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t kp = plan.kp, plane = g.pooled_h * g.pooled_w, nvr = plan.run_len / L;
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const int32_t* posq = pos_of + c * plane;
+    const scalar_t* zc = z + c * plane;
+    bool first = true;
+    for (int64_t r = 0; r < plan.runs; ++r)
+      for (int64_t v0 = 0; v0 < nvr; v0 += plan.nvc) {
+        const int64_t nv = std::min(plan.nvc, nvr - v0);
+        const int64_t ko = r * plan.run_len + v0 * L;       // slab offset
+        const int64_t nbo = r * plan.run_stride + v0 * L;  // offset within nb
+        acc_t* gw = need_w ? gwt + c * kp + ko : nullptr;
+        switch (nv) {
+#define AEFAST_CHAN_CASE(K)                                                                                      \
+  case K:                                                                                                        \
+    channel_chunk<VB, K, scalar_t, acc_t>(wt + c * kp + ko, nb + nbo, posq, nofs, zc, plane, dzv, first, gw, need_z, \
+                                          need_w);                                                               \
+    break;
+          AEFAST_CHAN_CASE(1) AEFAST_CHAN_CASE(2) AEFAST_CHAN_CASE(3) AEFAST_CHAN_CASE(4)
+          AEFAST_CHAN_CASE(5) AEFAST_CHAN_CASE(6) AEFAST_CHAN_CASE(7) AEFAST_CHAN_CASE(8)
+#undef AEFAST_CHAN_CASE
+          default: break;
+        }
+        first = false;
+      }
+    if (need_z)
+      for (int64_t p = 0; p < plane; ++p)
+        if (posq[p] >= 0) gz[c * plane + p] = static_cast<scalar_t>(hsum<acc_t, VB>(vload<V>(dzv + p * L)));
+  }
+}
+AEFAST_ISA_CLONES(channels,
+                  (const scalar_t* z, const acc_t* wt, const acc_t* nb, const int64_t* nofs, const int32_t* pos_of,
+                   const DecoderGeometry& g, const BackwardPlan& plan, acc_t* dzv, acc_t* gwt, scalar_t* gz,
+                   bool need_z, bool need_w),
+                  (z, wt, nb, nofs, pos_of, g, plan, dzv, gwt, gz, need_z, need_w))
+
+// gpre of one image into the zero-bordered channels-last buffer gpad, and its per-channel sums
+// (grad_b partials). Per (co, output row): d = grad_out * act'(.) into a row buffer (the act is
+// a compile-time constant there, so the loop vectorises), its sum in vector lanes (not one
+// serial add chain), then the row is stored with stride C_out.
+template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void gpre_act(const scalar_t* __restrict__ go, const scalar_t* __restrict__ ai,
+                                   const DecoderGeometry& g, int64_t cols, acc_t sl, acc_t* __restrict__ gpad,
+                                   acc_t* __restrict__ bias_part, acc_t* __restrict__ drow) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  const int64_t hw = g.out_h * g.out_w, wo = g.out_w;
+  for (int64_t co = 0; co < g.c_out; ++co) {
+    const scalar_t* gc = go + co * hw;
+    const scalar_t* ac = ai + co * hw;
+    V vs = V{};
+    acc_t tail = 0;
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      const scalar_t* gr = gc + oy * wo;
+      const scalar_t* ar = ac + oy * wo;
+      for (int64_t ox = 0; ox < wo; ++ox)
+        drow[ox] = static_cast<acc_t>(gr[ox]) * act_derivative<acc_t>(static_cast<acc_t>(ar[ox]), A, sl);
+      int64_t ox = 0;
+      for (; ox + L <= wo; ox += L) vs += vload<V>(drow + ox);
+      for (; ox < wo; ++ox) tail += drow[ox];
+      acc_t* __restrict__ row = gpad + ((oy + g.pad_h) * cols + g.pad_w) * g.c_out + co;
+      for (int64_t x = 0; x < wo; ++x) row[x * g.c_out] = drow[x];
+    }
+    bias_part[co] = hsum<acc_t, VB>(vs) + tail;
+  }
+}
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void gpre_body(const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols,
+                                    DecoderAct act, acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow) {
+  switch (act) {
+#define AEFAST_GPRE_CASE(A)                                                         \
+  case A:                                                                           \
+    gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, cols, sl, gpad, bias_part, drow); \
+    break;
+    AEFAST_GPRE_CASE(DecoderAct::Relu) AEFAST_GPRE_CASE(DecoderAct::LeakyRelu) AEFAST_GPRE_CASE(DecoderAct::Sigmoid)
+    AEFAST_GPRE_CASE(DecoderAct::Tanh) AEFAST_GPRE_CASE(DecoderAct::Gelu) AEFAST_GPRE_CASE(DecoderAct::Silu)
+    default: AEFAST_GPRE_CASE(DecoderAct::None)
+#undef AEFAST_GPRE_CASE
+  }
+}
+AEFAST_ISA_CLONES(gpre,
+                  (const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols, DecoderAct act,
+                   acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow),
+                  (go, ai, g, cols, act, sl, gpad, bias_part, drow))
+
+// Extent of the channels-last gpre buffer: row a = oy + pad_h covers every footprint row
+// h*sh + kh (< (Hu-1)*sh + KH) and every output row (< Ho + pad_h).
+struct AccExtent {
+  int64_t rows, cols;
+};
+AccExtent acc_extent(const DecoderGeometry& g) {
+  return {std::max((g.unpooled_h - 1) * g.stride_h + g.kernel_h, g.out_h + g.pad_h),
+          std::max((g.unpooled_w - 1) * g.stride_w + g.kernel_w, g.out_w + g.pad_w)};
+}
+
 // Backward: the batch is cut into at most 16 fixed chunks of consecutive items (their size
 // depends on N only, never on the thread count), processed in ONE parallel region (parallel
 // regions are costly on a busy machine). Per item, the thread owning its chunk
-//   1. writes gpre = grad_out * act'(.) into a padded channels-last buffer (bias partial sums
-//      per item and channel on the way),
-//   2. builds the im2col of gpre (one slab per unpooled position),
-//   3. computes grad_input (a dot per pooled value) and adds the item's grad_weight terms to its
-//      chunk's partial sum (gathered-row GEMVs, see wgrad_block_body).
+//   1. writes gpre = grad_out * act'(.) into a zero-bordered channels-last buffer (bias
+//      partial sums per item and channel on the way),
+//   2. computes grad_input and adds the item's grad_weight terms to its chunk's partial sum
+//      (band_grads_all or channels_body).
 // The chunk partials and the bias partials are then added in chunk / item order.
 template <typename scalar_t, typename index_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const at::Tensor& z, const at::Tensor& idx,
                     const at::Tensor& weight, const DecoderGeometry& g, DecoderAct act, double slope,
                     std::array<bool, 3> mask, at::Tensor& grad_z, at::Tensor& grad_w, at::Tensor& grad_b) {
   using acc_t = at::opmath_type<scalar_t>;
+  const Isa isa = decoder_isa();
+  const int64_t L = vec_bytes(isa) / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t K = g.kernel_h * g.kernel_w * g.c_out, kp = (K + L - 1) / L * L;
   const AccExtent ext = acc_extent(g);
-  const int64_t item = ext.rows * ext.cols * g.c_out;
-  const int64_t ps = slab_stride<acc_t>(g), col_item = g.unpooled_h * g.unpooled_w * ps;
+  const int64_t item = ext.rows * ext.cols * g.c_out, row_stride = ext.cols * g.c_out;
   const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane, plane_out = g.c_out * g.out_h * g.out_w;
+  const int64_t P = g.unpooled_h * g.unpooled_w, run = g.kernel_w * g.c_out;
+  BackwardPlan plan;
+  plan.kp = kp;
+  plan.per_position = kp / L <= 4;
+  plan.direct = !plan.per_position && run % L == 0;
+  plan.runs = plan.direct ? g.kernel_h : 1;
+  plan.run_len = plan.direct ? run : kp;
+  plan.run_stride = plan.direct ? row_stride : kp;
+  plan.nvc = plan.per_position ? 0 : chunk_vectors(plan.run_len / L, 1, vec_bytes(isa), isa == Isa::Avx512 ? 8 : 6);
+  if (plan.per_position) {
+    plan.runs = g.kernel_h;
+    plan.run_stride = row_stride;
+  }
+  // noff[q]: offset of nb(q)'s first run in gpad; noff[P + q] = q * kp (im2col).
+  std::vector<int64_t> noff(static_cast<size_t>(2 * P));
+  for (int64_t h = 0; h < g.unpooled_h; ++h)
+    for (int64_t w = 0; w < g.unpooled_w; ++w) {
+      noff[h * g.unpooled_w + w] = (h * g.stride_h) * row_stride + (w * g.stride_w) * g.c_out;
+      noff[P + h * g.unpooled_w + w] = (h * g.unpooled_w + w) * kp;
+    }
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* ap = act_in.const_data_ptr<scalar_t>();
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   const index_t* ip = idx.const_data_ptr<index_t>();
   const acc_t sl = static_cast<acc_t>(slope);
-  const bool avx2 = cpu_has_avx2_fma();
-  const std::vector<acc_t> wt = reorder_weight<scalar_t, acc_t>(weight, g);
+  const at::Tensor wt_t = reorder_weight<scalar_t, acc_t>(weight, g, kp);
+  const acc_t* wt = wt_t.const_data_ptr<acc_t>();
+  const WindowTable wtab(g);
   const int64_t chunk = std::max<int64_t>(1, (g.n + 15) / 16), chunks = (g.n + chunk - 1) / chunk;
   // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor bias_part_t = at::empty({g.n * g.c_out}, acc_opts);
-  // Per-chunk partials of grad_Wt; each chunk zeroes its own slice inside the parallel region
-  // (it accumulates there), rather than one serial zero pass over all of them up front.
-  at::Tensor gwt_t = at::empty({mask[1] ? chunks * g.c_in * ps : 0}, acc_opts);
+  at::Tensor gwt_t = at::empty({mask[1] ? chunks * g.c_in * kp : 0}, acc_opts);
   acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
   acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
   scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
-  const bool need_col = mask[0] || mask[1];
+  const bool need_img = mask[0] || mask[1];
+  const auto band_grads_all = AEFAST_PICK_IDX(band_grads_all, isa);
+  const auto gpre = AEFAST_PICK(gpre, isa);
+  const auto channels = AEFAST_PICK(channels, isa);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    at::Tensor gpad_t = at::empty({item}, acc_opts);
-    at::Tensor col_t = at::empty({need_col ? col_item : 0}, acc_opts);
+    at::Tensor gpad_t = at::empty({item + L}, acc_opts);
+    // im2col: of the whole image (per-channel order without direct runs), or of one row band of
+    // pool windows (small slabs); the slab tails stay zero.
+    at::Tensor col_t = at::zeros({!need_img ? 0 : plan.per_position ? g.pool_h * g.unpooled_w * kp
+                                                 : plan.direct ? 0 : P * kp}, acc_opts);
+    at::Tensor dzv_t = at::empty({need_img && !plan.per_position ? plane * L : 0}, acc_opts);
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
+    acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> drow_v(static_cast<size_t>(g.out_w + 64));
+    acc_t* drow = drow_v.data();
+    ImageScratch<acc_t> scratch(g, false, need_img && !plan.per_position);
     // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
-    // all c_out; only the border around that interior must read as zero, and nothing writes it,
-    // so it is zeroed once here instead of filling the whole buffer per item.
+    // all c_out; only the border around that interior (and the slack at the end) must read as
+    // zero, and nothing writes it, so it is zeroed once here.
     {
       const int64_t cols_c = ext.cols * g.c_out;
       std::fill(gpad, gpad + g.pad_h * cols_c, acc_t(0));
@@ -515,62 +1058,36 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
         std::fill(gpad + r * cols_c, gpad + r * cols_c + g.pad_w * g.c_out, acc_t(0));
         std::fill(gpad + r * cols_c + (g.pad_w + g.out_w) * g.c_out, gpad + (r + 1) * cols_c, acc_t(0));
       }
-      std::fill(gpad + (g.pad_h + g.out_h) * cols_c, gpad + item, acc_t(0));
+      std::fill(gpad + (g.pad_h + g.out_h) * cols_c, gpad + item + L, acc_t(0));
     }
-    // col: build_col_rows writes the first KH*KW*c_out values of every slab; only the slab's
-    // vector padding (read by dot / axpy_rows) must be zero, and nothing writes it.
-    if (need_col) {
-      const int64_t used = g.kernel_h * g.kernel_w * g.c_out;
-      if (used < ps)
-        for (int64_t q = 0; q < g.unpooled_h * g.unpooled_w; ++q) std::fill(col + q * ps + used, col + (q + 1) * ps, acc_t(0));
-    }
-    std::vector<int64_t> offs(static_cast<size_t>(plane));
-    std::vector<acc_t> vals(static_cast<size_t>(plane));
     for (int64_t kc = k0; kc < k1; ++kc) {
-      if (mask[1]) std::fill(gwt + kc * g.c_in * ps, gwt + (kc + 1) * g.c_in * ps, acc_t(0));
+      if (mask[1]) std::fill(gwt + kc * g.c_in * kp, gwt + (kc + 1) * g.c_in * kp, acc_t(0));
       for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
-        for (int64_t co = 0; co < g.c_out; ++co) {
-          const scalar_t* go = gp + n * plane_out + co * g.out_h * g.out_w;
-          const scalar_t* ai = ap + n * plane_out + co * g.out_h * g.out_w;
-          acc_t bsum = 0;
-          for (int64_t oy = 0; oy < g.out_h; ++oy) {
-            acc_t* row = gpad + ((oy + g.pad_h) * ext.cols + g.pad_w) * g.c_out + co;
-            for (int64_t ox = 0; ox < g.out_w; ++ox) {
-              const int64_t o = oy * g.out_w + ox;
-              const acc_t d = static_cast<acc_t>(go[o]) * act_derivative<acc_t>(static_cast<acc_t>(ai[o]), act, sl);
-              row[ox * g.c_out] = d;
-              bsum += d;
-            }
-          }
-          bias_part[n * g.c_out + co] = bsum;
+        gpre(gp + n * plane_out, ap + n * plane_out, g, ext.cols, act, sl, gpad, bias_part + n * g.c_out, drow);
+        if (!need_img) continue;
+        const scalar_t* zn = zp + n * plane_in;
+        const index_t* in = ip + n * plane_in;
+        scalar_t* gzn = gz + n * plane_in;
+        acc_t* part = mask[1] ? gwt + kc * g.c_in * kp : nullptr;
+        if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
+        if (plan.per_position) {
+          band_grads_all(zn, in, wt, gpad, noff.data(), row_stride, g, wtab, kp, col, gzn, part, mask[0], mask[1]);
+          continue;
         }
-        if (!need_col) continue;
-        build_col_rows(gpad, col, g, ext.cols, 0, g.unpooled_h);
-        if (mask[1]) {
-          acc_t* part = gwt + kc * g.c_in * ps;
-          if (avx2)
-            wgrad_block_avx2<scalar_t, acc_t, index_t>(zp, ip, col, part, g, n, n + 1, 0, g.c_in, offs.data(),
-                                                       vals.data());
-          else
-            wgrad_block_base<scalar_t, acc_t, index_t>(zp, ip, col, part, g, n, n + 1, 0, g.c_in, offs.data(),
-                                                       vals.data());
-        }
-        if (mask[0]) {
-          for (int64_t ci = 0; ci < g.c_in; ++ci) {
-            const int64_t off = n * plane_in + ci * plane;
-            if (avx2)
-              gather_channel_avx2<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * ps, col, gz + off, g);
-            else
-              gather_channel_base<scalar_t, acc_t, index_t>(ip + off, wt.data() + ci * ps, col, gz + off, g);
-          }
-        }
+        positions_of(in, g, wtab, scratch.pos_of.data());
+        if (!plan.direct)  // the image's im2col: nb(q) at q * kp
+          for (int64_t q = 0; q < P; ++q)
+            for (int64_t r = 0; r < g.kernel_h; ++r)
+              std::memcpy(col + q * kp + r * run, gpad + noff[q] + r * row_stride, sizeof(acc_t) * run);
+        channels(zn, wt, plan.direct ? gpad : col, plan.direct ? noff.data() : noff.data() + P,
+                 scratch.pos_of.data(), g, plan, dzv, part, gzn, mask[0], mask[1]);
       }
     }
   });
   if (mask[1]) {
     for (int64_t kc = 1; kc < chunks; ++kc) {
-      const acc_t* part = gwt + kc * g.c_in * ps;
-      for (int64_t e = 0; e < g.c_in * ps; ++e) gwt[e] += part[e];
+      const acc_t* part = gwt + kc * g.c_in * kp;
+      for (int64_t e = 0; e < g.c_in * kp; ++e) gwt[e] += part[e];
     }
     scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
     for (int64_t ci = 0; ci < g.c_in; ++ci)
@@ -578,7 +1095,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
         for (int64_t kh = 0; kh < g.kernel_h; ++kh)
           for (int64_t kw = 0; kw < g.kernel_w; ++kw)
             gw[((ci * g.c_out + co) * g.kernel_h + kh) * g.kernel_w + kw] =
-                static_cast<scalar_t>(gwt[ci * ps + (kh * g.kernel_w + kw) * g.c_out + co]);
+                static_cast<scalar_t>(gwt[ci * kp + (kh * g.kernel_w + kw) * g.c_out + co]);
   }
   if (mask[2]) {
     scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
@@ -601,6 +1118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n, g.c_out, g.out_h, g.out_w}) &&
                   act_input.sizes() == grad_out.sizes(),
               "aefast::unpool_conv_transpose2d_backward: grad_out / act_input have the wrong shape");
+  TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
+                  g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
+              "aefast::unpool_conv_transpose2d_backward: one image is too large for the CPU kernel");
   const at::Tensor go = grad_out.contiguous().to(input.scalar_type()), ai = act_input.contiguous();
   const at::Tensor z = input.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
   at::Tensor grad_z = output_mask[0] ? at::empty_like(z) : at::zeros_like(z);
@@ -729,6 +1249,10 @@ at::Tensor first_bad_unpool_index_cpu(const at::Tensor& indices, c10::IntArrayRe
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CompositeExplicitAutograd, m) {
+  m.impl("unpool_deconv_cpu_isa", &unpool_deconv_cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("first_bad_unpool_index", &first_bad_unpool_index_cpu);
