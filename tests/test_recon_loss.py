@@ -572,7 +572,7 @@ def test_fp32_transcendentals_sweep(kernel_backend):
 
 def test_portable_baseline_kernels_match_torch(tmp_path):
     """The SSE2 baseline build of the loss kernels (the AVX2 one serves this machine): same
-    results, checked in a fresh process with AEFAST_CPU_BASELINE=1."""
+    results, checked in a fresh process with AEFAST_CPU_ISA=baseline."""
     import os
     import subprocess
     import sys
@@ -594,6 +594,6 @@ def test_portable_baseline_kernels_match_torch(tmp_path):
         "        torch.testing.assert_close(torch.autograd.grad(o1.sum(), a1)[0], torch.autograd.grad(o2.sum(), a2)[0],\n"
         "                                   rtol=1e-5, atol=1e-6)\n"
         "print('baseline ok')\n")
-    env = dict(os.environ, AEFAST_CPU_BASELINE="1")
+    env = dict(os.environ, AEFAST_CPU_ISA="baseline")
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "baseline ok" in res.stdout, res.stderr[-3000:]

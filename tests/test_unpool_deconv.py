@@ -479,9 +479,9 @@ def test_isa_cap_environment(monkeypatch):
     assert torch.ops.aefast.unpool_deconv_cpu_isa() == 0
     monkeypatch.setenv("AEFAST_CPU_ISA", "avx512")
     assert torch.ops.aefast.unpool_deconv_cpu_isa() == _BEST_ISA  # a cap never raises the CPU's limit
-    monkeypatch.delenv("AEFAST_CPU_ISA")
-    monkeypatch.setenv("AEFAST_CPU_BASELINE", "1")
-    assert torch.ops.aefast.unpool_deconv_cpu_isa() == 0
+    monkeypatch.setenv("AEFAST_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="AEFAST_CPU_ISA"):
+        torch.ops.aefast.unpool_deconv_cpu_isa()
 
 
 @pytest.mark.parametrize("case", PATH_CASES, ids=[f"{c[1]}to{c[2]}_pool{c[4]}_k{c[5]}_s{c[6]}" for c in PATH_CASES])

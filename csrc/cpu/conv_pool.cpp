@@ -33,7 +33,7 @@
 //
 // Instruction sets: the hot loops (conv_pool_kernels.inc) are built three times, AVX-512
 // (512-bit vectors), AVX2+FMA and the baseline, and picked at run time (cpu_isa(): the best the
-// CPU has, capped by AEFAST_CPU_ISA=generic|avx2|avx512 so tests can run every variant); no
+// CPU has, capped by AEFAST_CPU_ISA=baseline|avx2|avx512 so tests can run every variant); no
 // -march=native is needed.
 //
 // Input loads: load_input_rows is the one place that reads input pixels (direct forward and
@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "aefast/conv_pool.h"
+#include "aefast/cpu_isa.h"
 #include "aefast/corruption.h"
 
 namespace aefast {
@@ -108,32 +109,6 @@ constexpr int kVecBytes = 64;
 #include "conv_pool_kernels.inc"
 }  // namespace avx512
 #pragma GCC pop_options
-
-// The instruction set the hot loops run with: the best the CPU has (decided once), capped by
-// AEFAST_CPU_ISA=generic|avx2|avx512 (read per call, so that tests can force every variant on a
-// machine that has them all). An AVX-512 loop never runs on a CPU without AVX-512.
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa cpu_isa() {
-  static const Isa hw = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kGeneric;
-  }();
-  Isa cap = Isa::kAvx512;
-  if (const char* env = std::getenv("AEFAST_CPU_ISA"); env != nullptr && *env != '\0') {
-    const std::string v(env);
-    if (v == "generic" || v == "baseline")
-      cap = Isa::kGeneric;
-    else if (v == "avx2")
-      cap = Isa::kAvx2;
-    else
-      TORCH_CHECK(v == "avx512", "AEFAST_CPU_ISA must be generic, avx2 or avx512, not '", v, "'");
-  }
-  return static_cast<Isa>(std::min(static_cast<int>(hw), static_cast<int>(cap)));
-}
 
 // ---- corruption in the input load (corruption=...; aefast/corruption.h)
 // The conv reads corrupt(x) instead of x: every input element is corrupted where it is loaded

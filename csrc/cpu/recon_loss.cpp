@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "aefast/cpu_isa.h"
 #include "aefast/corruption.h"
 #include "aefast/philox.h"
 #include "aefast/recon_loss.h"
@@ -54,12 +55,8 @@ namespace avx2 {
 
 namespace {
 
-// AEFAST_CPU_BASELINE=1 forces the portable build of the loss kernels (its tests run that way).
-bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("AEFAST_CPU_BASELINE") == nullptr;
-  return yes;
-}
+// AVX2 unless the CPU lacks it or AEFAST_CPU_ISA=baseline caps it (aefast/cpu_isa.h).
+bool cpu_has_avx2() { return cpu_isa() >= Isa::kAvx2; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const at::Tensor& input_, const at::Tensor& target_,
                                                              const std::optional<at::Tensor>& weight_,

@@ -90,6 +90,7 @@
 #include <string_view>
 #include <vector>
 
+#include "aefast/cpu_isa.h"
 #include "aefast/unpool_deconv.h"
 #include "aefast/unpool_deconv_args.h"
 
@@ -106,36 +107,8 @@
 namespace aefast {
 namespace {
 
-// ---------------------------------------------------------------- ISA choice
-enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
-
-Isa cpu_best_isa() {
-#ifdef AEFAST_X86_CLONES
-  static const Isa best = [] {
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-    return avx512 ? Isa::Avx512 : avx2 ? Isa::Avx2 : Isa::Base;
-  }();
-  return best;
-#else
-  return Isa::Base;
-#endif
-}
-
-// The variant the decoder kernels run: the best the CPU has, capped by AEFAST_CPU_ISA
-// (baseline | avx2 | avx512) or AEFAST_CPU_BASELINE=1. Read per call (cheap next to a kernel),
-// so a test can switch variants inside one process; it never raises the CPU's own limit.
-Isa decoder_isa() {
-  Isa isa = cpu_best_isa();
-  if (const char* b = std::getenv("AEFAST_CPU_BASELINE"); b && *b && std::string_view(b) != "0") isa = Isa::Base;
-  if (const char* cap = std::getenv("AEFAST_CPU_ISA"); cap && *cap) {
-    const std::string_view s(cap);
-    const Isa c = (s == "baseline" || s == "base") ? Isa::Base : s == "avx2" ? Isa::Avx2 : Isa::Avx512;
-    if (static_cast<int>(c) < static_cast<int>(isa)) isa = c;
-  }
-  return isa;
-}
+// ---------------------------------------------------------------- ISA choice (aefast/cpu_isa.h)
+Isa decoder_isa() { return cpu_isa(); }
 
 int64_t unpool_deconv_cpu_isa() { return static_cast<int64_t>(decoder_isa()); }
 
@@ -174,7 +147,7 @@ AEFAST_ALWAYS_INLINE T hsum(typename VecOf<T, B>::type v) {
 }
 
 // Vector width in bytes of each variant.
-constexpr int vec_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : 32; }
+constexpr int vec_bytes(Isa isa) { return isa == Isa::kAvx512 ? 64 : 32; }
 
 // ---------------------------------------------------------------- index decoding
 // Per-call tables of the pool window: pos[o] = (o / pool_w) * W_u + o % pool_w (the position
@@ -444,11 +417,11 @@ struct ForwardPlan {
     return NAME##_body<32, scalar_t, acc_t, index_t> ARGS;                                          \
   }
 #define AEFAST_PICK_IDX(NAME, isa)                                                                    \
-  ((isa) == Isa::Avx512 ? &NAME##_avx512<scalar_t, acc_t, index_t>                                    \
-                        : (isa) == Isa::Avx2 ? &NAME##_avx2<scalar_t, acc_t, index_t> : &NAME##_base<scalar_t, acc_t, index_t>)
+  ((isa) == Isa::kAvx512 ? &NAME##_avx512<scalar_t, acc_t, index_t>                                    \
+                        : (isa) == Isa::kAvx2 ? &NAME##_avx2<scalar_t, acc_t, index_t> : &NAME##_base<scalar_t, acc_t, index_t>)
 // The clone of NAME<scalar_t, acc_t> for isa.
 #define AEFAST_PICK(NAME, isa) \
-  ((isa) == Isa::Avx512 ? &NAME##_avx512<scalar_t, acc_t> : (isa) == Isa::Avx2 ? &NAME##_avx2<scalar_t, acc_t> : &NAME##_base<scalar_t, acc_t>)
+  ((isa) == Isa::kAvx512 ? &NAME##_avx512<scalar_t, acc_t> : (isa) == Isa::kAvx2 ? &NAME##_avx2<scalar_t, acc_t> : &NAME##_base<scalar_t, acc_t>)
 
 // Step 1 of the forward for every chunk of the slab.
 template <int VB, typename scalar_t, typename acc_t>
@@ -1017,7 +990,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   plan.runs = plan.direct ? g.kernel_h : 1;
   plan.run_len = plan.direct ? run : kp;
   plan.run_stride = plan.direct ? row_stride : kp;
-  plan.nvc = plan.per_position ? 0 : chunk_vectors(plan.run_len / L, 1, vec_bytes(isa), isa == Isa::Avx512 ? 8 : 6);
+  plan.nvc = plan.per_position ? 0 : chunk_vectors(plan.run_len / L, 1, vec_bytes(isa), isa == Isa::kAvx512 ? 8 : 6);
   if (plan.per_position) {
     plan.runs = g.kernel_h;
     plan.run_stride = row_stride;
