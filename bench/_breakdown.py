@@ -210,6 +210,21 @@ def f_conv_pool2d_backward_weight(c):
                 "conv", dense_flops=2.0 * macs * pkh * pkw)
 
 
+def f_conv_pool2d_backward(c):
+    """conv_pool2d_backward(grad_pooled, window, preact, input, weight, stride, padding, activation,
+    negative_slope, pool_size, ...) -> (grad_input, grad_weight, grad_bias): both sparse gradients
+    from one pass, 2 * N*Cout*HO*WO*K MACs."""
+    gp, x, wt = c.shape(0), c.shape(3), c.shape(4)
+    n, cout, ho, wo = gp
+    pkh, pkw = _pair(c.arg(9), 2)
+    k = math.prod(wt[1:])
+    macs = 2 * n * cout * ho * wo * k
+    e = c.esize(0)
+    nbytes = (c.nbytes(0) + c.nbytes(1) + c.nbytes(2) + c.nbytes(3) + c.nbytes(4)
+              + (math.prod(x) + cout * k + cout) * e)
+    return Cost(2.0 * macs, nbytes, "conv", dense_flops=2.0 * macs * pkh * pkw)
+
+
 # aefast's decoder. unpool_conv_transpose2d(input z (N, Cin, Hz, Wz), indices, weight (Cin, Cout,
 # KH, KW), bias, pool_size, unpooled_size, stride, padding, output_padding, activation,
 # negative_slope): each pooled value scatters z * W[ci] over its one footprint
@@ -396,6 +411,7 @@ FORMULAS: dict[str, Callable[[_Call], Cost]] = {
     "aefast::conv_pool2d_forward": f_conv_pool2d_forward,
     "aefast::conv_pool2d_backward_input": f_conv_pool2d_backward_input,
     "aefast::conv_pool2d_backward_weight": f_conv_pool2d_backward_weight,
+    "aefast::conv_pool2d_backward": f_conv_pool2d_backward,
     "aefast::unpool_conv_transpose2d": f_unpool_conv_transpose2d,
     "aefast::unpool_conv_transpose2d_backward": f_unpool_conv_transpose2d_backward,
     "aten::mm": f_mm,

@@ -20,7 +20,7 @@ import workloads as W  # noqa: E402
 LIMITS = dict(peak_gflops=100.0, peak_gbps=20.0)  # fixed: the tests check the arithmetic, not the machine
 CONV_OPS = {"aten::conv2d", "aten::conv_transpose2d", "aten::convolution_backward", "aefast::conv_pool2d_forward",
             "aefast::conv_pool2d_backward_input", "aefast::conv_pool2d_backward_weight",
-            "aefast::unpool_conv_transpose2d", "aefast::unpool_conv_transpose2d_backward"}
+            "aefast::conv_pool2d_backward", "aefast::unpool_conv_transpose2d", "aefast::unpool_conv_transpose2d_backward"}
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +85,8 @@ def test_aefast_step_counts_executed_sparse_flops(workload):
     # The encoder forward is dense on these even shapes; its backward is sparse by the 2x2 window.
     fwd = rows["aefast::conv_pool2d_forward"]
     assert fwd.flops == fwd.dense_flops > 0
-    for op in ("aefast::conv_pool2d_backward_weight", "aefast::conv_pool2d_backward_input"):
+    for op in ("aefast::conv_pool2d_backward_weight", "aefast::conv_pool2d_backward_input",
+               "aefast::conv_pool2d_backward"):
         if op in rows:
             assert rows[op].flops * 4 == rows[op].dense_flops
     dec = rows["aefast::unpool_conv_transpose2d"]
