@@ -279,6 +279,12 @@ def _check_corruption_arg(corruption):
     if not isinstance(corruption, (tuple, list)) or len(corruption) not in (2, 4):
         raise TypeError(f"aefast: corruption must be (kind, level) or (kind, level, low, high), got {corruption!r}")
     kind, level, low, high = (*corruption, 0.0, 1.0) if len(corruption) == 2 else corruption
+    return _check_corruption_values(kind, level, low, high)
+
+
+def _check_corruption_values(kind, level, low, high):
+    """One validation of a corruption's kind, level and salt/pepper values (corrupt() and the
+    encoder's corruption= argument alike) -> (kind, level, low, high) as floats."""
     if kind not in CORRUPTIONS:
         raise ValueError(f"aefast: unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not level >= 0 or \
@@ -721,14 +727,7 @@ def corrupt(input, kind="gaussian", level=0.1, generator=None, *, low=0.0, high=
     The kernels draw counter-based Philox noise keyed by one seed taken from ``generator``:
     the same generator state gives the same noise; element i always uses counter i."""
     check_tensor(input, "input", dtypes=FLOAT_DTYPES)
-    if kind not in CORRUPTIONS:
-        raise ValueError(f"aefast: unknown corruption {kind!r}; choose one of {CORRUPTIONS}")
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not level >= 0 or \
-            (kind != "gaussian" and level > 1) or level == float("inf"):
-        raise ValueError(f"aefast: corruption level must be {'>= 0' if kind == 'gaussian' else 'in [0, 1]'}, got {level!r}")
-    for name, v in (("low", low), ("high", high)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"aefast: {name} must be a number, got {v!r}")
+    _check_corruption_values(kind, level, low, high)
     _check_generator(generator, input.device, "input")
     backend = choose("corrupt", input.device)
     # Under torch.compile the seed cannot be read back without a graph break; the reference's
