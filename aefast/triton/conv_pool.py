@@ -15,7 +15,7 @@ backward   one program = one (n, co) plane slice of BLOCK_J pooled positions: gz
              grad_x[n, patch_j(k)] += gz_j * w[co, k]           (atomic scatter, gz_j != 0 only)
            so only the argmax positions are touched: 1/(PKH*PKW) of the dense MACs.
 corruption with corruption != "none" the forward and the weight gradient read corrupt(x) in their
-           input load: _corrupt_value is aefast.triton.recon_loss's corrupt kernel on one
+           input load: corrupt_value is aefast.triton.recon_loss's corrupt kernel on one
            element (tl.rand / tl.randn keyed by the seed, counter = the element's NCHW index),
            so the result equals corrupt-then-conv_pool2d and no corrupted copy is stored.
 max_pool2d torch's window scan (`v > best or isnan(v)`, first in-bounds element to start), any
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from aefast.ops.conv_pool import conv_output_size, pool_output_size
+from aefast.triton.recon_loss import corrupt_value
 
 
 @triton.jit
@@ -93,25 +94,6 @@ def _activation_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _corrupt_value(x, idx, seed, level, low, high, NOISE: tl.constexpr):
-    """corrupt() of the elements x at NCHW indices idx: the arithmetic of _corrupt_kernel in
-    aefast/triton/recon_loss.py, ending in the same cast to x's dtype."""
-    if NOISE == 0:
-        noise = tl.randn(seed, idx)
-        if x.dtype == tl.float64:
-            y = x.to(tl.float64) + level * noise.to(tl.float64)
-        else:
-            y = x.to(tl.float32) + level * noise
-    else:
-        u = tl.rand(seed, idx)
-        if NOISE == 1:
-            y = tl.where(u < level, 0.0, x)
-        else:
-            y = tl.where(u < level * 0.5, low, tl.where(u < level, high, x))
-    return y.to(x.dtype)
-
-
-@triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
                           N, CIN, H, W, COUT, HO, WO, SH, SW, PH, PW, slope_ptr,
                           seed, nlevel, nlow, nhigh,
@@ -151,7 +133,7 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
             xa = ((n[:, None] * CIN + ci[None, :]) * H + y) * W + xx
             xv = tl.load(x_ptr + xa, mask=m, other=0.0)
             if NOISE >= 0:
-                xv = tl.where(m, _corrupt_value(xv, xa, seed, nlevel, nlow, nhigh, NOISE), 0.0)
+                xv = tl.where(m, corrupt_value(xv, xa, seed, nlevel, nlow, nhigh, NOISE), 0.0)
             xv = xv.to(ACC)
             wv = tl.load(w_ptr + co[None, :] * K + k[:, None], mask=k_mask[:, None] & c_mask[None, :],
                          other=0.0).to(ACC)
@@ -206,7 +188,7 @@ def _conv_pool_bwd_kernel(g_ptr, win_ptr, pre_ptr, x_ptr, w_ptr, gx_ptr, gw_ptr,
         if WGRAD:
             xv = tl.load(x_ptr + addr, mask=m, other=0.0)
             if NOISE >= 0:  # the forward's corruption, regenerated
-                xv = tl.where(m, _corrupt_value(xv, addr, seed, nlevel, nlow, nhigh, NOISE), 0.0)
+                xv = tl.where(m, corrupt_value(xv, addr, seed, nlevel, nlow, nhigh, NOISE), 0.0)
             xv = xv.to(ACC)
             tl.atomic_add(gw_ptr + co * K + k, tl.sum(gz[:, None] * xv, axis=0), mask=k_mask)
         if DGRAD:

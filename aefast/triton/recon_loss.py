@@ -221,24 +221,31 @@ def loss_grad_scale(grad_output, saved, alpha):
 # ---------------------------------------------------------------- noise
 
 @triton.jit
-def _corrupt_kernel(x_ptr, y_ptr, n, seed, level, low, high, KIND: tl.constexpr, F64: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if KIND == 0:
-        noise = tl.randn(seed, offs)
-        if F64:
+def corrupt_value(x, idx, seed, level, low, high, NOISE: tl.constexpr):
+    """corrupt() of the elements x whose logical (NCHW) flat indices are idx, cast back to x's
+    dtype: the one element function of the corrupt kernel below and of the encoder's input load
+    (aefast/triton/conv_pool.py). NOISE: 0 gaussian, 1 masking, 2 salt_pepper."""
+    if NOISE == 0:
+        noise = tl.randn(seed, idx)
+        if x.dtype == tl.float64:
             y = x.to(tl.float64) + level * noise.to(tl.float64)
         else:
             y = x.to(tl.float32) + level * noise
     else:
-        u = tl.rand(seed, offs)
-        if KIND == 1:
+        u = tl.rand(seed, idx)
+        if NOISE == 1:
             y = tl.where(u < level, 0.0, x)
         else:
             y = tl.where(u < level * 0.5, low, tl.where(u < level, high, x))
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _corrupt_kernel(x_ptr, y_ptr, n, seed, level, low, high, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, corrupt_value(x, offs, seed, level, low, high, KIND), mask=mask)
 
 
 def corrupt(input, seed, kind, level, low, high):
@@ -250,8 +257,7 @@ def corrupt(input, seed, kind, level, low, high):
     n = x.numel()
     if n:
         # float32 thresholds: the CPU/CUDA kernels compare the float uniform with float(level).
-        _corrupt_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, seed, level, low, high, KIND=kinds[kind],
-                                                  F64=x.dtype == torch.float64, BLOCK=BLOCK)
+        _corrupt_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, seed, level, low, high, KIND=kinds[kind], BLOCK=BLOCK)
     return y
 
 
