@@ -6,8 +6,9 @@
 #include <pybind11/pybind11.h>
 
 #include <set>
-
 #include <string>
+
+#include "aefast/recon_loss_autograd.h"
 
 #ifndef AEFAST_TORCH_VERSION
 #define AEFAST_TORCH_VERSION "unknown"
@@ -114,6 +115,7 @@ TORCH_LIBRARY(aefast, m) {
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
+  aefast::bind_recon_loss_autograd(m);
   m.doc() = "aefast compiled kernels; the operators live in torch.ops.aefast";
   m.def("build_info", []() {
     py::dict info;

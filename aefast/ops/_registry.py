@@ -20,13 +20,18 @@ _triton_lib = torch.library.Library(TRITON_NAMESPACE, "DEF") if HAS_TRITON else 
 _triton_ops: set[str] = set()
 
 
-def namespace_for(backend: str):
-    """The torch.ops namespace whose kernels implement ``backend`` ("cpu", "cuda" or "triton")."""
+def namespace_name(backend: str) -> str:
+    """The operator namespace whose kernels implement ``backend`` ("cpu", "cuda" or "triton")."""
     if backend == "triton":
-        return getattr(torch.ops, TRITON_NAMESPACE)
+        return TRITON_NAMESPACE
     if backend in ("cpu", "cuda"):
-        return getattr(torch.ops, NAMESPACE)
+        return NAMESPACE
     raise ValueError(f"aefast: backend {backend!r} has no compiled operators")
+
+
+def namespace_for(backend: str):
+    """The torch.ops namespace of :func:`namespace_name`."""
+    return getattr(torch.ops, namespace_name(backend))
 
 
 def op(backend: str, name: str):

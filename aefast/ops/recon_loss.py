@@ -16,6 +16,10 @@ Gradient formulas (the kernels compute them, see csrc/include/aefast/recon_loss.
   answer and is returned without a pass over memory (Liger-Kernel's trick). It is kept with
   ``save_for_backward``, so if autograd later accumulates into it in place, a second
   backward through a retained graph raises instead of reading a modified buffer.
+* Two entries, one formula: eager calls on plain tensors go through the C++ autograd node of
+  csrc/recon_loss_autograd.cpp (``aefast._C.recon_loss_autograd``: no Python in the backward);
+  torch.compile and tensor subclasses go through the formula registered below. Both implement
+  exactly the rules above.
 * ``corrupt``: gaussian is y = x + noise, so dy/dx = 1; masking and salt_pepper replace
   elements where u < level, so dy/dx is the keep mask, and the backward is the masking
   corruption of grad_output with the same seed (the mask is regenerated, never stored).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from aefast import _C
 from aefast.ops import _registry
 
 OWN_TARGET_GRAD = ("bce", "bce_logits")
@@ -167,48 +172,25 @@ def _make_recon_loss_backward(ns):
     return backward
 
 
-class _EagerReconLoss(torch.autograd.Function):
-    """The same op and the same backward as the registered autograd formula, entered through a
-    plain autograd.Function that calls the kernel below the Autograd key. torch.library's
-    Python autograd wrapper costs ~30 us per call, which is the whole kernel time of a
-    MNIST-sized batch; eager calls on plain tensors take this path, torch.compile and tensor
-    subclasses the registered one (recon_loss_eager decides)."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, pos_weight, ns, kind, reduction, delta, grad_input, grad_target):
-        with torch._C._AutoDispatchBelowAutograd():
-            out, gx, gt = ns.recon_loss.default(input, target, weight, pos_weight, kind, reduction, delta,
-                                                grad_input, grad_target)
-        ctx.kind, ctx.ns, ctx.reduction, ctx.delta = kind, ns, reduction, delta
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(gx, gt, input, target, weight, pos_weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is None:
-            return (None,) * 10
-        return (*_recon_loss_grads(ctx.ns, ctx, grad), None, None, None, None, None, None, None, None)
-
-
 def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta, grad_input, grad_target):
-    """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal)."""
-    plain = (type(input) is torch.Tensor and type(target) is torch.Tensor
-             and (weight is None or type(weight) is torch.Tensor)
-             and (pos_weight is None or type(pos_weight) is torch.Tensor))
-    differentiable = grad_input or grad_target
+    """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal).
+    ``grad_input``/``grad_target`` are the op's flags as derived from requires_grad (see
+    aefast.functional._fused_loss)."""
+    if (type(input) is torch.Tensor and type(target) is torch.Tensor
+            and (weight is None or type(weight) is torch.Tensor)
+            and (pos_weight is None or type(pos_weight) is torch.Tensor)
+            and not torch.compiler.is_compiling()):
+        # Eager calls on plain tensors: the C++ autograd entry (csrc/recon_loss_autograd.cpp),
+        # the same forward and backward as the registered formula without two Python crossings
+        # (~20 us a call, more than the whole kernel on a 256x1x28x28 batch). It derives the
+        # same flags from requires_grad itself.
+        return _C.recon_loss_autograd(_registry.namespace_name(backend), input, target, weight, pos_weight, kind,
+                                      reduction, delta)
     if reduction == "none" and kind not in OWN_TARGET_GRAD:
         # mse/l1/huber: the gradient is recomputed in the backward (see _recon_loss_grads), which
         # moves as many bytes as saving it and holds no input-sized buffer between the passes.
         # bce/bce_logits keep the saved gradient: recomputing would pay their log/exp twice.
         grad_input = grad_target = False
-    if plain and not torch.compiler.is_compiling():
-        if differentiable:
-            return _EagerReconLoss.apply(input, target, weight, pos_weight, _registry.namespace_for(backend), kind,
-                                         reduction, delta, grad_input, grad_target)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind, reduction, delta,
-                                                       False, False)[0]
     return _registry.op(backend, "recon_loss")(input, target, weight, pos_weight, kind, reduction, delta,
                                                grad_input, grad_target)[0]
 
