@@ -605,37 +605,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const int64_t chunks =
         need_w ? std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(s.Cout * Kp, 1), 1, std::min<int64_t>(s.N, 16))
                : s.N;
-    std::vector<acc_t> part_w(need_w ? chunks * s.Cout * Kp : 0), part_b(need_w ? chunks * s.Cout : 0);
+    // Image- and weight-sized scratch through the buffer cache (aefast/cpu_buffer_cache.h): a
+    // fresh buffer of a few MB page-faults on every call. Each chunk zeroes its own part_w slice.
+    const at::TensorOptions acc_opts = g.options().dtype(acc_dtype);
+    const at::Tensor part_w_t = empty_cpu_cached({need_w ? chunks * s.Cout * Kp : 0}, acc_opts);
+    acc_t* part_w = part_w_t.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> part_b(need_w ? chunks * s.Cout : 0);
 
     at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-      std::vector<acc_t> gz(E), gg(need_w ? plane : 0), xpad(need_w ? Hp * row : 0), patches(need_w ? max_pos * Kp : 0);
+      // gz is written whole per image, gx zeroed per image; xpad's border must read as zero.
+      const at::Tensor gz_t = empty_cpu_cached({E}, acc_opts);
+      const at::Tensor xpad_t = zeros_cpu_cached({need_w ? Hp * row : 0}, acc_opts);
+      acc_t* gz = gz_t.mutable_data_ptr<acc_t>();
+      acc_t* xpad = xpad_t.mutable_data_ptr<acc_t>();
+      std::vector<acc_t> gg(need_w ? plane : 0), patches(need_w ? max_pos * Kp : 0);
       std::vector<int32_t> off(need_w ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
-      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), gx(need_x ? Hp * row : 0), dcol(need_x ? Kp : 0);
+      const at::Tensor gx_t = empty_cpu_cached({need_x ? Hp * row : 0}, acc_opts);
+      acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
+      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), dcol(need_x ? Kp : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
-        acc_t* gw = need_w ? part_w.data() + c * s.Cout * Kp : nullptr;
+        acc_t* gw = need_w ? part_w + c * s.Cout * Kp : nullptr;
         acc_t* gb = need_w ? part_b.data() + c * s.Cout : nullptr;
         if (need_w) {
           std::fill(gw, gw + s.Cout * Kp, acc_t(0));
           std::fill(gb, gb + s.Cout, acc_t(0));
         }
         for (int64_t n = n0; n < n1; ++n) {
-          gzfn(gp + n * E, zp + n * E, E, slope, gz.data());
+          gzfn(gp + n * E, zp + n * E, E, slope, gz);
           const uint8_t* kn = kp + n * E;
           if (need_w) {
             // The padded channels-last image (its border stays zero across images).
-            load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad.data() + s.PH * row + s.PW * s.Cin, row,
+            load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad + s.PH * row + s.PW * s.Cin, row,
                                              corrupt_at);
-            kern.wgrad(geo, xpad.data(), gz.data(), kn, patches.data(), off.data(), gg.data(), gw, gb);
+            kern.wgrad(geo, xpad, gz, kn, patches.data(), off.data(), gg.data(), gw, gb);
           }
           if (need_x) {
-            std::fill(gx.begin(), gx.end(), acc_t(0));
-            kern.dgrad(geo, gz.data(), kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx.data());
+            std::fill(gx, gx + Hp * row, acc_t(0));
+            kern.dgrad(geo, gz, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
             // The interior of the padded gradient image, to NCHW.
             scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
             for (int64_t ci = 0; ci < s.Cin; ++ci)
               for (int64_t y = 0; y < s.H; ++y) {
-                const acc_t* src = gx.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+                const acc_t* src = gx + (y + s.PH) * row + s.PW * s.Cin + ci;
                 scalar_t* d = dst + (ci * s.H + y) * s.W;
                 for (int64_t xx = 0; xx < s.W; ++xx) d[xx] = static_cast<scalar_t>(src[xx * s.Cin]);
               }

@@ -109,11 +109,14 @@ class CpuBufferCache final : public c10::Allocator {
   // limit; then the oldest cached blocks are freed until the bins fit the limit again.
   void release(Block* b) {
     std::vector<Block*> evicted;
-    size_t allocated = 0, reserved = 0;
-    const size_t nbytes = b->nbytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      allocated_bytes_ -= nbytes;
+      allocated_bytes_ -= b->nbytes;
+      // Reported before the block is back in a bin: another thread may take it as soon as it is,
+      // and the profiler must see this free before that allocation of the same pointer.
+      if (c10::memoryProfilingEnabled())
+        c10::reportMemoryUsageToProfiler(b->ptr, -static_cast<int64_t>(b->nbytes), allocated_bytes_,
+                                         allocated_bytes_ + cached_bytes_, c10::Device(c10::DeviceType::CPU));
       if (b->size > limit_) {
         evicted.push_back(b);
       } else {
@@ -122,12 +125,7 @@ class CpuBufferCache final : public c10::Allocator {
         cached_bytes_ += b->size;
         while (cached_bytes_ > limit_) evicted.push_back(unlink_oldest());
       }
-      allocated = allocated_bytes_;
-      reserved = allocated_bytes_ + cached_bytes_;
     }
-    if (c10::memoryProfilingEnabled())
-      c10::reportMemoryUsageToProfiler(b->ptr, -static_cast<int64_t>(nbytes), allocated, reserved,
-                                       c10::Device(c10::DeviceType::CPU));
     free_blocks(evicted);
   }
 

@@ -1111,7 +1111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
   TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
                   g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
               "aefast::unpool_conv_transpose2d_backward: one image is too large for the CPU kernel");
-  const at::Tensor go = contiguous_cpu_cached(grad_out).to(input.scalar_type()), ai = contiguous_cpu_cached(act_input);
+  const at::Tensor go = contiguous_cpu_cached(grad_out).to(input.scalar_type());
+  const at::Tensor ai = contiguous_cpu_cached(act_input);
   const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
   at::Tensor grad_z = output_mask[0] ? empty_cpu_cached(z.sizes(), z.options()) : at::zeros_like(z);
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : at::zeros_like(w);
