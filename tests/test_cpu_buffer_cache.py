@@ -140,6 +140,31 @@ def test_conv_pool_at_cache_sizes():
             torch.testing.assert_close(gb, br.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_conv_pool_backward_scratch_at_cache_sizes():
+    # One large image: the backward's per-thread scratch (conv-output gradient 1.2 MB, the zero-
+    # bordered padded image and its gradient 1.7 MB each) comes from the cache; the second call
+    # gets recycled blocks, whose padded border must be zero again.
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 160, 160, generator=gen)
+    w = torch.randn(48, 16, 3, 3, generator=gen) * 0.1
+    g = torch.randn(2, 48, 80, 80, generator=gen)
+
+    def run():
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y, idx = AF.conv_pool2d(xi, wi, None, padding=1, activation="leaky_relu")
+        y.backward(g)
+        return y.detach(), idx, xi.grad, wi.grad
+
+    y, idx, gx, gw = _twice(run)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    yr, idxr = R.functional.conv_pool2d(xr, wr, None, padding=1, activation="leaky_relu")
+    yr.backward(g)
+    torch.testing.assert_close(y, yr.detach(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(idx, idxr)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, wr.grad, rtol=1e-4, atol=1e-3)
+
+
 def test_noisy_conv_pool_at_cache_sizes():
     # The corrupted input is built chunk by chunk in a cached buffer (oneDNN path, N >= 4).
     gen = torch.Generator().manual_seed(2)
@@ -151,15 +176,18 @@ def test_noisy_conv_pool_at_cache_sizes():
         assert torch.equal(y, outs[0][0]) and torch.equal(idx, outs[0][1])
 
 
-def test_decoder_at_cache_sizes():
+@pytest.mark.parametrize("n, c, hw", [(8, 16, 48), (2, 48, 96)])
+def test_decoder_at_cache_sizes(n, c, hw):
+    # (8, 16, 48): output, pre-activation and the forward's per-thread slabs (1.3 MB) cached;
+    # (2, 48, 96): also the backward's padded gradient image (about 1.8 MB per thread).
     gen = torch.Generator().manual_seed(3)
-    enc = torch.randn(8, 16, 48, 48, generator=gen)
+    enc = torch.randn(n, c, hw, hw, generator=gen)
     pooled, idx = F.max_pool2d(enc, 2, return_indices=True)
-    w = torch.randn(16, 16, 3, 3, generator=gen) * 0.1
-    b = torch.randn(16, generator=gen) * 0.1
-    g = torch.randn(8, 16, 48, 48, generator=gen)
+    w = torch.randn(c, c, 3, 3, generator=gen) * 0.1
+    b = torch.randn(c, generator=gen) * 0.1
+    g = torch.randn(n, c, hw, hw, generator=gen)
     for index_format in ("flat", "window"):
-        ind = idx if index_format == "flat" else AF.flat_to_window(idx, (48, 48), 2)
+        ind = idx if index_format == "flat" else AF.flat_to_window(idx, (hw, hw), 2)
 
         def run():
             z = pooled.clone().requires_grad_()
@@ -332,6 +360,34 @@ def test_threads():
     assert not errors, errors
     assert stats()["hits"] > hits
     assert stats()["cached_bytes"] <= stats()["limit_bytes"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_child_uses_the_cache():
+    # The cache's lock is held across fork() and released on both sides (DataLoader workers fork).
+    x, t = torch.rand(SHAPE), torch.rand(SHAPE)
+    _, gx, _ = loss_grad(x, t)
+    del gx  # the child inherits a cached block
+    pid = os.fork()
+    if pid == 0:  # child: one intra-op thread, as DataLoader workers use
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            hits = stats()["hits"]
+            for _ in range(3):
+                _, gx, _ = loss_grad(x, t)
+                ok = torch.allclose(gx, 2 * (x - t) / x.numel())
+                del gx
+                if not ok:
+                    break
+            else:
+                code = 0 if stats()["hits"] >= hits + 3 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    _, gx, _ = loss_grad(x, t)  # the parent's lock was released too
+    torch.testing.assert_close(gx, 2 * (x - t) / x.numel())
 
 
 def _cached_tensor(x=None):

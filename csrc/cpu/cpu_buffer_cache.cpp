@@ -209,8 +209,6 @@ void release_block(void* ctx) { instance().release(static_cast<Block*>(ctx)); }
 
 }  // namespace
 
-c10::Allocator* cpu_buffer_cache_allocator() { return &instance(); }
-
 at::Tensor empty_cpu_cached(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat format) {
   CpuBufferCache& cache = instance();
   const at::TensorOptions plain = opts.memory_format(format);

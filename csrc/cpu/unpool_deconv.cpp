@@ -724,8 +724,7 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
   // Output-sized buffers through the buffer cache (aefast/cpu_buffer_cache.h).
   at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options());
-  at::Tensor pre = act_needs_preactivation(act) ? empty_cpu_cached(out.sizes(), out.options())
-                                                : at::empty({0}, input.options());
+  at::Tensor pre = act_needs_preactivation(act) ? empty_like_cpu_cached(out) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_cpu", [&] {
     if (idx.scalar_type() == at::kLong)
       forward_typed<scalar_t, int64_t>(z, idx, w, bias, g, act, negative_slope, out, pre);
@@ -1114,7 +1113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
   const at::Tensor go = contiguous_cpu_cached(grad_out).to(input.scalar_type());
   const at::Tensor ai = contiguous_cpu_cached(act_input);
   const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
-  at::Tensor grad_z = output_mask[0] ? empty_cpu_cached(z.sizes(), z.options()) : at::zeros_like(z);
+  at::Tensor grad_z = output_mask[0] ? empty_like_cpu_cached(z) : at::zeros_like(z);
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : at::zeros_like(w);
   at::Tensor grad_b = at::zeros({g.c_out}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_bwd_cpu", [&] {

@@ -17,7 +17,8 @@
 // storage). Allocations and frees are reported to the profiler as c10's CPU allocator does, so
 // profile_memory and the benchmarks' peak-memory figures see live tensors, not cached blocks.
 //
-// Host code shared with the CUDA entry points may call empty_cpu_cached: for anything but a CPU
+// The c10::Allocator subclass and its bins live in csrc/cpu/cpu_buffer_cache.cpp; the kernels use
+// the functions below. Host code shared with the CUDA entry points may call empty_cpu_cached: for anything but a CPU
 // tensor it is plain at::empty (the definitions live in csrc/cpu/cpu_buffer_cache.cpp, always built).
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorOptions.h>
@@ -25,10 +26,6 @@
 
 #include <cstddef>
 #include <cstdint>
-
-namespace c10 {
-struct Allocator;
-}
 
 namespace aefast {
 
@@ -43,14 +40,12 @@ at::Tensor empty_cpu_cached(at::IntArrayRef sizes, const at::TensorOptions& opts
 at::Tensor empty_cpu_cached(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat format);
 // empty_cpu_cached(...).zero_(); at::zeros below the threshold or off the CPU.
 at::Tensor zeros_cpu_cached(at::IntArrayRef sizes, const at::TensorOptions& opts);
-// empty_cpu_cached with t's sizes and options and t's suggested memory format (as at::empty_like).
+// empty_cpu_cached with t's sizes, options and suggested memory format (at::empty_like for the
+// contiguous and channels-last layouts the kernels produce).
 at::Tensor empty_like_cpu_cached(const at::Tensor& t);
 
 // t itself when it is contiguous, else a contiguous copy in a cached buffer (t.contiguous() off the CPU).
 at::Tensor contiguous_cpu_cached(const at::Tensor& t);
-
-// The allocator itself (a leaked singleton: deleters may run during interpreter exit).
-c10::Allocator* cpu_buffer_cache_allocator();
 
 struct CpuBufferCacheStats {
   int64_t cached_bytes;   // bytes held in the bins (freed by their tensors, not yet reused)
