@@ -7,6 +7,7 @@ import platform
 import torch
 
 from aefast import backend as _backend
+from aefast._cpu_cache import cpu_cache_info
 from aefast._extension import BUILD_INFO
 
 
@@ -18,7 +19,8 @@ def _version(dist: str) -> str | None:
 
 
 def info() -> dict:
-    """Version, build, backends (usable and why), CUDA archs, Triton version, fallback counters."""
+    """Version, build, backends (usable and why), CUDA archs, Triton version, fallback counters, and the
+    CPU buffer cache's counters (``cpu_buffer_cache``: cached_bytes, cached_blocks, hits, misses, limit_bytes)."""
     import aefast
 
     return {
@@ -32,6 +34,7 @@ def info() -> dict:
         "backends": {name: {"usable": ok, "why": why} for name, (ok, why) in _backend.availability().items()},
         "backend_forced": _backend.get_backend(),
         "fallbacks": _backend.fallback_counts(),
+        "cpu_buffer_cache": cpu_cache_info(),
     }
 
 
@@ -45,6 +48,13 @@ def format_info(data: dict) -> str:
     for name, st in data["backends"].items():
         lines.append(f"  {name:<10} {'usable' if st['usable'] else 'unavailable':<12} {st['why']}")
     lines.append(f"forced backend: {data['backend_forced'] or 'none (cuda for CUDA tensors, cpu for CPU tensors)'}")
+    c = data.get("cpu_buffer_cache")
+    if c is not None:
+        if c["limit_bytes"]:
+            lines.append(f"CPU buffer cache: {c['cached_bytes'] / 2**20:.1f} of {c['limit_bytes'] / 2**20:.0f} MiB held "
+                         f"in {c['cached_blocks']} blocks; {c['hits']} hits, {c['misses']} misses")
+        else:
+            lines.append("CPU buffer cache: disabled (AEFAST_CPU_CACHE_MB=0)")
     if data["fallbacks"]:
         lines.append("fallbacks to the reference path:")
         lines.extend(f"  {k}: {n}" for k, n in data["fallbacks"].items())

@@ -3,6 +3,7 @@
 // Python (aefast/ops/). Only this file may define a schema.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include "aefast/cpu_buffer_cache.h"
 #include <pybind11/pybind11.h>
 
 #include <set>
@@ -149,4 +150,16 @@ PYBIND11_MODULE(_C, m) {
     });
     return static_cast<int64_t>(std::set<int>(tid.begin(), tid.end()).size());
   });
+  // The CPU buffer cache (aefast/cpu_buffer_cache.h): its counters, and freeing what it holds.
+  m.def("cpu_buffer_cache_info", []() {
+    const aefast::CpuBufferCacheStats s = aefast::cpu_buffer_cache_stats();
+    py::dict info;
+    info["cached_bytes"] = s.cached_bytes;
+    info["cached_blocks"] = s.cached_blocks;
+    info["hits"] = s.hits;
+    info["misses"] = s.misses;
+    info["limit_bytes"] = s.limit_bytes;
+    return info;
+  });
+  m.def("cpu_buffer_cache_clear", []() { aefast::cpu_buffer_cache_clear(); });
 }

@@ -53,6 +53,7 @@
 #include "aefast/conv_pool.h"
 #include "aefast/cpu_isa.h"
 #include "aefast/corruption.h"
+#include "aefast/cpu_buffer_cache.h"
 
 namespace aefast {
 namespace {
@@ -311,8 +312,7 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
     // oneDNN pick the channels-last output too.
     auto to_cl = [&](const at::Tensor& t) {
       if (t.scalar_type() == acc_dtype && t.size(1) > 1 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
-      return at::empty(t.sizes(), t.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast))
-          .copy_(t);
+      return empty_cpu_cached(t.sizes(), t.options().dtype(acc_dtype), at::MemoryFormat::ChannelsLast).copy_(t);
     };
     const at::Tensor weight_cl = to_cl(weight);
     at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
@@ -354,8 +354,8 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
     const int64_t per_image = (s.Cin * s.H * s.W + img) * static_cast<int64_t>(sizeof(acc_t));
     const int64_t chunk = std::clamp<int64_t>(kNoiseChunkBytes / std::max<int64_t>(per_image, 1), 1,
                                               std::max<int64_t>(1, s.N / 4));
-    at::Tensor xc = at::empty({chunk, s.Cin, s.H, s.W},
-                              input.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast));
+    at::Tensor xc = empty_cpu_cached({chunk, s.Cin, s.H, s.W}, input.options().dtype(acc_dtype),
+                                     at::MemoryFormat::ChannelsLast);
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     const int64_t xsN = input.stride(0), xsC = input.stride(1), xsH = input.stride(2), xsW = input.stride(3);
     for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
@@ -388,9 +388,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
-  at::Tensor pooled = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
-  at::Tensor window = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
-  at::Tensor preact = at::empty({s.N, s.Cout, s.HO, s.WO}, input.options());
+  // Activation-sized outputs through the buffer cache (aefast/cpu_buffer_cache.h).
+  at::Tensor pooled = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options());
+  at::Tensor window = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
+  at::Tensor preact = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options());
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
   // oneDNN's conv + the fused epilogue (see above) for fp32 and the half types when the reduction
   // is long enough (K = Cin*KH*KW >= 64) for the conv's FLOPs to outweigh the epilogue's pass over
@@ -546,9 +547,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const at::Tensor* weight, const Shape& s, int64_t activation, double negative_slope,
     const InputCorruption& noise) {
   const bool need_x = weight != nullptr, need_w = input != nullptr;
-  const at::Tensor g = grad_pooled.contiguous(), win = window.contiguous(), z = preact.contiguous();
+  const at::Tensor g = contiguous_cpu_cached(grad_pooled), win = contiguous_cpu_cached(window),
+                   z = contiguous_cpu_cached(preact);
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (need_x) grad_input = at::empty({s.N, s.Cin, s.H, s.W}, g.options());
+  if (need_x) grad_input = empty_cpu_cached({s.N, s.Cin, s.H, s.W}, g.options());
   if (need_w) {
     grad_weight = at::empty({s.Cout, s.Cin, s.KH, s.KW}, g.options());
     grad_bias = at::empty({s.Cout}, g.options());
@@ -603,37 +605,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const int64_t chunks =
         need_w ? std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(s.Cout * Kp, 1), 1, std::min<int64_t>(s.N, 16))
                : s.N;
-    std::vector<acc_t> part_w(need_w ? chunks * s.Cout * Kp : 0), part_b(need_w ? chunks * s.Cout : 0);
+    // Image- and weight-sized scratch through the buffer cache (aefast/cpu_buffer_cache.h): a
+    // fresh buffer of a few MB page-faults on every call. Each chunk zeroes its own part_w slice.
+    const at::TensorOptions acc_opts = g.options().dtype(acc_dtype);
+    const at::Tensor part_w_t = empty_cpu_cached({need_w ? chunks * s.Cout * Kp : 0}, acc_opts);
+    acc_t* part_w = part_w_t.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> part_b(need_w ? chunks * s.Cout : 0);
 
     at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-      std::vector<acc_t> gz(E), gg(need_w ? plane : 0), xpad(need_w ? Hp * row : 0), patches(need_w ? max_pos * Kp : 0);
+      // gz is written whole per image, gx zeroed per image; xpad's border must read as zero.
+      const at::Tensor gz_t = empty_cpu_cached({E}, acc_opts);
+      const at::Tensor xpad_t = zeros_cpu_cached({need_w ? Hp * row : 0}, acc_opts);
+      acc_t* gz = gz_t.mutable_data_ptr<acc_t>();
+      acc_t* xpad = xpad_t.mutable_data_ptr<acc_t>();
+      std::vector<acc_t> gg(need_w ? plane : 0), patches(need_w ? max_pos * Kp : 0);
       std::vector<int32_t> off(need_w ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
-      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), gx(need_x ? Hp * row : 0), dcol(need_x ? Kp : 0);
+      const at::Tensor gx_t = empty_cpu_cached({need_x ? Hp * row : 0}, acc_opts);
+      acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
+      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), dcol(need_x ? Kp : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
-        acc_t* gw = need_w ? part_w.data() + c * s.Cout * Kp : nullptr;
+        acc_t* gw = need_w ? part_w + c * s.Cout * Kp : nullptr;
         acc_t* gb = need_w ? part_b.data() + c * s.Cout : nullptr;
         if (need_w) {
           std::fill(gw, gw + s.Cout * Kp, acc_t(0));
           std::fill(gb, gb + s.Cout, acc_t(0));
         }
         for (int64_t n = n0; n < n1; ++n) {
-          gzfn(gp + n * E, zp + n * E, E, slope, gz.data());
+          gzfn(gp + n * E, zp + n * E, E, slope, gz);
           const uint8_t* kn = kp + n * E;
           if (need_w) {
             // The padded channels-last image (its border stays zero across images).
-            load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad.data() + s.PH * row + s.PW * s.Cin, row,
+            load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad + s.PH * row + s.PW * s.Cin, row,
                                              corrupt_at);
-            kern.wgrad(geo, xpad.data(), gz.data(), kn, patches.data(), off.data(), gg.data(), gw, gb);
+            kern.wgrad(geo, xpad, gz, kn, patches.data(), off.data(), gg.data(), gw, gb);
           }
           if (need_x) {
-            std::fill(gx.begin(), gx.end(), acc_t(0));
-            kern.dgrad(geo, gz.data(), kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx.data());
+            std::fill(gx, gx + Hp * row, acc_t(0));
+            kern.dgrad(geo, gz, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
             // The interior of the padded gradient image, to NCHW.
             scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
             for (int64_t ci = 0; ci < s.Cin; ++ci)
               for (int64_t y = 0; y < s.H; ++y) {
-                const acc_t* src = gx.data() + (y + s.PH) * row + s.PW * s.Cin + ci;
+                const acc_t* src = gx + (y + s.PH) * row + s.PW * s.Cin + ci;
                 scalar_t* d = dst + (ci * s.H + y) * s.W;
                 for (int64_t xx = 0; xx < s.W; ++xx) d[xx] = static_cast<scalar_t>(src[xx * s.Cin]);
               }
@@ -756,8 +770,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& inpu
   const int64_t OH = pool_out_size(H, KH, SH, PH, DH, ceil_mode), OW = pool_out_size(W, KW, SW, PW, DW, ceil_mode);
   TORCH_CHECK(OH > 0 && OW > 0, "aefast::max_pool2d_forward: output would be empty");
   const auto fmt = input.suggest_memory_format();
-  at::Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(fmt));
-  at::Tensor idx = at::empty({N, C, OH, OW}, input.options().dtype(at::kLong).memory_format(fmt));
+  at::Tensor out = empty_cpu_cached({N, C, OH, OW}, input.options(), fmt);
+  at::Tensor idx = empty_cpu_cached({N, C, OH, OW}, input.options().dtype(at::kLong), fmt);
   if (out.numel() == 0) return {out, idx};
   const int64_t xs[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
@@ -807,7 +821,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
   TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::max_pool2d_backward: indices must be int64");
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
-  at::Tensor grad_input = at::empty(input.sizes(), grad_output.options().memory_format(input.suggest_memory_format()));
+  at::Tensor grad_input = empty_cpu_cached(input.sizes(), grad_output.options(), input.suggest_memory_format());
   if (grad_input.numel() == 0) return grad_input;
   const int64_t gs[4] = {grad_output.stride(0), grad_output.stride(1), grad_output.stride(2), grad_output.stride(3)};
   const int64_t is[4] = {indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3)};

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "aefast/cpu_buffer_cache.h"
 #include "aefast/pool_index.h"
 #include "aefast/torch_utils.h"
 
@@ -24,8 +25,8 @@ at::Tensor flat_to_window_cpu(const at::Tensor& indices, c10::IntArrayRef input_
                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::flat_to_window: indices must be int64");
   const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
-  const at::Tensor src = indices.contiguous();
-  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kByte));
+  const at::Tensor src = contiguous_cpu_cached(indices);
+  at::Tensor out = empty_cpu_cached(src.sizes(), src.options().dtype(at::kByte));
   const int64_t* in_ptr = src.const_data_ptr<int64_t>();
   uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
   for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
@@ -45,8 +46,8 @@ at::Tensor window_to_flat_cpu(const at::Tensor& window, c10::IntArrayRef input_s
                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(window.scalar_type() == at::kByte, "aefast::window_to_flat: window offsets must be uint8");
   const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
-  const at::Tensor src = window.contiguous();
-  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kLong));
+  const at::Tensor src = contiguous_cpu_cached(window);
+  at::Tensor out = empty_cpu_cached(src.sizes(), src.options().dtype(at::kLong));
   const uint8_t* in_ptr = src.const_data_ptr<uint8_t>();
   int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
   for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {

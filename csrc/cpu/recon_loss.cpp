@@ -25,6 +25,7 @@
 
 #include "aefast/cpu_isa.h"
 #include "aefast/corruption.h"
+#include "aefast/cpu_buffer_cache.h"
 #include "aefast/philox.h"
 #include "aefast/recon_loss.h"
 #include "aefast/recon_loss_host.h"
@@ -103,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_cpu(const at::Tenso
 at::Tensor loss_grad_scale_cpu(const at::Tensor& grad_output_, const at::Tensor& saved_, double alpha) {
   TORCH_CHECK(grad_output_.scalar_type() == saved_.scalar_type(), "aefast::loss_grad_scale: dtypes differ");
   const int mode = grad_scale_mode(grad_output_, saved_);
-  const at::Tensor g = grad_output_.contiguous(), saved = saved_.contiguous();
-  at::Tensor out = at::empty(saved.sizes(), saved.options());
+  const at::Tensor g = contiguous_cpu_cached(grad_output_), saved = contiguous_cpu_cached(saved_);
+  at::Tensor out = empty_cpu_cached(saved.sizes(), saved.options());
   const int64_t numel = saved.numel();
   if (numel == 0) return out;
   const int64_t rows = mode == 1 ? saved.size(0) : 1;
@@ -147,8 +148,8 @@ at::Tensor loss_grad_scale_cpu(const at::Tensor& grad_output_, const at::Tensor&
 at::Tensor corrupt_cpu(const at::Tensor& input_, int64_t seed, c10::string_view kind_s, double level, double low,
                        double high) {
   const int kind = parse_corruption(kind_s);
-  const at::Tensor input = input_.contiguous();
-  at::Tensor out = at::empty(input.sizes(), input.options());
+  const at::Tensor input = contiguous_cpu_cached(input_);
+  at::Tensor out = empty_cpu_cached(input.sizes(), input.options());
   const int64_t numel = input.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "aefast_corrupt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -166,8 +167,8 @@ at::Tensor corrupt_cpu(const at::Tensor& input_, int64_t seed, c10::string_view 
 // z = mu + exp(logvar / 2) * eps_i,   eps_i = normal(seed, i)
 at::Tensor reparameterize_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, int64_t seed) {
   check_same(mu_, logvar_, "logvar");
-  const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
-  at::Tensor z = at::empty(mu.sizes(), mu.options());
+  const at::Tensor mu = contiguous_cpu_cached(mu_), logvar = contiguous_cpu_cached(logvar_);
+  at::Tensor z = empty_cpu_cached(mu.sizes(), mu.options());
   const uint64_t key = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "aefast_reparameterize_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -187,8 +188,8 @@ at::Tensor reparameterize_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, 
 // d z / d logvar = exp(logvar / 2) * eps / 2, with eps regenerated from the seed (nothing saved).
 at::Tensor reparameterize_backward_cpu(const at::Tensor& grad_, const at::Tensor& logvar_, int64_t seed) {
   check_same(logvar_, grad_, "grad");
-  const at::Tensor grad = grad_.contiguous(), logvar = logvar_.contiguous();
-  at::Tensor out = at::empty(logvar.sizes(), logvar.options());
+  const at::Tensor grad = contiguous_cpu_cached(grad_), logvar = contiguous_cpu_cached(logvar_);
+  at::Tensor out = empty_cpu_cached(logvar.sizes(), logvar.options());
   const uint64_t key = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logvar.scalar_type(), "aefast_reparam_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -90,6 +90,7 @@
 #include <string_view>
 #include <vector>
 
+#include "aefast/cpu_buffer_cache.h"
 #include "aefast/cpu_isa.h"
 #include "aefast/unpool_deconv.h"
 #include "aefast/unpool_deconv_args.h"
@@ -679,7 +680,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
     ImageScratch<acc_t> scratch(g, !small, false);
     // T: one slab per position plus L values of slack (the epilogue's last vector may run past
     // the last slab). Zeroed once so that no lane is ever uninitialised.
-    at::Tensor T_t = at::zeros({P * kp + L}, acc_opts);
+    at::Tensor T_t = zeros_cpu_cached({P * kp + L}, acc_opts);
     acc_t* T = T_t.mutable_data_ptr<acc_t>();
     for (int64_t n = n0; n < n1; ++n) {
       const scalar_t* zn = zp + n * plane_in;
@@ -720,9 +721,10 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
                   g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
               "aefast::unpool_conv_transpose2d: one image is too large for the CPU kernel");
-  const at::Tensor z = input.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
-  at::Tensor out = at::empty({g.n, g.c_out, g.out_h, g.out_w}, input.options());
-  at::Tensor pre = act_needs_preactivation(act) ? at::empty_like(out) : at::empty({0}, input.options());
+  const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
+  // Output-sized buffers through the buffer cache (aefast/cpu_buffer_cache.h).
+  at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options());
+  at::Tensor pre = act_needs_preactivation(act) ? empty_like_cpu_cached(out) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_cpu", [&] {
     if (idx.scalar_type() == at::kLong)
       forward_typed<scalar_t, int64_t>(z, idx, w, bias, g, act, negative_slope, out, pre);
@@ -1013,8 +1015,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const int64_t chunk = std::max<int64_t>(1, (g.n + 15) / 16), chunks = (g.n + chunk - 1) / chunk;
   // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor bias_part_t = at::empty({g.n * g.c_out}, acc_opts);
-  at::Tensor gwt_t = at::empty({mask[1] ? chunks * g.c_in * kp : 0}, acc_opts);
+  at::Tensor bias_part_t = empty_cpu_cached({g.n * g.c_out}, acc_opts);
+  at::Tensor gwt_t = empty_cpu_cached({mask[1] ? chunks * g.c_in * kp : 0}, acc_opts);
   acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
   acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
   scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
@@ -1023,12 +1025,12 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const auto gpre = AEFAST_PICK(gpre, isa);
   const auto channels = AEFAST_PICK(channels, isa);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    at::Tensor gpad_t = at::empty({item + L}, acc_opts);
+    at::Tensor gpad_t = empty_cpu_cached({item + L}, acc_opts);
     // im2col: of the whole image (per-channel order without direct runs), or of one row band of
     // pool windows (small slabs); the slab tails stay zero.
-    at::Tensor col_t = at::zeros({!need_img ? 0 : plan.per_position ? g.pool_h * g.unpooled_w * kp
+    at::Tensor col_t = zeros_cpu_cached({!need_img ? 0 : plan.per_position ? g.pool_h * g.unpooled_w * kp
                                                  : plan.direct ? 0 : P * kp}, acc_opts);
-    at::Tensor dzv_t = at::empty({need_img && !plan.per_position ? plane * L : 0}, acc_opts);
+    at::Tensor dzv_t = empty_cpu_cached({need_img && !plan.per_position ? plane * L : 0}, acc_opts);
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
@@ -1108,9 +1110,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
   TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
                   g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
               "aefast::unpool_conv_transpose2d_backward: one image is too large for the CPU kernel");
-  const at::Tensor go = grad_out.contiguous().to(input.scalar_type()), ai = act_input.contiguous();
-  const at::Tensor z = input.contiguous(), idx = indices.contiguous(), w = weight.contiguous();
-  at::Tensor grad_z = output_mask[0] ? at::empty_like(z) : at::zeros_like(z);
+  const at::Tensor go = contiguous_cpu_cached(grad_out).to(input.scalar_type());
+  const at::Tensor ai = contiguous_cpu_cached(act_input);
+  const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
+  at::Tensor grad_z = output_mask[0] ? empty_like_cpu_cached(z) : at::zeros_like(z);
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : at::zeros_like(w);
   at::Tensor grad_b = at::zeros({g.c_out}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_bwd_cpu", [&] {
@@ -1131,11 +1134,11 @@ at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices, 
   TORCH_CHECK(input.dim() >= 2 && indices.sizes() == input.sizes() && indices.scalar_type() == at::kLong &&
                   output_size.size() == 2,
               "aefast::max_unpool2d: indices must be int64 with the input's shape, output_size two ints");
-  const at::Tensor x = input.contiguous(), idx = indices.contiguous();
+  const at::Tensor x = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
   shape.push_back(output_size[0]);
   shape.push_back(output_size[1]);
-  at::Tensor out = at::zeros(shape, x.options());
+  at::Tensor out = zeros_cpu_cached(shape, x.options());
   const int64_t plane_in = x.size(-2) * x.size(-1), plane_out = output_size[0] * output_size[1];
   const int64_t planes = plane_in ? x.numel() / plane_in : 0;
   std::atomic<bool> bad{false};
@@ -1162,8 +1165,8 @@ at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices, 
 at::Tensor max_unpool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& indices) {
   TORCH_CHECK(grad_out.dim() >= 2 && indices.dim() == grad_out.dim() && indices.scalar_type() == at::kLong,
               "aefast::max_unpool2d_backward: bad arguments");
-  const at::Tensor g = grad_out.contiguous(), idx = indices.contiguous();
-  at::Tensor grad_in = at::empty(idx.sizes(), g.options());
+  const at::Tensor g = contiguous_cpu_cached(grad_out), idx = contiguous_cpu_cached(indices);
+  at::Tensor grad_in = empty_cpu_cached(idx.sizes(), g.options());
   const int64_t plane_in = idx.size(-2) * idx.size(-1), plane_out = g.size(-2) * g.size(-1);
   const int64_t planes = plane_in ? idx.numel() / plane_in : 0;
   std::atomic<bool> bad{false};

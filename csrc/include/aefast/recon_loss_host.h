@@ -6,6 +6,7 @@
 
 #include <string_view>
 
+#include "aefast/cpu_buffer_cache.h"
 #include "aefast/recon_loss.h"
 
 namespace aefast {
@@ -56,8 +57,15 @@ inline LossPlan plan_loss(const at::Tensor& input, int reduction, bool kl) {
   return p;
 }
 
+// Input-sized buffers: on the CPU through the buffer cache (a fresh multi-MB buffer would
+// page-fault on every call, aefast/cpu_buffer_cache.h); on CUDA the caching allocator does that.
+inline at::Tensor input_sized_buffer(const at::Tensor& input) {
+  if (input.device().is_cpu()) return empty_cpu_cached(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
+  return at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 inline at::Tensor reduced_output(const at::Tensor& input, const LossPlan& p) {
-  if (p.reduction == kNone) return at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.reduction == kNone) return input_sized_buffer(input);
   if (p.reduction == kPerSample) return at::empty({p.rows}, input.options());
   return at::empty({}, input.options());
 }
@@ -70,8 +78,7 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* wha
 }
 
 inline at::Tensor grad_buffer(const at::Tensor& input, bool wanted) {
-  return wanted ? at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous))
-                : at::empty({0}, input.options());
+  return wanted ? input_sized_buffer(input) : at::empty({0}, input.options());
 }
 
 // How grad_output broadcasts over saved in loss_grad_scale: 0 scalar, 1 per row, 2 elementwise.
@@ -107,16 +114,16 @@ inline LossCall prepare_loss_call(const at::Tensor& input, const at::Tensor& tar
                                   bool grad_input, bool grad_target) {
   check_same(input, target, "target");
   LossCall c;
-  c.input = input.contiguous();
-  c.target = target.contiguous();
+  c.input = contiguous_cpu_cached(input);
+  c.target = contiguous_cpu_cached(target);
   if (weight.has_value()) {
     check_same(input, *weight, "weight");
-    c.weight = weight->contiguous();
+    c.weight = contiguous_cpu_cached(*weight);
   }
   if (pos_weight.has_value()) {
     TORCH_CHECK(kind == kBceLogits, "aefast: pos_weight is only for bce_logits");
     check_same(input, *pos_weight, "pos_weight");
-    c.pos_weight = pos_weight->contiguous();
+    c.pos_weight = contiguous_cpu_cached(*pos_weight);
   }
   c.plan = plan_loss(c.input, reduction, kind == kKl);
   c.out = reduced_output(c.input, c.plan);
