@@ -1,6 +1,6 @@
 """The CPU buffer cache of aefast's kernels (csrc/include/aefast/cpu_buffer_cache.h).
 
-The CPU kernels take their large outputs and scratch buffers (1 MiB and more) from a bounded
+The CPU kernels take their large outputs and scratch buffers (128 KiB and more) from a bounded
 cache of freed blocks, so that a training loop does not page-fault on fresh memory every step.
 At most ``AEFAST_CPU_CACHE_MB`` MiB (default 256, read once at start; 0 disables it) of freed
 blocks is kept; live tensors do not count against it.

@@ -125,6 +125,16 @@ def resolve(device: torch.device) -> str:
     return name
 
 
+def resolve_tensor(t: torch.Tensor) -> str:
+    """resolve(t.device) for a CPU or CUDA tensor in ~0.6 us instead of ~1.6 us: the per-call
+    cost of the small ops' fast paths (a 256x1x28x28 loss kernel takes ~7 us)."""
+    if getattr(_override, "name", None) is None and not os.environ.get(ENV_VAR, "").strip():
+        if t.is_cpu:
+            return "cpu"
+        return "cuda" if t.is_cuda and BUILD_INFO["cuda"] else "reference"
+    return resolve(t.device)
+
+
 def record_fallback(op: str, backend: str, reason: str) -> None:
     if torch.compiler.is_compiling():  # a count at trace time would not count the calls
         return

@@ -1,5 +1,5 @@
 """The CPU buffer cache (csrc/include/aefast/cpu_buffer_cache.h): the CPU kernels' large outputs
-and scratch buffers (>= 1 MiB) come from a bounded cache of freed blocks.
+and scratch buffers (>= 128 KiB) come from a bounded cache of freed blocks.
 
 Checked here: blocks are reused (hits, same data_ptr), values stay right across reuse (also
 while the previous result is alive), every op that allocates through the cache gives the

@@ -172,6 +172,15 @@ def _make_recon_loss_backward(ns):
     return backward
 
 
+def eager_recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta):
+    """Eager calls on plain tensors: the C++ autograd entry (csrc/recon_loss_autograd.cpp), the
+    same forward and backward as the registered formula without two Python crossings (~20 us a
+    call, more than the whole kernel on a 256x1x28x28 batch). It derives the op's gradient flags
+    from requires_grad itself."""
+    return _C.recon_loss_autograd(_registry.namespace_name(backend), input, target, weight, pos_weight, kind,
+                                  reduction, delta)
+
+
 def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta, grad_input, grad_target):
     """The loss value of aefast::recon_loss on ``backend`` (the gradient outputs stay internal).
     ``grad_input``/``grad_target`` are the op's flags as derived from requires_grad (see
@@ -180,12 +189,7 @@ def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delt
             and (weight is None or type(weight) is torch.Tensor)
             and (pos_weight is None or type(pos_weight) is torch.Tensor)
             and not torch.compiler.is_compiling()):
-        # Eager calls on plain tensors: the C++ autograd entry (csrc/recon_loss_autograd.cpp),
-        # the same forward and backward as the registered formula without two Python crossings
-        # (~20 us a call, more than the whole kernel on a 256x1x28x28 batch). It derives the
-        # same flags from requires_grad itself.
-        return _C.recon_loss_autograd(_registry.namespace_name(backend), input, target, weight, pos_weight, kind,
-                                      reduction, delta)
+        return eager_recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta)
     if reduction == "none" and kind not in OWN_TARGET_GRAD:
         # mse/l1/huber: the gradient is recomputed in the backward (see _recon_loss_grads), which
         # moves as many bytes as saving it and holds no input-sized buffer between the passes.

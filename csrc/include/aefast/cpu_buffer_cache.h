@@ -29,8 +29,11 @@
 
 namespace aefast {
 
-// Below this a buffer is left to the ordinary CPU allocator (glibc keeps small blocks mapped).
-constexpr size_t kCpuCacheMinBytes = size_t(1) << 20;
+// Below this a buffer is left to the ordinary CPU allocator. 128 KiB is glibc's initial mmap
+// threshold: every block above it may be mapped fresh (and so fault) on each allocation. A
+// 256x1x28x28 fp32 gradient (0.8 MB) was seen to fault on every call in some processes and not
+// in others (26 us vs 90 us for the whole loss step), depending on glibc's adaptive threshold.
+constexpr size_t kCpuCacheMinBytes = size_t(128) << 10;
 
 // A tensor like at::empty(sizes, opts) (opts' memory format is honoured; contiguous when it has
 // none), whose storage comes from the cache when it is a dense CPU tensor of at least
