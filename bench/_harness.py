@@ -72,6 +72,28 @@ def _timed(fn) -> float:
 CPU_SGEMM_GFLOPS, CPU_COPY_GBPS = _measure_cpu_limits()
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: a fresh multi-MB CPU buffer faults once per
+    4 KiB page on first touch, which on this machine can cost as much as the kernel itself."""
+    import resource  # noqa: PLC0415 - POSIX only, used by CPU runs
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def keep_freed_memory_mapped() -> bool:
+    """Make glibc keep freed memory mapped (no mmap'ed blocks, no heap trimming), so that no
+    variant's fresh buffers page-fault: the allocator setting most favourable to eager PyTorch,
+    which allocates more buffers per step than the fused kernels. True if glibc accepted it."""
+    import ctypes  # noqa: PLC0415
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -3,7 +3,8 @@ torch.compile of the same composition, for every kind and reduction, on N x 1 x 
 (N=256, MNIST-like) and N x 3 x 128 x 128 (N=32). Reports the median time, the speedup, the
 peak memory and its ratio, and GB/s of the minimum traffic against the machine's copy rate.
 
-    python bench/bench_recon_loss.py [--device cuda] [--quick] [--no-compile] [--threads N] [--out DIR]
+    python bench/bench_recon_loss.py [--device cuda] [--quick] [--no-compile] [--threads N]
+                                     [--keep-memory-mapped] [--out DIR]
 
 Minimum traffic of a fused forward+backward (what any implementation must move): read input
 and target, write the input gradient (3 tensor sizes). Reduction none moves 7: its forward
@@ -30,7 +31,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import CPU_COPY_GBPS, Row, copy_gbps, median_time, peak_memory_bytes, ratio_table, write_results  # noqa: E402
+from _harness import CPU_COPY_GBPS, Row, copy_gbps, keep_freed_memory_mapped, median_time, minor_faults  # noqa: E402
+from _harness import peak_memory_bytes, ratio_table, write_results  # noqa: E402
 
 import aefast  # noqa: E402
 
@@ -66,10 +68,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--reductions", default=",".join(REDUCTIONS))
+    p.add_argument("--keep-memory-mapped", action="store_true",
+                   help="tell glibc never to unmap or trim freed memory (mallopt), so that no variant pays page "
+                        "faults for fresh buffers: eager's most favourable allocator setting")
     p.add_argument("--out", default=None, help="output directory (default bench/out or $AEFAST_BENCH_OUT)")
     args = p.parse_args(argv)
 
     device, dtype = args.device, getattr(torch, args.dtype)
+    malloc_note = "glibc default (freed multi-MB blocks go back to the OS; fresh buffers page-fault)"
+    if args.keep_memory_mapped:
+        malloc_note = ("mallopt: freed memory kept mapped (no variant page-faults)" if keep_freed_memory_mapped()
+                       else "mallopt refused: glibc default")
     load_start = os.getloadavg()
     shapes = LOSS_QUICK_SHAPES if args.quick else LOSS_SHAPES
     use_compile = not (args.quick or args.no_compile)
@@ -110,15 +119,19 @@ def main(argv=None):
                 # is the least-disturbed round's median (min over rounds of the per-round median,
                 # the same rule for every variant); the median over rounds is kept in `extra`.
                 times = {name: [] for name in steps}
+                faults = dict.fromkeys(steps, 0)
                 for _ in range(rounds):
                     for name, step in steps.items():
+                        before = minor_faults()
                         times[name].append(median_time(step, device, warmup=1, repeats=repeats))
+                        faults[name] += minor_faults() - before
                 for name, step in steps.items():
                     peak = peak_memory_bytes(step, device)
                     rows.append(Row(case, name, min(times[name]), peak, bytes_moved=nbytes,
                                     extra={"round_medians_s": times[name],
                                            "median_of_rounds_s": statistics.median(times[name]),
-                                           "copy_gbps_at_size": shape_gbps}))
+                                           "copy_gbps_at_size": shape_gbps,
+                                           "minor_faults_per_call": faults[name] / (rounds * (1 + repeats))}))
                 # correctness guard: the benchmark compares equal results
                 a = torch.autograd.grad(variants["aefast"](x, t).sum(), x)[0]
                 b = torch.autograd.grad(variants["eager"](x, t).sum(), x)[0]
@@ -130,7 +143,8 @@ def main(argv=None):
     table = ratio_table(rows, "eager", peak_gbps=CPU_COPY_GBPS if device == "cpu" else None)
     summary = [f"threads: {torch.get_num_threads()}, dtype: {args.dtype}, fallbacks: {fallbacks or 'none'}, "
                f"load average (1/5/15 min) at the start {' '.join(f'{v:.2f}' for v in load_start)}, "
-               f"at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs"]
+               f"at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs",
+               f"allocator: {malloc_note}"]
     for shape in shapes:
         key = f"mse/mean {'x'.join(map(str, shape))}"
         e = next(r for r in rows if r.case == key and r.variant == "eager") if any(r.case == key for r in rows) else None
@@ -145,7 +159,9 @@ def main(argv=None):
                            f"({1e6 * floor_call:.1f} us autograd call floor + {a.bytes_moved / 1e6:.2f} MB at "
                            f"{gbps:.0f} GB/s, {torch.get_num_threads()} x one thread's copy rate measured now at this "
                            f"size), so at most {ceiling:.2f}x "
-                           f"eager here; 3x is {'within' if ceiling >= 3 else 'BEYOND'} that bound")
+                           f"eager here; 3x is {'within' if ceiling >= 3 else 'BEYOND'} that bound; minor page faults "
+                           f"per call: eager {e.extra['minor_faults_per_call']:.0f}, aefast "
+                           f"{a.extra['minor_faults_per_call']:.0f}")
     table = "\n".join(summary) + "\n\n" + table
     out = write_results("bench_recon_loss" + ("_quick" if args.quick else ""), rows, device, table, args.out)
     print(table)
