@@ -128,6 +128,17 @@ def test_dtypes(kernel_backend, dtype, act):
     check_case(x, w, b, 1, 1, act, 2, grad_tol=grad_tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_oneDNN_path_in_several_batch_chunks(dtype):
+    """K = Cin*KH*KW >= 64 takes oneDNN's conv plus the fused epilogue, run in batch chunks of
+    about 4 MiB of conv output (csrc/cpu/conv_pool.cpp, kConvChunkBytes): 2.4 MB per image here,
+    so each of the 3 images is its own chunk, and the last pooled row/column is cut (odd size)."""
+    x, w, b = make(3, 32, 64, 97, 95, 3, dtype, "cpu", seed=11)
+    grad_tol = {torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}.get(dtype)
+    with aefast.set_backend("cpu"):
+        check_case(x, w, b, 1, 1, "relu", 2, grad_tol=grad_tol)
+
+
 def test_no_bias_rect_kernel_and_pool(backend):
     x, w, _ = make(2, 4, 6, 12, 10, (3, 2), torch.float32, backend_device(backend))
     check_case(x, w, None, (1, 2), (1, 0), "relu", (2, 3))
