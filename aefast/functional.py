@@ -570,7 +570,8 @@ def _fast_loss(kind, input, target, reduction, allowed, delta=1.0):
     elif not input.is_cuda or target.device != input.device:
         return None
     # Any autocast region (even another device's) takes the general path, which knows the policy.
-    if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+    if (torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
         return None
     backend = _backend_module.resolve_tensor(input)
     if backend == "reference":

@@ -144,3 +144,25 @@ def test_module_in_a_training_step_matches_torch():
     F.mse_loss(twin(x), x).backward()
     torch.testing.assert_close(layer.weight.grad, twin.weight.grad)
     torch.testing.assert_close(layer.bias.grad, twin.bias.grad)
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = pair("mse", (3, 4), "cpu")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            AF.mse_loss(dual, t)
+
+
+def test_torch_func_grad_is_right_or_refused():
+    """torch.func transforms take the registered op (the C++ entry is for plain eager calls);
+    whatever that path supports must agree with torch, anything else must raise."""
+    x, t = pair("l1", (3, 4), "cpu")
+    try:
+        got = torch.func.grad(lambda v: AF.l1_loss(v, t))(x)
+    except RuntimeError as err:
+        assert "functorch" in str(err) or "aefast" in str(err)
+    else:
+        torch.testing.assert_close(got, torch.func.grad(lambda v: F.l1_loss(v, t))(x))

@@ -173,7 +173,7 @@ def _make_recon_loss_backward(ns):
 
 
 def eager_recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta):
-    """Eager calls on plain tensors: the C++ autograd entry (csrc/recon_loss_autograd.cpp), the
+    """Eager calls on plain tensors (no tracing, no torch.func transform): the C++ autograd entry (csrc/recon_loss_autograd.cpp), the
     same forward and backward as the registered formula without two Python crossings (~20 us a
     call, more than the whole kernel on a 256x1x28x28 batch). It derives the op's gradient flags
     from requires_grad itself."""
@@ -188,7 +188,7 @@ def recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delt
     if (type(input) is torch.Tensor and type(target) is torch.Tensor
             and (weight is None or type(weight) is torch.Tensor)
             and (pos_weight is None or type(pos_weight) is torch.Tensor)
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
         return eager_recon_loss(backend, input, target, weight, pos_weight, kind, reduction, delta)
     if reduction == "none" and kind not in OWN_TARGET_GRAD:
         # mse/l1/huber: the gradient is recomputed in the backward (see _recon_loss_grads), which
