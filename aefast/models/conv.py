@@ -242,8 +242,11 @@ class ConvVAE(nn.Module):
             raise ValueError(f"aefast.models.{name}: input_size {self.input_size} is too small for {depth} pooling stages")
         self.sizes, self.code_hw = stage_sizes(self.input_size, depth, 2)
         widths = (in_channels, *self.channels)
+        # The VAE drops the pool indices: uint8 window offsets are what the kernel writes anyway,
+        # flat int64 ones would cost a conversion pass (~5% of a W1 step) for nothing.
         self.encoder = nn.ModuleList(
-            ConvPool2d(widths[i], widths[i + 1], kernel_size, padding=kernel_size // 2, activation=activation)
+            ConvPool2d(widths[i], widths[i + 1], kernel_size, padding=kernel_size // 2, activation=activation,
+                       index_format="window")
             for i in range(depth))
         flat = self.channels[-1] * self.code_hw[0] * self.code_hw[1]
         self.fc_mu = nn.Linear(flat, latent_features)
