@@ -94,6 +94,23 @@ def keep_freed_memory_mapped() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def add_allocator_flag(parser) -> None:
+    """--keep-memory-mapped, the same for every benchmark script."""
+    parser.add_argument("--keep-memory-mapped", action="store_true",
+                        help="tell glibc never to unmap or trim freed memory (mallopt), so that no variant pays page "
+                             "faults for fresh buffers: eager's most favourable allocator setting (aefast's CPU "
+                             "kernels reuse their large buffers either way)")
+
+
+def apply_allocator_flag(args) -> str:
+    """Applies --keep-memory-mapped; returns the allocator line every result file starts with."""
+    if not getattr(args, "keep_memory_mapped", False):
+        return "allocator: glibc default (freed multi-MB blocks go back to the OS; fresh buffers page-fault)"
+    if keep_freed_memory_mapped():
+        return "allocator: mallopt, freed memory kept mapped (no variant page-faults)"
+    return "allocator: mallopt refused, glibc default"
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _harness import (CPU_SGEMM_GFLOPS, Row, median_time, peak_memory_bytes, ratio_table,  # noqa: E402
-                      synchronize, write_results)
+from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
+                      peak_memory_bytes, ratio_table, synchronize, write_results)
 # The shapes and the calls live in workloads.py, shared with the pytest-benchmark suite.
 from workloads import CONV_POOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
 from workloads import CONV_POOL_SHAPES as SHAPES  # noqa: E402
@@ -100,7 +100,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
     parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
+    allocator = apply_allocator_flag(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rounds, repeats = (1, 2) if args.quick else (5, 3)
     variants = make_variants(args.device, args.quick)
@@ -108,7 +110,7 @@ def main(argv=None):
     for shape in shapes:
         rows += bench_shape(shape, args.device, variants, rounds, repeats)
     peak = CPU_SGEMM_GFLOPS if args.device == "cpu" else None
-    table = ratio_table(rows, "eager", peak_gflops=peak)
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     print(table)
     summary = ["", "full (fwd+bwd) speedup and peak-memory ratio of aefast vs eager:"]
     by = {(r.case, r.variant): r for r in rows}

@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=None)
+    H.add_allocator_flag(parser)
     args = parser.parse_args(argv)
+    allocator = H.apply_allocator_flag(args)
     repeats = args.repeats or (2 if args.quick else 5)
     rounds = 1 if args.quick else 7
     shape, channels = ((4, 1, 12, 12), (4, 8)) if args.quick else ((256, 1, 28, 28), (32, 64))
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
         rows.append(H.Row("tutorial conv AE train step", name, min(times[name]), H.peak_memory_bytes(step, args.device),
                           flops=flops, extra={"rewrites": getattr(models[name], "aefast_rewrites", []),
                                               "round_medians_s": times[name]}))
-    table = H.ratio_table(rows, "original (eager)", peak_gflops=H.CPU_SGEMM_GFLOPS if args.device == "cpu" else None)
+    table = allocator + "\n\n" + H.ratio_table(rows, "original (eager)",
+                                                  peak_gflops=H.CPU_SGEMM_GFLOPS if args.device == "cpu" else None)
     out = H.write_results(f"optimize_{args.device}", rows, args.device, table, args.out)
     print(table)
     print(f"results in {out}")

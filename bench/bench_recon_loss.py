@@ -31,7 +31,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import CPU_COPY_GBPS, Row, copy_gbps, keep_freed_memory_mapped, median_time, minor_faults  # noqa: E402
+from _harness import CPU_COPY_GBPS, Row, add_allocator_flag, apply_allocator_flag, copy_gbps, median_time  # noqa: E402
+from _harness import minor_faults  # noqa: E402
 from _harness import peak_memory_bytes, ratio_table, write_results  # noqa: E402
 
 import aefast  # noqa: E402
@@ -68,17 +69,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--reductions", default=",".join(REDUCTIONS))
-    p.add_argument("--keep-memory-mapped", action="store_true",
-                   help="tell glibc never to unmap or trim freed memory (mallopt), so that no variant pays page "
-                        "faults for fresh buffers: eager's most favourable allocator setting")
+    add_allocator_flag(p)
     p.add_argument("--out", default=None, help="output directory (default bench/out or $AEFAST_BENCH_OUT)")
     args = p.parse_args(argv)
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    malloc_note = "glibc default (freed multi-MB blocks go back to the OS; fresh buffers page-fault)"
-    if args.keep_memory_mapped:
-        malloc_note = ("mallopt: freed memory kept mapped (no variant page-faults)" if keep_freed_memory_mapped()
-                       else "mallopt refused: glibc default")
+    allocator = apply_allocator_flag(args)
     load_start = os.getloadavg()
     shapes = LOSS_QUICK_SHAPES if args.quick else LOSS_SHAPES
     use_compile = not (args.quick or args.no_compile)
@@ -144,7 +140,7 @@ def main(argv=None):
     summary = [f"threads: {torch.get_num_threads()}, dtype: {args.dtype}, fallbacks: {fallbacks or 'none'}, "
                f"load average (1/5/15 min) at the start {' '.join(f'{v:.2f}' for v in load_start)}, "
                f"at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs",
-               f"allocator: {malloc_note}"]
+               allocator]
     for shape in shapes:
         key = f"mse/mean {'x'.join(map(str, shape))}"
         e = next(r for r in rows if r.case == key and r.variant == "eager") if any(r.case == key for r in rows) else None

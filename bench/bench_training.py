@@ -2,7 +2,7 @@
 inference pass of the conv autoencoders, aefast against its torch.nn reference twin (eager) and
 torch.compile of that twin, measured in one run.
 
-    python bench/bench_training.py [--device cuda] [--quick] [--bf16] [--out DIR]
+    python bench/bench_training.py [--device cuda] [--quick] [--bf16] [--keep-memory-mapped] [--out DIR]
 
 W1: ConvAutoencoder 1x28x28, channels 32/64, batch 256, MSE.
 W2: ConvAutoencoder 3x128x128, channels 32/64/128, batch 32, MSE.
@@ -83,15 +83,19 @@ def run(args) -> tuple[list[H.Row], list[dict]]:
                     rows.append(H.Row(label, variant + " FAILED", float("nan"), 0, extra={"error": reason}))
                     print(f"{label} {variant}: FAILED: {reason}", file=sys.stderr)
         samples = {id(t): [] for t in timed}
+        faults = dict.fromkeys(samples, 0)
         for _ in range(args.repeats):
             for t in timed:
                 t[4].train(t[5])
+                before = H.minor_faults()
                 samples[id(t)].append(H.median_time(t[2], device, warmup=0, repeats=1))
+                faults[id(t)] += H.minor_faults() - before
         for t in timed:
             label, variant, fn, flops, model, train = t
             model.train(train)
             seconds = sorted(samples[id(t)])[len(samples[id(t)]) // 2]
-            rows.append(H.Row(label, variant, seconds, H.peak_memory_bytes(fn, device), flops=flops))
+            rows.append(H.Row(label, variant, seconds, H.peak_memory_bytes(fn, device), flops=flops,
+                              extra={"minor_faults_per_call": faults[id(t)] / args.repeats}))
         # Per-kernel breakdown of the training step, aefast then eager (after the timing, so that
         # the profiler's overhead never reaches the timed figures).
         for variant in ("aefast", "eager"):
@@ -115,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=None, help="output directory (default bench/out)")
+    H.add_allocator_flag(parser)
     parser.add_argument("--breakdown-steps", type=int, default=3,
                         help="profiled training steps per breakdown (the median one is shown); 0: no breakdown")
     args = parser.parse_args(argv)
@@ -122,9 +127,13 @@ def main(argv=None) -> int:
         args.repeats = 2 if args.quick else 5
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
+    allocator = H.apply_allocator_flag(args)
     rows, breakdowns = run(args)
     peak = H.CPU_SGEMM_GFLOPS if args.device == "cpu" else None
     table = H.ratio_table(rows, "eager", peak_gflops=peak)
+    faults = "; ".join(f"{r.case} {r.variant} {r.extra['minor_faults_per_call']:.0f}" for r in rows
+                       if "minor_faults_per_call" in r.extra and r.variant in ("eager", "aefast"))
+    table = f"{allocator}\nminor page faults per call: {faults}\n\n" + table
     if breakdowns:
         table += ("\n\n## Per-kernel breakdown of the training step\n\n" + B.BREAKDOWN_LEGEND + "\n\n"
                   + "\n\n".join(b["table"] for b in breakdowns))

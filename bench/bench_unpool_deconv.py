@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from bench._harness import (CPU_SGEMM_GFLOPS, Row, median_time, peak_memory_bytes, ratio_table,  # noqa: E402
-                            write_results)
+from bench._harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag,  # noqa: E402
+                            median_time, peak_memory_bytes, ratio_table, write_results)
 
 # The shapes and the calls live in bench/workloads.py, shared with the pytest-benchmark suite.
 from bench.workloads import UNPOOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
@@ -87,7 +87,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run in seconds")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
+    allocator = apply_allocator_flag(args)
     backend = args.backend or args.device
     shapes = QUICK_SHAPES if args.quick else SHAPES
     use_compile = not (args.quick or args.no_compile)
@@ -96,7 +98,7 @@ def main(argv=None):
     for shape in shapes:
         rows.extend(bench_shape(*shape, args.device, backend, use_compile, repeats))
     peak = CPU_SGEMM_GFLOPS if args.device == "cpu" else None
-    table = ratio_table(rows, "eager", peak_gflops=peak)
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     table += "\n\nGFLOP/s count the MACs each variant executes (2 FLOP each); the machine's sgemm peak is " \
              f"{CPU_SGEMM_GFLOPS:.0f} GFLOP/s.\n\n" + mac_table(rows)
     fallbacks = aefast.info()["fallbacks"]
