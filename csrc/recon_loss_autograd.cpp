@@ -180,9 +180,12 @@ at::Tensor recon_loss_autograd(const std::string& ns, const at::Tensor& input, c
 }
 
 void bind_recon_loss_autograd(pybind11::module_& m) {
+  // The GIL is released while the kernel runs, as torch's own bindings do (other Python threads,
+  // e.g. a DataLoader's, keep running); Triton twins are Python kernels and take it back themselves.
   m.def("recon_loss_autograd", &recon_loss_autograd, "the fused loss with its C++ backward node (eager path)",
-        pybind11::arg("ns"), pybind11::arg("input"), pybind11::arg("target"), pybind11::arg("weight"),
-        pybind11::arg("pos_weight"), pybind11::arg("kind"), pybind11::arg("reduction"), pybind11::arg("delta"));
+        pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("ns"), pybind11::arg("input"),
+        pybind11::arg("target"), pybind11::arg("weight"), pybind11::arg("pos_weight"), pybind11::arg("kind"),
+        pybind11::arg("reduction"), pybind11::arg("delta"));
 }
 
 }  // namespace aefast

@@ -166,3 +166,32 @@ def test_torch_func_grad_is_right_or_refused():
         assert "functorch" in str(err) or "aefast" in str(err)
     else:
         torch.testing.assert_close(got, torch.func.grad(lambda v: F.l1_loss(v, t))(x))
+
+
+def test_concurrent_python_threads(kernel_backend):
+    """The entry releases the GIL around the kernel (the Triton twins take it back): threads
+    running losses and backwards at once each get their own right answer."""
+    import threading
+
+    device = backend_device(kernel_backend)
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            x, t = pair("huber", (4, 3, 9), device, seed=i)
+            x.requires_grad_()
+            for _ in range(5):
+                (g,) = torch.autograd.grad(AF.huber_loss(x, t, reduction="sum"), x)
+            results[i] = (g, torch.autograd.grad(F.huber_loss(x, t, reduction="sum"), x)[0])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert len(results) == 4
+    for got, want in results.values():
+        torch.testing.assert_close(got, want)
