@@ -687,44 +687,41 @@ inline bool use_window_vectors(const DecoderGeometry& g, int64_t kp, int64_t L) 
 // windows for every channel hops by a plane per channel, and with only a few FMAs per entry
 // left, the hardware prefetchers and a one-row software prefetch could not keep up: packing
 // row by row took 6 cycles per entry, most of the kernel's time).
-// lim: elements readable from z / idx (to the end of the batch), so that a vector may read past
-// the row (those lanes are masked). Returns the first invalid k (within the image) or INT64_MAX.
+// cv: scratch of 2*(RB*pooled_w + L) values. Returns the first invalid k (within the image) or
+// INT64_MAX.
 template <int VB, typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE int64_t wv_pack(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                      const DecoderGeometry& g, const WindowTable& wtab, int64_t ph0, int64_t ph1,
-                                     int64_t LW, int64_t lim, acc_t* __restrict__ Zb, acc_t* __restrict__ Ob) {
+                                     int64_t LW, acc_t* __restrict__ cv, acc_t* __restrict__ Zb,
+                                     acc_t* __restrict__ Ob) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
-  const int64_t plane = g.pooled_h * g.pooled_w, pwn = g.pooled_w, window = wtab.window;
+  const int64_t plane = g.pooled_h * g.pooled_w, pwn = g.pooled_w, window = wtab.window, run = (ph1 - ph0) * pwn;
+  // Clipped windows (the plane ends inside a window) need the full decode.
+  const bool clipped = ph1 * g.pool_h > g.unpooled_h || pwn * g.pool_w > g.unpooled_w;
   int64_t first_bad = std::numeric_limits<int64_t>::max();
-  V lane, badv{};  // badv: lanes that met an offset >= window (in vectors)
+  V lane, badv{};  // badv: lanes that met an offset >= window
   for (int l = 0; l < L; ++l) lane[l] = static_cast<acc_t>(l);
-  for (int64_t c = 0; c < g.c_in; ++c)
-  for (int64_t ph = ph0; ph < ph1; ++ph) {
-    const int64_t h0 = ph * g.pool_h;
-    // Clipped windows (the plane ends inside a window) need the full decode.
-    const bool clipped = h0 + g.pool_h > g.unpooled_h || pwn * g.pool_w > g.unpooled_w;
-    const int64_t kb = c * plane + ph * pwn;
-    acc_t* __restrict__ zr = Zb + ((ph - ph0) * g.c_in + c) * LW;
-    acc_t* __restrict__ orow = Ob + ((ph - ph0) * g.c_in + c) * LW;
-    if constexpr (std::is_same_v<index_t, uint8_t>) {
-      if (!clipped) {
-        // Every offset < window names a position inside the plane: vectors of L windows, the
-        // offset bytes widened by a vector conversion; lanes past the row are masked.
-        bool any_bad = false;
-        int64_t pw = 0;
-        for (; pw < LW && kb + pw + L <= lim; pw += L) {
-          // Widened through a plain loop, which GCC 12 vectorises (vpmovzxbd + vcvtdq2ps);
-          // __builtin_convertvector from a byte vector it lowers to scalar inserts.
-          alignas(64) acc_t ob[L];
-          for (int l = 0; l < L; ++l) ob[l] = static_cast<acc_t>(idx[kb + pw + l]);
-          const V ov = vload<V>(ob);
-          V zv;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            zv = vload<V>(z + kb + pw);
-          } else {
-            for (int l = 0; l < L; ++l) zv[l] = static_cast<acc_t>(z[kb + pw + l]);
-          }
+  acc_t* __restrict__ cz = cv;
+  acc_t* __restrict__ co = cv + run + L;
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const int64_t kc = c * plane + ph0 * pwn;  // the channel's run of rows is contiguous
+    bool fast = false;
+    if constexpr (std::is_same_v<index_t, uint8_t>) fast = !clipped;
+    if (fast) {
+      // Every offset < window names a position inside the plane. The run is widened to acc_t by
+      // plain loops over the whole run (GCC 12 vectorises those: vpmovzxbd + vcvtdq2ps; it
+      // lowered a byte-vector __builtin_convertvector, and fixed 16-element loops, to scalar
+      // inserts), then each row is masked in vectors (lanes past the row read the next row or
+      // the slack, and are replaced).
+      for (int64_t i = 0; i < run; ++i) co[i] = static_cast<acc_t>(idx[kc + i]);
+      for (int64_t i = 0; i < run; ++i) cz[i] = static_cast<acc_t>(z[kc + i]);
+      for (int64_t ph = ph0; ph < ph1; ++ph) {
+        const int64_t r = (ph - ph0) * pwn;
+        acc_t* __restrict__ zr = Zb + ((ph - ph0) * g.c_in + c) * LW;
+        acc_t* __restrict__ orow = Ob + ((ph - ph0) * g.c_in + c) * LW;
+        for (int64_t pw = 0; pw < LW; pw += L) {
+          const V ov = vload<V>(co + r + pw), zv = vload<V>(cz + r + pw);
           // Only selects, no logic on masks (GCC 12 lowers & / ~ of AVX-512 compare masks to
           // scalar code): lanes past the row -> -1, offsets >= window -> counted and -1.
           const V ovr = lane < V{} + static_cast<acc_t>(pwn - pw) ? ov : V{} - acc_t(1);
@@ -734,35 +731,28 @@ AEFAST_ALWAYS_INLINE int64_t wv_pack(const scalar_t* __restrict__ z, const index
           vstore(orow + pw, oo);
           vstore(zr + pw, oo >= V{} ? zv : V{});
         }
-        for (; pw < LW; ++pw) {  // the batch's last row: no vector may read past it
-          const bool ok = pw < pwn && static_cast<int64_t>(idx[kb + pw]) < window;
-          any_bad |= pw < pwn && !ok;
-          orow[pw] = ok ? static_cast<acc_t>(idx[kb + pw]) : acc_t(-1);
-          zr[pw] = ok ? static_cast<acc_t>(z[kb + pw]) : acc_t(0);
-        }
-        if (any_bad)
-          for (int64_t p = 0; p < pwn; ++p)
-            if (static_cast<int64_t>(idx[kb + p]) >= window) {
-              first_bad = std::min(first_bad, kb + p);
-              break;
-            }
-        continue;
       }
+      continue;
     }
-    for (int64_t pw = 0; pw < pwn; ++pw) {
-      const int64_t o = decode_offset(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
-      if (o < 0) {
-        first_bad = std::min(first_bad, kb + pw);
+    for (int64_t ph = ph0; ph < ph1; ++ph) {
+      const int64_t h0 = ph * g.pool_h, kb = c * plane + ph * pwn;
+      acc_t* __restrict__ zr = Zb + ((ph - ph0) * g.c_in + c) * LW;
+      acc_t* __restrict__ orow = Ob + ((ph - ph0) * g.c_in + c) * LW;
+      for (int64_t pw = 0; pw < pwn; ++pw) {
+        const int64_t o = decode_offset(idx, kb + pw, h0, pw * g.pool_w, g, wtab);
+        if (o < 0) {
+          first_bad = std::min(first_bad, kb + pw);
+          orow[pw] = acc_t(-1);
+          zr[pw] = acc_t(0);
+        } else {
+          orow[pw] = static_cast<acc_t>(o);
+          zr[pw] = static_cast<acc_t>(z[kb + pw]);
+        }
+      }
+      for (int64_t pw = pwn; pw < LW; ++pw) {
         orow[pw] = acc_t(-1);
         zr[pw] = acc_t(0);
-      } else {
-        orow[pw] = static_cast<acc_t>(o);
-        zr[pw] = static_cast<acc_t>(z[kb + pw]);
       }
-    }
-    for (int64_t pw = pwn; pw < LW; ++pw) {
-      orow[pw] = acc_t(-1);
-      zr[pw] = acc_t(0);
     }
   }
   // Vector lanes that met a bad offset: find the first one (the error path only).
@@ -948,13 +938,13 @@ AEFAST_ALWAYS_INLINE void wv_epilogue_act(const acc_t* __restrict__ Acc, const a
 template <int VB, typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE int64_t wv_forward_body(const scalar_t* z, const index_t* idx, const acc_t* wt,
                                              const acc_t* bias, const DecoderGeometry& g, const WindowTable& wtab,
-                                             const WvGeom& wg, int64_t kp, int64_t lim, DecoderAct act, acc_t sl, acc_t* Zb,
+                                             const WvGeom& wg, int64_t kp, acc_t* cv, DecoderAct act, acc_t sl, acc_t* Zb,
                                              acc_t* Ob, acc_t* A, acc_t* Acc, scalar_t* out, scalar_t* pre) {
   std::fill(Acc, Acc + g.c_out * wg.R * wg.C, acc_t(0));
   int64_t bad = std::numeric_limits<int64_t>::max();
   for (int64_t ph0 = 0; ph0 < g.pooled_h; ph0 += wg.RB) {
     const int64_t ph1 = std::min(g.pooled_h, ph0 + wg.RB);
-    bad = std::min(bad, wv_pack<VB, scalar_t, acc_t, index_t>(z, idx, g, wtab, ph0, ph1, wg.LW, lim, Zb, Ob));
+    bad = std::min(bad, wv_pack<VB, scalar_t, acc_t, index_t>(z, idx, g, wtab, ph0, ph1, wg.LW, cv, Zb, Ob));
     for (int64_t ph = ph0; ph < ph1; ++ph) {
       const int64_t r = (ph - ph0) * g.c_in * wg.LW;
       wv_fwd_row<VB, acc_t>(Zb + r, Ob + r, wt, kp, g, wg, ph, A, Acc);
@@ -975,9 +965,9 @@ AEFAST_ALWAYS_INLINE int64_t wv_forward_body(const scalar_t* z, const index_t* i
 AEFAST_ISA_CLONES_IDX(wv_forward, int64_t,
                       (const scalar_t* z, const index_t* idx, const acc_t* wt, const acc_t* bias,
                        const DecoderGeometry& g, const WindowTable& wtab, const WvGeom& wg, int64_t kp,
-                       int64_t lim, DecoderAct act, acc_t sl, acc_t* Zb, acc_t* Ob, acc_t* A, acc_t* Acc,
+                       acc_t* cv, DecoderAct act, acc_t sl, acc_t* Zb, acc_t* Ob, acc_t* A, acc_t* Acc,
                        scalar_t* out, scalar_t* pre),
-                      (z, idx, wt, bias, g, wtab, wg, kp, lim, act, sl, Zb, Ob, A, Acc, out, pre))
+                      (z, idx, wt, bias, g, wtab, wg, kp, cv, act, sl, Zb, Ob, A, Acc, out, pre))
 
 // Backward: gpre = grad_out * act'(.) of one image into the planar zero-bordered gplan
 // (interior rows pad_h .., columns pad_w ..; the border is never written), and the per-channel
@@ -1066,7 +1056,7 @@ AEFAST_ALWAYS_INLINE void wv_gather(const acc_t* __restrict__ gplan, const Decod
 template <int VB, int G, typename acc_t>
 AEFAST_ALWAYS_INLINE void wv_bwd_group(const acc_t* __restrict__ zc, const acc_t* __restrict__ oc, int64_t LW,
                                        int64_t window, int64_t K, const acc_t* __restrict__ Gp, int64_t k0,
-                                       const acc_t* __restrict__ w, acc_t* __restrict__ gzp, bool first,
+                                       const acc_t* __restrict__ w, acc_t* __restrict__ gzp, bool first, bool last,
                                        acc_t* __restrict__ gwv, bool need_z, bool need_w) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
@@ -1087,7 +1077,8 @@ AEFAST_ALWAYS_INLINE void wv_bwd_group(const acc_t* __restrict__ zc, const acc_t
         if (j % 2) d1 += w[j] * s[j];
         else d0 += w[j] * s[j];
       }
-      vstore(gzp + jb, d0 + d1);
+      // invalid entries and lanes past the row: grad 0 (also for non-finite weights)
+      vstore(gzp + jb, last ? (ov >= V{} ? d0 + d1 : V{}) : d0 + d1);
     }
     if (need_w) {
       const V zv = vload<V>(zc + jb);
@@ -1103,7 +1094,7 @@ AEFAST_ALWAYS_INLINE void wv_bwd_group(const acc_t* __restrict__ zc, const acc_t
 template <int VB, typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void wv_backward_body(const scalar_t* z, const index_t* idx, const acc_t* wt,
                                            const DecoderGeometry& g, const WindowTable& wtab, const WvGeom& wg,
-                                           int64_t kp, int64_t lim, const acc_t* gplan, acc_t* Zb0, acc_t* Ob0, acc_t* Gp,
+                                           int64_t kp, acc_t* cv, const acc_t* gplan, acc_t* Zb0, acc_t* Ob0, acc_t* Gp,
                                            acc_t* gzp, scalar_t* gz, acc_t* GWv, bool need_z, bool need_w) {
   constexpr int L = VecOf<acc_t, VB>::L;
   constexpr int64_t GMAX = VB == 64 ? 12 : 5;  // s[] and gw[] in registers
@@ -1112,7 +1103,7 @@ AEFAST_ALWAYS_INLINE void wv_backward_body(const scalar_t* z, const index_t* idx
   for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
     const int64_t ph0 = ph / wg.RB * wg.RB;
     if (ph == ph0)  // invalid entries: skipped (grad 0)
-      wv_pack<VB, scalar_t, acc_t, index_t>(z, idx, g, wtab, ph0, std::min(g.pooled_h, ph0 + wg.RB), LW, lim, Zb0, Ob0);
+      wv_pack<VB, scalar_t, acc_t, index_t>(z, idx, g, wtab, ph0, std::min(g.pooled_h, ph0 + wg.RB), LW, cv, Zb0, Ob0);
     acc_t* Zb = Zb0 + (ph - ph0) * g.c_in * LW;
     acc_t* Ob = Ob0 + (ph - ph0) * g.c_in * LW;
     wv_gather<VB, acc_t>(gplan, g, wg, ph, Gp);
@@ -1123,7 +1114,8 @@ AEFAST_ALWAYS_INLINE void wv_backward_body(const scalar_t* z, const index_t* idx
   case G_:                                                                                                    \
     if constexpr (G_ <= GMAX)                                                                                 \
       wv_bwd_group<VB, G_, acc_t>(Zb + c * LW, Ob + c * LW, LW, window, K, Gp, k0, wt + c * kp + k0, gzp,     \
-                                  k0 == 0, need_w ? GWv + (c * K + k0) * L : nullptr, need_z, need_w);         \
+                                  k0 == 0, k0 + G_ == K, need_w ? GWv + (c * K + k0) * L : nullptr, need_z,    \
+                                  need_w);                                                                    \
     break;
           AEFAST_WVB_CASE(1) AEFAST_WVB_CASE(2) AEFAST_WVB_CASE(3) AEFAST_WVB_CASE(4) AEFAST_WVB_CASE(5)
           AEFAST_WVB_CASE(6) AEFAST_WVB_CASE(7) AEFAST_WVB_CASE(8) AEFAST_WVB_CASE(9) AEFAST_WVB_CASE(10)
@@ -1133,20 +1125,18 @@ AEFAST_ALWAYS_INLINE void wv_backward_body(const scalar_t* z, const index_t* idx
         }
       }
       if (need_z) {
-        const acc_t* __restrict__ oc = Ob + c * LW;
         scalar_t* __restrict__ gzr = gz + c * plane + ph * g.pooled_w;
-        for (int64_t pw = 0; pw < g.pooled_w; ++pw)  // invalid entries: 0 (branch-free)
-          gzr[pw] = static_cast<scalar_t>(oc[pw] >= acc_t(0) ? gzp[pw] : acc_t(0));
+        for (int64_t pw = 0; pw < g.pooled_w; ++pw) gzr[pw] = static_cast<scalar_t>(gzp[pw]);
       }
     }
   }
 }
 AEFAST_ISA_CLONES_IDX(wv_backward, void,
                       (const scalar_t* z, const index_t* idx, const acc_t* wt, const DecoderGeometry& g,
-                       const WindowTable& wtab, const WvGeom& wg, int64_t kp, int64_t lim, const acc_t* gplan,
+                       const WindowTable& wtab, const WvGeom& wg, int64_t kp, acc_t* cv, const acc_t* gplan,
                        acc_t* Zb, acc_t* Ob, acc_t* Gp, acc_t* gzp, scalar_t* gz, acc_t* GWv, bool need_z,
                        bool need_w),
-                      (z, idx, wt, g, wtab, wg, kp, lim, gplan, Zb, Ob, Gp, gzp, gz, GWv, need_z, need_w))
+                      (z, idx, wt, g, wtab, wg, kp, cv, gplan, Zb, Ob, Gp, gzp, gz, GWv, need_z, need_w))
 
 // W[ci][co][kh][kw] -> Wt[ci][kh][kw][co] in the accumulation type, one zero-padded slab of kp
 // values per input channel.
@@ -1215,11 +1205,13 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
     acc_t* T = T_t.mutable_data_ptr<acc_t>();
     // wv: the packed row of windows (z, offsets), the offset x tap tiles A, the accumulator Acc.
     const int64_t wpk = wv ? wg.RB * g.c_in * wg.LW : 0, wa = wv ? wtab.window * wg.K * wg.LW : 0;
-    at::Tensor wv_t = empty_cpu_cached({wv ? 2 * wpk + wa + g.c_out * wg.R * wg.C : 0}, acc_opts);
+    const int64_t wcv = wv ? 2 * (wg.RB * g.pooled_w + L) : 0;
+    at::Tensor wv_t = empty_cpu_cached({wv ? 2 * wpk + wa + g.c_out * wg.R * wg.C + wcv : 0}, acc_opts);
     acc_t* Zb = wv_t.mutable_data_ptr<acc_t>();
     acc_t* Ob = Zb + wpk;
     acc_t* Ab = Ob + wpk;
     acc_t* Acc = Ab + wa;
+    acc_t* cv = Acc + (wv ? g.c_out * wg.R * wg.C : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const scalar_t* zn = zp + n * plane_in;
       const index_t* in = ip + n * plane_in;
@@ -1227,7 +1219,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
       int64_t bad = std::numeric_limits<int64_t>::max();
       if (wv) {
-        bad = wv_forward(zn, in, wt, b, g, wtab, wg, kp, (g.n - n) * plane_in, act, sl, Zb, Ob, Ab, Acc, o, p);
+        bad = wv_forward(zn, in, wt, b, g, wtab, wg, kp, cv, act, sl, Zb, Ob, Ab, Acc, o, p);
         if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
         continue;
       }
@@ -1579,13 +1571,14 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
       const int64_t nplan = g.c_out * wg.R * wg.C, npk = wg.RB * g.c_in * wg.LW, ngp = wtab.window * wg.K * wg.LW;
       const int64_t ngw = mask[1] ? g.c_in * wg.K * L : 0;
       at::Tensor plan_t = zeros_cpu_cached({nplan}, acc_opts);
-      at::Tensor buf_t = empty_cpu_cached({2 * npk + ngp + wg.LW + ngw}, acc_opts);
+      at::Tensor buf_t = empty_cpu_cached({2 * npk + ngp + wg.LW + ngw + 2 * (wg.RB * g.pooled_w + L)}, acc_opts);
       acc_t* gplan = plan_t.mutable_data_ptr<acc_t>();
       acc_t* Zb = buf_t.mutable_data_ptr<acc_t>();
       acc_t* Ob = Zb + npk;
       acc_t* Gp = Ob + npk;
       acc_t* gzp = Gp + ngp;
       acc_t* GWv = gzp + wg.LW;
+      acc_t* cv = GWv + ngw;
       for (int64_t kc = k0; kc < k1; ++kc) {
         std::fill(GWv, GWv + ngw, acc_t(0));
         for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
@@ -1593,7 +1586,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
           if (!need_img) continue;
           scalar_t* gzn = gz + n * plane_in;
           if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
-          wv_backward(zp + n * plane_in, ip + n * plane_in, wt, g, wtab, wg, kp, (g.n - n) * plane_in, gplan, Zb,
+          wv_backward(zp + n * plane_in, ip + n * plane_in, wt, g, wtab, wg, kp, cv, gplan, Zb,
                       Ob, Gp, gzp, gzn, GWv, mask[0], mask[1]);
         }
         if (mask[1]) {  // the chunk's grad_Wt: lanes summed in lane order
