@@ -653,7 +653,7 @@ AEFAST_ISA_CLONES(epilogue,
 //     channel s_k = Gp[off(pw)][k][pw] (window selects), grad_z = sum_k Wt[c][k] s_k (one FMA
 //     per tap, all lanes useful) and the grad_Wt[c][k] lane partials += z s_k.
 // Invalid entries (and the lanes past the row) are packed as offset -1 and z = 0: no select
-// picks them, so they add nothing and get grad 0 (the caller pre-zeroes grad_z). The packing
+// picks them, so they add nothing and get grad_z 0 (written with the others). The packing
 // decodes (validates) every index, so the forward still names the first bad one. Sum orders
 // are fixed (channels ascending, then taps into Acc in (row of windows, offset, tap) order,
 // grad_W lanes summed in lane order per batch chunk): results do not depend on the thread
@@ -664,6 +664,7 @@ struct WvGeom {
   int64_t R;   // rows of Acc / gplan: every h*sh + kh and every oy + pad_h
   int64_t C;   // columns: every vector access (w < LW*pool_w) and every ox + pad_w, plus slack
   int64_t RB;  // rows of windows packed at once
+  int64_t RBb; // rows of windows per backward block (their footprints Gp within ~32 KiB)
 };
 inline WvGeom wv_geom(const DecoderGeometry& g, int64_t L, int64_t acc_bytes) {
   WvGeom w;
@@ -673,6 +674,8 @@ inline WvGeom wv_geom(const DecoderGeometry& g, int64_t L, int64_t acc_bytes) {
   w.C = std::max(w.LW * g.pool_w * g.stride_w + g.kernel_w, g.out_w + g.pad_w) + L;
   // ~128 KiB of packed rows (L2): z and idx are read channel by channel in runs of RB rows.
   w.RB = std::max<int64_t>(1, std::min(g.pooled_h, 131072 / std::max<int64_t>(1, 2 * g.c_in * w.LW * acc_bytes)));
+  w.RBb = std::max<int64_t>(
+      1, std::min(w.RB, 32768 / std::max<int64_t>(1, g.pool_h * g.pool_w * w.K * w.LW * acc_bytes)));
   return w;
 }
 // Whether the window-vector kernels run (else band_sums / band_grads): small slabs and windows
@@ -1050,19 +1053,27 @@ AEFAST_ALWAYS_INLINE void wv_gather(const acc_t* __restrict__ gplan, const Decod
   }
 }
 
-// Backward, one channel and one group of G taps over the row: per L windows s_j = Gp[off][j]
-// (window selects, 0 for invalid lanes), grad_z partial += sum_j Wt[c][j] s_j (kept in gzp
-// across the groups), grad_Wt lane partials gwv[j] += z s_j.
+// Backward, one channel and one group of G taps over nr rows of windows (row r: packed z / offsets
+// and grad_z partials at r*zrs, footprints at Gp + r*gs): per L windows s_j =
+// Gp[off][j] (window selects, 0 for invalid lanes), grad_z partial += sum_j Wt[c][j] s_j (kept in
+// gzp across the groups), grad_Wt lane partials gw[j] += z s_j in registers over all the rows
+// (one read-modify-write of gwv per channel and block, not per row).
 template <int VB, int G, typename acc_t>
-AEFAST_ALWAYS_INLINE void wv_bwd_group(const acc_t* __restrict__ zc, const acc_t* __restrict__ oc, int64_t LW,
-                                       int64_t window, int64_t K, const acc_t* __restrict__ Gp, int64_t k0,
-                                       const acc_t* __restrict__ w, acc_t* __restrict__ gzp, bool first, bool last,
+AEFAST_ALWAYS_INLINE void wv_bwd_group(const acc_t* __restrict__ zc0, const acc_t* __restrict__ oc0, int64_t zrs,
+                                       int64_t nr, int64_t LW, int64_t window, int64_t K,
+                                       const acc_t* __restrict__ Gp0, int64_t gs, int64_t k0,
+                                       const acc_t* __restrict__ w, acc_t* __restrict__ gzp0, bool first, bool last,
                                        acc_t* __restrict__ gwv, bool need_z, bool need_w) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   V gw[G];
   for (int j = 0; j < G; ++j) gw[j] = V{};
+  for (int64_t r = 0; r < nr; ++r)
   for (int64_t jb = 0; jb < LW; jb += L) {
+    const acc_t* __restrict__ zc = zc0 + r * zrs;
+    const acc_t* __restrict__ oc = oc0 + r * zrs;
+    const acc_t* __restrict__ Gp = Gp0 + r * gs;
+    acc_t* __restrict__ gzp = gzp0 + r * zrs;
     const V ov = vload<V>(oc + jb);
     V s[G];
     for (int j = 0; j < G; ++j) s[j] = V{};
@@ -1091,44 +1102,51 @@ AEFAST_ALWAYS_INLINE void wv_bwd_group(const acc_t* __restrict__ zc, const acc_t
 
 // Backward of one image (gplan holds its gpre): grad_z of every valid entry, and the grad_Wt
 // lane partials GWv[(c*K + k)*L + lane] accumulated.
+// Per packed block of RB rows (channel-major reads, see wv_pack), sub-blocks of RBb rows whose
+// footprints Gp stay in L1; grad_z of the block is collected in gzb (laid out like Zb) and written
+// channel-major at the end (long sequential runs again: writing each row for every channel
+// hopped a plane per channel, and the write misses cost more than the arithmetic).
 template <int VB, typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE void wv_backward_body(const scalar_t* z, const index_t* idx, const acc_t* wt,
                                            const DecoderGeometry& g, const WindowTable& wtab, const WvGeom& wg,
-                                           int64_t kp, acc_t* cv, const acc_t* gplan, acc_t* Zb0, acc_t* Ob0, acc_t* Gp,
-                                           acc_t* gzp, scalar_t* gz, acc_t* GWv, bool need_z, bool need_w) {
+                                           int64_t kp, acc_t* cv, const acc_t* gplan, acc_t* Zb, acc_t* Ob, acc_t* Gp,
+                                           acc_t* gzb, scalar_t* gz, acc_t* GWv, bool need_z, bool need_w) {
   constexpr int L = VecOf<acc_t, VB>::L;
   constexpr int64_t GMAX = VB == 64 ? 12 : 5;  // s[] and gw[] in registers
   const int64_t K = wg.K, LW = wg.LW, window = wtab.window, plane = g.pooled_h * g.pooled_w;
-  const int64_t ng = (K + GMAX - 1) / GMAX, gs = (K + ng - 1) / ng;
-  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-    const int64_t ph0 = ph / wg.RB * wg.RB;
-    if (ph == ph0)  // invalid entries: skipped (grad 0)
-      wv_pack<VB, scalar_t, acc_t, index_t>(z, idx, g, wtab, ph0, std::min(g.pooled_h, ph0 + wg.RB), LW, cv, Zb0, Ob0);
-    acc_t* Zb = Zb0 + (ph - ph0) * g.c_in * LW;
-    acc_t* Ob = Ob0 + (ph - ph0) * g.c_in * LW;
-    wv_gather<VB, acc_t>(gplan, g, wg, ph, Gp);
-    for (int64_t c = 0; c < g.c_in; ++c) {
-      for (int64_t k0 = 0; k0 < K; k0 += gs) {
-        switch (std::min(gs, K - k0)) {
-#define AEFAST_WVB_CASE(G_)                                                                                   \
-  case G_:                                                                                                    \
-    if constexpr (G_ <= GMAX)                                                                                 \
-      wv_bwd_group<VB, G_, acc_t>(Zb + c * LW, Ob + c * LW, LW, window, K, Gp, k0, wt + c * kp + k0, gzp,     \
-                                  k0 == 0, k0 + G_ == K, need_w ? GWv + (c * K + k0) * L : nullptr, need_z,    \
-                                  need_w);                                                                    \
+  const int64_t ng = (K + GMAX - 1) / GMAX, gs = (K + ng - 1) / ng, GS = window * K * LW, zrs = g.c_in * LW;
+  for (int64_t pb0 = 0; pb0 < g.pooled_h; pb0 += wg.RB) {
+    const int64_t pb1 = std::min(g.pooled_h, pb0 + wg.RB);
+    wv_pack<VB, scalar_t, acc_t, index_t>(z, idx, g, wtab, pb0, pb1, LW, cv, Zb, Ob);  // invalid: skipped
+    for (int64_t ph0 = pb0; ph0 < pb1; ph0 += wg.RBb) {
+      const int64_t ph1 = std::min(pb1, ph0 + wg.RBb), nr = ph1 - ph0, rb = (ph0 - pb0) * zrs;
+      for (int64_t r = 0; r < nr; ++r) wv_gather<VB, acc_t>(gplan, g, wg, ph0 + r, Gp + r * GS);
+      for (int64_t c = 0; c < g.c_in; ++c) {
+        for (int64_t k0 = 0; k0 < K; k0 += gs) {
+          switch (std::min(gs, K - k0)) {
+#define AEFAST_WVB_CASE(G_)                                                                                     \
+  case G_:                                                                                                      \
+    if constexpr (G_ <= GMAX)                                                                                   \
+      wv_bwd_group<VB, G_, acc_t>(Zb + rb + c * LW, Ob + rb + c * LW, zrs, nr, LW, window, K, Gp, GS, k0,          \
+                                  wt + c * kp + k0, gzb + rb + c * LW, k0 == 0, k0 + G_ == K,                   \
+                                  need_w ? GWv + (c * K + k0) * L : nullptr, need_z, need_w);                   \
     break;
-          AEFAST_WVB_CASE(1) AEFAST_WVB_CASE(2) AEFAST_WVB_CASE(3) AEFAST_WVB_CASE(4) AEFAST_WVB_CASE(5)
-          AEFAST_WVB_CASE(6) AEFAST_WVB_CASE(7) AEFAST_WVB_CASE(8) AEFAST_WVB_CASE(9) AEFAST_WVB_CASE(10)
-          AEFAST_WVB_CASE(11) AEFAST_WVB_CASE(12)
+            AEFAST_WVB_CASE(1) AEFAST_WVB_CASE(2) AEFAST_WVB_CASE(3) AEFAST_WVB_CASE(4) AEFAST_WVB_CASE(5)
+            AEFAST_WVB_CASE(6) AEFAST_WVB_CASE(7) AEFAST_WVB_CASE(8) AEFAST_WVB_CASE(9) AEFAST_WVB_CASE(10)
+            AEFAST_WVB_CASE(11) AEFAST_WVB_CASE(12)
 #undef AEFAST_WVB_CASE
-          default: break;
+            default: break;
+          }
         }
       }
-      if (need_z) {
-        scalar_t* __restrict__ gzr = gz + c * plane + ph * g.pooled_w;
-        for (int64_t pw = 0; pw < g.pooled_w; ++pw) gzr[pw] = static_cast<scalar_t>(gzp[pw]);
-      }
     }
+    if (need_z)  // every element, invalid entries 0
+      for (int64_t c = 0; c < g.c_in; ++c)
+        for (int64_t ph = pb0; ph < pb1; ++ph) {
+          scalar_t* __restrict__ gzr = gz + c * plane + ph * g.pooled_w;
+          const acc_t* __restrict__ src = gzb + ((ph - pb0) * g.c_in + c) * LW;
+          for (int64_t pw = 0; pw < g.pooled_w; ++pw) gzr[pw] = static_cast<scalar_t>(src[pw]);
+        }
   }
 }
 AEFAST_ISA_CLONES_IDX(wv_backward, void,
@@ -1568,24 +1586,27 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     if (wv) {
       // gplan (zeroed once: every image writes the same interior, the border stays 0), the
       // packed row of windows, the gathered footprints Gp, the grad_z row, the grad_Wt lanes.
-      const int64_t nplan = g.c_out * wg.R * wg.C, npk = wg.RB * g.c_in * wg.LW, ngp = wtab.window * wg.K * wg.LW;
+      const int64_t nplan = g.c_out * wg.R * wg.C, npk = wg.RB * g.c_in * wg.LW;
+      const int64_t ngp = wg.RBb * wtab.window * wg.K * wg.LW;
       const int64_t ngw = mask[1] ? g.c_in * wg.K * L : 0;
       at::Tensor plan_t = zeros_cpu_cached({nplan}, acc_opts);
-      at::Tensor buf_t = empty_cpu_cached({2 * npk + ngp + wg.LW + ngw + 2 * (wg.RB * g.pooled_w + L)}, acc_opts);
+      at::Tensor buf_t =
+          empty_cpu_cached({3 * npk + ngp + ngw + 2 * (wg.RB * g.pooled_w + L)}, acc_opts);
       acc_t* gplan = plan_t.mutable_data_ptr<acc_t>();
       acc_t* Zb = buf_t.mutable_data_ptr<acc_t>();
       acc_t* Ob = Zb + npk;
       acc_t* Gp = Ob + npk;
       acc_t* gzp = Gp + ngp;
-      acc_t* GWv = gzp + wg.LW;
+      acc_t* GWv = gzp + npk;
       acc_t* cv = GWv + ngw;
       for (int64_t kc = k0; kc < k1; ++kc) {
         std::fill(GWv, GWv + ngw, acc_t(0));
         for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
           wv_gpre(gp + n * plane_out, ap + n * plane_out, g, wg, act, sl, gplan, bias_part + n * g.c_out);
           if (!need_img) continue;
+          // wv_backward writes every element of grad_z (0 for invalid entries): no zero fill
+          // first (a whole extra write pass over grad_z, ~15% of this backward).
           scalar_t* gzn = gz + n * plane_in;
-          if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
           wv_backward(zp + n * plane_in, ip + n * plane_in, wt, g, wtab, wg, kp, cv, gplan, Zb,
                       Ob, Gp, gzp, gzn, GWv, mask[0], mask[1]);
         }
