@@ -31,10 +31,13 @@
 //        in column chunks of <= 8 vectors so that the C_in x chunk weight block stays in L1:
 //        one weight load per FMA, nothing stored until the position is done.
 //      * small slabs (Kp <= 4 vectors, e.g. C_out = 1 or 3: 9 or 27 taps in one or two
-//        vectors): a position holds only ~C_in/window entries of one or two vectors, too few to
-//        pay for any sorting. The row band of T is zeroed and, channel-major with Wt[c] in
-//        registers, each entry adds z * Wt[c] to T[q] (consecutive entries hit different
-//        windows, so the adds do not wait on each other).
+//        vectors) with windows of at most 4 elements (2x2, 1x2, 2x1, 1x1): not this layout at
+//        all but the window-vector kernels (lanes = pool windows, taps = loop iterations; see
+//        "small slabs: window vectors" below, with the measurements that led there).
+//      * other small slabs (larger windows): a position holds only ~C_in/window entries of one
+//        or two vectors, too few to pay for any sorting. The row band of T is zeroed and,
+//        channel-major with Wt[c] in registers, each entry adds z * Wt[c] to T[q] (consecutive
+//        entries hit different windows, so the adds do not wait on each other).
 //   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
 //      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
 //      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
@@ -52,9 +55,10 @@
 //     grad_W FMA: two FMAs per load, nothing stored in the loop. When KW*C_out is a whole
 //     number of vectors, nb is read straight from gpad (a few KiB, L1); otherwise from a
 //     per-image im2col of gpad.
-//   * small slabs: per row band of windows, nb of every position of the band is copied once
-//     into a band im2col; then channel-major with Wt[c] and the grad_Wt[c] sum in registers,
-//     each entry costs one nb load, a dot (grad_z) and an FMA (grad_W).
+//   * small slabs with windows of at most 4 elements: the window-vector kernels (below).
+//   * other small slabs: per row band of windows, nb of every position of the band is copied
+//     once into a band im2col; then channel-major with Wt[c] and the grad_Wt[c] sum in
+//     registers, each entry costs one nb load, a dot (grad_z) and an FMA (grad_W).
 // SIMD: GCC vector extensions, compiled three times: baseline (x86-64 SSE2), AVX2+FMA (32-byte
 // vectors) and AVX-512 (64-byte vectors), each hot loop nest a separate target-attributed
 // function, picked at run time with __builtin_cpu_supports (never an AVX-512 instruction on a
@@ -658,6 +662,16 @@ AEFAST_ISA_CLONES(epilogue,
 // are fixed (channels ascending, then taps into Acc in (row of windows, offset, tap) order,
 // grad_W lanes summed in lane order per batch chunk): results do not depend on the thread
 // count.
+//
+// Where the time goes now (same shapes, 1 thread, rdtsc around each step; shares of the
+// kernel): forward 32->1: packing ~40% (reading z + offsets: ~memory bound), FMAs ~35%,
+// adds into Acc ~12%, epilogue ~9%; 32->3: FMAs ~60% (at the FMA ports: the dense select
+// costs `window` x the sparse MACs), packing ~20%. Backward 32->1: selects + FMAs ~38%, the
+// grad_z write ~25% (write-allocate misses), packing ~18%, Gp gather ~15%; 32->3: selects +
+// FMAs ~65% (bound by the masked loads: window x K per L entries), packing, gather and the
+// grad_z write ~12% each. Tried and dropped: picking each tap from the 16 distinct footprint
+// planes of 2x2 windows / 3x3 kernels by two blends (fewer loads, but blends compete with the
+// FMAs: 12% slower for 32->3).
 struct WvGeom {
   int64_t LW;  // pooled_w rounded up to whole vectors (the lanes of one row of windows)
   int64_t K;   // taps KH*KW*C_out
