@@ -669,9 +669,8 @@ def test_cpu_window_vectors_find_the_first_bad_index(cpu_isa, case, fmt):
         first = int(torch.ops.aefast.first_bad_unpool_index(bad, list(out_hw), list(pool2), True))
         assert first >= 0
         with pytest.raises(RuntimeError, match=f"invalid index at linear position {first}\\b"):
-            torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, list(pool2), list(out_hw), [s, s] if isinstance(s, int) else list(s),
-                                                     [p, p] if isinstance(p, int) else list(p),
-                                                     [op, op] if isinstance(op, int) else list(op), act, 0.01)
+            torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, list(pool2), list(out_hw), [s, s], [p, p], [op, op],
+                                                     act, 0.01)
     if ceil and fmt == "window":
         # an in-window offset whose element lies outside the plane (a clipped window)
         bad = idx.clone()

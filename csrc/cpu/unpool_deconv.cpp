@@ -955,8 +955,9 @@ AEFAST_ALWAYS_INLINE void wv_epilogue_act(const acc_t* __restrict__ Acc, const a
 template <int VB, typename scalar_t, typename acc_t, typename index_t>
 AEFAST_ALWAYS_INLINE int64_t wv_forward_body(const scalar_t* z, const index_t* idx, const acc_t* wt,
                                              const acc_t* bias, const DecoderGeometry& g, const WindowTable& wtab,
-                                             const WvGeom& wg, int64_t kp, acc_t* cv, DecoderAct act, acc_t sl, acc_t* Zb,
-                                             acc_t* Ob, acc_t* A, acc_t* Acc, scalar_t* out, scalar_t* pre) {
+                                             const WvGeom& wg, int64_t kp, acc_t* cv, DecoderAct act, acc_t sl,
+                                             acc_t* Zb, acc_t* Ob, acc_t* A, acc_t* Acc, scalar_t* out,
+                                             scalar_t* pre) {
   std::fill(Acc, Acc + g.c_out * wg.R * wg.C, acc_t(0));
   int64_t bad = std::numeric_limits<int64_t>::max();
   for (int64_t ph0 = 0; ph0 < g.pooled_h; ph0 += wg.RB) {
