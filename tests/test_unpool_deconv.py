@@ -576,3 +576,107 @@ def test_cpu_vector_sigmoid_accuracy(cpu_isa):
     with aefast.set_backend("cpu"):
         y = AF.unpool_conv_transpose2d(t, idx, w, None, 1, None, 1, 0, 0, "sigmoid", index_format="window")
     torch.testing.assert_close(y, torch.sigmoid(t), rtol=8 * 2**-24, atol=1e-30, equal_nan=True)
+
+
+# ---------------------------------------------------------------- window-vector kernels (small slabs)
+# Small slabs (K = KH*KW*C_out taps in at most 4 vectors) with pool windows of at most 4 elements
+# run the window-vector kernels (lanes = pool windows; csrc/cpu/unpool_deconv.cpp, "small slabs:
+# window vectors"). The cases reach each of their branches, for every vector width:
+#   pool 2 wide with stride_w 1 (shuffle interleave / de-interleave), pool 1 (direct adds,
+#   the dense transposed conv), other pools or stride_w > 1 (scalar scatter / gather); windows
+#   clipped by the plane (full decode) and rows / columns past the last window; rows of windows
+#   shorter and longer than a vector (several vector tiles per row); several packed row blocks
+#   (64 channels x 50 windows); tap groups (C_out 7 with 3x3: 63 taps, 4 groups on AVX-512).
+# (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, act, ceil_mode)
+WV_CASES = [
+    (2, 32, 1, (28, 28), 2, 3, 1, 1, 0, "sigmoid", False),
+    (2, 5, 3, (9, 37), 2, 3, 1, 1, 0, "relu", True),           # clipped last windows, 19 windows a row
+    (1, 3, 2, (7, 9), 2, 3, 1, 1, 0, "tanh", False),           # a row and a column past the windows
+    (2, 4, 3, (8, 10), (1, 2), 3, 2, 1, 1, "leaky_relu", False),  # 1x2 windows, stride 2
+    (2, 3, 2, (10, 8), (2, 1), (2, 3), (1, 2), (0, 1), (0, 1), "silu", False),  # 2x1 windows: scalar paths
+    (2, 6, 1, (9, 11), 1, 3, 1, 1, 0, "gelu", False),          # 1x1 windows: the dense transposed conv
+    (1, 64, 1, (20, 100), 2, 3, 1, 1, 0, None, False),         # several packed row blocks
+    (2, 4, 7, (6, 6), 2, 3, 1, 1, 0, "sigmoid", False),        # 63 taps: several tap groups (AVX-512)
+    (1, 3, 1, (5, 5), 2, 5, 1, 2, 0, "relu", True),            # kernel larger than the window, clipped
+]
+WV_IDS = [f"{c[1]}to{c[2]}_{c[3][0]}x{c[3][1]}_pool{c[4]}_s{c[6]}" for c in WV_CASES]
+
+
+@pytest.mark.parametrize("case", WV_CASES, ids=WV_IDS)
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_cpu_window_vectors_per_isa(cpu_isa, case, fmt):
+    n, ci, co, hw, pool, k, s, p, op, act, ceil = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=31, ceil_mode=ceil)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, fmt)
+    assert_close_all(got, want, torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [WV_CASES[1], WV_CASES[3], WV_CASES[5]], ids=["pool2", "pool1x2", "pool1"])
+def test_cpu_window_vectors_dtypes_per_isa(cpu_isa, case, dtype):
+    n, ci, co, hw, pool, k, s, p, op, act, ceil = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=dtype, seed=32, ceil_mode=ceil)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "window")
+    assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 4.0)
+
+
+@pytest.mark.parametrize("case", [WV_CASES[1], WV_CASES[7]], ids=["clipped", "groups"])
+def test_cpu_window_vectors_partial_gradients_and_threads(cpu_isa, case):
+    """Input-only and weight-only backward equal the full one; 1/2/3 threads give the same bits."""
+    n, ci, co, hw, pool, k, s, p, op, act, ceil = case
+    z, idx, w, b, out_hw = make_case(5, ci, co, hw, pool, k, dtype=torch.float64, seed=33, ceil_mode=ceil)
+    full = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "flat")[0]
+    for which in (0, 1):
+        leaves = [z.clone().requires_grad_(which == 0), w.clone().requires_grad_(which == 1)]
+        y = AF.unpool_conv_transpose2d(leaves[0], idx, leaves[1], b, pool, out_hw, s, p, op, act)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (grad,) = torch.autograd.grad(y, [leaves[which]], g)
+        torch.testing.assert_close(grad, full[1 + which], rtol=1e-12, atol=1e-12)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run_both("cpu", z.float(), idx, w.float(), b.float(), pool, out_hw, s, p, op, act,
+                                    "window")[0])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+@pytest.mark.parametrize("case", [WV_CASES[0], WV_CASES[1], WV_CASES[6]], ids=["vectors", "clipped", "blocks"])
+def test_cpu_window_vectors_find_the_first_bad_index(cpu_isa, case, fmt):
+    """Bad indices anywhere (vector lanes, row tails, later row blocks, later images) are found by
+    the packing, and the first one in row-major order is named, as first_bad_unpool_index does."""
+    n, ci, co, hw, pool, k, s, p, op, act, ceil = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=34, ceil_mode=ceil)
+    pool2 = (pool, pool) if isinstance(pool, int) else pool
+    window = pool2[0] * pool2[1]
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, pool)
+    gen = torch.Generator().manual_seed(35)
+    for trial in range(4):
+        bad = idx.clone()
+        flat_view = bad.view(-1)
+        for pos in torch.randint(0, bad.numel(), (2,), generator=gen).tolist():
+            if fmt == "flat":
+                flat_view[pos] = -1 if trial % 2 else out_hw[0] * out_hw[1]  # outside the plane
+            else:
+                flat_view[pos] = window + trial  # outside the window
+        first = int(torch.ops.aefast.first_bad_unpool_index(bad, list(out_hw), list(pool2), True))
+        assert first >= 0
+        with pytest.raises(RuntimeError, match=f"invalid index at linear position {first}\\b"):
+            torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, list(pool2), list(out_hw), [s, s], [p, p], [op, op],
+                                                     act, 0.01)
+    if ceil and fmt == "window":
+        # an in-window offset whose element lies outside the plane (a clipped window)
+        bad = idx.clone()
+        bad[-1, -1, -1, -1] = window - 1
+        first = int(torch.ops.aefast.first_bad_unpool_index(bad, list(out_hw), list(pool2), True))
+        assert first == bad.numel() - 1
+        with pytest.raises(RuntimeError, match=f"invalid index at linear position {first}\\b"):
+            torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, list(pool2), list(out_hw), [s, s], [p, p], [op, op],
+                                                     act, 0.01)
