@@ -394,6 +394,19 @@ struct ForwardPlan {
 
 // Clones of a body template: NAME_avx512 / NAME_avx2 / NAME_base, each a separate (noinline)
 // function compiled for its ISA, so that each hot loop nest gets its own register allocation.
+// One switch from the run-time activation to the kernels templated on it: CALL(A) is expanded
+// once per activation, A the compile-time DecoderAct. A macro, not a generic lambda: the ISA
+// clones' target attributes do not reach into a lambda, and the always_inline kernels need them.
+#define AEFAST_FOR_DECODER_ACT(act, CALL)                           \
+  switch (act) {                                                    \
+    case DecoderAct::Relu: CALL(DecoderAct::Relu); break;           \
+    case DecoderAct::LeakyRelu: CALL(DecoderAct::LeakyRelu); break; \
+    case DecoderAct::Sigmoid: CALL(DecoderAct::Sigmoid); break;     \
+    case DecoderAct::Tanh: CALL(DecoderAct::Tanh); break;           \
+    case DecoderAct::Gelu: CALL(DecoderAct::Gelu); break;           \
+    case DecoderAct::Silu: CALL(DecoderAct::Silu); break;           \
+    default: CALL(DecoderAct::None); break;                         \
+  }
 #define AEFAST_ISA_CLONES(NAME, PARAMS, ARGS)                                                       \
   template <typename scalar_t, typename acc_t>                                                      \
   AEFAST_TARGET_AVX512 __attribute__((noinline)) void NAME##_avx512 PARAMS {                        \
@@ -595,29 +608,9 @@ template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
                                         const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
                                         scalar_t* out, scalar_t* pre) {
-  switch (act) {
-    case DecoderAct::None:
-      epilogue_act<VB, DecoderAct::None, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-    case DecoderAct::Relu:
-      epilogue_act<VB, DecoderAct::Relu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-    case DecoderAct::LeakyRelu:
-      epilogue_act<VB, DecoderAct::LeakyRelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-    case DecoderAct::Sigmoid:
-      epilogue_act<VB, DecoderAct::Sigmoid, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-    case DecoderAct::Tanh:
-      epilogue_act<VB, DecoderAct::Tanh, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-    case DecoderAct::Gelu:
-      epilogue_act<VB, DecoderAct::Gelu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-    default:
-      epilogue_act<VB, DecoderAct::Silu, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre);
-      break;
-  }
+#define AEFAST_EPILOGUE(A) epilogue_act<VB, A, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre)
+  AEFAST_FOR_DECODER_ACT(act, AEFAST_EPILOGUE)
+#undef AEFAST_EPILOGUE
 }
 AEFAST_ISA_CLONES(epilogue,
                   (const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
@@ -968,16 +961,9 @@ AEFAST_ALWAYS_INLINE int64_t wv_forward_body(const scalar_t* z, const index_t* i
       wv_fwd_row<VB, acc_t>(Zb + r, Ob + r, wt, kp, g, wg, ph, A, Acc);
     }
   }
-  switch (act) {
-#define AEFAST_WVE_CASE(A_)                                                    \
-  case A_:                                                                     \
-    wv_epilogue_act<VB, A_, scalar_t, acc_t>(Acc, bias, g, wg, sl, out, pre); \
-    break;
-    AEFAST_WVE_CASE(DecoderAct::Relu) AEFAST_WVE_CASE(DecoderAct::LeakyRelu) AEFAST_WVE_CASE(DecoderAct::Sigmoid)
-    AEFAST_WVE_CASE(DecoderAct::Tanh) AEFAST_WVE_CASE(DecoderAct::Gelu) AEFAST_WVE_CASE(DecoderAct::Silu)
-    default: AEFAST_WVE_CASE(DecoderAct::None)
+#define AEFAST_WVE_CASE(A) wv_epilogue_act<VB, A, scalar_t, acc_t>(Acc, bias, g, wg, sl, out, pre)
+  AEFAST_FOR_DECODER_ACT(act, AEFAST_WVE_CASE)
 #undef AEFAST_WVE_CASE
-  }
   return bad;
 }
 AEFAST_ISA_CLONES_IDX(wv_forward, int64_t,
@@ -1015,16 +1001,9 @@ AEFAST_ALWAYS_INLINE void wv_gpre_act(const scalar_t* __restrict__ go, const sca
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void wv_gpre_body(const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g,
                                        const WvGeom& wg, DecoderAct act, acc_t sl, acc_t* gplan, acc_t* bias_part) {
-  switch (act) {
-#define AEFAST_WVG_CASE(A_)                                                     \
-  case A_:                                                                      \
-    wv_gpre_act<VB, A_, scalar_t, acc_t>(go, ai, g, wg, sl, gplan, bias_part); \
-    break;
-    AEFAST_WVG_CASE(DecoderAct::Relu) AEFAST_WVG_CASE(DecoderAct::LeakyRelu) AEFAST_WVG_CASE(DecoderAct::Sigmoid)
-    AEFAST_WVG_CASE(DecoderAct::Tanh) AEFAST_WVG_CASE(DecoderAct::Gelu) AEFAST_WVG_CASE(DecoderAct::Silu)
-    default: AEFAST_WVG_CASE(DecoderAct::None)
+#define AEFAST_WVG_CASE(A) wv_gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, wg, sl, gplan, bias_part)
+  AEFAST_FOR_DECODER_ACT(act, AEFAST_WVG_CASE)
 #undef AEFAST_WVG_CASE
-  }
 }
 AEFAST_ISA_CLONES(wv_gpre,
                   (const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, const WvGeom& wg,
@@ -1507,16 +1486,9 @@ AEFAST_ALWAYS_INLINE void gpre_act(const scalar_t* __restrict__ go, const scalar
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void gpre_body(const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols,
                                     DecoderAct act, acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow) {
-  switch (act) {
-#define AEFAST_GPRE_CASE(A)                                                         \
-  case A:                                                                           \
-    gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, cols, sl, gpad, bias_part, drow); \
-    break;
-    AEFAST_GPRE_CASE(DecoderAct::Relu) AEFAST_GPRE_CASE(DecoderAct::LeakyRelu) AEFAST_GPRE_CASE(DecoderAct::Sigmoid)
-    AEFAST_GPRE_CASE(DecoderAct::Tanh) AEFAST_GPRE_CASE(DecoderAct::Gelu) AEFAST_GPRE_CASE(DecoderAct::Silu)
-    default: AEFAST_GPRE_CASE(DecoderAct::None)
+#define AEFAST_GPRE_CASE(A) gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, cols, sl, gpad, bias_part, drow)
+  AEFAST_FOR_DECODER_ACT(act, AEFAST_GPRE_CASE)
 #undef AEFAST_GPRE_CASE
-  }
 }
 AEFAST_ISA_CLONES(gpre,
                   (const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols, DecoderAct act,
