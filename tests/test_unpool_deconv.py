@@ -502,11 +502,8 @@ def test_cpu_paths_dtypes_per_isa(cpu_isa, case, dtype):
     assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 4.0)
 
 
-@pytest.mark.parametrize("case", [PATH_CASES[0], PATH_CASES[3], PATH_CASES[4]], ids=["small", "im2col", "chunks"])
-def test_cpu_partial_gradients_per_isa(cpu_isa, case):
-    """output_mask with one gradient only: each loop order has input-only and weight-only modes."""
-    n, ci, co, hw, pool, k, s, p, op, act = case
-    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=torch.float64, seed=23)
+def assert_partial_gradients_equal_full(z, idx, w, b, pool, out_hw, s, p, op, act):
+    """fp64: the input-only and the weight-only backward equal those of the full backward."""
     full = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "flat")[0]
     for which in (0, 1):
         leaves = [z.clone().requires_grad_(which == 0), w.clone().requires_grad_(which == 1)]
@@ -514,6 +511,14 @@ def test_cpu_partial_gradients_per_isa(cpu_isa, case):
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         (grad,) = torch.autograd.grad(y, [leaves[which]], g)
         torch.testing.assert_close(grad, full[1 + which], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [PATH_CASES[0], PATH_CASES[3], PATH_CASES[4]], ids=["small", "im2col", "chunks"])
+def test_cpu_partial_gradients_per_isa(cpu_isa, case):
+    """output_mask with one gradient only: each loop order has input-only and weight-only modes."""
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=torch.float64, seed=23)
+    assert_partial_gradients_equal_full(z, idx, w, b, pool, out_hw, s, p, op, act)
 
 
 @pytest.mark.parametrize("case", [PATH_CASES[0], PATH_CASES[3], PATH_CASES[4]], ids=["small", "im2col", "chunks"])
@@ -630,13 +635,7 @@ def test_cpu_window_vectors_partial_gradients_and_threads(cpu_isa, case):
     """Input-only and weight-only backward equal the full one; 1/2/3 threads give the same bits."""
     n, ci, co, hw, pool, k, s, p, op, act, ceil = case
     z, idx, w, b, out_hw = make_case(5, ci, co, hw, pool, k, dtype=torch.float64, seed=33, ceil_mode=ceil)
-    full = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "flat")[0]
-    for which in (0, 1):
-        leaves = [z.clone().requires_grad_(which == 0), w.clone().requires_grad_(which == 1)]
-        y = AF.unpool_conv_transpose2d(leaves[0], idx, leaves[1], b, pool, out_hw, s, p, op, act)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        (grad,) = torch.autograd.grad(y, [leaves[which]], g)
-        torch.testing.assert_close(grad, full[1 + which], rtol=1e-12, atol=1e-12)
+    assert_partial_gradients_equal_full(z, idx, w, b, pool, out_hw, s, p, op, act)
     assert_same_bits_for_1_2_3_threads(z.float(), idx, w.float(), b.float(), pool, out_hw, s, p, op, act)
 
 
