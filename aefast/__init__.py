@@ -11,7 +11,7 @@ from aefast import functional, nn, reference  # noqa: E402,F401
 from aefast.backend import BACKENDS, BackendUnavailableError, get_backend, set_backend  # noqa: E402
 from aefast._info import info  # noqa: E402
 from aefast._cpu_cache import empty_cpu_cache  # noqa: E402
-from aefast.optimize import optimize  # noqa: E402
+from aefast.optimize import fused_losses, optimize  # noqa: E402
 
 
 def __getattr__(name):
@@ -23,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'aefast' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "empty_cpu_cache", "functional", "get_backend", "info", "nn",
-           "optimize", "reference", "set_backend"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "empty_cpu_cache", "functional", "fused_losses", "get_backend",
+           "info", "nn", "optimize", "reference", "set_backend"]

@@ -1,19 +1,39 @@
 """aefast.optimize(model): rewrite a plain-PyTorch autoencoder onto the fused ops with torch.fx.
 
-Patterns (each only where every intermediate has a single user, so nothing else reads it):
-  Conv2d → [activation] → max-pool (module or functional, with or without indices)
-      becomes ``conv_pool2d``;
-  max-unpool → ConvTranspose2d → [activation]  becomes ``unpool_conv_transpose2d``;
+Patterns (each only where nothing else reads an intermediate, except for its metadata: ``x.size()``,
+``x.shape``, ``x.dim()`` of an intermediate, as SegNets read for the unpool's ``output_size``, are
+answered from the input's shape):
+  Conv2d → [BatchNorm2d, eval mode] → [activation] → max-pool (module or functional, with or without
+      indices) becomes ``conv_pool2d``;
+  max-unpool → ConvTranspose2d, or a stride-1 Conv2d (SegNet's decoder), → [BatchNorm2d, eval mode]
+      → [activation] becomes ``unpool_conv_transpose2d``. A stride-1 conv with padding p is the
+      transposed conv of the weight transposed in (in, out) and flipped in space, with padding K-1-p;
   F.mse_loss / l1_loss / huber_loss / binary_cross_entropy[_with_logits] (and their nn modules),
-      without weights, become ``reconstruction_loss``.
-The model object is kept: only its ``forward`` is replaced by the rewritten graph, which reads the
+      without weights, become ``reconstruction_loss``. For a loss in the training loop rather than in
+      ``forward``, see :func:`fused_losses`.
+In eval mode a BatchNorm2d normalises with its running statistics, an affine map per channel, so it is
+folded into the conv's weight and bias (recomputed from the live parameters at each call, so
+gradients reach them). In training mode it normalises with batch statistics, which no fused block
+serves yet: those sites stay as they are and are reported.
+
+The model is traced once per mode (``model.training`` True and False), because tracing evaluates
+Python branches on ``self.training`` and would otherwise bake one mode in. The new forward picks the
+graph of the current mode; when submodules' modes disagree with the model's (a frozen BatchNorm in
+eval mode inside a training model, say) in a way a graph relied on, it runs the original forward.
+
+The model object is kept: only its ``forward`` is replaced by the rewritten graphs, which read the
 same submodules and parameters. So parameters are shared, not copied, state_dict keys and
-optimizer state keep working, and methods such as ``encode`` stay. Patterns that do not match
-are left as they are.
+optimizer state keep working, and methods such as ``encode`` stay. ``model.aefast_rewrites`` lists
+what was fused, ``model.aefast_unfused`` every pool, unpool and upsampler site left as it was, with
+the reason.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import operator
+import threading
 import types
 import warnings
 
@@ -29,7 +49,10 @@ _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: 
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.leaky_relu: "leaky_relu", torch.sigmoid: "sigmoid",
                          F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.silu: "silu"}
 _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_POOL_FUNCTIONS = {F.max_pool2d_with_indices: True, getattr(F, "_max_pool2d", None): False}
+# F.max_pool2d is a boolean dispatcher: fx records it as itself when return_indices is left at its
+# default, so its arguments are bound with the signature of the function it dispatches to.
+_POOL_FUNCTIONS = {F.max_pool2d_with_indices: F.max_pool2d_with_indices, F._max_pool2d: F._max_pool2d,
+                   F.max_pool2d: F._max_pool2d}
 _LOSS_FUNCTIONS = {F.mse_loss: "mse", F.l1_loss: "l1", F.huber_loss: "huber", F.binary_cross_entropy: "bce",
                    F.binary_cross_entropy_with_logits: "bce_logits"}
 _LOSS_MODULES = {nn.MSELoss: "mse", nn.L1Loss: "l1", nn.HuberLoss: "huber", nn.BCELoss: "bce",
@@ -60,11 +83,50 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+_METADATA_METHODS = ("size", "dim", "ndimension")
+_METADATA_ATTRIBUTES = ("shape", "ndim")
+
+
+def conv2d_output_shape(input, out_channels, kernel_size, stride, padding):
+    """The shape of Conv2d's output, from the input's: what a metadata read of a fused-away conv,
+    BatchNorm or activation output returns."""
+    n, _, h, w = input.shape
+    return torch.Size([n, out_channels] + [(hw + 2 * p - k) // s + 1
+                                           for hw, k, s, p in zip((h, w), kernel_size, stride, padding)])
+
+
+def fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, out_dim=0):
+    """Conv weight and bias with an eval-mode BatchNorm2d folded in.
+
+    BN(y) = (y - mean) * g / sqrt(var + eps) + beta is affine per output channel c:
+    scale_c = g_c / sqrt(var_c + eps); W'[c] = W[c] * scale_c; b'_c = (b_c - mean_c) * scale_c + beta_c.
+    ``out_dim`` is the output-channel dimension of the weight (0 for Conv2d, 1 for ConvTranspose2d).
+    """
+    scale = torch.rsqrt(running_var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    folded_bias = -running_mean * scale if bias is None else (bias - running_mean) * scale
+    if bn_bias is not None:
+        folded_bias = folded_bias + bn_bias
+    return weight * scale.to(weight.dtype).reshape(shape), folded_bias.to(weight.dtype)
+
+
+def conv_weight_as_transposed(weight):
+    """Conv2d weight (out, in, kh, kw) -> the ConvTranspose2d weight (in, out, kh, kw) of the same
+    stride-1 map: conv2d(x, W, padding=p) == conv_transpose2d(x, W.transpose(0, 1).flip(2, 3),
+    padding=K-1-p)."""
+    return weight.transpose(0, 1).flip((2, 3))
+
+
 class _Rewriter:
-    def __init__(self, model: nn.Module, graph: fx.Graph):
-        self.model, self.graph = model, graph
+    def __init__(self, model: nn.Module, graph: fx.Graph, training: bool):
+        self.model, self.graph, self.training = model, graph, training
         self.modules = dict(model.named_modules())
         self.report: list[str] = []
+        self.unfused: dict[fx.Node, str] = {}  # a pool, unpool or upsampler site -> why it stays
+        self.folded_batch_norms: list[str] = []
 
     def module(self, node):
         return self.modules.get(node.target) if node.op == "call_module" else None
@@ -80,9 +142,13 @@ class _Rewriter:
             name = _ACTIVATION_FUNCTIONS[node.target]
             if name == "gelu" and node.kwargs.get("approximate", "none") != "none":
                 return None
+            if node.kwargs.get("inplace", False) or (name == "relu" and len(node.args) > 1 and node.args[1]):
+                return None
             slope = 0.01
             if name == "leaky_relu":
                 slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+                if isinstance(slope, fx.Node):
+                    return None
             return name, slope, node.args[0]
         if node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
             return _ACTIVATION_METHODS[node.target], 0.01, node.args[0]
@@ -98,17 +164,69 @@ class _Rewriter:
             return None
         return mod
 
+    def eval_batch_norm(self, node):
+        """The BatchNorm2d module at ``node`` if it normalises with running statistics in this mode."""
+        mod = self.module(node)
+        if type(mod) is not nn.BatchNorm2d or len(node.args) != 1 or node.kwargs:
+            return None
+        if self.training or mod.running_mean is None or mod.running_var is None:
+            return None
+        return mod
+
     def params(self, node, mod):
         w = self.graph.get_attr(f"{node.target}.weight")
         b = self.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
         return w, b
+
+    def folded_params(self, conv_node, conv, bn_node, bn, out_dim):
+        w, b = self.params(conv_node, conv)
+        if bn is None:
+            return w, b
+        bn_attr = lambda name: (self.graph.get_attr(f"{bn_node.target}.{name}")  # noqa: E731
+                                if getattr(bn, name) is not None else None)
+        folded = self.graph.call_function(
+            fold_batch_norm, (w, b, bn_attr("weight"), bn_attr("bias"), bn_attr("running_mean"),
+                              bn_attr("running_var"), bn.eps, out_dim))
+        self.folded_batch_norms.append(bn_node.target)
+        return (self.graph.call_function(operator.getitem, (folded, 0)),
+                self.graph.call_function(operator.getitem, (folded, 1)))
+
+    @staticmethod
+    def metadata_user(user):
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            return True
+        return (user.op == "call_function" and user.target is getattr and len(user.args) == 2
+                and user.args[1] in _METADATA_ATTRIBUTES)
+
+    def only_feeds(self, node, consumer):
+        """Whether every user of ``node`` other than ``consumer`` only reads its metadata."""
+        return isinstance(node, fx.Node) and all(u is consumer or self.metadata_user(u) for u in node.users)
+
+    def answer_metadata(self, nodes, shape_args):
+        """Point the metadata users of the fused-away ``nodes`` at the conv's output shape."""
+        users = [u for n in nodes for u in list(n.users) if self.metadata_user(u)]
+        if not users:
+            return
+        with self.graph.inserting_before(users[0]):
+            shape = self.graph.call_function(conv2d_output_shape, shape_args)
+        for u in users:
+            with self.graph.inserting_before(u):
+                if u.op == "call_function":  # x.shape / x.ndim
+                    new = shape if u.args[1] == "shape" else self.graph.call_function(len, (shape,))
+                elif u.target == "size":
+                    dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+                    new = shape if dim is None else self.graph.call_function(operator.getitem, (shape, dim))
+                else:  # dim() / ndimension()
+                    new = self.graph.call_function(len, (shape,))
+            u.replace_all_uses_with(new)
+            self.graph.erase_node(u)
 
     def erase(self, *nodes):
         for n in nodes:
             if n is not None and not n.users:
                 self.graph.erase_node(n)
 
-    # -- conv → act → pool
+    # -- conv → [BN] → act → pool
     def encoder(self, pool):
         mod = self.module(pool)
         if isinstance(mod, nn.MaxPool2d):
@@ -116,73 +234,140 @@ class _Rewriter:
                         ceil_mode=mod.ceil_mode)
             with_indices, src = mod.return_indices, pool.args[0] if pool.args else None
         elif pool.op == "call_function" and pool.target in _POOL_FUNCTIONS:
-            args = _bind(pool.target, pool.args, pool.kwargs)
-            if args is None:
+            args = _bind(_POOL_FUNCTIONS[pool.target], pool.args, pool.kwargs)
+            if args is None or isinstance(args["return_indices"], fx.Node):
+                self.unfused[pool] = "max_pool2d arguments not understood"
                 return
-            with_indices, src = _POOL_FUNCTIONS[pool.target], args["input"]
+            with_indices, src = bool(args["return_indices"]), args["input"]
         else:
             return
         kernel = _pair(args["kernel_size"])
         stride = kernel if args["stride"] in (None, [], ()) else _pair(args["stride"])
-        if (stride != kernel or _pair(args["padding"]) != (0, 0) or _pair(args["dilation"]) != (1, 1)
-                or args["ceil_mode"] or not isinstance(src, fx.Node) or len(src.users) != 1):
+        if stride != kernel:
+            self.unfused[pool] = f"pool stride {stride} differs from its kernel {kernel} (overlapping windows)"
+            return
+        if _pair(args["padding"]) != (0, 0) or _pair(args["dilation"]) != (1, 1):
+            self.unfused[pool] = "padded or dilated pool"
+            return
+        if args["ceil_mode"]:
+            self.unfused[pool] = "ceil_mode=True pool"
+            return
+        if not self.only_feeds(src, pool):
+            self.unfused[pool] = "its input has other users that read values"
             return
         act = self.activation(src)
-        conv_node = act[2] if act else src
-        if not isinstance(conv_node, fx.Node) or len(conv_node.users) != 1:
+        inner = act[2] if act else src
+        if not self.only_feeds(inner, src if act else pool):
+            self.unfused[pool] = "the activation's input has other users that read values"
+            return
+        bn = self.eval_batch_norm(inner) if isinstance(inner, fx.Node) else None
+        conv_node = inner.args[0] if bn is not None else inner
+        if bn is None and type(self.module(inner)) is nn.BatchNorm2d:
+            self.unfused[pool] = ("conv -> BatchNorm2d in training mode -> pool: no fused conv-BatchNorm block yet "
+                                  "(eval mode folds it)")
+            return
+        if not self.only_feeds(conv_node, inner if bn is not None else (src if act else pool)):
+            self.unfused[pool] = "the conv output has other users that read values"
             return
         conv = self.plain_conv(conv_node, nn.Conv2d)
         if conv is None:
+            self.unfused[pool] = "not fed by a plain Conv2d (groups 1, dilation 1, zero padding) [-> act]"
             return
         padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+        chain = [n for n in (conv_node, inner if bn is not None else None, src if act else None) if n is not None]
+        self.answer_metadata(chain, (conv_node.args[0], conv.out_channels, _pair(conv.kernel_size),
+                                     _pair(conv.stride), padding))
         with self.graph.inserting_before(pool):
-            w, b = self.params(conv_node, conv)
+            w, b = self.folded_params(conv_node, conv, inner, bn, 0) if bn is not None else self.params(conv_node, conv)
             fused = self.graph.call_function(
                 AF.conv_pool2d, (conv_node.args[0], w, b, _pair(conv.stride), padding, act[0] if act else None, kernel),
                 {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01})
         pool.replace_all_uses_with(fused)
-        self.erase(pool, src if act else None, conv_node)
-        self.report.append(f"conv_pool2d <- {conv_node.target} -> {act[0] if act else 'no activation'} -> "
-                           f"max_pool2d{kernel}")
+        self.erase(pool, src if act else None, inner if bn is not None else None, conv_node)
+        self.report.append(f"conv_pool2d <- {conv_node.target} -> "
+                           + (f"{inner.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
+                           + f"{act[0] if act else 'no activation'} -> max_pool2d{kernel}")
 
-    # -- unpool → conv_transpose → act
-    def decoder(self, deconv_node):
-        deconv = self.plain_conv(deconv_node, nn.ConvTranspose2d)
-        if deconv is None:
-            return
-        unpool = deconv_node.args[0]
-        if not isinstance(unpool, fx.Node) or len(unpool.users) != 1:
-            return
+    def unpool_args(self, unpool):
+        """(input, indices, kernel, output_size) of a non-overlapping max-unpool node, or a reason string."""
         mod = self.module(unpool)
         if isinstance(mod, nn.MaxUnpool2d):
             args = _bind(mod.forward, unpool.args, unpool.kwargs)
             if args is None:
-                return
+                return "max_unpool2d arguments not understood"
             args.update(kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding)
         elif unpool.op == "call_function" and unpool.target is F.max_unpool2d:
             args = _bind(F.max_unpool2d, unpool.args, unpool.kwargs)
             if args is None:
-                return
+                return "max_unpool2d arguments not understood"
         else:
-            return
+            return None
         kernel = _pair(args["kernel_size"])
         stride = kernel if args["stride"] in (None, [], ()) else _pair(args["stride"])
         if stride != kernel or _pair(args["padding"]) != (0, 0):
+            return "unpool stride differs from its kernel, or padded"
+        return args["input"], args["indices"], kernel, args["output_size"]
+
+    def is_unpool(self, node):
+        return isinstance(self.module(node), nn.MaxUnpool2d) or (node.op == "call_function"
+                                                                 and node.target is F.max_unpool2d)
+
+    # -- unpool → conv_transpose / stride-1 conv → [BN] → act
+    def decoder(self, conv_node):
+        deconv = self.plain_conv(conv_node, nn.ConvTranspose2d)
+        conv = None if deconv is not None else self.plain_conv(conv_node, nn.Conv2d)
+        if deconv is None and conv is None:
             return
-        users = list(deconv_node.users)
+        unpool = conv_node.args[0]
+        if not isinstance(unpool, fx.Node) or not self.is_unpool(unpool):
+            return
+        if len(unpool.users) != 1:
+            self.unfused[unpool] = "the unpooled map has other users"
+            return
+        parsed = self.unpool_args(unpool)
+        if isinstance(parsed, str):
+            self.unfused[unpool] = parsed
+            return
+        source, indices, kernel, output_size = parsed
+        if conv is not None:
+            k, p = _pair(conv.kernel_size), (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+            if _pair(conv.stride) != (1, 1) or any(pi > ki - 1 for pi, ki in zip(p, k)):
+                self.unfused[unpool] = "followed by a Conv2d with stride > 1 or padding >= kernel"
+                return
+            stride, padding, output_padding = (1, 1), tuple(ki - 1 - pi for ki, pi in zip(k, p)), (0, 0)
+        else:
+            stride, padding = _pair(deconv.stride), _pair(deconv.padding)
+            output_padding = _pair(deconv.output_padding)
+        users = list(conv_node.users)
+        bn_node = users[0] if len(users) == 1 else None
+        bn = self.eval_batch_norm(bn_node) if bn_node is not None else None
+        if bn is None and bn_node is not None and type(self.module(bn_node)) is nn.BatchNorm2d:
+            self.unfused[unpool] = ("unpool -> conv -> BatchNorm2d in training mode: no fused BatchNorm decoder yet "
+                                    "(eval mode folds it)")
+            return
+        last = bn_node if bn is not None else conv_node
+        users = list(last.users)
         act = self.activation(users[0]) if len(users) == 1 else None
-        end = users[0] if act else deconv_node
+        end = users[0] if act else last
         with self.graph.inserting_before(end):
-            w, b = self.params(deconv_node, deconv)
+            out_dim = 1 if deconv is not None else 0
+            if bn is not None:
+                w, b = self.folded_params(conv_node, deconv or conv, bn_node, bn, out_dim)
+            else:
+                w, b = self.params(conv_node, deconv or conv)
+            if conv is not None:
+                w = self.graph.call_function(conv_weight_as_transposed, (w,))
             fused = self.graph.call_function(
-                AF.unpool_conv_transpose2d, (args["input"], args["indices"], w, b),
-                {"pool_size": kernel, "output_size": args["output_size"], "stride": _pair(deconv.stride),
-                 "padding": _pair(deconv.padding), "output_padding": _pair(deconv.output_padding),
-                 "activation": act[0] if act else None, "negative_slope": act[1] if act else 0.01})
+                AF.unpool_conv_transpose2d, (source, indices, w, b),
+                {"pool_size": kernel, "output_size": output_size, "stride": stride, "padding": padding,
+                 "output_padding": output_padding, "activation": act[0] if act else None,
+                 "negative_slope": act[1] if act else 0.01})
         end.replace_all_uses_with(fused)
-        self.erase(end, deconv_node if act else None, unpool)
-        self.report.append(f"unpool_conv_transpose2d <- max_unpool2d{kernel} -> {deconv_node.target} -> "
-                           f"{act[0] if act else 'no activation'}")
+        self.erase(end, last if act else None, conv_node if bn is not None else None, unpool)
+        kind = "ConvTranspose2d" if deconv is not None else "Conv2d as its transposed twin"
+        self.report.append(f"unpool_conv_transpose2d <- max_unpool2d{kernel} -> {conv_node.target} ({kind}) -> "
+                           + (f"{bn_node.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
+                           + f"{act[0] if act else 'no activation'}")
 
     # -- losses
     def loss(self, node):
@@ -209,6 +394,35 @@ class _Rewriter:
         self.report.append(f"reconstruction_loss(kind={kind!r}, reduction={reduction!r}) <- "
                            f"{node.target if isinstance(node.target, str) else node.target.__name__}")
 
+    def site_kind(self, node):
+        """'max_pool2d', 'max_unpool2d' or 'upsampler' for the sites the report accounts for."""
+        mod = self.module(node)
+        if isinstance(mod, nn.MaxPool2d) or (node.op == "call_function" and node.target in _POOL_FUNCTIONS):
+            return "max_pool2d"
+        if self.is_unpool(node):
+            return "max_unpool2d"
+        if isinstance(mod, nn.ConvTranspose2d) and _pair(mod.stride) != (1, 1):
+            return "upsampler"
+        if isinstance(mod, nn.Upsample) or (node.op == "call_function" and node.target in (F.interpolate,
+                                                                                             F.upsample)):
+            return "upsampler"
+        return None
+
+    def unfused_sites(self):
+        lines = []
+        for node in self.graph.nodes:
+            kind = self.site_kind(node)
+            if kind is None:
+                continue
+            if kind == "upsampler":
+                why = "an upsampler without unpool: no fused form yet"
+            elif kind == "max_unpool2d":
+                why = self.unfused.get(node, "not followed by a ConvTranspose2d or a stride-1 Conv2d")
+            else:
+                why = self.unfused.get(node, "not fed by conv [-> act]")
+            lines.append(f"{kind} at {node.target if isinstance(node.target, str) else node.name}: {why}")
+        return lines
+
     def run(self):
         for visit in (self.encoder, self.decoder, self.loss):
             for node in list(self.graph.nodes):
@@ -218,32 +432,134 @@ class _Rewriter:
         self.graph.lint()
 
 
+def _trace_per_mode(model):
+    """{training: GraphModule} traced with every submodule in each mode; modes are restored after."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    try:
+        graphs = {}
+        for training in (True, False):
+            model.train(training)
+            graphs[training] = fx.symbolic_trace(model)
+        return graphs
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
+
+
 def optimize(model: nn.Module, *, verbose: bool = True) -> nn.Module:
     """Rewrite ``model`` onto aefast's fused ops in place and return it.
 
-    The list of rewrites is kept in ``model.aefast_rewrites`` (and printed when ``verbose``).
-    A model torch.fx cannot trace is returned unchanged, with a warning naming the reason.
+    The list of rewrites is kept in ``model.aefast_rewrites`` and the sites left unfused, with their
+    reasons, in ``model.aefast_unfused`` (both printed when ``verbose``). Rewrites that only hold in
+    eval mode are marked "(eval mode)". A model torch.fx cannot trace is returned unchanged, with a
+    warning naming the reason.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"aefast.optimize expects an nn.Module, got {type(model).__name__}")
     try:
-        traced = fx.symbolic_trace(model)
+        traced = _trace_per_mode(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure leaves the model as it was
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         warnings.warn(f"aefast.optimize: torch.fx cannot trace {type(model).__name__} ({reason}); the model is "
                       "returned unchanged", stacklevel=2)
-        model.aefast_rewrites = []
+        model.aefast_rewrites, model.aefast_unfused = [], []
         return model
-    rewriter = _Rewriter(model, traced.graph)
-    rewriter.run()
-    model.aefast_rewrites = rewriter.report
-    if rewriter.report:
-        rewritten = fx.GraphModule(model, traced.graph)
-        # The generated forward reads self.<submodule> by the same names, so it runs on the
-        # original object: parameters, buffers, hooks and other methods stay where they were.
-        model.forward = types.MethodType(type(rewritten).forward, model)
+    rewriters = {}
+    for training, graph_module in traced.items():
+        rewriters[training] = _Rewriter(model, graph_module.graph, training)
+        rewriters[training].run()
+    train, evaluate = rewriters[True], rewriters[False]
+    model.aefast_rewrites = train.report + [f"(eval mode) {line}" for line in evaluate.report
+                                            if line not in train.report]
+    model.aefast_unfused = train.unfused_sites()
+    if train.report or evaluate.report:
+        forwards = {training: types.MethodType(type(fx.GraphModule(model, r.graph)).forward, model)
+                    for training, r in rewriters.items()}
+        original = model.forward
+        # An eval graph that folded a BatchNorm is only right while that BatchNorm is in eval mode.
+        folded = [model.get_submodule(name) for name in evaluate.folded_batch_norms]
+
+        def forward(self, *args, **kwargs):
+            if self.training:
+                return forwards[True](*args, **kwargs)
+            if any(bn.training for bn in folded):
+                return original(*args, **kwargs)
+            return forwards[False](*args, **kwargs)
+
+        model.forward = types.MethodType(forward, model)
     if verbose:
-        print(f"aefast.optimize: {type(model).__name__}: {len(rewriter.report)} rewrite(s)")
-        for line in rewriter.report:
+        print(f"aefast.optimize: {type(model).__name__}: {len(model.aefast_rewrites)} rewrite(s), "
+              f"{len(model.aefast_unfused)} site(s) left unfused")
+        for line in model.aefast_rewrites:
             print(f"  {line}")
+        for line in model.aefast_unfused:
+            print(f"  unfused: {line}")
     return model
+
+
+# ---------------------------------------------------------------- losses outside forward
+
+_LOSS_FUNCTION_NAMES = {"mse_loss": "mse", "l1_loss": "l1", "huber_loss": "huber",
+                        "binary_cross_entropy": "bce", "binary_cross_entropy_with_logits": "bce_logits"}
+_patch_lock = threading.Lock()
+_patch_depth = 0
+_originals: dict[str, object] = {}
+
+
+def _routed(name, kind, original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def loss(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        input, target, reduction = a.get("input"), a.get("target"), a.get("reduction", "mean")
+        if (any(a.get(k) is not None for k in ("weight", "pos_weight", "size_average", "reduce"))
+                or reduction not in ("mean", "sum", "none") or not isinstance(input, torch.Tensor)
+                or not isinstance(target, torch.Tensor) or input.shape != target.shape
+                or not input.is_floating_point() or input.dtype != target.dtype or input.device != target.device):
+            return original(*args, **kwargs)
+        return AF.reconstruction_loss(input, target, kind, reduction, delta=a.get("delta", 1.0))
+
+    loss.aefast_routed = True
+    return loss
+
+
+@contextlib.contextmanager
+def fused_losses():
+    """Route the losses of a training loop onto aefast's fused loss while the block runs.
+
+    ``F.mse_loss``, ``l1_loss``, ``huber_loss``, ``binary_cross_entropy`` and
+    ``binary_cross_entropy_with_logits``, and the nn modules that call them (``nn.MSELoss`` ...),
+    become :func:`aefast.functional.reconstruction_loss` where it gives torch's result: same-shape
+    floating-point input and target, no ``weight``/``pos_weight``, reduction mean, sum or none.
+    Anything else goes to torch's own function. The gradient is computed in the forward pass.
+
+        with aefast.fused_losses():
+            for x, _ in loader:
+                loss = F.mse_loss(model(x), x)
+                ...
+
+    It patches ``torch.nn.functional`` for the whole process while the outermost block runs, so other
+    threads see the routing too; blocks may nest.
+    """
+    global _patch_depth
+    with _patch_lock:
+        if _patch_depth == 0:
+            for name, kind in _LOSS_FUNCTION_NAMES.items():
+                _originals[name] = getattr(F, name)
+                setattr(F, name, _routed(name, kind, _originals[name]))
+        _patch_depth += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                for name, original in _originals.items():
+                    setattr(F, name, original)
+                _originals.clear()

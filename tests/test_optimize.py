@@ -152,3 +152,244 @@ def test_untraceable_model_is_returned_unchanged_with_reason():
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="expects an nn.Module"):
         aefast.optimize(lambda x: x)
+
+
+# ---------------------------------------------------------------- real architectures: BatchNorm, SegNet decoders
+
+def _conv_bn_relu(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class SegNetBN(nn.Module):
+    """SegNet as its paper draws it: conv-BN-ReLU stages, pool indices reused by unpool -> conv-BN-ReLU,
+    with the unpool's output_size read from the pre-pool activation by x.size()."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.enc1 = nn.Sequential(*_conv_bn_relu(3, 8))
+        self.enc2 = nn.Sequential(*_conv_bn_relu(8, 16))
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.dec2 = nn.Sequential(*_conv_bn_relu(16, 8))
+        self.dec1 = nn.Sequential(nn.Conv2d(8, classes, 3, padding=1))
+
+    def forward(self, x):
+        x = self.enc1(x)
+        size1 = x.size()
+        x, i1 = self.pool(x)
+        x = self.enc2(x)
+        size2 = x.size()
+        x, i2 = self.pool(x)
+        x = self.dec2(self.unpool(x, i2, output_size=size2))
+        return self.dec1(self.unpool(x, i1, output_size=size1))
+
+
+class SegNetFunctionalBN(nn.Module):
+    """The functional style: modules for weights, F.* for the rest, BN then leaky_relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.d1, self.e1 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.out = nn.Conv2d(6, 1, 1)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.b1(self.c1(x)), 0.1)
+        h, idx = F.max_pool2d(h, 2, return_indices=True)
+        h = F.max_unpool2d(h, idx, 2, output_size=x.shape[-2:])
+        h = F.leaky_relu(self.e1(self.d1(h)), 0.1)
+        return self.out(h)
+
+
+def _randomize_bn(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+def _check_same(original, optimized, x, *, training):
+    original.train(training)
+    optimized.train(training)
+    out_a, out_b = original(x), optimized(x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    out_a.square().mean().backward()
+    out_b.square().mean().backward()
+    grads_b = dict(optimized.named_parameters())
+    for name, p in original.named_parameters():
+        torch.testing.assert_close(grads_b[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    buffers_b = dict(optimized.named_buffers())
+    for name, b in original.named_buffers():
+        torch.testing.assert_close(buffers_b[name], b, msg=name)  # running statistics, num_batches_tracked
+
+
+@pytest.mark.parametrize("style, in_ch", [(SegNetBN, 3), (SegNetFunctionalBN, 1)])
+def test_batch_norm_models_fuse_in_eval_and_match_in_both_modes(style, in_ch):
+    torch.manual_seed(0)
+    original = style()
+    _randomize_bn(original)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    eval_rewrites = [r for r in model.aefast_rewrites if r.startswith("(eval mode)")]
+    assert any("BatchNorm2d folded" in r and r.split(") ", 1)[1].startswith("conv_pool2d") for r in eval_rewrites)
+    assert any("BatchNorm2d folded" in r and "unpool_conv_transpose2d" in r for r in eval_rewrites)
+    # training mode normalises with batch statistics: those sites are reported, not fused
+    assert any("BatchNorm2d" in line and "training mode" in line for line in model.aefast_unfused)
+    x = torch.randn(2, in_ch, 12, 10)
+    for training in (True, False, True):
+        _check_same(original, model, x, training=training)
+
+
+def test_frozen_batch_norm_in_eval_model_still_matches():
+    original = SegNetFunctionalBN()
+    _randomize_bn(original)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    original.eval(), model.eval()
+    original.b1.train(), model.b1.train()  # a BatchNorm the eval graph folded is put back in training mode
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.b1.running_mean, original.b1.running_mean)
+
+
+def test_metadata_reads_of_the_activation_do_not_block_fusion():
+    class SizeForUnpool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1, stride=1)
+            self.deconv = nn.ConvTranspose2d(4, 1, 3, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            size, rows, ndim = h.size(), h.shape[2], h.dim()
+            p, i = F.max_pool2d(h, 2, return_indices=True)
+            out = self.deconv(F.max_unpool2d(p, i, 2, output_size=size))
+            return out * (rows + ndim)
+
+    original = SizeForUnpool()
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    assert any(r.startswith("conv_pool2d") for r in model.aefast_rewrites)
+    assert any(r.startswith("unpool_conv_transpose2d") for r in model.aefast_rewrites)
+    x = torch.randn(2, 1, 9, 7)  # odd sizes: the conv output is larger than the pooled region
+    _check_same(original, model, x, training=True)
+
+
+def test_unpool_then_stride1_conv_maps_onto_the_fused_decoder():
+    class UnpoolConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(5, 3, (3, 5), padding=(1, 1))
+
+        def forward(self, x, idx):
+            return torch.sigmoid(self.conv(F.max_unpool2d(x, idx, 2, output_size=(8, 10))))
+
+    original = UnpoolConv()
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    assert model.aefast_rewrites == ["unpool_conv_transpose2d <- max_unpool2d(2, 2) -> conv (Conv2d as its "
+                                     "transposed twin) -> sigmoid"]
+    _, idx = F.max_pool2d(torch.randn(2, 5, 8, 10), 2, return_indices=True)
+    z = torch.randn(2, 5, 4, 5, requires_grad=True)
+    z2 = z.detach().clone().requires_grad_()
+    torch.testing.assert_close(model(z2, idx), original(z, idx), rtol=1e-5, atol=1e-6)
+    original(z, idx).sum().backward()
+    model(z2, idx).sum().backward()
+    torch.testing.assert_close(z2.grad, z.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.conv.weight.grad, original.conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_training_branches_are_traced_per_mode():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            if self.training:  # a Python branch: tracing once would bake one mode in
+                x = x * 2
+            return F.max_pool2d(torch.relu(self.conv(x)), 2)
+
+    original = Branchy()
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    x = torch.randn(1, 1, 6, 6)
+    for training in (True, False):
+        original.train(training), model.train(training)
+        torch.testing.assert_close(model(x), original(x))
+
+
+def test_unfused_sites_are_reported_with_reasons(capsys):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.pool = nn.MaxPool2d(2, ceil_mode=True)
+            self.up = nn.ConvTranspose2d(4, 1, 2, stride=2)
+
+        def forward(self, x):
+            h = self.pool(torch.relu(self.conv(x)))
+            h = F.max_pool2d(torch.relu(self.conv2(h)), 3, stride=2)
+            return self.up(h)
+
+    aefast.optimize(Mixed())
+    printed = capsys.readouterr().out
+    model = Mixed()
+    aefast.optimize(model, verbose=False)
+    reasons = "\n".join(model.aefast_unfused)
+    assert "ceil_mode" in reasons and "differs from its kernel" in reasons and "upsampler" in reasons
+    assert len(model.aefast_unfused) == 3
+    assert "unfused: upsampler at up" in printed
+
+
+# ---------------------------------------------------------------- losses in the training loop
+
+def test_fused_losses_routes_training_loop_losses():
+    import aefast.functional as AF
+
+    calls = []
+    real = AF.reconstruction_loss
+
+    def counting(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("kind"))
+        return real(*args, **kwargs)
+
+    x = torch.rand(4, 1, 6, 6)
+    y = torch.rand(4, 1, 6, 6, requires_grad=True)
+    y2 = y.detach().clone().requires_grad_()
+    cases = [lambda a, b: F.mse_loss(a, b), lambda a, b: nn.L1Loss(reduction="sum")(a, b),
+             lambda a, b: F.huber_loss(a, b, delta=0.3), lambda a, b: nn.BCELoss()(a.clamp(0.01, 0.99), b),
+             lambda a, b: F.binary_cross_entropy_with_logits(a, b, reduction="none")]
+    original_mse = F.mse_loss
+    try:
+        AF.reconstruction_loss = counting
+        for case in cases:
+            want = case(y, x)
+            with aefast.fused_losses():
+                with aefast.fused_losses():  # nesting keeps the routing until the outermost block ends
+                    pass
+                got = case(y2, x)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+            want.sum().backward()
+            got.sum().backward()
+            torch.testing.assert_close(y2.grad, y.grad, rtol=1e-6, atol=1e-7)
+        assert calls == ["mse", "l1", "huber", "bce", "bce_logits"]
+        with aefast.fused_losses():  # what the fused loss does not serve goes to torch, unchanged
+            F.binary_cross_entropy_with_logits(y, x, pos_weight=torch.rand(6))
+            with pytest.warns(UserWarning, match="target size"):
+                broadcast = F.mse_loss(y, x[:1])
+        assert calls == ["mse", "l1", "huber", "bce", "bce_logits"]
+        torch.testing.assert_close(broadcast, original_mse(y, x[:1].expand_as(y)))
+    finally:
+        AF.reconstruction_loss = real
+    assert F.mse_loss is original_mse and not hasattr(F.mse_loss, "aefast_routed")
+
+
+def test_optimized_batch_norm_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    original = SegNetFunctionalBN()
+    _randomize_bn(original)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False).eval()
+    original.eval()
+    x = torch.randn(2, 1, 8, 8)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), original(x), rtol=1e-5, atol=1e-5)
