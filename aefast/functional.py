@@ -768,3 +768,108 @@ def kl_divergence(mu, logvar, reduction="mean"):
         return ref.kl_divergence(mu, logvar, reduction)
     grad = _needs_grad(mu) or _needs_grad(logvar)
     return _registry.op(backend, "kl_divergence")(mu, logvar, reduction, grad)[0]
+
+
+# ---------------------------------------------------------------- conv -> BatchNorm -> act -> pool
+
+def _check_batch_norm_args(channels, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum,
+                           eps, device):
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        check_tensor(t, name, dtypes=FLOAT_DTYPES)
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"aefast: {name} must have shape ({channels},) (one value per conv output channel), "
+                             f"got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"aefast: {name} is on {t.device} but input is on {device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("aefast: give both running_mean and running_var, or neither")
+    if num_batches_tracked is not None:
+        check_tensor(num_batches_tracked, "num_batches_tracked", dtypes=(torch.int64,))
+        if num_batches_tracked.numel() != 1:
+            raise ValueError("aefast: num_batches_tracked must hold one value")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
+        raise TypeError(f"aefast: momentum must be a number or None, got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"aefast: eps must be a non-negative number, got {eps!r}")
+
+
+def _conv_bn_pool_unsupported(backend):
+    return "no CUDA kernel for this op" if backend == "cuda" else None
+
+
+def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1,
+                   eps=1e-5, stride=1, padding=0, activation="relu", pool_size=2, return_indices=True,
+                   index_format="flat", num_batches_tracked=None, *, negative_slope=0.01):
+    """max_pool2d(act(batch_norm(conv2d(input, weight, bias, stride, padding), running_mean, running_var,
+    bn_weight, bn_bias, training, momentum, eps)), pool_size, return_indices=True), fused.
+
+    Training mode (or no running statistics): normalise with the batch statistics of the conv output
+    and, when running statistics are given in training mode, update them in place exactly as
+    nn.BatchNorm2d does (unbiased variance; ``momentum=None`` is the cumulative average over
+    ``num_batches_tracked``, which is incremented when given). Only the pooled map, the window
+    offsets, the conv output and per-channel statistics are kept for the backward
+    (aefast/ops/conv_bn_pool.py has the formulas). Eval mode folds the running statistics into the
+    conv's weight and bias and runs :func:`conv_pool2d`. Indices as :func:`conv_pool2d`.
+
+    The cpu backend runs C++ kernels; triton and cuda have no kernel for this op yet and run the
+    reference twin, each call counted in ``aefast.info()``'s fallbacks.
+    """
+    input, weight, bias = _autocast_lower(input, weight, bias)
+    _check_float_inputs(input=input, weight=weight, bias=bias)
+    check_tensor(input, "input", dims=(4,))
+    check_tensor(weight, "weight", dims=(4,))
+    _check_batch_norm_args(weight.shape[0], bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                           momentum, eps, input.device)
+    use_batch_stats = bool(training) or running_mean is None
+    if not use_batch_stats:
+        from aefast.optimize import fold_batch_norm
+
+        w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        return conv_pool2d(input, w, b, stride, padding, activation, pool_size, return_indices, index_format,
+                           negative_slope=negative_slope)
+    _check_activation(activation, negative_slope)
+    _check_index_format(index_format)
+    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
+    k_pool = pair(pool_size, "pool_size", minimum=1)
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(f"aefast: input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} "
+                         f"expects {weight.shape[1]} (weight is (C_out, C_in, kH, kW))")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"aefast: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    conv_hw = _conv_out_hw(input.shape[-2:], weight.shape[-2:], s, p)
+    if min(conv_hw) < 1:
+        raise ValueError(f"aefast: the conv kernel {tuple(weight.shape[-2:])} is larger than the padded input "
+                         f"{tuple(input.shape[-2:])} (padding={p})")
+    if conv_hw[0] < k_pool[0] or conv_hw[1] < k_pool[1]:
+        raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
+    if index_format == "window" and k_pool[0] * k_pool[1] > 255:
+        raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
+    count = input.shape[0] * conv_hw[0] * conv_hw[1]
+    if count <= 1:
+        raise ValueError(f"aefast: expected more than 1 value per channel when training, got conv output of shape "
+                         f"{(input.shape[0], weight.shape[0], *conv_hw)}")
+    backend = choose("conv_bn_pool2d_forward", input.device, _conv_bn_pool_unsupported)
+    if backend == "reference":
+        return ref.conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
+                                  momentum, eps, s, p, activation, k_pool, return_indices, index_format, num_batches_tracked,
+                                  negative_slope=negative_slope)
+    from aefast.ops.conv_pool import ACTIVATION_CODES
+
+    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    gamma = None if bn_weight is None else bn_weight.to(stat_dtype)
+    beta = None if bn_bias is None else bn_bias.to(stat_dtype)
+    pooled, window, _, mean, var = _registry.op(backend, "conv_bn_pool2d_forward")(
+        input, weight, bias, gamma, beta, list(s), list(p), float(eps), ACTIVATION_CODES[activation],
+        float(negative_slope), list(k_pool))
+    if training:
+        ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
+    pooled = _channels_last_like(pooled, input)
+    if not return_indices:
+        return pooled
+    if index_format == "window":
+        return pooled, window
+    flat = _registry.op(backend, "window_to_flat")(window, list(conv_hw), list(k_pool), list(k_pool), [0, 0], [1, 1])
+    return pooled, flat

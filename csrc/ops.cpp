@@ -59,6 +59,23 @@ TORCH_LIBRARY(aefast, m) {
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
   m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
 
+  // ---- conv_bn_pool (encoder with BatchNorm in training mode; aefast/ops/conv_bn_pool.py) ----
+  // pooled = maxpool(act(BN(conv2d(input, weight, bias, stride, padding)))) with BN normalising by
+  // the batch statistics of the conv output (biased variance, eps) and the affine bn_weight /
+  // bn_bias (absent: 1 / 0). Pools are non-overlapping (stride = pool_size, floor mode). Returns
+  // the pooled map, the uint8 window offset of each maximum, the conv output (what BatchNorm's
+  // dense gradient needs) and the per-channel batch mean and biased variance (op-math dtype:
+  // float for half/bf16/float, double for double), from which the caller updates running stats.
+  m.def("conv_bn_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+        "int[2] stride, int[2] padding, float eps, int activation, float negative_slope, int[2] pool_size) "
+        "-> (Tensor pooled, Tensor window, Tensor conv_out, Tensor mean, Tensor var)");
+  // The gradients of (input, weight, bias, bn_weight, bn_bias); one left out by output_mask (or a
+  // bn parameter that is absent) is an empty tensor.
+  m.def("conv_bn_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor conv_out, Tensor mean, Tensor var, "
+        "Tensor input, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, float eps, "
+        "int activation, float negative_slope, int[2] pool_size, bool[5] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+
   // ---- unpool_deconv (decoder) ----
   // Fused act(conv_transpose2d(max_unpool2d(input, indices, pool_size, unpooled_size), weight, bias,
   // stride, padding, output_padding)) without the unpooled map. indices are int64 flat positions in

@@ -1,6 +1,7 @@
 """Drop-in modules over aefast.functional; parameters named, shaped and initialised like torch.nn's."""
+from aefast.nn.conv_bn_pool import ConvBNPool2d
 from aefast.nn.conv_pool import ConvPool2d
 from aefast.nn.loss import Corruption, ReconstructionLoss
 from aefast.nn.unpool_deconv import UnpoolConvTranspose2d
 
-__all__ = ["ConvPool2d", "Corruption", "ReconstructionLoss", "UnpoolConvTranspose2d"]
+__all__ = ["ConvBNPool2d", "ConvPool2d", "Corruption", "ReconstructionLoss", "UnpoolConvTranspose2d"]

@@ -333,3 +333,55 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
     u = max_unpool2d(input, indices, k, output_size=unpooled_hw)
     y = conv_transpose2d(u, weight, bias, stride, padding, output_padding)
     return apply_activation(y, activation, negative_slope)
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count):
+    """nn.BatchNorm2d's update in training mode, in place: ``num_batches_tracked += 1``; with
+    ``f = momentum`` (or ``1 / num_batches_tracked`` when momentum is None, 0 without a counter),
+    ``running = (1 - f) * running + f * batch_stat``, the variance unbiased (``var * M / (M - 1)``)."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is None:
+            return
+        if momentum is None:
+            if num_batches_tracked is None:
+                return  # torch's factor 0.0: the running statistics stay
+            factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
+        else:
+            factor = float(momentum)
+        unbiased = var * (count / (count - 1))
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)
+
+
+def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1,
+                   eps=1e-5, stride=1, padding=0, activation="relu", pool_size=2, return_indices=True,
+                   index_format="flat", num_batches_tracked=None, *, negative_slope=0.01):
+    """max_pool2d(act(batch_norm(conv2d(input, weight, bias)))): batch statistics (biased variance)
+    when ``training`` or without running statistics, else the running ones; running statistics
+    and num_batches_tracked are updated in training mode as nn.BatchNorm2d does. The normalisation
+    and activation run in the op-math dtype (float32 for half/bf16), the pool on the input dtype."""
+    y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
+    stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yf = y.to(stat_dtype)
+    if training or running_mean is None:
+        mean = yf.mean(dim=(0, 2, 3))
+        var = (yf - mean[:, None, None]).square().mean(dim=(0, 2, 3))
+        if training:
+            update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean.detach(),
+                                 var.detach(), yf.numel() // yf.shape[1])
+    else:
+        mean, var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
+    z = (yf - mean[:, None, None]) * torch.rsqrt(var + eps)[:, None, None]
+    if bn_weight is not None:
+        z = z * bn_weight.to(stat_dtype)[:, None, None]
+    if bn_bias is not None:
+        z = z + bn_bias.to(stat_dtype)[:, None, None]
+    a = apply_activation(z, activation, negative_slope).to(input.dtype)
+    pooled, idx = max_pool2d(a, pool_size, return_indices=True)
+    if not return_indices:
+        return pooled
+    if index_format == "window":
+        idx = flat_to_window(idx, a.shape[-2:], pool_size)
+    return pooled, idx

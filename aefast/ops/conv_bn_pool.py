@@ -1,0 +1,109 @@
+"""conv_bn_pool family: conv -> BatchNorm (training mode) -> activation -> max-pool, fused.
+
+Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/conv_bn_pool.cpp):
+
+* ``conv_bn_pool2d_forward(x, w, b, gamma, beta, stride, padding, eps, act, slope, pool)
+  -> (pooled, window, conv_out, mean, var)``
+* ``conv_bn_pool2d_backward(grad_pooled, window, conv_out, mean, var, x, w, gamma, beta, ...,
+  output_mask) -> (grad_x, grad_w, grad_b, grad_gamma, grad_beta)``
+
+Forward, two passes over the conv output after the vendor conv (oneDNN on CPU)::
+
+    y = conv2d(x, w, b)                                   (N, C, HC, WC); M = N*HC*WC
+    pass 1 (per channel):  mean_c = sum y / M,  var_c = sum (y - mean_c)^2 / M   (biased)
+    pass 2 (per window):   invstd_c = 1/sqrt(var_c + eps),  z = gamma_c*(y - mean_c)*invstd_c + beta_c,
+                           a = act(z),  pooled = max over the window of a,  window = offset of the
+                           first maximum (torch's rule: ``v > best or isnan(v)`` replaces it)
+
+Only pooled-size tensors and per-channel statistics are written, plus y itself, which BatchNorm's
+gradient needs at every conv position (below): unlike conv_pool2d the gradient is dense, so y is
+kept instead of being recomputed by a second conv in the backward (eager keeps y, BN's output, the
+activation's output and int64 indices). The running statistics are updated by the caller from
+(mean, var) exactly as nn.BatchNorm2d does (aefast.functional.conv_bn_pool2d):
+``running = (1 - f) * running + f * stat`` with ``var * M / (M - 1)`` for running_var and
+``f = momentum``, or ``1 / num_batches_tracked`` (after its increment) when momentum is None.
+
+Backward. The pool routes each pooled gradient to one conv position, so with yhat = (y - mean)*invstd
+and ``g = grad_pooled * act'(z)`` at each argmax (zero at every other conv position)::
+
+    grad_beta_c  = sum g               grad_gamma_c = sum g * yhat      (pool-sparse sums)
+    dL/dy        = gamma*invstd * (g - grad_beta/M - yhat * grad_gamma/M)   (BatchNorm's formula)
+                 = c0_c + c1_c * y + gamma_c*invstd_c * g,
+                   c1 = -gamma*invstd^2 * grad_gamma/M,  c0 = -gamma*invstd * grad_beta/M - c1*mean
+    grad_x, grad_w, grad_b = conv2d's backward of dL/dy           (vendor: at::convolution_backward)
+
+The two sums come from the sparse entries only (one pass over the pooled map); dL/dy is dense
+because every y moved the mean and variance, so it is written once (one pass) and handed to the
+vendor conv backward. (Splitting dL/dy by linearity into the sparse k*g part and the affine c0 + c1*y
+part does not save work: the c1*y part needs a dense transposed conv of y itself.) grad_b is sum dL/dy,
+zero up to rounding, since BatchNorm removes the mean.
+
+Backends: cpu runs the C++ kernels. There is no Triton or CUDA kernel for this family yet: on those
+backends aefast.functional.conv_bn_pool2d runs the reference twin, and each such call is counted as
+a fallback in aefast.info() (reason "no Triton kernel for this op" / "no CUDA kernel for this op").
+"""
+from __future__ import annotations
+
+import torch
+
+from aefast.ops import _registry
+from aefast.ops.conv_pool import conv_output_size
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation, negative_slope,
+                  pool_size):
+    hc, wc = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
+    conv_shape = (input.shape[0], weight.shape[0], hc, wc)
+    shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
+    stat = _stat_dtype(input.dtype)
+    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(conv_shape),
+            input.new_empty((weight.shape[0],), dtype=stat), input.new_empty((weight.shape[0],), dtype=stat))
+
+
+def _fake_backward(grad_pooled, window, conv_out, mean, var, input, weight, bn_weight, bn_bias, stride, padding, eps,
+                   activation, negative_slope, pool_size, output_mask):
+    def grad(wanted, shape, like):
+        if not wanted or like is None:
+            return conv_out.new_empty((0,))
+        return like.new_empty(shape)
+
+    c = conv_out.shape[1]
+    return (grad(output_mask[0], input.shape, input), grad(output_mask[1], weight.shape, weight),
+            grad(output_mask[2], (c,), conv_out), grad(output_mask[3], (c,), bn_weight),
+            grad(output_mask[4], (c,), bn_bias))
+
+
+_registry.register_fake("conv_bn_pool2d_forward", _fake_forward)
+_registry.register_fake("conv_bn_pool2d_backward", _fake_backward)
+
+
+def _setup_forward(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation, negative_slope, pool_size = inputs
+    _, window, conv_out, mean, var = output
+    ctx.mark_non_differentiable(window, conv_out, mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.geometry = (list(stride), list(padding), eps, activation, negative_slope, list(pool_size))
+    ctx.present = (True, True, bias is not None, bn_weight is not None, bn_bias is not None)
+    ctx.save_for_backward(window, conv_out, mean, var, input, weight, bn_weight, bn_bias)
+
+
+def _make_backward(ns):
+    def backward(ctx, grad_pooled, *unused):
+        if grad_pooled is None:
+            return (None,) * 11
+        window, conv_out, mean, var, input, weight, bn_weight, bn_bias = ctx.saved_tensors
+        mask = [bool(need and present) for need, present in zip(ctx.needs_input_grad[:5], ctx.present)]
+        if not any(mask):
+            return (None,) * 11
+        grads = ns.conv_bn_pool2d_backward(grad_pooled.contiguous(), window, conv_out, mean, var, input, weight,
+                                           bn_weight, bn_bias, *ctx.geometry, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), *(None,) * 6)
+
+    return backward
+
+
+_registry.register_autograd("conv_bn_pool2d_forward", _make_backward, _setup_forward)
