@@ -13,8 +13,10 @@ answered from the input's shape):
       ``forward``, see :func:`fused_losses`.
 In eval mode a BatchNorm2d normalises with its running statistics, an affine map per channel, so it is
 folded into the conv's weight and bias (recomputed from the live parameters at each call, so
-gradients reach them). In training mode it normalises with batch statistics, which no fused block
-serves yet: those sites stay as they are and are reported.
+gradients reach them). In training mode it normalises with batch statistics: a conv → BatchNorm2d →
+[activation] → max-pool site then becomes ``conv_bn_pool2d`` (through ``conv_bn_pool_with``, which
+reads the BatchNorm's mode, momentum and running statistics at each call as nn.BatchNorm2d does);
+a decoder's training-mode BatchNorm stays as it is and is reported.
 
 The model is traced once per mode (``model.training`` True and False), because tracing evaluates
 Python branches on ``self.training`` and would otherwise bake one mode in. The new forward picks the
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aefast import functional as AF
+from aefast.nn.conv_bn_pool import conv_bn_pool_with
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
                        nn.GELU: "gelu", nn.SiLU: "silu"}
@@ -261,12 +264,16 @@ class _Rewriter:
             self.unfused[pool] = "the activation's input has other users that read values"
             return
         bn = self.eval_batch_norm(inner) if isinstance(inner, fx.Node) else None
-        conv_node = inner.args[0] if bn is not None else inner
-        if bn is None and type(self.module(inner)) is nn.BatchNorm2d:
-            self.unfused[pool] = ("conv -> BatchNorm2d in training mode -> pool: no fused conv-BatchNorm block yet "
-                                  "(eval mode folds it)")
+        # A BatchNorm2d that normalises with batch statistics here (training mode, or no running
+        # statistics) goes into conv_bn_pool2d, which reads the module's mode and momentum at each call.
+        batch_bn = (self.module(inner) if bn is None and isinstance(inner, fx.Node)
+                    and type(self.module(inner)) is nn.BatchNorm2d else None)
+        if batch_bn is not None and (len(inner.args) != 1 or inner.kwargs):
+            self.unfused[pool] = "BatchNorm2d called with extra arguments"
             return
-        if not self.only_feeds(conv_node, inner if bn is not None else (src if act else pool)):
+        with_bn = bn is not None or batch_bn is not None
+        conv_node = inner.args[0] if with_bn else inner
+        if not self.only_feeds(conv_node, inner if with_bn else (src if act else pool)):
             self.unfused[pool] = "the conv output has other users that read values"
             return
         conv = self.plain_conv(conv_node, nn.Conv2d)
@@ -274,16 +281,29 @@ class _Rewriter:
             self.unfused[pool] = "not fed by a plain Conv2d (groups 1, dilation 1, zero padding) [-> act]"
             return
         padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
-        chain = [n for n in (conv_node, inner if bn is not None else None, src if act else None) if n is not None]
+        chain = [n for n in (conv_node, inner if with_bn else None, src if act else None) if n is not None]
         self.answer_metadata(chain, (conv_node.args[0], conv.out_channels, _pair(conv.kernel_size),
                                      _pair(conv.stride), padding))
         with self.graph.inserting_before(pool):
-            w, b = self.folded_params(conv_node, conv, inner, bn, 0) if bn is not None else self.params(conv_node, conv)
-            fused = self.graph.call_function(
-                AF.conv_pool2d, (conv_node.args[0], w, b, _pair(conv.stride), padding, act[0] if act else None, kernel),
-                {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01})
+            if batch_bn is not None:
+                w, b = self.params(conv_node, conv)
+                fused = self.graph.call_function(
+                    conv_bn_pool_with, (self.graph.get_attr(inner.target), conv_node.args[0], w, b, _pair(conv.stride),
+                                        padding, act[0] if act else None, kernel),
+                    {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01})
+            else:
+                w, b = (self.folded_params(conv_node, conv, inner, bn, 0) if bn is not None
+                        else self.params(conv_node, conv))
+                fused = self.graph.call_function(
+                    AF.conv_pool2d, (conv_node.args[0], w, b, _pair(conv.stride), padding, act[0] if act else None,
+                                     kernel),
+                    {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01})
         pool.replace_all_uses_with(fused)
-        self.erase(pool, src if act else None, inner if bn is not None else None, conv_node)
+        self.erase(pool, src if act else None, inner if with_bn else None, conv_node)
+        if batch_bn is not None:
+            self.report.append(f"conv_bn_pool2d <- {conv_node.target} -> {inner.target} (BatchNorm2d, batch "
+                               f"statistics) -> {act[0] if act else 'no activation'} -> max_pool2d{kernel}")
+            return
         self.report.append(f"conv_pool2d <- {conv_node.target} -> "
                            + (f"{inner.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
                            + f"{act[0] if act else 'no activation'} -> max_pool2d{kernel}")

@@ -1,0 +1,380 @@
+"""conv_bn_pool2d: conv -> BatchNorm2d -> activation -> max-pool against PyTorch's modules.
+
+The spec is ``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, act, nn.MaxPool2d(return_indices=True))`` in
+training mode (batch statistics, running statistics and num_batches_tracked updated) and in eval
+mode: indices equal bit for bit (fp32/fp64), values, every gradient and the running statistics
+within the per-dtype tolerance. The reference twin (aefast.reference.functional.conv_bn_pool2d) is
+held to the same spec, and the fuzz holds every backend to the twin.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import aefast
+import aefast.functional as AF
+from aefast import backend as _backend
+from aefast.ops.conv_pool import ACTIVATION_CODES
+from aefast.reference import functional as ref
+from conftest import TOLERANCES
+
+ACT_MODULES = {None: nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid,
+               "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+BACKENDS_HERE = ["cpu", "reference"] + (["triton"] if _backend.availability()["triton"][0] else [])
+
+
+def make_pair(cin, cout, k, stride=1, padding=0, pool=2, act="relu", momentum=0.1, bias=True, affine=True,
+              dtype=torch.float32, seed=0):
+    """(torch spec, aefast ConvBNPool2d) with the same, randomised, parameters and buffers."""
+    torch.manual_seed(seed)
+    spec = nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, bias=bias),
+                         nn.BatchNorm2d(cout, momentum=momentum, affine=affine), ACT_MODULES[act](),
+                         nn.MaxPool2d(pool, return_indices=True)).to(dtype)
+    with torch.no_grad():
+        bn = spec[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    fused = aefast.nn.ConvBNPool2d(cin, cout, k, stride, padding, act, pool, bias=bias, momentum=momentum,
+                                   affine=affine, dtype=dtype)
+    fused.load_state_dict({k.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v
+                           for k, v in spec.state_dict().items()})
+    return spec, fused
+
+
+def run_step(model, x, grad=None):
+    """One forward and backward; ``grad`` (the pooled map's gradient) defaults to a fixed random one."""
+    x = x.detach().clone().requires_grad_()
+    pooled, idx = model(x)
+    if grad is None:
+        grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(0), dtype=pooled.dtype)
+    (pooled * grad).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({name.replace("0.", "conv.", 1).replace("1.", "bn.", 1): p.grad
+                  for name, p in model.named_parameters()})
+    return pooled, idx, grads
+
+
+def assert_same_step(spec, fused, x, *, tol, exact_indices=True):
+    want, want_idx, want_grads = run_step(spec, x)
+    got, got_idx, got_grads = run_step(fused, x)
+    torch.testing.assert_close(got, want, **tol)
+    if exact_indices:
+        assert torch.equal(got_idx, want_idx)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, **tol, msg=name)
+    buffers = dict(fused.named_buffers())
+    for name, b in spec.named_buffers():  # running statistics and num_batches_tracked
+        torch.testing.assert_close(buffers[name.replace("1.", "bn.", 1)], b, **tol, msg=name)
+    spec.zero_grad(), fused.zero_grad()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS_HERE)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "silu", None])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torch_modules_in_train_then_eval(backend_name, act, momentum, dtype):
+    spec, fused = make_pair(3, 5, 3, padding=1, act=act, momentum=momentum, dtype=dtype)
+    x = torch.randn(2, 3, 9, 7, dtype=dtype)  # odd H/W: the last conv row and column feed no window
+    tol = TOLERANCES[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    with aefast.set_backend(backend_name):
+        for step in range(3):  # running statistics accumulate; momentum=None averages over the steps
+            assert_same_step(spec, fused, x + step, tol=tol)
+        assert fused.bn.num_batches_tracked.item() == 3
+        spec.eval(), fused.eval()  # eval: the running statistics, folded into the conv
+        assert_same_step(spec, fused, x, tol=tol)
+        assert fused.bn.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("n, cin, cout, h, w, k, stride, padding, pool", [
+    (1, 3, 17, 7, 9, 3, 1, 1, 2),           # batch 1, channels 3 -> 17, odd H/W
+    (2, 17, 3, 11, 6, (3, 1), (2, 1), (1, 0), 3),
+    (1, 1, 3, 5, 5, 3, 1, 0, (1, 3)),       # a 3x3 conv output pooled to 3x1
+    (1, 2, 4, 2, 2, 1, 1, 0, 2),            # batch 1, a 2x2 conv output, a 1x1 pooled map
+    (3, 2, 3, 4, 4, 4, 1, 0, 1),            # a 1x1 conv output over a batch of 3; 1x1 pool
+])
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+def test_odd_shapes(n, cin, cout, h, w, k, stride, padding, pool, backend_name):
+    spec, fused = make_pair(cin, cout, k, stride, padding, pool, act="relu", dtype=torch.float64)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64)
+    with aefast.set_backend(backend_name):
+        assert_same_step(spec, fused, x, tol=TOLERANCES[torch.float64])
+        spec.eval(), fused.eval()
+        assert_same_step(spec, fused, x, tol=TOLERANCES[torch.float64])
+
+
+def test_no_bias_no_affine_and_no_running_stats():
+    spec, fused = make_pair(2, 4, 3, padding=1, bias=False, affine=False, dtype=torch.float64)
+    assert_same_step(spec, fused, torch.randn(2, 2, 6, 6, dtype=torch.float64), tol=TOLERANCES[torch.float64])
+    # track_running_stats=False: batch statistics in eval mode too, nothing is updated
+    torch.manual_seed(3)
+    spec = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                         nn.MaxPool2d(2, return_indices=True)).double().eval()
+    fused = aefast.nn.ConvBNPool2d(2, 4, 3, track_running_stats=False, dtype=torch.float64).eval()
+    fused.load_state_dict({k.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v
+                           for k, v in spec.state_dict().items()})
+    assert_same_step(spec, fused, torch.randn(2, 2, 8, 7, dtype=torch.float64), tol=TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
+def test_low_precision_against_fp32(dtype, rel):
+    """fp16/bf16: the conv runs in the input dtype, statistics, normalisation and activation in
+    fp32. Tolerance, stated: pooled values and running statistics within ``rel`` of the fp32 spec
+    run on the same (rounded) inputs; gradients within ``rel`` in relative L2 norm (a near-tie that
+    rounding decides differently moves one routed gradient, so indices are not compared)."""
+    spec, fused = make_pair(4, 6, 3, padding=1, act="relu", dtype=torch.float32, seed=4)
+    fused = fused.to(dtype)
+    fused.bn.float()  # BatchNorm parameters and statistics stay fp32, as under autocast
+    x = torch.randn(2, 4, 10, 9).to(dtype)
+    grad = torch.randn(2, 6, 5, 4).to(dtype)
+    want, _, want_grads = run_step(spec, x.float(), grad.float())
+    with aefast.set_backend("cpu"):
+        got, idx, got_grads = run_step(fused, x, grad)
+    assert got.dtype == dtype and idx.dtype == torch.int64
+    torch.testing.assert_close(got.float(), want, rtol=rel, atol=rel)
+    for name, g in want_grads.items():
+        if name == "conv.bias":  # zero up to rounding (BatchNorm removes the mean): an absolute bound
+            assert got_grads[name].abs().max() < rel * want_grads["bn.bias"].abs().max()
+            continue
+        err = (got_grads[name].float() - g).norm() / g.norm()
+        assert err < rel, (name, err.item())
+    torch.testing.assert_close(fused.bn.running_mean, spec[1].running_mean, rtol=rel, atol=rel)
+    torch.testing.assert_close(fused.bn.running_var, spec[1].running_var, rtol=rel, atol=rel)
+
+
+def test_window_indices_and_channels_last():
+    spec, fused = make_pair(3, 4, 3, padding=1, pool=(2, 3), dtype=torch.float64)
+    fused.index_format = "window"
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64)
+    want, want_idx = copy.deepcopy(spec)(x)
+    got, window = copy.deepcopy(fused)(x.contiguous(memory_format=torch.channels_last))
+    assert window.dtype == torch.uint8
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    assert torch.equal(AF.window_to_flat(window, (8, 9), (2, 3)), want_idx)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nan_wins_and_first_maximum_wins():
+    """torch's pool rules over the activated values: a NaN gives the index; with ReLU a window of
+    non-positive values reports its first element."""
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    x[0, 0, 2, 3] = float("nan")
+    w = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    for backend_name in ("cpu", "reference"):
+        with aefast.set_backend(backend_name):
+            got, idx = AF.conv_bn_pool2d(x[1:], w, None, None, None, None, None, True, 0.1, 1e-5, 1, 0, "relu", 2)
+            want, want_idx = F.max_pool2d(F.relu(F.batch_norm(x[1:], None, None, training=True)), 2,
+                                          return_indices=True)
+            assert torch.equal(idx, want_idx)
+            nan_out, nan_idx = AF.conv_bn_pool2d(x, w, None, None, None, None, None, True, 0.1, 1e-5, 1, 0, "relu", 2)
+            assert torch.isnan(nan_out).all()  # the NaN spoils the batch statistics of the channel
+            assert torch.equal(nan_idx, F.max_pool2d(torch.full_like(x, float("nan")), 2, return_indices=True)[1])
+
+
+# ------------------------------------------------------------------ gradcheck, opcheck
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "gelu", "sigmoid"])
+def test_gradcheck_fp64(act):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b, gamma, beta):  # no running statistics: no side effects between gradcheck's calls
+        return AF.conv_bn_pool2d(x, w, b, gamma, beta, None, None, True, 0.1, 1e-5, 1, 1, act, 2)[0]
+
+    with aefast.set_backend("cpu"):
+        assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta), eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_fp64_with_running_statistics_updated_as_side_effect():
+    """The gradient is the same whether or not running statistics are tracked; the statistics are
+    updated once per call, with the batch's mean and unbiased variance, and carry no gradient."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    calls = torch.zeros((), dtype=torch.int64)
+
+    def f(x, w):
+        return AF.conv_bn_pool2d(x, w, None, None, None, running_mean, running_var, True, None, 1e-5, 1, 0, "silu",
+                                 2, num_batches_tracked=calls)[0]
+
+    with aefast.set_backend("cpu"):
+        assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-6)
+        n_calls = int(calls)
+        assert n_calls > 1
+        running_mean.zero_(), running_var.fill_(1.0), calls.zero_()
+        for _ in range(2):  # momentum=None: the cumulative average of identical batches is that batch's stats
+            f(x, w)
+    y = F.conv2d(x.detach(), w.detach())
+    torch.testing.assert_close(running_mean, y.mean((0, 2, 3)), **TOLERANCES[torch.float64])
+    torch.testing.assert_close(running_var, y.var((0, 2, 3), unbiased=True), **TOLERANCES[torch.float64])
+    assert not running_mean.requires_grad and int(calls) == 2
+
+
+def _op_args(dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 9, 8, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=dtype, requires_grad=True)
+    gamma = torch.rand(4, generator=g, dtype=dtype, requires_grad=True)
+    beta = torch.randn(4, generator=g, dtype=dtype, requires_grad=True)
+    return x, w, b, gamma, beta
+
+
+def test_opcheck():
+    ops = torch.ops.aefast
+    x, w, b, gamma, beta = _op_args()
+    torch.library.opcheck(ops.conv_bn_pool2d_forward.default,
+                          (x, w, b, gamma, beta, [1, 1], [1, 1], 1e-5, ACTIVATION_CODES["relu"], 0.01, [2, 2]))
+    torch.library.opcheck(ops.conv_bn_pool2d_forward.default,
+                          (x, w, None, None, None, [2, 1], [0, 1], 1e-3, ACTIVATION_CODES["gelu"], 0.01, [2, 3]))
+    pooled, window, conv_out, mean, var = ops.conv_bn_pool2d_forward(
+        x.detach(), w.detach(), b.detach(), gamma.detach(), beta.detach(), [1, 1], [1, 1], 1e-5, 1, 0.01, [2, 2])
+    grad = torch.randn_like(pooled)
+    for mask in ([True] * 5, [False, True, False, True, False]):
+        torch.library.opcheck(ops.conv_bn_pool2d_backward.default,
+                              (grad, window, conv_out, mean, var, x.detach(), w.detach(), gamma.detach(),
+                               beta.detach(), [1, 1], [1, 1], 1e-5, 1, 0.01, [2, 2], mask))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, w, b, gamma, beta = _op_args()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            pooled, window, conv_out, mean, var = torch.ops.aefast.conv_bn_pool2d_forward(
+                x, w, b, gamma, beta, [1, 1], [1, 1], 1e-5, 1, 0.01, [2, 2])
+            grads = torch.ops.aefast.conv_bn_pool2d_backward(
+                torch.ones_like(pooled), window, conv_out, mean, var, x.detach(), w.detach(), gamma.detach(),
+                beta.detach(), [1, 1], [1, 1], 1e-5, 1, 0.01, [2, 2], [False, False, False, True, True])
+            outs.append((pooled, window, mean, var, *grads[3:]))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+# ------------------------------------------------------------------ hypothesis fuzz against the twin
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(1, 3))
+    cin, cout = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    pool = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    hc, wc = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    assume(h + 2 * ph >= kh and w + 2 * pw >= kw and hc >= pool[0] and wc >= pool[1] and n * hc * wc > 1)
+    return dict(n=n, cin=cin, cout=cout, h=h, w=w, k=(kh, kw), stride=(sh, sw), padding=(ph, pw), pool=pool,
+                act=draw(st.sampled_from(list(ACT_MODULES))), momentum=draw(st.sampled_from([0.1, 0.5, None])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64])), bias=draw(st.booleans()),
+                affine=draw(st.booleans()), index_format=draw(st.sampled_from(["flat", "window"])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _fuzz_step(c, backend_name):
+    g = torch.Generator().manual_seed(c["seed"])
+    dt = c["dtype"]
+    x = torch.randn(c["n"], c["cin"], c["h"], c["w"], generator=g, dtype=dt)
+    w = torch.randn(c["cout"], c["cin"], *c["k"], generator=g, dtype=dt) / math.sqrt(c["cin"] * c["k"][0] * c["k"][1])
+    b = torch.randn(c["cout"], generator=g, dtype=dt) if c["bias"] else None
+    gamma = torch.rand(c["cout"], generator=g, dtype=dt) + 0.5 if c["affine"] else None
+    beta = torch.randn(c["cout"], generator=g, dtype=dt) if c["affine"] else None
+    stats = (torch.randn(c["cout"], generator=g, dtype=dt), torch.rand(c["cout"], generator=g, dtype=dt) + 0.5,
+             torch.tensor(4))
+    leaves = [t.requires_grad_() for t in (x, w, b, gamma, beta) if t is not None]
+
+    def run(fn):
+        run_stats = [s.clone() for s in stats]
+        ins = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, gamma, beta)]
+        pooled, idx = fn(*ins, run_stats[0], run_stats[1], True, c["momentum"], 1e-5, c["stride"], c["padding"],
+                         c["act"], c["pool"], True, c["index_format"], run_stats[2])
+        pooled.backward(torch.linspace(-1, 1, pooled.numel(), dtype=dt).view_as(pooled))
+        return pooled, idx, [t.grad for t in ins if t is not None], run_stats
+
+    with aefast.set_backend(backend_name):
+        got = run(AF.conv_bn_pool2d)
+    want = run(ref.conv_bn_pool2d)
+    tol = TOLERANCES[dt] if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    assert torch.equal(got[1], want[1])
+    for a, b_ in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b_, **tol)
+    for a, b_ in zip(got[3], want[3]):
+        torch.testing.assert_close(a, b_, **tol)
+    assert len(leaves) == len(got[2])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(cases())
+def test_fuzz_cpu_against_twin(case):
+    _fuzz_step(case, "cpu")
+
+
+@pytest.mark.skipif(not _backend.availability()["triton"][0], reason="triton unavailable here")
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(cases())
+def test_fuzz_triton_falls_back_to_the_twin_and_counts_it(case):
+    _backend.reset_fallback_counts()
+    _fuzz_step(case, "triton")
+    assert _backend.fallback_counts() == {"conv_bn_pool2d_forward[triton]: no Triton kernel for this op": 1}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(cases())
+def test_fuzz_reference(case):
+    _fuzz_step(case, "reference")
+
+
+# ------------------------------------------------------------------ bad inputs
+
+def test_bad_inputs():
+    x, w, b, gamma, beta = (t.detach() for t in _op_args())
+    rm, rv = torch.zeros(4), torch.ones(4)
+
+    def call(*args, **kwargs):
+        base = dict(input=x, weight=w, bias=b, bn_weight=gamma, bn_bias=beta, running_mean=rm, running_var=rv)
+        base.update(kwargs)
+        return AF.conv_bn_pool2d(**base)
+
+    with pytest.raises(ValueError, match=r"bn_weight must have shape \(4,\)"):
+        call(bn_weight=torch.ones(3))
+    with pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
+        call(running_var=torch.ones(5))
+    with pytest.raises(ValueError, match="both running_mean and running_var"):
+        call(running_var=None)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        call(input=torch.randn(1, 3, 3, 3), pool_size=1)
+    with pytest.raises(TypeError, match="momentum must be a number or None"):
+        call(momentum="0.1")
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        call(eps=-1.0)
+    with pytest.raises(TypeError, match="num_batches_tracked must have dtype int64"):
+        call(num_batches_tracked=torch.tensor(0.0))
+    with pytest.raises(ValueError, match="running_mean is on meta"):
+        call(running_mean=torch.zeros(4, device="meta"))
+    with pytest.raises(ValueError, match="channels"):
+        call(weight=torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="pool_size"):
+        call(pool_size=10)
+    with pytest.raises(ValueError, match="unknown activation"):
+        call(activation="swish")
+    with pytest.raises(TypeError, match="dtype"):
+        call(bn_weight=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="padding must be an int or a pair"):
+        aefast.nn.ConvBNPool2d(3, 4, 3, padding="same")
