@@ -393,3 +393,80 @@ def test_optimized_batch_norm_model_compiles_fullgraph():
     x = torch.randn(2, 1, 8, 8)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- training-mode BatchNorm: conv_bn_pool2d
+
+class ConvVAEBN(nn.Module):
+    """A conv VAE in the common style: a conv-BN-LeakyReLU-pool stage, then a stride-2 conv-BN-LeakyReLU
+    (no pool: it stays unfused), a linear bottleneck, and a transposed-conv decoder. The noise is a
+    fixed buffer so that two models can be compared."""
+
+    def __init__(self, latent=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 4, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.mu, self.logvar = nn.Linear(16 * 2 * 2, latent), nn.Linear(16 * 2 * 2, latent)
+        self.fc = nn.Linear(latent, 16 * 2 * 2)
+        self.up1 = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
+        self.up2 = nn.ConvTranspose2d(8, 1, 2, stride=2)
+        self.register_buffer("noise", torch.linspace(-1, 1, latent))
+
+    def forward(self, x):
+        h = self.pool(F.leaky_relu(self.bn1(self.conv1(x)), 0.2))
+        h = F.leaky_relu(self.bn2(self.conv2(h)), 0.2).flatten(1)
+        z = self.mu(h) + torch.exp(0.5 * self.logvar(h)) * self.noise
+        h = self.fc(z).view(-1, 16, 2, 2)
+        return torch.sigmoid(self.up2(F.relu(self.up1(h))))
+
+
+@pytest.mark.parametrize("style, in_ch, n_fused", [(SegNetBN, 3, 2), (SegNetFunctionalBN, 1, 1), (ConvVAEBN, 1, 1)])
+def test_training_mode_batch_norm_pool_sites_fuse_onto_conv_bn_pool2d(style, in_ch, n_fused):
+    torch.manual_seed(0)
+    original = style()
+    _randomize_bn(original)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    train_rewrites = [r for r in model.aefast_rewrites if not r.startswith("(eval mode)")]
+    assert sum(r.startswith("conv_bn_pool2d") and "BatchNorm2d, batch statistics" in r
+               for r in train_rewrites) == n_fused, train_rewrites
+    assert not any(line.startswith("max_pool2d") for line in model.aefast_unfused), model.aefast_unfused
+    x = torch.randn(2, in_ch, 8, 8) if style is ConvVAEBN else torch.randn(2, in_ch, 12, 10)
+    for training in (True, True, False, True):  # running statistics and num_batches_tracked follow along
+        _check_same(original, model, x, training=training)
+        original.zero_grad(), model.zero_grad()
+
+
+def test_momentum_none_and_frozen_batch_norm_in_a_training_model():
+    original = SegNetBN()
+    _randomize_bn(original)
+    original.enc1[1].momentum = None  # cumulative average over num_batches_tracked
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        _check_same(original, model, x, training=True)
+        original.zero_grad(), model.zero_grad()
+    original.enc2[1].eval(), model.enc2[1].eval()  # frozen inside a training model: running statistics
+    out_a, out_b = original(x), model(x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.enc2[1].running_mean, original.enc2[1].running_mean)
+    assert model.enc2[1].num_batches_tracked.item() == original.enc2[1].num_batches_tracked.item() == 2
+
+
+def test_optimized_training_mode_batch_norm_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    original = SegNetFunctionalBN()
+    _randomize_bn(original)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False).train()
+    original.train()
+    assert any(r.startswith("conv_bn_pool2d") for r in model.aefast_rewrites)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 1, 8, 8)
+    out_a, out_b = original(x), compiled(x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    out_a.square().mean().backward()
+    out_b.square().mean().backward()
+    for name, p in original.named_parameters():
+        torch.testing.assert_close(model.get_parameter(name).grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name, b in original.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), b, msg=name)
