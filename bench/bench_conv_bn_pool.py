@@ -1,0 +1,120 @@
+"""conv -> BatchNorm (training mode) -> ReLU -> max-pool benchmark: aefast.nn.ConvBNPool2d against eager
+``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d(2, return_indices=True))`` and
+torch.compile of the same, forward / full (forward + backward w.r.t. the input and every parameter),
+time and peak memory, in one run. Both are in training mode, so every call also updates the running
+statistics.
+
+    python bench/bench_conv_bn_pool.py [--quick] [--keep-memory-mapped] [--out DIR]
+
+Run it once with and once without --keep-memory-mapped (DESIGN.md: report CPU ratios in both
+allocator settings). Variants are measured in interleaved rounds (each round times every variant
+once; the figure is the median over rounds) so that a shared machine's load hits them alike.
+GFLOP/s count the dense conv's FLOPs (forward 2*N*Cout*Hc*Wc*Cin*kh*kw, full three times that).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import aefast  # noqa: E402
+from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
+                      peak_memory_bytes, ratio_table, write_results)
+
+SHAPES = [  # N, Cin, Cout, H, W (3x3 conv, padding 1, 2x2 pool)
+    (256, 1, 32, 28, 28),
+    (64, 32, 64, 32, 32),
+    (16, 64, 64, 64, 64),  # a SegNet-like stage
+    (32, 3, 32, 128, 128),
+]
+QUICK_SHAPES = [(4, 1, 8, 12, 12), (2, 8, 16, 10, 10)]
+
+
+def make_models(cin, cout):
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                          nn.MaxPool2d(2, return_indices=True))
+    fused = aefast.nn.ConvBNPool2d(cin, cout, 3, padding=1, activation="relu", pool_size=2)
+    fused.load_state_dict({k.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v
+                           for k, v in eager.state_dict().items()})
+    return eager, fused
+
+
+def bench_shape(shape, rounds, repeats, quick):
+    n, cin, cout, h, w = shape
+    case = f"N{n} C{cin}->{cout} {h}x{w}"
+    eager, fused = make_models(cin, cout)
+    variants = {"eager": eager, "aefast-cpu": fused}
+    if not quick:
+        variants["torch.compile"] = torch.compile(copy.deepcopy(eager))
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    # correctness first: the fused block must agree with eager on this shape (copies: stats advance)
+    (ry, ridx), (y, idx) = copy.deepcopy(eager)(x), copy.deepcopy(fused)(x)
+    if not torch.equal(idx, ridx) or not torch.allclose(y, ry, rtol=1e-4, atol=1e-4):
+        raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    fns = {}
+    for name, model in variants.items():
+        inputs = [x, *model.parameters()]
+
+        def forward(model=model):
+            with torch.no_grad():
+                return model(x)
+
+        def full(model=model, inputs=inputs):
+            y, _ = model(x)
+            return torch.autograd.grad(y, inputs, grad)
+
+        fns[name] = {"fwd": forward, "full": full}
+    times = {(name, mode): [] for name in fns for mode in ("fwd", "full")}
+    for _ in range(rounds):
+        for mode in ("fwd", "full"):
+            for name in fns:
+                times[(name, mode)].append(median_time(fns[name][mode], "cpu", warmup=1, repeats=repeats))
+    flops = 2 * n * cout * h * w * cin * 9
+    rows = []
+    for name in fns:
+        for mode, f in (("fwd", flops), ("full", 3 * flops)):
+            rows.append(Row(f"{case} {mode}", name, statistics.median(times[(name, mode)]),
+                            peak_memory_bytes(fns[name][mode], "cpu"), flops=f))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
+    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
+    add_allocator_flag(parser)
+    args = parser.parse_args(argv)
+    allocator = apply_allocator_flag(args)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rounds, repeats = (1, 2) if args.quick else (5, 3)
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, rounds, repeats, args.quick)
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
+    summary = ["", "full (fwd+bwd, training mode) speedup and peak-memory ratio of aefast vs eager:"]
+    by = {(r.case, r.variant): r for r in rows}
+    for r in rows:
+        if r.case.endswith(" full") and r.variant.startswith("aefast"):
+            base = by[(r.case, "eager")]
+            summary.append(f"  {r.case[:-5]:<28} {base.seconds / r.seconds:5.2f}x faster, "
+                           f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of eager")
+    print(table + "\n".join(summary))
+    fallbacks = aefast.info()["fallbacks"]
+    print("fallbacks: " + (", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none"))
+    out = write_results("bench_conv_bn_pool" + ("_quick" if args.quick else ""), rows, "cpu",
+                        table + "\n" + "\n".join(summary) + "\n", args.out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
