@@ -235,7 +235,7 @@ def test_batch_norm_models_fuse_in_eval_and_match_in_both_modes(style, in_ch):
     eval_rewrites = [r for r in model.aefast_rewrites if r.startswith("(eval mode)")]
     assert any("BatchNorm2d folded" in r and r.split(") ", 1)[1].startswith("conv_pool2d") for r in eval_rewrites)
     assert any("BatchNorm2d folded" in r and "unpool_conv_transpose2d" in r for r in eval_rewrites)
-    # training mode normalises with batch statistics: those sites are reported, not fused
+    # the decoders' training-mode BatchNorm sites (no fused BatchNorm decoder yet) are reported, not fused
     assert any("BatchNorm2d" in line and "training mode" in line for line in model.aefast_unfused)
     x = torch.randn(2, in_ch, 12, 10)
     for training in (True, False, True):
