@@ -10,9 +10,13 @@
 // is never stored as an unpooled (N, C, UH, UW) tensor. Instead the GEMM operands are indexed by
 // rows r = ((n*HP + ph)*WP + pw)*P + o, one row per window (ph, pw) and window offset
 // o = i*pool_w + j (P = pool_h*pool_w), i.e. the unpooled position (ph*pool_h + i, pw*pool_w + j):
-//   unpool rows  A[r, c] = z[n, c, ph, pw] if channel c's argmax in window (ph, pw) is o, else 0
+//   unpool rows  A[r, c] = z[n, c, ph, pw] if channel c's argmax in window (ph, pw) is o, else 0,
+//                stored transposed, At (C, rows), so that consecutive threads read one z value
+//                P times and write consecutive rows
 //   im2col rows  G[r, (c, kh, kw)] = src[n, c, h*S - pad + kh, w*S - pad + kw] (0 outside),
 //                (h, w) the unpooled position of row r
+// GEMM results are asked for with rows as the contiguous dimension (cols^T = W2d^T @ At, R^T =
+// W2d @ G^T), so the gathers below read consecutive rows for consecutive output columns.
 // Why offsets are rows and not one row per window: the argmax differs per channel, so the
 // channel sum sum_c z[c] * W[c, :] of one window mixes values that sit at P different unpooled
 // positions. Splitting the rows by offset is what makes the product a plain GEMM; the GEMM's
@@ -80,17 +84,18 @@ inline int64_t images_per_chunk(int64_t bytes_per_image, int64_t n, int64_t budg
 
 // ------------------------------------------------------------------ GEMM operand builders
 
-// A = unpool rows of z (chunk images [n0, n0 + count)), row-major (rows, C); e = r*C + c.
+// At = unpool rows of z for chunk images [n0, n0 + count), transposed: (C, rows), e = c*rows + r.
 template <typename src_t, typename index_t, typename dst_t>
 struct UnpoolRowsBody {
   const src_t* z;        // (N, C, HP, WP) contiguous
   const index_t* index;  // same shape: uint8 window offsets or int64 flat positions
-  dst_t* out;            // (count*rows_per_image, C)
+  dst_t* out;            // (C, rows), rows = count*rows_per_image
   WindowRows g;
+  int64_t rows;
   int64_t n0;
   bool flat;
   AEFAST_HD void operator()(int64_t e) const {
-    const int64_t c = e % g.channels, r = e / g.channels;
+    const int64_t r = e % rows, c = e / rows;
     int64_t n, ph, pw, o;
     g.decode(r, n, ph, pw, o);
     const int64_t k = (((n0 + n) * g.channels + c) * g.pooled_h + ph) * g.pooled_w + pw;
@@ -131,14 +136,15 @@ struct Im2colRowsBody {
 
 // ------------------------------------------------------------------ decoder
 
-// Forward epilogue (gather-col2im): cols = A @ W2d, (rows, Cout*KH*KW) for the chunk. Output
+// Forward epilogue (gather-col2im): colsT = W2d^T @ At, (Cout*KH*KW, rows) for the chunk. Output
 // (n, co, oy, ox) sums, in tap order (kh, kw), the column entry of the one unpooled position each
 // tap reaches: h = (oy + pad - kh) / stride when divisible, inside the plane and a pooled window
 // (rows past HP*pool_h feed nothing, as max_unpool2d never writes them). Then bias and act.
 // No atomics: each output has one owner thread and a fixed summation order.
 template <typename scalar_t, typename acc_t>
 struct DecoderCol2imBody {
-  const acc_t* cols;
+  const acc_t* cols;      // (Cout*KH*KW, rows): entry (col, row) at col*rows_ld + row
+  int64_t rows_ld;
   const scalar_t* bias;  // nullptr: none
   scalar_t* out;         // whole (N, Cout, OH, OW)
   scalar_t* pre;         // nullptr unless the activation's backward needs it
@@ -150,7 +156,6 @@ struct DecoderCol2imBody {
   AEFAST_HD void operator()(int64_t e) const {
     const int64_t ox = e % g.out_w, oy = (e / g.out_w) % g.out_h, co = (e / (g.out_w * g.out_h)) % g.c_out,
                   n = e / (g.out_w * g.out_h * g.c_out);
-    const int64_t ncols = g.c_out * g.kernel_h * g.kernel_w;
     acc_t acc = bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
     for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
       const int64_t hn = oy + g.pad_h - kh;
@@ -163,7 +168,7 @@ struct DecoderCol2imBody {
         const int64_t w = wn / g.stride_w, pw = w / g.pool_w;
         if (w >= g.unpooled_w || pw >= g.pooled_w) continue;
         const int64_t o = (h - ph * g.pool_h) * g.pool_w + (w - pw * g.pool_w);
-        acc += cols[rows.row(n, ph, pw, o) * ncols + (co * g.kernel_h + kh) * g.kernel_w + kw];
+        acc += cols[((co * g.kernel_h + kh) * g.kernel_w + kw) * rows_ld + rows.row(n, ph, pw, o)];
       }
     }
     const int64_t dst = e + n0 * g.c_out * g.out_h * g.out_w;
@@ -187,11 +192,12 @@ struct DecoderActGradBody {
   }
 };
 
-// grad_z[n, c, ph, pw] = R[row of its argmax, c], R = G @ W2d^T (rows, Cin) for the chunk; an
+// grad_z[n, c, ph, pw] = R[row of its argmax, c], R^T = W2d @ G^T (Cin, rows) for the chunk; an
 // entry whose index names no position of its window gets 0 (it contributed nothing forward).
 template <typename acc_t, typename index_t, typename scalar_t>
 struct SelectRowsBody {
-  const acc_t* r_mat;
+  const acc_t* r_mat;  // (C, rows): entry (c, row) at c*rows_ld + row
+  int64_t rows_ld;
   const index_t* index;
   scalar_t* grad;  // whole (N, C, HP, WP)
   WindowRows g;
@@ -202,7 +208,7 @@ struct SelectRowsBody {
                   n = e / (g.pooled_w * g.pooled_h * g.channels);
     const int64_t dst = e + n0 * g.channels * g.pooled_h * g.pooled_w;
     const int64_t o = window_offset_of(static_cast<int64_t>(index[dst]), flat, ph, pw, g);
-    grad[dst] = o < 0 ? scalar_t(0) : static_cast<scalar_t>(r_mat[g.row(n, ph, pw, o) * g.channels + c]);
+    grad[dst] = o < 0 ? scalar_t(0) : static_cast<scalar_t>(r_mat[c * rows_ld + g.row(n, ph, pw, o)]);
   }
 };
 

@@ -11,17 +11,17 @@
 // Per-element bodies and the window-major row layout: aefast/gemm_gather_body.h.
 //
 // Decoder forward   out = act(conv_transpose2d(unpool(z, idx), W, b)):
-//   per batch chunk: A = unpool rows of z (rows, Cin); cols = A @ W2d (rows, Cout*KH*KW);
+//   per batch chunk: At = unpool rows of z (Cin, rows); colsT = W2d^T @ At (Cout*KH*KW, rows);
 //   DecoderCol2imBody gathers, per output, the column entries of its taps + bias, act.
 // Decoder backward  gpre = grad_out * act'; per chunk: G = im2col rows of gpre (rows, Cout*KK);
-//   grad_z = select(G @ W2d^T) at each argmax; grad_W2d += A^T @ G (chunks summed in order);
+//   grad_z = select(W2d @ G^T) at each argmax; grad_W2d += At @ G (chunks summed in order);
 //   grad_b = sum of gpre over (N, H, W) (at::sum).
 // Encoder forward   K >= kVendorConvMinReduction: per chunk at::convolution (cuDNN, honours the
 //   TF32 flags; bias inside, so z is the conv output eager computes) on x or corrupt(x), then
 //   EncoderEpilogueBody (act -> pool -> argmax); else EncoderDirectBody.
 // Encoder backward  gz = grad * act'(z at the argmax); dgrad = the decoder forward on gz (weight
 //   (Cout, Cin, KH, KW) read as a transposed-conv weight Cout -> Cin, no bias, no act);
-//   wgrad += (unpool rows of gz)^T @ (im2col rows of x, corrupted as in the forward); grad_b = sum gz.
+//   wgrad += At(gz) @ (im2col rows of x, corrupted as in the forward); grad_b = sum gz.
 // Every reduction is either inside a GEMM or a per-output loop of fixed order: no float atomics,
 // so every backward is bitwise reproducible run to run (cuBLAS GEMMs are, for a fixed config).
 #include <ATen/ATen.h>
@@ -69,19 +69,20 @@ void decoder_forward_gemm(const at::Tensor& z, const at::Tensor& idx, const at::
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t per_image = rpi * (g.c_in * (int64_t)sizeof(scalar_t) + ncols * (int64_t)sizeof(acc_t));
     const int64_t chunk = images_per_chunk(per_image, g.n, budget);
-    at::Tensor a = at::empty({chunk * rpi, g.c_in}, z.options());
+    at::Tensor a = at::empty({chunk * rpi * g.c_in}, z.options());
     for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
-      const int64_t count = std::min(chunk, g.n - n0);
-      at::Tensor a_c = a.narrow(0, 0, count * rpi);
+      const int64_t count = std::min(chunk, g.n - n0), nrows = count * rpi;
+      at::Tensor a_t = a.narrow(0, 0, nrows * g.c_in).view({g.c_in, nrows});
       auto fill = [&](auto index_ptr) {
         using index_t = std::remove_const_t<std::remove_pointer_t<decltype(index_ptr)>>;
         Exec::for_each(UnpoolRowsBody<scalar_t, index_t, scalar_t>{z.const_data_ptr<scalar_t>(), index_ptr,
-                                                                   a_c.mutable_data_ptr<scalar_t>(), rows, n0, flat},
-                       a_c.numel());
+                                                                   a_t.mutable_data_ptr<scalar_t>(), rows, nrows, n0,
+                                                                   flat},
+                       a_t.numel());
       };
       if (flat) fill(idx.const_data_ptr<int64_t>()); else fill(idx.const_data_ptr<uint8_t>());
-      const at::Tensor cols = Exec::mm(a_c, w2d).contiguous();
-      Exec::for_each(DecoderCol2imBody<scalar_t, acc_t>{cols.const_data_ptr<acc_t>(),
+      const at::Tensor cols_t = Exec::mm(w2d.t(), a_t).contiguous();
+      Exec::for_each(DecoderCol2imBody<scalar_t, acc_t>{cols_t.const_data_ptr<acc_t>(), nrows,
                                                         bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                                         out.mutable_data_ptr<scalar_t>(),
                                                         pre.defined() && pre.numel() ? pre.mutable_data_ptr<scalar_t>()
@@ -120,11 +121,11 @@ void decoder_backward_gemm(const at::Tensor& grad_out, const at::Tensor& act_inp
     const int64_t per_image = rpi * ((g.c_in + ncols) * (int64_t)sizeof(scalar_t) + g.c_in * (int64_t)sizeof(acc_t));
     const int64_t chunk = images_per_chunk(per_image, g.n, budget);
     at::Tensor gcols = at::empty({chunk * rpi, ncols}, z.options());
-    at::Tensor a = mask[1] ? at::empty({chunk * rpi, g.c_in}, z.options()) : at::Tensor();
+    at::Tensor a = mask[1] ? at::empty({chunk * rpi * g.c_in}, z.options()) : at::Tensor();
     at::Tensor gw_acc = mask[1] ? at::zeros({g.c_in, ncols}, z.options().dtype(acc_dtype_of<scalar_t>())) : at::Tensor();
     for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
-      const int64_t count = std::min(chunk, g.n - n0);
-      at::Tensor g_c = gcols.narrow(0, 0, count * rpi);
+      const int64_t count = std::min(chunk, g.n - n0), nrows = count * rpi;
+      at::Tensor g_c = gcols.narrow(0, 0, nrows);
       Exec::for_each(Im2colRowsBody<scalar_t, acc_t, scalar_t>{gpre.const_data_ptr<scalar_t>(),
                                                                g_c.mutable_data_ptr<scalar_t>(), rows, g.c_out,
                                                                g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h,
@@ -133,17 +134,18 @@ void decoder_backward_gemm(const at::Tensor& grad_out, const at::Tensor& act_inp
       auto with_index = [&](auto index_ptr) {
         using index_t = std::remove_const_t<std::remove_pointer_t<decltype(index_ptr)>>;
         if (mask[0]) {
-          const at::Tensor r = Exec::mm(g_c, w2d.t()).contiguous();
-          Exec::for_each(SelectRowsBody<acc_t, index_t, scalar_t>{r.const_data_ptr<acc_t>(), index_ptr,
+          const at::Tensor r_t = Exec::mm(w2d, g_c.t()).contiguous();
+          Exec::for_each(SelectRowsBody<acc_t, index_t, scalar_t>{r_t.const_data_ptr<acc_t>(), nrows, index_ptr,
                                                                   grad_z.mutable_data_ptr<scalar_t>(), rows, n0, flat},
                          count * g.c_in * g.pooled_h * g.pooled_w);
         }
         if (mask[1]) {
-          at::Tensor a_c = a.narrow(0, 0, count * rpi);
+          at::Tensor a_t = a.narrow(0, 0, nrows * g.c_in).view({g.c_in, nrows});
           Exec::for_each(UnpoolRowsBody<scalar_t, index_t, scalar_t>{z.const_data_ptr<scalar_t>(), index_ptr,
-                                                                     a_c.mutable_data_ptr<scalar_t>(), rows, n0, flat},
-                         a_c.numel());
-          gw_acc.add_(Exec::mm(a_c.t(), g_c));
+                                                                     a_t.mutable_data_ptr<scalar_t>(), rows, nrows, n0,
+                                                                     flat},
+                         a_t.numel());
+          gw_acc.add_(Exec::mm(a_t, g_c));
         }
       };
       if (flat) with_index(idx.const_data_ptr<int64_t>()); else with_index(idx.const_data_ptr<uint8_t>());
@@ -254,21 +256,22 @@ void encoder_backward_gemm(const at::Tensor& grad, const at::Tensor& window, con
     const auto noise = make_corruption<scalar_t, acc_t>(noise_code, seed, level, low, high);
     const int64_t per_image = rpi * (g.Cout + K) * (int64_t)sizeof(scalar_t);
     const int64_t chunk = images_per_chunk(per_image, g.N, budget);
-    at::Tensor a = at::empty({chunk * rpi, g.Cout}, grad.options());
+    at::Tensor a = at::empty({chunk * rpi * g.Cout}, grad.options());
     at::Tensor cols = at::empty({chunk * rpi, K}, grad.options());
     at::Tensor gw_acc = at::zeros({g.Cout, K}, grad.options().dtype(acc_dtype_of<scalar_t>()));
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-      const int64_t count = std::min(chunk, g.N - n0);
-      at::Tensor a_c = a.narrow(0, 0, count * rpi), x_c = cols.narrow(0, 0, count * rpi);
+      const int64_t count = std::min(chunk, g.N - n0), nrows = count * rpi;
+      at::Tensor a_t = a.narrow(0, 0, nrows * g.Cout).view({g.Cout, nrows}), x_c = cols.narrow(0, 0, nrows);
       Exec::for_each(UnpoolRowsBody<scalar_t, uint8_t, scalar_t>{gz.const_data_ptr<scalar_t>(),
                                                                  window.const_data_ptr<uint8_t>(),
-                                                                 a_c.mutable_data_ptr<scalar_t>(), rows, n0, false},
-                     a_c.numel());
+                                                                 a_t.mutable_data_ptr<scalar_t>(), rows, nrows, n0,
+                                                                 false},
+                     a_t.numel());
       Exec::for_each(Im2colRowsBody<scalar_t, acc_t, scalar_t>{x.const_data_ptr<scalar_t>(),
                                                                x_c.mutable_data_ptr<scalar_t>(), rows, g.Cin, g.H, g.W,
                                                                g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, n0, noise},
                      x_c.numel());
-      gw_acc.add_(Exec::mm(a_c.t(), x_c));
+      gw_acc.add_(Exec::mm(a_t, x_c));
     }
     grad_w.copy_(gw_acc.view(grad_w.sizes()));
   });
