@@ -131,6 +131,8 @@ TORCH_LIBRARY(aefast, m) {
         "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
+  m.def("emulate_cuda_max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
 }
 
 namespace py = pybind11;

@@ -10,10 +10,10 @@ arithmetic, gathers, GEMM operands and epilogues of the CUDA kernels:
   covered    unpool rows, im2col rows (with corruption), gather-col2im + bias + activation,
              select rows (grad of the pooled values), decoder/encoder activation gradients,
              encoder epilogue after the vendor conv, direct encoder kernel, corrupt chunk,
-             max_pool2d backward planes (and its index check).
+             drop-in max_pool2d forward, max_pool2d backward planes (and its index check).
   not here   the GEMMs themselves (cuBLAS/cuDNN vs at::mm on the CPU), the grid-stride launch,
-             the device-side assert, the drop-in max_pool2d forward / max_unpool2d /
-             first_bad_unpool_index kernels (unchanged, not in body form).
+             the device-side assert, and the max_unpool2d / first_bad_unpool_index kernels
+             (integer atomicMax/atomicMin elections, unchanged, not in body form).
 The tests marked ``cuda`` compare the real CUDA ops with the emulation and check that the
 backwards are bitwise reproducible; they need a GPU.
 """
@@ -295,13 +295,40 @@ def test_encoder_corruption_in_the_load(kind, case):
         torch.testing.assert_close(a, c, **TOLERANCES[torch.float32])
 
 
-# ------------------------------------------------------------------ drop-in max_pool2d backward
+# ------------------------------------------------------------------ drop-in max_pool2d
 
-@pytest.mark.parametrize("geom", [
+POOL_GEOMS = [
     dict(kernel_size=2, stride=2),
     dict(kernel_size=3, stride=2, padding=1),           # overlapping windows: duplicates add up
     dict(kernel_size=3, stride=1, dilation=2, ceil_mode=True),
-])
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True),
+]
+
+
+def pool_args(geom):
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
+    k = pair(geom["kernel_size"])
+    return (k, pair(geom.get("stride", k)), pair(geom.get("padding", 0)), pair(geom.get("dilation", 1)),
+            geom.get("ceil_mode", False))
+
+
+@pytest.mark.parametrize("geom", POOL_GEOMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool2d_forward(geom, channels_last, dtype):
+    x = torch.randn(2, 3, 9, 7).round().to(dtype)  # ties: the first maximum wins
+    x[0, 1, 4, 3] = float("nan")  # NaN wins
+    x[1, 2] = float("-inf")  # a plane of -inf: the window's first position
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, idx = ops.emulate_cuda_max_pool2d_forward(x, *pool_args(geom))
+    ry, ridx = F.max_pool2d(x, return_indices=True, **geom)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(y, ry, rtol=0, atol=0, equal_nan=True)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("geom", POOL_GEOMS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_max_pool2d_backward_planes(geom, channels_last):
     x = torch.randn(2, 3, 9, 7, dtype=torch.float64).round()  # ties

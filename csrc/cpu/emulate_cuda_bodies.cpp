@@ -89,6 +89,12 @@ at::Tensor emulate_max_pool2d_backward(const at::Tensor& grad_output, const at::
   return max_pool2d_backward_planes<CpuExec>(grad_output, indices, input);
 }
 
+std::tuple<at::Tensor, at::Tensor> emulate_max_pool2d_forward(const at::Tensor& input, c10::IntArrayRef kernel,
+                                                              c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                              c10::IntArrayRef dilation, bool ceil_mode) {
+  return max_pool2d_forward_op<CpuExec>(input, kernel, stride, padding, dilation, ceil_mode);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
@@ -96,6 +102,7 @@ TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("emulate_cuda_unpool_conv_transpose2d_backward", &emulate_decoder_backward);
   m.impl("emulate_cuda_conv_pool2d_forward", &emulate_encoder_forward);
   m.impl("emulate_cuda_conv_pool2d_backward", &emulate_encoder_backward);
+  m.impl("emulate_cuda_max_pool2d_forward", &emulate_max_pool2d_forward);
   m.impl("emulate_cuda_max_pool2d_backward", &emulate_max_pool2d_backward);
 }
 

@@ -35,10 +35,6 @@
 namespace aefast {
 namespace {
 
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 30)); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
@@ -83,77 +79,12 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cuda(
 
 // ---------------------------------------------------------------- drop-in max_pool2d
 
-struct PoolArgs {
-  int64_t N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW;
-  int64_t xs[4], os[4];
-};
-
-template <typename scalar_t, typename acc_t>
-__global__ void max_pool_forward_kernel(const scalar_t* __restrict__ x, PoolArgs a, scalar_t* __restrict__ out,
-                                        int64_t* __restrict__ idx) {
-  const int64_t total = a.N * a.C * a.OH * a.OW;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t ow = e % a.OW, oh = (e / a.OW) % a.OH, c = (e / (a.OW * a.OH)) % a.C, n = e / (a.OW * a.OH * a.C);
-    int64_t h0 = oh * a.SH - a.PH, w0 = ow * a.SW - a.PW;
-    const int64_t h1 = min(h0 + (a.KH - 1) * a.DH + 1, a.H), w1 = min(w0 + (a.KW - 1) * a.DW + 1, a.W);
-    while (h0 < 0) h0 += a.DH;
-    while (w0 < 0) w0 += a.DW;
-    const scalar_t* plane = x + n * a.xs[0] + c * a.xs[1];
-    acc_t best = -std::numeric_limits<acc_t>::infinity();
-    int64_t best_i = h0 * a.W + w0;
-    for (int64_t h = h0; h < h1; h += a.DH)
-      for (int64_t w = w0; w < w1; w += a.DW) {
-        const acc_t v = static_cast<acc_t>(plane[h * a.xs[2] + w * a.xs[3]]);
-        if (pool_takes(v, best)) {
-          best = v;
-          best_i = h * a.W + w;
-        }
-      }
-    const int64_t o = n * a.os[0] + c * a.os[1] + oh * a.os[2] + ow * a.os[3];
-    out[o] = static_cast<scalar_t>(best);
-    idx[o] = best_i;
-  }
-}
-
-int64_t pool_out(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
-  const int64_t num = size + 2 * p - (d * (k - 1) + 1) + (ceil_mode ? s - 1 : 0);
-  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
-  if (ceil_mode && (out - 1) * s >= size + p) --out;
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& input, c10::IntArrayRef kernel,
                                                            c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                            c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK(input.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
-                  dilation.size() == 2,
-              "aefast::max_pool2d_forward: bad arguments");
   check_same_device("max_pool2d_forward", {&input});
   c10::cuda::CUDAGuard guard(input.device());
-  PoolArgs a{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0, kernel[0], kernel[1], stride[0],
-             stride[1], padding[0], padding[1], dilation[0], dilation[1], {}, {}};
-  TORCH_CHECK(a.KH > 0 && a.KW > 0 && a.SH > 0 && a.SW > 0 && a.DH > 0 && a.DW > 0 && a.PH >= 0 && a.PW >= 0 &&
-                  a.PH <= a.KH / 2 && a.PW <= a.KW / 2,
-              "aefast::max_pool2d_forward: invalid pooling geometry");
-  a.OH = pool_out(a.H, a.KH, a.SH, a.PH, a.DH, ceil_mode);
-  a.OW = pool_out(a.W, a.KW, a.SW, a.PW, a.DW, ceil_mode);
-  TORCH_CHECK(a.OH > 0 && a.OW > 0, "aefast::max_pool2d_forward: output would be empty");
-  const auto fmt = input.suggest_memory_format();
-  at::Tensor out = at::empty({a.N, a.C, a.OH, a.OW}, input.options().memory_format(fmt));
-  at::Tensor idx = at::empty({a.N, a.C, a.OH, a.OW}, input.options().dtype(at::kLong).memory_format(fmt));
-  if (out.numel() == 0) return {out, idx};
-  for (int d = 0; d < 4; ++d) {
-    a.xs[d] = input.stride(d);
-    a.os[d] = out.stride(d);
-  }
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "max_pool2d_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    max_pool_forward_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-        input.const_data_ptr<scalar_t>(), a, out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {out, idx};
+  return max_pool2d_forward_op<CudaExec>(input, kernel, stride, padding, dilation, ceil_mode);
 }
 
 // Deterministic: one thread per (n, c) plane scans its pooled entries in row-major order (the

@@ -22,6 +22,7 @@
 // positions. Splitting the rows by offset is what makes the product a plain GEMM; the GEMM's
 // FLOPs are then those of the dense transposed conv on the unpooled map (P times the pool-sparse
 // ones), spent on tensor cores instead of a scalar gather over the nonzeros.
+#include <cmath>
 #include <cstdint>
 
 #include "aefast/common.h"
@@ -342,7 +343,45 @@ struct EncoderActGradBody {
   }
 };
 
-// ------------------------------------------------------------------ drop-in max_pool2d backward
+// ------------------------------------------------------------------ drop-in max_pool2d
+
+struct MaxPoolArgs {
+  int64_t N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW;
+  int64_t xs[4], os[4];  // input and output strides (any memory format)
+};
+
+// One pooled output per element: torch's scan of the (dilated, padded) window, row-major, with
+// `v > best || isnan(v)`, the running maximum seeded with -inf at the window's first in-plane
+// position (as torch's kernels), flat index h*W + w of the unpadded plane.
+template <typename scalar_t, typename acc_t>
+struct MaxPoolForwardBody {
+  const scalar_t* x;
+  MaxPoolArgs a;
+  scalar_t* out;
+  int64_t* idx;
+  AEFAST_HD void operator()(int64_t e) const {
+    const int64_t ow = e % a.OW, oh = (e / a.OW) % a.OH, c = (e / (a.OW * a.OH)) % a.C, n = e / (a.OW * a.OH * a.C);
+    int64_t h0 = oh * a.SH - a.PH, w0 = ow * a.SW - a.PW;
+    const int64_t h_end = h0 + (a.KH - 1) * a.DH + 1, w_end = w0 + (a.KW - 1) * a.DW + 1;
+    const int64_t h1 = h_end < a.H ? h_end : a.H, w1 = w_end < a.W ? w_end : a.W;
+    while (h0 < 0) h0 += a.DH;
+    while (w0 < 0) w0 += a.DW;
+    const scalar_t* plane = x + n * a.xs[0] + c * a.xs[1];
+    acc_t best = -static_cast<acc_t>(INFINITY);
+    int64_t best_i = h0 * a.W + w0;
+    for (int64_t h = h0; h < h1; h += a.DH)
+      for (int64_t w = w0; w < w1; w += a.DW) {
+        const acc_t v = static_cast<acc_t>(plane[h * a.xs[2] + w * a.xs[3]]);
+        if (pool_takes(v, best)) {
+          best = v;
+          best_i = h * a.W + w;
+        }
+      }
+    const int64_t o = n * a.os[0] + c * a.os[1] + oh * a.os[2] + ow * a.os[3];
+    out[o] = static_cast<scalar_t>(best);
+    idx[o] = best_i;
+  }
+};
 
 // One (n, c) plane per element, scanned in pooled row-major order into an accumulation-type
 // plane (zeroed by the caller): the same order as the CPU kernel, so the result is bitwise

@@ -277,9 +277,50 @@ void encoder_backward_gemm(const at::Tensor& grad, const at::Tensor& window, con
   });
 }
 
+inline int64_t max_pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  const int64_t num = size + 2 * p - (d * (k - 1) + 1) + (ceil_mode ? s - 1 : 0);
+  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
+  if (ceil_mode && (out - 1) * s >= size + p) --out;
+  return out;
+}
+
+// The drop-in max_pool2d forward: outputs in the input's memory format.
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_op(const at::Tensor& input, c10::IntArrayRef kernel,
+                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                         c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(input.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "aefast::max_pool2d_forward: bad arguments");
+  MaxPoolArgs a{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0, kernel[0], kernel[1], stride[0],
+                stride[1], padding[0], padding[1], dilation[0], dilation[1], {}, {}};
+  TORCH_CHECK(a.KH > 0 && a.KW > 0 && a.SH > 0 && a.SW > 0 && a.DH > 0 && a.DW > 0 && a.PH >= 0 && a.PW >= 0 &&
+                  a.PH <= a.KH / 2 && a.PW <= a.KW / 2,
+              "aefast::max_pool2d_forward: invalid pooling geometry");
+  a.OH = max_pool_output_size(a.H, a.KH, a.SH, a.PH, a.DH, ceil_mode);
+  a.OW = max_pool_output_size(a.W, a.KW, a.SW, a.PW, a.DW, ceil_mode);
+  TORCH_CHECK(a.OH > 0 && a.OW > 0, "aefast::max_pool2d_forward: output would be empty");
+  const auto fmt = input.suggest_memory_format();
+  at::Tensor out = at::empty({a.N, a.C, a.OH, a.OW}, input.options().memory_format(fmt));
+  at::Tensor idx = at::empty({a.N, a.C, a.OH, a.OW}, input.options().dtype(at::kLong).memory_format(fmt));
+  if (out.numel() == 0) return {out, idx};
+  for (int d = 0; d < 4; ++d) {
+    a.xs[d] = input.stride(d);
+    a.os[d] = out.stride(d);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "aefast_max_pool2d_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Exec::for_each(MaxPoolForwardBody<scalar_t, acc_t>{input.const_data_ptr<scalar_t>(), a,
+                                                       out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>()},
+                   out.numel());
+  });
+  return {out, idx};
+}
+
 // The drop-in max_pool2d backward: grad_input in the input's memory format.
 template <class Exec>
 at::Tensor max_pool2d_backward_planes(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& input) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
   TORCH_CHECK(grad_output.dim() == 4 && indices.sizes() == grad_output.sizes() && indices.scalar_type() == at::kLong &&
                   input.dim() == 4,
               "aefast::max_pool2d_backward: grad_output and indices must share one 4-D shape, indices int64");
@@ -318,6 +359,7 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_op(
     c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef output_padding, std::optional<c10::string_view> activation, double negative_slope,
     int64_t budget) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // at::mm / at::convolution are steps, not graph ops
   const DecoderGeometry g =
       decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
   const DecoderAct act = parse_activation(activation);
@@ -338,6 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
     const at::Tensor& weight, c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef output_padding, std::optional<c10::string_view> activation,
     double negative_slope, std::array<bool, 3> output_mask, int64_t budget) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // at::mm / at::convolution are steps, not graph ops
   const DecoderGeometry g =
       decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
   const DecoderAct act = parse_activation(activation);
@@ -372,6 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_op(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
     c10::string_view corruption, double corruption_level, int64_t seed, double low, double high, int64_t budget) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // at::mm / at::convolution are steps, not graph ops
   const int noise_code = encoder_corruption_code(corruption);
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && input.size(1) == weight.size(1) &&
                   input.scalar_type() == weight.scalar_type() &&
@@ -397,6 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_op(
     const at::Tensor& weight, const EncoderGeometry& g, int64_t activation, double negative_slope,
     c10::string_view corruption, int64_t seed, double level, double low, double high, bool want_input,
     bool want_weight, int64_t budget) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // at::mm / at::convolution are steps, not graph ops
   const int noise_code = encoder_corruption_code(corruption);
   TORCH_CHECK(grad.dim() == 4 && grad.sizes() == window.sizes() && grad.sizes() == preact.sizes() &&
                   window.scalar_type() == at::kByte && preact.scalar_type() == grad.scalar_type(),
