@@ -128,6 +128,28 @@ TORCH_LIBRARY(aefast, m) {
   m.def("reparameterize(Tensor mu, Tensor logvar, int seed) -> Tensor");
   // grad_logvar = grad * exp(logvar/2) * eps(seed) / 2 (grad_mu is grad itself).
   m.def("reparameterize_backward(Tensor grad, Tensor logvar, int seed) -> Tensor");
+
+  // ---- test-only: the CUDA backend's algorithms (aefast/gemm_gather_host.h) run on the CPU ----
+  // Same schemas as the ops above plus chunk_bytes (the batch-chunk budget, the GPU's is L2-sized);
+  // the per-element bodies the CUDA kernels call run here in CPU loops over the same index spaces
+  // (csrc/cpu/emulate_cuda_bodies.cpp), so tests/test_cuda_bodies.py checks the GPU's index math.
+  m.def("emulate_cuda_unpool_conv_transpose2d(Tensor input, Tensor indices, Tensor weight, Tensor? bias, "
+        "int[2] pool_size, int[2] unpooled_size, int[2] stride, int[2] padding, int[2] output_padding, "
+        "str? activation, float negative_slope, int chunk_bytes) -> (Tensor, Tensor)");
+  m.def("emulate_cuda_unpool_conv_transpose2d_backward(Tensor grad_out, Tensor act_input, Tensor input, "
+        "Tensor indices, Tensor weight, int[2] pool_size, int[2] unpooled_size, int[2] stride, int[2] padding, "
+        "int[2] output_padding, str? activation, float negative_slope, bool[3] output_mask, int chunk_bytes) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("emulate_cuda_conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int activation, float negative_slope, int[2] pool_size, str corruption, float corruption_level, "
+        "int seed, float low, float high, int chunk_bytes) -> (Tensor, Tensor, Tensor)");
+  m.def("emulate_cuda_conv_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
+        "Tensor weight, int[2] stride, int[2] padding, int activation, float negative_slope, int[2] pool_size, "
+        "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("emulate_cuda_max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
+  m.def("emulate_cuda_max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
 }
 
 namespace py = pybind11;

@@ -50,6 +50,7 @@
 #include <limits>
 #include <vector>
 
+#include "aefast/conv_algorithm.h"
 #include "aefast/conv_pool.h"
 #include "aefast/cpu_isa.h"
 #include "aefast/corruption.h"
@@ -401,13 +402,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   at::Tensor preact = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options());
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
   // oneDNN's conv + the fused epilogue (see above) for fp32 and the half types when the reduction
-  // is long enough (K = Cin*KH*KW >= 64) for the conv's FLOPs to outweigh the epilogue's pass over
+  // is long enough (encoder_uses_vendor_conv, aefast/conv_algorithm.h: K = Cin*KH*KW >= 64) for the conv's FLOPs to outweigh the epilogue's pass over
   // the full-resolution output. Measured on the 2-core machines, same process, interleaved:
   // 32->64 3x3 (K = 288) 2.3x faster than the direct path; 1->32 and 3->32 3x3 (K = 9, 27) 0.82x
   // and 0.85x, so short reductions keep the direct path, whose conv tile never leaves the cache.
   // fp64, which oneDNN does not cover (ATen would use its slow reference conv), also keeps it.
   // A corrupted input takes that path in chunks of at most N/4 images, so only from N = 4 on.
-  if (input.scalar_type() != at::kDouble && s.K() >= 64 && (!noise.active() || s.N >= 4)) {
+  if (input.scalar_type() != at::kDouble && encoder_uses_vendor_conv(s.K()) && (!noise.active() || s.N >= 4)) {
     conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window, preact);
     return {pooled, window, preact};
   }
