@@ -233,7 +233,7 @@ struct ImageScratch {
   PaddedVec<int32_t> ent_w;   // [b*cap + i] ci * Kp (the entry's weight slab)
   PaddedVec<acc_t> ent_z;     // [b*cap + i] z
   PaddedVec<uint8_t> has;     // [ring q] 1 if position q holds an entry (never set outside windows)
-  ImageScratch(const DecoderGeometry& g, bool buckets, bool channels, int64_t ring_rows = 0) {
+  ImageScratch(const DecoderGeometry& g, bool buckets, bool channels, int64_t ring_positions = 0) {
     const int64_t window = g.pool_h * g.pool_w;
     if (channels) pos_of.resize(g.c_in * g.pooled_h * g.pooled_w);
     if (!buckets) return;
@@ -244,7 +244,7 @@ struct ImageScratch {
     bq.resize(seg * window);
     ent_w.resize(seg * window * cap);
     ent_z.resize(seg * window * cap);
-    has.assign(ring_rows * g.unpooled_w, 0);
+    has.assign(ring_positions, 0);
   }
 };
 
@@ -255,7 +255,11 @@ struct ImageScratch {
 // pool_h rows never alias a live row. Summing a row of windows and then running the epilogue of
 // every output row it completes keeps T (rows * W_u * Kp values, e.g. 295 KB for 64->32 at 64x64)
 // in L2 instead of streaming a whole image's T (4.7 MB there) through memory and back.
+// A ring row holds W_u + 1 positions (one unused): with W_u * Kp a multiple of 4 KiB (64 x 288
+// or 32 x 576 floats) the taps of vertically adjacent positions otherwise share one L1 set
+// (measured: 64->32 unpooled 64x64 ran ~20% below 64x66 per multiply-add, 1 thread).
 // AEFAST_DECODER_ROW_RING=0 keeps the whole image's T (the previous layout), for A/B timing.
+inline int64_t decoder_ring_row_positions(const DecoderGeometry& g) { return g.unpooled_w + 1; }
 inline int64_t decoder_ring_rows(const DecoderGeometry& g) {
   const char* env = std::getenv("AEFAST_DECODER_ROW_RING");
   if (env != nullptr && env[0] == '0' && env[1] == '\0') return g.unpooled_h;
@@ -292,7 +296,7 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                                  const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
                                                  int64_t ph, int64_t pw0, int64_t pw1, int64_t ring_rows,
-                                                 ImageScratch<acc_t>& s) {
+                                                 int64_t ring_row_pos, ImageScratch<acc_t>& s) {
   const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window, cap = s.cap, h0 = ph * g.pool_h;
   const int64_t nbk = (pw1 - pw0) * window;
   int32_t* __restrict__ cnt = s.cnt.data();
@@ -321,7 +325,8 @@ __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z,
     const int64_t pw = pw0 + b / window, o = b % window;
     const int32_t q = wtab.slot_q[(ph * g.pooled_w + pw) * window + o];
     // The position's place in the row ring (see decoder_ring_rows).
-    const int32_t rq = q < 0 ? -1 : static_cast<int32_t>((q / g.unpooled_w % ring_rows) * g.unpooled_w + q % g.unpooled_w);
+    const int32_t rq =
+        q < 0 ? -1 : static_cast<int32_t>((q / g.unpooled_w % ring_rows) * ring_row_pos + q % g.unpooled_w);
     s.bq[b] = rq;
     if (rq >= 0) s.has[rq] = cnt[b] > 0;
   }
@@ -549,7 +554,7 @@ AEFAST_ISA_CLONES_IDX(bands, int64_t,
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
 // its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
 // Output rows oy0 .. oy1-1; tap r of the rows reads T row rowq[r] (its position offset: ring
-// row times W_u, see decoder_ring_rows).
+// row times the positions of a ring row, see decoder_ring_rows).
 // Each output row is first written channel by channel into rowbuf (row stride
 // epilogue_row_stride) and then copied to its C_out planes, one contiguous run each. Storing
 // the lanes straight into NCHW wrote C_out lines a plane apart for every pixel: with planes of
@@ -1249,16 +1254,17 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   // Large slabs: T in a ring of unpooled rows, each output row's epilogue run as soon as the
   // rows it reads are summed (decoder_ring_rows). The small-slab bands keep the image's T.
   const int64_t ring = small ? g.unpooled_h : decoder_ring_rows(g);
+  const int64_t row_pos = small ? g.unpooled_w : decoder_ring_row_positions(g);
   std::vector<int64_t> rowq(rt.x.size()), need_h(static_cast<size_t>(g.out_h), -1);
-  for (size_t r = 0; r < rt.x.size(); ++r) rowq[r] = (rt.x[r] % ring) * g.unpooled_w;
+  for (size_t r = 0; r < rt.x.size(); ++r) rowq[r] = (rt.x[r] % ring) * row_pos;
   for (int64_t oy = 0; oy < g.out_h; ++oy)  // the last unpooled row output row oy reads
     for (int32_t r = rt.first[oy]; r < rt.first[oy + 1]; ++r) need_h[oy] = std::max<int64_t>(need_h[oy], rt.x[r]);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    ImageScratch<acc_t> scratch(g, !small, false, ring);
+    ImageScratch<acc_t> scratch(g, !small, false, ring * row_pos);
     // T: one slab per position (of the ring, or of the image for small slabs) plus L values of
     // slack (the epilogue's last vector may run past the last slab). Zeroed once so that no
     // lane is ever uninitialised.
-    at::Tensor T_t = zeros_cpu_cached({wv ? 0 : (small ? P : ring * g.unpooled_w) * kp + L}, acc_opts);
+    at::Tensor T_t = zeros_cpu_cached({wv ? 0 : (small ? P : ring * row_pos) * kp + L}, acc_opts);
     // The epilogue's output row (and pre-activation row) of every channel.
     std::vector<scalar_t> rowbuf_v(wv ? 0 : 2 * g.c_out * epilogue_row_stride(g.out_w));
     scalar_t* rowbuf = rowbuf_v.data();
@@ -1293,7 +1299,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
           for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
             const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
             bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, ring,
-                                                                         scratch));
+                                                                         row_pos, scratch));
             slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(),
                   scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
           }
@@ -1306,7 +1312,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
         // Unpooled rows below the last row of windows hold no entry; their ring rows may hold
         // another row's flags.
         for (int64_t h = g.pooled_h * g.pool_h; h < g.unpooled_h; ++h)
-          std::fill(has + (h % ring) * g.unpooled_w, has + (h % ring + 1) * g.unpooled_w, uint8_t(0));
+          std::fill(has + (h % ring) * row_pos, has + (h % ring + 1) * row_pos, uint8_t(0));
         epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, g.out_h, rowbuf);
       }
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
