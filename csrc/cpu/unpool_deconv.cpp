@@ -43,7 +43,15 @@
 //      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
 //      for fp32 accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from inside the parallel region
 //      was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
-//      activations stay scalar here.)
+//      activations stay scalar here.) Each output row goes through a per-row channel buffer
+//      into NCHW, and with large slabs T lives in a ring of unpooled rows: steps 1 and 2 run
+//      row of windows by row of windows, so T stays in L2 (decoder_ring_rows).
+// Why not the vendor GEMM (columns = unpooled values x W, then col2im): the argmax is per
+// channel, so the channels that meet at one unpooled position differ from window to window; a
+// dense GEMM must multiply the zeros of the unpooled map too (pool window x these MACs). Timed
+// interleaved on the 2-core EPYC (bench_unpool_deconv's "vendor GEMM form" rows): MKL's GEMMs
+// ALONE, on pre-gathered operands, take 1.3-2.8x this whole forward and 3-6.5x this whole
+// backward on the benchmark and W2 shapes (and match it even for pool 1, no sparsity at all).
 // Backward: gpre = grad_out * act'(.) is written once per image into a zero-bordered
 // channels-last buffer gpad (the act a compile-time constant, the grad_b partials summed in
 // vector lanes), so that the KH*KW*C_out neighbourhood nb(q) of position q (its footprint in
