@@ -528,6 +528,51 @@ def test_cpu_paths_independent_of_thread_count(cpu_isa, case):
     assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act)
 
 
+# Large-slab cases whose tap vectors live in a ring of unpooled rows smaller than the plane
+# (rows = ceil((KH-1)/SH) + pool_h): rows below the last window row (unpooled 9 from pooled 4),
+# stride 2, a 5x5 kernel, pool 3, several weight chunks; K*C_out past 4 vectors in every variant.
+# (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, act)
+RING_CASES = [
+    (2, 64, 32, (12, 10), 2, 3, 1, 1, 0, "relu"),
+    (2, 3, 17, (9, 11), 2, 3, 1, 1, 0, "gelu"),
+    (2, 6, 17, (9, 8), 2, 3, 2, 1, 1, "silu"),
+    (1, 5, 20, (13, 7), 2, 5, 1, 2, 0, "leaky_relu"),
+    (2, 4, 24, (11, 10), 3, 3, 1, 1, 0, "tanh"),
+]
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=[f"{c[1]}to{c[2]}_{c[3][0]}x{c[3][1]}_pool{c[4]}_k{c[5]}_s{c[6]}"
+                                                  for c in RING_CASES])
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_cpu_row_ring_matches_whole_image(cpu_isa, case, fmt, monkeypatch):
+    """The forward's row ring (AEFAST_DECODER_ROW_RING, on by default) gives the bits of the
+    whole-image tap buffer, and both match the torch composition; a pooled map smaller than the
+    unpooled plane (floor pooling) leaves rows and columns outside every window."""
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=25)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, fmt)
+    assert_close_all(got, want, torch.float32, scale=2.0)
+    monkeypatch.setenv("AEFAST_DECODER_ROW_RING", "0")
+    whole, _ = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, fmt)
+    for a, c in zip(got, whole):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("case", RING_CASES[:2], ids=["chunks", "tail"])
+def test_cpu_row_ring_independent_of_thread_count(case):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(5, ci, co, hw, pool, k, seed=26)
+    assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_row_ring_dtypes(dtype):
+    n, ci, co, hw, pool, k, s, p, op, act = RING_CASES[1]
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=dtype, seed=27)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "window")
+    assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 4.0)
+
+
 def assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act):
     """The cpu backend's forward and gradients are bitwise equal on 1, 2 and 3 threads."""
     threads = torch.get_num_threads()

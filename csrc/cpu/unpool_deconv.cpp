@@ -43,7 +43,15 @@
 //      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
 //      for fp32 accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from inside the parallel region
 //      was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
-//      activations stay scalar here.)
+//      activations stay scalar here.) Each output row goes through a per-row channel buffer
+//      into NCHW, and with large slabs T lives in a ring of unpooled rows: steps 1 and 2 run
+//      row of windows by row of windows, so T stays in L2 (decoder_ring_rows).
+// Why not the vendor GEMM (columns = unpooled values x W, then col2im): the argmax is per
+// channel, so the channels that meet at one unpooled position differ from window to window; a
+// dense GEMM must multiply the zeros of the unpooled map too (pool window x these MACs). Timed
+// interleaved on the 2-core EPYC (bench_unpool_deconv's "vendor GEMM form" rows): MKL's GEMMs
+// ALONE, on pre-gathered operands, take 1.3-2.8x this whole forward and 3-6.5x this whole
+// backward on the benchmark and W2 shapes (and match it even for pool 1, no sparsity at all).
 // Backward: gpre = grad_out * act'(.) is written once per image into a zero-bordered
 // channels-last buffer gpad (the act a compile-time constant, the grad_b partials summed in
 // vector lanes), so that the KH*KW*C_out neighbourhood nb(q) of position q (its footprint in
@@ -232,8 +240,8 @@ struct ImageScratch {
   PaddedVec<int32_t> bq;      // [b] position of bucket b, -1 outside the plane
   PaddedVec<int32_t> ent_w;   // [b*cap + i] ci * Kp (the entry's weight slab)
   PaddedVec<acc_t> ent_z;     // [b*cap + i] z
-  PaddedVec<uint8_t> has;     // [q] 1 if position q holds an entry (never set outside windows)
-  ImageScratch(const DecoderGeometry& g, bool buckets, bool channels) {
+  PaddedVec<uint8_t> has;     // [ring q] 1 if position q holds an entry (never set outside windows)
+  ImageScratch(const DecoderGeometry& g, bool buckets, bool channels, int64_t ring_positions = 0) {
     const int64_t window = g.pool_h * g.pool_w;
     if (channels) pos_of.resize(g.c_in * g.pooled_h * g.pooled_w);
     if (!buckets) return;
@@ -244,9 +252,27 @@ struct ImageScratch {
     bq.resize(seg * window);
     ent_w.resize(seg * window * cap);
     ent_z.resize(seg * window * cap);
-    has.assign(g.unpooled_h * g.unpooled_w, 0);
+    has.assign(ring_positions, 0);
   }
 };
+
+// The forward's tap vectors T of the large-slab path live in a ring of unpooled rows: row h at
+// ring row h % rows. The epilogue of output row oy reads the rows h with h*sh - pad_h + kh = oy,
+// h >= h_done - ceil((KH-1)/sh) for every row not yet done (h_done: the rows summed so far), and
+// the next row of pool windows writes rows h_done .. h_done + pool_h - 1, so ceil((KH-1)/sh) +
+// pool_h rows never alias a live row. Summing a row of windows and then running the epilogue of
+// every output row it completes keeps T (rows * W_u * Kp values, e.g. 295 KB for 64->32 at 64x64)
+// in L2 instead of streaming a whole image's T (4.7 MB there) through memory and back.
+// A ring row holds W_u + 1 positions (one unused): with W_u * Kp a multiple of 4 KiB (64 x 288
+// or 32 x 576 floats) the taps of vertically adjacent positions otherwise share one L1 set
+// (measured: 64->32 unpooled 64x64 ran ~20% below 64x66 per multiply-add, 1 thread).
+// AEFAST_DECODER_ROW_RING=0 keeps the whole image's T (the previous layout), for A/B timing.
+inline int64_t decoder_ring_row_positions(const DecoderGeometry& g) { return g.unpooled_w + 1; }
+inline int64_t decoder_ring_rows(const DecoderGeometry& g) {
+  const char* env = std::getenv("AEFAST_DECODER_ROW_RING");
+  if (env != nullptr && env[0] == '0' && env[1] == '\0') return g.unpooled_h;
+  return std::min(g.unpooled_h, (g.kernel_h - 1 + g.stride_h - 1) / g.stride_h + g.pool_h);
+}
 
 // The kernels read a row of pool windows channel by channel: the reads hop by a whole plane
 // from channel to channel, which the hardware prefetchers do not follow. So the same windows of
@@ -277,7 +303,8 @@ AEFAST_ALWAYS_INLINE void prefetch_window_row(const scalar_t* z, const index_t* 
 template <typename scalar_t, typename acc_t, typename index_t>
 __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                                  const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
-                                                 int64_t ph, int64_t pw0, int64_t pw1, ImageScratch<acc_t>& s) {
+                                                 int64_t ph, int64_t pw0, int64_t pw1, int64_t ring_rows,
+                                                 int64_t ring_row_pos, ImageScratch<acc_t>& s) {
   const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window, cap = s.cap, h0 = ph * g.pool_h;
   const int64_t nbk = (pw1 - pw0) * window;
   int32_t* __restrict__ cnt = s.cnt.data();
@@ -305,8 +332,11 @@ __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z,
   for (int64_t b = 0; b < nbk; ++b) {
     const int64_t pw = pw0 + b / window, o = b % window;
     const int32_t q = wtab.slot_q[(ph * g.pooled_w + pw) * window + o];
-    s.bq[b] = q;
-    if (q >= 0) s.has[q] = cnt[b] > 0;
+    // The position's place in the row ring (see decoder_ring_rows).
+    const int32_t rq =
+        q < 0 ? -1 : static_cast<int32_t>((q / g.unpooled_w % ring_rows) * ring_row_pos + q % g.unpooled_w);
+    s.bq[b] = rq;
+    if (rq >= 0) s.has[rq] = cnt[b] > 0;
   }
   return first_bad;
 }
@@ -531,6 +561,13 @@ AEFAST_ISA_CLONES_IDX(bands, int64_t,
 // Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
 // The vector over co may run past C_out into the next tap or slab (T has L values of slack at
 // its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
+// Output rows oy0 .. oy1-1; tap r of the rows reads T row rowq[r] (its position offset: ring
+// row times the positions of a ring row, see decoder_ring_rows).
+// Each output row is first written channel by channel into rowbuf (row stride
+// epilogue_row_stride) and then copied to its C_out planes, one contiguous run each. Storing
+// the lanes straight into NCHW wrote C_out lines a plane apart for every pixel: with planes of
+// a multiple of 4 KiB (64x64 or 32x32 floats) those lines share one L1 set, and the forward of
+// 64->32 at 64x64 ran at half the rate of 66x66 (measured, 1 thread, same process).
 // sigmoid on a whole float vector: 1 / (1 + exp(-x)) with exp by range reduction
 // (x = n ln2 + r, |r| <= ln2/2) and the Cephes expf polynomial (about 1 ulp), 2^n through the
 // exponent bits. x is clamped to [-88, 88] first (the result is then 0 or 1 to float precision
@@ -558,22 +595,29 @@ AEFAST_ALWAYS_INLINE V sigmoid_vec_f32(V x) {
   return 1.0f / (1.0f + p * scale);
 }
 
+inline int64_t epilogue_row_stride(int64_t out_w) { return (out_w + 15) / 16 * 16 + 16; }
+
 template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
                                        const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
-                                       const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
-                                       scalar_t* __restrict__ out, scalar_t* __restrict__ pre) {
+                                       const int64_t* __restrict__ rowq, const AxisTaps& ct, int64_t kp,
+                                       DecoderAct act, acc_t sl, scalar_t* __restrict__ out,
+                                       scalar_t* __restrict__ pre, int64_t oy0, int64_t oy1,
+                                       scalar_t* __restrict__ rowbuf) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   const int64_t co_n = g.c_out, hw_out = g.out_h * g.out_w, kw_n = g.kernel_w;
-  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+  const int64_t rs = epilogue_row_stride(g.out_w);
+  scalar_t* __restrict__ orow = rowbuf;
+  scalar_t* __restrict__ prow = rowbuf + co_n * rs;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
     const int32_t r0 = rt.first[oy], r1 = rt.first[oy + 1];
     for (int64_t ox = 0; ox < g.out_w; ++ox) {
       const int32_t c0 = ct.first[ox], c1 = ct.first[ox + 1];
       for (int64_t cb = 0; cb < co_n; cb += L) {
         V a = vload<V>(bias + cb);
         for (int32_t r = r0; r < r1; ++r) {
-          const int64_t qrow = rt.x[r] * g.unpooled_w, krow = rt.kk[r] * kw_n;
+          const int64_t qrow = rowq[r], krow = rt.kk[r] * kw_n;
           for (int32_t c = c0; c < c1; ++c) {
             const int64_t q = qrow + ct.x[c];
             if (has && !has[q]) continue;
@@ -581,9 +625,9 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_
           }
         }
         const int64_t nl = std::min<int64_t>(L, co_n - cb);
-        const int64_t o = cb * hw_out + oy * g.out_w + ox;
+        const int64_t o = cb * rs + ox;
         if (pre)
-          for (int64_t l = 0; l < nl; ++l) pre[o + l * hw_out] = static_cast<scalar_t>(a[l]);
+          for (int64_t l = 0; l < nl; ++l) prow[o + l * rs] = static_cast<scalar_t>(a[l]);
         // relu / leaky_relu on the whole vector (NaN propagates: x < 0 is false for it).
         if constexpr (A == DecoderAct::Relu) {
           a = a < V{} ? V{} : a;
@@ -596,27 +640,33 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_
                                   (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>);
         for (int64_t l = 0; l < nl; ++l) {
           if constexpr (vec_done)
-            out[o + l * hw_out] = static_cast<scalar_t>(a[l]);
+            orow[o + l * rs] = static_cast<scalar_t>(a[l]);
           else
-            out[o + l * hw_out] = static_cast<scalar_t>(act_forward<acc_t>(a[l], A, sl));
+            orow[o + l * rs] = static_cast<scalar_t>(act_forward<acc_t>(a[l], A, sl));
         }
       }
+    }
+    for (int64_t co = 0; co < co_n; ++co) {
+      std::memcpy(out + co * hw_out + oy * g.out_w, orow + co * rs, sizeof(scalar_t) * g.out_w);
+      if (pre) std::memcpy(pre + co * hw_out + oy * g.out_w, prow + co * rs, sizeof(scalar_t) * g.out_w);
     }
   }
 }
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
-                                        const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl,
-                                        scalar_t* out, scalar_t* pre) {
-#define AEFAST_EPILOGUE(A) epilogue_act<VB, A, scalar_t, acc_t>(T, has, bias, g, rt, ct, kp, act, sl, out, pre)
+                                        const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct, int64_t kp,
+                                        DecoderAct act, acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0,
+                                        int64_t oy1, scalar_t* rowbuf) {
+#define AEFAST_EPILOGUE(A) \
+  epilogue_act<VB, A, scalar_t, acc_t>(T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf)
   AEFAST_FOR_DECODER_ACT(act, AEFAST_EPILOGUE)
 #undef AEFAST_EPILOGUE
 }
 AEFAST_ISA_CLONES(epilogue,
                   (const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
-                   const AxisTaps& rt, const AxisTaps& ct, int64_t kp, DecoderAct act, acc_t sl, scalar_t* out,
-                   scalar_t* pre),
-                  (T, has, bias, g, rt, ct, kp, act, sl, out, pre))
+                   const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct, int64_t kp, DecoderAct act,
+                   acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1, scalar_t* rowbuf),
+                  (T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf))
 
 // ---------------------------------------------------------------- small slabs: window vectors
 // The forward and backward of small slabs (K = KH*KW*C_out taps in at most 4 vectors, e.g.
@@ -1209,11 +1259,23 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const bool wv = use_window_vectors(g, kp, L);
   const WvGeom wg = wv_geom(g, L, sizeof(acc_t));
   const auto wv_forward = AEFAST_PICK_IDX(wv_forward, isa);
+  // Large slabs: T in a ring of unpooled rows, each output row's epilogue run as soon as the
+  // rows it reads are summed (decoder_ring_rows). The small-slab bands keep the image's T.
+  const int64_t ring = small ? g.unpooled_h : decoder_ring_rows(g);
+  const int64_t row_pos = small ? g.unpooled_w : decoder_ring_row_positions(g);
+  std::vector<int64_t> rowq(rt.x.size()), need_h(static_cast<size_t>(g.out_h), -1);
+  for (size_t r = 0; r < rt.x.size(); ++r) rowq[r] = (rt.x[r] % ring) * row_pos;
+  for (int64_t oy = 0; oy < g.out_h; ++oy)  // the last unpooled row output row oy reads
+    for (int32_t r = rt.first[oy]; r < rt.first[oy + 1]; ++r) need_h[oy] = std::max<int64_t>(need_h[oy], rt.x[r]);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    ImageScratch<acc_t> scratch(g, !small, false);
-    // T: one slab per position plus L values of slack (the epilogue's last vector may run past
-    // the last slab). Zeroed once so that no lane is ever uninitialised.
-    at::Tensor T_t = zeros_cpu_cached({wv ? 0 : P * kp + L}, acc_opts);
+    ImageScratch<acc_t> scratch(g, !small, false, ring * row_pos);
+    // T: one slab per position (of the ring, or of the image for small slabs) plus L values of
+    // slack (the epilogue's last vector may run past the last slab). Zeroed once so that no
+    // lane is ever uninitialised.
+    at::Tensor T_t = zeros_cpu_cached({wv ? 0 : (small ? P : ring * row_pos) * kp + L}, acc_opts);
+    // The epilogue's output row (and pre-activation row) of every channel.
+    std::vector<scalar_t> rowbuf_v(wv ? 0 : 2 * g.c_out * epilogue_row_stride(g.out_w));
+    scalar_t* rowbuf = rowbuf_v.data();
     acc_t* T = T_t.mutable_data_ptr<acc_t>();
     // wv: the packed row of windows (z, offsets), the offset x tap tiles A, the accumulator Acc.
     const int64_t wpk = wv ? wg.RB * g.c_in * wg.LW : 0, wa = wv ? wtab.window * wg.K * wg.LW : 0;
@@ -1237,16 +1299,30 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
       }
       if (small) {
         bad = bands(zn, in, wt, g, wtab, kp, T);
+        epilogue(T, nullptr, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, 0, g.out_h, rowbuf);
       } else {
-        for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+        uint8_t* has = scratch.has.data();
+        int64_t oy_done = 0;  // output rows [0, oy_done) are written
+        for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
           for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
             const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
-            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, scratch));
+            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, ring,
+                                                                         row_pos, scratch));
             slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(),
                   scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
           }
+          const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
+          int64_t oy1 = oy_done;
+          while (oy1 < g.out_h && need_h[oy1] < h_done) ++oy1;
+          epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, oy1, rowbuf);
+          oy_done = oy1;
+        }
+        // Unpooled rows below the last row of windows hold no entry; their ring rows may hold
+        // another row's flags.
+        for (int64_t h = g.pooled_h * g.pool_h; h < g.unpooled_h; ++h)
+          std::fill(has + (h % ring) * row_pos, has + (h % ring + 1) * row_pos, uint8_t(0));
+        epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, g.out_h, rowbuf);
       }
-      epilogue(T, small ? nullptr : scratch.has.data(), b, g, rt, ct, kp, act, sl, o, p);
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
   });
