@@ -34,7 +34,7 @@ esac
 PY="$(aefast_python)"
 if [ "$DRY" = 1 ]; then
   OUT="${OUT:-$PWD/out/gpu-check-dry}"
-  BUDGET_S=${GPU_CHECK_BUDGET_S:-1800}  # CPU: no device clock to beat; a hang still ends
+  BUDGET_S=${GPU_CHECK_BUDGET_S:-3000}  # CPU: no device clock to beat; a hang still ends
 else
   OUT="${OUT:-$PWD/out/gpu-check}"
   BUDGET_S=${GPU_CHECK_BUDGET_S:-330}   # under 6 minutes with the tarball and the device tool's transfers
@@ -104,7 +104,7 @@ section environment "$env_status" 0
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
     nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
   fi
-  echo '```'; cat "$WORK/environment.json" 2>/dev/null; echo '```'
+  echo '```'; cat "$WORK/environment.json" 2>/dev/null; echo; echo '```'
 } >>"$summary"
 
 # ---------------------------------------------------------------- wheels
@@ -195,7 +195,7 @@ else
 fi
 cat "$WORK/tables.md" >>"$summary"
 cp "$summary" "$WORK/summary.md"
-tar -C "$WORK" -czf "$OUT/gpu_results.tar.gz" .
+tar -C "$WORK" --exclude=./wheel --exclude=./site -czf "$OUT/gpu_results.tar.gz" .  # (not the dry run's wheel)
 printf '\n%s\n' "files: summary.md, gpu_results.tar.gz ($(du -h "$OUT/gpu_results.tar.gz" | cut -f1)); total $(elapsed) s" >>"$summary"
 echo "gpu_check: wrote $summary and $OUT/gpu_results.tar.gz in $(elapsed) s"
 rm -rf "$WORK"

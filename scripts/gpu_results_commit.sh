@@ -34,7 +34,7 @@ EOF
 dest="bench/results/gpu_$tag"
 mkdir -p "$dest"
 copy() {  # copy SOURCE NAME EXT: SOURCE -> $dest/NAME_<tag>.EXT, when it exists
-  [ -f "$1" ] && cp "$1" "$dest/$2_$tag.$3" || true
+  [ -s "$1" ] && cp "$1" "$dest/$2_$tag.$3" || true  # (empty logs left out)
 }
 copy "$src/summary.md" summary md
 copy "$tmp/environment.json" environment json
