@@ -160,7 +160,8 @@ if [ "$DRY" = 1 ]; then
   COMPILE_OPTS=(--compile-backend aot_eager)  # CPU: capture + AOT autograd, not minutes of inductor
   TESTS=("$PY" -m pytest tests -m "cuda or gpu_triton" --co -q -p no:randomly)
 else
-  SUITE=("$PY" -m pytest bench/suite --device cuda -q -p no:randomly)
+  # 5 timed rounds (the suite's default is 15 per op, 7 per model): more cases within the budget
+  SUITE=("$PY" -m pytest bench/suite --device cuda --rounds 5 -q -p no:randomly)
   COMPILE_OPTS=()  # the suite's CUDA default: inductor, mode="max-autotune"
   TESTS=("$PY" -m pytest tests -m "cuda or gpu_triton" -q -p no:randomly --junitxml="$WORK/tests/junit.xml")
   if "$PY" -c "import xdist" 2>/dev/null; then TESTS+=(-n 8); fi  # Triton compiles are CPU-bound

@@ -95,6 +95,8 @@ def _run_nodes(pending, ready, deps):
 class _FakeCudaGenerator:
     """torch.cuda.default_generators[0] stand-in: seed and Philox offset, no device."""
 
+    device = torch.device("cuda")
+
     def __init__(self):
         self.offset = 0
 
@@ -253,3 +255,17 @@ def test_conv_autoencoder_training_step(fake_gpu, index_checks, index_format):
     assert loss.shape == () and loss.device.type == "cuda"
     assert all(p.grad is not None for p in model.parameters())
     assert index_checks == []
+
+
+def test_cuda_noise_keys_come_from_the_generator_state_without_a_device_read(monkeypatch):
+    """The CUDA key is a function of the generator's (seed, Philox offset): reproducible after a
+    reseed (offset back to 0), distinct from draw to draw, and the offset moves in steps of 4."""
+    gen = _FakeCudaGenerator()
+    monkeypatch.setattr(AF, "_cuda_generator", lambda device: gen)
+    cuda = torch.device("cuda")
+    first, second = AF._draw_seed(None, cuda), AF._draw_seed(None, cuda)
+    assert first != second and gen.offset == 8
+    assert 0 <= first < 2**63 and 0 <= second < 2**63
+    gen.offset = 0  # torch.manual_seed resets the offset
+    assert AF._draw_seed(None, cuda) == first
+    assert AF._draw_seed(gen, cuda) == second  # an explicit generator: the same rule
