@@ -156,6 +156,7 @@ fi
 # `./dev bench --device cuda` runs it all.
 SUITE_K="model or full or mse/mean or bce_logits/none"
 if [ "$DRY" = 1 ]; then
+  SUITE_K="W1-tiny or mse/mean"  # CI time: a model and a loss exercise every step's machinery
   SUITE=("$PY" -m pytest bench/suite --quick --rounds 1 -q -p no:randomly)
   COMPILE_OPTS=(--compile-backend aot_eager)  # CPU: capture + AOT autograd, not minutes of inductor
   TESTS=("$PY" -m pytest tests -m "cuda or gpu_triton" --co -q -p no:randomly)
