@@ -9,6 +9,7 @@ from aefast._extension import BUILD_INFO  # noqa: E402  raises a clear ImportErr
 from aefast import ops  # noqa: E402,F401  registers fake functions, autograd and Triton twins
 from aefast import functional, nn, reference  # noqa: E402,F401
 from aefast.backend import BACKENDS, BackendUnavailableError, get_backend, set_backend  # noqa: E402
+from aefast.validation import index_validation, set_index_validation  # noqa: E402
 from aefast._info import info  # noqa: E402
 from aefast._cpu_cache import empty_cpu_cache  # noqa: E402
 from aefast.optimize import fused_losses, optimize  # noqa: E402
@@ -24,4 +25,4 @@ def __getattr__(name):
 
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "empty_cpu_cache", "functional", "fused_losses", "get_backend",
-           "info", "nn", "optimize", "reference", "set_backend"]
+           "index_validation", "info", "nn", "optimize", "reference", "set_backend", "set_index_validation"]

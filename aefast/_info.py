@@ -7,6 +7,7 @@ import platform
 import torch
 
 from aefast import backend as _backend
+from aefast import validation as _validation
 from aefast._cpu_cache import cpu_cache_info
 from aefast._extension import BUILD_INFO
 
@@ -34,6 +35,7 @@ def info() -> dict:
         "backends": {name: {"usable": ok, "why": why} for name, (ok, why) in _backend.availability().items()},
         "backend_forced": _backend.get_backend(),
         "fallbacks": _backend.fallback_counts(),
+        "index_validation": _validation.index_validation(),
         "cpu_buffer_cache": cpu_cache_info(),
     }
 
@@ -48,6 +50,10 @@ def format_info(data: dict) -> str:
     for name, st in data["backends"].items():
         lines.append(f"  {name:<10} {'usable' if st['usable'] else 'unavailable':<12} {st['why']}")
     lines.append(f"forced backend: {data['backend_forced'] or 'none (cuda for CUDA tensors, cpu for CPU tensors)'}")
+    if "index_validation" in data:
+        lines.append("index validation of user-passed pooling indices: "
+                     + ("on (aefast.set_index_validation(False) or AEFAST_VALIDATE_INDICES=0 turns it off)"
+                        if data["index_validation"] else "OFF (aefast.set_index_validation / AEFAST_VALIDATE_INDICES)"))
     c = data.get("cpu_buffer_cache")
     if c is not None:
         if c["limit_bytes"]:

@@ -12,6 +12,7 @@ import torch
 
 from aefast import _checks
 from aefast import backend as _backend_module
+from aefast import validation as _validation
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
 from aefast.ops import unpool_deconv as _unpool_deconv
@@ -68,57 +69,75 @@ def _index_geometry(t, input_size, kernel_size, stride, padding, dilation):
     return geo
 
 
-def flat_to_window(indices, input_size, kernel_size, stride=None, padding=0, dilation=1, *, check=True):
+def _check_value(check, t) -> bool:
+    """``check=None`` follows the index-validation switch (aefast.set_index_validation)."""
+    checking = _validation.must_validate(t) if check is None else bool(check)
+    return checking and t.numel() > 0 and not _compiling()
+
+
+def flat_to_window(indices, input_size, kernel_size, stride=None, padding=0, dilation=1, *, check=None):
     """PyTorch's int64 pooling indices -> aefast's uint8 offsets inside each pool window.
 
     ``input_size`` is the pooled input's (H, W) (or its full shape); the pooling arguments are
-    those given to ``max_pool2d``. With ``check`` an index that is out of range or outside its
-    own window raises ValueError (this reads the data back, a device sync on CUDA).
+    those given to ``max_pool2d``. With ``check`` (default: aefast.set_index_validation's
+    setting) an index that is out of range or outside its own window raises ValueError on CPU,
+    and asserts on the device on CUDA (no host sync; see aefast.validation).
     """
     check_tensor(indices, "indices", dtypes=(torch.int64,))
     if indices.dim() < 2:
         raise ValueError(f"aefast: indices must have at least 2 dims (…, H_out, W_out), got shape {tuple(indices.shape)}")
     geo = _index_geometry(indices, input_size, kernel_size, stride, padding, dilation)
     plane = geo.input_size[0] * geo.input_size[1]
-    if check and indices.numel() and not _compiling():
+    check = _check_value(check, indices)
+    if check:
         lo, hi = torch.aminmax(indices)
-        if lo.item() < 0 or hi.item() >= plane:
-            raise ValueError(f"aefast: indices must lie in [0, {plane}) for an input of size {geo.input_size}; "
-                             f"found values in [{lo.item()}, {hi.item()}]")
+        range_msg = f"indices must lie in [0, {plane}) for an input of size {geo.input_size}"
+        if not _validation.reports_on_host(indices):
+            _validation.assert_on_device((lo >= 0) & (hi < plane), range_msg)
+        elif lo.item() < 0 or hi.item() >= plane:
+            raise ValueError(f"aefast: {range_msg}; found values in [{lo.item()}, {hi.item()}]")
     backend = choose("flat_to_window", indices.device)
     if backend == "reference":
         out = ref.flat_to_window(indices, geo.input_size, geo.kernel_size, geo.stride, geo.padding, geo.dilation)
     else:
         out = _registry.op(backend, "flat_to_window")(indices, *geo.op_args())
-    if check and indices.numel() and not _compiling():
+    if check:
         bad = out == 255
-        if bad.any():
+        window_msg = (f"is not inside its own pooling window (kernel_size={geo.kernel_size}, stride={geo.stride}, "
+                      f"padding={geo.padding}, dilation={geo.dilation})")
+        if not _validation.reports_on_host(indices):
+            _validation.assert_on_device(~bad.any(), "an index " + window_msg)
+        elif bad.any():
             pos = tuple(int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"aefast: index {indices[pos].item()} at position {pos} is not inside its own pooling "
-                             f"window (kernel_size={geo.kernel_size}, stride={geo.stride}, padding={geo.padding}, "
-                             f"dilation={geo.dilation})")
+            raise ValueError(f"aefast: index {indices[pos].item()} at position {pos} {window_msg}")
     return out
 
 
-def window_to_flat(window, input_size, kernel_size, stride=None, padding=0, dilation=1, *, check=True):
-    """aefast's uint8 window offsets -> PyTorch's int64 flat pooling indices."""
+def window_to_flat(window, input_size, kernel_size, stride=None, padding=0, dilation=1, *, check=None):
+    """aefast's uint8 window offsets -> PyTorch's int64 flat pooling indices (``check`` as in
+    flat_to_window)."""
     check_tensor(window, "window", dtypes=(torch.uint8,))
     if window.dim() < 2:
         raise ValueError(f"aefast: window indices must have at least 2 dims (…, H_out, W_out), got shape {tuple(window.shape)}")
     geo = _index_geometry(window, input_size, kernel_size, stride, padding, dilation)
-    if check and window.numel() and not _compiling():
-        hi = window.max().item()
-        if hi >= geo.window_elements:
-            raise ValueError(f"aefast: window offsets must lie in [0, {geo.window_elements}) for kernel_size="
-                             f"{geo.kernel_size}; found {hi}")
+    check = _check_value(check, window)
+    if check:
+        hi = window.max()
+        range_msg = f"window offsets must lie in [0, {geo.window_elements}) for kernel_size={geo.kernel_size}"
+        if not _validation.reports_on_host(window):
+            _validation.assert_on_device(hi < geo.window_elements, range_msg)
+        elif hi.item() >= geo.window_elements:
+            raise ValueError(f"aefast: {range_msg}; found {hi.item()}")
     backend = choose("window_to_flat", window.device)
     if backend == "reference":
         out = ref.window_to_flat(window, geo.input_size, geo.kernel_size, geo.stride, geo.padding, geo.dilation)
     else:
         out = _registry.op(backend, "window_to_flat")(window, *geo.op_args())
-    if check and window.numel() and not _compiling():
+    if check:
         bad = out < 0
-        if bad.any():
+        if not _validation.reports_on_host(window):
+            _validation.assert_on_device(~bad.any(), "a window offset points into the padding, not at an input element")
+        elif bad.any():
             pos = tuple(int(v) for v in bad.nonzero()[0])
             raise ValueError(f"aefast: window offset {window[pos].item()} at position {pos} points into the padding, "
                              f"not at an input element")
@@ -157,12 +176,14 @@ def _check_unpool_indices(input, indices, index_format, out_hw, window_elements,
     if indices.shape != input.shape:
         raise ValueError(f"aefast: indices must have the input's shape {tuple(input.shape)}, got {tuple(indices.shape)}")
     check_same_device(input=input, indices=indices)
-    if not indices.numel() or not values or _compiling():
+    if not indices.numel() or not values or _compiling() or not _validation.must_validate(indices):
         return
     limit = out_hw[0] * out_hw[1] if index_format == "flat" else window_elements
     lo, hi = torch.aminmax(indices)
-    if lo.item() < 0 or hi.item() >= limit:
-        what = f"flat indices into an output of size {tuple(out_hw)}" if index_format == "flat" else "window offsets"
+    what = f"flat indices into an output of size {tuple(out_hw)}" if index_format == "flat" else "window offsets"
+    if not _validation.reports_on_host(indices):
+        _validation.assert_on_device((lo >= 0) & (hi < limit), f"{what} must lie in [0, {limit})")
+    elif lo.item() < 0 or hi.item() >= limit:
         raise ValueError(f"aefast: {what} must lie in [0, {limit}); found values in [{lo.item()}, {hi.item()}]")
 
 
@@ -202,10 +223,8 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     out_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k, s, p, output_size)
     compiled_check = _backend_name(input.device) != "reference" and _compiled_check_available(input.device)
     _check_unpool_indices(input, indices, "flat", out_hw, None, values=not compiled_check)
-    if compiled_check and indices.numel():
-        bad = _unpool_deconv.first_bad_index(indices, out_hw, (1, 1), False)
-        if bad >= 0:
-            _raise_bad_index(indices, bad, "flat", out_hw, (1, 1))
+    if compiled_check and indices.numel() and not _compiling() and _validation.must_validate(indices):
+        _check_first_bad_index(indices, "flat", out_hw, (1, 1), False)
     backend = choose("max_unpool2d", input.device)
     if backend == "reference":
         return ref.max_unpool2d(input, indices, k, s, p, out_hw)
@@ -347,8 +366,11 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
         raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
     backend = choose("conv_pool2d_forward", input.device)
     if backend == "reference":
-        return ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
-                               negative_slope=negative_slope)
+        out = ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
+                              negative_slope=negative_slope)
+        if return_indices:
+            _validation.mark_trusted(out[1])
+        return out
     from aefast.ops.conv_pool import ACTIVATION_CODES
 
     extra = ()
@@ -362,9 +384,11 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
     if not return_indices:
         return pooled
     if index_format == "window":
+        _validation.mark_trusted(window)  # the decoder need not check what the encoder wrote
         return pooled, window
     # The kernels write compact window offsets; torch's flat indices follow from the geometry.
     flat = _registry.op(backend, "window_to_flat")(window, list(conv_hw), list(k_pool), list(k_pool), [0, 0], [1, 1])
+    _validation.mark_trusted(flat)
     return pooled, flat
 
 
@@ -397,15 +421,29 @@ def _raise_bad_index(indices, linear, index_format, unpooled_hw, k_pool):
                      f"(pool_size={tuple(k_pool)}, unpooled size {tuple(unpooled_hw)})")
 
 
+def _check_first_bad_index(indices, index_format, unpooled_hw, k_pool, in_window):
+    """The one-pass C++ index check: on CPU a ValueError naming the first bad index, on CUDA a
+    device-side assert (the position stays on the device: no host sync)."""
+    bad = _unpool_deconv.first_bad_index(indices, unpooled_hw, k_pool, in_window)
+    if not _validation.reports_on_host(indices):
+        what = "an index" if index_format == "flat" else "a window offset"
+        where = f"inside its own pool window (pool_size={tuple(k_pool)}) and " if in_window else ""
+        _validation.assert_on_device(bad < 0, f"{what} is not {where}inside the unpooled plane {tuple(unpooled_hw)}")
+        return
+    position = int(bad)
+    if position >= 0:
+        _raise_bad_index(indices, position, index_format, unpooled_hw, k_pool)
+
+
 def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool):
     """Each index must name an element of its own pool window (stride = pool_size) inside the
-    unpooled plane; anything else is a ValueError here, so no kernel reads out of bounds."""
-    if not indices.numel() or _compiling():
+    unpooled plane; anything else is a ValueError (CPU) or a device-side assert (CUDA) here, so
+    no kernel reads out of bounds. Skipped for the encoder's own indices and when validation is
+    off (aefast.validation)."""
+    if not indices.numel() or _compiling() or not _validation.must_validate(indices):
         return
     if backend != "reference" and _compiled_check_available(indices.device):
-        bad = _unpool_deconv.first_bad_index(indices, unpooled_hw, k_pool, True)
-        if bad >= 0:
-            _raise_bad_index(indices, bad, index_format, unpooled_hw, k_pool)
+        _check_first_bad_index(indices, index_format, unpooled_hw, k_pool, True)
         return
     hp, wp = indices.shape[-2:]
     if index_format == "flat":
@@ -414,7 +452,7 @@ def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool
             offsets = _registry.op(backend, "flat_to_window")(indices, list(unpooled_hw), list(k_pool), list(k_pool),
                                                              [0, 0], [1, 1])
             bad = offsets == 255
-            if bad.any():
+            if _validation.reports_on_host(indices) and bad.any():
                 pos = tuple(int(v) for v in bad.nonzero()[0])
                 value, limit = indices[pos].item(), unpooled_hw[0] * unpooled_hw[1]
                 if not 0 <= value < limit:
@@ -435,9 +473,12 @@ def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool
         h = oh * k_pool[0] + torch.div(off, k_pool[1], rounding_mode="floor")
         w = ow * k_pool[1] + torch.remainder(off, k_pool[1])
         bad = (h >= unpooled_hw[0]) | (w >= unpooled_hw[1])
-    if bad.any():
+    what = "index" if index_format == "flat" else "window offset"
+    if not _validation.reports_on_host(indices):
+        _validation.assert_on_device(~bad.any(), f"a {what} is not inside its own pool window "
+                                                 f"(pool_size={tuple(k_pool)}, unpooled size {tuple(unpooled_hw)})")
+    elif bad.any():
         pos = tuple(int(v) for v in bad.nonzero()[0])
-        what = "index" if index_format == "flat" else "window offset"
         raise ValueError(f"aefast: {what} {indices[pos].item()} at position {pos} is not inside its own pool window "
                          f"(pool_size={tuple(k_pool)}, unpooled size {tuple(unpooled_hw)})")
 
@@ -587,10 +628,13 @@ def _check_same_size_weight(input, weight):
 
 
 def _check_probabilities(input, what):
-    """torch raises for p outside [0, 1] and for NaN; one min/max pass (aminmax) finds both."""
+    """torch raises for p outside [0, 1] and for NaN; one min/max pass (aminmax) finds both.
+    On CUDA the check asserts on the device, as torch's own BCE kernel does (no host sync)."""
     if input.numel() and not _compiling():
         lo, hi = torch.aminmax(input.detach())
-        if not (lo.item() >= 0 and hi.item() <= 1):
+        if not _validation.reports_on_host(input):
+            _validation.assert_on_device((lo >= 0) & (hi <= 1), f"{what}: all elements of input should be between 0 and 1")
+        elif not (lo.item() >= 0 and hi.item() <= 1):
             raise ValueError(f"aefast: {what}: all elements of input should be between 0 and 1 (found values in "
                              f"[{lo.item()}, {hi.item()}])")
 
@@ -708,9 +752,33 @@ def reconstruction_loss(input, target, kind="mse", reduction="mean", *, delta=1.
 
 def _draw_seed(generator, device) -> int:
     """A 63-bit Philox key drawn from ``generator`` (or the device's default generator), so that
-    torch.manual_seed / a seeded Generator makes the noise reproducible on every backend."""
-    where = generator.device if generator is not None else device
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=where).item())
+    torch.manual_seed / a seeded Generator makes the noise reproducible on every backend.
+
+    A CPU generator draws it directly. A CUDA generator is never asked for a number on the device
+    (reading one back would stall the stream): the key is mixed from the generator's seed and
+    Philox offset, and the offset moves on by one Philox block, as if a few numbers had been drawn."""
+    where = torch.device(generator.device if generator is not None else device)
+    if where.type == "cpu":
+        return int(torch.randint(0, 2**63 - 1, (), generator=generator).item())
+    gen = generator if generator is not None else _cuda_generator(where)
+    seed, offset = gen.initial_seed(), gen.get_offset()
+    gen.set_offset(offset + 4)  # CUDA Philox offsets move in steps of 4
+    return _mix64(seed, offset) & (2**63 - 1)
+
+
+def _cuda_generator(device):
+    import torch.cuda
+
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _mix64(seed: int, offset: int) -> int:
+    """splitmix64 of (seed, offset): distinct offsets give unrelated keys."""
+    mask = 2**64 - 1
+    z = (seed * 0x9E3779B97F4A7C15 + offset + 0x632BE59BD9B4E019) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
 
 
 def _check_generator(generator, device, name):

@@ -84,7 +84,8 @@ at::Tensor scaled(const LossOps& ops, const at::Tensor& grad, const at::Tensor& 
                   const char* what) {
   TORCH_CHECK(saved.numel() != 0 || grad.numel() == 0, "aefast: the forward was called without computing the ",
               "gradient w.r.t. ", what, "; call the op with its grad flag set when that tensor requires grad");
-  if (alpha == 1.0 && is_plain_cpu_one(grad)) return saved;
+  // (fp16/bf16 save fp32 gradients: the scale kernel's rounding is then their only one)
+  if (alpha == 1.0 && saved.scalar_type() == grad.scalar_type() && is_plain_cpu_one(grad)) return saved;
   return ops.scale.call(grad, saved, alpha);
 }
 
@@ -120,8 +121,9 @@ struct ReconLossBackward final : Node {
       auto [_, rx, rt] = ops->loss.call(input.unpack(), target.unpack(), w_eff,
                                         pw.defined() ? std::optional<at::Tensor>(pw) : std::nullopt, kind, "sum",
                                         delta, need_x || (need_t && !own_t), need_t && own_t);
-      if (need_x) out[0] = rx;
-      if (need_t) out[1] = own_t ? rt : rx.neg();
+      const at::ScalarType dtype = input.unpack().scalar_type();  // the op's gradients are fp32 for fp16/bf16
+      if (need_x) out[0] = rx.to(dtype);
+      if (need_t) out[1] = own_t ? rt.to(dtype) : rx.to(dtype).neg();
       return out;
     }
     if (need_x) out[0] = scaled(*ops, grad, gx, 1.0, "input");

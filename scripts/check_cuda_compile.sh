@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu for sm_80 and sm_90 against the installed torch's headers,
+# Compiles every csrc/cuda/*.cu (or the files named) for sm_80 and sm_90 against the installed torch's headers,
 # so that the CUDA code cannot rot on machines without a GPU. Needs nvcc; skips without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-.venv/bin/python}"
+. scripts/_python.sh
+PY="$(aefast_python)"
 if ! command -v nvcc >/dev/null 2>&1; then
   echo "check_cuda_compile: nvcc not found, skipping"; exit 0
 fi
@@ -14,7 +15,8 @@ PYBIND_INC=$("$PY" -c "import pybind11; print(pybind11.get_include())")
 inc=(); for d in "${TORCH_INC[@]}"; do inc+=(-isystem "$d"); done
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 status=0
-for f in csrc/cuda/*.cu; do
+files=("$@"); [ ${#files[@]} -gt 0 ] || files=(csrc/cuda/*.cu)
+for f in "${files[@]}"; do
   start=$(date +%s)
   if nvcc -std=c++20 -O2 --expt-relaxed-constexpr \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \

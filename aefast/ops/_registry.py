@@ -54,8 +54,13 @@ def register_triton(name: str, impl: Callable) -> None:
     if _triton_lib is None:
         return
     _triton_lib.define(_schema_without_namespace(name))
+
+    def checked(*args):  # as the C++ kernels: a clear error for mixed devices, not a Triton fault
+        check_same_device(name, args)
+        return impl(*args)
+
     for key in ("CPU", "CUDA"):
-        _triton_lib.impl(name, impl, key)
+        _triton_lib.impl(name, checked, key)
     _triton_ops.add(name)
 
 
@@ -65,10 +70,31 @@ def _qualified_names(name: str):
         yield f"{TRITON_NAMESPACE}::{name}"
 
 
+def check_same_device(op_name: str, args) -> None:
+    """Every tensor argument of an op (lists of tensors included) must be on one device: the
+    fake functions' twin of the C++ kernels' aefast::check_same_device. A direct torch.ops call
+    mixing devices then raises under tracing (FakeTensorMode, meta tensors) as it does eagerly."""
+    first = None
+    for arg in args:
+        for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                raise RuntimeError(f"aefast::{op_name}: all tensor arguments must be on one device; "
+                                   f"found {first} and {t.device}")
+
+
 def register_fake(name: str, fake: Callable) -> None:
-    """One fake (meta) function for the op and its Triton twin."""
+    """One fake (meta) function for the op and its Triton twin; it checks devices first."""
+    def checked(*args, **kwargs):
+        check_same_device(name, (*args, *kwargs.values()))
+        return fake(*args, **kwargs)
+
+    checked.__name__ = getattr(fake, "__name__", f"fake_{name}")
     for qualname in _qualified_names(name):
-        torch.library.register_fake(qualname, fake)
+        torch.library.register_fake(qualname, checked)
 
 
 def register_autograd(name: str, make_backward: Callable, setup_context: Callable) -> None:

@@ -12,8 +12,13 @@ Gradient formulas (the kernels compute them, see csrc/include/aefast/recon_loss.
   aefast.functional calls reduction="none" of mse/l1/huber with the flags off: the backward is one more
   recon_loss pass with weight = grad_output (see _recon_loss_grads); the op called directly
   with the flags on keeps the saved-gradient path, so both are correct.
-* When grad_output is the plain scalar 1.0 (``loss.backward()``), the saved gradient IS the
-  answer and is returned without a pass over memory (Liger-Kernel's trick). It is kept with
+* The saved gradients are in the accumulation dtype (fp32 for fp16/bf16 inputs), and
+  ``loss_grad_scale`` returns grad_output's dtype: the gradient is rounded ONCE, after
+  grad_output's scale, as torch rounds it. Rounded to fp16 in the forward, 2(x-t)/numel would
+  underflow for large tensors before a loss scale (GradScaler's 2^16) multiplied it.
+* When grad_output is the plain scalar 1.0 (``loss.backward()``) and the saved gradient has the
+  input's dtype (fp32, fp64), the saved gradient IS the answer and is returned without a pass
+  over memory (Liger-Kernel's trick). It is kept with
   ``save_for_backward``, so if autograd later accumulates into it in place, a second
   backward through a retained graph raises instead of reading a modified buffer.
 * Two entries, one formula: eager calls on plain tensors go through the C++ autograd node of
@@ -55,8 +60,13 @@ for _name in ("recon_loss", "loss_grad_scale", "kl_divergence", "corrupt", "repa
 
 # ---------------------------------------------------------------- fake functions
 
-def _dense(t, shape=None):
-    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+def _dense(t, shape=None, dtype=None):
+    return torch.empty(t.shape if shape is None else shape, dtype=dtype or t.dtype, device=t.device)
+
+
+def saved_grad_dtype(dtype):
+    """The dtype of the gradients a loss saves (csrc/include/aefast/recon_loss_host.h)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _reduced(input, reduction):
@@ -68,19 +78,21 @@ def _reduced(input, reduction):
 
 
 def _fake_recon_loss(input, target, weight, pos_weight, kind, reduction, delta, grad_input, grad_target):
-    gx = _dense(input) if grad_input else _dense(input, (0,))
-    gt = _dense(input) if grad_target and kind in OWN_TARGET_GRAD else _dense(input, (0,))
+    acc = saved_grad_dtype(input.dtype)
+    gx = _dense(input, dtype=acc) if grad_input else _dense(input, (0,), acc)
+    gt = _dense(input, dtype=acc) if grad_target and kind in OWN_TARGET_GRAD else _dense(input, (0,), acc)
     return _reduced(input, reduction), gx, gt
 
 
 def _fake_kl(mu, logvar, reduction, grad):
-    g = (lambda: _dense(mu)) if grad else (lambda: _dense(mu, (0,)))
+    acc = saved_grad_dtype(mu.dtype)
+    g = (lambda: _dense(mu, dtype=acc)) if grad else (lambda: _dense(mu, (0,), acc))
     return _reduced(mu, reduction), g(), g()
 
 
 _registry.register_fake("recon_loss", _fake_recon_loss)
 _registry.register_fake("kl_divergence", _fake_kl)
-_registry.register_fake("loss_grad_scale", lambda grad_output, saved, alpha: _dense(saved))
+_registry.register_fake("loss_grad_scale", lambda grad_output, saved, alpha: _dense(saved, dtype=grad_output.dtype))
 _registry.register_fake("corrupt", lambda input, seed, kind, level, low, high: _dense(input))
 _registry.register_fake("reparameterize", lambda mu, logvar, seed: _dense(mu))
 _registry.register_fake("reparameterize_backward", lambda grad, logvar, seed: _dense(logvar))
@@ -106,7 +118,7 @@ def _scale(ns, g, saved, alpha, what):
     if saved.numel() == 0 and g.numel() != 0:
         raise RuntimeError(f"aefast: the forward was called without computing the gradient w.r.t. {what}; "
                            "call the op with its grad flag set when that tensor requires grad")
-    if alpha == 1.0 and _is_plain_one(g):
+    if alpha == 1.0 and saved.dtype == g.dtype and _is_plain_one(g):
         return saved
     return ns.loss_grad_scale(g, saved, alpha)
 
@@ -152,6 +164,8 @@ def _recon_loss_grads(ns, ctx, grad):
                 _, rx, rt = ns.recon_loss.default(*args)
         else:
             _, rx, rt = ns.recon_loss.default(*args)
+        # (the op's gradients are fp32 for fp16/bf16 inputs: this cast is their one rounding)
+        rx, rt = rx.to(inp.dtype), rt.to(inp.dtype)
         return (rx if need_x else None), ((rt if own else -rx) if need_t else None)
     grad_x = _scale(ns, grad, gx, 1.0, "input") if need_x else None
     grad_t = None
@@ -232,7 +246,7 @@ def _make_loss_grad_scale_backward(ns):
         g, saved = ctx.saved_tensors
         grad_g = grad_saved = None
         if ctx.needs_input_grad[1]:
-            grad_saved = ns.loss_grad_scale(g, grad.contiguous(), ctx.alpha)
+            grad_saved = ns.loss_grad_scale(g, grad.contiguous(), ctx.alpha).to(saved.dtype)
         if ctx.needs_input_grad[0]:
             prod = ctx.alpha * saved * grad
             if g.shape == saved.shape:
@@ -241,6 +255,7 @@ def _make_loss_grad_scale_backward(ns):
                 grad_g = prod.sum()
             else:
                 grad_g = prod.reshape(prod.shape[0], -1).sum(1)
+            grad_g = grad_g.to(g.dtype)
         return grad_g, grad_saved, None
 
     return backward

@@ -189,8 +189,9 @@ def bad_index_position(err):
 
 
 def first_bad_index(indices, unpooled_size, pool_size, in_window):
-    """Linear position of the first invalid index (C++ kernels, one pass), or -1."""
-    return int(torch.ops.aefast.first_bad_unpool_index(indices, list(unpooled_size), list(pool_size), in_window))
+    """Linear position of the first invalid index (C++ kernels, one pass), or -1, as a 0-dim
+    int64 tensor on the indices' device (reading it is the caller's choice: a sync on CUDA)."""
+    return torch.ops.aefast.first_bad_unpool_index(indices, list(unpooled_size), list(pool_size), in_window)
 
 
 def max_unpool2d(backend, input, indices, output_size):

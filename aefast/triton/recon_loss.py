@@ -141,8 +141,11 @@ def _loss_forward(input, target, weight, pos_weight, kind, reduction, delta, gra
     k = KINDS[kind]
     rows, cols, out_scale, grad_scale = _plan(x, reduction, k == 5)
     own_t = grad_target and k in OWN_TARGET_GRAD
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_input else x.new_empty((0,))
-    gt = torch.empty(x.shape, dtype=x.dtype, device=x.device) if own_t else x.new_empty((0,))
+    # Saved gradients in the accumulation dtype (fp32 for fp16/bf16), as the C++ kernels: the
+    # backward scale by grad_output is then their one rounding (aefast/ops/recon_loss.py).
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx = torch.empty(x.shape, dtype=acc_dtype, device=x.device) if grad_input else x.new_empty((0,), dtype=acc_dtype)
+    gt = torch.empty(x.shape, dtype=acc_dtype, device=x.device) if own_t else x.new_empty((0,), dtype=acc_dtype)
     none = reduction == "none"
     if none:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -151,7 +154,6 @@ def _loss_forward(input, target, weight, pos_weight, kind, reduction, delta, gra
     else:
         out = torch.empty((), dtype=x.dtype, device=x.device)
     chunks = triton.cdiv(cols, BLOCK)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((max(rows * chunks, 1),), dtype=acc_dtype, device=x.device)
     if rows * chunks:
         _loss_fwd_kernel[(rows * chunks,)](
@@ -197,8 +199,12 @@ def _grad_scale_kernel(g_ptr, s_ptr, out_ptr, n, cols, alpha, MODE: tl.constexpr
 
 
 def loss_grad_scale(grad_output, saved, alpha):
-    if grad_output.dtype != saved.dtype:
-        raise RuntimeError("aefast::loss_grad_scale: dtypes differ")
+    """alpha * saved * grad_output in grad_output's dtype; saved has that dtype or its
+    accumulation dtype (a loss forward's saved gradient)."""
+    acc = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
+    if saved.dtype not in (grad_output.dtype, acc):
+        raise RuntimeError(f"aefast::loss_grad_scale: saved must have grad_output's dtype or its accumulation dtype, "
+                           f"got {saved.dtype} and {grad_output.dtype}")
     if grad_output.shape == saved.shape:
         mode = 2
     elif grad_output.dim() == 0:
@@ -209,12 +215,12 @@ def loss_grad_scale(grad_output, saved, alpha):
         raise RuntimeError(f"aefast::loss_grad_scale: grad_output of shape {tuple(grad_output.shape)} does not "
                            f"broadcast over {tuple(saved.shape)}")
     g, s = grad_output.contiguous(), saved.contiguous()
-    out = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    out = torch.empty(s.shape, dtype=g.dtype, device=s.device)
     n = s.numel()
     if n:
         cols = n // s.shape[0] if mode == 1 else 1
         _grad_scale_kernel[(triton.cdiv(n, BLOCK),)](g, s, out, n, cols, float(alpha), MODE=mode,
-                                                     F64=s.dtype == torch.float64, BLOCK=BLOCK)
+                                                     F64=g.dtype == torch.float64, BLOCK=BLOCK)
     return out
 
 

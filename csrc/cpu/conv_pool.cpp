@@ -55,6 +55,7 @@
 #include "aefast/cpu_isa.h"
 #include "aefast/corruption.h"
 #include "aefast/cpu_buffer_cache.h"
+#include "aefast/torch_utils.h"
 
 namespace aefast {
 namespace {
@@ -391,6 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
     c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level, int64_t seed, double low,
     double high) {
+  check_same_device("conv_pool2d_forward", {&input, &weight}, bias_opt);
   check_conv_args(input, weight);
   check_activation(activation);
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
@@ -691,6 +693,7 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
                                           c10::IntArrayRef input_size, c10::IntArrayRef stride,
                                           c10::IntArrayRef padding, int64_t activation, double negative_slope,
                                           c10::IntArrayRef pool_size) {
+  check_same_device("conv_pool2d_backward_input", {&grad_pooled, &window, &preact, &weight});
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
   TORCH_CHECK(input_size.size() == 2 && weight.dim() == 4, "aefast::conv_pool2d_backward_input: bad arguments");
@@ -709,6 +712,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
     int64_t seed, double low, double high) {
+  check_same_device("conv_pool2d_backward_weight", {&grad_pooled, &window, &preact, &input});
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
@@ -731,6 +735,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
     const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
     int64_t seed, double low, double high) {
+  check_same_device("conv_pool2d_backward", {&grad_pooled, &window, &preact, &input, &weight});
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
   check_conv_args(input, weight);
@@ -766,6 +771,7 @@ int64_t pool_out_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& input, c10::IntArrayRef kernel,
                                                           c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                           c10::IntArrayRef dilation, bool ceil_mode) {
+  check_same_device("max_pool2d_forward", {&input});
   TORCH_CHECK(input.dim() == 4, "aefast::max_pool2d_forward: input must be 4-D");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "aefast::max_pool2d_forward: geometry arguments need two entries each");
@@ -824,6 +830,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& inpu
 }
 
 at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& input) {
+  check_same_device("max_pool2d_backward", {&grad_output, &indices, &input});
   TORCH_CHECK(grad_output.dim() == 4 && indices.sizes() == grad_output.sizes() && input.dim() == 4,
               "aefast::max_pool2d_backward: grad_output and indices must share one 4-D shape");
   TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::max_pool2d_backward: indices must be int64");

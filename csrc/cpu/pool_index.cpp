@@ -23,6 +23,7 @@ void for_each_plane_range(const at::Tensor& t, Body body) {
 
 at::Tensor flat_to_window_cpu(const at::Tensor& indices, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_same_device("flat_to_window", {&indices});
   TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::flat_to_window: indices must be int64");
   const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
   const at::Tensor src = contiguous_cpu_cached(indices);
@@ -44,6 +45,7 @@ at::Tensor flat_to_window_cpu(const at::Tensor& indices, c10::IntArrayRef input_
 
 at::Tensor window_to_flat_cpu(const at::Tensor& window, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_same_device("window_to_flat", {&window});
   TORCH_CHECK(window.scalar_type() == at::kByte, "aefast::window_to_flat: window offsets must be uint8");
   const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
   const at::Tensor src = contiguous_cpu_cached(window);

@@ -29,6 +29,7 @@
 #include "aefast/philox.h"
 #include "aefast/recon_loss.h"
 #include "aefast/recon_loss_host.h"
+#include "aefast/torch_utils.h"
 
 namespace aefast {
 namespace {
@@ -90,47 +91,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recon_loss_cpu(const at::Tensor& 
                                                                const std::optional<at::Tensor>& pos_weight,
                                                                c10::string_view kind, c10::string_view reduction,
                                                                double delta, bool grad_input, bool grad_target) {
+  check_same_device("recon_loss", {&input, &target}, weight);
+  check_same_device("recon_loss", {&input}, pos_weight);
   return loss_forward(input, target, weight, pos_weight, parse_loss_kind(kind), parse_reduction(reduction), delta,
                       grad_input, grad_target);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                                   c10::string_view reduction, bool grad) {
+  check_same_device("kl_divergence", {&mu, &logvar});
   return loss_forward(mu, logvar, std::nullopt, std::nullopt, kKl, parse_reduction(reduction), 0.0, grad, grad);
 }
 
+// out = alpha * saved * g in acc_t, rounded once into scalar_t (saved_t: scalar_t or acc_t).
+template <typename scalar_t, typename saved_t, typename acc_t>
+void scale_saved(const scalar_t* gp, const saved_t* s, scalar_t* o, int64_t numel, int64_t cols, int mode,
+                 acc_t a) {
+  at::parallel_for(0, numel, kGrainElems, [&](int64_t b, int64_t e) {
+    if (mode == 2) {
+      for (int64_t i = b; i < e; ++i)
+        o[i] = static_cast<scalar_t>(a * static_cast<acc_t>(s[i]) * static_cast<acc_t>(gp[i]));
+      return;
+    }
+    // Walk [b, e) row by row so the inner loop has a constant factor (vectorises).
+    for (int64_t i = b; i < e;) {
+      const int64_t r = i / cols;
+      const int64_t stop = std::min(e, (r + 1) * cols);
+      const acc_t f = a * static_cast<acc_t>(gp[mode == 1 ? r : 0]);
+      for (int64_t k = i; k < stop; ++k) o[k] = static_cast<scalar_t>(f * static_cast<acc_t>(s[k]));
+      i = stop;
+    }
+  });
+}
+
 // Backward of every loss op: grad = alpha * saved * grad_output, grad_output broadcast as a
-// scalar (mean/sum), per row (per_sample) or elementwise (none).
+// scalar (mean/sum), per row (per_sample) or elementwise (none); in grad_output's dtype.
 at::Tensor loss_grad_scale_cpu(const at::Tensor& grad_output_, const at::Tensor& saved_, double alpha) {
-  TORCH_CHECK(grad_output_.scalar_type() == saved_.scalar_type(), "aefast::loss_grad_scale: dtypes differ");
+  check_same_device("loss_grad_scale", {&grad_output_, &saved_});
+  check_grad_scale_dtypes(grad_output_, saved_);
   const int mode = grad_scale_mode(grad_output_, saved_);
   const at::Tensor g = contiguous_cpu_cached(grad_output_), saved = contiguous_cpu_cached(saved_);
-  at::Tensor out = empty_cpu_cached(saved.sizes(), saved.options());
+  at::Tensor out = empty_cpu_cached(saved.sizes(), g.options());
   const int64_t numel = saved.numel();
   if (numel == 0) return out;
   const int64_t rows = mode == 1 ? saved.size(0) : 1;
   const int64_t cols = numel / rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "aefast_loss_grad_scale_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aefast_loss_grad_scale_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* s = saved.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const acc_t a = static_cast<acc_t>(alpha);
-    at::parallel_for(0, numel, kGrainElems, [&](int64_t b, int64_t e) {
-      if (mode == 2) {
-        for (int64_t i = b; i < e; ++i)
-          o[i] = static_cast<scalar_t>(a * static_cast<acc_t>(s[i]) * static_cast<acc_t>(gp[i]));
-        return;
-      }
-      // Walk [b, e) row by row so the inner loop has a constant factor (vectorises).
-      for (int64_t i = b; i < e;) {
-        const int64_t r = i / cols;
-        const int64_t stop = std::min(e, (r + 1) * cols);
-        const acc_t f = a * static_cast<acc_t>(gp[mode == 1 ? r : 0]);
-        for (int64_t k = i; k < stop; ++k) o[k] = static_cast<scalar_t>(f * static_cast<acc_t>(s[k]));
-        i = stop;
-      }
-    });
+    if (saved.scalar_type() == g.scalar_type())
+      scale_saved(gp, saved.const_data_ptr<scalar_t>(), o, numel, cols, mode, a);
+    else
+      scale_saved(gp, saved.const_data_ptr<acc_t>(), o, numel, cols, mode, a);
   });
   return out;
 }
@@ -147,6 +161,7 @@ at::Tensor loss_grad_scale_cpu(const at::Tensor& grad_output_, const at::Tensor&
 
 at::Tensor corrupt_cpu(const at::Tensor& input_, int64_t seed, c10::string_view kind_s, double level, double low,
                        double high) {
+  check_same_device("corrupt", {&input_});
   const int kind = parse_corruption(kind_s);
   const at::Tensor input = contiguous_cpu_cached(input_);
   at::Tensor out = empty_cpu_cached(input.sizes(), input.options());
@@ -166,6 +181,7 @@ at::Tensor corrupt_cpu(const at::Tensor& input_, int64_t seed, c10::string_view 
 
 // z = mu + exp(logvar / 2) * eps_i,   eps_i = normal(seed, i)
 at::Tensor reparameterize_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, int64_t seed) {
+  check_same_device("reparameterize", {&mu_, &logvar_});
   check_same(mu_, logvar_, "logvar");
   const at::Tensor mu = contiguous_cpu_cached(mu_), logvar = contiguous_cpu_cached(logvar_);
   at::Tensor z = empty_cpu_cached(mu.sizes(), mu.options());
@@ -187,6 +203,7 @@ at::Tensor reparameterize_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, 
 
 // d z / d logvar = exp(logvar / 2) * eps / 2, with eps regenerated from the seed (nothing saved).
 at::Tensor reparameterize_backward_cpu(const at::Tensor& grad_, const at::Tensor& logvar_, int64_t seed) {
+  check_same_device("reparameterize_backward", {&grad_, &logvar_});
   check_same(logvar_, grad_, "grad");
   const at::Tensor grad = contiguous_cpu_cached(grad_), logvar = contiguous_cpu_cached(logvar_);
   at::Tensor out = empty_cpu_cached(logvar.sizes(), logvar.options());

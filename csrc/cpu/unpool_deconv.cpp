@@ -104,6 +104,7 @@
 
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/cpu_isa.h"
+#include "aefast/torch_utils.h"
 #include "aefast/unpool_deconv.h"
 #include "aefast/unpool_deconv_args.h"
 
@@ -1337,6 +1338,7 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
     const at::Tensor& input, const at::Tensor& indices, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef output_padding, std::optional<c10::string_view> activation, double negative_slope) {
+  check_same_device("unpool_conv_transpose2d", {&input, &indices, &weight}, bias);
   const DecoderGeometry g =
       decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
   const DecoderAct act = parse_activation(activation);
@@ -1762,6 +1764,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
     const at::Tensor& weight, c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef output_padding, std::optional<c10::string_view> activation,
     double negative_slope, std::array<bool, 3> output_mask) {
+  check_same_device("unpool_conv_transpose2d_backward", {&grad_out, &act_input, &input, &indices, &weight});
   const DecoderGeometry g =
       decoder_geometry(input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding);
   const DecoderAct act = parse_activation(activation);
@@ -1792,6 +1795,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
 // grad_out[idx[p]] for the winning p of each element and 0 for the positions it overwrote (they
 // do not reach the output), found by a reverse scan that marks elements already claimed.
 at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices, c10::IntArrayRef output_size) {
+  check_same_device("max_unpool2d", {&input, &indices});
   TORCH_CHECK(input.dim() >= 2 && indices.sizes() == input.sizes() && indices.scalar_type() == at::kLong &&
                   output_size.size() == 2,
               "aefast::max_unpool2d: indices must be int64 with the input's shape, output_size two ints");
@@ -1824,6 +1828,7 @@ at::Tensor max_unpool2d_cpu(const at::Tensor& input, const at::Tensor& indices, 
 }
 
 at::Tensor max_unpool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& indices) {
+  check_same_device("max_unpool2d_backward", {&grad_out, &indices});
   TORCH_CHECK(grad_out.dim() >= 2 && indices.dim() == grad_out.dim() && indices.scalar_type() == at::kLong,
               "aefast::max_unpool2d_backward: bad arguments");
   const at::Tensor g = contiguous_cpu_cached(grad_out), idx = contiguous_cpu_cached(indices);
@@ -1862,6 +1867,7 @@ at::Tensor max_unpool2d_backward_cpu(const at::Tensor& grad_out, const at::Tenso
 
 at::Tensor first_bad_unpool_index_cpu(const at::Tensor& indices, c10::IntArrayRef unpooled_size,
                                       c10::IntArrayRef pool_size, bool in_window) {
+  check_same_device("first_bad_unpool_index", {&indices});
   TORCH_CHECK(indices.dim() >= 2 && (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kByte) &&
                   unpooled_size.size() == 2 && pool_size.size() == 2 && pool_size[0] > 0 && pool_size[1] > 0,
               "aefast::first_bad_unpool_index: bad arguments");

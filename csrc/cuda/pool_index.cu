@@ -54,6 +54,7 @@ struct WindowToFlat {
 
 at::Tensor flat_to_window_cuda(const at::Tensor& indices, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
                                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_same_device("flat_to_window", {&indices});
   TORCH_CHECK(indices.scalar_type() == at::kLong, "aefast::flat_to_window: indices must be int64");
   const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
   return launch_convert<int64_t, uint8_t>(indices, at::kByte, g, FlatToWindow{});
@@ -61,6 +62,7 @@ at::Tensor flat_to_window_cuda(const at::Tensor& indices, c10::IntArrayRef input
 
 at::Tensor window_to_flat_cuda(const at::Tensor& window, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
                                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  check_same_device("window_to_flat", {&window});
   TORCH_CHECK(window.scalar_type() == at::kByte, "aefast::window_to_flat: window offsets must be uint8");
   const PoolGeometry g = pool_geometry_from_args(input_size, kernel, stride, padding, dilation);
   return launch_convert<uint8_t, int64_t>(window, at::kLong, g, WindowToFlat{});

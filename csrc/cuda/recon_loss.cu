@@ -7,6 +7,8 @@
 // reduces its loss values in registers -> warp shuffles -> shared memory, in a fixed order.
 // Blocks walk the chunks grid-stride. Stage 2 sums each row's chunk partials in a fixed
 // order. No atomics anywhere, so every result is bit-reproducible run to run.
+// The gradients are written in acc_t (fp32 for fp16/bf16 inputs): loss_grad_scale multiplies
+// them by grad_output and rounds once (saved_grad_dtype in aefast/recon_loss_host.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +22,7 @@
 #include "aefast/philox.h"
 #include "aefast/recon_loss.h"
 #include "aefast/recon_loss_host.h"
+#include "aefast/torch_utils.h"
 
 namespace aefast {
 namespace {
@@ -58,7 +61,7 @@ __device__ acc_t block_sum(acc_t v, acc_t* shared) {
 
 template <typename scalar_t, typename acc_t, int KIND, bool HAS_W>
 __device__ __forceinline__ acc_t one_element(const scalar_t* x, const scalar_t* t, const scalar_t* w,
-                                             const scalar_t* pw, scalar_t* loss, scalar_t* gx, scalar_t* gt,
+                                             const scalar_t* pw, scalar_t* loss, acc_t* gx, acc_t* gt,
                                              int64_t i, acc_t delta, acc_t gscale) {
   acc_t l, dx, dt;
   const acc_t pwv = pw ? static_cast<acc_t>(pw[i]) : acc_t(1);
@@ -69,8 +72,8 @@ __device__ __forceinline__ acc_t one_element(const scalar_t* x, const scalar_t* 
     dx *= wv;
     dt *= wv;
   }
-  if (gx) gx[i] = static_cast<scalar_t>(dx * gscale);
-  if (gt) gt[i] = static_cast<scalar_t>(dt * gscale);
+  if (gx) gx[i] = dx * gscale;
+  if (gt) gt[i] = dt * gscale;
   if (loss) loss[i] = static_cast<scalar_t>(l);
   return l;
 }
@@ -78,10 +81,11 @@ __device__ __forceinline__ acc_t one_element(const scalar_t* x, const scalar_t* 
 template <typename scalar_t, typename acc_t, int KIND, bool HAS_W, int VEC>
 __global__ void __launch_bounds__(kThreads)
     loss_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t, const scalar_t* __restrict__ w,
-                    const scalar_t* __restrict__ pw, scalar_t* __restrict__ loss, scalar_t* __restrict__ gx,
-                    scalar_t* __restrict__ gt, acc_t* __restrict__ partial, int64_t rows, int64_t cols,
+                    const scalar_t* __restrict__ pw, scalar_t* __restrict__ loss, acc_t* __restrict__ gx,
+                    acc_t* __restrict__ gt, acc_t* __restrict__ partial, int64_t rows, int64_t cols,
                     int64_t chunks, acc_t delta, acc_t gscale) {
   using P = Pack<scalar_t, VEC>;
+  using G = Pack<acc_t, VEC>;  // VEC gradients: 16 bytes (fp32) or 32 (fp16/bf16 -> fp32, two stores)
   constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * VEC * kItems;
   __shared__ acc_t shared[kThreads / 32];
   for (int64_t id = blockIdx.x; id < rows * chunks; id += gridDim.x) {
@@ -96,7 +100,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i = base + j;  // VEC-aligned: cols % VEC == 0 and aligned pointers (host checks)
         const P xv = *reinterpret_cast<const P*>(x + i);
         const P tv = *reinterpret_cast<const P*>(t + i);
-        P wv, pv, lv, gxv, gtv;
+        P wv, pv, lv;
+        G gxv, gtv;
         if constexpr (HAS_W) wv = *reinterpret_cast<const P*>(w + i);
         if (pw) pv = *reinterpret_cast<const P*>(pw + i);
 #pragma unroll
@@ -112,11 +117,11 @@ __global__ void __launch_bounds__(kThreads)
           }
           sum += l;
           lv.v[e] = static_cast<scalar_t>(l);
-          gxv.v[e] = static_cast<scalar_t>(dx * gscale);
-          gtv.v[e] = static_cast<scalar_t>(dt * gscale);
+          gxv.v[e] = dx * gscale;
+          gtv.v[e] = dt * gscale;
         }
-        if (gx) *reinterpret_cast<P*>(gx + i) = gxv;
-        if (gt) *reinterpret_cast<P*>(gt + i) = gtv;
+        if (gx) *reinterpret_cast<G*>(gx + i) = gxv;
+        if (gt) *reinterpret_cast<G*>(gt + i) = gtv;
         if (loss) *reinterpret_cast<P*>(loss + i) = lv;
       } else {
         for (int64_t jj = j; jj < n && jj < j + VEC; ++jj)
@@ -145,11 +150,16 @@ bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_
 
 template <typename scalar_t, int KIND, bool HAS_W>
 void launch_loss(const at::Tensor& ref, const scalar_t* x, const scalar_t* t, const scalar_t* w, const scalar_t* pw,
-                 scalar_t* loss, scalar_t* gx, scalar_t* gt, at::Tensor& out, const LossPlan& plan, double delta) {
+                 scalar_t* loss, at::opmath_type<scalar_t>* gx, at::opmath_type<scalar_t>* gt, at::Tensor& out,
+                 const LossPlan& plan, double delta) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = 16 / sizeof(scalar_t);
+  // The gradient packs are V acc_t wide (32 bytes for fp16/bf16): they need that alignment.
+  auto aligned_grad = [](const void* p) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(acc_t) * V) == 0;
+  };
   const bool vec = plan.cols % V == 0 && aligned16(x) && aligned16(t) && aligned16(w) && aligned16(pw) &&
-                   aligned16(loss) && aligned16(gx) && aligned16(gt);
+                   aligned16(loss) && aligned_grad(gx) && aligned_grad(gt);
   const int vw = vec ? V : 1;
   const int64_t chunk = static_cast<int64_t>(kThreads) * vw * kItems;
   const int64_t chunks = (plan.cols + chunk - 1) / chunk;
@@ -184,8 +194,8 @@ void launch_loss(const at::Tensor& ref, const scalar_t* x, const scalar_t* t, co
 
 template <typename scalar_t>
 void dispatch_loss_kind(int kind, const at::Tensor& ref, const scalar_t* x, const scalar_t* t, const scalar_t* w,
-                        const scalar_t* pw, scalar_t* loss, scalar_t* gx, scalar_t* gt, at::Tensor& out,
-                        const LossPlan& plan, double delta) {
+                        const scalar_t* pw, scalar_t* loss, at::opmath_type<scalar_t>* gx,
+                        at::opmath_type<scalar_t>* gt, at::Tensor& out, const LossPlan& plan, double delta) {
 #define AEFAST_CUDA_LOSS_CASE(K)                                                             \
   case K:                                                                                    \
     if (w) launch_loss<scalar_t, K, true>(ref, x, t, w, pw, loss, gx, gt, out, plan, delta);  \
@@ -221,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pw = pos_weight.defined() ? pos_weight.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* loss = reduction == kNone ? out.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gtp = own_gt ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* gxp = grad_input ? gx.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* gtp = own_gt ? gt.mutable_data_ptr<acc_t>() : nullptr;
     dispatch_loss_kind<scalar_t>(kind, input, x, t, w, pw, loss, gxp, gtp, out, plan, delta);
   });
   return {out, gx, gt};
@@ -233,19 +244,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recon_loss_cuda(const at::Tensor&
                                                                 const std::optional<at::Tensor>& pos_weight,
                                                                 c10::string_view kind, c10::string_view reduction,
                                                                 double delta, bool grad_input, bool grad_target) {
+  check_same_device("recon_loss", {&input, &target}, weight);
+  check_same_device("recon_loss", {&input}, pos_weight);
   return loss_forward_cuda(input, target, weight, pos_weight, parse_loss_kind(kind), parse_reduction(reduction),
                            delta, grad_input, grad_target);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                                                    c10::string_view reduction, bool grad) {
+  check_same_device("kl_divergence", {&mu, &logvar});
   return loss_forward_cuda(mu, logvar, std::nullopt, std::nullopt, kKl, parse_reduction(reduction), 0.0, grad, grad);
 }
 
-// out = alpha * saved * g[mode: 0 -> g[0], 1 -> g[i / cols], 2 -> g[i]]
-template <typename scalar_t, typename acc_t>
+// out = alpha * saved * g[mode: 0 -> g[0], 1 -> g[i / cols], 2 -> g[i]], rounded once into scalar_t
+template <typename scalar_t, typename saved_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    grad_scale_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ s, scalar_t* __restrict__ out,
+    grad_scale_kernel(const scalar_t* __restrict__ g, const saved_t* __restrict__ s, scalar_t* __restrict__ out,
                       int64_t n, int64_t cols, int mode, acc_t alpha) {
   const acc_t g0 = mode == 0 ? static_cast<acc_t>(g[0]) : acc_t(0);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
@@ -256,20 +270,27 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor loss_grad_scale_cuda(const at::Tensor& grad_output_, const at::Tensor& saved_, double alpha) {
-  TORCH_CHECK(grad_output_.scalar_type() == saved_.scalar_type(), "aefast::loss_grad_scale: dtypes differ");
+  check_same_device("loss_grad_scale", {&grad_output_, &saved_});
+  check_grad_scale_dtypes(grad_output_, saved_);
   const c10::cuda::CUDAGuard guard(saved_.device());
   const int mode = grad_scale_mode(grad_output_, saved_);
   const at::Tensor g = grad_output_.contiguous(), saved = saved_.contiguous();
-  at::Tensor out = at::empty(saved.sizes(), saved.options());
+  at::Tensor out = at::empty(saved.sizes(), g.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = saved.numel();
   if (n == 0) return out;
   const int64_t cols = mode == 1 ? n / saved.size(0) : 1;
   const int64_t blocks = std::min((n + kThreads - 1) / kThreads, grid_limit(saved));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "aefast_loss_grad_scale_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aefast_loss_grad_scale_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    grad_scale_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, cols,
-        mode, static_cast<acc_t>(alpha));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (saved.scalar_type() == g.scalar_type())
+      grad_scale_kernel<scalar_t, scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, cols,
+          mode, static_cast<acc_t>(alpha));
+    else
+      grad_scale_kernel<scalar_t, acc_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), saved.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), n, cols,
+          mode, static_cast<acc_t>(alpha));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -295,6 +316,7 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor corrupt_cuda(const at::Tensor& input_, int64_t seed, c10::string_view kind_s, double level, double low,
                         double high) {
+  check_same_device("corrupt", {&input_});
   const int kind = parse_corruption(kind_s);
   const c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
@@ -346,10 +368,12 @@ at::Tensor reparam_launch(const at::Tensor& other_, const at::Tensor& logvar_, i
 }
 
 at::Tensor reparameterize_cuda(const at::Tensor& mu, const at::Tensor& logvar, int64_t seed) {
+  check_same_device("reparameterize", {&mu, &logvar});
   return reparam_launch<false>(mu, logvar, seed);
 }
 
 at::Tensor reparameterize_backward_cuda(const at::Tensor& grad, const at::Tensor& logvar, int64_t seed) {
+  check_same_device("reparameterize_backward", {&grad, &logvar});
   return reparam_launch<true>(grad, logvar, seed);
 }
 

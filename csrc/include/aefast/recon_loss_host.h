@@ -3,6 +3,7 @@
 // Host-side planning of the recon_loss family, shared by the CPU and CUDA entry points:
 // argument parsing, the (rows x cols) view of the data, and the reduction's scales.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <string_view>
 
@@ -77,8 +78,27 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* wha
   TORCH_CHECK(a.device() == b.device(), "aefast: ", what, " must be on the input's device");
 }
 
+// The gradients a loss saves in its forward are kept in the accumulation type (fp32 for fp16 and
+// bf16 inputs). The backward multiplies them by grad_output and rounds ONCE into the input's
+// dtype, as torch's loss backward does. Saved already rounded to fp16, 2(x-t)/numel would
+// underflow into fp16's subnormals (below 6e-5) for large tensors before a loss scale of, say,
+// 2^16 could lift it back: the gradient would be flushed to zero or lose most of its bits.
+inline at::ScalarType saved_grad_dtype(at::ScalarType input_dtype) { return at::toOpMathType(input_dtype); }
+
 inline at::Tensor grad_buffer(const at::Tensor& input, bool wanted) {
-  return wanted ? input_sized_buffer(input) : at::empty({0}, input.options());
+  const at::TensorOptions opts = input.options().dtype(saved_grad_dtype(input.scalar_type()));
+  if (!wanted) return at::empty({0}, opts);
+  if (input.device().is_cpu()) return empty_cpu_cached(input.sizes(), opts, at::MemoryFormat::Contiguous);
+  return at::empty(input.sizes(), opts.memory_format(at::MemoryFormat::Contiguous));
+}
+
+// loss_grad_scale's output is grad_output's dtype; the saved gradient is that dtype or its
+// accumulation type (the forward's saved buffer).
+inline void check_grad_scale_dtypes(const at::Tensor& grad_output, const at::Tensor& saved) {
+  TORCH_CHECK(saved.scalar_type() == grad_output.scalar_type() ||
+                  saved.scalar_type() == saved_grad_dtype(grad_output.scalar_type()),
+              "aefast::loss_grad_scale: saved must have grad_output's dtype or its accumulation dtype, got ",
+              saved.scalar_type(), " and ", grad_output.scalar_type());
 }
 
 // How grad_output broadcasts over saved in loss_grad_scale: 0 scalar, 1 per row, 2 elementwise.
