@@ -39,14 +39,19 @@ def step(model, x, training, output_weights):
     return [o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters()}
 
 
-def assert_close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+def assert_close(actual, expected, what, scale=None):
+    """fp32 tolerance; ``scale``, the largest gradient entry of the whole model, bounds the absolute
+    error of gradients: a gradient several BatchNorm layers deep is a sum of many terms summed in a
+    different order by the fused kernels, so it differs from eager by ~1e-7 of the model's gradient
+    scale, not of its own entry's size. (A conv bias feeding a training-mode BatchNorm has an exactly
+    zero gradient: both sides hold rounding noise only.)"""
+    atol = 1e-5 * max(1.0, scale or 0.0)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_optimized_matches_original_in_train_and_eval(name):
     original, optimized = optimized_pair(name)
-    assert optimized.aefast_rewrites or name in ("conv_vae", "unet"), "nothing fused"
     shape = A.ARCHITECTURES[name][1]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -62,9 +67,10 @@ def test_optimized_matches_original_in_train_and_eval(name):
         for i, (o, r) in enumerate(zip(outs, ref_outs)):
             assert_close(o, r, f"{name} {mode} output {i}")
         assert ref_grads.keys() == grads.keys()
+        assert all(g is not None for g in (*grads.values(), *ref_grads.values())), f"{name} {mode}: no gradient"
+        scale = max(g.abs().max().item() for g in ref_grads.values())
         for n, g in grads.items():
-            assert g is not None and ref_grads[n] is not None, f"{name} {mode}: no gradient for {n}"
-            assert_close(g, ref_grads[n], f"{name} {mode} grad {n}")
+            assert_close(g, ref_grads[n], f"{name} {mode} grad {n}", scale)
         ref_buffers = dict(original.named_buffers())
         for n, b in optimized.named_buffers():
             if b.is_floating_point():
@@ -89,16 +95,35 @@ def test_torch_compile_fullgraph_of_optimized(name):
         if training:
             expected.square().mean().backward()
             actual.square().mean().backward()
+            scale = max(p.grad.abs().max().item() for p in original.parameters())
             for n, p in original.named_parameters():
-                assert_close(optimized.get_parameter(n).grad, p.grad, f"{name} compiled grad {n}")
+                assert_close(optimized.get_parameter(n).grad, p.grad, f"{name} compiled grad {n}", scale)
             for n, b in original.named_buffers():
                 assert_close(optimized.get_buffer(n), b, f"{name} compiled buffer {n}")
 
 
 # Exact (fused, total) sites per architecture and mode, from optimize()'s own report. When a
 # rewrite is added, these change on purpose: update them together with the reasons in the docstring.
-EXPECTED_SITES = {
-    # name: {training: {kind: (fused, total)}}
+# Why each is short of all-fused (the reasons optimize() reports):
+#   SegNet (both): in training mode the decoder's unpool -> conv -> BatchNorm2d (batch statistics)
+#     has no fused form (eval mode folds the BN and fuses all three);
+#   U-Net: each pool's input is also the skip connection (a value read), and its two upsamplers are
+#     stride-2 ConvTranspose2d without unpool;
+#   FCN-8s: five ceil_mode=True pools and three stride-2/8 ConvTranspose2d upsamplers;
+#   conv VAE: no pools; two stride-2 ConvTranspose2d upsamplers;
+#   tutorial conv AE: two stride-2 ConvTranspose2d upsamplers.
+def _sites(pools, unpools, upsamplers):
+    return {"max_pool2d": pools, "max_unpool2d": unpools, "upsampler": upsamplers}
+
+
+EXPECTED_SITES = {  # name: {training: {kind: (fused, total)}}
+    "segnet_functional": {True: _sites((3, 3), (0, 3), (0, 0)), False: _sites((3, 3), (3, 3), (0, 0))},
+    "segnet_sequential": {True: _sites((3, 3), (0, 3), (0, 0)), False: _sites((3, 3), (3, 3), (0, 0))},
+    "unet": {True: _sites((0, 2), (0, 0), (0, 2)), False: _sites((0, 2), (0, 0), (0, 2))},
+    "fcn8s": {True: _sites((0, 5), (0, 0), (0, 3)), False: _sites((0, 5), (0, 0), (0, 3))},
+    "conv_vae": {True: _sites((0, 0), (0, 0), (0, 2)), False: _sites((0, 0), (0, 0), (0, 2))},
+    "tutorial_conv_ae": {True: _sites((2, 2), (0, 0), (0, 2)), False: _sites((2, 2), (0, 0), (0, 2))},
+    "indices_conv_ae": {True: _sites((2, 2), (2, 2), (0, 0)), False: _sites((2, 2), (2, 2), (0, 0))},
 }
 
 
@@ -139,4 +164,5 @@ def test_overall_fused_fraction():
     assert {t: tuple(v) for t, v in totals.items()} == EXPECTED_OVERALL
 
 
-EXPECTED_OVERALL = {}
+# training mode 12/34 = 35%, eval mode 18/34 = 53%: issue 16's 80% is not met yet.
+EXPECTED_OVERALL = {True: (12, 34), False: (18, 34)}
