@@ -579,7 +579,8 @@ def _add_resume(p):
                    help="stop after N optimizer steps in total, checkpointing there (resume later)")
 
 
-BENCH_SUITES = ("conv_pool", "unpool_deconv", "recon_loss", "optimize", "training")
+BENCH_SUITES = ("conv_pool", "conv_bn_pool", "unpool_deconv", "recon_loss", "optimize", "optimize_architectures",
+                "training")
 
 
 def _cmd_bench(args) -> int:

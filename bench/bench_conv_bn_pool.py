@@ -90,6 +90,7 @@ def bench_shape(shape, rounds, repeats, quick):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only (aefast bench passes --device)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
     parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
     add_allocator_flag(parser)

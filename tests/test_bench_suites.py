@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script, result", [("bench_optimize.py", "optimize_cpu.json"),
+                                            ("bench_optimize_architectures.py", "optimize_architectures_cpu.json"),
+                                            ("bench_conv_bn_pool.py", "bench_conv_bn_pool_quick.json"),
                                             ("bench_training.py", "training_cpu.json")])
 def test_quick_run_writes_results(tmp_path, script, result):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(tmp_path)],
@@ -24,6 +26,16 @@ def test_quick_run_writes_results(tmp_path, script, result):
     assert all(r["seconds"] > 0 for r in data["rows"] if not r["variant"].endswith("FAILED"))
     for ext in ("md", "png"):
         assert (tmp_path / result.replace(".json", f".{ext}")).exists()
+    if script == "bench_optimize_architectures.py":
+        # every architecture, both variants, with its fused-site accounting and the overall fraction
+        sys.path.insert(0, str(ROOT / "bench"))
+        import architectures
+
+        cases = {r["case"].split(" ", 1)[0] for r in data["rows"]}
+        assert cases == set(architectures.ARCHITECTURES)
+        assert len(data["rows"]) == 2 * len(cases)
+        assert all(set(r["extra"]["site_counts"]) == set(architectures.SITE_KINDS) for r in data["rows"])
+        assert "sites fused in training mode, all architectures:" in proc.stdout
     if script == "bench_training.py":
         # The per-kernel breakdown of the aefast and the eager training step, in both files.
         md = (tmp_path / "training_cpu.md").read_text()
@@ -38,3 +50,9 @@ def test_quick_run_writes_results(tmp_path, script, result):
         ops = {r["op"] for r in breakdowns["aefast"]["rows"]}
         assert {"aefast::conv_pool2d_forward", "aefast::unpool_conv_transpose2d_backward"} <= ops
         assert "aten::convolution_backward" in {r["op"] for r in breakdowns["eager"]["rows"]}
+
+
+def test_every_bench_suite_has_a_script():
+    from aefast.cli import BENCH_SUITES
+
+    assert all((ROOT / "bench" / f"bench_{suite}.py").exists() for suite in BENCH_SUITES)
