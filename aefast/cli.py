@@ -767,8 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  onnx          detector.onnx: torch.onnx.export(dynamo=True) (needs onnxscript), dynamic batch;\n"
                     "                run it with onnxruntime.InferenceSession(path).run(None, {'images': x})\n"
                     "  torch_export  detector.pt2: torch.export.save; torch.export.load(path).module()(x), dynamic batch\n"
-                    "  torchscript   detector.ts: torch.jit.trace + torch.jit.save; torch.jit.load(path)(x), traced at\n"
-                    "                batch 4\n\n"
+                    "  torchscript   detector.ts: torch.jit.trace + torch.jit.save (torch deprecates TorchScript for\n"
+                    "                torch.export); torch.jit.load(path)(x), traced at batch 4\n\n"
                     "The image size is fixed (the model file's, or --input-size). After writing, every file is run on\n"
                     "the same images as aefast's fused model and the largest difference is printed.")
     p.add_argument("--weights", required=True, help="model file from `aefast detect` (detector.pt) or `aefast train` "

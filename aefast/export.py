@@ -51,6 +51,18 @@ def twin_detector(name: str, kwargs: dict, state_dict: dict, scorer=None):
     return Detector(torch_twin(name, kwargs, state_dict), scorer).eval()
 
 
+class _TupleOutputs(torch.nn.Module):
+    """The detector with a plain tuple out: torch.export.save cannot serialise a NamedTuple's spec, and a
+    deployed file should not need aefast's classes to be read anyway."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        return tuple(self.detector(x))
+
+
 def export_detector(detector: torch.nn.Module, example: torch.Tensor, out_dir: str, formats=("onnx", "torch_export")
                     ) -> dict:
     """Writes ``detector`` (a Detector around a torch.nn twin) in each of ``formats`` to ``out_dir``;
@@ -62,7 +74,7 @@ def export_detector(detector: torch.nn.Module, example: torch.Tensor, out_dir: s
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise ValueError("aefast.export: example must be an (N, C, H, W) tensor")
     os.makedirs(out_dir, exist_ok=True)
-    detector = detector.eval()
+    detector = _TupleOutputs(detector).eval()
     # batch 2 at least: torch.export specialises a dimension of size 1
     example = example[:1].expand(max(2, example.shape[0]), *example.shape[1:]).contiguous()
     batch = torch.export.Dim("batch", min=1)
@@ -72,7 +84,8 @@ def export_detector(detector: torch.nn.Module, example: torch.Tensor, out_dir: s
             path = os.path.join(out_dir, FILE_NAMES[fmt])
             if fmt == "onnx":
                 torch.onnx.export(detector, (example,), path, dynamo=True, input_names=["images"],
-                                  output_names=OUTPUT_NAMES, dynamic_shapes={"x": {0: batch}}, verbose=False)
+                                  output_names=OUTPUT_NAMES, dynamic_shapes={"x": {0: batch}}, external_data=False,
+                                  verbose=False)
             elif fmt == "torch_export":
                 program = torch.export.export(detector, (example,), dynamic_shapes={"x": {0: batch}})
                 torch.export.save(program, path)

@@ -140,7 +140,8 @@ class AnomalyMap(nn.Module):
         if self.top_fraction is None:
             score = flat.mean(1)
         else:
-            k = max(1, int(round(self.top_fraction * flat.shape[1])))
+            # int(): a plain number even under torch.jit.trace (the image size is fixed there)
+            k = max(1, int(round(self.top_fraction * int(flat.shape[1]))))
             score = flat.topk(k, dim=1).values.mean(1)
         return amap, score
 
