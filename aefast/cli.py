@@ -521,6 +521,9 @@ def _interleaved_step_times(models, batch, steps, seed, warmup=2):
     return [statistics.median(t) for t in times]
 
 
+DEMO_TRAIN_DIGITS = 2000   # the variant table's training set (bench/detection_variants.py --limit)
+
+
 def _cmd_demo(args) -> int:
     import torch
 
@@ -533,7 +536,7 @@ def _cmd_demo(args) -> int:
     t_start = time.perf_counter()
     _setup(args)
     args.data, args.model = "mnist", "conv"
-    limit = 400 if args.quick else args.limit
+    limit = 400 if args.quick else (args.limit or DEMO_TRAIN_DIGITS)
     splits = defect_splits("mnist", seed=args.seed, limit=limit)
     variant = BEST_DIGITS.replace(epochs=1 if args.quick else args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   **({"channels": args.channels} if args.channels else {}))

@@ -28,8 +28,10 @@ SCORERS = {
     "mse smoothed, top 2%": AnomalyMap("mse", sigma=1.0, top_fraction=0.02),
     "ssim, top 2%": AnomalyMap("ssim", top_fraction=0.02),
 }
+# scorers added after the first runs; --extra-scorers scores with them too (rows only where measured)
+EXTRA_SCORERS = {"mse smoothed (sigma 2), top 1%": AnomalyMap("mse", sigma=2.0, top_fraction=0.01)}
 
-BASE = DetectorVariant(channels=(16, 32), epochs=4)
+BASE = DetectorVariant(channels=(16, 32), epochs=3)
 
 GROUPS = {
     # decoders x the training corruptions that matter most
@@ -40,7 +42,15 @@ GROUPS = {
               for c, lv in (("gaussian", 0.3), ("masking", 0.3), ("salt_pepper", 0.2))],
     # width, depth and epochs around the synthetic-anomaly, deepest-indices model
     "size": [BASE.replace(index_reuse="deepest", corruption="synthetic", **kw)
-             for kw in (dict(channels=(32, 64)), dict(channels=(16, 32, 32)), dict(epochs=2), dict(epochs=8))],
+             for kw in (dict(channels=(32, 64)), dict(channels=(16, 32, 32)), dict(epochs=6))],
+    # the demo's budget (about 25 s a seed on 2 quiet cores): twice the width and epochs of BASE
+    "wide": [BASE.replace(channels=(32, 64), epochs=6, index_reuse=r, corruption="synthetic")
+             for r in ("deepest", "all", "none")],
+    "wide_level": [BASE.replace(channels=(32, 64), epochs=6, index_reuse="deepest", corruption="synthetic", level=0.5)],
+    "wide_deepest_3": [BASE.replace(channels=(32, 64), epochs=3, index_reuse="deepest", corruption="synthetic")],
+    # the smaller grid run on textures_hard
+    "decoders": [BASE.replace(index_reuse=r, corruption=c) for r in ("all", "deepest", "none")
+                 for c in ("none", "synthetic")],
 }
 
 
@@ -68,9 +78,9 @@ def run(variants, data, seeds, limit, out, threads):
                 summaries[name][0].add(split_metrics(detector, splits.val))
                 summaries[name][1].add(split_metrics(detector, splits.test))
         for name, (val, test) in summaries.items():
-            rows.append({"variant": v.as_dict(), "describe": v.describe(), "scorer": name, "val": val.as_dict(),
+            rows.append({"variant": v.as_dict(), "describe": v.describe_model(), "scorer": name, "val": val.as_dict(),
                          "test": test.as_dict(), "train_seconds": seconds, "load": os.getloadavg()[0]})
-            print(f"{v.describe():95s} | {name:22s} | val {val.mean('image_auroc'):.3f} {val.mean('pixel_auroc'):.3f} "
+            print(f"{v.describe_model():60s} | {name:22s} | val {val.mean('image_auroc'):.3f} {val.mean('pixel_auroc'):.3f} "
                   f"{val.mean('aupro'):.3f} | test {test.mean('image_auroc'):.3f} {test.mean('pixel_auroc'):.3f} "
                   f"{test.mean('aupro'):.3f} | {sum(seconds) / len(seconds):.0f} s/seed", flush=True)
         with open(out, "w") as f:
@@ -81,6 +91,12 @@ def run(variants, data, seeds, limit, out, threads):
 def selection_score(row):
     """What the table selects on: the mean of the three validation metrics over seeds."""
     return sum(row["val"][k]["mean"] for k in ("image_auroc", "pixel_auroc", "aupro")) / 3
+
+
+def _variant(row):
+    v = dict(row["variant"])
+    v["channels"] = tuple(v["channels"])
+    return DetectorVariant(**v)
 
 
 def markdown(rows, data):
@@ -95,7 +111,7 @@ def markdown(rows, data):
             return f"{r[split][k]['mean']:.3f} ± {r[split][k]['std']:.3f}"
         mark = " **best**" if r is best else ""
         secs = sum(r["train_seconds"]) / len(r["train_seconds"])
-        lines.append(f"| {r['describe']}{mark} | {r['scorer']} | {cell('val', 'image_auroc')} | "
+        lines.append(f"| {_variant(r).describe_model()}{mark} | {r['scorer']} | {cell('val', 'image_auroc')} | "
                      f"{cell('val', 'pixel_auroc')} | {cell('val', 'aupro')} | {selection_score(r):.3f} | "
                      f"{cell('test', 'image_auroc')} | {cell('test', 'pixel_auroc')} | {cell('test', 'aupro')} | "
                      f"{secs:.0f} ({r['load']:.0f}) |")
@@ -107,13 +123,25 @@ def main(argv=None):
     p.add_argument("--data", default="mnist", choices=("mnist", "textures_hard", "textures"))
     p.add_argument("--group", action="append", choices=sorted(GROUPS), help="variant groups (default: all)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--limit", type=int, default=None, help="training images (default: all of the data set's)")
+    p.add_argument("--limit", type=int, default=2000, help="training images (default 2000, as aefast demo)")
     p.add_argument("--epochs", type=int, default=None, help="override every variant's epochs (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--extra-scorers", action="store_true", help="also score with EXTRA_SCORERS")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="only write the markdown table of these result files (merged) to --out")
     args = p.parse_args(argv)
+    if args.table:
+        rows = [r for path in args.table for r in json.load(open(path))]
+        with open(args.out, "w") as f:
+            f.write(markdown(rows, args.data))
+        print(f"wrote {args.out}: best on validation: {_variant(max(rows, key=selection_score)).describe_model()}, "
+              f"score {max(rows, key=selection_score)['scorer']}")
+        return
     out = args.out or f"bench/out/detection_variants_{args.data}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if args.extra_scorers:
+        SCORERS.update(EXTRA_SCORERS)
     variants = []
     for g in args.group or ("core", "noise", "size"):
         variants += [v for v in GROUPS[g] if v not in variants]

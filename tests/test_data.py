@@ -137,7 +137,7 @@ def test_subtle_defects_are_local_and_low_contrast(family, kind):
     mask = surfaces.paint_subtle_defect(rng, img, family, kind)
     assert mask.any() and not (img != clean)[~mask].any()           # only the masked pixels change
     change = np.abs(img - clean)[mask].mean()
-    assert change < 4 * spread                                      # subtle: a few texture std at most
+    assert change < 4.5 * spread                                    # subtle: a few texture std at most
     if kind != "texture_patch":
         assert change > 0.5 * spread                                 # but there
     if kind in ("thin_scratch", "hairline_crack"):
@@ -148,6 +148,7 @@ def test_defect_splits_are_fixed_and_disjoint():
     a, b = data.defect_splits("mnist", seed=0, limit=200), data.defect_splits("mnist", seed=0, limit=200)
     assert torch.equal(a.val.images, b.val.images) and torch.equal(a.test.masks, b.test.masks)
     assert not _rows(a.val.images) & _rows(a.test.images)
+    assert len(a.train) == 200 and len(a.val) == len(a.test) == 500
     assert not _rows(a.train) & _rows(a.test.images)
     for s in (a.val, a.test):
         assert set(s.labels.tolist()) == {0, 1}

@@ -11,7 +11,7 @@ import aefast
 from aefast.cli import main
 from aefast.export import FORMATS, export_detector, twin_detector
 from aefast.models import ConvAutoencoder
-from aefast.tasks import AnomalyMap, Detector
+from aefast.tasks import BEST_DIGITS, AnomalyMap, Detector
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -82,7 +82,7 @@ def test_export_command_writes_and_checks_every_format(tmp_path, capsys):
     assert sorted(os.listdir(exp)) == ["detector.onnx", "detector.pt2", "detector.ts"]
     diffs = [float(line.split("= ")[-1]) for line in printed.splitlines() if "max |exported - aefast|" in line]
     assert len(diffs) == 3 and max(diffs) < 1e-5, printed
-    assert "sigma=1.0" in printed                            # the detector's own scorer went along
+    assert f"sigma={BEST_DIGITS.sigma}" in printed           # the detector's own scorer went along
 
 
 def test_export_help_documents_the_formats(capsys):

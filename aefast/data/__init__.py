@@ -331,14 +331,17 @@ DEFECT_DATASETS = ("mnist", "digits", "textures", "textures_hard")
 def defect_splits(name: str, seed: int = 0, limit: int | None = None) -> DefectSplits:
     """The defect benchmark of ``aefast demo``, ``aefast detect`` and bench/detection_variants.py.
 
-    mnist / digits: the data set's train split is the normal training data; half its test split gets
-    a painted defect (:func:`add_defects`, seed + 1), and the test split is cut in two seeded halves,
-    validation and test. textures / textures_hard: ``limit or 800`` surfaces to train on, and a
+    mnist / digits: the data set's train split (its first ``limit`` images) is the normal training
+    data; half its test split gets a painted defect (:func:`add_defects`, seed + 1), and the test
+    split is cut in two seeded halves, validation and test (500 digits each for mnist). textures / textures_hard: ``limit or 800`` surfaces to train on, and a
     generated test split (half defective) cut the same way.
     """
     seed = _check_seed(seed)
     if name in ("mnist", "digits"):
-        ds = (load_mnist if name == "mnist" else load_digits)(seed=seed, limit=limit)
+        # limit shortens the training split only: the evaluation splits stay whole
+        ds = (load_mnist if name == "mnist" else load_digits)(seed=seed)
+        if limit is not None:
+            ds = Dataset(ds.name, Split(*(t[:_check_count("limit", limit)] for t in ds.train[:2]), None), ds.test)
         imgs, labels, masks = add_defects(ds.test.images, 0.5, seed=seed + 1)
         test = Split(imgs, labels, masks)
     elif name in ("textures", "textures_hard"):

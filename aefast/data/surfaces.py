@@ -130,8 +130,9 @@ def paint_subtle_defect(rng, img, family, kind):
         other = surface(rng, size, family)
         img[mask] = other[mask] - other[mask].mean() + img[mask].mean()
         return mask
-    amplitude = {"thin_scratch": (1.2, 2.5), "small_spot": (1.5, 3.0), "faint_stain": (0.6, 1.2),
-                 "hairline_crack": (1.2, 2.5)}[kind]
+    # in units of the surface's own std: visible to an eye that knows the texture, never glaring
+    amplitude = {"thin_scratch": (2.0, 3.5), "small_spot": (2.5, 4.0), "faint_stain": (1.0, 2.0),
+                 "hairline_crack": (2.0, 3.5)}[kind]
     img[mask] += rng.choice((-1.0, 1.0)) * rng.uniform(*amplitude) * spread
     return mask
 

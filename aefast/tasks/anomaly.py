@@ -273,12 +273,17 @@ class DetectorVariant:
     batch_size: int = 64
     lr: float = 3e-3
 
+    def describe_model(self) -> str:
+        """The trained model: decoder, training corruption, size."""
+        train = self.corruption if self.corruption in ("none", "inpaint", "synthetic") else \
+            f"{self.corruption} {self.level:g}"
+        return (f"indices {self.index_reuse}, train {train}, channels {','.join(map(str, self.channels))}, "
+                f"{self.epochs} epochs")
+
     def describe(self) -> str:
         score = "mean" if self.top_fraction is None else f"top {100 * self.top_fraction:g}%"
-        smooth = f", smoothed sigma {self.sigma:g}" if self.sigma else ""
-        train = self.corruption if self.corruption == "none" else f"{self.corruption} {self.level:g}"
-        return (f"channels {','.join(map(str, self.channels))}, indices {self.index_reuse}, train {train}, "
-                f"map {self.map}{smooth}, score {score}, {self.epochs} epochs")
+        smooth = f" smoothed (sigma {self.sigma:g})" if self.sigma else ""
+        return f"{self.describe_model()}, map {self.map}{smooth}, image score {score}"
 
     def as_dict(self):
         return asdict(self)
@@ -312,7 +317,7 @@ class DetectorVariant:
 
 # The variant table's best on the digit-defect validation split (bench/results/detection_variants_*.md).
 BEST_DIGITS = DetectorVariant(channels=(32, 64), index_reuse="deepest", corruption="synthetic", level=0.0,
-                              map="mse", sigma=1.0, top_fraction=0.02, epochs=6)
+                              map="mse", sigma=2.0, top_fraction=0.01, epochs=6)
 
 
 # ================================================================ evaluation
