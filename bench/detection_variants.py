@@ -30,6 +30,15 @@ SCORERS = {
 }
 # scorers added after the first runs; --extra-scorers scores with them too (rows only where measured)
 EXTRA_SCORERS = {"mse smoothed (sigma 2), top 1%": AnomalyMap("mse", sigma=2.0, top_fraction=0.01)}
+# a finer scorer sweep on one model (--scorer-sweep)
+SWEEP_SCORERS = {
+    "mse smoothed (sigma 2), top 1%": AnomalyMap("mse", sigma=2.0, top_fraction=0.01),
+    "mse smoothed (sigma 2), max": AnomalyMap("mse", sigma=2.0, top_fraction=1e-9),
+    "mse smoothed (sigma 2), top 0.5%": AnomalyMap("mse", sigma=2.0, top_fraction=0.005),
+    "mse smoothed (sigma 3), top 1%": AnomalyMap("mse", sigma=3.0, top_fraction=0.01),
+    "mse smoothed (sigma 1.5), top 1%": AnomalyMap("mse", sigma=1.5, top_fraction=0.01),
+    "mse smoothed (sigma 2), top 3%": AnomalyMap("mse", sigma=2.0, top_fraction=0.03),
+}
 
 BASE = DetectorVariant(channels=(16, 32), epochs=3)
 
@@ -46,6 +55,7 @@ GROUPS = {
     # the demo's budget (about 25 s a seed on 2 quiet cores): twice the width and epochs of BASE
     "wide": [BASE.replace(channels=(32, 64), epochs=6, index_reuse=r, corruption="synthetic")
              for r in ("deepest", "all", "none")],
+    "best": [BASE.replace(channels=(32, 64), epochs=6, index_reuse="deepest", corruption="synthetic")],
     "wide_level": [BASE.replace(channels=(32, 64), epochs=6, index_reuse="deepest", corruption="synthetic", level=0.5)],
     "wide_deepest_3": [BASE.replace(channels=(32, 64), epochs=3, index_reuse="deepest", corruption="synthetic")],
     # the smaller grid run on textures_hard
@@ -128,11 +138,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--extra-scorers", action="store_true", help="also score with EXTRA_SCORERS")
+    p.add_argument("--scorer-sweep", action="store_true", help="score with SWEEP_SCORERS only")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only write the markdown table of these result files (merged) to --out")
     args = p.parse_args(argv)
     if args.table:
-        rows = [r for path in args.table for r in json.load(open(path))]
+        rows, seen = [], set()
+        for path in args.table:            # the same variant and scorer measured twice: keep the first
+            for r in json.load(open(path)):
+                key = (json.dumps(r["variant"], sort_keys=True), r["scorer"])
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(r)
         with open(args.out, "w") as f:
             f.write(markdown(rows, args.data))
         print(f"wrote {args.out}: best on validation: {_variant(max(rows, key=selection_score)).describe_model()}, "
@@ -142,6 +159,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if args.extra_scorers:
         SCORERS.update(EXTRA_SCORERS)
+    if args.scorer_sweep:
+        SCORERS.clear()
+        SCORERS.update(SWEEP_SCORERS)
     variants = []
     for g in args.group or ("core", "noise", "size"):
         variants += [v for v in GROUPS[g] if v not in variants]
