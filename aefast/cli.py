@@ -613,8 +613,7 @@ def _cmd_demo(args) -> int:
                              os.path.join(args.out, "reconstructions.png"),
                              f"gaussian noise: MSE {mse_model:.4f} vs identity {mse_identity:.4f}")
     amap = _anomaly_png(detectors[0], splits.test, os.path.join(args.out, "anomaly_maps.png"), device=args.device,
-                        title=f"seed {seeds[0]}: painted defects, their masks, the reconstruction and the anomaly map "
-                              "(last two defect-free)")
+                        title=f"seed {seeds[0]}: anomaly maps (last two defect-free)")
     curve = _plots.loss_curve({k: r.history for k, r in histories.items()}, os.path.join(args.out, "loss_curve.png"),
                               "aefast demo: training loss (fused MSE, corrupted input -> clean target)",
                               steps={k: r.step_losses for k, r in histories.items()})
