@@ -301,7 +301,7 @@ def _anomaly_png(detector, split, path, n=8, device="cpu", title=None):
 
 
 def _scorer_args(args):
-    from aefast.tasks import BEST_DIGITS, AnomalyMap
+    from aefast.tasks import AnomalyMap
 
     top = None if args.top_fraction == 0 else args.top_fraction
     return AnomalyMap(args.map, args.sigma, top), {"kind": args.map, "sigma": args.sigma, "top_fraction": top}

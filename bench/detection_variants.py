@@ -39,6 +39,7 @@ SWEEP_SCORERS = {
     "mse smoothed (sigma 1.5), top 1%": AnomalyMap("mse", sigma=1.5, top_fraction=0.01),
     "mse smoothed (sigma 2), top 3%": AnomalyMap("mse", sigma=2.0, top_fraction=0.03),
 }
+SCORERS_FINAL = {k: SWEEP_SCORERS[k] for k in ("mse smoothed (sigma 2), top 1%", "mse smoothed (sigma 2), top 3%")}
 
 BASE = DetectorVariant(channels=(16, 32), epochs=3)
 
@@ -56,6 +57,8 @@ GROUPS = {
     "wide": [BASE.replace(channels=(32, 64), epochs=6, index_reuse=r, corruption="synthetic")
              for r in ("deepest", "all", "none")],
     "best": [BASE.replace(channels=(32, 64), epochs=6, index_reuse="deepest", corruption="synthetic")],
+    "best_batch32": [BASE.replace(channels=(32, 64), epochs=6, index_reuse="deepest", corruption="synthetic",
+                                  batch_size=32)],
     "wide_level": [BASE.replace(channels=(32, 64), epochs=6, index_reuse="deepest", corruption="synthetic", level=0.5)],
     "wide_deepest_3": [BASE.replace(channels=(32, 64), epochs=3, index_reuse="deepest", corruption="synthetic")],
     # the smaller grid run on textures_hard
@@ -139,6 +142,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--extra-scorers", action="store_true", help="also score with EXTRA_SCORERS")
     p.add_argument("--scorer-sweep", action="store_true", help="score with SWEEP_SCORERS only")
+    p.add_argument("--final-scorers", action="store_true", help="score with the sweep's two best only")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only write the markdown table of these result files (merged) to --out")
     args = p.parse_args(argv)
@@ -162,6 +166,9 @@ def main(argv=None):
     if args.scorer_sweep:
         SCORERS.clear()
         SCORERS.update(SWEEP_SCORERS)
+    if args.final_scorers:
+        SCORERS.clear()
+        SCORERS.update(SCORERS_FINAL)
     variants = []
     for g in args.group or ("core", "noise", "size"):
         variants += [v for v in GROUPS[g] if v not in variants]
