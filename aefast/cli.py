@@ -731,8 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="THE MAIN JOB: defect detection on embedded digits (3 seeds: image/pixel AUROC, "
                                      "AUPRO), the fused model against its torch.nn twin, speed, PNGs")
-    _add_common(p, data=("mnist",), data_default="mnist", epochs=BEST_DIGITS.epochs, batch_size=64, lr=3e-3,
-                out="aefast-demo")
+    _add_common(p, data=("mnist",), data_default="mnist", epochs=BEST_DIGITS.epochs, batch_size=BEST_DIGITS.batch_size,
+                lr=BEST_DIGITS.lr, out="aefast-demo")
     p.add_argument("--channels", type=_widths, default=None, help="conv stage widths (default: the best variant's)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="detectors trained, seeds --seed, --seed+1, ... "
                                                                     "(default 3); metrics are their mean")

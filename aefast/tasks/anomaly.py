@@ -277,8 +277,9 @@ class DetectorVariant:
         """The trained model: decoder, training corruption, size."""
         plain = self.corruption in ("none", "inpaint") or (self.corruption == "synthetic" and self.level == 0)
         train = self.corruption if plain else f"{self.corruption} {self.level:g}"
+        batch = "" if self.batch_size == 64 else f", batch {self.batch_size}"
         return (f"indices {self.index_reuse}, train {train}, channels {','.join(map(str, self.channels))}, "
-                f"{self.epochs} epochs")
+                f"{self.epochs} epochs{batch}")
 
     def describe(self) -> str:
         score = "mean" if self.top_fraction is None else f"top {100 * self.top_fraction:g}%"
@@ -317,7 +318,7 @@ class DetectorVariant:
 
 # The variant table's best on the digit-defect validation split (bench/results/detection_variants_*.md).
 BEST_DIGITS = DetectorVariant(channels=(32, 64), index_reuse="deepest", corruption="synthetic", level=0.0,
-                              map="mse", sigma=2.0, top_fraction=0.03, epochs=6)
+                              map="mse", sigma=2.0, top_fraction=0.03, epochs=6, batch_size=32)
 
 
 # ================================================================ evaluation
