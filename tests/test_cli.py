@@ -115,15 +115,20 @@ def test_resume_ends_with_the_same_parameters(tmp_path, capsys, model, data, ext
 
 def test_demo_quick_writes_pngs_and_figures(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    code, stdout, _ = _run(["demo", "--quick", "--out", out, "--no-progress"], capsys)
+    code, stdout, _ = _run(["demo", "--quick", "--seeds", "2", "--out", out, "--no-progress"], capsys)
     assert code == 0
     for name in ("reconstructions.png", "anomaly_maps.png", "loss_curve.png"):
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
     summary = json.load(open(os.path.join(out, "demo.json")))
     assert summary["twin_max_abs_diff"] < 1e-4
-    assert summary["speed_ratio"] > 0 and 0 <= summary["image_auroc"] <= 1
-    for text in ("speed:", "AUROC", "identity-noise baseline", "training loss"):
+    assert summary["speed_ratio"] > 0
+    assert summary["seeds"] == [0, 1]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        per_seed = summary["test"][key]["per_seed"]
+        assert len(per_seed) == 2 and all(0 <= v <= 1 for v in per_seed)
+        assert summary[key] == pytest.approx(sum(per_seed) / 2)      # the printed figure is the seeds' mean
+    for text in ("speed:", "image AUROC", "pixel AUROC", "AUPRO", "±", "identity-noise baseline", "training loss"):
         assert text in stdout
 
 
@@ -139,6 +144,15 @@ def test_segment_reduce_detect_print_their_figures(tmp_path, capsys):
     code, out, _ = _run(["detect", "--limit", "48", "--epochs", "1", "--channels", "4", "--out", str(tmp_path / "d"),
                          "--no-progress"], capsys)
     assert code == 0 and "image AUROC" in out and os.path.exists(tmp_path / "d" / "anomaly_maps.png")
+    code, out, _ = _run(["detect", "--data", "textures_hard", "--limit", "48", "--epochs", "1", "--channels", "4",
+                         "--out", str(tmp_path / "h"), "--no-progress"], capsys)
+    assert code == 0 and "pixel AUROC" in out and "AUPRO" in out
+    # a model trained by detect is read back by detect --weights (same figures, no training)
+    first = out.split("defect detection on")[1].split("wrote")[0]
+    code, out, _ = _run(["detect", "--data", "textures_hard", "--limit", "48", "--weights",
+                         str(tmp_path / "h" / "detector.pt"), "--channels", "4", "--out", str(tmp_path / "h2"),
+                         "--no-progress"], capsys)
+    assert code == 0 and out.split("defect detection on")[1].split("wrote")[0] == first
 
 
 def test_sdae_train_prints_with_and_without_pretraining(tmp_path, capsys):

@@ -104,3 +104,58 @@ def test_load_by_name_and_bad_arguments():
         data.add_defects(torch.rand(2, 1, 8, 8), kinds=("dent",))
     with pytest.raises(ValueError, match=r"\(N, 1, S, S\)"):
         data.add_defects(torch.rand(2, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- the harder defect set
+
+from aefast.data import surfaces  # noqa: E402
+
+
+def test_hard_textures_families_defects_and_masks():
+    d = data.make_hard_textures(n_train=30, n_test=60, size=32, seed=4)
+    assert d.name == "textures_hard" and d.train.images.shape == (30, 1, 32, 32)
+    assert d.train.masks.sum() == 0 and d.train.labels.sum() == 0
+    t = d.test
+    assert int(t.labels.sum()) == 30
+    area = t.masks.flatten(1).sum(1)
+    assert (area[t.labels == 1] > 0).all() and (area[t.labels == 0] == 0).all()
+    assert 0 <= float(t.images.min()) and float(t.images.max()) <= 1
+    assert int(area[t.labels == 1].min()) <= 12                      # some defects are only a few pixels
+    e = data.make_hard_textures(n_train=30, n_test=60, size=32, seed=4)
+    assert torch.equal(e.test.images, t.images) and torch.equal(e.test.masks, t.masks)
+    assert data.load("textures_hard", n_train=5, n_test=4).name == "textures_hard"
+
+
+@pytest.mark.parametrize("family", surfaces.SURFACE_FAMILIES)
+@pytest.mark.parametrize("kind", surfaces.SUBTLE_DEFECT_KINDS)
+def test_subtle_defects_are_local_and_low_contrast(family, kind):
+    rng = np.random.default_rng([surfaces.SURFACE_FAMILIES.index(family), surfaces.SUBTLE_DEFECT_KINDS.index(kind)])
+    clean = surfaces.surface(rng, 32, family)
+    spread = float(clean.std())
+    assert 0.04 < spread < 0.2                                      # a real texture, of moderate contrast
+    img = clean.copy()
+    mask = surfaces.paint_subtle_defect(rng, img, family, kind)
+    assert mask.any() and not (img != clean)[~mask].any()           # only the masked pixels change
+    change = np.abs(img - clean)[mask].mean()
+    assert change < 4.5 * spread                                    # subtle: a few texture std at most
+    if kind != "texture_patch":
+        assert change > 0.5 * spread                                 # but there
+    if kind in ("thin_scratch", "hairline_crack"):
+        assert mask.sum() < 0.1 * mask.size                          # thin
+
+
+def test_defect_splits_are_fixed_and_disjoint():
+    a, b = data.defect_splits("mnist", seed=0, limit=200), data.defect_splits("mnist", seed=0, limit=200)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.test.masks, b.test.masks)
+    assert not _rows(a.val.images) & _rows(a.test.images)
+    assert len(a.train) == 200 and len(a.val) == len(a.test) == 500
+    assert not _rows(a.train) & _rows(a.test.images)
+    for s in (a.val, a.test):
+        assert set(s.labels.tolist()) == {0, 1}
+        assert (s.masks.flatten(1).sum(1) > 0).long().tolist() == s.labels.tolist()
+    h = data.defect_splits("textures_hard", seed=0, limit=40)
+    assert len(h.train) == 40 and len(h.val) + len(h.test) == 40
+    with pytest.raises(ValueError, match="no defects"):
+        data.defect_splits("shapes")
+    with pytest.raises(ValueError, match="families"):
+        data.make_hard_textures(n_train=2, n_test=2, families=("marble",))

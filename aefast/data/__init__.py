@@ -5,6 +5,9 @@
 * :func:`load_digits`: scikit-learn's 1,797 8x8 digits (read from scikit-learn's own package files);
 * :func:`make_textures`: procedural textured surfaces, with synthetic defects (scratches, spots,
   cracks) and their pixel masks in the test split, for defect detection;
+* :func:`make_hard_textures`: five surface families with subtle defects (1-pixel scratches,
+  spots of a few pixels, faint stains, wrong-texture patches) and their masks
+  (:mod:`aefast.data.surfaces`), where ``make_textures`` has become too easy;
 * :func:`make_shapes`: procedural shapes on textured backgrounds, with masks, for segmentation;
 * :func:`add_defects`: paints the same defects onto any images (the demo uses it on digits).
 
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 DEFECT_KINDS = ("scratch", "spot", "crack")
-DATASETS = ("mnist", "digits", "textures", "shapes")
+DATASETS = ("mnist", "digits", "textures", "textures_hard", "shapes")
 
 
 class Split(NamedTuple):
@@ -238,6 +241,31 @@ def make_textures(n_train: int = 1000, n_test: int = 400, size: int = 32, defect
     return Dataset("textures", train, Split(test_imgs, labels, masks))
 
 
+def make_hard_textures(n_train: int = 1000, n_test: int = 400, size: int = 32, defect_fraction: float = 0.5,
+                       seed: int = 0, families=None, kinds=None) -> Dataset:
+    """Surfaces of several families (:data:`aefast.data.surfaces.SURFACE_FAMILIES`): a defect-free
+    train split; a test split where ``defect_fraction`` carry one subtle defect each (labels 1,
+    :data:`aefast.data.surfaces.SUBTLE_DEFECT_KINDS`) with its pixel mask. 1 x size x size in [0, 1]."""
+    from aefast.data import surfaces
+
+    n_train, n_test = _check_count("n_train", n_train), _check_count("n_test", n_test)
+    size = _check_count("size", size, minimum=16)
+    defect_fraction = _check_fraction("defect_fraction", defect_fraction, low_open=False)
+    families = tuple(families or surfaces.SURFACE_FAMILIES)
+    kinds = tuple(kinds or surfaces.SUBTLE_DEFECT_KINDS)
+    if any(f not in surfaces.SURFACE_FAMILIES for f in families):
+        raise ValueError(f"aefast.data: families must be a subset of {surfaces.SURFACE_FAMILIES}, got {families}")
+    if any(k not in surfaces.SUBTLE_DEFECT_KINDS for k in kinds):
+        raise ValueError(f"aefast.data: kinds must be a subset of {surfaces.SUBTLE_DEFECT_KINDS}, got {kinds}")
+    rng = np.random.default_rng(_check_seed(seed))
+    train, _, _, _ = surfaces.make_subtle_surfaces(rng, n_train, size, 0.0, families, kinds)
+    test, labels, masks, _ = surfaces.make_subtle_surfaces(rng, n_test, size, defect_fraction, families, kinds)
+    t = torch.from_numpy
+    return Dataset("textures_hard", Split(t(train), torch.zeros(n_train, dtype=torch.int64),
+                                          torch.zeros(n_train, 1, size, size)),
+                   Split(t(test), t(labels), t(masks)))
+
+
 def _shape_mask(rng, size, kind):
     yy, xx = _grid(size)
     c = rng.uniform(0.25, 0.75, 2) * size
@@ -288,13 +316,63 @@ def make_shapes(n_train: int = 800, n_test: int = 200, size: int = 32, seed: int
                    Split(t(images[n_train:]), t(counts[n_train:]), t(masks[n_train:])))
 
 
+class DefectSplits(NamedTuple):
+    """A defect-detection benchmark: defect-free training images, and a labelled, masked validation
+    split (for thresholds and model selection) and test split (reported, never trained or selected on)."""
+    name: str
+    train: torch.Tensor
+    val: Split
+    test: Split
+
+
+DEFECT_DATASETS = ("mnist", "digits", "textures", "textures_hard")
+
+
+def defect_splits(name: str, seed: int = 0, limit: int | None = None) -> DefectSplits:
+    """The defect benchmark of ``aefast demo``, ``aefast detect`` and bench/detection_variants.py.
+
+    mnist / digits: the data set's train split (its first ``limit`` images) is the normal training
+    data; half its test split gets a painted defect (:func:`add_defects`, seed + 1), and the test
+    split is cut in two seeded halves, validation and test (500 digits each for mnist). textures / textures_hard: ``limit or 800`` surfaces to train on, and a
+    generated test split (half defective) cut the same way.
+    """
+    seed = _check_seed(seed)
+    if name in ("mnist", "digits"):
+        # limit shortens the training split only: the evaluation splits stay whole
+        ds = (load_mnist if name == "mnist" else load_digits)(seed=seed)
+        if limit is not None:
+            ds = Dataset(ds.name, Split(*(t[:_check_count("limit", limit)] for t in ds.train[:2]), None), ds.test)
+        imgs, labels, masks = add_defects(ds.test.images, 0.5, seed=seed + 1)
+        test = Split(imgs, labels, masks)
+    elif name in ("textures", "textures_hard"):
+        n_train = limit or 800
+        maker = make_textures if name == "textures" else make_hard_textures
+        ds = maker(n_train=n_train, n_test=max(40, n_train // 2), seed=seed)
+        test = ds.test
+    else:
+        raise ValueError(f"aefast.data: {name!r} has no defects; choose one of {', '.join(DEFECT_DATASETS)}")
+    order = np.random.default_rng([seed, 7]).permutation(len(test))
+    half = len(order) // 2
+
+    def pick(idx):
+        idx = torch.from_numpy(np.sort(idx))
+        return Split(test.images[idx], test.labels[idx], test.masks[idx])
+
+    val, tst = pick(order[:half]), pick(order[half:])
+    for split_name, s in (("validation", val), ("test", tst)):
+        if len(set(s.labels.tolist())) < 2:
+            raise ValueError(f"aefast.data: the {split_name} split of {name} holds only one class; use a larger limit")
+    return DefectSplits(name, ds.train.images, val, tst)
+
+
 def load(name: str, seed: int = 0, **kwargs) -> Dataset:
-    """One data set by name: mnist | digits | textures | shapes (kwargs go to its loader)."""
-    loaders = {"mnist": load_mnist, "digits": load_digits, "textures": make_textures, "shapes": make_shapes}
+    """One data set by name: mnist | digits | textures | textures_hard | shapes (kwargs go to its loader)."""
+    loaders = {"mnist": load_mnist, "digits": load_digits, "textures": make_textures,
+               "textures_hard": make_hard_textures, "shapes": make_shapes}
     if name not in loaders:
         raise ValueError(f"aefast.data: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return loaders[name](seed=seed, **kwargs)
 
 
-__all__ = ["DATASETS", "DEFECT_KINDS", "Dataset", "SHAPE_KINDS", "Split", "add_defects", "load", "load_digits",
-           "load_mnist", "make_shapes", "make_textures"]
+__all__ = ["DATASETS", "DEFECT_DATASETS", "DEFECT_KINDS", "Dataset", "DefectSplits", "defect_splits", "SHAPE_KINDS", "Split", "add_defects", "load", "load_digits",
+           "load_mnist", "make_hard_textures", "make_shapes", "make_textures"]

@@ -171,6 +171,24 @@ def code_from_tensor(model, z, sizes, pool_size, index_format, channels):
     return ConvCode(z, indices, tuple(sizes))
 
 
+INDEX_REUSE = ("all", "deepest", "none")
+
+
+def check_index_reuse(model, index_reuse, depth):
+    """Which decoder stages unpool at the encoder's indices: a tuple of bools, shallowest stage
+    first. "all" is SegNet's decoder; "deepest" keeps only the coarsest stage's indices; "none" is
+    an index-free decoder. A stage without indices upsamples by nearest neighbour instead."""
+    if index_reuse not in INDEX_REUSE:
+        raise ValueError(f"{_where(model)}: index_reuse must be one of {INDEX_REUSE}, got {index_reuse!r}")
+    return tuple(index_reuse == "all" or (index_reuse == "deepest" and s == depth - 1) for s in range(depth))
+
+
+def upsample_nearest(x, size):
+    """The index-free decoder stage's upsampling: each value repeated over its pool window (floor
+    mapping when the pre-pool size was odd), the same in the fused models and their twins."""
+    return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
 def stage_sizes(hw, depth, pool_size):
     """Pre-pool sizes of each stage for a 'same' conv followed by a floor-mode pool."""
     sizes, (h, w) = [], hw

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from aefast import functional as AF
-from aefast.models._common import (ConvCode, FCNFeatures, Gaussian, VAEOutput, check_activation, check_code,
-                                   check_corruption, check_image_input, check_int, check_kernel, check_loss,
-                                   check_widths, code_from_tensor, stage_sizes)
+from aefast.models._common import (ConvCode, FCNFeatures, Gaussian, VAEOutput, activation, check_activation,
+                                   check_code, check_corruption, check_image_input, check_index_reuse, check_int,
+                                   check_kernel, check_loss, check_widths, code_from_tensor, stage_sizes,
+                                   upsample_nearest)
 from aefast.nn import ConvPool2d, Corruption, UnpoolConvTranspose2d
 
 
@@ -43,7 +44,13 @@ class _PoolingEncoderMixin:
         y = code.z
         for i, block in enumerate(self.decoder):
             s = len(self.decoder) - 1 - i
-            y = block(y, code.indices[s], output_size=code.sizes[s])
+            if self.reuses_indices[s]:
+                y = block(y, code.indices[s], output_size=code.sizes[s])
+            else:
+                # index-free stage: the same parameters, applied to a nearest-neighbour upsampling
+                y = AF.conv_transpose2d(upsample_nearest(y, code.sizes[s]), block.weight, block.bias,
+                                        padding=block.padding)
+                y = activation(y, block.activation, block.negative_slope)
         return y
 
 
@@ -51,11 +58,18 @@ class ConvAutoencoder(_PoolingEncoderMixin, nn.Module):
     """Conv AE: ``len(channels)`` ConvPool2d stages, then as many UnpoolConvTranspose2d stages that
     reuse the encoder's pool indices. The code is the last stage's map (``channels[-1]`` channels,
     H / pool_size**depth); :meth:`encode` returns a :class:`ConvCode` holding the indices too, and
-    :meth:`decode` also takes a bare code tensor (values then unpool to the window's top-left)."""
+    :meth:`decode` also takes a bare code tensor (values then unpool to the window's top-left).
+
+    ``index_reuse``: "all" (every decoder stage unpools at its encoder stage's indices), "deepest"
+    (only the coarsest stage does) or "none" (index-free). A stage that does not reuse indices
+    upsamples by nearest neighbour and then applies the same transposed conv, so the parameters
+    and the state_dict are the same for all three. Indices carry where the input's maxima were,
+    defects included, so a decoder that reuses them redraws a defect's strokes; see
+    aefast.tasks.anomaly for what that does to defect detection."""
 
     def __init__(self, in_channels: int = 1, channels=(32, 64), kernel_size: int = 3, activation: str = "relu",
                  out_activation: str | None = "sigmoid", pool_size: int = 2, loss: str = "mse",
-                 index_format: str = "window"):
+                 index_format: str = "window", index_reuse: str = "all"):
         super().__init__()
         name = type(self).__name__
         self.in_channels = check_int(name, "in_channels", in_channels)
@@ -68,6 +82,8 @@ class ConvAutoencoder(_PoolingEncoderMixin, nn.Module):
         if index_format not in AF.INDEX_FORMATS:
             raise ValueError(f"aefast.models.{name}: index_format must be one of {AF.INDEX_FORMATS}, got {index_format!r}")
         self.index_format = index_format
+        self.index_reuse = index_reuse
+        self.reuses_indices = check_index_reuse(name, index_reuse, len(self.channels))
         p = kernel_size // 2
         widths = (in_channels, *self.channels)
         self.encoder = nn.ModuleList(
@@ -106,8 +122,10 @@ class ConvDenoisingAutoencoder(ConvAutoencoder):
 
     def __init__(self, in_channels: int = 1, channels=(32, 64), kernel_size: int = 3, activation: str = "relu",
                  out_activation: str | None = "sigmoid", pool_size: int = 2, loss: str = "mse",
-                 index_format: str = "window", corruption: str = "gaussian", level: float = 0.3):
-        super().__init__(in_channels, channels, kernel_size, activation, out_activation, pool_size, loss, index_format)
+                 index_format: str = "window", corruption: str = "gaussian", level: float = 0.3,
+                 index_reuse: str = "all"):
+        super().__init__(in_channels, channels, kernel_size, activation, out_activation, pool_size, loss, index_format,
+                         index_reuse)
         kind, level = check_corruption(type(self).__name__, corruption, level)
         self.corruption = Corruption(kind, level)
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from aefast.models import mlp as _mlp
 from aefast.models._common import (ConvCode, FCNFeatures, Gaussian, VAEOutput, activation, check_activation,
-                                   check_code, check_corruption, check_image_input, check_int, check_kernel,
-                                   check_loss, check_widths, code_from_tensor, stage_sizes)
+                                   check_code, check_corruption, check_image_input, check_index_reuse, check_int,
+                                   check_kernel, check_loss, check_widths, code_from_tensor, stage_sizes,
+                                   upsample_nearest)
 
 
 # ================================================================ torch-only building blocks
@@ -74,14 +75,18 @@ class ConvPool2d(nn.Conv2d):
 
 
 class UnpoolConvTranspose2d(nn.ConvTranspose2d):
-    """F.max_unpool2d -> nn.ConvTranspose2d -> activation."""
+    """F.max_unpool2d -> nn.ConvTranspose2d -> activation; with ``indices=None``, nearest-neighbour
+    upsampling to ``output_size`` instead of the unpool (the index-free decoder stage)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, padding=0, activation=None, pool_size=2):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding)
         self.activation, self.pool_size = activation, pool_size
 
     def forward(self, x, indices, output_size=None):  # type: ignore[override]
-        u = F.max_unpool2d(x, indices, self.pool_size, output_size=output_size)
+        if indices is None:
+            u = upsample_nearest(x, output_size)
+        else:
+            u = F.max_unpool2d(x, indices, self.pool_size, output_size=output_size)
         return activation(super().forward(u), self.activation)
 
 
@@ -140,7 +145,7 @@ class VAE(_mlp.VAE):
 class ConvAutoencoder(nn.Module):
     def __init__(self, in_channels: int = 1, channels=(32, 64), kernel_size: int = 3, activation: str = "relu",
                  out_activation: str | None = "sigmoid", pool_size: int = 2, loss: str = "mse",
-                 index_format: str = "flat"):
+                 index_format: str = "flat", index_reuse: str = "all"):
         super().__init__()
         name = type(self).__name__
         self.in_channels = check_int(name, "in_channels", in_channels)
@@ -151,6 +156,8 @@ class ConvAutoencoder(nn.Module):
         self.pool_size = check_int(name, "pool_size", pool_size, minimum=2)
         self.loss = check_loss(name, loss)
         self.index_format = index_format
+        self.index_reuse = index_reuse
+        self.reuses_indices = check_index_reuse(name, index_reuse, len(self.channels))
         p = kernel_size // 2
         widths = (in_channels, *self.channels)
         self.encoder = nn.ModuleList(ConvPool2d(widths[i], widths[i + 1], kernel_size, p, activation, pool_size)
@@ -183,7 +190,7 @@ class ConvAutoencoder(nn.Module):
         y = code.z
         for i, block in enumerate(self.decoder):
             s = len(self.decoder) - 1 - i
-            y = block(y, indices[s], output_size=code.sizes[s])
+            y = block(y, indices[s] if self.reuses_indices[s] else None, output_size=code.sizes[s])
         return y
 
     def forward(self, x):
@@ -199,8 +206,10 @@ class ConvAutoencoder(nn.Module):
 class ConvDenoisingAutoencoder(ConvAutoencoder):
     def __init__(self, in_channels: int = 1, channels=(32, 64), kernel_size: int = 3, activation: str = "relu",
                  out_activation: str | None = "sigmoid", pool_size: int = 2, loss: str = "mse",
-                 index_format: str = "flat", corruption: str = "gaussian", level: float = 0.3):
-        super().__init__(in_channels, channels, kernel_size, activation, out_activation, pool_size, loss, index_format)
+                 index_format: str = "flat", corruption: str = "gaussian", level: float = 0.3,
+                 index_reuse: str = "all"):
+        super().__init__(in_channels, channels, kernel_size, activation, out_activation, pool_size, loss, index_format,
+                         index_reuse)
         self.corruption = Corruption(*check_corruption(type(self).__name__, corruption, level))
 
     def forward(self, x):
