@@ -1,22 +1,46 @@
-"""Triton kernels of the unpool_deconv family (the decoder), forward and backward.
+"""Triton kernels of the unpool_deconv family (the decoder), forward and backward, as implicit
+GEMMs on tensor cores (``tl.dot``).
 
-Same math as csrc/cpu/unpool_deconv.cpp (see aefast/ops/unpool_deconv.py for the formulas).
-Every kernel is a gather: each program owns its outputs and sums in a fixed order, so results
-are bitwise reproducible (no float atomics).
+Notation (see aefast/ops/unpool_deconv.py for the op's formulas). z[n, ci, ph, pw] is the pooled
+input, idx its index (uint8 window offset or int64 flat position), U the unpooled map that z and
+idx describe: U[n, ci, h, w] = z[n, ci, h // pool_h, w // pool_w] when the index of that pooled
+entry names (h, w), else 0. The indices are validated to lie in their own pool window before any
+kernel runs (aefast.functional), so every unpooled position belongs to exactly one window and U is
+well defined without any "last writer wins" rule.
 
-* forward: one lane per output element (n, co, oy, ox). For each kernel tap (kh, kw) the only
-  unpooled position that reaches it is h = (oy + padh - kh) / sh (when divisible), likewise w;
-  that position holds channel ci's value iff ci's argmax in window (h // pool_h, w // pool_w) is
-  exactly (h, w). So pre = b + sum_{kh, kw, ci} [argmax(ci) == (h, w)] z * W[ci, co, kh, kw].
-* grad_input: one lane per pooled value; its position (h, w) from the index, then
-  sum_{co, kh, kw} gpre[n, co, h*sh - padh + kh, w*sw - padw + kw] * W[ci, co, kh, kw].
-* grad_weight: one program per weight element, a vector sum over all pooled values of channel
-  ci of z * gpre at their footprint tap, reduced with tl.sum (fixed tree).
-* grad_bias: one program per output channel, a tl.sum over gpre.
-* max_unpool2d: integer atomic_max picks the last pooled position naming each element
-  (order-free, hence deterministic); only that position writes (or receives the gradient).
+Forward, M = output positions (n, oy, ox), N = Cout, K = (kh, kw, ci):
+    pre[m, co] = b[co] + sum_{kh, kw, ci} U[n, ci, h, w] * W[ci, co, kh, kw],
+    h = (oy + padh - kh) / sh (only when divisible and 0 <= h < H_u), w alike.
+  The A-tile U[m, ci-slice] is built in registers: load z and idx at the window of (h, w) and keep
+  z where the index equals (h, w)'s own offset, else 0; the unpooled map never exists.
+  Epilogue: + bias, round to the tensor dtype (eager rounds the conv output), activation, round.
+
+Backward, gpre = grad_out * act'(.) rounded to the tensor dtype (eager's activation backward
+rounds), written once as an (M, Cout) matrix, positions-major, by ``_gpre_kernel``, which also
+writes per-block partial sums of gpre per channel (grad_b's first stage).
+  grad_z is the transposed conv's dgrad at the argmax: with M = unpooled positions (n, h, w),
+      D[m, ci] = sum_{kh, kw, co} gpre[n, h*sh - padh + kh, w*sw - padw + kw, co] * W[ci, co, kh, kw]
+  is a plain implicit GEMM (K = (kh, kw, co)), and its epilogue stores D[m, ci] to
+  grad_z[n, ci, h // pool_h, w // pool_w] only where idx names (h, w): one writer per element.
+  The argmax differs per channel, so a gather at the argmax would be one matrix-vector product per
+  channel; the dense GEMM plus a selecting store keeps the tensor cores busy instead.
+  grad_W, one GEMM per tap (kh, kw): grad_W[:, :, kh, kw] = U^T (Cin x P) . gpre_shifted (P x Cout)
+  over the unpooled positions P (the same A-tile builder as the forward, transposed). K = P is
+  split into SPLIT fixed chunks; each writes its own partial, and a fixed-order sum adds them.
+  grad_b = fixed-order sum of gpre's per-block partials.
+No float atomics anywhere: results are bitwise reproducible.
+
+Precision: fp32 operands use TF32 when torch.backends.cudnn.allow_tf32 is on (as cuDNN's convs)
+and IEEE fp32 when it is off; fp16/bf16 accumulate in fp32; fp64 in fp64. Under
+TRITON_INTERPRET=1, bf16 operands are upcast to fp32 before tl.dot (the interpreter's bf16 dot
+returns garbage), which is exact for the products and keeps fp32 accumulation.
+
+max_unpool2d: integer atomic_max picks the last pooled position naming each element (order-free,
+hence deterministic); only that position writes (or receives the gradient).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -25,6 +49,25 @@ import triton.language as tl
 BLOCK = 256
 NEEDS_PREACTIVATION = ("leaky_relu", "gelu", "silu")
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "gelu": 5, "silu": 6}
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------- tile configurations
+
+def _gemm_configs(interpreting: bool):
+    """Tile shapes the autotuner tries on a GPU (keyed on the GEMM shape); one small fixed tile
+    under the interpreter, where every tile costs Python time."""
+    if interpreting:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+              (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 4), (32, 64, 32, 2, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+GEMM_CONFIGS = _gemm_configs(INTERPRETING)
+# The configuration a simple model picks on an H100 for large GEMMs (bench/roofline_h100.py).
+DEFAULT_GPU_CONFIG = _gemm_configs(False)[0]
 
 
 @triton.jit
@@ -65,140 +108,213 @@ def _act_derivative(v, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _forward_kernel(z_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, total, C_IN, C_OUT, HP, WP, HU, WU, HO, WO,
-                    KH, KW, SH, SW, PH, PW, slope, POOL_H: tl.constexpr, POOL_W: tl.constexpr,
-                    IS_FLAT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = e < total
-    ox = e % WO
-    oy = (e // WO) % HO
-    co = (e // (WO * HO)) % C_OUT
-    n = e // (WO * HO * C_OUT)
-    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=live, other=0).to(ACC_DTYPE)
-    for kh in range(KH):
-        hn = oy + PH - kh
-        h = hn // SH
-        ok_h = (hn >= 0) & (hn - h * SH == 0) & (h < HU)
-        for kw in range(KW):
-            wn = ox + PW - kw
-            w = wn // SW
-            ok = live & ok_h & (wn >= 0) & (wn - w * SW == 0) & (w < WU)
-            ph = h // POOL_H
-            pw = w // POOL_W
-            ok = ok & (ph < HP) & (pw < WP)
-            if IS_FLAT:
-                want = h * WU + w
-            else:
-                want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
-            for ci in range(C_IN):
-                k = ((n * C_IN + ci) * HP + ph) * WP + pw
-                got = tl.load(idx_ptr + k, mask=ok, other=0).to(tl.int64)
-                hit = ok & (got == want)
-                zv = tl.load(z_ptr + k, mask=hit, other=0).to(ACC_DTYPE)
-                wv = tl.load(w_ptr + ((ci * C_OUT + co) * KH + kh) * KW + kw, mask=hit, other=0).to(ACC_DTYPE)
-                acc += zv * wv
-    if STORE_PRE:
-        tl.store(pre_ptr + e, acc.to(pre_ptr.dtype.element_ty), mask=live)
-    y = _act_forward(acc, ACT, slope)
-    tl.store(out_ptr + e, y.to(out_ptr.dtype.element_ty), mask=live)
-
-
-@triton.jit
-def _gpre_kernel(g_ptr, a_ptr, out_ptr, total, slope, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = e < total
-    g = tl.load(g_ptr + e, mask=live, other=0).to(ACC_DTYPE)
-    v = tl.load(a_ptr + e, mask=live, other=0).to(ACC_DTYPE)
-    tl.store(out_ptr + e, g * _act_derivative(v, ACT, slope), mask=live)
-
-
-@triton.jit
-def _grad_input_kernel(gpre_ptr, idx_ptr, w_ptr, gz_ptr, total, C_IN, C_OUT, HP, WP, WU, HO, WO, KH, KW, SH, SW,
-                       PH, PW, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
-                       ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = e < total
-    pw = e % WP
-    ph = (e // WP) % HP
-    ci = (e // (WP * HP)) % C_IN
-    n = e // (WP * HP * C_IN)
-    raw = tl.load(idx_ptr + e, mask=live, other=0).to(tl.int64)
+def _unpooled_tile(z_ptr, idx_ptr, n, h, w, row_ok, ci, ci_ok, szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU,
+                   POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr):
+    """U[n, ci, h, w] for rows (n, h, w) (1-D, length R) and channels ci (1-D, length C) as an (R, C)
+    tile: z of (h, w)'s window where that window's index names (h, w), else 0. ``row_ok`` marks the
+    rows whose (h, w) is a real unpooled position (0 <= h < H_u, 0 <= w < W_u)."""
+    ph = h // POOL_H
+    pw = w // POOL_W
+    ok_r = row_ok & (ph < HP) & (pw < WP)
     if IS_FLAT:
-        h = raw // WU
-        w = raw - h * WU
+        want = h * WU + w
     else:
-        h = ph * POOL_H + raw // POOL_W
-        w = pw * POOL_W + raw % POOL_W
-    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
-    for co in range(C_OUT):
-        for kh in range(KH):
-            oy = h * SH - PH + kh
-            ok_h = live & (oy >= 0) & (oy < HO)
-            for kw in range(KW):
-                ox = w * SW - PW + kw
-                ok = ok_h & (ox >= 0) & (ox < WO)
-                gv = tl.load(gpre_ptr + ((n * C_OUT + co) * HO + oy) * WO + ox, mask=ok, other=0)
-                wv = tl.load(w_ptr + ((ci * C_OUT + co) * KH + kh) * KW + kw, mask=live, other=0).to(ACC_DTYPE)
-                acc += gv * wv
-    tl.store(gz_ptr + e, acc.to(gz_ptr.dtype.element_ty), mask=live)
+        want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
+    ok = ok_r[:, None] & ci_ok[None, :]
+    zoff = n[:, None] * szn + ci[None, :] * szc + (ph * szh + pw * szw)[:, None]
+    ioff = n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None]
+    got = tl.load(idx_ptr + ioff, mask=ok, other=-1).to(tl.int64)
+    hit = ok & (got == want[:, None].to(tl.int64))
+    return tl.load(z_ptr + zoff, mask=hit, other=0)
 
 
 @triton.jit
-def _grad_weight_kernel(gpre_ptr, idx_ptr, z_ptr, gw_ptr, N, C_IN, C_OUT, HP, WP, WU, HO, WO, KH, KW, SH, SW, PH,
-                        PW, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    widx = tl.program_id(0)
-    kw = widx % KW
-    kh = (widx // KW) % KH
-    co = (widx // (KW * KH)) % C_OUT
-    ci = widx // (KW * KH * C_OUT)
-    plane = HP * WP
-    count = N * plane
-    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
-    for start in range(0, count, BLOCK):
-        r = start + tl.arange(0, BLOCK).to(tl.int64)
-        live = r < count
-        n = r // plane
-        p = r - n * plane
-        ph = p // WP
-        pw = p - ph * WP
-        k = (n * C_IN + ci) * plane + p
-        raw = tl.load(idx_ptr + k, mask=live, other=0).to(tl.int64)
-        if IS_FLAT:
-            h = raw // WU
-            w = raw - h * WU
-        else:
-            h = ph * POOL_H + raw // POOL_W
-            w = pw * POOL_W + raw % POOL_W
-        oy = h * SH - PH + kh
-        ox = w * SW - PW + kw
-        ok = live & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
-        zv = tl.load(z_ptr + k, mask=ok, other=0).to(ACC_DTYPE)
-        gv = tl.load(gpre_ptr + ((n * C_OUT + co) * HO + oy) * WO + ox, mask=ok, other=0)
-        acc += zv * gv
-    tl.store(gw_ptr + widx, tl.sum(acc, axis=0).to(gw_ptr.dtype.element_ty))
+def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
+@triton.jit
+def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
+                    SH, SW, PADH, PADW, slope,
+                    szn, szc, szh, szw, sin, sic, sih, siw, son, soc, soh, sow,
+                    DTYPE_KEY, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # wt is W permuted to (KH, KW, Cin, Cout), contiguous: the B-tile of tap t is rows t*Cin + ci.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    co_ok = co < C_OUT
+    ox = m % WO
+    oy = (m // WO) % HO
+    n = m // (WO * HO)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    for t in range(KH * KW):
+        kh = t // KW
+        kw = t - kh * KW
+        hn = oy + PADH - kh
+        wn = ox + PADW - kw
+        h = hn // SH
+        w = wn // SW
+        row_ok = m_ok & (hn >= 0) & (wn >= 0) & (hn - h * SH == 0) & (wn - w * SW == 0) & (h < HU) & (w < WU)
+        h = tl.where(row_ok, h, 0)
+        w = tl.where(row_ok, w, 0)
+        for c0 in range(0, C_IN, BLOCK_K):
+            ci = c0 + kk
+            ci_ok = ci < C_IN
+            a = _unpooled_tile(z_ptr, idx_ptr, n, h, w, row_ok, ci, ci_ok, szn, szc, szh, szw, sin, sic, sih, siw,
+                               HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
+            b = tl.load(wt_ptr + (t * C_IN + ci)[:, None] * C_OUT + co[None, :],
+                        mask=ci_ok[:, None] & co_ok[None, :], other=0)
+            acc = _mma(acc, a, b, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0).to(ACC_DTYPE)[None, :]
+    # Eager rounds the conv output to the tensor dtype before the activation reads it.
+    pre = acc.to(out_ptr.dtype.element_ty)
+    off = (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
+    ok = m_ok[:, None] & co_ok[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + off, pre, mask=ok)
+    y = _act_forward(pre.to(ACC_DTYPE), ACT, slope)
+    tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _grad_bias_kernel(gpre_ptr, gb_ptr, N, C_OUT, PLANE, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    co = tl.program_id(0)
-    count = N * PLANE
-    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
-    for start in range(0, count, BLOCK):
-        r = start + tl.arange(0, BLOCK).to(tl.int64)
-        live = r < count
-        n = r // PLANE
-        p = r - n * PLANE
-        acc += tl.load(gpre_ptr + (n * C_OUT + co) * PLANE + p, mask=live, other=0)
-    tl.store(gb_ptr + co, tl.sum(acc, axis=0).to(gb_ptr.dtype.element_ty))
+def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
+                 sgn, sgc, sgh, sgw, san, sac, sah, saw,
+                 ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """gpre[m, co] = grad_out * act'(.), rounded to gpre's dtype, positions-major; and
+    part[pid_m, co] = sum over this block's rows of the rounded gpre (grad_b's first stage)."""
+    pid_m = tl.program_id(0)
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ox = m % WO
+    oy = (m // WO) % HO
+    n = m // (WO * HO)
+    ok = (m < M)[:, None] & (co < C_OUT)[None, :]
+    g = tl.load(g_ptr + (n * sgn + oy * sgh + ox * sgw)[:, None] + co[None, :] * sgc, mask=ok, other=0)
+    g = g.to(ACC_DTYPE)
+    if ACT != 0:
+        v = tl.load(a_ptr + (n * san + oy * sah + ox * saw)[:, None] + co[None, :] * sac, mask=ok, other=0)
+        g = g * _act_derivative(v.to(ACC_DTYPE), ACT, slope)
+    gr = g.to(gpre_ptr.dtype.element_ty)
+    tl.store(gpre_ptr + m[:, None] * C_OUT + co[None, :], gr, mask=ok)
+    tl.store(part_ptr + pid_m * C_OUT + co, tl.sum(gr.to(ACC_DTYPE), axis=0), mask=co < C_OUT)
 
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
+@triton.jit
+def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW, SH, SW,
+                  PADH, PADW, sin, sic, sih, siw, DTYPE_KEY,
+                  POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # M = unpooled positions (n, h, w); N = Cin; K = (kh, kw, co). wt is W permuted to
+    # (KH, KW, Cout, Cin), contiguous. gz (contiguous NCHW) gets D only at the argmax.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    ci_ok = ci < C_IN
+    w = m % WU
+    h = (m // WU) % HU
+    n = m // (WU * HU)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    for t in range(KH * KW):
+        kh = t // KW
+        kw = t - kh * KW
+        oy = h * SH - PADH + kh
+        ox = w * SW - PADW + kw
+        row_ok = m_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
+        row = (n * HO + oy) * WO + ox
+        for c0 in range(0, C_OUT, BLOCK_K):
+            co = c0 + kk
+            co_ok = co < C_OUT
+            a = tl.load(gpre_ptr + row[:, None] * C_OUT + co[None, :], mask=row_ok[:, None] & co_ok[None, :],
+                        other=0)
+            b = tl.load(wt_ptr + (t * C_OUT + co)[:, None] * C_IN + ci[None, :],
+                        mask=co_ok[:, None] & ci_ok[None, :], other=0)
+            acc = _mma(acc, a, b, PRECISION, UPCAST)
+    ph = h // POOL_H
+    pw = w // POOL_W
+    r_ok = m_ok & (ph < HP) & (pw < WP)
+    if IS_FLAT:
+        want = h * WU + w
+    else:
+        want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
+    ok = r_ok[:, None] & ci_ok[None, :]
+    got = tl.load(idx_ptr + n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None], mask=ok, other=-1)
+    mine = ok & (got.to(tl.int64) == want[:, None].to(tl.int64))
+    dst = ((n[:, None] * C_IN + ci[None, :]) * HP + ph[:, None]) * WP + pw[:, None]
+    tl.store(gz_ptr + dst, acc.to(gz_ptr.dtype.element_ty), mask=mine)
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["P", "C_IN", "C_OUT", "SPLIT", "DTYPE_KEY"])
+@triton.jit
+def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KW,
+                  SH, SW, PADH, PADW, szn, szc, szh, szw, sin, sic, sih, siw, DTYPE_KEY,
+                  POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (tile of ci x co, tap t, chunk s): part[s, t, ci, co] = sum over the unpooled
+    # positions p of chunk s of U[p, ci] * gpre[shift_t(p), co]. M = Cin, N = Cout, K = p.
+    pid_mn = tl.program_id(0)
+    t = tl.program_id(1)
+    s = tl.program_id(2)
+    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    ci = (pid_mn // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = (pid_mn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < C_IN
+    co_ok = co < C_OUT
+    kh = t // KW
+    kw = t - kh * KW
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    start = s.to(tl.int64) * CHUNK
+    for p0 in range(0, CHUNK, BLOCK_K):
+        p = start + p0 + tl.arange(0, BLOCK_K)
+        p_ok = (p < P) & (p0 + tl.arange(0, BLOCK_K) < CHUNK)
+        w = p % WU
+        h = (p // WU) % HU
+        n = p // (WU * HU)
+        oy = h * SH - PADH + kh
+        ox = w * SW - PADW + kw
+        g_ok = p_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
+        # (BLOCK_K, BLOCK_M) tile of U, transposed into the A operand.
+        u = _unpooled_tile(z_ptr, idx_ptr, n, h, w, g_ok, ci, ci_ok, szn, szc, szh, szw, sin, sic, sih, siw,
+                           HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
+        g = tl.load(gpre_ptr + ((n * HO + oy) * WO + ox)[:, None] * C_OUT + co[None, :],
+                    mask=g_ok[:, None] & co_ok[None, :], other=0)
+        acc = _mma(acc, tl.trans(u), g, PRECISION, UPCAST)
+    base = (s * tl.num_programs(1) + t).to(tl.int64) * C_IN * C_OUT
+    tl.store(part_ptr + base + ci[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+# ---------------------------------------------------------------- host side
 
 def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype):
+    """tl.dot's input_precision: TF32 for fp32 exactly when cuDNN's convs would use it."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_flags(dtype):
+    return dict(PRECISION=_precision(dtype), UPCAST=INTERPRETING and dtype == torch.bfloat16,
+                ACC_DTYPE=_acc_dtype(dtype))
 
 
 def _out_hw(unpooled_size, weight, stride, padding, output_padding):
@@ -206,54 +322,99 @@ def _out_hw(unpooled_size, weight, stride, padding, output_padding):
             for a in range(2)]
 
 
+def _dtype_key(dtype):
+    return {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}[dtype]
+
+
+def _grid_mn(m, n):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+
 def forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding, activation,
             negative_slope):
-    z, idx, w = input.contiguous(), indices.contiguous(), weight.contiguous()
+    """(out, pre): out = act(pre), pre = unpool-transposed-conv + bias; pre is empty unless the
+    activation's derivative needs it. Any strides (NCHW, channels_last) for input and indices."""
+    z, idx = input, indices
     n, c_in, hp, wp = z.shape
-    c_out, kh, kw = w.shape[1], w.shape[2], w.shape[3]
-    ho, wo = _out_hw(unpooled_size, w, stride, padding, output_padding)
+    c_out, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    ho, wo = _out_hw(unpooled_size, weight, stride, padding, output_padding)
     out = torch.empty((n, c_out, ho, wo), dtype=z.dtype, device=z.device)
     store_pre = activation in NEEDS_PREACTIVATION
     pre = torch.empty_like(out) if store_pre else out.new_empty((0,))
-    total = out.numel()
-    if total:
+    m = n * ho * wo
+    if m and c_out:
+        wt = weight.permute(2, 3, 0, 1).contiguous()
         b = bias.contiguous() if bias is not None else out
-        _forward_kernel[(triton.cdiv(total, BLOCK),)](
-            z, idx, w, b, out, pre if store_pre else out, total, c_in, c_out, hp, wp, unpooled_size[0],
+        _forward_kernel[_grid_mn(m, c_out)](
+            z, idx, wt, b, out, pre if store_pre else out, m, c_in, c_out, hp, wp, unpooled_size[0],
             unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1], float(negative_slope),
+            *z.stride(), *idx.stride(), *out.stride(), _dtype_key(z.dtype),
             POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, HAS_BIAS=bias is not None,
-            ACT=_ACT_CODES[activation], STORE_PRE=store_pre, ACC_DTYPE=_acc_dtype(z.dtype), BLOCK=BLOCK)
+            ACT=_ACT_CODES[activation], STORE_PRE=store_pre, **_dot_flags(z.dtype))
     return out, pre
+
+
+GPRE_BLOCK_M = 64
+GPRE_BLOCK_N = 32
+WGRAD_TARGET_PROGRAMS = 4 * 132  # ~4 waves of an H100's SMs; a fixed number, so results never depend on the GPU
+
+
+def _wgrad_split(p, tiles_mn, taps, block_k):
+    """Number of position chunks of the weight-gradient GEMM: enough programs to fill the GPU,
+    chunks of at least 8 K-steps. Depends on shapes only, so the summation order is fixed."""
+    if INTERPRETING:
+        return max(1, min(3, triton.cdiv(p, 64)))
+    want = max(1, WGRAD_TARGET_PROGRAMS // max(1, tiles_mn * taps))
+    return max(1, min(want, triton.cdiv(p, 8 * block_k)))
 
 
 def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding,
              activation, negative_slope, output_mask):
-    z, idx, w = input.contiguous(), indices.contiguous(), weight.contiguous()
+    z, idx = input, indices
     n, c_in, hp, wp = z.shape
-    c_out, kh, kw = w.shape[1], w.shape[2], w.shape[3]
-    ho, wo = _out_hw(unpooled_size, w, stride, padding, output_padding)
-    acc_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    gpre = torch.empty((n, c_out, ho, wo), dtype=acc_dtype, device=z.device)
-    total = gpre.numel()
-    if total:
-        _gpre_kernel[(triton.cdiv(total, BLOCK),)](grad_out.contiguous(), act_input.contiguous(), gpre, total,
-                                                    float(negative_slope), ACT=_ACT_CODES[activation],
-                                                    ACC_DTYPE=_acc_dtype(z.dtype), BLOCK=BLOCK)
-    is_flat = idx.dtype == torch.int64
-    geo = dict(POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=is_flat, ACC_DTYPE=_acc_dtype(z.dtype), BLOCK=BLOCK)
-    grad_z = torch.zeros_like(z)
-    if output_mask[0] and z.numel():
-        _grad_input_kernel[(triton.cdiv(z.numel(), BLOCK),)](
-            gpre, idx, w, grad_z, z.numel(), c_in, c_out, hp, wp, unpooled_size[1], ho, wo, kh, kw, stride[0],
-            stride[1], padding[0], padding[1], **geo)
-    grad_w = torch.zeros_like(w)
-    if output_mask[1] and w.numel():
-        _grad_weight_kernel[(w.numel(),)](
-            gpre, idx, z, grad_w, n, c_in, c_out, hp, wp, unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1],
-            padding[0], padding[1], **geo)
+    c_out, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    hu, wu = unpooled_size
+    ho, wo = _out_hw(unpooled_size, weight, stride, padding, output_padding)
+    acc_torch = torch.float64 if z.dtype == torch.float64 else torch.float32
+    flags = _dot_flags(z.dtype)
+    geo = dict(POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, **flags)
+    m_out = n * ho * wo
+    grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     grad_b = torch.zeros((c_out,), dtype=z.dtype, device=z.device)
-    if output_mask[2] and c_out:
-        _grad_bias_kernel[(c_out,)](gpre, grad_b, n, c_out, ho * wo, BLOCK=BLOCK, ACC_DTYPE=_acc_dtype(z.dtype))
+    if not (m_out and c_out):
+        return grad_z, grad_w, grad_b
+    # gpre in the tensor dtype (fp16/bf16 round as eager's activation backward does).
+    gpre = torch.empty((m_out, c_out), dtype=z.dtype, device=z.device)
+    blocks_m = triton.cdiv(m_out, GPRE_BLOCK_M)
+    part_b = torch.empty((blocks_m, c_out), dtype=acc_torch, device=z.device)
+    act = _ACT_CODES[activation]
+    a = act_input if act != 0 else grad_out
+    _gpre_kernel[(blocks_m, triton.cdiv(c_out, GPRE_BLOCK_N))](
+        grad_out, a, gpre, part_b, m_out, c_out, ho, wo, float(negative_slope), *grad_out.stride(), *a.stride(),
+        ACT=act, ACC_DTYPE=flags["ACC_DTYPE"], BLOCK_M=GPRE_BLOCK_M, BLOCK_N=GPRE_BLOCK_N)
+    if output_mask[2]:
+        grad_b = part_b.sum(0).to(z.dtype)  # fixed-order second stage
+    m_un = n * hu * wu
+    if output_mask[0] and z.numel() and m_un:
+        wt = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, Cout, Cin)
+        _dgrad_kernel[_grid_mn(m_un, c_in)](
+            gpre, idx, wt, grad_z, m_un, c_in, c_out, hp, wp, hu, wu, ho, wo, kh, kw, stride[0], stride[1],
+            padding[0], padding[1], *idx.stride(), _dtype_key(z.dtype), **geo)
+    if output_mask[1] and weight.numel() and m_un:
+        taps = kh * kw
+        block_k = GEMM_CONFIGS[0].kwargs["BLOCK_K"] if INTERPRETING else 32
+        tiles = triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64)
+        split = _wgrad_split(m_un, tiles, taps, block_k)
+        chunk = triton.cdiv(triton.cdiv(m_un, split), block_k) * block_k
+        split = triton.cdiv(m_un, chunk)
+        part_w = torch.empty((split, taps, c_in, c_out), dtype=acc_torch, device=z.device)
+        _wgrad_kernel[lambda meta: (triton.cdiv(c_in, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), taps,
+                                    split)](
+            gpre, z, idx, part_w, m_un, chunk, split, c_in, c_out, hp, wp, hu, wu, ho, wo, kw, stride[0], stride[1],
+            padding[0], padding[1], *z.stride(), *idx.stride(), _dtype_key(z.dtype), **geo)
+        # fixed-order second stage, then (tap, ci, co) -> (ci, co, kh, kw)
+        grad_w = part_w.sum(0).reshape(kh, kw, c_in, c_out).permute(2, 3, 0, 1).contiguous().to(weight.dtype)
     return grad_z, grad_w, grad_b
 
 
