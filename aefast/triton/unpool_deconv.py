@@ -123,9 +123,11 @@ def _unpooled_tile(z_ptr, idx_ptr, n, h, w, row_ok, ci, ci_ok, szn, szc, szh, sz
     ok = ok_r[:, None] & ci_ok[None, :]
     zoff = n[:, None] * szn + ci[None, :] * szc + (ph * szh + pw * szw)[:, None]
     ioff = n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None]
-    got = tl.load(idx_ptr + ioff, mask=ok, other=-1).to(tl.int64)
-    hit = ok & (got == want[:, None].to(tl.int64))
-    return tl.load(z_ptr + zoff, mask=hit, other=0)
+    # Both loads depend on the row geometry only (not on each other), so the compiler may
+    # pipeline them; the selection happens in registers. Valid indices are < 2**31 (checked).
+    got = tl.load(idx_ptr + ioff, mask=ok, other=-1).to(tl.int32)
+    zv = tl.load(z_ptr + zoff, mask=ok, other=0)
+    return tl.where(got == want[:, None].to(tl.int32), zv, tl.zeros_like(zv))
 
 
 @triton.jit
@@ -143,18 +145,20 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
                     szn, szc, szh, szw, sin, sic, sih, siw, son, soc, soh, sow,
                     DTYPE_KEY, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # wt is W permuted to (KH, KW, Cin, Cout), contiguous: the B-tile of tap t is rows t*Cin + ci.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     co_ok = co < C_OUT
     ox = m % WO
     oy = (m // WO) % HO
     n = m // (WO * HO)
+    if INDEX64:
+        n = n.to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for t in range(KH * KW):
@@ -190,15 +194,19 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
 @triton.jit
 def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
                  sgn, sgc, sgh, sgw, san, sac, sah, saw,
-                 ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """gpre[m, co] = grad_out * act'(.), rounded to gpre's dtype, positions-major; and
     part[pid_m, co] = sum over this block's rows of the rounded gpre (grad_b's first stage)."""
     pid_m = tl.program_id(0)
-    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ox = m % WO
     oy = (m // WO) % HO
     n = m // (WO * HO)
+    if INDEX64:
+        n = n.to(tl.int64)
+        m = m.to(tl.int64)
     ok = (m < M)[:, None] & (co < C_OUT)[None, :]
     g = tl.load(g_ptr + (n * sgn + oy * sgh + ox * sgw)[:, None] + co[None, :] * sgc, mask=ok, other=0)
     g = g.to(ACC_DTYPE)
@@ -215,19 +223,21 @@ def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
 def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW, SH, SW,
                   PADH, PADW, sin, sic, sih, siw, DTYPE_KEY,
                   POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M = unpooled positions (n, h, w); N = Cin; K = (kh, kw, co). wt is W permuted to
     # (KH, KW, Cout, Cin), contiguous. gz (contiguous NCHW) gets D only at the argmax.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     ci_ok = ci < C_IN
     w = m % WU
     h = (m // WU) % HU
     n = m // (WU * HU)
+    if INDEX64:
+        n = n.to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for t in range(KH * KW):
@@ -264,7 +274,7 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
 def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KW,
                   SH, SW, PADH, PADW, szn, szc, szh, szw, sin, sic, sih, siw, DTYPE_KEY,
                   POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (tile of ci x co, tap t, chunk s): part[s, t, ci, co] = sum over the unpooled
     # positions p of chunk s of U[p, ci] * gpre[shift_t(p), co]. M = Cin, N = Cout, K = p.
@@ -279,13 +289,15 @@ def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_O
     kh = t // KW
     kw = t - kh * KW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    start = s.to(tl.int64) * CHUNK
+    start = s * CHUNK
     for p0 in range(0, CHUNK, BLOCK_K):
         p = start + p0 + tl.arange(0, BLOCK_K)
         p_ok = (p < P) & (p0 + tl.arange(0, BLOCK_K) < CHUNK)
         w = p % WU
         h = (p // WU) % HU
         n = p // (WU * HU)
+        if INDEX64:
+            n = n.to(tl.int64)
         oy = h * SH - PADH + kh
         ox = w * SW - PADW + kw
         g_ok = p_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
@@ -326,6 +338,13 @@ def _dtype_key(dtype):
     return {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}[dtype]
 
 
+def _index64(*tensors):
+    """Whether some offset may pass 2**31 - 1: then the batch term of every offset is int64
+    (int32 elsewhere keeps the address math out of the register budget)."""
+    return any(t.numel() and sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) >= 2**31 - 1
+               for t in tensors)
+
+
 def _grid_mn(m, n):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
@@ -350,7 +369,7 @@ def forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padd
             unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1], float(negative_slope),
             *z.stride(), *idx.stride(), *out.stride(), _dtype_key(z.dtype),
             POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, HAS_BIAS=bias is not None,
-            ACT=_ACT_CODES[activation], STORE_PRE=store_pre, **_dot_flags(z.dtype))
+            ACT=_ACT_CODES[activation], STORE_PRE=store_pre, INDEX64=_index64(z, idx, out), **_dot_flags(z.dtype))
     return out, pre
 
 
@@ -377,8 +396,10 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
     ho, wo = _out_hw(unpooled_size, weight, stride, padding, output_padding)
     acc_torch = torch.float64 if z.dtype == torch.float64 else torch.float32
     flags = _dot_flags(z.dtype)
-    geo = dict(POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, **flags)
     m_out = n * ho * wo
+    index64 = _index64(z, idx, grad_out, act_input) or m_out * c_out >= 2**31 - 1
+    geo = dict(POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, INDEX64=index64,
+               **flags)
     grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     grad_b = torch.zeros((c_out,), dtype=z.dtype, device=z.device)
@@ -392,7 +413,7 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
     a = act_input if act != 0 else grad_out
     _gpre_kernel[(blocks_m, triton.cdiv(c_out, GPRE_BLOCK_N))](
         grad_out, a, gpre, part_b, m_out, c_out, ho, wo, float(negative_slope), *grad_out.stride(), *a.stride(),
-        ACT=act, ACC_DTYPE=flags["ACC_DTYPE"], BLOCK_M=GPRE_BLOCK_M, BLOCK_N=GPRE_BLOCK_N)
+        ACT=act, ACC_DTYPE=flags["ACC_DTYPE"], INDEX64=index64, BLOCK_M=GPRE_BLOCK_M, BLOCK_N=GPRE_BLOCK_N)
     if output_mask[2]:
         grad_b = part_b.sum(0).to(z.dtype)  # fixed-order second stage
     m_un = n * hu * wu
