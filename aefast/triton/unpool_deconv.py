@@ -59,8 +59,12 @@ def _gemm_configs(interpreting: bool):
     under the interpreter, where every tile costs Python time."""
     if interpreting:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-              (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 4), (32, 64, 32, 2, 4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for wide layers; narrow N for few
+    # output channels (Cout = 3: N pads to the MMA's n8, not to 64); BLOCK_K 16 for few channels
+    # per tap (K pads per tap to BLOCK_K).
+    shapes = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+              (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (128, 16, 32, 4, 4), (128, 8, 32, 4, 4),
+              (128, 64, 16, 4, 4), (128, 16, 16, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
@@ -108,26 +112,23 @@ def _act_derivative(v, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _unpooled_tile(z_ptr, idx_ptr, n, h, w, row_ok, ci, ci_ok, szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU,
+def _unpooled_tile(z_ptr, idx_ptr, n, h, w, ok, ci, szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU,
                    POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr):
-    """U[n, ci, h, w] for rows (n, h, w) (1-D, length R) and channels ci (1-D, length C) as an (R, C)
-    tile: z of (h, w)'s window where that window's index names (h, w), else 0. ``row_ok`` marks the
-    rows whose (h, w) is a real unpooled position (0 <= h < H_u, 0 <= w < W_u)."""
+    """U[n, ci, h, w] on a 2-D tile: the arguments broadcast to (rows, channels) (rows index
+    (n, h, w), which may differ per column when taps are packed into K). z of (h, w)'s window where
+    that window's index names (h, w), else 0. ``ok`` marks real unpooled positions and channels."""
     ph = h // POOL_H
     pw = w // POOL_W
-    ok_r = row_ok & (ph < HP) & (pw < WP)
+    ok = ok & (ph < HP) & (pw < WP)
     if IS_FLAT:
         want = h * WU + w
     else:
         want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
-    ok = ok_r[:, None] & ci_ok[None, :]
-    zoff = n[:, None] * szn + ci[None, :] * szc + (ph * szh + pw * szw)[:, None]
-    ioff = n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None]
-    # Both loads depend on the row geometry only (not on each other), so the compiler may
-    # pipeline them; the selection happens in registers. Valid indices are < 2**31 (checked).
-    got = tl.load(idx_ptr + ioff, mask=ok, other=-1).to(tl.int32)
-    zv = tl.load(z_ptr + zoff, mask=ok, other=0)
-    return tl.where(got == want[:, None].to(tl.int32), zv, tl.zeros_like(zv))
+    # Both loads depend on the geometry only (not on each other), so the compiler may pipeline
+    # them; the selection happens in registers. Valid indices are < 2**31 (checked before).
+    got = tl.load(idx_ptr + (n * sin + ci * sic + ph * sih + pw * siw), mask=ok, other=-1).to(tl.int32)
+    zv = tl.load(z_ptr + (n * szn + ci * szc + ph * szh + pw * szw), mask=ok, other=0)
+    return tl.where(got == want.to(tl.int32), zv, tl.zeros_like(zv))
 
 
 @triton.jit
@@ -138,6 +139,18 @@ def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _unpool_source(oy, ox, kh, kw, HU, WU, SH, SW, PADH, PADW):
+    """The unpooled position (h, w) that output (oy, ox) reads through tap (kh, kw) of the
+    transposed conv, h = (oy + padh - kh) / sh when divisible and in range (likewise w)."""
+    hn = oy + PADH - kh
+    wn = ox + PADW - kw
+    h = hn // SH
+    w = wn // SW
+    ok = (hn >= 0) & (wn >= 0) & (hn - h * SH == 0) & (wn - w * SW == 0) & (h < HU) & (w < WU)
+    return tl.where(ok, h, 0), tl.where(ok, w, 0), ok
+
+
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
 @triton.jit
 def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
@@ -145,9 +158,11 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
                     szn, szc, szh, szw, sin, sic, sih, siw, son, soc, soh, sow,
                     DTYPE_KEY, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
+                    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr, PACK_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # wt is W permuted to (KH, KW, Cin, Cout), contiguous: the B-tile of tap t is rows t*Cin + ci.
+    # wt is W permuted to (KH, KW, Cin, Cout), contiguous: K row k = t * Cin + ci (tap t = kh*KW + kw).
+    # PACK_K (few input channels): one K loop over the flattened (t, ci), so K pads once to
+    # BLOCK_K instead of once per tap; else a loop over taps with a Cin loop inside.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,24 +176,33 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
         n = n.to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    for t in range(KH * KW):
-        kh = t // KW
-        kw = t - kh * KW
-        hn = oy + PADH - kh
-        wn = ox + PADW - kw
-        h = hn // SH
-        w = wn // SW
-        row_ok = m_ok & (hn >= 0) & (wn >= 0) & (hn - h * SH == 0) & (wn - w * SW == 0) & (h < HU) & (w < WU)
-        h = tl.where(row_ok, h, 0)
-        w = tl.where(row_ok, w, 0)
-        for c0 in range(0, C_IN, BLOCK_K):
-            ci = c0 + kk
-            ci_ok = ci < C_IN
-            a = _unpooled_tile(z_ptr, idx_ptr, n, h, w, row_ok, ci, ci_ok, szn, szc, szh, szw, sin, sic, sih, siw,
-                               HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
-            b = tl.load(wt_ptr + (t * C_IN + ci)[:, None] * C_OUT + co[None, :],
-                        mask=ci_ok[:, None] & co_ok[None, :], other=0)
+    if PACK_K:
+        K = KH * KW * C_IN
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            t = k // C_IN
+            ci = k - t * C_IN
+            kh = t // KW
+            h, w, ok = _unpool_source(oy[:, None], ox[:, None], kh[None, :], (t - kh * KW)[None, :], HU, WU, SH, SW,
+                                      PADH, PADW)
+            a = _unpooled_tile(z_ptr, idx_ptr, n[:, None], h, w, ok & m_ok[:, None] & (k < K)[None, :], ci[None, :],
+                               szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
+            b = tl.load(wt_ptr + k[:, None] * C_OUT + co[None, :], mask=(k < K)[:, None] & co_ok[None, :], other=0)
             acc = _mma(acc, a, b, PRECISION, UPCAST)
+    else:
+        for t in range(KH * KW):
+            kh = t // KW
+            h, w, row_ok = _unpool_source(oy, ox, kh, t - kh * KW, HU, WU, SH, SW, PADH, PADW)
+            row_ok = row_ok & m_ok
+            for c0 in range(0, C_IN, BLOCK_K):
+                ci = c0 + kk
+                ci_ok = ci < C_IN
+                a = _unpooled_tile(z_ptr, idx_ptr, n[:, None], h[:, None], w[:, None], row_ok[:, None] & ci_ok[None, :],
+                                   ci[None, :], szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU, POOL_H, POOL_W,
+                                   IS_FLAT)
+                b = tl.load(wt_ptr + (t * C_IN + ci)[:, None] * C_OUT + co[None, :],
+                            mask=ci_ok[:, None] & co_ok[None, :], other=0)
+                acc = _mma(acc, a, b, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_ok, other=0).to(ACC_DTYPE)[None, :]
     # Eager rounds the conv output to the tensor dtype before the activation reads it.
@@ -223,10 +247,11 @@ def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
 def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW, SH, SW,
                   PADH, PADW, sin, sic, sih, siw, DTYPE_KEY,
                   POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
+                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr, PACK_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # M = unpooled positions (n, h, w); N = Cin; K = (kh, kw, co). wt is W permuted to
-    # (KH, KW, Cout, Cin), contiguous. gz (contiguous NCHW) gets D only at the argmax.
+    # M = unpooled positions (n, h, w); N = Cin; K = (t, co). wt is W permuted to (KH, KW, Cout, Cin),
+    # contiguous (K row k = t * Cout + co). gz (contiguous NCHW) gets D only at the argmax.
+    # PACK_K (few output channels): one loop over the flattened (t, co), as in the forward.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,21 +265,34 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
         n = n.to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    for t in range(KH * KW):
-        kh = t // KW
-        kw = t - kh * KW
-        oy = h * SH - PADH + kh
-        ox = w * SW - PADW + kw
-        row_ok = m_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
-        row = (n * HO + oy) * WO + ox
-        for c0 in range(0, C_OUT, BLOCK_K):
-            co = c0 + kk
-            co_ok = co < C_OUT
-            a = tl.load(gpre_ptr + row[:, None] * C_OUT + co[None, :], mask=row_ok[:, None] & co_ok[None, :],
-                        other=0)
-            b = tl.load(wt_ptr + (t * C_OUT + co)[:, None] * C_IN + ci[None, :],
-                        mask=co_ok[:, None] & ci_ok[None, :], other=0)
+    if PACK_K:
+        K = KH * KW * C_OUT
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            t = k // C_OUT
+            co = k - t * C_OUT
+            kh = t // KW
+            oy = h[:, None] * SH - PADH + kh[None, :]
+            ox = w[:, None] * SW - PADW + (t - kh * KW)[None, :]
+            ok = m_ok[:, None] & (k < K)[None, :] & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
+            a = tl.load(gpre_ptr + ((n[:, None] * HO + oy) * WO + ox) * C_OUT + co[None, :], mask=ok, other=0)
+            b = tl.load(wt_ptr + k[:, None] * C_IN + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0)
             acc = _mma(acc, a, b, PRECISION, UPCAST)
+    else:
+        for t in range(KH * KW):
+            kh = t // KW
+            oy = h * SH - PADH + kh
+            ox = w * SW - PADW + (t - kh * KW)
+            row_ok = m_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
+            row = (n * HO + oy) * WO + ox
+            for c0 in range(0, C_OUT, BLOCK_K):
+                co = c0 + kk
+                co_ok = co < C_OUT
+                a = tl.load(gpre_ptr + row[:, None] * C_OUT + co[None, :], mask=row_ok[:, None] & co_ok[None, :],
+                            other=0)
+                b = tl.load(wt_ptr + (t * C_OUT + co)[:, None] * C_IN + ci[None, :],
+                            mask=co_ok[:, None] & ci_ok[None, :], other=0)
+                acc = _mma(acc, a, b, PRECISION, UPCAST)
     ph = h // POOL_H
     pw = w // POOL_W
     r_ok = m_ok & (ph < HP) & (pw < WP)
@@ -264,28 +302,31 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
         want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
     ok = r_ok[:, None] & ci_ok[None, :]
     got = tl.load(idx_ptr + n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None], mask=ok, other=-1)
-    mine = ok & (got.to(tl.int64) == want[:, None].to(tl.int64))
+    mine = ok & (got.to(tl.int32) == want[:, None].to(tl.int32))
     dst = ((n[:, None] * C_IN + ci[None, :]) * HP + ph[:, None]) * WP + pw[:, None]
     tl.store(gz_ptr + dst, acc.to(gz_ptr.dtype.element_ty), mask=mine)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["P", "C_IN", "C_OUT", "SPLIT", "DTYPE_KEY"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["P", "C_IN", "C_OUT", "KH", "KW", "SPLIT", "DTYPE_KEY"])
 @triton.jit
-def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KW,
+def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
                   SH, SW, PADH, PADW, szn, szc, szh, szw, sin, sic, sih, siw, DTYPE_KEY,
                   POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Program (tile of ci x co, tap t, chunk s): part[s, t, ci, co] = sum over the unpooled
-    # positions p of chunk s of U[p, ci] * gpre[shift_t(p), co]. M = Cin, N = Cout, K = p.
+    # Program (tile of ci x (t, co), chunk s): part[s, ci, t * Cout + co] = sum over the unpooled
+    # positions p of chunk s of U[p, ci] * gpre[shift_t(p), co]: the im2col of gpre packs the taps
+    # into N (N = KH*KW*Cout pads once, not per tap), M = Cin, K = p.
     pid_mn = tl.program_id(0)
-    t = tl.program_id(1)
-    s = tl.program_id(2)
-    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    s = tl.program_id(1)
+    NT = KH * KW * C_OUT
+    num_n = tl.cdiv(NT, BLOCK_N)
     ci = (pid_mn // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    co = (pid_mn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = (pid_mn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_ok = ci < C_IN
-    co_ok = co < C_OUT
+    j_ok = j < NT
+    t = j // C_OUT
+    co = j - t * C_OUT
     kh = t // KW
     kw = t - kh * KW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
@@ -298,17 +339,16 @@ def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_O
         n = p // (WU * HU)
         if INDEX64:
             n = n.to(tl.int64)
-        oy = h * SH - PADH + kh
-        ox = w * SW - PADW + kw
-        g_ok = p_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
         # (BLOCK_K, BLOCK_M) tile of U, transposed into the A operand.
-        u = _unpooled_tile(z_ptr, idx_ptr, n, h, w, g_ok, ci, ci_ok, szn, szc, szh, szw, sin, sic, sih, siw,
-                           HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
-        g = tl.load(gpre_ptr + ((n * HO + oy) * WO + ox)[:, None] * C_OUT + co[None, :],
-                    mask=g_ok[:, None] & co_ok[None, :], other=0)
+        u = _unpooled_tile(z_ptr, idx_ptr, n[:, None], h[:, None], w[:, None], p_ok[:, None] & ci_ok[None, :],
+                           ci[None, :], szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
+        oy = h[:, None] * SH - PADH + kh[None, :]
+        ox = w[:, None] * SW - PADW + kw[None, :]
+        g_ok = p_ok[:, None] & j_ok[None, :] & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
+        g = tl.load(gpre_ptr + ((n[:, None] * HO + oy) * WO + ox) * C_OUT + co[None, :], mask=g_ok, other=0)
         acc = _mma(acc, tl.trans(u), g, PRECISION, UPCAST)
-    base = (s * tl.num_programs(1) + t).to(tl.int64) * C_IN * C_OUT
-    tl.store(part_ptr + base + ci[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+    base = s.to(tl.int64) * C_IN * NT
+    tl.store(part_ptr + base + ci[:, None] * NT + j[None, :], acc, mask=ci_ok[:, None] & j_ok[None, :])
 
 
 # ---------------------------------------------------------------- host side
@@ -327,6 +367,11 @@ def _precision(dtype):
 def _dot_flags(dtype):
     return dict(PRECISION=_precision(dtype), UPCAST=INTERPRETING and dtype == torch.bfloat16,
                 ACC_DTYPE=_acc_dtype(dtype))
+
+
+# Channels per tap below which the taps are packed into K (the K loop runs over (tap, channel)):
+# with 3 channels a per-tap K pads 3 -> 16, a packed one 27 -> 32.
+PACK_K_BELOW = 16
 
 
 def _out_hw(unpooled_size, weight, stride, padding, output_padding):
@@ -369,22 +414,25 @@ def forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padd
             unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1], float(negative_slope),
             *z.stride(), *idx.stride(), *out.stride(), _dtype_key(z.dtype),
             POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, HAS_BIAS=bias is not None,
-            ACT=_ACT_CODES[activation], STORE_PRE=store_pre, INDEX64=_index64(z, idx, out), **_dot_flags(z.dtype))
+            ACT=_ACT_CODES[activation], STORE_PRE=store_pre, INDEX64=_index64(z, idx, out),
+            PACK_K=c_in < PACK_K_BELOW, **_dot_flags(z.dtype))
     return out, pre
 
 
 GPRE_BLOCK_M = 64
 GPRE_BLOCK_N = 32
-WGRAD_TARGET_PROGRAMS = 4 * 132  # ~4 waves of an H100's SMs; a fixed number, so results never depend on the GPU
+# Programs the weight gradient aims for: whole waves of an H100's 132 SMs at 1-2 CTAs each. A
+# fixed number, so the split (and the summation order) depends on the shapes only.
+WGRAD_TARGET_PROGRAMS = 8 * 132
+WGRAD_MIN_CHUNK = 256  # positions: keeps the partials small beside the operands
 
 
-def _wgrad_split(p, tiles_mn, taps, block_k):
-    """Number of position chunks of the weight-gradient GEMM: enough programs to fill the GPU,
-    chunks of at least 8 K-steps. Depends on shapes only, so the summation order is fixed."""
+def _wgrad_split(p, tiles_mn):
+    """Number of position chunks of the weight-gradient GEMM."""
     if INTERPRETING:
         return max(1, min(3, triton.cdiv(p, 64)))
-    want = max(1, WGRAD_TARGET_PROGRAMS // max(1, tiles_mn * taps))
-    return max(1, min(want, triton.cdiv(p, 8 * block_k)))
+    want = max(1, triton.cdiv(WGRAD_TARGET_PROGRAMS, max(1, tiles_mn)))
+    return max(1, min(want, triton.cdiv(p, WGRAD_MIN_CHUNK)))
 
 
 def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding, output_padding,
@@ -421,21 +469,18 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
         wt = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, Cout, Cin)
         _dgrad_kernel[_grid_mn(m_un, c_in)](
             gpre, idx, wt, grad_z, m_un, c_in, c_out, hp, wp, hu, wu, ho, wo, kh, kw, stride[0], stride[1],
-            padding[0], padding[1], *idx.stride(), _dtype_key(z.dtype), **geo)
+            padding[0], padding[1], *idx.stride(), _dtype_key(z.dtype), PACK_K=c_out < PACK_K_BELOW, **geo)
     if output_mask[1] and weight.numel() and m_un:
-        taps = kh * kw
-        block_k = GEMM_CONFIGS[0].kwargs["BLOCK_K"] if INTERPRETING else 32
-        tiles = triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64)
-        split = _wgrad_split(m_un, tiles, taps, block_k)
-        chunk = triton.cdiv(triton.cdiv(m_un, split), block_k) * block_k
+        nt = kh * kw * c_out
+        split = _wgrad_split(m_un, triton.cdiv(c_in, 128) * triton.cdiv(nt, 128))
+        chunk = triton.cdiv(m_un, split)
         split = triton.cdiv(m_un, chunk)
-        part_w = torch.empty((split, taps, c_in, c_out), dtype=acc_torch, device=z.device)
-        _wgrad_kernel[lambda meta: (triton.cdiv(c_in, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), taps,
-                                    split)](
-            gpre, z, idx, part_w, m_un, chunk, split, c_in, c_out, hp, wp, hu, wu, ho, wo, kw, stride[0], stride[1],
-            padding[0], padding[1], *z.stride(), *idx.stride(), _dtype_key(z.dtype), **geo)
-        # fixed-order second stage, then (tap, ci, co) -> (ci, co, kh, kw)
-        grad_w = part_w.sum(0).reshape(kh, kw, c_in, c_out).permute(2, 3, 0, 1).contiguous().to(weight.dtype)
+        part_w = torch.empty((split, c_in, nt), dtype=acc_torch, device=z.device)
+        _wgrad_kernel[lambda meta: (triton.cdiv(c_in, meta["BLOCK_M"]) * triton.cdiv(nt, meta["BLOCK_N"]), split)](
+            gpre, z, idx, part_w, m_un, chunk, split, c_in, c_out, hp, wp, hu, wu, ho, wo, kh, kw, stride[0],
+            stride[1], padding[0], padding[1], *z.stride(), *idx.stride(), _dtype_key(z.dtype), **geo)
+        # fixed-order second stage, then (ci, kh, kw, co) -> (ci, co, kh, kw)
+        grad_w = part_w.sum(0).reshape(c_in, kh, kw, c_out).permute(0, 3, 1, 2).contiguous().to(weight.dtype)
     return grad_z, grad_w, grad_b
 
 
