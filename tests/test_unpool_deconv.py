@@ -759,3 +759,24 @@ def test_fuzz_triton(c):
                                      device=dev, seed=c["seed"], bias=c["bias"])
     got, want = run_both("triton", z, idx, w, b, c["pool"], out_hw, c["s"], c["p"], c["op"], c["act"], c["fmt"])
     assert_close_all(got, want, torch.float64)
+
+
+def test_roofline_model_uses_the_kernels_tile_list():
+    """bench/roofline_h100.py predicts with the decoder kernels' GPU autotune list (inlined there
+    so that it runs without triton); the two must not drift apart."""
+    _triton_or_skip()
+    import importlib.util
+    import pathlib
+
+    from aefast.triton import unpool_deconv as kernels
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "roofline_h100.py"
+    spec = importlib.util.spec_from_file_location("roofline_h100", path)
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    gpu = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+           for c in kernels._gemm_configs(False)]
+    assert roofline.CONFIGS == gpu
+    assert roofline.PACK_K_BELOW == kernels.PACK_K_BELOW
+    assert roofline.WGRAD_TARGET_PROGRAMS == kernels.WGRAD_TARGET_PROGRAMS
+    assert roofline.WGRAD_MIN_CHUNK == kernels.WGRAD_MIN_CHUNK

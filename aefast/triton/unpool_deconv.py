@@ -70,8 +70,6 @@ def _gemm_configs(interpreting: bool):
 
 
 GEMM_CONFIGS = _gemm_configs(INTERPRETING)
-# The configuration a simple model picks on an H100 for large GEMMs (bench/roofline_h100.py).
-DEFAULT_GPU_CONFIG = _gemm_configs(False)[0]
 
 
 @triton.jit
@@ -448,7 +446,11 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
     index64 = _index64(z, idx, grad_out, act_input) or m_out * c_out >= 2**31 - 1
     geo = dict(POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, INDEX64=index64,
                **flags)
-    grad_z = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
+    m_un = n * hu * wu
+    run_dgrad = bool(output_mask[0] and z.numel() and m_un and m_out and c_out)
+    # The dgrad kernel writes every element of grad_z exactly once (each index names one position of
+    # the unpooled plane, validated before the op runs), so no zero fill is needed when it runs.
+    grad_z = (torch.empty if run_dgrad else torch.zeros)(z.shape, dtype=z.dtype, device=z.device)
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     grad_b = torch.zeros((c_out,), dtype=z.dtype, device=z.device)
     if not (m_out and c_out):
@@ -464,8 +466,7 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
         ACT=act, ACC_DTYPE=flags["ACC_DTYPE"], INDEX64=index64, BLOCK_M=GPRE_BLOCK_M, BLOCK_N=GPRE_BLOCK_N)
     if output_mask[2]:
         grad_b = part_b.sum(0).to(z.dtype)  # fixed-order second stage
-    m_un = n * hu * wu
-    if output_mask[0] and z.numel() and m_un:
+    if run_dgrad:
         wt = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, Cout, Cin)
         _dgrad_kernel[_grid_mn(m_un, c_in)](
             gpre, idx, wt, grad_z, m_un, c_in, c_out, hp, wp, hu, wu, ho, wo, kh, kw, stride[0], stride[1],
