@@ -14,6 +14,8 @@ Forward, M = output positions (n, oy, ox), N = Cout, K = (kh, kw, ci):
   The A-tile U[m, ci-slice] is built in registers: load z and idx at the window of (h, w) and keep
   z where the index equals (h, w)'s own offset, else 0; the unpooled map never exists.
   Epilogue: + bias, round to the tensor dtype (eager rounds the conv output), activation, round.
+  K runs tap by tap with a channel loop inside; below PACK_K_BELOW channels the taps are packed
+  into one flattened K = (t, ci) instead, so that 3 channels pad K from 27 to 32, not 9 x 16.
 
 Backward, gpre = grad_out * act'(.) rounded to the tensor dtype (eager's activation backward
 rounds), written once as an (M, Cout) matrix, positions-major, by ``_gpre_kernel``, which also
@@ -21,12 +23,15 @@ writes per-block partial sums of gpre per channel (grad_b's first stage).
   grad_z is the transposed conv's dgrad at the argmax: with M = unpooled positions (n, h, w),
       D[m, ci] = sum_{kh, kw, co} gpre[n, h*sh - padh + kh, w*sw - padw + kw, co] * W[ci, co, kh, kw]
   is a plain implicit GEMM (K = (kh, kw, co)), and its epilogue stores D[m, ci] to
-  grad_z[n, ci, h // pool_h, w // pool_w] only where idx names (h, w): one writer per element.
+  grad_z[n, ci, h // pool_h, w // pool_w] only where idx names (h, w): one writer per element,
+  and every element is written (each index names a position of the plane), so no zero fill.
   The argmax differs per channel, so a gather at the argmax would be one matrix-vector product per
   channel; the dense GEMM plus a selecting store keeps the tensor cores busy instead.
-  grad_W, one GEMM per tap (kh, kw): grad_W[:, :, kh, kw] = U^T (Cin x P) . gpre_shifted (P x Cout)
-  over the unpooled positions P (the same A-tile builder as the forward, transposed). K = P is
-  split into SPLIT fixed chunks; each writes its own partial, and a fixed-order sum adds them.
+  grad_W is one GEMM over the unpooled positions P with the taps packed into N:
+      grad_W[ci, co, kh, kw] = sum_p U[p, ci] * gpre[n, h*sh - padh + kh, w*sw - padw + kw, co],
+  A = U^T (Cin x P, the forward's A-tile builder, transposed), B = im2col(gpre) (P x KH*KW*Cout).
+  K = P is split into SPLIT fixed chunks (a function of the shapes only); each writes its own
+  partial, and a fixed-order sum adds them.
   grad_b = fixed-order sum of gpre's per-block partials.
 No float atomics anywhere: results are bitwise reproducible.
 
