@@ -16,7 +16,7 @@ Model, the same for aefast and for eager:
 * a memory-bound kernel takes bytes / (ETA_BW * bandwidth) + LAUNCH;
 * the bound of a kernel is max(useful FLOPs / peak, minimum bytes / bandwidth), and
   "% of bound" = bound / predicted time.
-The tile configuration of each aefast kernel is the one of the autotune list that this model
+The tile configuration of each aefast kernel is the one of its autotune list that this model
 predicts fastest (a GPU's autotuner measures instead).
 """
 from __future__ import annotations
@@ -62,7 +62,8 @@ ASSUMPTIONS = [
     "the pooled values in the weight gradient) hit L2. Extra passes they do make are counted: the split-K "
     "partials, the gpre pass of the decoder backward.",
     "Tile padding: M and N pad to the tile; K pads to BLOCK_K per tap; the MMA's N is at least 8.",
-    f"Occupancy: {REGS_PER_THREAD} registers per thread (sm_90 AOT compile), so 1 CTA/SM at 8 warps, 2 at 4 warps.",
+    f"Occupancy: {REGS_PER_THREAD} registers per thread (sm_90 AOT compile: most tiles use all 255), so 1 CTA/SM "
+    "at 8 warps, 2 at 4 warps.",
     "FLOPs are the dense convolution's for every tensor-core kernel, aefast's too: the argmax differs per "
     "channel, so pool sparsity cannot shrink a GEMM (split by window offset it becomes 4 masked GEMMs of a "
     "quarter of K each, the dense count). aefast's gain is bytes and launches, not FLOPs.",
@@ -77,11 +78,15 @@ ASSUMPTIONS = [
     "work on both sides, or a few microseconds); the first encoder layer needs no dgrad on either side.",
 ]
 
-# The decoder kernels' autotune list (aefast/triton/unpool_deconv.py, GPU branch), inlined so that
-# this script needs neither triton nor the built extension.
-CONFIGS = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-           (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (128, 16, 32, 4, 4), (128, 8, 32, 4, 4),
-           (128, 64, 16, 4, 4), (128, 16, 16, 4, 4)]
+# The decoder kernels' autotune lists (aefast/triton/unpool_deconv.py, GPU_CONFIGS), inlined so that
+# this script needs neither triton nor the built extension (a test keeps them equal).
+GPU_CONFIGS = {
+    "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
+            (64, 16, 16, 4, 3), (64, 8, 16, 4, 3)],
+    "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 16, 32, 4, 3)],
+    "wgrad": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
+              (64, 16, 16, 4, 3)],
+}
 
 
 def cdiv(a, b):
@@ -119,12 +124,12 @@ def implicit_gemm_k(channels, taps=9):
     return lambda bk: taps * cdiv(channels, bk) * bk
 
 
-def gemm_kernel(name, prec, m, n, k, padded_k, min_bytes, moved_bytes, split=1, elem=4):
-    """The best configuration of CONFIGS for an M x N x K implicit GEMM whose K pads as
+def gemm_kernel(name, prec, m, n, k, padded_k, min_bytes, moved_bytes, split=1, elem=4, kind="fwd"):
+    """The best configuration of GPU_CONFIGS[kind] for an M x N x K implicit GEMM whose K pads as
     ``padded_k(BLOCK_K)`` says; ``split`` chunks of K run as separate programs (weight gradient)."""
     flops = 2.0 * m * n * k
     cands = []
-    for bm, bn, bk, warps, _ in CONFIGS:
+    for bm, bn, bk, warps, _ in GPU_CONFIGS[kind]:
         tiles = cdiv(m, bm) * cdiv(n, bn) * split
         padded = 2.0 * cdiv(m, bm) * bm * cdiv(n, bn) * max(bn, 8) * padded_k(bk)
         slots = SMS * _occupancy(warps)
@@ -152,7 +157,7 @@ def wgrad_kernel(name, prec, c_m, c_n, positions, min_bytes, elem):
     split = cdiv(positions, chunk)
     moved = min_bytes + 2 * split * c_m * 9 * c_n * 4
     return gemm_kernel(name, prec, c_m, 9 * c_n, positions, lambda bk: split * cdiv(chunk, bk) * bk, min_bytes, moved,
-                       split=split, elem=elem)
+                       split=split, elem=elem, kind="wgrad")
 
 
 def mem_kernel(name, moved_bytes, min_bytes=None):
@@ -190,7 +195,7 @@ def encoder_block(n, c_in, c_out, h, prec, act="relu", first=False):
     if not first:
         dg = q * c_out * (2 * e + 1) + p * c_in * e + wb
         b.ours.append(gemm_kernel("encoder bwd dgrad", prec, p, c_in, 9 * c_out, implicit_gemm_k(c_out), dg,
-                                  dg, elem=e))
+                                  dg, elem=e, kind="dgrad"))
     b.ours.append(wgrad_kernel("encoder bwd wgrad", prec, c_out, c_in, p, q * c_out * (2 * e + 1) + p * c_in * e, e))
     full = p * c_out * e
     b.eager += [cudnn_kernel("conv2d", prec, f, p * c_in * e + full + wb), mem_kernel("bias add", 2 * full),
@@ -217,7 +222,7 @@ def decoder_block(n, c_in, c_out, s, prec, act="relu"):
     b.ours.append(mem_kernel("decoder bwd gpre (+grad_b partials)", 3 * out))
     dg_min = out + q * c_in * (e + 1) + wb
     b.ours.append(gemm_kernel("decoder bwd dgrad", prec, pu, c_in, 9 * c_out, implicit_gemm_k(c_out), dg_min, dg_min,
-                              elem=e))
+                              elem=e, kind="dgrad"))
     b.ours.append(wgrad_kernel("decoder bwd wgrad", prec, c_in, c_out, pu, out + q * c_in * (e + 1), e))
     unpooled = pu * c_in * e
     b.eager += [mem_kernel("max_unpool2d (fill+scatter)", unpooled + q * c_in * (2 * e + 8)),

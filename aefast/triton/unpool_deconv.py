@@ -59,22 +59,28 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---------------------------------------------------------------- tile configurations
 
-def _gemm_configs(interpreting: bool):
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the autotuner tries on a GPU: only tiles that compile
+# without spilling for sm_80 (fp32/TF32) and sm_90 (bf16) ahead of time (cuobjdump's STACK column;
+# LOCAL stays 0 when ptxas spills). Per thread, at most ~16 gathered A-tile elements and 32
+# accumulator elements (16 for dgrad, whose epilogue gathers the indices in the accumulator's
+# layout); 128x128 tiles and 4-warp 128-row tiles spilled up to 1.9 KB. Narrow N serves few output
+# channels (Cout = 3 pads to the MMA's n8, not to 64); BLOCK_K 16 serves few channels per tap.
+GPU_CONFIGS = {
+    "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
+            (64, 16, 16, 4, 3), (64, 8, 16, 4, 3)],
+    "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 16, 32, 4, 3)],
+    "wgrad": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
+              (64, 16, 16, 4, 3)],
+}
+
+
+def _gemm_configs(interpreting: bool, kernel: str = "fwd"):
     """Tile shapes the autotuner tries on a GPU (keyed on the GEMM shape); one small fixed tile
     under the interpreter, where every tile costs Python time."""
     if interpreting:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for wide layers; narrow N for few
-    # output channels (Cout = 3: N pads to the MMA's n8, not to 64); BLOCK_K 16 for few channels
-    # per tap (K pads per tap to BLOCK_K).
-    shapes = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-              (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (128, 16, 32, 4, 4), (128, 8, 32, 4, 4),
-              (128, 64, 16, 4, 4), (128, 16, 16, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
-
-
-GEMM_CONFIGS = _gemm_configs(INTERPRETING)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in GPU_CONFIGS[kernel]]
 
 
 @triton.jit
@@ -154,7 +160,8 @@ def _unpool_source(oy, ox, kh, kw, HU, WU, SH, SW, PADH, PADW):
     return tl.where(ok, h, 0), tl.where(ok, w, 0), ok
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
+@triton.autotune(configs=_gemm_configs(INTERPRETING, "fwd"),
+                 key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
 @triton.jit
 def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
                     SH, SW, PADH, PADW, slope,
@@ -245,7 +252,8 @@ def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
     tl.store(part_ptr + pid_m * C_OUT + co, tl.sum(gr.to(ACC_DTYPE), axis=0), mask=co < C_OUT)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
+@triton.autotune(configs=_gemm_configs(INTERPRETING, "dgrad"),
+                 key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
 @triton.jit
 def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW, SH, SW,
                   PADH, PADW, sin, sic, sih, siw, DTYPE_KEY,
@@ -310,7 +318,8 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
     tl.store(gz_ptr + dst, acc.to(gz_ptr.dtype.element_ty), mask=mine)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["P", "C_IN", "C_OUT", "KH", "KW", "SPLIT", "DTYPE_KEY"])
+@triton.autotune(configs=_gemm_configs(INTERPRETING, "wgrad"),
+                 key=["P", "C_IN", "C_OUT", "KH", "KW", "SPLIT", "DTYPE_KEY"])
 @triton.jit
 def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
                   SH, SW, PADH, PADW, szn, szc, szh, szw, sin, sic, sih, siw, DTYPE_KEY,
