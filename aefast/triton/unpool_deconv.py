@@ -84,11 +84,20 @@ def _gemm_configs(interpreting: bool, kernel: str = "fwd"):
 
 
 @triton.jit
-def _act_forward(x, ACT: tl.constexpr, slope):
+def _slope(x, slope_hi, slope_lo):
+    """leaky_relu's slope in x's precision: float kernel arguments are fp32, so fp64 gets it as
+    hi + lo (slope_lo = slope - fp32(slope)), exact to ~48 bits."""
+    if x.dtype == tl.float64:
+        return (tl.zeros_like(x) + slope_hi) + slope_lo  # both added in fp64
+    return slope_hi
+
+
+@triton.jit
+def _act_forward(x, ACT: tl.constexpr, slope_hi, slope_lo):
     if ACT == 1:
         x = tl.where(x < 0, 0.0, x)
     elif ACT == 2:
-        x = tl.where(x >= 0, x, x * slope)
+        x = tl.where(x >= 0, x, x * _slope(x, slope_hi, slope_lo))
     elif ACT == 3:
         x = 1.0 / (1.0 + tl.exp(-x))
     elif ACT == 4:
@@ -101,13 +110,13 @@ def _act_forward(x, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _act_derivative(v, ACT: tl.constexpr, slope):
+def _act_derivative(v, ACT: tl.constexpr, slope_hi, slope_lo):
     # v is the output y for relu/sigmoid/tanh and the pre-activation x for leaky_relu/gelu/silu.
     d = tl.zeros_like(v) + 1.0
     if ACT == 1:
         d = tl.where(v > 0, 1.0, 0.0)
     elif ACT == 2:
-        d = tl.where(v >= 0, 1.0, slope)
+        d = tl.where(v >= 0, 1.0, _slope(v, slope_hi, slope_lo))
     elif ACT == 3:
         d = v * (1.0 - v)
     elif ACT == 4:
@@ -164,7 +173,7 @@ def _unpool_source(oy, ox, kh, kw, HU, WU, SH, SW, PADH, PADW):
                  key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
 @triton.jit
 def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
-                    SH, SW, PADH, PADW, slope,
+                    SH, SW, PADH, PADW, slope_hi, slope_lo,
                     szn, szc, szh, szw, sin, sic, sih, siw, son, soc, soh, sow,
                     DTYPE_KEY, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
@@ -221,12 +230,12 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
     ok = m_ok[:, None] & co_ok[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + off, pre, mask=ok)
-    y = _act_forward(pre.to(ACC_DTYPE), ACT, slope)
+    y = _act_forward(pre.to(ACC_DTYPE), ACT, slope_hi, slope_lo)
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
+def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope_hi, slope_lo,
                  sgn, sgc, sgh, sgw, san, sac, sah, saw,
                  ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
@@ -246,7 +255,7 @@ def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope,
     g = g.to(ACC_DTYPE)
     if ACT != 0:
         v = tl.load(a_ptr + (n * san + oy * sah + ox * saw)[:, None] + co[None, :] * sac, mask=ok, other=0)
-        g = g * _act_derivative(v.to(ACC_DTYPE), ACT, slope)
+        g = g * _act_derivative(v.to(ACC_DTYPE), ACT, slope_hi, slope_lo)
     gr = g.to(gpre_ptr.dtype.element_ty)
     tl.store(gpre_ptr + m[:, None] * C_OUT + co[None, :], gr, mask=ok)
     tl.store(part_ptr + pid_m * C_OUT + co, tl.sum(gr.to(ACC_DTYPE), axis=0), mask=co < C_OUT)
@@ -402,6 +411,12 @@ def _index64(*tensors):
                for t in tensors)
 
 
+def _slope_parts(negative_slope):
+    """(hi, lo) with hi = fp32(slope) and lo = fp32(slope - hi): see _slope."""
+    hi = float(torch.tensor(float(negative_slope), dtype=torch.float32))
+    return hi, float(negative_slope) - hi
+
+
 def _grid_mn(m, n):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
@@ -423,8 +438,8 @@ def forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padd
         b = bias.contiguous() if bias is not None else out
         _forward_kernel[_grid_mn(m, c_out)](
             z, idx, wt, b, out, pre if store_pre else out, m, c_in, c_out, hp, wp, unpooled_size[0],
-            unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1], float(negative_slope),
-            *z.stride(), *idx.stride(), *out.stride(), _dtype_key(z.dtype),
+            unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
+            *_slope_parts(negative_slope), *z.stride(), *idx.stride(), *out.stride(), _dtype_key(z.dtype),
             POOL_H=pool_size[0], POOL_W=pool_size[1], IS_FLAT=idx.dtype == torch.int64, HAS_BIAS=bias is not None,
             ACT=_ACT_CODES[activation], STORE_PRE=store_pre, INDEX64=_index64(z, idx, out),
             PACK_K=c_in < PACK_K_BELOW, **_dot_flags(z.dtype))
@@ -476,7 +491,7 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
     act = _ACT_CODES[activation]
     a = act_input if act != 0 else grad_out
     _gpre_kernel[(blocks_m, triton.cdiv(c_out, GPRE_BLOCK_N))](
-        grad_out, a, gpre, part_b, m_out, c_out, ho, wo, float(negative_slope), *grad_out.stride(), *a.stride(),
+        grad_out, a, gpre, part_b, m_out, c_out, ho, wo, *_slope_parts(negative_slope), *grad_out.stride(), *a.stride(),
         ACT=act, ACC_DTYPE=flags["ACC_DTYPE"], INDEX64=index64, BLOCK_M=GPRE_BLOCK_M, BLOCK_N=GPRE_BLOCK_N)
     if output_mask[2]:
         grad_b = part_b.sum(0).to(z.dtype)  # fixed-order second stage
