@@ -87,9 +87,10 @@ def _gemm_configs(interpreting: bool, kernel: str = "fwd"):
 def _slope(x, slope_hi, slope_lo):
     """leaky_relu's slope in x's precision: float kernel arguments are fp32, so fp64 gets it as
     hi + lo (slope_lo = slope - fp32(slope)), exact to ~48 bits."""
-    if x.dtype == tl.float64:
-        return (tl.zeros_like(x) + slope_hi) + slope_lo  # both added in fp64
-    return slope_hi
+    s = slope_hi
+    if x.dtype == tl.float64:  # (a compile-time branch: one return, as Triton wants one return type)
+        s = (tl.zeros_like(x) + slope_hi) + slope_lo  # both added in fp64
+    return s
 
 
 @triton.jit
