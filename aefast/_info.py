@@ -34,6 +34,7 @@ def info() -> dict:
         "triton": _version("triton"),
         "backends": {name: {"usable": ok, "why": why} for name, (ok, why) in _backend.availability().items()},
         "backend_forced": _backend.get_backend(),
+        "default_backends": {"table": _backend.DEFAULT_BACKENDS, "here": _backend.default_table()},
         "fallbacks": _backend.fallback_counts(),
         "index_validation": _validation.index_validation(),
         "cpu_buffer_cache": cpu_cache_info(),
@@ -49,7 +50,14 @@ def format_info(data: dict) -> str:
     lines.append("backends:")
     for name, st in data["backends"].items():
         lines.append(f"  {name:<10} {'usable' if st['usable'] else 'unavailable':<12} {st['why']}")
-    lines.append(f"forced backend: {data['backend_forced'] or 'none (cuda for CUDA tensors, cpu for CPU tensors)'}")
+    table = data.get("default_backends")
+    if table is not None:
+        lines.append("default backends (op family: CUDA tensors / CPU tensors; as they resolve here):")
+        for family, row in table["table"].items():
+            here = table["here"][family]["cuda"]
+            note = "" if here == row["cuda"] else f"  (here: {here})"
+            lines.append(f"  {family:<14} {row['cuda']} / {row['cpu']}{note}")
+    lines.append(f"forced backend: {data['backend_forced'] or 'none (the default backends above)'}")
     if "index_validation" in data:
         lines.append("index validation of user-passed pooling indices: "
                      + ("on (aefast.set_index_validation(False) or AEFAST_VALIDATE_INDICES=0 turns it off)"

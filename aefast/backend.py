@@ -1,8 +1,9 @@
 """Backend choice: which implementation serves an op for a given tensor.
 
 Order of precedence: :func:`set_backend` (also usable as a context manager), then the
-``AEFAST_BACKEND`` environment variable, then the default (``cuda`` for CUDA tensors, ``cpu``
-for CPU tensors). A named backend that cannot run is an error that says why; an op that a
+``AEFAST_BACKEND`` environment variable, then the default of the op's family and the tensor's
+device (:data:`DEFAULT_BACKENDS`: triton for the conv families on CUDA tensors, cuda for the rest,
+cpu on CPU tensors; ``aefast info`` prints it). A named backend that cannot run is an error that says why; an op that a
 backend does not cover for some parameter falls back to the reference path, and every such
 fallback is counted in :func:`aefast.info`.
 """
@@ -19,6 +20,34 @@ from aefast._extension import BUILD_INFO
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "AEFAST_BACKEND"
+
+# The automatic choice, per op family and device type: the one table of defaults. The conv
+# families run as tensor-core implicit GEMMs in Triton on CUDA tensors until GPU measurements
+# decide otherwise (cuda stays selectable with set_backend / AEFAST_BACKEND); pooling, index
+# conversion and the losses are memory-bound and keep their CUDA kernels.
+DEFAULT_BACKENDS = {
+    "conv_pool": {"cuda": "triton", "cpu": "cpu"},
+    "unpool_deconv": {"cuda": "triton", "cpu": "cpu"},
+    "pooling": {"cuda": "cuda", "cpu": "cpu"},
+    "recon_loss": {"cuda": "cuda", "cpu": "cpu"},
+}
+# Which family each dispatched op belongs to; ops not named here (losses, corruption, VAE terms)
+# are in "recon_loss" (see family_of).
+OP_FAMILIES = {
+    "conv_pool2d_forward": "conv_pool", "conv_pool2d_backward": "conv_pool", "conv_pool2d": "conv_pool",
+    "unpool_conv_transpose2d": "unpool_deconv", "unpool_conv_transpose2d_backward": "unpool_deconv",
+    "conv_transpose2d": "unpool_deconv",
+    "max_pool2d_forward": "pooling", "max_pool2d_backward": "pooling", "max_unpool2d": "pooling",
+    "max_unpool2d_backward": "pooling", "flat_to_window": "pooling", "window_to_flat": "pooling",
+}
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def family_of(op_name: str | None) -> str | None:
+    """The op family of a dispatched op name (None: no family, the device's plain default)."""
+    if op_name is None:
+        return None
+    return OP_FAMILIES.get(op_name, "recon_loss")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -104,11 +133,12 @@ def get_backend() -> str | None:
     return None
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that will serve tensors on ``device``; raises if the forced one cannot."""
+def resolve(device: torch.device, family: str | None = None) -> str:
+    """The backend that will serve tensors on ``device`` for an op of ``family`` (see
+    DEFAULT_BACKENDS; None: the device's compiled backend); raises if the forced one cannot."""
     name = get_backend()
     if name is None:
-        return _automatic(device.type == "cpu", device.type == "cuda")
+        return _automatic(device.type == "cpu", device.type == "cuda", family)
     if name == "reference":
         return name
     usable, reason = availability()[name]
@@ -133,11 +163,21 @@ def resolve_tensor(t: torch.Tensor) -> str:
     return resolve(t.device)
 
 
-def _automatic(is_cpu: bool, is_cuda: bool) -> str:
-    """The automatic choice: the compiled backend of the tensor's device, else the reference."""
+def _automatic(is_cpu: bool, is_cuda: bool, family: str | None = None) -> str:
+    """The automatic choice: the table's backend for the family on the tensor's device when it can
+    run here, else the device's compiled backend, else the reference."""
     if is_cpu:
         return "cpu"
-    return "cuda" if is_cuda and BUILD_INFO["cuda"] else "reference"
+    if not is_cuda:
+        return "reference"
+    if family is not None and DEFAULT_BACKENDS[family]["cuda"] == "triton" and _TRITON_INSTALLED:
+        return "triton"
+    return "cuda" if BUILD_INFO["cuda"] else "reference"
+
+
+def default_table() -> dict[str, dict[str, str]]:
+    """DEFAULT_BACKENDS as it resolves on this machine: {family: {device: backend}}."""
+    return {family: {"cuda": _automatic(False, True, family), "cpu": "cpu"} for family in DEFAULT_BACKENDS}
 
 
 def record_fallback(op: str, backend: str, reason: str) -> None:

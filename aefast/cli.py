@@ -652,7 +652,7 @@ def _add_common(p, *, data, data_default, epochs, batch_size, lr, out):
     p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"batch size (default {batch_size})")
     p.add_argument("--lr", type=_positive_float, default=lr, help=f"Adam learning rate (default {lr})")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                   help="aefast backend (default: cuda for CUDA tensors, cpu for CPU tensors)")
+                   help="aefast backend (default: the per-family table that `aefast info` prints)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed for data, init, noise and order (default 0)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")

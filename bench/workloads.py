@@ -165,6 +165,13 @@ MODEL_WORKLOADS = [  # case, model class name, constructor kwargs, input shape
     ("SegNet-W1", "SegNetAutoencoder", dict(in_channels=1, channels=(32, 64)), (256, 1, 28, 28)),
     ("ConvVAE-W1", "ConvVAE", dict(in_channels=1, channels=(32, 64), input_size=(28, 28)), (256, 1, 28, 28)),
 ]
+# GPU workloads: W1 and W2 are launch-bound on an H100, these are not. The suite runs them with
+# --device cuda only (a CPU step of G1 takes minutes); --autocast bf16 gives their bf16 rows.
+GPU_MODEL_WORKLOADS = [
+    # G1: an MVTec-sized defect detector.
+    ("G1", "ConvAutoencoder", dict(in_channels=3, channels=(64, 128, 256)), (64, 3, 256, 256)),
+    ("G2", "SegNetAutoencoder", dict(in_channels=3, channels=(64, 128, 256, 512)), (16, 3, 256, 256)),
+]
 MODEL_QUICK_WORKLOADS = [
     ("W1-tiny", "ConvAutoencoder", dict(in_channels=1, channels=(4, 8)), (4, 1, 12, 12)),
     ("ConvDAE-tiny", "ConvDenoisingAutoencoder", dict(in_channels=1, channels=(4, 8)), (4, 1, 12, 12)),
@@ -230,3 +237,42 @@ def make_model_step(model, loss_fn, name, x, target, autocast_dtype=None):
             return model(x)
 
     return step, infer
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer shapes of a model workload (the encoder and decoder blocks it runs), derived from the
+# model's structure (aefast/models/conv.py): ConvPool2d(k=3, padding 1, pool 2) stages, then
+# UnpoolConvTranspose2d(k=3, padding 1) stages that reuse the encoder's indices.
+
+def model_layers(name, kwargs, shape):
+    """(encoder shapes as CONV_POOL_SHAPES rows, decoder specs as UNPOOL_SHAPES rows) of a
+    ConvAutoencoder or SegNetAutoencoder workload."""
+    if name not in ("ConvAutoencoder", "SegNetAutoencoder"):
+        raise ValueError(f"model_layers: no layer table for {name}")
+    n, c, h, w = shape
+    widths = (kwargs.get("in_channels", c), *kwargs["channels"])
+    encoder, sizes = [], []
+    for i in range(len(widths) - 1):
+        encoder.append((n, widths[i], widths[i + 1], h, w))
+        sizes.append(h)
+        h, w = h // 2, w // 2
+    decoder = []
+    for i in reversed(range(len(widths) - 1)):
+        c_out = widths[1] if (name == "SegNetAutoencoder" and i == 0) else widths[i]
+        act = "sigmoid" if (name == "ConvAutoencoder" and i == 0) else "relu"
+        decoder.append((f"{widths[i + 1]}->{c_out} @{sizes[i]}x{sizes[i]} N={n}", n, widths[i + 1], c_out, sizes[i],
+                        act))
+    return encoder, decoder
+
+
+def _gpu_layer_shapes():
+    enc, dec = [], []
+    for _, name, kwargs, shape in GPU_MODEL_WORKLOADS:
+        e, d = model_layers(name, kwargs, shape)
+        enc += [x for x in e if x not in enc]
+        dec += [x for x in d if x not in dec]
+    return enc, dec
+
+
+# The G1/G2 layers as per-op workloads (the suite adds them to the lists above on --device cuda).
+CONV_POOL_GPU_SHAPES, UNPOOL_GPU_SHAPES = _gpu_layer_shapes()

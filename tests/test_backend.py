@@ -153,3 +153,28 @@ def test_cpu_kernels_use_torch_intra_op_threads():
     with open("/proc/self/maps") as f:
         gomps = {line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libgomp.so")}
     assert len(gomps) <= 1, gomps
+
+
+def test_default_table_triton_for_conv_families_on_cuda_tensors():
+    """One table of defaults: the conv families go to triton on CUDA tensors (when triton is
+    installed), the rest to the cuda backend (or the reference without a CUDA build); CPU tensors
+    always to cpu. The dispatcher asks per op family, and aefast info prints the table."""
+    from aefast._extension import BUILD_INFO
+
+    assert B.family_of("unpool_conv_transpose2d") == "unpool_deconv"
+    assert B.family_of("conv_transpose2d") == "unpool_deconv"
+    assert B.family_of("conv_pool2d_forward") == "conv_pool"
+    assert B.family_of("max_unpool2d") == "pooling"
+    assert B.family_of("recon_loss") == "recon_loss"
+    compiled = "cuda" if BUILD_INFO["cuda"] else "reference"
+    conv = "triton" if B._TRITON_INSTALLED else compiled
+    for family in ("conv_pool", "unpool_deconv"):
+        assert B._automatic(False, True, family) == conv
+        assert B._automatic(True, False, family) == "cpu"
+    for family in ("pooling", "recon_loss", None):
+        assert B._automatic(False, True, family) == compiled
+    from aefast._info import format_info
+
+    table = aefast.info()["default_backends"]
+    assert table["table"]["unpool_deconv"] == {"cuda": "triton", "cpu": "cpu"}
+    assert "unpool_deconv  triton / cpu" in format_info(aefast.info())

@@ -14,6 +14,16 @@ from aefast import functional as AF
 from conftest import TOLERANCES, backend_device
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 convs on a GPU follow torch.backends.cudnn.allow_tf32 (on by default, ~1e-3 error), in
+    aefast's Triton kernels as in cuDNN; the fp32 tolerances here are IEEE ones."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 def _unique_per_plane(idx):
     flat = idx.reshape(-1, idx.shape[-2] * idx.shape[-1])
     return all(torch.unique(row).numel() == row.numel() for row in flat)

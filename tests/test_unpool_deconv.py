@@ -18,6 +18,16 @@ from aefast import functional as AF
 from aefast.reference import functional as ref
 from conftest import TOLERANCES, backend_device
 
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 convs on a GPU follow torch.backends.cudnn.allow_tf32 (on by default, ~1e-3 error), in
+    aefast's Triton kernels as in cuDNN; the fp32 tolerances here are IEEE ones."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
 ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
 
 
@@ -127,7 +137,7 @@ def test_dtypes_cpu(dtype):
     assert_close_all(got, want, dtype, scale=1.0 if dtype == torch.float64 else 2.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_dtypes_triton(dtype):
     if not _backend.availability()["triton"][0]:
         pytest.skip("triton unavailable")
@@ -718,3 +728,106 @@ def test_cpu_window_vectors_find_the_first_bad_index(cpu_isa, case, fmt):
         with pytest.raises(RuntimeError, match=f"invalid index at linear position {first}\\b"):
             torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, list(pool2), list(out_hw), [s, s], [p, p], [op, op],
                                                      act, 0.01)
+
+
+# ---------------------------------------------------------------- Triton implicit-GEMM kernels
+
+def _triton_or_skip():
+    ok, why = _backend.availability()["triton"]
+    if not ok:
+        pytest.skip(why)
+    return backend_device("triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_triton_channels_last(fmt, dtype):
+    """channels_last pooled values and indices go to the kernels as they are (strided loads);
+    values and gradients match the composition, and the output keeps the input's layout."""
+    dev = _triton_or_skip()
+    # 17 and 16 channels: both kernels loop over taps, then channels (the unpacked K).
+    z, idx, w, b, out_hw = make_case(2, 17, 16, (8, 10), 2, 3, dtype=dtype, device=dev, seed=21)
+    flat_idx = idx
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, 2)
+    z_cl = z.contiguous(memory_format=torch.channels_last).requires_grad_()
+    idx_cl = idx.contiguous(memory_format=torch.channels_last)
+    leaves = [z_cl, w.clone().requires_grad_(), b.clone().requires_grad_()]
+    with aefast.set_backend("triton"):
+        y = AF.unpool_conv_transpose2d(z_cl, idx_cl, leaves[1], leaves[2], 2, out_hw, 1, 1, 0, "gelu", fmt)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, g.to(dtype).to(dev))
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    yr = torch_decoder(ref_leaves[0], flat_idx.cpu(), ref_leaves[1], ref_leaves[2], 2, out_hw, 1, 1, 0, "gelu")
+    grads_r = torch.autograd.grad(yr, ref_leaves, g)
+    assert_close_all((y,) + grads, (yr,) + grads_r, dtype, scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+def test_triton_backward_bitwise_deterministic_with_split_k():
+    """The weight gradient's position chunks (split-K) are summed in a fixed order and no kernel
+    uses float atomics: three runs give the same bits, with more than one chunk in play."""
+    dev = _triton_or_skip()
+    from aefast.triton import unpool_deconv as kernels
+
+    z, idx, w, b, out_hw = make_case(2, 6, 5, (12, 10), 2, 3, device=dev, seed=22)
+    assert kernels._wgrad_split(2 * 12 * 10, 1) > 1
+    runs = [run_both("triton", z, idx, w, b, 2, out_hw, 1, 1, 0, "leaky_relu", "window")[0] for _ in range(3)]
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+    got, want = run_both("triton", z, idx, w, b, 2, out_hw, 1, 1, 0, "leaky_relu", "window")
+    assert_close_all(got, want, torch.float32)
+
+
+def test_triton_fp32_precision_follows_cudnn_tf32_flag():
+    """fp32 operands run as TF32 exactly when cuDNN's convolutions would; other dtypes never."""
+    _triton_or_skip()
+    from aefast.triton import unpool_deconv as kernels
+
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert kernels._precision(torch.float32) == "tf32"
+        torch.backends.cudnn.allow_tf32 = False
+        assert kernels._precision(torch.float32) == "ieee"
+        assert kernels._precision(torch.bfloat16) == "ieee" and kernels._precision(torch.float64) == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(decoder_cases())
+def test_fuzz_triton(c):
+    dev = _triton_or_skip()
+    z, idx, w, b, out_hw = make_case(c["n"], c["ci"], c["co"], c["out_hw"], c["pool"], c["k"], dtype=torch.float64,
+                                     device=dev, seed=c["seed"], bias=c["bias"])
+    got, want = run_both("triton", z, idx, w, b, c["pool"], out_hw, c["s"], c["p"], c["op"], c["act"], c["fmt"])
+    assert_close_all(got, want, torch.float64)
+
+
+def test_roofline_model_uses_the_kernels_tile_list():
+    """bench/roofline_h100.py predicts with the decoder kernels' GPU autotune list (inlined there
+    so that it runs without triton); the two must not drift apart."""
+    _triton_or_skip()
+    import importlib.util
+    import pathlib
+    import sys
+
+    from aefast.triton import unpool_deconv as kernels
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "roofline_h100.py"
+    spec = importlib.util.spec_from_file_location("roofline_h100", path)
+    roofline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = roofline  # (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(roofline)
+    finally:
+        del sys.modules[spec.name]
+    for kernel in ("fwd", "dgrad", "wgrad"):
+        gpu = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+               for c in kernels._gemm_configs(False, kernel)]
+        assert roofline.GPU_CONFIGS[kernel] == gpu == kernels.GPU_CONFIGS[kernel]
+    assert roofline.PACK_K_BELOW == kernels.PACK_K_BELOW
+    assert roofline.WGRAD_TARGET_PROGRAMS == kernels.WGRAD_TARGET_PROGRAMS
+    assert roofline.WGRAD_MIN_CHUNK == kernels.WGRAD_MIN_CHUNK

@@ -12,7 +12,7 @@ from aefast.ops import _registry
 def choose(op_name: str, device: torch.device, unsupported: Callable[[str], str | None] | None = None) -> str:
     """The backend for this call. ``unsupported(backend)`` returns why that backend cannot
     serve these arguments (or None); such calls go to the reference and are counted."""
-    name = _backend.resolve(device)
+    name = _backend.resolve(device, _backend.family_of(op_name))
     if name == "reference":
         return name
     reason = unsupported(name) if unsupported is not None else None

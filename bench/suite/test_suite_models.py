@@ -1,7 +1,7 @@
 """End-to-end benchmarks: one SGD training step (zero_grad, forward, loss, backward, step) and one
 no-grad inference pass of ConvAutoencoder, ConvDenoisingAutoencoder, SegNetAutoencoder and
 ConvVAE: the aefast model against its torch.nn reference twin (aefast/reference/models.py, same
-weights) run eagerly and under torch.compile. Workloads: bench/workloads.py (MODEL_WORKLOADS).
+weights) run eagerly and under torch.compile. Workloads: bench/workloads.py (MODEL_WORKLOADS; on --device cuda also GPU_MODEL_WORKLOADS, G1 and G2).
 
 GFLOP/s are the dense FLOPs of the reference twin's step (torch.utils.flop_counter) per second,
 for every variant: an effective rate for aefast, whose sparse kernels skip part of that work.
@@ -43,6 +43,8 @@ def _build_model(spec, mode, variant, opts):
 
 def model_cases(opts):
     specs = W.MODEL_QUICK_WORKLOADS if opts.quick else W.MODEL_WORKLOADS
+    if opts.device == "cuda" and not opts.quick:
+        specs = specs + W.GPU_MODEL_WORKLOADS
     return [S.Case("model", f"model {spec[0]} {spec[1]} {mode}", v, functools.partial(_build_model, spec, mode, v))
             for spec in specs for mode in MODES for v in ("aefast", S.EAGER, S.COMPILE)]
 

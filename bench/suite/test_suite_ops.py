@@ -101,6 +101,8 @@ def _build_conv_pool(shape, mode, variant, opts):
 
 def conv_pool_cases(opts):
     shapes = W.CONV_POOL_QUICK_SHAPES if opts.quick else W.CONV_POOL_SHAPES
+    if opts.device == "cuda" and not opts.quick:
+        shapes = shapes + W.CONV_POOL_GPU_SHAPES
     variants = [f"aefast-{b}" for b in opts.aefast_backends()] + [S.EAGER, S.COMPILE]
     return [S.Case("conv_pool", f"conv_pool {W.conv_pool_case(shape)} {mode}", v,
                    functools.partial(_build_conv_pool, shape, mode, v))
@@ -135,6 +137,8 @@ def _build_unpool(spec, mode, variant, opts):
 
 def unpool_cases(opts):
     specs = W.UNPOOL_QUICK_SHAPES if opts.quick else W.UNPOOL_SHAPES
+    if opts.device == "cuda" and not opts.quick:
+        specs = specs + W.UNPOOL_GPU_SHAPES
     variants = [f"aefast-{b}{fmt}" for b in opts.aefast_backends() for fmt in ("", "-window")]
     variants += [S.EAGER, S.COMPILE]
     return [S.Case("unpool_deconv", f"unpool_deconv {spec[0]} {mode}", v,
