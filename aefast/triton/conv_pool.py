@@ -72,24 +72,32 @@ def _config(num_warps=4, num_stages=3, **blocks):
 # BLOCK_M counts GEMM rows (pooled positions x padded window offsets); BLOCK_N output channels.
 # Sized so that the epilogue's three row x channel tiles (z, activation, offsets) fit the
 # registers without spills (checked by scripts/check_triton_aot.py for sm_80 and sm_90).
+# The gathers' addresses dominate the registers, so two pipeline stages. A name ":fp64" entry
+# holds fp64's tiles (a tl.sum over a BLOCK_M x BLOCK_K x BLOCK_N product in registers).
 GPU_CONFIGS = {
     "_conv_pool_fwd_kernel": [
-        _config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-        _config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=4),
-        _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
     ],
+    "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8, num_warps=4, num_stages=1)],
     "_conv_pool_wgrad_kernel": [
-        _config(BLOCK_CO=64, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=3),
-        _config(BLOCK_CO=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=3),
-        _config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=64, num_warps=4, num_stages=3),
+        _config(BLOCK_CO=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=64, BLOCK_K=32, BLOCK_R=32, num_warps=4, num_stages=2),
     ],
+    "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1)],
 }
 # The interpreter runs each block as numpy arrays: larger blocks, fewer Python-level steps.
 INTERPRET_CONFIGS = {
     "_conv_pool_fwd_kernel": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
+    "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
     "_conv_pool_wgrad_kernel": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
+    "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
 }
+# Elementwise and reduction kernels: no GEMM, so no tensor-core instruction expected
+# (scripts/check_triton_aot.py requires one in every other kernel of this module).
+NO_TENSOR_CORE_KERNELS = {"_pooled_grad_kernel", "_sum_splits_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel"}
 
 
 def _configs(name):
@@ -107,7 +115,6 @@ def _scan_max(a1, z1, i1, a2, z2, i2):
     return tl.where(take2, a2, a1), tl.where(take2, z2, z1), tl.where(take2, i2, i1)
 
 
-@triton.autotune(configs=_configs("_conv_pool_fwd_kernel"), key=["M", "COUT", "K"])
 @triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
                           M, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW,
@@ -116,12 +123,15 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
                           KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
                           NW: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           NOISE: tl.constexpr, CIN_INNER: tl.constexpr, DOT: tl.constexpr,
-                          PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     BLOCK_P: tl.constexpr = (BLOCK_M + NW - 1) // NW  # pooled positions per program
     ROWS: tl.constexpr = BLOCK_P * NW
     r = tl.arange(0, ROWS)
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + r // NW
+    pid = tl.program_id(0)
+    if IDX64:  # int32 index math unless a tensor has 2^30 elements or more: half the registers
+        pid = pid.to(tl.int64)
+    p = pid * BLOCK_P + r // NW
     off = r % NW
     row_ok = (p < M) & (off < PKH * PKW)
     pw = p % WO
@@ -156,7 +166,7 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
     offs = tl.broadcast_to(off[:, None], (ROWS, BLOCK_N))
     best, best_z, best_o = tl.reduce((tl.reshape(a, (BLOCK_P, NW, BLOCK_N)), tl.reshape(z, (BLOCK_P, NW, BLOCK_N)),
                                       tl.reshape(offs, (BLOCK_P, NW, BLOCK_N))), 1, _scan_max)
-    q = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     qw = q % WO
     qh = (q // WO) % HO
     qn = q // (WO * HO)
@@ -181,7 +191,6 @@ def _pooled_grad_kernel(g_ptr, pre_ptr, gz_ptr, total, slope_ptr, ACT: tl.conste
     tl.store(gz_ptr + e, gz.to(dt), mask=live)
 
 
-@triton.autotune(configs=_configs("_conv_pool_wgrad_kernel"), key=["J", "COUT", "K"])
 @triton.jit
 def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
                             J, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW, CHUNK,
@@ -189,10 +198,13 @@ def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
                             KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
                             NW: tl.constexpr, ACC: tl.constexpr, NOISE: tl.constexpr, CIN_INNER: tl.constexpr,
                             DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            IDX64: tl.constexpr,
                             BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     BLOCK_J: tl.constexpr = (BLOCK_R + NW - 1) // NW  # pooled positions per reduction step
     ROWS: tl.constexpr = BLOCK_J * NW
     split = tl.program_id(2)
+    if IDX64:
+        split = split.to(tl.int64)
     co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     c_ok = co < COUT
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -202,7 +214,7 @@ def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
     off = r % NW
     acc = tl.zeros((BLOCK_CO, BLOCK_K), ACC)
     bsum = tl.zeros((BLOCK_CO,), ACC)
-    j_start = split.to(tl.int64) * CHUNK
+    j_start = split * CHUNK
     j_end = tl.minimum(j_start + CHUNK, J)
     for j0 in range(j_start, j_end, BLOCK_J):
         j = j0 + r // NW
@@ -228,10 +240,21 @@ def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
         bsum += tl.sum(a.to(ACC), axis=1)
     # partial[split, co, kk] with kk the (ci, ki, kj) row-major index of grad_w's element
     kk = (ci * KH + ki) * KW + kj
-    base = split.to(tl.int64) * COUT * K
+    base = split * COUT * K
     tl.store(part_ptr + base + co[:, None] * K + kk[None, :], acc, mask=c_ok[:, None] & k_ok[None, :])
     first_k = (tl.zeros((BLOCK_CO,), tl.int32) + tl.program_id(1)) == 0  # one K block writes grad_b
     tl.store(part_b_ptr + split * COUT + co, bsum, mask=c_ok & first_k)
+
+
+def _tuned(kernel, name, key):
+    """One autotuner per operand kind: fp64 (no tensor cores, a register-hungry tl.sum) has its
+    own small tiles."""
+    return {fp64: triton.autotune(configs=_configs(name + (":fp64" if fp64 else "")), key=key)(kernel)
+            for fp64 in (False, True)}
+
+
+_FWD = _tuned(_conv_pool_fwd_kernel, "_conv_pool_fwd_kernel", ["M", "COUT", "K"])
+_WGRAD = _tuned(_conv_pool_wgrad_kernel, "_conv_pool_wgrad_kernel", ["J", "COUT", "K"])
 
 
 @triton.jit
@@ -263,6 +286,12 @@ def _gemm_mode(dtype):
         return dict(DOT=False, PRECISION="ieee", UPCAST=False)
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET
     return dict(DOT=True, PRECISION="tf32" if tf32 else "ieee", UPCAST=_INTERPRET and dtype == torch.bfloat16)
+
+
+def _needs_int64(*tensors):
+    """Index math in int64 only when some tensor has 2^30 elements or more (int32 otherwise, with
+    room for the masked lanes' addresses past the end)."""
+    return max(t.numel() for t in tensors) >= 2**30
 
 
 def _window_rows(pool_size):
@@ -317,12 +346,12 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
     def grid(meta):
         return triton.cdiv(m, triton.cdiv(meta["BLOCK_M"], nw)), triton.cdiv(cout, meta["BLOCK_N"])
 
-    _conv_pool_fwd_kernel[grid](
+    _FWD[x.dtype == torch.float64][grid](
         x, w, b, pooled, window, preact, m, cin, h, wd, cout, ho, wo, cin * kh * kw, stride[0], stride[1],
         padding[0], padding[1], *x.stride(), *w.stride(), _slope(negative_slope, x), seed, float(corruption_level),
         float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACT=int(activation),
         HAS_BIAS=bias is not None, ACC=_tl_acc(x.dtype), NOISE=noise, CIN_INNER=_cin_inner(x),
-        **_gemm_mode(x.dtype))
+        IDX64=_needs_int64(x, w, pooled), **_gemm_mode(x.dtype))
     return pooled, window, preact
 
 
@@ -389,11 +418,11 @@ def conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride
     def grid(meta):
         return triton.cdiv(cout, meta["BLOCK_CO"]), triton.cdiv(k, meta["BLOCK_K"]), s
 
-    _conv_pool_wgrad_kernel[grid](
+    _WGRAD[x.dtype == torch.float64][grid](
         gz, window.contiguous(), x, part_w, part_b, positions, cin, h, wd, cout, ho, wo, k, stride[0], stride[1],
         padding[0], padding[1], chunk, *x.stride(), seed, float(corruption_level), float(low), float(high),
         KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACC=_tl_acc(grad.dtype), NOISE=noise,
-        CIN_INNER=_cin_inner(x), **_gemm_mode(x.dtype))
+        CIN_INNER=_cin_inner(x), IDX64=_needs_int64(x, gz, part_w), **_gemm_mode(x.dtype))
     gw = _sum_splits(part_w)
     gb = _sum_splits(part_b)
     return gw.view(cout, cin, kh, kw).to(grad.dtype), gb.to(grad.dtype)
