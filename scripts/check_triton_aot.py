@@ -92,8 +92,12 @@ def expand(spec):
 def _expand_configs(spec):
     module, name, _ = _resolve(spec["kernel"])
     tuned = getattr(module, "GPU_CONFIGS", {})
-    fp64 = "*fp64" in spec["args"].values()
-    configs = tuned.get(name + ":fp64") if fp64 and name + ":fp64" in tuned else tuned.get(name)
+    configs = tuned.get(name)
+    if hasattr(module, "config_variant"):  # per-dtype/precision tile sets: "name:variant"
+        floats = [t[1:] for t in spec["args"].values() if t in ("*fp32", "*fp16", "*bf16", "*fp64")]
+        operand = spec["args"].get("x_ptr", "*" + (floats[0] if floats else ""))[1:]
+        variant = module.config_variant(operand, spec["constexprs"].get("PRECISION"))
+        configs = tuned.get(f"{name}:{variant}", configs) if variant else configs
     if not configs:
         return [dict(spec, options={"num_warps": spec["options"].get("num_warps", 4),
                                     "num_stages": spec["options"].get("num_stages", 3)}, config="")]

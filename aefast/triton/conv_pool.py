@@ -72,13 +72,18 @@ def _config(num_warps=4, num_stages=3, **blocks):
 # BLOCK_M counts GEMM rows (pooled positions x padded window offsets); BLOCK_N output channels.
 # Sized so that the epilogue's three row x channel tiles (z, activation, offsets) fit the
 # registers without spills (checked by scripts/check_triton_aot.py for sm_80 and sm_90).
-# The gathers' addresses dominate the registers, so two pipeline stages. A name ":fp64" entry
-# holds fp64's tiles (a tl.sum over a BLOCK_M x BLOCK_K x BLOCK_N product in registers).
+# The gathers' addresses dominate the registers, so two pipeline stages. "name:ieee" holds the tiles
+# of fp32 with TF32 off (tl.dot as FMAs, more registers) and "name:fp64" fp64's (a tl.sum over a
+# BLOCK_M x BLOCK_K x BLOCK_N product in registers); see config_variant().
 GPU_CONFIGS = {
     "_conv_pool_fwd_kernel": [
         _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
         _config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+        _config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    ],
+    "_conv_pool_fwd_kernel:ieee": [
+        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+        _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
     ],
     "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8, num_warps=4, num_stages=1)],
     "_conv_pool_wgrad_kernel": [
@@ -86,13 +91,19 @@ GPU_CONFIGS = {
         _config(BLOCK_CO=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
         _config(BLOCK_CO=64, BLOCK_K=32, BLOCK_R=32, num_warps=4, num_stages=2),
     ],
+    "_conv_pool_wgrad_kernel:ieee": [
+        _config(BLOCK_CO=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=16, num_warps=4, num_stages=2),
+    ],
     "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1)],
 }
 # The interpreter runs each block as numpy arrays: larger blocks, fewer Python-level steps.
 INTERPRET_CONFIGS = {
     "_conv_pool_fwd_kernel": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
+    "_conv_pool_fwd_kernel:ieee": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
     "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
     "_conv_pool_wgrad_kernel": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
+    "_conv_pool_wgrad_kernel:ieee": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
     "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
 }
 # Elementwise and reduction kernels: no GEMM, so no tensor-core instruction expected
@@ -246,11 +257,23 @@ def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
     tl.store(part_b_ptr + split * COUT + co, bsum, mask=c_ok & first_k)
 
 
+def config_variant(operand_dtype, precision):
+    """Which GPU_CONFIGS entry serves operands of this dtype ("fp32", "fp16", ... as Triton names
+    them) at this PRECISION: "" (tensor cores), "ieee" (fp32, TF32 off) or "fp64"."""
+    if operand_dtype == "fp64":
+        return "fp64"
+    return "ieee" if operand_dtype == "fp32" and precision == "ieee" else ""
+
+
 def _tuned(kernel, name, key):
-    """One autotuner per operand kind: fp64 (no tensor cores, a register-hungry tl.sum) has its
-    own small tiles."""
-    return {fp64: triton.autotune(configs=_configs(name + (":fp64" if fp64 else "")), key=key)(kernel)
-            for fp64 in (False, True)}
+    """One autotuner per config variant, each with the tiles that fit its registers."""
+    return {v: triton.autotune(configs=_configs(name + (":" + v if v else "")), key=key)(kernel)
+            for v in ("", "ieee", "fp64")}
+
+
+def _launcher(tuned, dtype, mode):
+    short = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "fp16")
+    return tuned[config_variant(short, mode["PRECISION"])]
 
 
 _FWD = _tuned(_conv_pool_fwd_kernel, "_conv_pool_fwd_kernel", ["M", "COUT", "K"])
@@ -346,12 +369,13 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
     def grid(meta):
         return triton.cdiv(m, triton.cdiv(meta["BLOCK_M"], nw)), triton.cdiv(cout, meta["BLOCK_N"])
 
-    _FWD[x.dtype == torch.float64][grid](
+    mode = _gemm_mode(x.dtype)
+    _launcher(_FWD, x.dtype, mode)[grid](
         x, w, b, pooled, window, preact, m, cin, h, wd, cout, ho, wo, cin * kh * kw, stride[0], stride[1],
         padding[0], padding[1], *x.stride(), *w.stride(), _slope(negative_slope, x), seed, float(corruption_level),
         float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACT=int(activation),
         HAS_BIAS=bias is not None, ACC=_tl_acc(x.dtype), NOISE=noise, CIN_INNER=_cin_inner(x),
-        IDX64=_needs_int64(x, w, pooled), **_gemm_mode(x.dtype))
+        IDX64=_needs_int64(x, w, pooled), **mode)
     return pooled, window, preact
 
 
@@ -418,11 +442,12 @@ def conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride
     def grid(meta):
         return triton.cdiv(cout, meta["BLOCK_CO"]), triton.cdiv(k, meta["BLOCK_K"]), s
 
-    _WGRAD[x.dtype == torch.float64][grid](
+    mode = _gemm_mode(x.dtype)
+    _launcher(_WGRAD, x.dtype, mode)[grid](
         gz, window.contiguous(), x, part_w, part_b, positions, cin, h, wd, cout, ho, wo, k, stride[0], stride[1],
         padding[0], padding[1], chunk, *x.stride(), seed, float(corruption_level), float(low), float(high),
         KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACC=_tl_acc(grad.dtype), NOISE=noise,
-        CIN_INNER=_cin_inner(x), IDX64=_needs_int64(x, gz, part_w), **_gemm_mode(x.dtype))
+        CIN_INNER=_cin_inner(x), IDX64=_needs_int64(x, gz, part_w), **mode)
     gw = _sum_splits(part_w)
     gb = _sum_splits(part_b)
     return gw.view(cout, cin, kh, kw).to(grad.dtype), gb.to(grad.dtype)
