@@ -603,3 +603,25 @@ def test_triton_input_gradient_covers_rows_past_the_pool():
     want = routed_grads(x, w, b, 2, 1, "relu", idx, grad)[0]
     assert gx.shape == x.shape
     torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_max_pool2d_backward_overlapping_windows(deterministic):
+    """3x3 windows at stride 1: an element can be the maximum of up to nine windows. The atomic
+    scatter and, under torch.use_deterministic_algorithms, torch's sorted index_put_ both give
+    eager's gradient; the deterministic one the same bits twice."""
+    _triton_kernels()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 3, (2, 3, 7, 6), generator=g).float().requires_grad_()  # many shared maxima
+    grad = torch.randn(2, 3, 5, 4, generator=g)
+    want, = torch.autograd.grad(F.max_pool2d(x, 3, 1), x, grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with aefast.set_backend("triton"):
+            runs = [torch.autograd.grad(AF.max_pool2d(x, 3, 1), x, grad)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(runs[0], want, rtol=1e-6, atol=1e-6)
+    if deterministic:
+        assert torch.equal(runs[0], runs[1])
