@@ -277,6 +277,19 @@ def test_fuzz_cpu(case):
         check_case(x, wt, b, s, p, act, pool)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(conv_pool_cases(), st.booleans())
+def test_fuzz_triton(case, channels_last):
+    # The interpreter is slow: fewer examples than the cpu fuzz, each also in channels_last.
+    _triton_kernels()
+    n, cin, cout, h, w, k, s, p, pool, act, dtype, bias, seed = case
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, backend_device("triton"), bias=bias, seed=seed)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    with aefast.set_backend("triton"):
+        check_case(x, wt, b, s, p, act, pool)
+
+
 # ------------------------------------------------------------------ bad inputs
 
 def test_bad_inputs():
