@@ -129,7 +129,9 @@ def _spill_bytes(ptx, arch):
     """Register spill stores + loads as ptxas -v reports them. Not cuobjdump's STACK: that also
     counts local arrays the PTX itself declares (libdevice's sin/cos argument reduction behind
     tl.randn keeps a 28-byte one), which are not spills."""
-    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path  # the ptxas Triton itself runs for this arch
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -167,8 +169,13 @@ def compile_one(job, arch):
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         return result
     ptx = cc.asm["ptx"]
-    usage = _resource_usage(cc.asm["cubin"], name)
-    result.update(registers=usage.get("REG", -1), spills=_spill_bytes(ptx, arch), stack=usage.get("STACK", 0),
+    try:
+        usage = _resource_usage(cc.asm["cubin"], name)
+        spills = _spill_bytes(ptx, arch)
+    except (subprocess.CalledProcessError, OSError) as e:
+        result["error"] = f"resource usage unreadable: {e}"[:200]
+        return result
+    result.update(registers=usage.get("REG", -1), spills=spills, stack=usage.get("STACK", 0),
                   shared=max(int(cc.metadata.shared), usage.get("SHARED", 0)),
                   tensor_core="wgmma" if re.search(r"\bwgmma\.", ptx) else ("mma" if re.search(r"\bmma\.", ptx)
                                                                             else "-"))
