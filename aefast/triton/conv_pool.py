@@ -77,13 +77,13 @@ def _config(num_warps=4, num_stages=3, **blocks):
 # BLOCK_M x BLOCK_K x BLOCK_N product in registers); see config_variant().
 GPU_CONFIGS = {
     "_conv_pool_fwd_kernel": [
-        _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
-        _config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
         _config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
     ],
     "_conv_pool_fwd_kernel:ieee": [
-        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
-        _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+        _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+        _config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
     ],
     "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8, num_warps=4, num_stages=1)],
     "_conv_pool_wgrad_kernel": [
@@ -92,8 +92,8 @@ GPU_CONFIGS = {
         _config(BLOCK_CO=64, BLOCK_K=32, BLOCK_R=32, num_warps=4, num_stages=2),
     ],
     "_conv_pool_wgrad_kernel:ieee": [
-        _config(BLOCK_CO=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
-        _config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=16, num_warps=4, num_stages=2),
+        _config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=16, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=2),
     ],
     "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1)],
 }
@@ -534,7 +534,7 @@ def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
         _max_pool_fwd_kernel[(triton.cdiv(total, block),)](
             input, out, idx, total, c, h, w, oh, ow, *input.stride(), *out.stride(), stride[0], stride[1],
             padding[0], padding[1], dilation[0], dilation[1], KH=kernel_size[0], KW=kernel_size[1],
-            ACC=_tl_acc(input.dtype), BLOCK=block)
+            ACC=_tl_acc(input.dtype), BLOCK=block, num_warps=8)  # one window per thread: no spills
     return out, idx
 
 
