@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import aefast  # noqa: E402
+from aefast.triton import _specs as _triton_specs  # noqa: E402
+
+# AEFAST_RECORD_TRITON_SPECS=path: log every Triton launch's specialization for
+# scripts/check_triton_aot.py (see aefast/triton/_specs.py).
+_triton_specs.install_from_env()
 from aefast import backend as _backend  # noqa: E402
 
 HAS_CUDA_BACKEND = _backend.availability()["cuda"][0]

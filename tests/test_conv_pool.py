@@ -277,6 +277,19 @@ def test_fuzz_cpu(case):
         check_case(x, wt, b, s, p, act, pool)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(conv_pool_cases(), st.booleans())
+def test_fuzz_triton(case, channels_last):
+    # The interpreter is slow: fewer examples than the cpu fuzz, each also in channels_last.
+    _triton_kernels()
+    n, cin, cout, h, w, k, s, p, pool, act, dtype, bias, seed = case
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, backend_device("triton"), bias=bias, seed=seed)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    with aefast.set_backend("triton"):
+        check_case(x, wt, b, s, p, act, pool)
+
+
 # ------------------------------------------------------------------ bad inputs
 
 def test_bad_inputs():
@@ -522,3 +535,106 @@ def test_partial_grads(needs):
     ref = [r for r, need in zip(routed_grads(x, w, b, 1, 1, "relu", idx, grad), needs) if need]
     for g_, r_ in zip(got, ref):
         torch.testing.assert_close(g_.double(), r_, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ layouts, NaN, determinism
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_channels_last_input(backend, dtype):
+    """A channels_last input (the Triton kernels' fast layout, K ordered channel-innermost) gives
+    the same indices and values as eager, and the same gradients."""
+    x, w, b = make(2, 5, 6, 10, 9, 3, dtype, backend_device(backend), seed=13)
+    xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert not xc.is_contiguous()
+    grad_tol = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}.get(dtype)
+    check_case(xc, w, b, 1, 1, "relu", 2, grad_tol=grad_tol)
+
+
+def test_nan_and_tie_argmax_follow_torch_scan(backend):
+    """A 1x1 identity conv makes the conv output the input itself, so the windows hold chosen
+    values: exact ties (first wins), one NaN (wins), two NaNs (torch's scan takes the last), -inf."""
+    device = backend_device(backend)
+    nan, inf = float("nan"), float("inf")
+    plane = torch.tensor([[1.0, 1.0, nan, 0.5, 2.0, -inf],
+                          [0.0, 1.0, 3.0, nan, 2.0, -inf],
+                          [nan, 4.0, 5.0, 5.0, -inf, -inf],
+                          [2.0, nan, 5.0, 5.0, -inf, -inf]])
+    x = plane.expand(1, 2, 4, 6).clone().to(device)
+    w = torch.eye(2).view(2, 2, 1, 1).to(device)
+    for act in (None, "relu"):
+        y, idx = AF.conv_pool2d(x, w, None, 1, 0, act, 2)
+        ry, ridx = eager(x, w, None, 1, 0, act, 2)
+        assert torch.equal(idx, ridx), (idx, ridx)
+        torch.testing.assert_close(y, ry, equal_nan=True, rtol=0, atol=0)
+
+
+def _triton_kernels():
+    ok, why = _backend.availability()["triton"]
+    if not ok:
+        pytest.skip(why)
+    from aefast.triton import conv_pool as kernels
+    return kernels
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_weight_gradient_split_k_is_deterministic(channels_last):
+    """Split-K with per-split buffers and an in-order second stage: the same bits on every run
+    for a given split count, and every split count gives the same sums to rounding."""
+    kernels = _triton_kernels()
+    x, w, b = make(3, 4, 6, 12, 11, 3, torch.float32, backend_device("triton"), seed=21)
+    x = x.detach()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    pooled, window, preact = kernels.conv_pool2d_forward(x, w.detach(), b.detach(), [1, 1], [1, 1], 5, 0.01, [2, 2])
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+    args = (grad, window, preact, x, [3, 3], [1, 1], [1, 1], 5, 0.01, [2, 2])
+    runs = {s: [kernels.conv_pool2d_backward_weight(*args, splits=s) for _ in range(2)] for s in (1, 2, 5)}
+    for s, (first, second) in runs.items():
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]), f"splits={s} not bitwise"
+    for s in (2, 5):
+        torch.testing.assert_close(runs[s][0][0], runs[1][0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runs[s][0][1], runs[1][0][1], rtol=1e-5, atol=1e-5)
+    idx = AF.window_to_flat(window, (12, 11), 2)
+    want = routed_grads(x, w, b, 1, 1, "gelu", idx, grad)
+    torch.testing.assert_close(runs[2][0][0].double(), want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[2][0][1].double(), want[2], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_input_gradient_covers_rows_past_the_pool():
+    """A 9x8 conv output pooled by 2 leaves the last conv row unpooled, and stride 2 with
+    H + 2P - K odd needs the decoder's output_padding: the input gradient still has the input's
+    size and is the routed gradient (zero where no pooled maximum reaches)."""
+    kernels = _triton_kernels()
+    x, w, b = make(2, 3, 4, 18, 15, 3, torch.float32, backend_device("triton"), seed=8)
+    pooled, window, preact = kernels.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [2, 2], [1, 1], 1, 0.01,
+                                                         [2, 2])
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(4))
+    gx = kernels.conv_pool2d_backward_input(grad, window, preact, w.detach(), [18, 15], [2, 2], [1, 1], 1, 0.01, [2, 2])
+    hc, wc = (18 + 2 - 3) // 2 + 1, (15 + 2 - 3) // 2 + 1
+    assert (hc, wc) == (9, 8)
+    idx = AF.window_to_flat(window, (hc, wc), 2)
+    want = routed_grads(x, w, b, 2, 1, "relu", idx, grad)[0]
+    assert gx.shape == x.shape
+    torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_max_pool2d_backward_overlapping_windows(deterministic):
+    """3x3 windows at stride 1: an element can be the maximum of up to nine windows. The atomic
+    scatter and, under torch.use_deterministic_algorithms, torch's sorted index_put_ both give
+    eager's gradient; the deterministic one the same bits twice."""
+    _triton_kernels()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 3, (2, 3, 7, 6), generator=g).float().requires_grad_()  # many shared maxima
+    grad = torch.randn(2, 3, 5, 4, generator=g)
+    want, = torch.autograd.grad(F.max_pool2d(x, 3, 1), x, grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with aefast.set_backend("triton"):
+            runs = [torch.autograd.grad(AF.max_pool2d(x, 3, 1), x, grad)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(runs[0], want, rtol=1e-6, atol=1e-6)
+    if deterministic:
+        assert torch.equal(runs[0], runs[1])

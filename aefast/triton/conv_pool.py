@@ -1,27 +1,54 @@
 """Triton kernels of the conv_pool family: the fused encoder block and the drop-in max_pool2d.
 
-Same math as csrc/cpu/conv_pool.cpp (derivations in aefast/ops/conv_pool.py):
+Same math as csrc/cpu/conv_pool.cpp (derivations in aefast/ops/conv_pool.py). Both conv kernels are
+implicit GEMMs on tensor cores (`tl.dot`, fp32 accumulation; fp64 keeps a tl.sum path):
 
-forward    one program = BLOCK_P pooled positions x BLOCK_C output channels. For each of the
-           PKH*PKW window offsets it computes the conv at that position as a direct convolution,
-           reducing K = Cin*KH*KW in BLOCK_K slices (gathered patches times weight slices, summed
-           in fp32, fp64 for fp64), then bias -> activation -> running max/argmax in registers.
-           Values are rounded to the tensor dtype where the eager composition rounds them (conv
-           output, activation output) so the argmax compares the same numbers as torch. Only the
-           pooled map, the uint8 window offsets and the conv output at the argmax are written.
-backward   one program = one (n, co) plane slice of BLOCK_J pooled positions: gz = grad * act'(z)
-           at the argmax, then for each K slice
-             grad_w[co, k] += sum_j gz_j * x[n, patch_j(k)]     (a reduction, one atomic per k)
-             grad_x[n, patch_j(k)] += gz_j * w[co, k]           (atomic scatter, gz_j != 0 only)
-           so only the argmax positions are touched: 1/(PKH*PKW) of the dense MACs.
+forward    C[r, co] = sum_k A[r, k] * B[k, co], K = Cin*KH*KW in BLOCK_K slices, where a GEMM row
+           r = (pooled position p, window offset o) is the conv output at (p*pool + o):
+             A[r, k] = x[n, ci, (ph*PKH + o//PKW)*SH - PH + ki, (pw*PKW + o%PKW)*SW - PW + kj]
+             B[k, co] = w[co, ci, ki, kj]          with (ci, ki, kj) = patch_coords(k)
+           The rows of one pooled position are its PKH*PKW window offsets (padded to NW, a power of
+           two), so each program holds one fp32 accumulator per window offset in one tile and every
+           loaded weight tile serves all of them in one tl.dot. A is gathered from the input through
+           its strides (NCHW or channels_last; for channels_last K is ordered (ki, kj, ci) so a
+           K slice is contiguous channels), corrupted in the load when asked. Epilogue, in
+           registers: z = round(acc + bias), a = round(act(z)) (rounded to the tensor dtype where
+           eager rounds, so the argmax compares torch's numbers), then max/argmax over the NW rows of
+           each position with torch's scan rule (first maximum wins, a NaN wins, the last NaN of a
+           window wins). Only the pooled map, the uint8 window offsets and z at the argmax are
+           written.
+backward   gz = grad * act'(preact), pooled-size (one elementwise kernel).
+  wgrad    grad_w[co, k] = sum_{(j, o)} A[co, (j, o)] * B[(j, o), k] with
+             A[co, (j, o)] = gz[n, co, j] if window[n, co, j] == o else 0   (built in registers)
+             B[(j, o), k]  = x at conv position (j*pool + o), patch element k
+           a GEMM over conv positions whose A-tile is the unpooled gradient, never stored. The
+           positions are split into S fixed chunks (split-K); each program writes its partial sum
+           to its own buffer and a second kernel adds the S buffers in order: deterministic, no
+           atomics. grad_b[co] = sum_j gz[n, co, j] is summed from the same A-tiles (the pid_k == 0
+           programs), into the same partial buffers.
+  dgrad    grad_x = conv_transpose2d(max_unpool(gz, window), w): the decoder's forward with no
+           bias and no activation (aefast.triton.unpool_deconv.forward, window-format indices).
+           Its unpooled size is the full conv output (positions past pool*pooled get no
+           gradient) and its output_padding = (H + 2P - KH) mod S makes its output exactly H x W.
 corruption with corruption != "none" the forward and the weight gradient read corrupt(x) in their
-           input load: corrupt_value is aefast.triton.recon_loss's corrupt kernel on one
-           element (tl.rand / tl.randn keyed by the seed, counter = the element's NCHW index),
-           so the result equals corrupt-then-conv_pool2d and no corrupted copy is stored.
+           input load: corrupt_value is aefast.triton.recon_loss's corrupt kernel on one element
+           (tl.rand / tl.randn keyed by the seed, counter = the element's logical NCHW index, also
+           for a channels_last input), so the result equals corrupt-then-conv_pool2d and no
+           corrupted copy is stored.
 max_pool2d torch's window scan (`v > best or isnan(v)`, first in-bounds element to start), any
-           strides (channels_last in gives channels_last out); backward is an atomic scatter-add.
+           strides (channels_last in gives channels_last out). Backward is an atomic scatter-add
+           (the op's schema has no window geometry for a gather): bitwise reproducible while no
+           input element is the maximum of three or more windows (always, for non-overlapping
+           pools); with torch.use_deterministic_algorithms(True) it is torch's deterministic
+           accumulate-index_put_ instead.
 
-Under TRITON_INTERPRET=1 these run on CPU tensors (the tests do that on small shapes).
+Precision: fp32 runs tl.dot as TF32 when torch.backends.cudnn.allow_tf32 is on (as cuDNN's
+convolutions do) and IEEE fp32 when it is off; under TRITON_INTERPRET=1 always IEEE fp32, and bf16
+operands are upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
+
+Tiling: on a GPU triton.autotune picks among GPU_CONFIGS per (positions, Cout, K); under the
+interpreter one fixed config (INTERPRET_CONFIGS). scripts/check_triton_aot.py compiles every GPU
+config of each specialization the tests launch for sm_80 and sm_90.
 """
 from __future__ import annotations
 
@@ -32,175 +59,236 @@ import triton
 import triton.language as tl
 
 from aefast.ops.conv_pool import conv_output_size, pool_output_size
+from aefast.triton._common import activate, activation_grad, mma_acc, patch_coords, round_to
 from aefast.triton.recon_loss import corrupt_value
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(num_warps=4, num_stages=3, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# BLOCK_M counts GEMM rows (pooled positions x padded window offsets); BLOCK_N output channels.
+# Sized so that the epilogue's three row x channel tiles (z, activation, offsets) fit the
+# registers without spills (checked by scripts/check_triton_aot.py for sm_80 and sm_90).
+# The gathers' addresses dominate the registers, so two pipeline stages. "name:ieee" holds the tiles
+# of fp32 with TF32 off (tl.dot as FMAs, more registers) and "name:fp64" fp64's (a tl.sum over a
+# BLOCK_M x BLOCK_K x BLOCK_N product in registers); see config_variant().
+GPU_CONFIGS = {
+    "_conv_pool_fwd_kernel": [
+        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    ],
+    "_conv_pool_fwd_kernel:ieee": [
+        _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+        _config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
+    ],
+    "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8, num_warps=4, num_stages=1)],
+    "_conv_pool_wgrad_kernel": [
+        _config(BLOCK_CO=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=64, BLOCK_K=32, BLOCK_R=32, num_warps=4, num_stages=2),
+    ],
+    "_conv_pool_wgrad_kernel:ieee": [
+        _config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=16, num_warps=8, num_stages=2),
+        _config(BLOCK_CO=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=2),
+    ],
+    "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1)],
+}
+# The interpreter runs each block as numpy arrays: larger blocks, fewer Python-level steps.
+INTERPRET_CONFIGS = {
+    "_conv_pool_fwd_kernel": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
+    "_conv_pool_fwd_kernel:ieee": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
+    "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64)],
+    "_conv_pool_wgrad_kernel": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
+    "_conv_pool_wgrad_kernel:ieee": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
+    "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=32, BLOCK_K=64, BLOCK_R=128)],
+}
+# Elementwise and reduction kernels: no GEMM, so no tensor-core instruction expected
+# (scripts/check_triton_aot.py requires one in every other kernel of this module).
+NO_TENSOR_CORE_KERNELS = {"_pooled_grad_kernel", "_sum_splits_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel"}
+
+
+def _configs(name):
+    return (INTERPRET_CONFIGS if _INTERPRET else GPU_CONFIGS)[name]
+
 
 @triton.jit
-def _activate(z, ACT: tl.constexpr, slope):
-    if ACT == 1:
-        z = tl.where(z < 0, 0.0, z)  # NaN passes through, as torch.relu
-    elif ACT == 2:
-        z = tl.where(z >= 0, z, z * slope)
-    elif ACT == 3:
-        z = 1.0 / (1.0 + tl.exp(-z))
-    elif ACT == 4:
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
-        z = tl.where(z >= 0, t, -t)
-    elif ACT == 5:
-        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == 6:
-        z = z / (1.0 + tl.exp(-z))
-    return z
-
-
-@triton.jit
-def _round_to(x, DT: tl.constexpr):
-    """x (the accumulation type) rounded to DT and back, round-to-nearest-even. bf16 is rounded by
-    hand: the interpreter's fp32 -> bf16 cast truncates (measured: half of random values differ)."""
-    if DT == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(x != x, x, r)
-    else:
-        return x.to(DT).to(x.dtype)
-
-
-@triton.jit
-def _activation_grad(z, ACT: tl.constexpr, slope):
-    # relu: 1[z > 0]; leaky: 1 or slope (1 at z == 0); sigmoid: s(1-s); tanh: 1-t^2;
-    # gelu: Phi(z) + z*phi(z); silu: s(1 + z(1-s)).
-    if ACT == 0:
-        d = tl.full(z.shape, 1.0, z.dtype)
-    elif ACT == 1:
-        d = tl.where(z > 0, 1.0, 0.0).to(z.dtype)
-    elif ACT == 2:
-        d = tl.where(z >= 0, 1.0, slope).to(z.dtype)
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        d = s * (1.0 - s)
-    elif ACT == 4:
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
-        d = 1.0 - t * t
-    elif ACT == 5:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        d = cdf + z * pdf
-    else:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        d = s * (1.0 + z * (1.0 - s))
-    return d
+def _scan_max(a1, z1, i1, a2, z2, i2):
+    """torch's max-pool scan (`take if v > best or isnan(v)`, row-major) as an order-free combine:
+    a NaN beats any number and the later NaN beats an earlier one; among numbers the larger wins
+    and, equal, the earlier. A total order on distinct offsets, so any reduction tree agrees."""
+    num1 = a1 == a1
+    num2 = a2 == a2
+    take2 = ((~num2) & (num1 | (i2 > i1))) | (num1 & num2 & ((a2 > a1) | ((a2 == a1) & (i2 < i1))))
+    return tl.where(take2, a2, a1), tl.where(take2, z2, z1), tl.where(take2, i2, i1)
 
 
 @triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
-                          N, CIN, H, W, COUT, HO, WO, SH, SW, PH, PW, slope_ptr,
-                          seed, nlevel, nlow, nhigh,
+                          M, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW,
+                          xs_n, xs_c, xs_h, xs_w, ws_o, ws_i, ws_h, ws_w,
+                          slope_ptr, seed, nlevel, nlow, nhigh,
                           KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
-                          ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, NOISE: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < N * HO * WO
-    c_mask = co < COUT
+                          NW: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                          NOISE: tl.constexpr, CIN_INNER: tl.constexpr, DOT: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    BLOCK_P: tl.constexpr = (BLOCK_M + NW - 1) // NW  # pooled positions per program
+    ROWS: tl.constexpr = BLOCK_P * NW
+    r = tl.arange(0, ROWS)
+    pid = tl.program_id(0)
+    if IDX64:  # int32 index math unless a tensor has 2^30 elements or more: half the registers
+        pid = pid.to(tl.int64)
+    p = pid * BLOCK_P + r // NW
+    off = r % NW
+    row_ok = (p < M) & (off < PKH * PKW)
     pw = p % WO
     ph = (p // WO) % HO
     n = p // (WO * HO)
-    K = CIN * KH * KW
+    y0 = (ph * PKH + off // PKW) * SH - PH  # top-left input row of this conv position's patch
+    x0 = (pw * PKW + off % PKW) * SW - PW
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = co < COUT
+    acc = tl.zeros((ROWS, BLOCK_N), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        ci, ki, kj = patch_coords(k, CIN, KH, KW, CIN_INNER)
+        y = y0[:, None] + ki[None, :]
+        xx = x0[:, None] + kj[None, :]
+        m = row_ok[:, None] & k_ok[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
+        a = tl.load(x_ptr + n[:, None] * xs_n + ci[None, :] * xs_c + y * xs_h + xx * xs_w, mask=m, other=0.0)
+        if NOISE >= 0:
+            logical = ((n[:, None] * CIN + ci[None, :]) * H + y) * W + xx
+            a = tl.where(m, corrupt_value(a, logical, seed, nlevel, nlow, nhigh, NOISE), 0.0)
+        b = tl.load(w_ptr + co[None, :] * ws_o + ci[:, None] * ws_i + ki[:, None] * ws_h + kj[:, None] * ws_w,
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = mma_acc(acc, a, b, DOT, PRECISION, UPCAST)
     out_dtype = out_ptr.dtype.element_ty
     slope = tl.load(slope_ptr)  # a tensor, so that fp64 keeps a fp64 slope
     if HAS_BIAS:
-        bias = tl.load(b_ptr + co, mask=c_mask, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_C,), ACC)
-    best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), ACC)
-    best_z = tl.zeros((BLOCK_P, BLOCK_C), ACC)
-    best_k = tl.zeros((BLOCK_P, BLOCK_C), tl.int32)
-    for off in tl.static_range(PKH * PKW):
-        h = ph * PKH + off // PKW
-        w = pw * PKW + off % PKW
-        acc = tl.zeros((BLOCK_P, BLOCK_C), ACC)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k < K
-            kj = k % KW
-            ki = (k // KW) % KH
-            ci = k // (KW * KH)
-            y = h[:, None] * SH - PH + ki[None, :]
-            xx = w[:, None] * SW - PW + kj[None, :]
-            m = p_mask[:, None] & k_mask[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
-            xa = ((n[:, None] * CIN + ci[None, :]) * H + y) * W + xx
-            xv = tl.load(x_ptr + xa, mask=m, other=0.0)
-            if NOISE >= 0:
-                xv = tl.where(m, corrupt_value(xv, xa, seed, nlevel, nlow, nhigh, NOISE), 0.0)
-            xv = xv.to(ACC)
-            wv = tl.load(w_ptr + co[None, :] * K + k[:, None], mask=k_mask[:, None] & c_mask[None, :],
-                         other=0.0).to(ACC)
-            acc += tl.sum(xv[:, :, None] * wv[None, :, :], axis=1)
-        z = _round_to(acc + bias[None, :], out_dtype)
-        a = _round_to(_activate(z, ACT, slope), out_dtype)
-        take = (a > best) | (a != a)
-        best = tl.where(take, a, best)
-        best_z = tl.where(take, z, best_z)
-        best_k = tl.where(take, off, best_k)
-    o = ((n[:, None] * COUT + co[None, :]) * HO + ph[:, None]) * WO + pw[:, None]
-    m = p_mask[:, None] & c_mask[None, :]
+        acc += tl.load(b_ptr + co, mask=c_ok, other=0.0).to(ACC)[None, :]
+    z = round_to(acc, out_dtype)
+    a = round_to(activate(z, ACT, slope), out_dtype)
+    a = tl.where((off < PKH * PKW)[:, None], a, float("-inf"))  # padding offsets never win
+    offs = tl.broadcast_to(off[:, None], (ROWS, BLOCK_N))
+    best, best_z, best_o = tl.reduce((tl.reshape(a, (BLOCK_P, NW, BLOCK_N)), tl.reshape(z, (BLOCK_P, NW, BLOCK_N)),
+                                      tl.reshape(offs, (BLOCK_P, NW, BLOCK_N))), 1, _scan_max)
+    q = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    qw = q % WO
+    qh = (q // WO) % HO
+    qn = q // (WO * HO)
+    o = ((qn[:, None] * COUT + co[None, :]) * HO + qh[:, None]) * WO + qw[:, None]
+    m = (q < M)[:, None] & c_ok[None, :]
     tl.store(out_ptr + o, best.to(out_dtype), mask=m)
-    tl.store(win_ptr + o, best_k.to(tl.uint8), mask=m)
+    tl.store(win_ptr + o, best_o.to(tl.uint8), mask=m)
     tl.store(pre_ptr + o, best_z.to(out_dtype), mask=m)
 
 
 @triton.jit
-def _conv_pool_bwd_kernel(g_ptr, win_ptr, pre_ptr, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
-                          CIN, H, W, COUT, HO, WO, SH, SW, PH, PW, slope_ptr,
-                          seed, nlevel, nlow, nhigh,
-                          KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
-                          ACT: tl.constexpr, ACC: tl.constexpr, DGRAD: tl.constexpr, WGRAD: tl.constexpr,
-                          NOISE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)  # n * COUT + co
-    n = plane // COUT
-    co = plane % COUT
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_mask = j < HO * WO
-    slope = tl.load(slope_ptr)
-    g = tl.load(g_ptr + plane * HO * WO + j, mask=j_mask, other=0.0).to(ACC)
-    z = tl.load(pre_ptr + plane * HO * WO + j, mask=j_mask, other=0.0).to(ACC)
-    off = tl.load(win_ptr + plane * HO * WO + j, mask=j_mask, other=0).to(tl.int32)
-    gz = g * _activation_grad(z, ACT, slope)
-    gz = tl.where(j_mask, gz, 0.0)
-    h = (j // WO) * PKH + off // PKW
-    w = (j % WO) * PKW + off % PKW
-    K = CIN * KH * KW
-    if WGRAD:
-        tl.atomic_add(gb_ptr + co, tl.sum(gz, axis=0))
-    nz = j_mask & (gz != 0)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        kj = k % KW
-        ki = (k // KW) % KH
-        ci = k // (KW * KH)
-        y = h[:, None] * SH - PH + ki[None, :]
-        xx = w[:, None] * SW - PW + kj[None, :]
-        m = nz[:, None] & k_mask[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
-        addr = ((n * CIN + ci[None, :]) * H + y) * W + xx
-        if WGRAD:
-            xv = tl.load(x_ptr + addr, mask=m, other=0.0)
-            if NOISE >= 0:  # the forward's corruption, regenerated
-                xv = tl.where(m, corrupt_value(xv, addr, seed, nlevel, nlow, nhigh, NOISE), 0.0)
-            xv = xv.to(ACC)
-            tl.atomic_add(gw_ptr + co * K + k, tl.sum(gz[:, None] * xv, axis=0), mask=k_mask)
-        if DGRAD:
-            wv = tl.load(w_ptr + co * K + k, mask=k_mask, other=0.0).to(ACC)
-            tl.atomic_add(gx_ptr + addr, gz[:, None] * wv[None, :], mask=m)
+def _pooled_grad_kernel(g_ptr, pre_ptr, gz_ptr, total, slope_ptr, ACT: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """gz = grad * act'(preact) at the argmax, rounded once to the gradient's dtype (as eager's
+    activation backward rounds)."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = e < total
+    g = tl.load(g_ptr + e, mask=live, other=0.0).to(ACC)
+    z = tl.load(pre_ptr + e, mask=live, other=0.0).to(ACC)
+    dt = gz_ptr.dtype.element_ty
+    gz = round_to(g * activation_grad(z, ACT, tl.load(slope_ptr)), dt)
+    tl.store(gz_ptr + e, gz.to(dt), mask=live)
 
 
-# The interpreter runs each block as numpy arrays, so larger blocks mean fewer Python-level
-# steps; on a GPU the smaller ones keep the (BLOCK_P, BLOCK_K, BLOCK_C) product in registers.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_FWD_BLOCKS = (64, 32, 64) if _INTERPRET else (32, 16, 16)
-_BWD_BLOCKS = (64, 64) if _INTERPRET else (32, 16)
+@triton.jit
+def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
+                            J, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW, CHUNK,
+                            xs_n, xs_c, xs_h, xs_w, seed, nlevel, nlow, nhigh,
+                            KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
+                            NW: tl.constexpr, ACC: tl.constexpr, NOISE: tl.constexpr, CIN_INNER: tl.constexpr,
+                            DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            IDX64: tl.constexpr,
+                            BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    BLOCK_J: tl.constexpr = (BLOCK_R + NW - 1) // NW  # pooled positions per reduction step
+    ROWS: tl.constexpr = BLOCK_J * NW
+    split = tl.program_id(2)
+    if IDX64:
+        split = split.to(tl.int64)
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    c_ok = co < COUT
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    ci, ki, kj = patch_coords(k, CIN, KH, KW, CIN_INNER)
+    r = tl.arange(0, ROWS)
+    off = r % NW
+    acc = tl.zeros((BLOCK_CO, BLOCK_K), ACC)
+    bsum = tl.zeros((BLOCK_CO,), ACC)
+    j_start = split * CHUNK
+    j_end = tl.minimum(j_start + CHUNK, J)
+    for j0 in range(j_start, j_end, BLOCK_J):
+        j = j0 + r // NW
+        r_ok = (j < j_end) & (off < PKH * PKW)
+        pw = j % WO
+        ph = (j // WO) % HO
+        n = j // (WO * HO)
+        # A^T tile [BLOCK_CO, ROWS]: gz where this row's offset is the window's argmax
+        ga = ((n[None, :] * COUT + co[:, None]) * HO + ph[None, :]) * WO + pw[None, :]
+        am = c_ok[:, None] & r_ok[None, :]
+        g = tl.load(gz_ptr + ga, mask=am, other=0.0)
+        hit = tl.load(win_ptr + ga, mask=am, other=0).to(tl.int32) == off[None, :]
+        a = tl.where(hit, g, 0.0).to(g.dtype)
+        # B tile [ROWS, BLOCK_K]: the patch of each row's conv position
+        y = ((ph * PKH + off // PKW) * SH - PH)[:, None] + ki[None, :]
+        xx = ((pw * PKW + off % PKW) * SW - PW)[:, None] + kj[None, :]
+        m = r_ok[:, None] & k_ok[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
+        b = tl.load(x_ptr + n[:, None] * xs_n + ci[None, :] * xs_c + y * xs_h + xx * xs_w, mask=m, other=0.0)
+        if NOISE >= 0:  # the forward's corruption, regenerated
+            logical = ((n[:, None] * CIN + ci[None, :]) * H + y) * W + xx
+            b = tl.where(m, corrupt_value(b, logical, seed, nlevel, nlow, nhigh, NOISE), 0.0)
+        acc = mma_acc(acc, a, b, DOT, PRECISION, UPCAST)
+        bsum += tl.sum(a.to(ACC), axis=1)
+    # partial[split, co, kk] with kk the (ci, ki, kj) row-major index of grad_w's element
+    kk = (ci * KH + ki) * KW + kj
+    base = split * COUT * K
+    tl.store(part_ptr + base + co[:, None] * K + kk[None, :], acc, mask=c_ok[:, None] & k_ok[None, :])
+    first_k = (tl.zeros((BLOCK_CO,), tl.int32) + tl.program_id(1)) == 0  # one K block writes grad_b
+    tl.store(part_b_ptr + split * COUT + co, bsum, mask=c_ok & first_k)
+
+
+def config_variant(operand_dtype, precision):
+    """Which GPU_CONFIGS entry serves operands of this dtype ("fp32", "fp16", ... as Triton names
+    them) at this PRECISION: "" (tensor cores), "ieee" (fp32, TF32 off) or "fp64"."""
+    if operand_dtype == "fp64":
+        return "fp64"
+    return "ieee" if operand_dtype == "fp32" and precision == "ieee" else ""
+
+
+def _tuned(kernel, name, key):
+    """One autotuner per config variant, each with the tiles that fit its registers."""
+    return {v: triton.autotune(configs=_configs(name + (":" + v if v else "")), key=key)(kernel)
+            for v in ("", "ieee", "fp64")}
+
+
+def _launcher(tuned, dtype, mode):
+    short = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "fp16")
+    return tuned[config_variant(short, mode["PRECISION"])]
+
+
+_FWD = _tuned(_conv_pool_fwd_kernel, "_conv_pool_fwd_kernel", ["M", "COUT", "K"])
+_WGRAD = _tuned(_conv_pool_wgrad_kernel, "_conv_pool_wgrad_kernel", ["J", "COUT", "K"])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
+    """out[e] = sum_s part[s, e], s in increasing order: the fixed second stage of split-K."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = e < L
+    acc = tl.load(part_ptr + e, mask=live, other=0.0)
+    for s in range(1, S):
+        acc += tl.load(part_ptr + s * L + e, mask=live, other=0.0)
+    tl.store(out_ptr + e, acc, mask=live)
 
 
 def _acc_dtype(dtype):
@@ -213,6 +301,37 @@ def _tl_acc(dtype):
 
 def _slope(negative_slope, like):
     return torch.full((1,), float(negative_slope), dtype=_acc_dtype(like.dtype), device=like.device)
+
+
+def _gemm_mode(dtype):
+    """(DOT, PRECISION, UPCAST) constexprs of mma_acc for operands of this dtype."""
+    if dtype == torch.float64:
+        return dict(DOT=False, PRECISION="ieee", UPCAST=False)
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET
+    return dict(DOT=True, PRECISION="tf32" if tf32 else "ieee", UPCAST=_INTERPRET and dtype == torch.bfloat16)
+
+
+def _needs_int64(*tensors):
+    """Index math in int64 only when some tensor has 2^30 elements or more (int32 otherwise, with
+    room for the masked lanes' addresses past the end)."""
+    return max(t.numel() for t in tensors) >= 2**30
+
+
+def _window_rows(pool_size):
+    """The window offsets padded to a power of two: the GEMM rows of one pooled position."""
+    return triton.next_power_of_2(pool_size[0] * pool_size[1])
+
+
+def _cin_inner(x):
+    """channels_last inputs reduce over K ordered (ki, kj, ci): contiguous channels per slice."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _operand(t):
+    """The tensor as the kernels read it: any NCHW or channels_last strides are served as they are."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
 
 
 def _shape(input_hw, kernel_hw, stride, padding, pool_size):
@@ -233,7 +352,7 @@ def _noise_code(corruption):
 def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
                         corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
     noise = _noise_code(corruption)
-    x = input.contiguous()
+    x = _operand(input)
     w = weight.contiguous()
     n, cin, h, wd = x.shape
     cout, _, kh, kw = w.shape
@@ -244,56 +363,101 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
     if pooled.numel() == 0:
         return pooled, window, preact
     b = bias.contiguous() if bias is not None else w  # never read without HAS_BIAS
-    block_p, block_c, block_k = _FWD_BLOCKS
-    grid = (triton.cdiv(n * ho * wo, block_p), triton.cdiv(cout, block_c))
-    _conv_pool_fwd_kernel[grid](x, w, b, pooled, window, preact, n, cin, h, wd, cout, ho, wo, stride[0], stride[1],
-                                padding[0], padding[1], _slope(negative_slope, x), seed, float(corruption_level),
-                                float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0],
-                                PKW=pool_size[1], ACT=int(activation), HAS_BIAS=bias is not None,
-                                ACC=_tl_acc(x.dtype), NOISE=noise, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k)
+    nw = _window_rows(pool_size)
+    m = n * ho * wo
+
+    def grid(meta):
+        return triton.cdiv(m, triton.cdiv(meta["BLOCK_M"], nw)), triton.cdiv(cout, meta["BLOCK_N"])
+
+    mode = _gemm_mode(x.dtype)
+    _launcher(_FWD, x.dtype, mode)[grid](
+        x, w, b, pooled, window, preact, m, cin, h, wd, cout, ho, wo, cin * kh * kw, stride[0], stride[1],
+        padding[0], padding[1], *x.stride(), *w.stride(), _slope(negative_slope, x), seed, float(corruption_level),
+        float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACT=int(activation),
+        HAS_BIAS=bias is not None, ACC=_tl_acc(x.dtype), NOISE=noise, CIN_INNER=_cin_inner(x),
+        IDX64=_needs_int64(x, w, pooled), **mode)
     return pooled, window, preact
 
 
-def _backward(grad, window, preact, x, w, input_size, kernel_size, cin, stride, padding, activation,
-              negative_slope, pool_size, dgrad, wgrad, noise=(-1, 0, 0.0, 0.0, 1.0)):
-    n, cout, ho, wo = grad.shape
-    h, wd = input_size
-    kh, kw = kernel_size
-    acc = _acc_dtype(grad.dtype)
-    gx = torch.zeros((n, cin, h, wd), dtype=acc, device=grad.device) if dgrad else None
-    gw = torch.zeros((cout, cin, kh, kw), dtype=acc, device=grad.device) if wgrad else None
-    gb = torch.zeros((cout,), dtype=acc, device=grad.device) if wgrad else None
-    if grad.numel():
-        block_j, block_k = _BWD_BLOCKS
-        dummy = gx if gx is not None else gw
-        grid = (n * cout, triton.cdiv(ho * wo, block_j))
-        _conv_pool_bwd_kernel[grid](grad.contiguous(), window.contiguous(), preact.contiguous(),
-                                    x if x is not None else dummy, w if w is not None else dummy,
-                                    dummy if gx is None else gx, dummy if gw is None else gw,
-                                    dummy if gb is None else gb, cin, h, wd, cout, ho, wo, stride[0], stride[1],
-                                    padding[0], padding[1], _slope(negative_slope, grad), noise[1],
-                                    float(noise[2]), float(noise[3]), float(noise[4]), KH=kh, KW=kw,
-                                    PKH=pool_size[0], PKW=pool_size[1], ACT=int(activation), ACC=_tl_acc(grad.dtype),
-                                    DGRAD=dgrad, WGRAD=wgrad, NOISE=noise[0], BLOCK_J=block_j, BLOCK_K=block_k)
-    return gx, gw, gb
+def _pooled_grad(grad, preact, activation, negative_slope):
+    g = grad.contiguous()
+    gz = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    total = g.numel()
+    if total:
+        block = 1024
+        _pooled_grad_kernel[(triton.cdiv(total, block),)](g, preact.contiguous(), gz, total,
+                                                          _slope(negative_slope, g), ACT=int(activation),
+                                                          ACC=_tl_acc(g.dtype), BLOCK=block)
+    return gz
+
+
+# Split-K of the weight gradient: a fixed number of position chunks per shape, each at least
+# _MIN_CHUNK positions, so that small problems are one chunk and large ones fill the GPU.
+_MAX_SPLITS = 32
+_MIN_CHUNK = 512
+
+
+def wgrad_splits(positions):
+    return max(1, min(_MAX_SPLITS, positions // _MIN_CHUNK))
 
 
 def conv_pool2d_backward_input(grad, window, preact, weight, input_size, stride, padding, activation,
                                negative_slope, pool_size):
+    from aefast.triton import unpool_deconv
+
     w = weight.contiguous()
-    gx, _, _ = _backward(grad, window, preact, None, w, input_size, w.shape[-2:], w.shape[1], stride, padding,
-                         activation, negative_slope, pool_size, True, False)
-    return gx.to(grad.dtype)
+    kh, kw = w.shape[-2:]
+    hc, wc = conv_output_size(input_size, (kh, kw), stride, padding)
+    out_pad = [(input_size[a] + 2 * padding[a] - (kh, kw)[a]) % stride[a] for a in range(2)]
+    gz = _pooled_grad(grad, preact, activation, negative_slope)
+    if gz.numel() == 0:
+        return torch.zeros((grad.shape[0], w.shape[1], *input_size), dtype=grad.dtype, device=grad.device)
+    gx, _ = unpool_deconv.forward(gz, window.contiguous(), w, None, list(pool_size), [hc, wc], list(stride),
+                                  list(padding), out_pad, None, 0.0)
+    return gx
 
 
 def conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation,
                                 negative_slope, pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0,
-                                high=1.0):
-    x = input.contiguous()
-    noise = (_noise_code(corruption), seed, corruption_level, low, high)
-    _, gw, gb = _backward(grad, window, preact, x, None, x.shape[-2:], kernel_size, x.shape[1], stride, padding,
-                          activation, negative_slope, pool_size, False, True, noise)
-    return gw.to(grad.dtype), gb.to(grad.dtype)
+                                high=1.0, splits=None):
+    noise = _noise_code(corruption)
+    x = _operand(input)
+    n, cin, h, wd = x.shape
+    cout = grad.shape[1]
+    kh, kw = kernel_size
+    k = cin * kh * kw
+    acc = _acc_dtype(grad.dtype)
+    ho, wo = grad.shape[-2:]
+    positions = n * ho * wo
+    if positions == 0 or cout == 0 or k == 0:
+        return (torch.zeros((cout, cin, kh, kw), dtype=grad.dtype, device=grad.device),
+                torch.zeros((cout,), dtype=grad.dtype, device=grad.device))
+    gz = _pooled_grad(grad, preact, activation, negative_slope)
+    s = wgrad_splits(positions) if splits is None else splits
+    chunk = triton.cdiv(positions, s)
+    part_w = torch.empty((s, cout * k), dtype=acc, device=grad.device)
+    part_b = torch.empty((s, cout), dtype=acc, device=grad.device)
+    nw = _window_rows(pool_size)
+
+    def grid(meta):
+        return triton.cdiv(cout, meta["BLOCK_CO"]), triton.cdiv(k, meta["BLOCK_K"]), s
+
+    mode = _gemm_mode(x.dtype)
+    _launcher(_WGRAD, x.dtype, mode)[grid](
+        gz, window.contiguous(), x, part_w, part_b, positions, cin, h, wd, cout, ho, wo, k, stride[0], stride[1],
+        padding[0], padding[1], chunk, *x.stride(), seed, float(corruption_level), float(low), float(high),
+        KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACC=_tl_acc(grad.dtype), NOISE=noise,
+        CIN_INNER=_cin_inner(x), IDX64=_needs_int64(x, gz, part_w), **mode)
+    gw = _sum_splits(part_w)
+    gb = _sum_splits(part_b)
+    return gw.view(cout, cin, kh, kw).to(grad.dtype), gb.to(grad.dtype)
+
+
+def _sum_splits(part):
+    out = torch.empty(part.shape[1:], dtype=part.dtype, device=part.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](part, out, part.shape[0], out.numel(), BLOCK=block)
+    return out
 
 
 # ---------------------------------------------------------------- drop-in max_pool2d
@@ -334,6 +498,12 @@ def _max_pool_fwd_kernel(x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
 @triton.jit
 def _max_pool_bwd_kernel(g_ptr, idx_ptr, gx_ptr, total, C, OH, OW, HW, gs0, gs1, gs2, gs3, is0, is1, is2, is3,
                          BLOCK: tl.constexpr):
+    # grad_x[n, c, idx] += grad[n, c, oh, ow]: a scatter. The op's schema (grad, indices, input)
+    # does not carry the window geometry that a gather would need. An element that is the maximum
+    # of at most two windows (any non-overlapping pool, kernel <= stride) gets 0 + a + b in either
+    # order, the same bits; only three or more overlapping windows sharing a maximum make the
+    # float atomics order-dependent; under torch.use_deterministic_algorithms max_pool2d_backward uses torch's
+    # deterministic accumulate-index_put_ instead.
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     ow = e % OW
@@ -364,7 +534,7 @@ def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
         _max_pool_fwd_kernel[(triton.cdiv(total, block),)](
             input, out, idx, total, c, h, w, oh, ow, *input.stride(), *out.stride(), stride[0], stride[1],
             padding[0], padding[1], dilation[0], dilation[1], KH=kernel_size[0], KW=kernel_size[1],
-            ACC=_tl_acc(input.dtype), BLOCK=block)
+            ACC=_tl_acc(input.dtype), BLOCK=block, num_warps=8)  # one window per thread: no spills
     return out, idx
 
 
@@ -372,7 +542,13 @@ def max_pool2d_backward(grad_output, indices, input):
     n, c, h, w = input.shape
     acc = torch.zeros((n, c, h, w), dtype=_acc_dtype(grad_output.dtype), device=grad_output.device)
     total = grad_output.numel()
-    if total:
+    if total and torch.are_deterministic_algorithms_enabled():
+        # torch's accumulate-index_put_ is deterministic in this mode (sorted, on CUDA too): the
+        # overlapping windows' sums then come out the same on every run.
+        planes = torch.arange(n * c, device=indices.device).view(n, c, 1, 1) * (h * w)
+        acc.view(-1).index_put_(((indices + planes).reshape(-1),), grad_output.reshape(-1).to(acc.dtype),
+                                accumulate=True)
+    elif total:
         block = 256
         _max_pool_bwd_kernel[(triton.cdiv(total, block),)](
             grad_output, indices, acc, total, c, grad_output.shape[2], grad_output.shape[3], h * w,

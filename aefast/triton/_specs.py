@@ -1,0 +1,120 @@
+"""Recording the Triton kernel specializations that a run launches, for the ahead-of-time check.
+
+With AEFAST_RECORD_TRITON_SPECS=path set before the first launch (tests/conftest.py calls
+install_from_env()), every launch under TRITON_INTERPRET=1 appends one JSON line to path:
+
+    {"kernel": "aefast.triton.conv_pool._conv_pool_fwd_kernel",
+     "args": {"x_ptr": "*fp32", "M": "i32", "nlevel": "fp32", ...},       # Triton signature types
+     "constexprs": {"KH": 3, "ACC": {"tl_dtype": "fp32"}, "PRECISION": "ieee", ...},
+     "options": {"num_warps": 4, "num_stages": 3}}                      # the autotune config, if any
+
+scripts/check_triton_aot.py reads the file, dedups it and compiles each specialization for sm_80
+and sm_90 (an autotuned kernel: each of its module's GPU_CONFIGS instead of the interpreter's).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import threading
+
+import torch
+
+ENV = "AEFAST_RECORD_TRITON_SPECS"
+_TORCH_TO_TRITON = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "i1",
+}
+_lock = threading.Lock()
+_installed = None
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unrecorded Triton argument type {type(value).__name__}")
+
+
+def _constexpr_value(value):
+    import triton.language as tl
+
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": str(value)}
+    if isinstance(value, tl.constexpr):
+        value = value.value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"unrecorded constexpr type {type(value).__name__}")
+
+
+def spec_of(fn, args, kwargs):
+    """The JSON record of one launch of the Python kernel function fn."""
+    params = list(inspect.signature(fn).parameters.values())
+    bound = dict(zip([p.name for p in params], args))
+    bound.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    record = {"kernel": f"{fn.__module__}.{fn.__qualname__}", "args": {}, "constexprs": {}, "options": {}}
+    for p in params:
+        if p.name not in bound:
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"{record['kernel']}: argument {p.name} not given")
+            value = p.default
+        else:
+            value = bound[p.name]
+        if p.name in constexprs:
+            record["constexprs"][p.name] = _constexpr_value(value)
+        else:
+            record["args"][p.name] = _arg_type(value)
+    for key in ("num_warps", "num_stages"):
+        if key in kwargs:
+            record["options"][key] = kwargs[key]
+    return record
+
+
+def install(path):
+    """Wraps the interpreter's launch so that each launch appends its specialization to path."""
+    global _installed
+    if _installed == path:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = getattr(InterpretedFunction.run, "_aefast_original", InterpretedFunction.run)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        line = json.dumps(spec_of(self.fn, args, kwargs), sort_keys=True)
+        with _lock, open(path, "a") as f:
+            f.write(line + "\n")
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    run._aefast_original = original
+    InterpretedFunction.run = run
+    _installed = path
+
+
+@contextlib.contextmanager
+def recording(path):
+    """Records the launches inside the block to path (whatever install() was done before)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    global _installed
+    saved, saved_path = InterpretedFunction.run, _installed
+    _installed = None
+    install(path)
+    try:
+        yield
+    finally:
+        InterpretedFunction.run, _installed = saved, saved_path
+
+
+def install_from_env():
+    path = os.environ.get(ENV)
+    if path and os.environ.get("TRITON_INTERPRET") == "1":
+        install(path)

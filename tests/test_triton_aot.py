@@ -1,0 +1,75 @@
+"""The Triton specialization recorder and the ahead-of-time compile check (scripts/check_triton_aot.py).
+
+A tiny fp16 encoder forward is recorded under the interpreter; the script then compiles that
+specialization with each GPU tile config for sm_80 and sm_90 (in a subprocess: the compile needs
+the real JIT functions, not the interpreter's) and must find tensor-core instructions, no spills and
+shared memory within limits.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import aefast
+import aefast.functional as AF
+from aefast import backend as _backend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def triton_interpreter():
+    ok, why = _backend.availability()["triton"]
+    if not ok or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(why if not ok else "records under the interpreter only")
+    from aefast.triton import _specs
+    return _specs
+
+
+def _record_encoder_forward(specs, path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 6, 5, generator=g).half()
+    w = torch.randn(4, 3, 3, 3, generator=g).half()
+    with specs.recording(path), aefast.set_backend("triton"):
+        AF.conv_pool2d(x, w, None, 1, 1, "relu", 2, index_format="window")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_recorder_writes_the_launched_specialization(triton_interpreter, tmp_path):
+    path = tmp_path / "specs.jsonl"
+    records = _record_encoder_forward(triton_interpreter, path)
+    fwd = [r for r in records if r["kernel"] == "aefast.triton.conv_pool._conv_pool_fwd_kernel"]
+    assert len(fwd) == 1, records
+    spec = fwd[0]
+    assert spec["args"]["x_ptr"] == "*fp16" and spec["args"]["win_ptr"] == "*u8" and spec["args"]["M"] == "i32"
+    c = spec["constexprs"]
+    assert (c["KH"], c["KW"], c["PKH"], c["PKW"], c["NW"], c["ACT"], c["HAS_BIAS"]) == (3, 3, 2, 2, 4, 1, False)
+    assert c["ACC"] == {"tl_dtype": "fp32"} and c["DOT"] is True and c["CIN_INNER"] is False
+    assert {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(c) and "num_warps" in spec["options"]
+    # recording stops with the block
+    AF.conv_pool2d(torch.randn(1, 3, 6, 5).half(), torch.randn(4, 3, 3, 3).half(), None, 1, 1, "relu", 2)
+    assert len(path.read_text().splitlines()) == len(records)
+
+
+def test_aot_script_compiles_the_recorded_encoder_for_sm80_and_sm90(triton_interpreter, tmp_path):
+    path = tmp_path / "specs.jsonl"
+    _record_encoder_forward(triton_interpreter, path)
+    out = tmp_path / "aot.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_triton_aot.py"), "--specs", str(path),
+                           "--out", str(out), "--jobs", "1"], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| _conv_pool_fwd_kernel |")]
+    from aefast.triton.conv_pool import GPU_CONFIGS
+    assert len(rows) == 2 * len(GPU_CONFIGS["_conv_pool_fwd_kernel"])  # every GPU config, two archs
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        kernel, dtype, arch, config, regs, spills, shared, tc, problems = cells
+        assert dtype == "fp16" and problems == "ok" and spills == "0" and int(regs) <= 255
+        assert tc == ("mma" if arch == "sm_80" else "wgmma") or (arch == "sm_90" and tc == "mma")
