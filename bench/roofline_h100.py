@@ -78,7 +78,7 @@ ASSUMPTIONS = [
     "work on both sides, or a few microseconds); the first encoder layer needs no dgrad on either side.",
 ]
 
-# The decoder kernels' autotune lists (aefast/triton/unpool_deconv.py, GPU_CONFIGS), inlined so that
+# The decoder kernels' autotune lists (aefast/triton/unpool_deconv.py, TILES), inlined so that
 # this script needs neither triton nor the built extension (a test keeps them equal).
 GPU_CONFIGS = {
     "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),

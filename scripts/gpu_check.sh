@@ -10,8 +10,9 @@
 #   wheels        test packages missing from the image (expecttest) from gpu_wheels/ (made here by
 #                 scripts/fetch_gpu_wheels.sh), pip --no-index --no-deps into a private folder
 #   build         pip install -e with editable.rebuild=false (no rebuild at import), its own build dir
-#                 build/gpu-cuda, CMAKE_CUDA_ARCHITECTURES=90. Dry run: the same build as a wheel into
-#                 build/gpu-check-cpu (installing it would rewire the developer's editable install).
+#                 build/gpu-cuda, CMAKE_CUDA_ARCHITECTURES=90. Dry run: the same build as a wheel, in
+#                 the editable install's build dir (incremental), not installed (that would rewire
+#                 the developer's editable install).
 #                 A failed build skips every GPU step (said so in the summary).
 #   bench-fp32, bench-bf16     bench/suite on CUDA, aefast against eager (cudnn.benchmark=True),
 #                 time-capped: the figures come back even if the tests below fail or hang
@@ -138,8 +139,11 @@ fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if [ "$DRY" = 1 ]; then
   mkdir -p "$WORK/wheel"
+  # The editable install's own build dir: the same flags, so only what changed rebuilds (CI ran a
+  # full second build in a dir of its own: ~4 min quiet, 16 min loaded), and the wheel is built, not
+  # installed, so the editable install stays as it was.
   step build 1200 "$PY" -m pip wheel --no-build-isolation --no-deps -v . -w "$WORK/wheel" \
-    -Cbuild-dir=build/gpu-check-cpu && BUILD_OK=1
+    "-Cbuild-dir=build/{wheel_tag}" && BUILD_OK=1
 else
   step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
     -Cbuild-dir=build/gpu-cuda -Ceditable.rebuild=false -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \

@@ -827,7 +827,7 @@ def test_roofline_model_uses_the_kernels_tile_list():
     for kernel in ("fwd", "dgrad", "wgrad"):
         gpu = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
                for c in kernels._gemm_configs(False, kernel)]
-        assert roofline.GPU_CONFIGS[kernel] == gpu == kernels.GPU_CONFIGS[kernel]
+        assert roofline.GPU_CONFIGS[kernel] == gpu == kernels.TILES[kernel]
     assert roofline.PACK_K_BELOW == kernels.PACK_K_BELOW
     assert roofline.WGRAD_TARGET_PROGRAMS == kernels.WGRAD_TARGET_PROGRAMS
     assert roofline.WGRAD_MIN_CHUNK == kernels.WGRAD_MIN_CHUNK

@@ -65,7 +65,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # accumulator elements (16 for dgrad, whose epilogue gathers the indices in the accumulator's
 # layout); 128x128 tiles and 4-warp 128-row tiles spilled up to 1.9 KB. Narrow N serves few output
 # channels (Cout = 3 pads to the MMA's n8, not to 64); BLOCK_K 16 serves few channels per tap.
-GPU_CONFIGS = {
+TILES = {
     "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
             (64, 16, 16, 4, 3), (64, 8, 16, 4, 3)],
     "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 16, 32, 4, 3)],
@@ -80,7 +80,14 @@ def _gemm_configs(interpreting: bool, kernel: str = "fwd"):
     if interpreting:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-            for m, n, k, w, st in GPU_CONFIGS[kernel]]
+            for m, n, k, w, st in TILES[kernel]]
+
+
+# What scripts/check_triton_aot.py compiles ahead of time: each autotuned kernel with every tile the
+# autotuner may pick on a GPU, and the kernels that have no GEMM (no tensor-core instruction expected).
+GPU_CONFIGS = {"_forward_kernel": _gemm_configs(False, "fwd"), "_dgrad_kernel": _gemm_configs(False, "dgrad"),
+               "_wgrad_kernel": _gemm_configs(False, "wgrad")}
+NO_TENSOR_CORE_KERNELS = {"_gpre_kernel", "_claim_kernel", "_unpool_write_kernel", "_unpool_grad_kernel"}
 
 
 @triton.jit
