@@ -321,8 +321,8 @@ def unfused_reasons(unfused):
 
 
 def mode_reports(model):
-    """{training: (rewrites, unfused)} of optimize()'s rewriter in each mode, for a model that has
-    not been optimized. optimize() publishes the unfused sites of the training-mode graph only, so
+    """{training: (rewrites, unfused)} of optimize()'s rewriter in each mode (with
+    batch_norm_training=True), for a model that has not been optimized. optimize() publishes the unfused sites of the training-mode graph only, so
     this runs its per-mode tracing and rewriter (aefast.optimize's private helpers) on a copy."""
     import copy
     import importlib
@@ -332,7 +332,7 @@ def mode_reports(model):
     model = copy.deepcopy(model)
     reports = {}
     for training, graph_module in O._trace_per_mode(model).items():
-        rewriter = O._Rewriter(model, graph_module.graph, training)
+        rewriter = O._Rewriter(model, graph_module.graph, training, batch_norm_training=True)
         rewriter.run()
         reports[training] = (rewriter.report, rewriter.unfused_sites())
     return reports
