@@ -315,6 +315,29 @@ def _check_corruption_values(kind, level, low, high):
     return kind, float(level), float(low), float(high)
 
 
+def _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation, negative_slope,
+                          index_format):
+    """The checks every conv -> [BN] -> act -> pool block shares; (stride, padding, pool, conv output hw)."""
+    _check_activation(activation, negative_slope)
+    _check_index_format(index_format)
+    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
+    k_pool = pair(pool_size, "pool_size", minimum=1)
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(f"aefast: input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} "
+                         f"expects {weight.shape[1]} (weight is (C_out, C_in, kH, kW))")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"aefast: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    conv_hw = _conv_out_hw(input.shape[-2:], weight.shape[-2:], s, p)
+    if min(conv_hw) < 1:
+        raise ValueError(f"aefast: the conv kernel {tuple(weight.shape[-2:])} is larger than the padded input "
+                         f"{tuple(input.shape[-2:])} (padding={p})")
+    if conv_hw[0] < k_pool[0] or conv_hw[1] < k_pool[1]:
+        raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
+    if index_format == "window" and k_pool[0] * k_pool[1] > 255:
+        raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
+    return s, p, k_pool, conv_hw
+
+
 def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu", pool_size=2,
                 return_indices=True, index_format="flat", *, negative_slope=0.01, corruption=None, generator=None):
     """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, return_indices=True)
@@ -347,23 +370,8 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
     _check_float_inputs(input=input, weight=weight, bias=bias)
     check_tensor(input, "input", dims=(4,))
     check_tensor(weight, "weight", dims=(4,))
-    _check_activation(activation, negative_slope)
-    _check_index_format(index_format)
-    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
-    k_pool = pair(pool_size, "pool_size", minimum=1)
-    if input.shape[1] != weight.shape[1]:
-        raise ValueError(f"aefast: input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} "
-                         f"expects {weight.shape[1]} (weight is (C_out, C_in, kH, kW))")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"aefast: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    conv_hw = _conv_out_hw(input.shape[-2:], weight.shape[-2:], s, p)
-    if min(conv_hw) < 1:
-        raise ValueError(f"aefast: the conv kernel {tuple(weight.shape[-2:])} is larger than the padded input "
-                         f"{tuple(input.shape[-2:])} (padding={p})")
-    if conv_hw[0] < k_pool[0] or conv_hw[1] < k_pool[1]:
-        raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
-    if index_format == "window" and k_pool[0] * k_pool[1] > 255:
-        raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
+    s, p, k_pool, conv_hw = _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation,
+                                                  negative_slope, index_format)
     backend = choose("conv_pool2d_forward", input.device)
     if backend == "reference":
         out = ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
@@ -898,23 +906,8 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
         w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         return conv_pool2d(input, w, b, stride, padding, activation, pool_size, return_indices, index_format,
                            negative_slope=negative_slope)
-    _check_activation(activation, negative_slope)
-    _check_index_format(index_format)
-    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
-    k_pool = pair(pool_size, "pool_size", minimum=1)
-    if input.shape[1] != weight.shape[1]:
-        raise ValueError(f"aefast: input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} "
-                         f"expects {weight.shape[1]} (weight is (C_out, C_in, kH, kW))")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"aefast: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    conv_hw = _conv_out_hw(input.shape[-2:], weight.shape[-2:], s, p)
-    if min(conv_hw) < 1:
-        raise ValueError(f"aefast: the conv kernel {tuple(weight.shape[-2:])} is larger than the padded input "
-                         f"{tuple(input.shape[-2:])} (padding={p})")
-    if conv_hw[0] < k_pool[0] or conv_hw[1] < k_pool[1]:
-        raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
-    if index_format == "window" and k_pool[0] * k_pool[1] > 255:
-        raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
+    s, p, k_pool, conv_hw = _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation,
+                                                  negative_slope, index_format)
     count = input.shape[0] * conv_hw[0] * conv_hw[1]
     if count <= 1:
         raise ValueError(f"aefast: expected more than 1 value per channel when training, got conv output of shape "
