@@ -13,35 +13,24 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _harness as H  # noqa: E402
+from architectures import IndicesConvAE  # noqa: E402
 
 import aefast  # noqa: E402
 
 
-class TutorialConvAE(nn.Module):
-    """Conv → ReLU → MaxPool(indices) twice, then MaxUnpool → ConvTranspose → ReLU/Sigmoid."""
+class TutorialConvAE(IndicesConvAE):
+    """Conv → ReLU → MaxPool(indices) twice, then MaxUnpool → ConvTranspose → ReLU/Sigmoid, with the
+    loss inside forward (bench/architectures.py's IndicesConvAE otherwise)."""
 
     def __init__(self, in_channels=1, channels=(32, 64)):
-        super().__init__()
-        c1, c2 = channels
-        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.pool = nn.MaxPool2d(2, return_indices=True)
-        self.unpool = nn.MaxUnpool2d(2)
-        self.deconv2 = nn.ConvTranspose2d(c2, c1, 3, padding=1)
-        self.deconv1 = nn.ConvTranspose2d(c1, in_channels, 3, padding=1)
+        super().__init__(in_channels, channels)
 
     def forward(self, x):
-        h1 = F.relu(self.conv1(x))
-        p1, i1 = self.pool(h1)
-        h2 = F.relu(self.conv2(p1))
-        p2, i2 = self.pool(h2)
-        d2 = F.relu(self.deconv2(self.unpool(p2, i2, output_size=h2.shape[-2:])))
-        out = torch.sigmoid(self.deconv1(self.unpool(d2, i1, output_size=h1.shape[-2:])))
+        out = super().forward(x)
         return out, F.mse_loss(out, x)
 
 

@@ -21,6 +21,11 @@ from aefast import backend as _backend  # noqa: E402
 
 HAS_CUDA_BACKEND = _backend.availability()["cuda"][0]
 
+# Under pytest-xdist (`./dev test` runs two workers) each worker gets its share of the cores,
+# so the workers do not oversubscribe them. Tests that exercise thread counts set their own.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def backend_device(name: str) -> str:
     """The device a backend's tests put their tensors on."""
@@ -100,3 +105,19 @@ TOLERANCES = {
     torch.float16: dict(rtol=1e-2, atol=1e-2),
     torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
 }
+
+
+@pytest.fixture
+def index_checks(monkeypatch):
+    """Counts the one-pass index checks (aefast::first_bad_unpool_index) that run."""
+    from aefast.ops import unpool_deconv as unpool_ops
+
+    calls = []
+    real = unpool_ops.first_bad_index
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unpool_ops, "first_bad_index", counted)
+    return calls

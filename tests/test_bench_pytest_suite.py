@@ -21,7 +21,10 @@ MODELS = {"ConvAutoencoder", "ConvDenoisingAutoencoder", "SegNetAutoencoder", "C
 
 
 def _run_suite(tmp_path, *args, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    # Not the xdist worker's variables: pytest-benchmark would take the child for a worker and
+    # disable itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("AEFAST_BENCH_OUT", None)
     cmd = [sys.executable, "-m", "pytest", "bench/suite", "--quick", "--rounds", "1",
            "--compile-backend", "aot_eager", "--bench-out", str(tmp_path), "-q", *args]

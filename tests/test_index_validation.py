@@ -7,20 +7,6 @@ import torch.nn.functional as F
 import aefast
 import aefast.functional as AF
 from aefast import validation
-from aefast.ops import unpool_deconv as _unpool_ops
-
-
-@pytest.fixture
-def index_checks(monkeypatch):
-    calls = []
-    real = _unpool_ops.first_bad_index
-
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_unpool_ops, "first_bad_index", counted)
-    return calls
 
 
 def _decoder_case():

@@ -18,7 +18,6 @@ import aefast.functional as AF
 from aefast import backend as _backend
 from aefast import validation
 from aefast._extension import BUILD_INFO
-from aefast.ops import unpool_deconv as _unpool_ops
 
 
 # A CPU-only torch has no CUDA device guard, and autograd asks one for the stream of every CUDA
@@ -108,20 +107,6 @@ class _FakeCudaGenerator:
 
     def set_offset(self, offset):
         self.offset = offset
-
-
-@pytest.fixture
-def index_checks(monkeypatch):
-    """Counts the one-pass index checks (aefast::first_bad_unpool_index) that run."""
-    calls = []
-    real = _unpool_ops.first_bad_index
-
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_unpool_ops, "first_bad_index", counted)
-    return calls
 
 
 @pytest.fixture(params=["cuda", "triton"])
