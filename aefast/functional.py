@@ -301,11 +301,11 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
     input, weight, bias = _autocast_lower(input, weight, bias)
     check_tensor(input, "input", dims=(4,))
     _check_activation(activation, negative_slope)
+    if groups != 1:  # before the shape checks, which would name a grouped weight's channels
+        raise ValueError(f"aefast: conv_transpose_act2d supports groups=1 only, got groups={groups!r}; use "
+                         "torch.nn.functional.conv_transpose2d and the activation for grouped transposed convs")
     device, (s, p, op, d), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups,
                                                      dilation)
-    if groups != 1:
-        raise ValueError(f"aefast: conv_transpose_act2d supports groups=1 only, got groups={groups}; use "
-                         "torch.nn.functional.conv_transpose2d and the activation for grouped transposed convs")
     if d != (1, 1):
         raise ValueError(f"aefast: conv_transpose_act2d supports dilation=1 only, got dilation={d}; use "
                          "torch.nn.functional.conv_transpose2d and the activation for dilated transposed convs")
