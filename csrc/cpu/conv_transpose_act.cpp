@@ -2,18 +2,21 @@
 //   out = act(conv_transpose2d(input, W, b, stride, padding, output_padding))
 // (math and the executor-generic form shared with CUDA: aefast/conv_transpose_act_host.h).
 //
-// The multiply-adds are oneDNN's (at::convolution / at::convolution_backward, transposed, no bias).
-// aefast adds the two memory-bound passes around them, each one read and one write of the
-// output-sized map where eager needs two or three:
-//   forward   out = act(round(y + b[c])) in place on the vendor's output y (pre kept for
-//             leaky_relu / gelu / silu), where eager writes y + b, then reads it for act;
+// The multiply-adds are oneDNN's (at::convolution / at::convolution_backward, transposed), and the
+// bias rides in oneDNN's forward primitive (its epilogue, in registers: no pass of its own, unlike
+// on CUDA where ATen adds cuDNN's bias in a separate pass, so the CUDA kernels add it in theirs).
+// One memory-bound pass each way around them:
+//   forward   out = act(y) on the vendor's output y, by ATen's vectorised activation kernels: in
+//             place (relu, sigmoid, tanh), or into a new out with y kept as the saved
+//             pre-activation (leaky_relu, gelu, silu); none: no pass;
 //   backward  gpre = grad_out * act'(out or pre) and, in the same pass, each (n, c) plane's sum of
-//             gpre (grad_b's partials), where eager runs the activation backward, then reads gpre
-//             again for the bias sum; gpre then feeds at::convolution_backward.
-// Both passes are parallel over (n, c) planes with the activation a compile-time constant (the
-// relu / leaky_relu / none loops vectorise). grad_b[c] = sum over n of the plane sums in n order,
-// and a plane sum runs in 16 fixed lanes: the result depends on the shapes only, never on the
-// number of threads.
+//             gpre (grad_b's partials), parallel over planes, the activation a compile-time
+//             constant (relu / leaky_relu / sigmoid / tanh derivatives are polynomial and the loop
+//             vectorises); gpre then feeds at::convolution_backward for grad_input and grad_W.
+//             gelu and silu, whose derivatives need erf / exp (scalar here), take ATen's vectorised
+//             gelu_backward / silu_backward instead, and oneDNN's backward sums grad_b.
+// grad_b[c] = sum over n of the plane sums in n order, and a plane sum runs in 16 fixed lanes: the
+// result depends on the shapes only, never on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -58,30 +61,6 @@ void with_activation(DecoderAct act, F&& f) {
   }
 }
 
-// out[p] = act(round(out[p] + b)) (pre[p] = round(out[p] + b) if pre) over one plane.
-template <DecoderAct A, bool HasBias, bool StorePre, typename scalar_t, typename acc_t>
-inline void bias_act_plane(scalar_t* __restrict__ out, scalar_t* __restrict__ pre, acc_t b, int64_t n, acc_t slope) {
-  for (int64_t i = 0; i < n; ++i) {
-    acc_t v = static_cast<acc_t>(out[i]);
-    if constexpr (HasBias) v = static_cast<acc_t>(static_cast<scalar_t>(v + b));
-    if constexpr (StorePre) pre[i] = static_cast<scalar_t>(v);
-    out[i] = static_cast<scalar_t>(act_forward<acc_t>(v, A, slope));
-  }
-}
-
-template <DecoderAct A, bool HasBias, bool StorePre, typename scalar_t>
-void bias_act_planes(scalar_t* out, scalar_t* pre, const scalar_t* bias, int64_t planes, int64_t channels,
-                     int64_t plane, double negative_slope) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t slope = static_cast<acc_t>(negative_slope);
-  at::parallel_for(0, planes, plane_grain(plane), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const acc_t b = HasBias ? static_cast<acc_t>(bias[p % channels]) : acc_t(0);
-      bias_act_plane<A, HasBias, StorePre>(out + p * plane, StorePre ? pre + p * plane : nullptr, b, plane, slope);
-    }
-  });
-}
-
 // gpre[i] = round(g[i] * act'(a[i])) over one plane; returns the plane's sum of the rounded gpre,
 // in kSumLanes fixed lanes (vectorisable, and a shorter error chain than one running sum).
 template <DecoderAct A, typename scalar_t, typename acc_t>
@@ -117,24 +96,26 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
   check_same_device("conv_transpose_act2d", {&input, &weight}, bias);
   conv_transpose_act_check(input, weight, bias, stride, padding, output_padding);
   const DecoderAct act = conv_transpose_act_parse(activation);
-  at::Tensor out = conv_transpose_no_bias(input, weight, stride, padding, output_padding);
-  const bool store_pre = act_needs_preactivation(act);
-  at::Tensor pre = store_pre ? at::empty_like(out) : out.new_empty({0});
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  if (out.numel() == 0 || (act == DecoderAct::None && !b.defined())) return {out, pre};
-  const int64_t channels = out.size(1), plane = out.size(2) * out.size(3), planes = out.size(0) * channels;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_transpose_act2d_cpu", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    scalar_t* q = store_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    with_activation(act, [&]<DecoderAct A>() {
-      if (bp && store_pre) bias_act_planes<A, true, true>(o, q, bp, planes, channels, plane, negative_slope);
-      else if (bp) bias_act_planes<A, true, false>(o, q, bp, planes, channels, plane, negative_slope);
-      else if (store_pre) bias_act_planes<A, false, true>(o, q, bp, planes, channels, plane, negative_slope);
-      else bias_act_planes<A, false, false>(o, q, bp, planes, channels, plane, negative_slope);
-    });
-  });
-  return {out, pre};
+  // The bias goes into oneDNN's primitive (its own epilogue, in registers), so pre = y comes out
+  // rounded once, as eager's; then one activation pass, ATen's vectorised kernel: in place, or,
+  // when the backward needs pre, from y into a fresh out (y is kept as pre, nothing is copied).
+  const std::array<int64_t, 2> dilation{1, 1};
+  const std::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  at::Tensor y = at::convolution(input.contiguous(), weight.contiguous(), b, stride, padding, dilation,
+                                       /*transposed=*/true, output_padding, /*groups=*/1)
+                           .contiguous();
+  const at::Tensor empty = y.new_empty({0});
+  switch (act) {
+    case DecoderAct::None: return {y, empty};
+    case DecoderAct::Relu: return {at::relu_(y), empty};
+    case DecoderAct::Sigmoid: return {at::sigmoid_(y), empty};
+    case DecoderAct::Tanh: return {at::tanh_(y), empty};
+    case DecoderAct::LeakyRelu: return {at::leaky_relu(y, negative_slope), y};
+    case DecoderAct::Gelu: return {at::gelu(y), y};
+    case DecoderAct::Silu: return {at::silu(y), y};
+  }
+  TORCH_CHECK(false, "aefast::conv_transpose_act2d: unhandled activation");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu(
@@ -143,9 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
     std::optional<c10::string_view> activation, double negative_slope, std::array<bool, 3> output_mask) {
   check_same_device("conv_transpose_act2d_backward", {&grad_out, &act_input, &input, &weight});
   const DecoderAct act = conv_transpose_act_parse(activation);
-  if (act == DecoderAct::None) {  // no gpre pass to fuse the bias sum into: ATen's reduction does it
-    return conv_transpose_act2d_backward_op<CpuLoopExec>(grad_out, act_input, input, weight, stride, padding,
-                                                       output_padding, activation, negative_slope, output_mask);
+  if (act == DecoderAct::None || act == DecoderAct::Gelu || act == DecoderAct::Silu) {
+    // No pass of ours (none) or ATen's vectorised one (gelu, silu); the vendor's backward sums grad_b.
+    const at::Tensor gpre = act == DecoderAct::None ? grad_out
+                            : act == DecoderAct::Gelu ? at::gelu_backward(grad_out, act_input)
+                                                      : at::silu_backward(grad_out, act_input);
+    return conv_transpose_act2d_backward_op<CpuLoopExec>(gpre, gpre, input, weight, stride, padding, output_padding,
+                                                         std::nullopt, 0.0, output_mask);
   }
   conv_transpose_act_check(input, weight, std::nullopt, stride, padding, output_padding);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == input.size(0) && grad_out.size(1) == weight.size(1) &&
