@@ -332,3 +332,66 @@ def test_fuzz_triton_against_reference(c):
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
     for a, e in zip(got_grads, want_grads):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()))
+
+
+# ---------------------------------------------------------------- aefast.optimize's upsampler rewrite
+
+class Upsamplers(torch.nn.Module):
+    """ConvTranspose2d -> BatchNorm2d -> LeakyReLU, a plain one -> ReLU whose input is also read by
+    a residual add (so only the conv is fused), a grouped one and one called with output_size (both
+    left), an nn.Upsample (left)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.up_bn = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.LeakyReLU(0.2)
+        self.up_shared = nn.ConvTranspose2d(6, 6, 2, stride=2)
+        self.up_grouped = nn.ConvTranspose2d(6, 6, 2, stride=2, groups=2)
+        self.up_sized = nn.ConvTranspose2d(6, 2, 3, stride=2, padding=1)
+        self.resize = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.up_bn(x)))
+        u = self.up_shared(h)
+        h = torch.relu(u) + 0.5 * u
+        h = self.up_grouped(h)
+        h = self.up_sized(h, output_size=[2 * h.shape[-2], 2 * h.shape[-1]])
+        return self.resize(h)
+
+
+def test_optimize_fuses_upsamplers_and_reports_the_rest():
+    import copy
+
+    torch.manual_seed(0)
+    original = Upsamplers()
+    with torch.no_grad():
+        original.bn.running_mean.uniform_(-0.5, 0.5)
+        original.bn.running_var.uniform_(0.5, 2.0)
+        original.bn.weight.uniform_(0.5, 1.5)
+        original.bn.bias.uniform_(-0.5, 0.5)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    train = [r for r in model.aefast_rewrites if not r.startswith("(eval mode)")]
+    assert train == ["conv_transpose_act2d <- up_bn (ConvTranspose2d, stride (2, 2)) -> no activation (bn, "
+                     "BatchNorm2d with batch statistics, and what follows it stay in eager)",
+                     "conv_transpose_act2d <- up_shared (ConvTranspose2d, stride (2, 2)) -> no activation"]
+    assert ("(eval mode) conv_transpose_act2d <- up_bn (ConvTranspose2d, stride (2, 2)) -> bn (BatchNorm2d folded, "
+            "eval mode) -> leaky_relu") in model.aefast_rewrites
+    unfused = "\n".join(model.aefast_unfused)
+    assert len(model.aefast_unfused) == 3, model.aefast_unfused
+    assert "upsampler at up_grouped: ConvTranspose2d with groups or dilation != 1" in unfused
+    assert "upsampler at up_sized: ConvTranspose2d" in unfused and "output_size" in unfused
+    assert "upsampler at resize: nn.Upsample / F.interpolate: no fused form" in unfused
+    x = torch.randn(2, 4, 3, 5)
+    for training in (True, True, False):
+        original.train(training), model.train(training)
+        original.zero_grad(), model.zero_grad()
+        want, got = original(x), model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want.square().sum().backward()
+        got.square().sum().backward()
+        for (name, p), q in zip(original.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
+        for (name, b), c in zip(original.named_buffers(), model.buffers()):
+            torch.testing.assert_close(c, b, msg=name)
