@@ -391,10 +391,15 @@ class _Rewriter:
         self.erase(end, last if act else None, conv_node if bn is not None else None, unpool)
         kind = "ConvTranspose2d" if deconv is not None else "Conv2d as its transposed twin"
         self.report.append(f"unpool_conv_transpose2d <- max_unpool2d{kernel} -> {conv_node.target} ({kind}) -> "
-                           + (f"{bn_node.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
-                           + f"{act[0] if act else 'no activation'}"
-                           + (f" ({batch_bn.target}, BatchNorm2d with batch statistics, and what follows it stay in "
-                              "eager)" if batch_bn is not None else ""))
+                           + self.epilogue_text(bn_node, bn, batch_bn, act))
+
+    @staticmethod
+    def epilogue_text(bn_node, bn, batch_bn, act):
+        """The report's words for what a decoder conv fused after it (see conv_epilogue)."""
+        return ((f"{bn_node.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
+                + f"{act[0] if act else 'no activation'}"
+                + (f" ({batch_bn.target}, BatchNorm2d with batch statistics, and what follows it stay in eager)"
+                   if batch_bn is not None else ""))
 
     def conv_epilogue(self, conv_node):
         """What a decoder conv's output feeds, for fusing: (bn_node, eval BN module or None, the
@@ -437,11 +442,7 @@ class _Rewriter:
         end.replace_all_uses_with(fused)
         self.erase(end, last if act else None, conv_node if bn is not None else None)
         self.report.append(f"conv_transpose_act2d <- {conv_node.target} (ConvTranspose2d, stride "
-                           f"{_pair(deconv.stride)}) -> "
-                           + (f"{bn_node.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
-                           + f"{act[0] if act else 'no activation'}"
-                           + (f" ({batch_bn.target}, BatchNorm2d with batch statistics, and what follows it stay in "
-                              "eager)" if batch_bn is not None else ""))
+                           f"{_pair(deconv.stride)}) -> " + self.epilogue_text(bn_node, bn, batch_bn, act))
 
     # -- losses
     def loss(self, node):
