@@ -35,7 +35,7 @@ constexpr int64_t kEpilogueGrain = 32768;  // elements per parallel task, at lea
 constexpr int kSumLanes = 16;
 
 // An executor for the shared op (aefast/conv_transpose_act_host.h), used where there is no pass
-// of ours to specialise: the backward without activation.
+// of ours to specialise: the backward without activation, or after ATen's gelu / silu gradient.
 struct CpuLoopExec {
   template <class Body>
   static void for_each(const Body& body, int64_t n) {

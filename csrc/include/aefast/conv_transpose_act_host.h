@@ -53,7 +53,8 @@ inline void conv_transpose_act_check(const at::Tensor& input, const at::Tensor& 
               "aefast::conv_transpose_act2d: weight (C_in, C_out, kH, kW) does not match the input's channels");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2,
               "aefast::conv_transpose_act2d: stride, padding and output_padding need two entries each");
-  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "aefast::conv_transpose_act2d: input and weight dtypes differ");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(),
+              "aefast::conv_transpose_act2d: input and weight dtypes differ");
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(1) && bias->scalar_type() == input.scalar_type(),
                 "aefast::conv_transpose_act2d: bias must be (C_out,) of the input's dtype");
@@ -144,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_op(
   }
   const std::array<int64_t, 2> dilation{1, 1};
   const std::array<int64_t, 1> bias_sizes{weight.size(1)};
-  auto [gi, gw, gb] = at::convolution_backward(gpre.contiguous(), input.contiguous(), weight.contiguous(), c10::IntArrayRef(bias_sizes), stride, padding,
-                                               dilation, /*transposed=*/true, output_padding, /*groups=*/1,
-                                               output_mask);
+  auto [gi, gw, gb] = at::convolution_backward(gpre.contiguous(), input.contiguous(), weight.contiguous(),
+                                               c10::IntArrayRef(bias_sizes), stride, padding, dilation,
+                                               /*transposed=*/true, output_padding, /*groups=*/1, output_mask);
   // The schema returns all three; an unrequested one is zeros of its shape.
   gi = gi.defined() ? gi.contiguous() : at::zeros_like(input, at::MemoryFormat::Contiguous);
   gw = gw.defined() ? gw.contiguous() : at::zeros_like(weight, at::MemoryFormat::Contiguous);
