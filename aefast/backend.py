@@ -36,7 +36,8 @@ DEFAULT_BACKENDS = {
 OP_FAMILIES = {
     "conv_pool2d_forward": "conv_pool", "conv_pool2d_backward": "conv_pool", "conv_pool2d": "conv_pool",
     "unpool_conv_transpose2d": "unpool_deconv", "unpool_conv_transpose2d_backward": "unpool_deconv",
-    "conv_transpose2d": "unpool_deconv",
+    "conv_transpose2d": "unpool_deconv", "conv_transpose_act2d": "unpool_deconv",
+    "conv_transpose_act2d_backward": "unpool_deconv",
     "max_pool2d_forward": "pooling", "max_pool2d_backward": "pooling", "max_unpool2d": "pooling",
     "max_unpool2d_backward": "pooling", "flat_to_window": "pooling", "window_to_flat": "pooling",
 }

@@ -694,8 +694,8 @@ def _add_resume(p):
                    help="stop after N optimizer steps in total, checkpointing there (resume later)")
 
 
-BENCH_SUITES = ("conv_pool", "conv_bn_pool", "unpool_deconv", "recon_loss", "optimize", "optimize_architectures",
-                "training")
+BENCH_SUITES = ("conv_pool", "conv_bn_pool", "unpool_deconv", "conv_transpose_act", "recon_loss", "optimize",
+                "optimize_architectures", "training")
 
 
 def _cmd_bench(args) -> int:

@@ -15,6 +15,7 @@ from aefast import backend as _backend_module
 from aefast import validation as _validation
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
+from aefast.ops import conv_transpose_act as _conv_transpose_act
 from aefast.ops import unpool_deconv as _unpool_deconv
 from aefast.ops import recon_loss as _recon_loss_ops
 from aefast.ops._dispatch import choose
@@ -284,6 +285,35 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     y = _unpool_deconv.unpool_conv_transpose2d(backend, x, offsets, weight, bias, (1, 1), tuple(x.shape[-2:]), s, p,
                                                op, None, 0.01)
     return y.contiguous(memory_format=ref._memory_format(input)) if input.dim() == 4 else y.squeeze(0)
+
+
+def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                         activation=None, *, negative_slope=0.01):
+    """act(conv_transpose2d(input, weight, bias, stride, padding, output_padding)), fused: the
+    decoder's upsampler without unpool (a U-Net's or VAE's stride-2 ConvTranspose2d -> act).
+
+    The transposed conv runs on the vendor's kernels (oneDNN on CPU, cuDNN on CUDA) and bias ->
+    activation on its output in one pass; the backward makes the activation's gradient in one pass
+    and hands it to the vendor's convolution backward. ``groups`` and ``dilation`` are accepted for
+    torch's signature and must be 1. Input is (N, C_in, H, W), weight (C_in, C_out, kH, kW) as
+    ConvTranspose2d's; a BatchNorm2d in eval mode is folded into weight and bias by the caller
+    (aefast.optimize does)."""
+    input, weight, bias = _autocast_lower(input, weight, bias)
+    check_tensor(input, "input", dims=(4,))
+    _check_activation(activation, negative_slope)
+    if groups != 1:  # before the shape checks, which would name a grouped weight's channels
+        raise ValueError(f"aefast: conv_transpose_act2d supports groups=1 only, got groups={groups!r}; use "
+                         "torch.nn.functional.conv_transpose2d and the activation for grouped transposed convs")
+    device, (s, p, op, d), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups,
+                                                     dilation)
+    if d != (1, 1):
+        raise ValueError(f"aefast: conv_transpose_act2d supports dilation=1 only, got dilation={d}; use "
+                         "torch.nn.functional.conv_transpose2d and the activation for dilated transposed convs")
+    backend = choose("conv_transpose_act2d", device)
+    if backend == "reference":
+        return ref.conv_transpose_act2d(input, weight, bias, s, p, op, activation, negative_slope=negative_slope)
+    out = _conv_transpose_act.conv_transpose_act2d(backend, input, weight, bias, s, p, op, activation, negative_slope)
+    return _channels_last_like(out, input)
 
 
 # ================================================================ fused blocks

@@ -8,6 +8,11 @@ answered from the input's shape):
   max-unpool → ConvTranspose2d, or a stride-1 Conv2d (SegNet's decoder), → [BatchNorm2d, eval mode]
       → [activation] becomes ``unpool_conv_transpose2d``. A stride-1 conv with padding p is the
       transposed conv of the weight transposed in (in, out) and flipped in space, with padding K-1-p;
+  an upsampler without unpool, ConvTranspose2d with stride > 1 (U-Net, FCN, VAE and tutorial
+      decoders), → [BatchNorm2d, eval mode] → [activation] becomes ``conv_transpose_act2d``;
+  in both decoder forms, a BatchNorm2d that normalises with batch statistics (training mode) after
+      the conv stays in eager with what follows it, and the (unpool →) conv before it is fused alone
+      (the unpooled map is still never built);
   F.mse_loss / l1_loss / huber_loss / binary_cross_entropy[_with_logits] (and their nn modules),
       without weights, become ``reconstruction_loss``. For a loss in the training loop rather than in
       ``forward``, see :func:`fused_losses`.
@@ -17,7 +22,7 @@ gradients reach them). In training mode it normalises with batch statistics: wit
 ``batch_norm_training=True`` (opt-in, as the fused block does not beat eager on CPU yet) a conv →
 BatchNorm2d → [activation] → max-pool site then becomes ``conv_bn_pool2d`` (through ``conv_bn_pool_with``, which
 reads the BatchNorm's mode, momentum and running statistics at each call as nn.BatchNorm2d does);
-a decoder's training-mode BatchNorm stays as it is and is reported.
+a decoder's training-mode BatchNorm stays as it is (in eager, after the fused conv).
 
 The model is traced once per mode (``model.training`` True and False), because tracing evaluates
 Python branches on ``self.training`` and would otherwise bake one mode in. The new forward picks the
@@ -366,17 +371,9 @@ class _Rewriter:
         else:
             stride, padding = _pair(deconv.stride), _pair(deconv.padding)
             output_padding = _pair(deconv.output_padding)
-        users = list(conv_node.users)
-        bn_node = users[0] if len(users) == 1 else None
-        bn = self.eval_batch_norm(bn_node) if bn_node is not None else None
-        if bn is None and bn_node is not None and type(self.module(bn_node)) is nn.BatchNorm2d:
-            self.unfused[unpool] = ("unpool -> conv -> BatchNorm2d in training mode: no fused BatchNorm decoder yet "
-                                    "(eval mode folds it)")
-            return
+        bn_node, bn, batch_bn, act = self.conv_epilogue(conv_node)
         last = bn_node if bn is not None else conv_node
-        users = list(last.users)
-        act = self.activation(users[0]) if len(users) == 1 else None
-        end = users[0] if act else last
+        end = act[3] if act else last
         with self.graph.inserting_before(end):
             out_dim = 1 if deconv is not None else 0
             if bn is not None:
@@ -394,8 +391,58 @@ class _Rewriter:
         self.erase(end, last if act else None, conv_node if bn is not None else None, unpool)
         kind = "ConvTranspose2d" if deconv is not None else "Conv2d as its transposed twin"
         self.report.append(f"unpool_conv_transpose2d <- max_unpool2d{kernel} -> {conv_node.target} ({kind}) -> "
-                           + (f"{bn_node.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
-                           + f"{act[0] if act else 'no activation'}")
+                           + self.epilogue_text(bn_node, bn, batch_bn, act))
+
+    @staticmethod
+    def epilogue_text(bn_node, bn, batch_bn, act):
+        """The report's words for what a decoder conv fused after it (see conv_epilogue)."""
+        return ((f"{bn_node.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
+                + f"{act[0] if act else 'no activation'}"
+                + (f" ({batch_bn.target}, BatchNorm2d with batch statistics, and what follows it stay in eager)"
+                   if batch_bn is not None else ""))
+
+    def conv_epilogue(self, conv_node):
+        """What a decoder conv's output feeds, for fusing: (bn_node, eval BN module or None, the
+        node of a BatchNorm2d that normalises with batch statistics or None, activation or None);
+        the activation is (name, negative_slope, input node, node). An eval-mode BatchNorm2d (folded
+        into the conv) and an activation are taken when each is its input's only user. A
+        batch-statistics BatchNorm2d (training mode) stays in eager, and so does what follows it:
+        the conv alone is fused, so the decoder's input is still never materialised unpooled."""
+        users = list(conv_node.users)
+        bn_node = users[0] if len(users) == 1 and self.module(users[0]) is not None else None
+        bn = self.eval_batch_norm(bn_node) if bn_node is not None else None
+        if bn is None and bn_node is not None and type(self.module(bn_node)) is nn.BatchNorm2d:
+            return None, None, bn_node, None
+        last = bn_node if bn is not None else conv_node
+        users = list(last.users)
+        act = self.activation(users[0]) if len(users) == 1 else None
+        return bn_node if bn is not None else None, bn, None, (*act, users[0]) if act else None
+
+    # -- upsampler: ConvTranspose2d (stride > 1, no unpool) → [BN] → act
+    def upsampler(self, conv_node):
+        mod = self.module(conv_node)
+        if not isinstance(mod, nn.ConvTranspose2d) or _pair(mod.stride) == (1, 1):
+            return
+        deconv = self.plain_conv(conv_node, nn.ConvTranspose2d)
+        if deconv is None:
+            self.unfused[conv_node] = ("ConvTranspose2d with groups or dilation != 1, a padding mode other than "
+                                       "zeros, a subclass, or called with output_size: conv_transpose_act2d covers "
+                                       "groups 1, dilation 1 and a fixed output_padding")
+            return
+        bn_node, bn, batch_bn, act = self.conv_epilogue(conv_node)
+        last = bn_node if bn is not None else conv_node
+        end = act[3] if act else last
+        with self.graph.inserting_before(end):
+            w, b = (self.folded_params(conv_node, deconv, bn_node, bn, 1) if bn is not None
+                    else self.params(conv_node, deconv))
+            fused = self.graph.call_function(
+                AF.conv_transpose_act2d, (conv_node.args[0], w, b, _pair(deconv.stride), _pair(deconv.padding),
+                                          _pair(deconv.output_padding)),
+                {"activation": act[0] if act else None, "negative_slope": act[1] if act else 0.01})
+        end.replace_all_uses_with(fused)
+        self.erase(end, last if act else None, conv_node if bn is not None else None)
+        self.report.append(f"conv_transpose_act2d <- {conv_node.target} (ConvTranspose2d, stride "
+                           f"{_pair(deconv.stride)}) -> " + self.epilogue_text(bn_node, bn, batch_bn, act))
 
     # -- losses
     def loss(self, node):
@@ -443,7 +490,7 @@ class _Rewriter:
             if kind is None:
                 continue
             if kind == "upsampler":
-                why = "an upsampler without unpool: no fused form yet"
+                why = self.unfused.get(node, "nn.Upsample / F.interpolate: no fused form")
             elif kind == "max_unpool2d":
                 why = self.unfused.get(node, "not followed by a ConvTranspose2d or a stride-1 Conv2d")
             else:
@@ -452,7 +499,7 @@ class _Rewriter:
         return lines
 
     def run(self):
-        for visit in (self.encoder, self.decoder, self.loss):
+        for visit in (self.encoder, self.decoder, self.upsampler, self.loss):
             for node in list(self.graph.nodes):
                 if node.graph is self.graph and node in self.graph.nodes:
                     visit(node)

@@ -288,7 +288,8 @@ def outputs(result):
 SITE_KINDS = ("max_pool2d", "max_unpool2d", "upsampler")
 # aefast.optimize's report lines -> the kind of site each fused rewrite accounts for. A rewrite line
 # of any other op (a new fused form) raises in site_counts, so this table is updated with it.
-_FUSED_OPS = {"conv_pool2d": "max_pool2d", "conv_bn_pool2d": "max_pool2d", "unpool_conv_transpose2d": "max_unpool2d"}
+_FUSED_OPS = {"conv_pool2d": "max_pool2d", "conv_bn_pool2d": "max_pool2d", "unpool_conv_transpose2d": "max_unpool2d",
+              "conv_transpose_act2d": "upsampler"}
 _NOT_SITES = ("reconstruction_loss",)
 
 

@@ -90,6 +90,18 @@ TORCH_LIBRARY(aefast, m) {
         "Tensor weight, int[2] pool_size, int[2] unpooled_size, int[2] stride, int[2] padding, "
         "int[2] output_padding, str? activation, float negative_slope, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
+  // The decoder's upsampler without unpool (aefast/conv_transpose_act_host.h): act(conv_transpose2d(input,
+  // weight, bias, stride, padding, output_padding)), groups 1, dilation 1, the multiply-adds on the
+  // vendor's transposed conv and bias -> activation fused into one pass over its output. Returns
+  // (out, saved) as unpool_conv_transpose2d does: saved is the pre-activation for leaky_relu/gelu/silu,
+  // else empty. Outputs are NCHW-contiguous.
+  m.def("conv_transpose_act2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] output_padding, str? activation, float negative_slope) -> (Tensor, Tensor)");
+  // grad_out and act_input (out or the pre-activation) -> (grad_input, grad_weight, grad_bias); an
+  // output left out by output_mask is zeros.
+  m.def("conv_transpose_act2d_backward(Tensor grad_out, Tensor act_input, Tensor input, Tensor weight, "
+        "int[2] stride, int[2] padding, int[2] output_padding, str? activation, float negative_slope, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Drop-in max_unpool2d on (…, H, W) planes with int64 flat indices; duplicates: the last pooled
   // position in row-major order naming an element wins (forward value and backward gradient).
   m.def("max_unpool2d(Tensor input, Tensor indices, int[2] output_size) -> Tensor");
@@ -140,6 +152,12 @@ TORCH_LIBRARY(aefast, m) {
         "Tensor indices, Tensor weight, int[2] pool_size, int[2] unpooled_size, int[2] stride, int[2] padding, "
         "int[2] output_padding, str? activation, float negative_slope, bool[3] output_mask, int chunk_bytes) "
         "-> (Tensor, Tensor, Tensor)");
+  // conv_transpose_act2d's CUDA host code (aefast/conv_transpose_act_host.h) with the CPU executor.
+  m.def("emulate_cuda_conv_transpose_act2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] output_padding, str? activation, float negative_slope) -> (Tensor, Tensor)");
+  m.def("emulate_cuda_conv_transpose_act2d_backward(Tensor grad_out, Tensor act_input, Tensor input, Tensor weight, "
+        "int[2] stride, int[2] padding, int[2] output_padding, str? activation, float negative_slope, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int activation, float negative_slope, int[2] pool_size, str corruption, float corruption_level, "
         "int seed, float low, float high, int chunk_bytes) -> (Tensor, Tensor, Tensor)");

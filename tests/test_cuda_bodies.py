@@ -423,3 +423,76 @@ def test_cuda_max_pool2d_backward_is_reproducible():
     a = ops.max_pool2d_backward(gy, idx, x)
     assert torch.equal(a, ops.max_pool2d_backward(gy, idx, x))
     torch.testing.assert_close(a.cpu(), ops.emulate_cuda_max_pool2d_backward(gy.cpu(), idx.cpu(), x.cpu()))
+
+
+# ------------------------------------------------------------------ upsampler (conv_transpose_act2d)
+
+UPSAMPLER_CASES = [
+    # n, cin, cout, hw, k, stride, padding, output_padding
+    (2, 3, 5, (4, 5), 2, 2, 0, 0),
+    (1, 17, 3, (3, 3), 3, 2, 1, 1),
+    (3, 4, 1, (5, 2), 4, 3, 1, 2),
+]
+
+
+def upsampler_case(case, dtype, seed=0):
+    n, cin, cout, hw, k, stride, padding, op = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, *hw, generator=g, dtype=torch.float64)
+    w = torch.randn(cin, cout, k, k, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(cout, generator=g, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), b.to(dtype), [stride] * 2, [padding] * 2, [op] * 2
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", range(len(UPSAMPLER_CASES)))
+def test_upsampler_forward_and_backward(act, case):
+    """conv_transpose_act2d's CUDA host code (vendor conv, bias+act body, gpre body, vendor backward)."""
+    x, w, b, s, p, op = upsampler_case(UPSAMPLER_CASES[case], torch.float32, seed=case)
+    out, saved = ops.emulate_cuda_conv_transpose_act2d(x, w, b, s, p, op, act, SLOPE)
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    ref = act_fn(F.conv_transpose2d(xr, wr, br, s, p, op), act)
+    torch.testing.assert_close(out.double(), ref.detach(), **TOLERANCES[torch.float32])
+    assert saved.numel() == (out.numel() if act in ("leaky_relu", "gelu", "silu") else 0)
+    gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref.backward(gy)
+    gx, gw, gb = ops.emulate_cuda_conv_transpose_act2d_backward(gy.float(), saved if saved.numel() else out, x, w, s,
+                                                                p, op, act, SLOPE, [True, True, True])
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx.double(), xr.grad, **tol)
+    torch.testing.assert_close(gw.double(), wr.grad, **tol)
+    torch.testing.assert_close(gb.double(), br.grad, **tol)
+    part = ops.emulate_cuda_conv_transpose_act2d_backward(gy.float(), saved if saved.numel() else out, x, w, s, p, op,
+                                                          act, SLOPE, [False, True, False])
+    torch.testing.assert_close(part[1], gw, rtol=0, atol=0)
+    assert not part[0].any() and not part[2].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_upsampler_dtypes_and_no_bias(dtype):
+    x, w, b, s, p, op = upsampler_case(UPSAMPLER_CASES[1], dtype, seed=3)
+    out, pre = ops.emulate_cuda_conv_transpose_act2d(x, w, None, s, p, op, "gelu", SLOPE)
+    ref = act_fn(F.conv_transpose2d(x.double(), w.double(), None, s, p, op), "gelu")
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
+    # the CPU backend's own kernels agree with the CUDA host code
+    out_cpu, pre_cpu = ops.conv_transpose_act2d(x, w, None, s, p, op, "gelu", SLOPE)
+    torch.testing.assert_close(out_cpu, out, **TOLERANCES[dtype])
+    torch.testing.assert_close(pre_cpu, pre, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "sigmoid"])
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="no CUDA backend here")
+def test_cuda_upsampler_matches_emulation(dtype, act):
+    x, w, b, s, p, op = upsampler_case(UPSAMPLER_CASES[1], dtype, seed=9)
+    out, saved = ops.emulate_cuda_conv_transpose_act2d(x, w, b, s, p, op, act, SLOPE)
+    out_c, saved_c = ops.conv_transpose_act2d(x.cuda(), w.cuda(), b.cuda(), s, p, op, act, SLOPE)
+    torch.testing.assert_close(out_c.cpu(), out, **TOLERANCES[dtype])
+    a = saved_c if saved_c.numel() else out_c
+    gy = torch.randn(out.shape).to(dtype).cuda()
+    got = ops.conv_transpose_act2d_backward(gy, a, x.cuda(), w.cuda(), s, p, op, act, SLOPE, [True] * 3)
+    emu = ops.emulate_cuda_conv_transpose_act2d_backward(gy.cpu(), a.cpu(), x, w, s, p, op, act, SLOPE, [True] * 3)
+    for g, e in zip(got, emu):
+        torch.testing.assert_close(g.cpu(), e, **TOLERANCES[dtype])

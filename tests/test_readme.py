@@ -13,5 +13,7 @@ def test_three_ways_in_example_runs(capsys):
                                            nn.ConvTranspose2d(4, 1, 2, stride=2))}
     exec(compile(code, "README.md", "exec"), namespace)
     assert torch.isfinite(namespace["loss"])
-    assert namespace["my_model"].aefast_rewrites == ["conv_pool2d <- 0 -> relu -> max_pool2d(2, 2)"]
-    assert namespace["my_model"].aefast_unfused == ["upsampler at 3: an upsampler without unpool: no fused form yet"]
+    assert namespace["my_model"].aefast_rewrites == ["conv_pool2d <- 0 -> relu -> max_pool2d(2, 2)",
+                                                     "conv_transpose_act2d <- 3 (ConvTranspose2d, stride (2, 2)) -> "
+                                                     "no activation"]
+    assert namespace["my_model"].aefast_unfused == []

@@ -2,6 +2,6 @@
 from aefast.nn.conv_bn_pool import ConvBNPool2d
 from aefast.nn.conv_pool import ConvPool2d
 from aefast.nn.loss import Corruption, ReconstructionLoss
-from aefast.nn.unpool_deconv import UnpoolConvTranspose2d
+from aefast.nn.unpool_deconv import ConvTransposeAct2d, UnpoolConvTranspose2d
 
-__all__ = ["ConvBNPool2d", "ConvPool2d", "Corruption", "ReconstructionLoss", "UnpoolConvTranspose2d"]
+__all__ = ["ConvBNPool2d", "ConvPool2d", "ConvTransposeAct2d", "Corruption", "ReconstructionLoss", "UnpoolConvTranspose2d"]

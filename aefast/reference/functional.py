@@ -385,3 +385,11 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     if index_format == "window":
         idx = flat_to_window(idx, a.shape[-2:], pool_size)
     return pooled, idx
+
+
+def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, activation=None, *,
+                         negative_slope=0.01):
+    """act(conv_transpose2d(input, weight, bias, stride, padding, output_padding)): the decoder's
+    upsampler without unpool (groups 1, dilation 1)."""
+    y = conv_transpose2d(input, weight, bias, stride, padding, output_padding)
+    return apply_activation(y, activation, negative_slope)

@@ -146,15 +146,21 @@ def _unpooled_tile(z_ptr, idx_ptr, n, h, w, ok, ci, szn, szc, szh, szw, sin, sic
     ph = h // POOL_H
     pw = w // POOL_W
     ok = ok & (ph < HP) & (pw < WP)
-    if IS_FLAT:
-        want = h * WU + w
+    if POOL_H * POOL_W == 1 and not IS_FLAT:
+        # 1x1 windows with window offsets (a plain transposed conv: conv_transpose_act2d and the
+        # drop-in conv_transpose2d): the only valid offset is 0, so U = z and nothing is loaded.
+        u = tl.load(z_ptr + (n * szn + ci * szc + ph * szh + pw * szw), mask=ok, other=0)
     else:
-        want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
-    # Both loads depend on the geometry only (not on each other), so the compiler may pipeline
-    # them; the selection happens in registers. Valid indices are < 2**31 (checked before).
-    got = tl.load(idx_ptr + (n * sin + ci * sic + ph * sih + pw * siw), mask=ok, other=-1).to(tl.int32)
-    zv = tl.load(z_ptr + (n * szn + ci * szc + ph * szh + pw * szw), mask=ok, other=0)
-    return tl.where(got == want.to(tl.int32), zv, tl.zeros_like(zv))
+        if IS_FLAT:
+            want = h * WU + w
+        else:
+            want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
+        # Both loads depend on the geometry only (not on each other), so the compiler may pipeline
+        # them; the selection happens in registers. Valid indices are < 2**31 (checked before).
+        got = tl.load(idx_ptr + (n * sin + ci * sic + ph * sih + pw * siw), mask=ok, other=-1).to(tl.int32)
+        zv = tl.load(z_ptr + (n * szn + ci * szc + ph * szh + pw * szw), mask=ok, other=0)
+        u = tl.where(got == want.to(tl.int32), zv, tl.zeros_like(zv))
+    return u
 
 
 @triton.jit
@@ -329,8 +335,12 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
     else:
         want = (h - ph * POOL_H) * POOL_W + (w - pw * POOL_W)
     ok = r_ok[:, None] & ci_ok[None, :]
-    got = tl.load(idx_ptr + n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None], mask=ok, other=-1)
-    mine = ok & (got.to(tl.int32) == want[:, None].to(tl.int32))
+    if POOL_H * POOL_W == 1 and not IS_FLAT:
+        mine = ok  # 1x1 windows, window offsets: every position is its window's only one (see _unpooled_tile)
+    else:
+        got = tl.load(idx_ptr + n[:, None] * sin + ci[None, :] * sic + (ph * sih + pw * siw)[:, None], mask=ok,
+                      other=-1)
+        mine = ok & (got.to(tl.int32) == want[:, None].to(tl.int32))
     dst = ((n[:, None] * C_IN + ci[None, :]) * HP + ph[:, None]) * WP + pw[:, None]
     tl.store(gz_ptr + dst, acc.to(gz_ptr.dtype.element_ty), mask=mine)
 

@@ -10,6 +10,7 @@
 
 #include <atomic>
 
+#include "aefast/conv_transpose_act_host.h"
 #include "aefast/gemm_gather_host.h"
 #include "aefast/torch_utils.h"
 
@@ -95,9 +96,29 @@ std::tuple<at::Tensor, at::Tensor> emulate_max_pool2d_forward(const at::Tensor& 
   return max_pool2d_forward_op<CpuExec>(input, kernel, stride, padding, dilation, ceil_mode);
 }
 
+std::tuple<at::Tensor, at::Tensor> emulate_conv_transpose_act2d(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef output_padding, std::optional<c10::string_view> activation,
+    double negative_slope) {
+  check_same_device("emulate_cuda_conv_transpose_act2d", {&input, &weight}, bias);
+  return conv_transpose_act2d_op<CpuExec>(input, weight, bias, stride, padding, output_padding, activation,
+                                          negative_slope);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_conv_transpose_act2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& act_input, const at::Tensor& input, const at::Tensor& weight,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef output_padding,
+    std::optional<c10::string_view> activation, double negative_slope, std::array<bool, 3> output_mask) {
+  check_same_device("emulate_cuda_conv_transpose_act2d_backward", {&grad_out, &act_input, &input, &weight});
+  return conv_transpose_act2d_backward_op<CpuExec>(grad_out, act_input, input, weight, stride, padding, output_padding,
+                                                   activation, negative_slope, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("emulate_cuda_conv_transpose_act2d", &emulate_conv_transpose_act2d);
+  m.impl("emulate_cuda_conv_transpose_act2d_backward", &emulate_conv_transpose_act2d_backward);
   m.impl("emulate_cuda_unpool_conv_transpose2d", &emulate_decoder_forward);
   m.impl("emulate_cuda_unpool_conv_transpose2d_backward", &emulate_decoder_backward);
   m.impl("emulate_cuda_conv_pool2d_forward", &emulate_encoder_forward);

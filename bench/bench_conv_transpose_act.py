@@ -1,0 +1,111 @@
+"""Upsampler benchmark: aefast.nn.ConvTransposeAct2d (conv_transpose_act2d: the vendor's transposed
+conv with bias -> activation fused into one pass over its output, and the activation's gradient made
+in one pass that feeds the vendor's backward) against eager ``nn.Sequential(nn.ConvTranspose2d,
+activation)`` and torch.compile of the same, forward / full (forward + backward w.r.t. the input
+and every parameter), time and peak memory, in one run.
+
+    python bench/bench_conv_transpose_act.py [--quick] [--keep-memory-mapped] [--out DIR]
+
+Shapes are the stride-2 upsamplers of bench/architectures.py's decoders at benchmark sizes (U-Net,
+conv VAE, tutorial AE). Run once with and once without --keep-memory-mapped (DESIGN.md: CPU ratios
+in both allocator settings). Variants run in interleaved rounds; the figure is the median over rounds.
+GFLOP/s count the dense transposed conv's FLOPs (forward 2*N*Cin*H*W*Cout*kh*kw, full three times that).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import aefast  # noqa: E402
+from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
+                      peak_memory_bytes, ratio_table, write_results)
+
+# N, Cin, Cout, H, W (input size), kernel, stride, padding, output_padding, activation
+SHAPES = [
+    (16, 32, 16, 24, 24, 2, 2, 0, 0, "relu"),         # U-Net up: 2x2 stride 2
+    (128, 16, 8, 4, 4, 3, 2, 1, 1, "leaky_relu"),     # conv VAE: 3x3 stride 2, output_padding 1
+    (128, 4, 16, 7, 7, 2, 2, 0, 0, "relu"),           # tutorial AE, first upsampler
+    (128, 16, 1, 14, 14, 2, 2, 0, 0, "sigmoid"),      # tutorial AE, image out
+    (16, 64, 32, 48, 48, 2, 2, 0, 0, "relu"),         # a wider U-Net stage
+]
+QUICK_SHAPES = [(2, 4, 3, 5, 5, 2, 2, 0, 0, "relu"), (2, 3, 2, 4, 4, 3, 2, 1, 1, "sigmoid")]
+ACT_MODULES = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "sigmoid": nn.Sigmoid}
+
+
+def make_models(cin, cout, k, s, p, op, act):
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.ConvTranspose2d(cin, cout, k, stride=s, padding=p, output_padding=op), ACT_MODULES[act]())
+    fused = aefast.nn.ConvTransposeAct2d(cin, cout, k, stride=s, padding=p, output_padding=op, activation=act,
+                                         negative_slope=0.2)
+    fused.load_state_dict({k.replace("0.", "", 1): v for k, v in eager.state_dict().items()})
+    return eager, fused
+
+
+def bench_shape(shape, rounds, repeats, quick):
+    n, cin, cout, h, w, k, s, p, op, act = shape
+    case = f"N{n} C{cin}->{cout} {h}x{w} k{k} s{s} {act}"
+    eager, fused = make_models(cin, cout, k, s, p, op, act)
+    variants = {"eager": eager, "aefast-cpu": fused}
+    if not quick:
+        variants["torch.compile"] = torch.compile(copy.deepcopy(eager))
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y_ref, y = eager(x), fused(x)  # correctness first
+    if not torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5):
+        raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    fns = {}
+    for name, model in variants.items():
+        inputs = [x, *model.parameters()]
+
+        def forward(model=model):
+            with torch.no_grad():
+                return model(x)
+
+        def full(model=model, inputs=inputs):
+            return torch.autograd.grad(model(x), inputs, grad)
+
+        fns[name] = {"fwd": forward, "full": full}
+    times = {(name, mode): [] for name in fns for mode in ("fwd", "full")}
+    for _ in range(rounds):
+        for mode in ("fwd", "full"):
+            for name in fns:
+                times[(name, mode)].append(median_time(fns[name][mode], "cpu", warmup=1, repeats=repeats))
+    flops = 2 * n * cin * h * w * cout * k * k
+    return [Row(f"{case} {mode}", name, statistics.median(times[(name, mode)]),
+                peak_memory_bytes(fns[name][mode], "cpu"), flops=f)
+            for name in fns for mode, f in (("fwd", flops), ("full", 3 * flops))]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
+    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
+    add_allocator_flag(parser)
+    args = parser.parse_args(argv)
+    allocator = apply_allocator_flag(args)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rounds, repeats = (1, 2) if args.quick else (5, 5)
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, rounds, repeats, args.quick)
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
+    print(table)
+    fallbacks = aefast.info()["fallbacks"]
+    print("fallbacks: " + (", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none"))
+    suffix = ("_quick" if args.quick else "") + ("_keep_mapped" if args.keep_memory_mapped else "")
+    out = write_results("bench_conv_transpose_act" + suffix, rows, "cpu", table + "\n", args.out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
