@@ -364,3 +364,41 @@ def test_fuzz_triton(case, channels_last):
     if not ok:
         pytest.skip(why)
     _fuzz_one(case, "triton", channels_last)
+
+
+# ------------------------------------------------------------------ aefast.optimize
+
+def test_optimize_fuses_ceil_mode_and_overlapping_pools():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)
+            self.bn = nn.BatchNorm2d(8)
+            self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)  # FCN-8s's pool
+
+        def forward(self, x):
+            h = self.pool(torch.relu(self.c1(x)))
+            h = F.max_pool2d(torch.relu(self.bn(self.c2(h))), 3, 2, ceil_mode=True)  # AlexNet-style, with BN
+            return F.max_pool2d(torch.tanh(self.c3(h)), 2, stride=1)  # overlapping
+
+    torch.manual_seed(0)
+    original = Net()
+    model = aefast.optimize(Net(), verbose=False, batch_norm_training=True)
+    model.load_state_dict(original.state_dict())
+    assert not [r for r in model.aefast_unfused if "max_pool2d" in r or "pool" in r.split(":")[0]], \
+        model.aefast_unfused
+    assert sum("conv_pool2d" in r or "conv_bn_pool2d" in r for r in model.aefast_rewrites) >= 3
+    x = torch.randn(2, 3, 27, 25)
+    for training in (True, False):
+        original.train(training), model.train(training)
+        want, got = original(x), model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if training:
+            want.square().sum().backward()
+            got.square().sum().backward()
+            for (name, p), q in zip(original.named_parameters(), model.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(model.bn.running_mean, original.bn.running_mean)
+            torch.testing.assert_close(model.bn.running_var, original.bn.running_var)
