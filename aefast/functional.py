@@ -345,15 +345,12 @@ def _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activ
 
 def _general_pool_unsupported(conv_hw, k_pool, s_pool, ceil_mode):
     """The fallback rule of the encoder blocks: the cpu and triton backends have kernels for every
-    pool; the cuda one only for the non-overlapping floor-mode tiling (pool stride = pool size, no
-    ceil_mode window clipped at the edge) and runs the reference twin for others, counted in
-    aefast.info()."""
-    from aefast.ops.conv_pool import is_tiling_pool
-
-    if is_tiling_pool(conv_hw, k_pool, s_pool, ceil_mode):
+    pool; the cuda one for pool stride = pool size (ceil_mode included) and runs the reference twin
+    for other strides, counted in aefast.info()."""
+    if tuple(s_pool) == tuple(k_pool):
         return lambda backend: None
     return lambda backend: (None if backend in ("cpu", "triton") else
-                            f"no {backend} kernel for pool_stride != pool_size or a clipped ceil_mode window yet")
+                            f"no {backend} kernel for pool_stride != pool_size yet")
 
 
 def _tiling_pool_or_unknown(input, weight, stride, padding, pool_size, pool_stride, ceil_mode):

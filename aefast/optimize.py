@@ -4,7 +4,8 @@ Patterns (each only where nothing else reads an intermediate, except for its met
 ``x.shape``, ``x.dim()`` of an intermediate, as SegNets read for the unpool's ``output_size``, are
 answered from the input's shape):
   Conv2d → [BatchNorm2d, eval mode] → [activation] → max-pool (module or functional, with or without
-      indices) becomes ``conv_pool2d``;
+      indices; any stride, overlapping windows included, and ceil_mode; not padded or dilated)
+      becomes ``conv_pool2d``;
   max-unpool → ConvTranspose2d, or a stride-1 Conv2d (SegNet's decoder), → [BatchNorm2d, eval mode]
       → [activation] becomes ``unpool_conv_transpose2d``. A stride-1 conv with padding p is the
       transposed conv of the weight transposed in (in, out) and flipped in space, with padding K-1-p;

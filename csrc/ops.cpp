@@ -145,11 +145,11 @@ TORCH_LIBRARY(aefast, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int activation, float negative_slope, int[2] pool_size, str corruption, float corruption_level, "
-        "int seed, float low, float high, int chunk_bytes) -> (Tensor, Tensor, Tensor)");
+        "int seed, float low, float high, int chunk_bytes, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_conv_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
         "Tensor weight, int[2] stride, int[2] padding, int activation, float negative_slope, int[2] pool_size, "
-        "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes) "
-        "-> (Tensor, Tensor, Tensor)");
+        "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes, "
+        "bool ceil_mode=False) -> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
   m.def("emulate_cuda_max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");

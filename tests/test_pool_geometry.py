@@ -186,12 +186,12 @@ def test_triton_serves_the_general_pool_and_cuda_falls_back_counted():
             AF.conv_pool2d(x, w, b, 1, 0, "relu", 2, ceil_mode=True)  # 5x5 conv: a clipped window
             AF.conv_pool2d(x, w, b, 1, 1, "relu", 3, pool_stride=2)
             assert _backend.fallback_counts() == {}
-    # the cuda backend's rule (it cannot run here): the tiling pool is its own, the rest falls back
-    tiling = AF._general_pool_unsupported((8, 8), (2, 2), (2, 2), True)
-    general = AF._general_pool_unsupported((7, 7), (2, 2), (2, 2), True)
+    # the cuda backend's rule (it cannot run here; its bodies are emulated below): stride = pool
+    # (ceil_mode included) is its own, other strides fall back
+    ceil = AF._general_pool_unsupported((7, 7), (2, 2), (2, 2), True)
     overlap = AF._general_pool_unsupported((8, 8), (3, 3), (2, 2), False)
-    assert tiling("cuda") is None and general("cpu") is None and general("triton") is None
-    assert "no cuda kernel for pool_stride != pool_size" in general("cuda") and overlap("cuda") == general("cuda")
+    assert ceil("cuda") is None and overlap("cpu") is None and overlap("triton") is None
+    assert overlap("cuda") == "no cuda kernel for pool_stride != pool_size yet"
 
 
 def test_bad_pool_arguments():
@@ -402,3 +402,58 @@ def test_optimize_fuses_ceil_mode_and_overlapping_pools():
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
             torch.testing.assert_close(model.bn.running_mean, original.bn.running_mean)
             torch.testing.assert_close(model.bn.running_var, original.bn.running_var)
+
+
+# ------------------------------------------------------------------ the CUDA bodies, emulated on the CPU
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", None, "silu"], ids=str)
+@pytest.mark.parametrize("cin", [3, 17, 64], ids=lambda c: f"cin{c}")  # direct body / vendor conv + epilogue
+@pytest.mark.parametrize("chunk", [1 << 30, 256], ids=["one_chunk", "tiny_chunks"])
+def test_cuda_bodies_ceil_mode(act, cin, chunk):
+    """The CUDA encoder bodies with ceil_mode (stride = pool), run on the CPU by the test-only
+    emulate ops: values, indices and all three gradients against torch, fp64."""
+    x, w, b = make(2, cin, 5, 9, 7, 3, torch.float64, "cpu", seed=cin)
+    codes = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 6}
+    for pool, stride, padding in (([2, 2], 1, 1), ([3, 2], 1, 0), ([2, 3], 2, 1)):
+        out = torch.ops.aefast.emulate_cuda_conv_pool2d_forward(
+            x.detach(), w.detach(), b.detach(), [stride] * 2, [padding] * 2, codes[act], 0.01, pool, "none", 0.0, 0,
+            0.0, 1.0, chunk, ceil_mode=True)
+        pooled, window, preact = out
+        xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y, idx = eager(xr, wr, br, stride, padding, act, pool, pool, True)
+        conv_hw = F.conv2d(x.detach(), w.detach(), None, stride, padding).shape[-2:]
+        assert pooled.shape == y.shape and not is_tiling_pool(conv_hw, pool, pool, True)  # clipped windows
+        assert torch.equal(AF.window_to_flat(window, conv_hw, pool), idx)
+        torch.testing.assert_close(pooled, y.detach(), **TOLERANCES[torch.float64])
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        y.backward(gy)
+        gx, gw, gb = torch.ops.aefast.emulate_cuda_conv_pool2d_backward(
+            gy, window, preact, x.detach(), w.detach(), [stride] * 2, [padding] * 2, codes[act], 0.01, pool, "none",
+            0.0, 0, 0.0, 1.0, chunk, ceil_mode=True)
+        for got, want in ((gx, xr.grad), (gw, wr.grad), (gb, br.grad)):
+            torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(geometry_cases(), st.sampled_from([1 << 30, 512]))
+def test_fuzz_cuda_bodies_ceil_mode(case, chunk):
+    """The emulated CUDA bodies serve pool stride = pool with either ceil_mode (other strides run
+    the reference on the cuda backend): fuzzed against torch."""
+    n, cin, cout, h, w, k, s, p, pool, _, ceil_mode, act, dtype, bias, seed = case
+    x, wt, b = make(n, cin, cout, h, w, k, torch.float64, "cpu", bias=bias, seed=seed)
+    codes = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "gelu": 5, "silu": 6}
+    pooled, window, preact = torch.ops.aefast.emulate_cuda_conv_pool2d_forward(
+        x.detach(), wt.detach(), None if b is None else b.detach(), list(s), list(p), codes[act], 0.01, list(pool),
+        "none", 0.0, 0, 0.0, 1.0, chunk, ceil_mode=ceil_mode)
+    y, idx = eager(x, wt, b, s, p, act, pool, pool, ceil_mode)
+    conv_hw = F.conv2d(x.detach(), wt.detach(), None, s, p).shape[-2:]
+    assert torch.equal(AF.window_to_flat(window, conv_hw, pool), idx)
+    torch.testing.assert_close(pooled, y.detach(), **TOLERANCES[torch.float64])
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    inputs = [x, wt] + ([b] if b is not None else [])
+    want = torch.autograd.grad(y, inputs, gy)
+    got = torch.ops.aefast.emulate_cuda_conv_pool2d_backward(
+        gy, window, preact, x.detach(), wt.detach(), list(s), list(p), codes[act], 0.01, list(pool), "none", 0.0, 0,
+        0.0, 1.0, chunk, ceil_mode=ceil_mode)
+    for g_, r_ in zip(got, want):
+        torch.testing.assert_close(g_, r_, **TOLERANCES[torch.float64])

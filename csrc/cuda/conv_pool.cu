@@ -35,18 +35,16 @@
 namespace aefast {
 namespace {
 
-// The CUDA bodies tile the conv output with non-overlapping whole windows (stride = pool, no
-// clipped ceil_mode window); aefast.functional routes every other pool to the reference twin,
-// counted as a fallback, so reaching this check means the op was called directly.
+// The CUDA bodies pool with stride = pool (ceil_mode's clipped windows included);
+// aefast.functional routes other pool strides to the reference twin, counted as a fallback, so
+// reaching this check means the op was called directly.
 void check_tiling_pool(const char* op, int64_t H, int64_t W, int64_t KH, int64_t KW, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && pool.size() == 2 && pool_stride.size() == 2 &&
                   stride[0] > 0 && stride[1] > 0, "aefast::", op, ": bad geometry arguments");
   const int64_t sh = pool_stride[0] ? pool_stride[0] : pool[0], sw = pool_stride[1] ? pool_stride[1] : pool[1];
-  const int64_t hc = (H + 2 * padding[0] - KH) / stride[0] + 1, wc = (W + 2 * padding[1] - KW) / stride[1] + 1;
-  TORCH_CHECK(pool_is_tiling(hc, wc, pool[0], pool[1], sh, sw, ceil_mode), "aefast::", op,
-              ": the CUDA kernels need pool_stride = pool_size and no clipped ceil_mode window; "
-              "aefast.functional.conv_pool2d runs other pools on the reference path");
+  TORCH_CHECK(sh == pool[0] && sw == pool[1], "aefast::", op, ": the CUDA kernels need pool_stride = pool_size; "
+              "aefast.functional.conv_pool2d runs other pool strides on the reference path");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cuda(
@@ -60,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cuda(
                     padding, pool_size, pool_stride, ceil_mode);
   c10::cuda::CUDAGuard guard(input.device());
   return conv_pool2d_forward_op<CudaExec>(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
-                                          corruption, corruption_level, seed, low, high, kGemmChunkBytes);
+                                          corruption, corruption_level, seed, low, high, kGemmChunkBytes, ceil_mode);
 }
 
 at::Tensor conv_pool2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact,
@@ -74,7 +72,8 @@ at::Tensor conv_pool2d_backward_input_cuda(const at::Tensor& grad, const at::Ten
   check_tiling_pool("conv_pool2d_backward_input", input_size[0], input_size[1], weight.size(2), weight.size(3), stride,
                     padding, pool_size, pool_stride, ceil_mode);
   const EncoderGeometry g = encoder_geometry(grad.size(0), weight.size(1), input_size[0], input_size[1],
-                                             weight.size(0), weight.size(2), weight.size(3), stride, padding, pool_size);
+                                             weight.size(0), weight.size(2), weight.size(3), stride, padding, pool_size,
+                                             ceil_mode);
   c10::cuda::CUDAGuard guard(grad.device());
   return std::get<0>(conv_pool2d_backward_op<CudaExec>(grad, window, preact, at::Tensor(), weight, g, activation,
                                                        negative_slope, "none", 0, 0.0, 0.0, 1.0, true, false,
@@ -92,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cuda(
   check_tiling_pool("conv_pool2d_backward_weight", input.size(2), input.size(3), kernel_size[0], kernel_size[1],
                     stride, padding, pool_size, pool_stride, ceil_mode);
   const EncoderGeometry g = encoder_geometry(input.size(0), input.size(1), input.size(2), input.size(3), grad.size(1),
-                                             kernel_size[0], kernel_size[1], stride, padding, pool_size);
+                                             kernel_size[0], kernel_size[1], stride, padding, pool_size, ceil_mode);
   c10::cuda::CUDAGuard guard(grad.device());
   auto [gx, gw, gb] = conv_pool2d_backward_op<CudaExec>(grad, window, preact, input, at::Tensor(), g, activation,
                                                         negative_slope, corruption, seed, corruption_level, low, high,
@@ -132,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cuda(
   check_tiling_pool("conv_pool2d_backward", input.size(2), input.size(3), weight.size(2), weight.size(3), stride,
                     padding, pool_size, pool_stride, ceil_mode);
   const EncoderGeometry g = encoder_geometry(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
-                                             weight.size(2), weight.size(3), stride, padding, pool_size);
+                                             weight.size(2), weight.size(3), stride, padding, pool_size, ceil_mode);
   c10::cuda::CUDAGuard guard(grad.device());
   return conv_pool2d_backward_op<CudaExec>(grad, window, preact, input, weight, g, activation, negative_slope,
                                            corruption, seed, corruption_level, low, high, true, true, kGemmChunkBytes);
