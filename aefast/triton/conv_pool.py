@@ -118,7 +118,8 @@ INTERPRET_CONFIGS = {
 }
 # Elementwise and reduction kernels: no GEMM, so no tensor-core instruction expected
 # (scripts/check_triton_aot.py requires one in every other kernel of this module).
-NO_TENSOR_CORE_KERNELS = {"_pooled_grad_kernel", "_sum_splits_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel"}
+NO_TENSOR_CORE_KERNELS = {"_pooled_grad_kernel", "_sum_splits_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel",
+                          "_unpool_sum_kernel"}
 
 
 def _configs(name):
