@@ -346,12 +346,17 @@ def _check_corruption_values(kind, level, low, high):
 
 
 def _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation, negative_slope,
-                          index_format):
-    """The checks every conv -> [BN] -> act -> pool block shares; (stride, padding, pool, conv output hw)."""
+                          index_format, pool_stride=None, ceil_mode=False):
+    """The checks every conv -> [BN] -> act -> pool block shares; (stride, padding, pool, pool stride,
+    conv output hw). The pool is max_pool2d's with no padding and dilation 1 (pool_stride None:
+    pool_size)."""
     _check_activation(activation, negative_slope)
     _check_index_format(index_format)
     s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
     k_pool = pair(pool_size, "pool_size", minimum=1)
+    s_pool = k_pool if pool_stride is None else pair(pool_stride, "pool_stride", minimum=1)
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"aefast: ceil_mode must be a bool, got {ceil_mode!r}")
     if input.shape[1] != weight.shape[1]:
         raise ValueError(f"aefast: input has {input.shape[1]} channels but weight of shape {tuple(weight.shape)} "
                          f"expects {weight.shape[1]} (weight is (C_out, C_in, kH, kW))")
@@ -365,13 +370,69 @@ def _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activ
         raise ValueError(f"aefast: pool_size {k_pool} is larger than the conv output {conv_hw}")
     if index_format == "window" and k_pool[0] * k_pool[1] > 255:
         raise ValueError(f"aefast: window indices hold at most 255 offsets; pool_size {k_pool} has more")
-    return s, p, k_pool, conv_hw
+    return s, p, k_pool, s_pool, conv_hw
+
+
+def _general_pool_unsupported(conv_hw, k_pool, s_pool, ceil_mode):
+    """The fallback rule of the encoder blocks: the cpu and triton backends have kernels for every
+    pool; the cuda one for pool stride = pool size (ceil_mode included) and runs the reference twin
+    for other strides, counted in aefast.info()."""
+    if tuple(s_pool) == tuple(k_pool):
+        return lambda backend: None
+    return lambda backend: (None if backend in ("cpu", "triton") else
+                            f"no {backend} kernel for pool_stride != pool_size yet")
+
+
+def _tiling_pool_or_unknown(input, weight, stride, padding, pool_size, pool_stride, ceil_mode):
+    """is_tiling_pool before validation (True where the arguments are malformed: the checks after
+    report those)."""
+    from aefast.ops.conv_pool import is_tiling_pool
+
+    try:
+        k_pool = pair(pool_size, "pool_size", minimum=1)
+        s_pool = k_pool if pool_stride is None else pair(pool_stride, "pool_stride", minimum=1)
+        conv_hw = _conv_out_hw(input.shape[-2:], weight.shape[-2:], pair(stride, "stride", minimum=1),
+                               pair(padding, "padding", minimum=0))
+        return min(conv_hw) < 1 or is_tiling_pool(conv_hw, k_pool, s_pool, bool(ceil_mode))
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return True
+
+
+# Window offsets from an encoder whose pool stride differs from its pool size mean offsets inside
+# windows that stride apart; the decoder must be told (its pool_stride=), else it reads them as
+# offsets inside non-overlapping windows. Such tensors are remembered here (by identity, weakly)
+# so that the decoder refuses them with a clear error instead of a silent wrong result.
+_WINDOW_STRIDES: dict[int, tuple] = {}
+
+
+def _remember_window_stride(window, s_pool):
+    import weakref
+
+    key = id(window)
+    _WINDOW_STRIDES[key] = (weakref.ref(window, lambda _, key=key: _WINDOW_STRIDES.pop(key, None)), tuple(s_pool))
+
+
+def _window_stride_of(indices):
+    entry = _WINDOW_STRIDES.get(id(indices))
+    return entry[1] if entry is not None and entry[0]() is indices else None
 
 
 def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu", pool_size=2,
-                return_indices=True, index_format="flat", *, negative_slope=0.01, corruption=None, generator=None):
-    """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, return_indices=True)
-    in one pass; indices are torch's flat int64 ones or aefast's uint8 ``window`` offsets.
+                return_indices=True, index_format="flat", *, negative_slope=0.01, corruption=None, generator=None,
+                pool_stride=None, ceil_mode=False):
+    """max_pool2d(act(conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride,
+    ceil_mode=ceil_mode, return_indices=True) in one pass; indices are torch's flat int64 ones or
+    aefast's uint8 ``window`` offsets.
+
+    ``pool_stride`` (default: pool_size) and ``ceil_mode`` are max_pool2d's, output size rule
+    included. A window offset is ``r*pool_w + c`` inside the window that starts at
+    ``(i*pool_stride_h, j*pool_stride_w)`` of the activation, also for a ceil_mode window clipped at
+    the edge. With pool_stride != pool_size (overlapping windows) one position can be the maximum
+    of several windows: flat indices then repeat it, as max_pool2d's do, and the gradient sums over
+    those windows. Give the decoder the same ``pool_stride=`` to unpool such indices; window offsets
+    from such a pool are refused by a decoder that is not told. The cpu backend has kernels for every
+    pool; triton and cuda run pools other than pool_stride = pool_size without a clipped ceil_mode
+    window on the reference twin, each call counted in ``aefast.info()``'s fallbacks.
 
     ``corruption=(kind, level)`` (or ``(kind, level, low, high)``; kind gaussian | masking |
     salt_pepper) convolves ``corrupt(input, kind, level, generator, low=low, high=high)`` instead
@@ -392,6 +453,7 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
         # reference backend, tracing (corrupt() traces the reference there), and autocast, which
         # would otherwise corrupt the lowered-precision copy instead of the input itself.
         if (_compiling() or lowered.dtype != input.dtype
+                or not _tiling_pool_or_unknown(input, weight, stride, padding, pool_size, pool_stride, ceil_mode)
                 or choose("conv_pool2d_forward", input.device) == "reference"):
             input, noise = corrupt(input, kind, level, generator, low=low, high=high), None
     elif generator is not None:
@@ -400,14 +462,14 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
     _check_float_inputs(input=input, weight=weight, bias=bias)
     check_tensor(input, "input", dims=(4,))
     check_tensor(weight, "weight", dims=(4,))
-    s, p, k_pool, conv_hw = _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation,
-                                                  negative_slope, index_format)
-    backend = choose("conv_pool2d_forward", input.device)
+    s, p, k_pool, s_pool, conv_hw = _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation,
+                                                          negative_slope, index_format, pool_stride, ceil_mode)
+    backend = choose("conv_pool2d_forward", input.device, _general_pool_unsupported(conv_hw, k_pool, s_pool, ceil_mode))
     if backend == "reference":
         out = ref.conv_pool2d(input, weight, bias, s, p, activation, k_pool, return_indices, index_format,
-                              negative_slope=negative_slope)
+                              negative_slope=negative_slope, pool_stride=s_pool, ceil_mode=ceil_mode)
         if return_indices:
-            _validation.mark_trusted(out[1])
+            _mark_encoder_indices(out[1], index_format, k_pool, s_pool)
         return out
     from aefast.ops.conv_pool import ACTIVATION_CODES
 
@@ -417,16 +479,30 @@ def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu"
         extra = (kind, level, _draw_seed(generator, input.device), low, high)
     pooled, window, _ = _registry.op(backend, "conv_pool2d_forward")(
         input, weight, bias, list(s), list(p), ACTIVATION_CODES[activation], float(negative_slope), list(k_pool),
-        *extra)
+        *extra, pool_stride=list(s_pool), ceil_mode=bool(ceil_mode))
+    return _encoder_outputs(backend, pooled, window, input, return_indices, index_format, conv_hw, k_pool, s_pool)
+
+
+def _mark_encoder_indices(indices, index_format, k_pool, s_pool):
+    """The encoder's indices need no check in the decoder when each lies in its own window of a
+    non-overlapping pool (which is what the decoder checks). Overlapping pools' indices are left to
+    the decoder's checks, and their window offsets remember the stride (_WINDOW_STRIDES)."""
+    if tuple(s_pool) == tuple(k_pool):
+        _validation.mark_trusted(indices)
+    elif index_format == "window":
+        _remember_window_stride(indices, s_pool)
+
+
+def _encoder_outputs(backend, pooled, window, input, return_indices, index_format, conv_hw, k_pool, s_pool):
     pooled = _channels_last_like(pooled, input)
     if not return_indices:
         return pooled
     if index_format == "window":
-        _validation.mark_trusted(window)  # the decoder need not check what the encoder wrote
+        _mark_encoder_indices(window, index_format, k_pool, s_pool)
         return pooled, window
     # The kernels write compact window offsets; torch's flat indices follow from the geometry.
-    flat = _registry.op(backend, "window_to_flat")(window, list(conv_hw), list(k_pool), list(k_pool), [0, 0], [1, 1])
-    _validation.mark_trusted(flat)
+    flat = _registry.op(backend, "window_to_flat")(window, list(conv_hw), list(k_pool), list(s_pool), [0, 0], [1, 1])
+    _mark_encoder_indices(flat, index_format, k_pool, s_pool)
     return pooled, flat
 
 
@@ -523,12 +599,26 @@ def _check_indices_in_window(backend, indices, index_format, unpooled_hw, k_pool
 
 def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, output_size=None, stride=1,
                             padding=0, output_padding=0, activation=None, index_format="flat", *,
-                            negative_slope=0.01):
-    """act(conv_transpose2d(max_unpool2d(input, indices, pool_size, output_size=output_size),
-    weight, bias, stride, padding, output_padding)) without building the unpooled map."""
+                            negative_slope=0.01, pool_stride=None):
+    """act(conv_transpose2d(max_unpool2d(input, indices, pool_size, pool_stride, output_size=output_size),
+    weight, bias, stride, padding, output_padding)) without building the unpooled map.
+
+    ``pool_stride`` (default pool_size) is the encoder pool's stride. The fused kernels serve
+    pool_stride = pool_size; another stride (the indices of an overlapping pool, where a position
+    may be named twice: the last one in row-major order wins, as max_unpool2d) runs the reference
+    twin, counted in ``aefast.info()``'s fallbacks. Window offsets are read as offsets inside windows
+    pool_stride apart; offsets from an aefast encoder with another pool stride are refused."""
     input, weight, bias = _autocast_lower(input, weight, bias)
     check_tensor(input, "input", dims=(4,))
     k_pool = pair(pool_size, "pool_size", minimum=1)
+    s_pool = k_pool if pool_stride is None else pair(pool_stride, "pool_stride", minimum=1)
+    encoder_stride = _window_stride_of(indices) if index_format == "window" else None
+    if encoder_stride is not None and encoder_stride != tuple(s_pool):
+        raise ValueError(f"aefast: these window offsets come from a pool with stride {encoder_stride} but the decoder "
+                         f"reads them with pool_stride={tuple(s_pool)}; pass pool_stride={encoder_stride}")
+    if s_pool != k_pool:
+        return _unpool_conv_transpose2d_strided(input, indices, weight, bias, k_pool, s_pool, output_size, stride,
+                                                padding, output_padding, activation, index_format, negative_slope)
     unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, k_pool, (0, 0), output_size)
     # Kernel backends check range and window of the index values in one pass, below.
     _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1],
@@ -556,6 +646,23 @@ def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, outp
         _raise_bad_index(indices, bad, index_format, unpooled_hw, k_pool)
     return ref.unpool_conv_transpose2d(input, indices, weight, bias, k_pool, unpooled_hw, s, p, op, activation,
                                        index_format, negative_slope=negative_slope)
+
+
+def _unpool_conv_transpose2d_strided(input, indices, weight, bias, k_pool, s_pool, output_size, stride, padding,
+                                     output_padding, activation, index_format, negative_slope):
+    """The decoder for an encoder pool with pool_stride != pool_size: no fused kernel, the reference
+    twin (counted), after the same checks (window offsets are converted, and so checked, first)."""
+    unpooled_hw = _checks.unpool_output_size(tuple(input.shape[-2:]), k_pool, s_pool, (0, 0), output_size)
+    _check_unpool_indices(input, indices, index_format, unpooled_hw, k_pool[0] * k_pool[1])
+    _check_activation(activation, negative_slope)
+    device, (s, p, op, _), _ = _check_conv_transpose(input, weight, bias, stride, padding, output_padding, 1, 1,
+                                                     in_hw=unpooled_hw)
+    choose("unpool_conv_transpose2d", device,
+           lambda backend: f"no {backend} kernel for pool_stride != pool_size (overlapping pool windows) yet")
+    if index_format == "window":
+        indices, index_format = window_to_flat(indices, unpooled_hw, k_pool, s_pool), "flat"
+    return ref.unpool_conv_transpose2d(input, indices, weight, bias, k_pool, unpooled_hw, s, p, op, activation,
+                                       index_format, negative_slope=negative_slope, pool_stride=s_pool)
 
 
 # ================================================================ losses
@@ -908,9 +1015,11 @@ def _conv_bn_pool_unsupported(backend):
 
 def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1,
                    eps=1e-5, stride=1, padding=0, activation="relu", pool_size=2, return_indices=True,
-                   index_format="flat", num_batches_tracked=None, *, negative_slope=0.01):
+                   index_format="flat", num_batches_tracked=None, *, negative_slope=0.01, pool_stride=None,
+                   ceil_mode=False):
     """max_pool2d(act(batch_norm(conv2d(input, weight, bias, stride, padding), running_mean, running_var,
-    bn_weight, bn_bias, training, momentum, eps)), pool_size, return_indices=True), fused.
+    bn_weight, bn_bias, training, momentum, eps)), pool_size, pool_stride, ceil_mode=ceil_mode,
+    return_indices=True), fused; the pool and its indices as :func:`conv_pool2d`'s.
 
     Training mode (or no running statistics): normalise with the batch statistics of the conv output
     and, when running statistics are given in training mode, update them in place exactly as
@@ -935,9 +1044,9 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
 
         w, b = fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         return conv_pool2d(input, w, b, stride, padding, activation, pool_size, return_indices, index_format,
-                           negative_slope=negative_slope)
-    s, p, k_pool, conv_hw = _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation,
-                                                  negative_slope, index_format)
+                           negative_slope=negative_slope, pool_stride=pool_stride, ceil_mode=ceil_mode)
+    s, p, k_pool, s_pool, conv_hw = _check_conv_pool_args(input, weight, bias, stride, padding, pool_size, activation,
+                                                          negative_slope, index_format, pool_stride, ceil_mode)
     count = input.shape[0] * conv_hw[0] * conv_hw[1]
     if count <= 1:
         raise ValueError(f"aefast: expected more than 1 value per channel when training, got conv output of shape "
@@ -946,7 +1055,7 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     if backend == "reference":
         return ref.conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
                                   momentum, eps, s, p, activation, k_pool, return_indices, index_format, num_batches_tracked,
-                                  negative_slope=negative_slope)
+                                  negative_slope=negative_slope, pool_stride=s_pool, ceil_mode=ceil_mode)
     from aefast.ops.conv_pool import ACTIVATION_CODES
 
     stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -954,13 +1063,7 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     beta = None if bn_bias is None else bn_bias.to(stat_dtype)
     pooled, window, _, mean, var = _registry.op(backend, "conv_bn_pool2d_forward")(
         input, weight, bias, gamma, beta, list(s), list(p), float(eps), ACTIVATION_CODES[activation],
-        float(negative_slope), list(k_pool))
+        float(negative_slope), list(k_pool), list(s_pool), bool(ceil_mode))
     if training:
         ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
-    pooled = _channels_last_like(pooled, input)
-    if not return_indices:
-        return pooled
-    if index_format == "window":
-        return pooled, window
-    flat = _registry.op(backend, "window_to_flat")(window, list(conv_hw), list(k_pool), list(k_pool), [0, 0], [1, 1])
-    return pooled, flat
+    return _encoder_outputs(backend, pooled, window, input, return_indices, index_format, conv_hw, k_pool, s_pool)

@@ -4,7 +4,8 @@ Patterns (each only where nothing else reads an intermediate, except for its met
 ``x.shape``, ``x.dim()`` of an intermediate, as SegNets read for the unpool's ``output_size``, are
 answered from the input's shape):
   Conv2d → [BatchNorm2d, eval mode] → [activation] → max-pool (module or functional, with or without
-      indices) becomes ``conv_pool2d``;
+      indices; any stride, overlapping windows included, and ceil_mode; not padded or dilated)
+      becomes ``conv_pool2d``;
   max-unpool → ConvTranspose2d, or a stride-1 Conv2d (SegNet's decoder), → [BatchNorm2d, eval mode]
       → [activation] becomes ``unpool_conv_transpose2d``. A stride-1 conv with padding p is the
       transposed conv of the weight transposed in (in, out) and flipped in space, with padding K-1-p;
@@ -90,6 +91,12 @@ def _bind(fn, args, kwargs):
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pool_geometry_note(kernel, stride, ceil_mode):
+    """The report's note on a pool that is not the non-overlapping floor-mode one."""
+    parts = ([f"stride {stride}"] if stride != kernel else []) + (["ceil_mode"] if ceil_mode else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 _METADATA_METHODS = ("size", "dim", "ndimension")
@@ -251,17 +258,16 @@ class _Rewriter:
             with_indices, src = bool(args["return_indices"]), args["input"]
         else:
             return
+        if any(isinstance(args[k], fx.Node) for k in ("kernel_size", "stride", "ceil_mode")):
+            self.unfused[pool] = "max_pool2d arguments not understood"
+            return
         kernel = _pair(args["kernel_size"])
         stride = kernel if args["stride"] in (None, [], ()) else _pair(args["stride"])
-        if stride != kernel:
-            self.unfused[pool] = f"pool stride {stride} differs from its kernel {kernel} (overlapping windows)"
-            return
         if _pair(args["padding"]) != (0, 0) or _pair(args["dilation"]) != (1, 1):
             self.unfused[pool] = "padded or dilated pool"
             return
-        if args["ceil_mode"]:
-            self.unfused[pool] = "ceil_mode=True pool"
-            return
+        # pool_stride != kernel (overlapping or gapped windows) and ceil_mode are the fused ops' too.
+        geometry = {"pool_stride": None if stride == kernel else stride, "ceil_mode": bool(args["ceil_mode"])}
         if not self.only_feeds(src, pool):
             self.unfused[pool] = "its input has other users that read values"
             return
@@ -303,23 +309,25 @@ class _Rewriter:
                 fused = self.graph.call_function(
                     conv_bn_pool_with, (self.graph.get_attr(inner.target), conv_node.args[0], w, b, _pair(conv.stride),
                                         padding, act[0] if act else None, kernel),
-                    {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01})
+                    {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01, **geometry})
             else:
                 w, b = (self.folded_params(conv_node, conv, inner, bn, 0) if bn is not None
                         else self.params(conv_node, conv))
                 fused = self.graph.call_function(
                     AF.conv_pool2d, (conv_node.args[0], w, b, _pair(conv.stride), padding, act[0] if act else None,
                                      kernel),
-                    {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01})
+                    {"return_indices": with_indices, "negative_slope": act[1] if act else 0.01, **geometry})
         pool.replace_all_uses_with(fused)
         self.erase(pool, src if act else None, inner if with_bn else None, conv_node)
         if batch_bn is not None:
             self.report.append(f"conv_bn_pool2d <- {conv_node.target} -> {inner.target} (BatchNorm2d, batch "
-                               f"statistics) -> {act[0] if act else 'no activation'} -> max_pool2d{kernel}")
+                               f"statistics) -> {act[0] if act else 'no activation'} -> max_pool2d{kernel}"
+                               + _pool_geometry_note(kernel, stride, geometry["ceil_mode"]))
             return
         self.report.append(f"conv_pool2d <- {conv_node.target} -> "
                            + (f"{inner.target} (BatchNorm2d folded, eval mode) -> " if bn is not None else "")
-                           + f"{act[0] if act else 'no activation'} -> max_pool2d{kernel}")
+                           + f"{act[0] if act else 'no activation'} -> max_pool2d{kernel}"
+                           + _pool_geometry_note(kernel, stride, geometry["ceil_mode"]))
 
     def unpool_args(self, unpool):
         """(input, indices, kernel, output_size) of a non-overlapping max-unpool node, or a reason string."""

@@ -28,32 +28,34 @@ TORCH_LIBRARY(aefast, m) {
 
   // ---- conv_pool (encoder) ----
   // activation: 0 none, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh, 5 gelu, 6 silu
-  // (csrc/include/aefast/conv_pool.h). Pools are non-overlapping (stride = pool_size, no
-  // padding, floor mode). The forward writes only pooled-size tensors: the pooled map, the
-  // uint8 window offset of each maximum and the conv output (pre-activation) at that maximum,
-  // which is all the backward needs.
+  // (csrc/include/aefast/conv_pool.h). Pools have no padding; pool_stride (0: = pool_size, the
+  // non-overlapping pool) and ceil_mode follow torch's max_pool2d, output size rule included. The
+  // forward writes only pooled-size tensors: the pooled map, the uint8 row-major offset of each
+  // maximum inside its window (which starts at (i*pool_stride_h, j*pool_stride_w) of the conv
+  // output) and the conv output (pre-activation) at that maximum, which is all the backward needs.
   // corruption != "none" (gaussian | masking | salt_pepper, as aefast::corrupt with the same seed,
   // level, low and high) corrupts each input element as it is loaded: the conv sees
   // corrupt(input), and no corrupted copy of the input is stored (aefast/corruption.h).
   m.def("conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int activation, float negative_slope, int[2] pool_size, str corruption=\"none\", float corruption_level=0., "
-        "int seed=0, float low=0., float high=1.) -> (Tensor pooled, Tensor window, Tensor preact)");
+        "int seed=0, float low=0., float high=1., int[2] pool_stride=0, bool ceil_mode=False) "
+        "-> (Tensor pooled, Tensor window, Tensor preact)");
   // Sparse backward: the conv output's gradient is nonzero only at the argmax of each window.
   m.def("conv_pool2d_backward_input(Tensor grad_pooled, Tensor window, Tensor preact, Tensor weight, "
         "int[2] input_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
-        "int[2] pool_size) -> Tensor");
+        "int[2] pool_size, int[2] pool_stride=0, bool ceil_mode=False) -> Tensor");
   // The corruption arguments of the forward: the input's noise is regenerated in the load.
   m.def("conv_pool2d_backward_weight(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int activation, float negative_slope, "
         "int[2] pool_size, str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., "
-        "float high=1.) -> (Tensor grad_weight, Tensor grad_bias)");
+        "float high=1., int[2] pool_stride=0, bool ceil_mode=False) -> (Tensor grad_weight, Tensor grad_bias)");
   // Both: backward_input and backward_weight in one call, which computes the conv output's
   // gradient at the argmax once for the two (autograd uses it when both are needed). grad_input
   // is the gradient w.r.t. the (corrupted) conv operand; the weight gradient reads that operand.
   m.def("conv_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, Tensor weight, "
         "int[2] stride, int[2] padding, int activation, float negative_slope, int[2] pool_size, "
-        "str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., float high=1.) "
-        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+        "str corruption=\"none\", float corruption_level=0., int seed=0, float low=0., float high=1., "
+        "int[2] pool_stride=0, bool ceil_mode=False) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The drop-in max_pool2d (4-D input, any memory format; flat int64 indices as torch's).
   m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
@@ -62,18 +64,19 @@ TORCH_LIBRARY(aefast, m) {
   // ---- conv_bn_pool (encoder with BatchNorm in training mode; aefast/ops/conv_bn_pool.py) ----
   // pooled = maxpool(act(BN(conv2d(input, weight, bias, stride, padding)))) with BN normalising by
   // the batch statistics of the conv output (biased variance, eps) and the affine bn_weight /
-  // bn_bias (absent: 1 / 0). Pools are non-overlapping (stride = pool_size, floor mode). Returns
+  // bn_bias (absent: 1 / 0). Pools as conv_pool2d_forward's (pool_stride 0: = pool_size; ceil_mode). Returns
   // the pooled map, the uint8 window offset of each maximum, the conv output (what BatchNorm's
   // dense gradient needs) and the per-channel batch mean and biased variance (op-math dtype:
   // float for half/bf16/float, double for double), from which the caller updates running stats.
   m.def("conv_bn_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-        "int[2] stride, int[2] padding, float eps, int activation, float negative_slope, int[2] pool_size) "
-        "-> (Tensor pooled, Tensor window, Tensor conv_out, Tensor mean, Tensor var)");
+        "int[2] stride, int[2] padding, float eps, int activation, float negative_slope, int[2] pool_size, "
+        "int[2] pool_stride=0, bool ceil_mode=False) -> (Tensor pooled, Tensor window, Tensor conv_out, Tensor mean, Tensor var)");
   // The gradients of (input, weight, bias, bn_weight, bn_bias); one left out by output_mask (or a
   // bn parameter that is absent) is an empty tensor.
   m.def("conv_bn_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor conv_out, Tensor mean, Tensor var, "
         "Tensor input, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, float eps, "
-        "int activation, float negative_slope, int[2] pool_size, bool[5] output_mask) "
+        "int activation, float negative_slope, int[2] pool_size, bool[5] output_mask, int[2] pool_stride=0, "
+        "bool ceil_mode=False) "
         "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 
   // ---- unpool_deconv (decoder) ----
@@ -160,11 +163,11 @@ TORCH_LIBRARY(aefast, m) {
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_conv_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int activation, float negative_slope, int[2] pool_size, str corruption, float corruption_level, "
-        "int seed, float low, float high, int chunk_bytes) -> (Tensor, Tensor, Tensor)");
+        "int seed, float low, float high, int chunk_bytes, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_conv_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor preact, Tensor input, "
         "Tensor weight, int[2] stride, int[2] padding, int activation, float negative_slope, int[2] pool_size, "
-        "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes) "
-        "-> (Tensor, Tensor, Tensor)");
+        "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes, "
+        "bool ceil_mode=False) -> (Tensor, Tensor, Tensor)");
   m.def("emulate_cuda_max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
   m.def("emulate_cuda_max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");

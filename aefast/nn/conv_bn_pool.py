@@ -7,7 +7,7 @@ from aefast import functional as AF
 
 
 def conv_bn_pool_with(bn: nn.BatchNorm2d, x, weight, bias, stride, padding, activation, pool_size, *,
-                      return_indices=True, index_format="flat", negative_slope=0.01):
+                      return_indices=True, index_format="flat", negative_slope=0.01, pool_stride=None, ceil_mode=False):
     """aefast.functional.conv_bn_pool2d with the BatchNorm arguments read from ``bn`` at call time,
     exactly as nn.BatchNorm2d.forward chooses them: batch statistics in training mode (or without
     running statistics), running statistics updated only in training mode with
@@ -22,7 +22,7 @@ def conv_bn_pool_with(bn: nn.BatchNorm2d, x, weight, bias, stride, padding, acti
                              stride=stride, padding=padding, activation=activation, pool_size=pool_size,
                              return_indices=return_indices, index_format=index_format,
                              num_batches_tracked=bn.num_batches_tracked if tracking else None,
-                             negative_slope=negative_slope)
+                             negative_slope=negative_slope, pool_stride=pool_stride, ceil_mode=ceil_mode)
 
 
 class ConvBNPool2d(nn.Module):
@@ -36,7 +36,7 @@ class ConvBNPool2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, activation="relu", pool_size=2,
                  bias=True, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, index_format="flat",
-                 negative_slope=0.01, return_indices=True, device=None, dtype=None):
+                 negative_slope=0.01, return_indices=True, device=None, dtype=None, pool_stride=None, ceil_mode=False):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
                               device=device, dtype=dtype)
@@ -46,6 +46,8 @@ class ConvBNPool2d(nn.Module):
                                  track_running_stats=track_running_stats, device=device, dtype=dtype)
         self.activation = activation
         self.pool_size = pool_size
+        self.pool_stride = pool_stride
+        self.ceil_mode = ceil_mode
         self.index_format = index_format
         self.negative_slope = negative_slope
         self.return_indices = return_indices
@@ -53,7 +55,9 @@ class ConvBNPool2d(nn.Module):
     def forward(self, x: torch.Tensor):
         return conv_bn_pool_with(self.bn, x, self.conv.weight, self.conv.bias, self.conv.stride, self.conv.padding,
                                  self.activation, self.pool_size, return_indices=self.return_indices,
-                                 index_format=self.index_format, negative_slope=self.negative_slope)
+                                 index_format=self.index_format, negative_slope=self.negative_slope,
+                                 pool_stride=self.pool_stride, ceil_mode=self.ceil_mode)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, pool_size={self.pool_size}"
+        return (f"activation={self.activation!r}, pool_size={self.pool_size}, pool_stride={self.pool_stride}, "
+                f"ceil_mode={self.ceil_mode}")

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from aefast.ops import _registry
-from aefast.ops.conv_pool import conv_output_size
+from aefast.ops.conv_pool import conv_output_size, pooled_size, resolve_pool_stride
 
 
 def _stat_dtype(dtype):
@@ -55,17 +55,17 @@ def _stat_dtype(dtype):
 
 
 def _fake_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation, negative_slope,
-                  pool_size):
+                  pool_size, pool_stride=(0, 0), ceil_mode=False):
     hc, wc = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
     conv_shape = (input.shape[0], weight.shape[0], hc, wc)
-    shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
+    shape = (input.shape[0], weight.shape[0], *pooled_size((hc, wc), pool_size, pool_stride, ceil_mode))
     stat = _stat_dtype(input.dtype)
     return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(conv_shape),
             input.new_empty((weight.shape[0],), dtype=stat), input.new_empty((weight.shape[0],), dtype=stat))
 
 
 def _fake_backward(grad_pooled, window, conv_out, mean, var, input, weight, bn_weight, bn_bias, stride, padding, eps,
-                   activation, negative_slope, pool_size, output_mask):
+                   activation, negative_slope, pool_size, output_mask, pool_stride=(0, 0), ceil_mode=False):
     def grad(wanted, shape, like):
         if not wanted or like is None:
             return conv_out.new_empty((0,))
@@ -82,7 +82,9 @@ _registry.register_fake("conv_bn_pool2d_backward", _fake_backward)
 
 
 def _setup_forward(ctx, inputs, output):
-    input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation, negative_slope, pool_size = inputs
+    input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation, negative_slope, pool_size = inputs[:11]
+    pool_stride, ceil_mode = (tuple(inputs[11:]) + ((0, 0), False)[len(inputs) - 11:])[:2]
+    ctx.pool = (resolve_pool_stride(pool_size, pool_stride), bool(ceil_mode))
     _, window, conv_out, mean, var = output
     ctx.mark_non_differentiable(window, conv_out, mean, var)
     ctx.set_materialize_grads(False)
@@ -94,14 +96,14 @@ def _setup_forward(ctx, inputs, output):
 def _make_backward(ns):
     def backward(ctx, grad_pooled, *unused):
         if grad_pooled is None:
-            return (None,) * 11
+            return (None,) * len(ctx.needs_input_grad)
         window, conv_out, mean, var, input, weight, bn_weight, bn_bias = ctx.saved_tensors
         mask = [bool(need and present) for need, present in zip(ctx.needs_input_grad[:5], ctx.present)]
         if not any(mask):
-            return (None,) * 11
+            return (None,) * len(ctx.needs_input_grad)
         grads = ns.conv_bn_pool2d_backward(grad_pooled.contiguous(), window, conv_out, mean, var, input, weight,
-                                           bn_weight, bn_bias, *ctx.geometry, mask)
-        return (*(g if m else None for g, m in zip(grads, mask)), *(None,) * 6)
+                                           bn_weight, bn_bias, *ctx.geometry, mask, *ctx.pool)
+        return (*(g if m else None for g, m in zip(grads, mask)), *(None,) * (len(ctx.needs_input_grad) - 5))
 
     return backward
 

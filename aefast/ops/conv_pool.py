@@ -2,10 +2,13 @@
 
 Ops (schemas in csrc/ops.cpp):
 
-* ``conv_pool2d_forward(x, w, b, stride, padding, act, slope, pool) -> (pooled, window, preact)``:
-  ``pooled = maxpool(act(z))`` with ``z = conv2d(x, w, b)``; ``window`` is the uint8 row-major
-  offset of each window's first maximum and ``preact`` is z at that maximum. All three are
-  pooled-size: nothing at conv resolution is kept for the backward.
+* ``conv_pool2d_forward(x, w, b, stride, padding, act, slope, pool, ..., pool_stride, ceil_mode)
+  -> (pooled, window, preact)``: ``pooled = max_pool2d(act(z), pool, pool_stride, ceil_mode=...)``
+  with ``z = conv2d(x, w, b)`` (pool_stride ``[0, 0]`` means pool: the non-overlapping pool);
+  ``window`` is the uint8 row-major offset ``r*pool_w + c`` of each window's first maximum inside
+  its window, which starts at ``(i*pool_stride_h, j*pool_stride_w)`` of z (the offset is counted
+  in the full window also where a ceil_mode window is clipped at the edge), and ``preact`` is z at
+  that maximum. All three are pooled-size: nothing at conv resolution is kept for the backward.
 * ``conv_pool2d_backward_input`` / ``conv_pool2d_backward_weight``: the gradient formula.
   The pool routes each pooled gradient to one conv position, so with
   ``gz = grad_pooled * act'(preact)`` (pooled-size) and ``pos`` the conv position named by
@@ -16,7 +19,10 @@ Ops (schemas in csrc/ops.cpp):
       grad_w[co,ci,u,v]  = sum_{n,i,j} gz * x[n, ci, pos_h*SH - PH + u, pos_w*SW - PW + v]
       grad_x[n,ci,y,x]   = sum_{co,i,j,u,v : pos*S - P + (u,v) = (y,x)} gz * w[co,ci,u,v]
 
-  which is 1/(pool_h*pool_w) of the dense backward's multiply-adds.
+  which is 1/(pool_h*pool_w) of the dense backward's multiply-adds. With overlapping windows
+  (pool stride < pool) one conv position can be the argmax of several windows: dL/dz there is the
+  SUM of their gz (each window's max is a function of z; the derivative of a sum of such terms).
+  The kernels that serve such pools sum per (n, co) plane in a fixed order (deterministic).
 * ``corruption`` (``"none"`` | gaussian | masking | salt_pepper, with ``corruption_level``, ``seed``,
   ``low``, ``high`` as in ``aefast::corrupt``): the forward and ``backward_weight`` read
   ``xc = corrupt(x)`` element by element in their input load (the noise is regenerated from the
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from aefast import _checks
 from aefast.ops import _registry
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "gelu": 5, "silu": 6}
@@ -47,39 +54,64 @@ def conv_output_size(in_hw, kernel_hw, stride, padding):
     return tuple((in_hw[a] + 2 * padding[a] - kernel_hw[a]) // stride[a] + 1 for a in range(2))
 
 
+def resolve_pool_stride(pool_size, pool_stride):
+    """The schemas' ``int[2] pool_stride`` (0 = pool_size) as a list of two positive ints."""
+    if isinstance(pool_stride, int):
+        pool_stride = [pool_stride, pool_stride]
+    return [int(st) if st else int(k) for k, st in zip(pool_size, pool_stride)]
+
+
+def pooled_size(conv_hw, pool_size, pool_stride=(0, 0), ceil_mode=False):
+    """The pooled (H, W) of the encoder blocks' pool (no padding, dilation 1), torch's rule."""
+    st = resolve_pool_stride(pool_size, pool_stride)
+    return tuple(_checks.pooling_output_size(conv_hw[a], pool_size[a], st[a], 0, 1, bool(ceil_mode)) for a in range(2))
+
+
+def is_tiling_pool(conv_hw, pool_size, pool_stride=(0, 0), ceil_mode=False):
+    """The pool the tiling kernels were written for: stride = pool and no clipped ceil_mode window
+    (csrc/include/aefast/conv_pool.h has the same rule, pool_is_tiling)."""
+    if resolve_pool_stride(pool_size, pool_stride) != [int(k) for k in pool_size]:
+        return False
+    return pooled_size(conv_hw, pool_size, pool_size, ceil_mode) == tuple(conv_hw[a] // pool_size[a] for a in range(2))
+
+
 # ---------------------------------------------------------------- Triton twins
 
 def _triton_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size, corruption="none",
-                    corruption_level=0.0, seed=0, low=0.0, high=1.0):
+                    corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0), ceil_mode=False):
     from aefast.triton import conv_pool as kernels
 
     return kernels.conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
-                                       corruption, corruption_level, seed, low, high)
+                                       corruption, corruption_level, seed, low, high, pool_stride, ceil_mode)
 
 
 def _triton_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
-                           pool_size):
+                           pool_size, pool_stride=(0, 0), ceil_mode=False):
     from aefast.triton import conv_pool as kernels
 
     return kernels.conv_pool2d_backward_input(grad, window, preact, weight, input_size, stride, padding, activation,
-                                              negative_slope, pool_size)
+                                              negative_slope, pool_size, pool_stride, ceil_mode)
 
 
 def _triton_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
-                            pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
+                            pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0,
+                            pool_stride=(0, 0), ceil_mode=False):
     from aefast.triton import conv_pool as kernels
 
     return kernels.conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation,
                                                negative_slope, pool_size, corruption, corruption_level, seed, low,
-                                               high)
+                                               high, pool_stride=pool_stride, ceil_mode=ceil_mode)
 
 
 def _triton_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size,
-                     *noise):
+                     corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0),
+                     ceil_mode=False):
+    noise = (corruption, corruption_level, seed, low, high)
     grad_input = _triton_backward_input(grad, window, preact, weight, list(input.shape[-2:]), stride, padding,
-                                        activation, negative_slope, pool_size)
+                                        activation, negative_slope, pool_size, pool_stride, ceil_mode)
     grad_weight, grad_bias = _triton_backward_weight(grad, window, preact, input, list(weight.shape[-2:]), stride,
-                                                     padding, activation, negative_slope, pool_size, *noise)
+                                                     padding, activation, negative_slope, pool_size, *noise,
+                                                     pool_stride, ceil_mode)
     return grad_input, grad_weight, grad_bias
 
 
@@ -106,24 +138,26 @@ _registry.register_triton("max_pool2d_backward", _triton_max_pool2d_backward)
 # ---------------------------------------------------------------- fake functions
 
 def _fake_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size, corruption="none",
-                  corruption_level=0.0, seed=0, low=0.0, high=1.0):
-    hc, wc = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
-    shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
+                  corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0), ceil_mode=False):
+    conv_hw = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
+    shape = (input.shape[0], weight.shape[0], *pooled_size(conv_hw, pool_size, pool_stride, ceil_mode))
     return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(shape))
 
 
 def _fake_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
-                         pool_size):
+                         pool_size, pool_stride=(0, 0), ceil_mode=False):
     return grad.new_empty((grad.shape[0], weight.shape[1], *input_size))
 
 
 def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
-                          pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
+                          pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0,
+                          pool_stride=(0, 0), ceil_mode=False):
     return (grad.new_empty((grad.shape[1], input.shape[1], *kernel_size)), grad.new_empty((grad.shape[1],)))
 
 
 def _fake_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size,
-                   corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
+                   corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0),
+                   ceil_mode=False):
     return (grad.new_empty((grad.shape[0], weight.shape[1], *input.shape[-2:])),
             grad.new_empty((grad.shape[1], input.shape[1], *weight.shape[-2:])), grad.new_empty((grad.shape[1],)))
 
@@ -133,12 +167,7 @@ def _memory_format(t):
                                    and not t.is_contiguous()) else torch.contiguous_format
 
 
-def pool_output_size(size, k, s, p, d, ceil_mode):
-    span = d * (k - 1) + 1
-    out = (size + 2 * p - span + ((s - 1) if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    return out
+pool_output_size = _checks.pooling_output_size  # torch's rule, written once (aefast/_checks.py)
 
 
 def _fake_max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
@@ -167,8 +196,11 @@ _registry.register_fake("max_pool2d_backward", _fake_max_pool2d_backward)
 
 def _setup_forward(ctx, inputs, output):
     input, weight, bias, stride, padding, activation, negative_slope, pool_size = inputs[:8]
-    # (corruption, corruption_level, seed, low, high); absent when called with the 8 positional ones.
-    ctx.noise = tuple(inputs[8:]) + ("none", 0.0, 0, 0.0, 1.0)[len(inputs) - 8:]
+    # (corruption, corruption_level, seed, low, high, pool_stride, ceil_mode); the defaults where the
+    # call left them out.
+    rest = tuple(inputs[8:]) + ("none", 0.0, 0, 0.0, 1.0, (0, 0), False)[len(inputs) - 8:]
+    ctx.noise = rest[:5]
+    ctx.pool = (resolve_pool_stride(pool_size, rest[5]), bool(rest[6]))
     _, window, preact = output
     # window and preact are the backward's own bookkeeping, not values to differentiate.
     ctx.mark_non_differentiable(window, preact)
@@ -207,7 +239,7 @@ def _make_forward_backward(ns):
         if ctx.needs_input_grad[0] and needs_wb:  # all of them: one call, gz computed once
             grad_input, grad_weight, grad_bias = ns.conv_pool2d_backward(grad_pooled, window, preact, input, weight,
                                                                          stride, padding, activation, negative_slope,
-                                                                         pool_size, *ctx.noise)
+                                                                         pool_size, *ctx.noise, *ctx.pool)
             if not ctx.needs_input_grad[1]:
                 grad_weight = None
             if not (ctx.has_bias and ctx.needs_input_grad[2]):
@@ -216,11 +248,11 @@ def _make_forward_backward(ns):
         if ctx.needs_input_grad[0]:
             grad_input = clean_input_grad(ns.conv_pool2d_backward_input(grad_pooled, window, preact, weight,
                                                                         ctx.input_size, stride, padding, activation,
-                                                                        negative_slope, pool_size))
+                                                                        negative_slope, pool_size, *ctx.pool))
         if needs_wb:
             grad_weight, grad_bias = ns.conv_pool2d_backward_weight(grad_pooled, window, preact, input,
                                                                     ctx.kernel_size, stride, padding, activation,
-                                                                    negative_slope, pool_size, *ctx.noise)
+                                                                    negative_slope, pool_size, *ctx.noise, *ctx.pool)
             if not ctx.needs_input_grad[1]:
                 grad_weight = None
             if not (ctx.has_bias and ctx.needs_input_grad[2]):

@@ -312,25 +312,30 @@ def kl_divergence(mu, logvar, reduction="mean"):
 # ---------------------------------------------------------------- fused blocks
 
 def conv_pool2d(input, weight, bias=None, stride=1, padding=0, activation="relu", pool_size=2,
-                return_indices=True, index_format="flat", *, negative_slope=0.01):
+                return_indices=True, index_format="flat", *, negative_slope=0.01, pool_stride=None, ceil_mode=False):
+    """max_pool2d(act(conv2d(...)), pool_size, pool_stride, ceil_mode=ceil_mode); window indices are
+    the offsets inside each window (which starts at (i*pool_stride_h, j*pool_stride_w))."""
     y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
     y = apply_activation(y, activation, negative_slope)
-    pooled, idx = max_pool2d(y, pool_size, return_indices=True)
+    pooled, idx = max_pool2d(y, pool_size, pool_stride, ceil_mode=ceil_mode, return_indices=True)
     if not return_indices:
         return pooled
     if index_format == "window":
-        idx = flat_to_window(idx, y.shape[-2:], pool_size)
+        idx = flat_to_window(idx, y.shape[-2:], pool_size, pool_stride)
     return pooled, idx
 
 
 def unpool_conv_transpose2d(input, indices, weight, bias=None, pool_size=2, output_size=None, stride=1,
                             padding=0, output_padding=0, activation=None, index_format="flat", *,
-                            negative_slope=0.01):
+                            negative_slope=0.01, pool_stride=None):
+    """act(conv_transpose2d(max_unpool2d(input, indices, pool_size, pool_stride, output_size), ...));
+    window indices are offsets inside windows pool_stride apart (default: pool_size)."""
     k = pair(pool_size, "pool_size", minimum=1)
-    unpooled_hw = unpool_output_size(tuple(input.shape[-2:]), k, k, (0, 0), output_size)
+    ks = k if pool_stride is None else pair(pool_stride, "pool_stride", minimum=1)
+    unpooled_hw = unpool_output_size(tuple(input.shape[-2:]), k, ks, (0, 0), output_size)
     if index_format == "window":
-        indices = window_to_flat(indices, unpooled_hw, k)
-    u = max_unpool2d(input, indices, k, output_size=unpooled_hw)
+        indices = window_to_flat(indices, unpooled_hw, k, ks)
+    u = max_unpool2d(input, indices, k, ks, output_size=unpooled_hw)
     y = conv_transpose2d(u, weight, bias, stride, padding, output_padding)
     return apply_activation(y, activation, negative_slope)
 
@@ -357,8 +362,9 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, momentu
 
 def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1,
                    eps=1e-5, stride=1, padding=0, activation="relu", pool_size=2, return_indices=True,
-                   index_format="flat", num_batches_tracked=None, *, negative_slope=0.01):
-    """max_pool2d(act(batch_norm(conv2d(input, weight, bias)))): batch statistics (biased variance)
+                   index_format="flat", num_batches_tracked=None, *, negative_slope=0.01, pool_stride=None,
+                   ceil_mode=False):
+    """max_pool2d(act(batch_norm(conv2d(input, weight, bias))), pool_size, pool_stride, ceil_mode=ceil_mode): batch statistics (biased variance)
     when ``training`` or without running statistics, else the running ones; running statistics
     and num_batches_tracked are updated in training mode as nn.BatchNorm2d does. The normalisation
     and activation run in the op-math dtype (float32 for half/bf16), the pool on the input dtype."""
@@ -379,11 +385,11 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     if bn_bias is not None:
         z = z + bn_bias.to(stat_dtype)[:, None, None]
     a = apply_activation(z, activation, negative_slope).to(input.dtype)
-    pooled, idx = max_pool2d(a, pool_size, return_indices=True)
+    pooled, idx = max_pool2d(a, pool_size, pool_stride, ceil_mode=ceil_mode, return_indices=True)
     if not return_indices:
         return pooled
     if index_format == "window":
-        idx = flat_to_window(idx, a.shape[-2:], pool_size)
+        idx = flat_to_window(idx, a.shape[-2:], pool_size, pool_stride)
     return pooled, idx
 
 

@@ -4,8 +4,11 @@ Same math as csrc/cpu/conv_pool.cpp (derivations in aefast/ops/conv_pool.py). Bo
 implicit GEMMs on tensor cores (`tl.dot`, fp32 accumulation; fp64 keeps a tl.sum path):
 
 forward    C[r, co] = sum_k A[r, k] * B[k, co], K = Cin*KH*KW in BLOCK_K slices, where a GEMM row
-           r = (pooled position p, window offset o) is the conv output at (p*pool + o):
-             A[r, k] = x[n, ci, (ph*PKH + o//PKW)*SH - PH + ki, (pw*PKW + o%PKW)*SW - PW + kj]
+           r = (pooled position p, window offset o) is the conv output at (p*pool_stride + o):
+             A[r, k] = x[n, ci, (ph*SPH + o//PKW)*SH - PH + ki, (pw*SPW + o%PKW)*SW - PW + kj]
+           (SPH, SPW) the pool stride, = (PKH, PKW) for the non-overlapping pool. A row whose conv
+           position lies past the conv output (a ceil_mode window clipped at the edge) is -inf
+           before the max, so it never wins: offset 0 always lies inside.
              B[k, co] = w[co, ci, ki, kj]          with (ci, ki, kj) = patch_coords(k)
            The rows of one pooled position are its PKH*PKW window offsets (padded to NW, a power of
            two), so each program holds one fp32 accumulator per window offset in one tile and every
@@ -20,7 +23,9 @@ forward    C[r, co] = sum_k A[r, k] * B[k, co], K = Cin*KH*KW in BLOCK_K slices,
 backward   gz = grad * act'(preact), pooled-size (one elementwise kernel).
   wgrad    grad_w[co, k] = sum_{(j, o)} A[co, (j, o)] * B[(j, o), k] with
              A[co, (j, o)] = gz[n, co, j] if window[n, co, j] == o else 0   (built in registers)
-             B[(j, o), k]  = x at conv position (j*pool + o), patch element k
+             B[(j, o), k]  = x at conv position (j*pool_stride + o), patch element k
+           (with overlapping windows two rows (j, o) may name one conv position: the GEMM sums
+           both, which is the derivative's sum over windows)
            a GEMM over conv positions whose A-tile is the unpooled gradient, never stored. The
            positions are split into S fixed chunks (split-K); each program writes its partial sum
            to its own buffer and a second kernel adds the S buffers in order: deterministic, no
@@ -29,7 +34,12 @@ backward   gz = grad * act'(preact), pooled-size (one elementwise kernel).
   dgrad    grad_x = conv_transpose2d(max_unpool(gz, window), w): the decoder's forward with no
            bias and no activation (aefast.triton.unpool_deconv.forward, window-format indices).
            Its unpooled size is the full conv output (positions past pool*pooled get no
-           gradient) and its output_padding = (H + 2P - KH) mod S makes its output exactly H x W.
+           gradient; a ceil_mode window clipped at the edge only names positions inside) and its
+           output_padding = (H + 2P - KH) mod S makes its output exactly H x W. With pool stride !=
+           pool (windows overlap or leave gaps) the unpool is not the decoder's: the dense
+           dL/dz[n, co, r, c] = sum over the windows containing (r, c) whose argmax it is of gz
+           is gathered first (_unpool_sum_kernel: per position, the windows in row-major order, so
+           deterministic), then the same decoder with a 1x1 pool maps it to grad_x.
 corruption with corruption != "none" the forward and the weight gradient read corrupt(x) in their
            input load: corrupt_value is aefast.triton.recon_loss's corrupt kernel on one element
            (tl.rand / tl.randn keyed by the seed, counter = the element's logical NCHW index, also
@@ -58,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aefast.ops.conv_pool import conv_output_size, pool_output_size
+from aefast.ops.conv_pool import conv_output_size, pool_output_size, pooled_size
 from aefast.triton._common import activate, activation_grad, mma_acc, patch_coords, round_to
 from aefast.triton.recon_loss import corrupt_value
 
@@ -108,7 +118,8 @@ INTERPRET_CONFIGS = {
 }
 # Elementwise and reduction kernels: no GEMM, so no tensor-core instruction expected
 # (scripts/check_triton_aot.py requires one in every other kernel of this module).
-NO_TENSOR_CORE_KERNELS = {"_pooled_grad_kernel", "_sum_splits_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel"}
+NO_TENSOR_CORE_KERNELS = {"_pooled_grad_kernel", "_sum_splits_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel",
+                          "_unpool_sum_kernel"}
 
 
 def _configs(name):
@@ -128,7 +139,7 @@ def _scan_max(a1, z1, i1, a2, z2, i2):
 
 @triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
-                          M, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW,
+                          M, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW, HC, WC, SPH, SPW,
                           xs_n, xs_c, xs_h, xs_w, ws_o, ws_i, ws_h, ws_w,
                           slope_ptr, seed, nlevel, nlow, nhigh,
                           KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
@@ -144,12 +155,14 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
         pid = pid.to(tl.int64)
     p = pid * BLOCK_P + r // NW
     off = r % NW
-    row_ok = (p < M) & (off < PKH * PKW)
     pw = p % WO
     ph = (p // WO) % HO
     n = p // (WO * HO)
-    y0 = (ph * PKH + off // PKW) * SH - PH  # top-left input row of this conv position's patch
-    x0 = (pw * PKW + off % PKW) * SW - PW
+    # this row's conv position; past the conv output only in a ceil_mode window clipped at the edge
+    in_window = (off < PKH * PKW) & (ph * SPH + off // PKW < HC) & (pw * SPW + off % PKW < WC)
+    row_ok = (p < M) & in_window
+    y0 = (ph * SPH + off // PKW) * SH - PH  # top-left input row of this conv position's patch
+    x0 = (pw * SPW + off % PKW) * SW - PW
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = co < COUT
     acc = tl.zeros((ROWS, BLOCK_N), ACC)
@@ -173,7 +186,7 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
         acc += tl.load(b_ptr + co, mask=c_ok, other=0.0).to(ACC)[None, :]
     z = round_to(acc, out_dtype)
     a = round_to(activate(z, ACT, slope), out_dtype)
-    a = tl.where((off < PKH * PKW)[:, None], a, float("-inf"))  # padding offsets never win
+    a = tl.where(in_window[:, None], a, float("-inf"))  # padding offsets and clipped rows never win
     offs = tl.broadcast_to(off[:, None], (ROWS, BLOCK_N))
     best, best_z, best_o = tl.reduce((tl.reshape(a, (BLOCK_P, NW, BLOCK_N)), tl.reshape(z, (BLOCK_P, NW, BLOCK_N)),
                                       tl.reshape(offs, (BLOCK_P, NW, BLOCK_N))), 1, _scan_max)
@@ -203,8 +216,35 @@ def _pooled_grad_kernel(g_ptr, pre_ptr, gz_ptr, total, slope_ptr, ACT: tl.conste
 
 
 @triton.jit
+def _unpool_sum_kernel(gz_ptr, win_ptr, dz_ptr, total, HC, WC, HO, WO, PKH: tl.constexpr, PKW: tl.constexpr,
+                       SPH: tl.constexpr, SPW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """dz[n, c, r, q] = sum of gz over the windows (i, j) that contain (r, q) and whose argmax it is,
+    i in [ceil((r - PKH + 1)/SPH), r // SPH] (and < HO), likewise j; in row-major window order, so
+    the sum is the same every run. One conv position per element; NCHW contiguous."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = e < total
+    q = e % WC
+    r = (e // WC) % HC
+    plane = e // (WC * HC)
+    acc = tl.zeros((BLOCK,), ACC)
+    i_hi = r // SPH
+    j_hi = q // SPW
+    for di in tl.static_range((PKH + SPH - 1) // SPH):
+        i = i_hi - ((PKH + SPH - 1) // SPH - 1) + di
+        for dj in tl.static_range((PKW + SPW - 1) // SPW):
+            j = j_hi - ((PKW + SPW - 1) // SPW - 1) + dj
+            oi = r - i * SPH
+            oj = q - j * SPW
+            ok = live & (i >= 0) & (i < HO) & (j >= 0) & (j < WO) & (oi < PKH) & (oj < PKW)
+            src = (plane * HO + i) * WO + j
+            hit = tl.load(win_ptr + src, mask=ok, other=255).to(tl.int32) == oi * PKW + oj
+            acc += tl.where(ok & hit, tl.load(gz_ptr + src, mask=ok & hit, other=0.0).to(ACC), 0.0)
+    tl.store(dz_ptr + e, acc.to(dz_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
 def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
-                            J, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW, CHUNK,
+                            J, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW, SPH, SPW, CHUNK,
                             xs_n, xs_c, xs_h, xs_w, seed, nlevel, nlow, nhigh,
                             KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
                             NW: tl.constexpr, ACC: tl.constexpr, NOISE: tl.constexpr, CIN_INNER: tl.constexpr,
@@ -240,8 +280,8 @@ def _conv_pool_wgrad_kernel(gz_ptr, win_ptr, x_ptr, part_ptr, part_b_ptr,
         hit = tl.load(win_ptr + ga, mask=am, other=0).to(tl.int32) == off[None, :]
         a = tl.where(hit, g, 0.0).to(g.dtype)
         # B tile [ROWS, BLOCK_K]: the patch of each row's conv position
-        y = ((ph * PKH + off // PKW) * SH - PH)[:, None] + ki[None, :]
-        xx = ((pw * PKW + off % PKW) * SW - PW)[:, None] + kj[None, :]
+        y = ((ph * SPH + off // PKW) * SH - PH)[:, None] + ki[None, :]
+        xx = ((pw * SPW + off % PKW) * SW - PW)[:, None] + kj[None, :]
         m = r_ok[:, None] & k_ok[None, :] & (y >= 0) & (y < H) & (xx >= 0) & (xx < W)
         b = tl.load(x_ptr + n[:, None] * xs_n + ci[None, :] * xs_c + y * xs_h + xx * xs_w, mask=m, other=0.0)
         if NOISE >= 0:  # the forward's corruption, regenerated
@@ -334,9 +374,8 @@ def _operand(t):
     return t.contiguous()
 
 
-def _shape(input_hw, kernel_hw, stride, padding, pool_size):
-    hc, wc = conv_output_size(input_hw, kernel_hw, stride, padding)
-    return hc // pool_size[0], wc // pool_size[1]
+def _pool_stride(pool_size, pool_stride):
+    return [st if st else k for k, st in zip(pool_size, pool_stride)]
 
 
 _NOISE_CODES = {"none": -1, "gaussian": 0, "masking": 1, "salt_pepper": 2}
@@ -350,13 +389,16 @@ def _noise_code(corruption):
 
 
 def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
-                        corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0):
+                        corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0),
+                        ceil_mode=False):
     noise = _noise_code(corruption)
     x = _operand(input)
     w = weight.contiguous()
     n, cin, h, wd = x.shape
     cout, _, kh, kw = w.shape
-    ho, wo = _shape((h, wd), (kh, kw), stride, padding, pool_size)
+    hc, wc = conv_output_size((h, wd), (kh, kw), stride, padding)
+    sp = _pool_stride(pool_size, pool_stride)
+    ho, wo = pooled_size((hc, wc), pool_size, sp, ceil_mode)
     pooled = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device)
     window = torch.empty((n, cout, ho, wo), dtype=torch.uint8, device=x.device)
     preact = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device)
@@ -372,7 +414,7 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
     mode = _gemm_mode(x.dtype)
     _launcher(_FWD, x.dtype, mode)[grid](
         x, w, b, pooled, window, preact, m, cin, h, wd, cout, ho, wo, cin * kh * kw, stride[0], stride[1],
-        padding[0], padding[1], *x.stride(), *w.stride(), _slope(negative_slope, x), seed, float(corruption_level),
+        padding[0], padding[1], hc, wc, sp[0], sp[1], *x.stride(), *w.stride(), _slope(negative_slope, x), seed, float(corruption_level),
         float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACT=int(activation),
         HAS_BIAS=bias is not None, ACC=_tl_acc(x.dtype), NOISE=noise, CIN_INNER=_cin_inner(x),
         IDX64=_needs_int64(x, w, pooled), **mode)
@@ -402,7 +444,7 @@ def wgrad_splits(positions):
 
 
 def conv_pool2d_backward_input(grad, window, preact, weight, input_size, stride, padding, activation,
-                               negative_slope, pool_size):
+                               negative_slope, pool_size, pool_stride=(0, 0), ceil_mode=False):
     from aefast.triton import unpool_deconv
 
     w = weight.contiguous()
@@ -412,14 +454,28 @@ def conv_pool2d_backward_input(grad, window, preact, weight, input_size, stride,
     gz = _pooled_grad(grad, preact, activation, negative_slope)
     if gz.numel() == 0:
         return torch.zeros((grad.shape[0], w.shape[1], *input_size), dtype=grad.dtype, device=grad.device)
-    gx, _ = unpool_deconv.forward(gz, window.contiguous(), w, None, list(pool_size), [hc, wc], list(stride),
-                                  list(padding), out_pad, None, 0.0)
+    sp = _pool_stride(pool_size, pool_stride)
+    if sp == list(pool_size):  # non-overlapping windows (ceil_mode's clipped ones included): the decoder's unpool
+        gx, _ = unpool_deconv.forward(gz, window.contiguous(), w, None, list(pool_size), [hc, wc], list(stride),
+                                      list(padding), out_pad, None, 0.0)
+        return gx
+    ho, wo = gz.shape[-2:]
+    dz = torch.empty((gz.shape[0], gz.shape[1], hc, wc), dtype=gz.dtype, device=gz.device)
+    block = 1024
+    _unpool_sum_kernel[(triton.cdiv(dz.numel(), block),)](
+        gz, window.contiguous(), dz, dz.numel(), hc, wc, ho, wo, PKH=pool_size[0], PKW=pool_size[1], SPH=sp[0],
+        SPW=sp[1], ACC=_tl_acc(gz.dtype), BLOCK=block)
+    # dz is dense: the decoder with a 1x1 pool whose every offset is 0 (a stride-0 uint8 zero) is
+    # conv_transpose2d(dz, w).
+    zero = torch.zeros((1, 1, 1, 1), dtype=torch.uint8, device=dz.device).expand(dz.shape)
+    gx, _ = unpool_deconv.forward(dz, zero, w, None, [1, 1], [hc, wc], list(stride), list(padding), out_pad, None,
+                                  0.0)
     return gx
 
 
 def conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation,
                                 negative_slope, pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0,
-                                high=1.0, splits=None):
+                                high=1.0, splits=None, pool_stride=(0, 0), ceil_mode=False):
     noise = _noise_code(corruption)
     x = _operand(input)
     n, cin, h, wd = x.shape
@@ -445,7 +501,7 @@ def conv_pool2d_backward_weight(grad, window, preact, input, kernel_size, stride
     mode = _gemm_mode(x.dtype)
     _launcher(_WGRAD, x.dtype, mode)[grid](
         gz, window.contiguous(), x, part_w, part_b, positions, cin, h, wd, cout, ho, wo, k, stride[0], stride[1],
-        padding[0], padding[1], chunk, *x.stride(), seed, float(corruption_level), float(low), float(high),
+        padding[0], padding[1], *_pool_stride(pool_size, pool_stride), chunk, *x.stride(), seed, float(corruption_level), float(low), float(high),
         KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACC=_tl_acc(grad.dtype), NOISE=noise,
         CIN_INNER=_cin_inner(x), IDX64=_needs_int64(x, gz, part_w), **mode)
     gw = _sum_splits(part_w)

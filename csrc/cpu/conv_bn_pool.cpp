@@ -1,5 +1,6 @@
 // CPU kernels of the conv_bn_pool family: conv -> BatchNorm (training mode, batch statistics) ->
-// activation -> non-overlapping max-pool with argmax, and its backward. The passes and the
+// activation -> max-pool with argmax (windows (PKH, PKW) starting at (i*SPH, j*SPW) of the conv
+// output, clipped at its edge in ceil_mode; torch's max_pool2d geometry), and its backward. The passes and the
 // gradient formula are derived in aefast/ops/conv_bn_pool.py; in short, per output channel c,
 // with y = conv2d(x, w, b) (N, C, HC, WC), M = N*HC*WC, mean_c, var_c (biased) over (n, h, w):
 //   scale_c = gamma_c / sqrt(var_c + eps), shift_c = beta_c - mean_c * scale_c
@@ -7,6 +8,8 @@
 // Backward, g = grad_pooled * act'(z) at each window's argmax (zero elsewhere), yhat = (y-mean)*invstd:
 //   dbeta_c = sum g,  dgamma_c = sum g*yhat   (pool-sparse sums)
 //   dy = gamma*invstd*(g - dbeta/M - yhat*dgamma/M) = c0_c + c1_c * y + gamma_c*invstd_c * g
+// where g at a conv position is the sum of the g of every window whose argmax it is (overlapping
+// windows, pool stride < pool size, can share one; summed per plane in pooled row-major order)
 // which is dense; it is written once and handed to the vendor conv backward
 // (at::convolution_backward: oneDNN) for dx, dw and db.
 //
@@ -21,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <vector>
@@ -34,19 +38,25 @@ namespace {
 
 struct BnPoolShape {
   int64_t N, C, HC, WC, PKH, PKW, HO, WO;
+  int64_t SPH, SPW;  // pool stride
+  bool overlapping() const { return SPH < PKH || SPW < PKW; }
   int64_t plane() const { return HC * WC; }
   int64_t count() const { return N * HC * WC; }
 };
 
-BnPoolShape check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool) {
+BnPoolShape check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool, c10::IntArrayRef pool_stride,
+                           bool ceil_mode) {
   TORCH_CHECK(pool.size() == 2 && pool[0] > 0 && pool[1] > 0 && pool[0] * pool[1] <= 255,
               "aefast::conv_bn_pool2d: pool_size needs two positive entries with at most 255 elements in a window");
-  BnPoolShape s{conv_out.size(0), conv_out.size(1), conv_out.size(2), conv_out.size(3), pool[0], pool[1], 0, 0};
+  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 0 && pool_stride[1] >= 0,
+              "aefast::conv_bn_pool2d: pool_stride needs two non-negative entries (0: pool_size)");
+  BnPoolShape s{conv_out.size(0), conv_out.size(1), conv_out.size(2), conv_out.size(3), pool[0], pool[1], 0, 0,
+                pool_stride[0] ? pool_stride[0] : pool[0], pool_stride[1] ? pool_stride[1] : pool[1]};
   TORCH_CHECK(s.HC >= s.PKH && s.WC >= s.PKW, "aefast::conv_bn_pool2d: the conv output ", s.HC, "x", s.WC,
               " is smaller than the pool window");
   TORCH_CHECK(s.count() > 1, "aefast::conv_bn_pool2d: expected more than 1 value per channel when training");
-  s.HO = s.HC / s.PKH;
-  s.WO = s.WC / s.PKW;
+  s.HO = pool_out_extent(s.HC, s.PKH, s.SPH, ceil_mode);
+  s.WO = pool_out_extent(s.WC, s.PKW, s.SPW, ceil_mode);
   return s;
 }
 
@@ -124,7 +134,8 @@ void check_bn_params(const char* op, const c10::optional<at::Tensor>& bn_w, cons
 }
 
 // ---- forward epilogue: per (n, c) plane, each pooled (i, j): the first maximum of act(scale*y + shift)
-// over the window, its row-major offset, written as pooled (input dtype) and window (uint8).
+// over the window's in-bounds part, its row-major offset inside the full window, written as pooled
+// (input dtype) and window (uint8).
 template <typename scalar_t>
 void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const ChannelAffine<at::opmath_type<scalar_t>>& aff,
                              int64_t act, double slope, at::Tensor& pooled, at::Tensor& window) {
@@ -145,9 +156,10 @@ void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const Ch
         for (int64_t j = 0; j < s.WO; ++j) {
           acc_t best = 0;
           int off = -1;
-          for (int64_t ki = 0; ki < s.PKH; ++ki) {
-            const scalar_t* row = yc + (i * s.PKH + ki) * s.WC + j * s.PKW;
-            for (int64_t kj = 0; kj < s.PKW; ++kj) {
+          const int64_t rows = std::min(s.PKH, s.HC - i * s.SPH), cols = std::min(s.PKW, s.WC - j * s.SPW);
+          for (int64_t ki = 0; ki < rows; ++ki) {
+            const scalar_t* row = yc + (i * s.SPH + ki) * s.WC + j * s.SPW;
+            for (int64_t kj = 0; kj < cols; ++kj) {
               const acc_t v = activate<acc_t>(scale * static_cast<acc_t>(row[kj]) + shift, a, sl);
               if (off < 0 || pool_takes(v, best)) {
                 best = v;
@@ -165,7 +177,8 @@ void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const Ch
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias, c10::IntArrayRef stride,
-    c10::IntArrayRef padding, double eps, int64_t activation, double negative_slope, c10::IntArrayRef pool_size) {
+    c10::IntArrayRef padding, double eps, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
+    c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_bn_pool2d_forward", {&input, &weight}, bias);
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::conv_bn_pool2d: input and weight must be 4-D");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations, "aefast::conv_bn_pool2d: unknown activation code ",
@@ -173,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "aefast::conv_bn_pool2d: stride and padding need two entries");
   // The multiply-adds: the vendor conv (oneDNN), then NCHW so that a channel's plane is contiguous.
   const at::Tensor y = at::convolution(input, weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1).contiguous();
-  const BnPoolShape s = check_geometry(y, pool_size);
+  const BnPoolShape s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
   at::Tensor mean = at::empty({s.C}, y.options().dtype(stat_dtype));
@@ -208,7 +221,7 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
   auto routed = [&](int64_t plane, int64_t q, int64_t& pos) -> acc_t {
     const int64_t c = plane % s.C, i = q / s.WO, j = q % s.WO;
     const int off = wp[plane * pooled_hw + q];
-    pos = (i * s.PKH + off / s.PKW) * s.WC + j * s.PKW + off % s.PKW;
+    pos = (i * s.SPH + off / s.PKW) * s.WC + j * s.SPW + off % s.PKW;
     const acc_t z = aff.scale[c] * static_cast<acc_t>(yp[plane * hw + pos]) + aff.shift[c];
     return static_cast<acc_t>(gp[plane * pooled_hw + q]) * activation_grad<acc_t>(z, a, sl);
   };
@@ -235,6 +248,7 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
   scalar_t* dp = dy.mutable_data_ptr<scalar_t>();
   const double count = static_cast<double>(s.count());
   at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> kg(s.overlapping() ? hw : 0);  // k * (sum of g) per conv position
     for (int64_t plane = p0; plane < p1; ++plane) {
       const int64_t c = plane % s.C;
       // dy = k*(g - mean_g - yhat*mean_gyhat), k = gamma*invstd, yhat = (y - mean)*invstd
@@ -247,11 +261,22 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
       scalar_t* dc = dp + plane * hw;
       // The dense part in acc_t for the argmax positions, so that k*g is added before rounding.
       for (int64_t e = 0; e < hw; ++e) dc[e] = static_cast<scalar_t>(cf0 + cf1 * static_cast<acc_t>(yc[e]));
+      if (!s.overlapping()) {  // each conv position is the argmax of at most one window
+        for (int64_t q = 0; q < pooled_hw; ++q) {
+          int64_t pos;
+          const acc_t g = routed(plane, q, pos);
+          dc[pos] = static_cast<scalar_t>(cf0 + cf1 * static_cast<acc_t>(yc[pos]) + k * g);
+        }
+        continue;
+      }
+      std::fill(kg.begin(), kg.end(), acc_t(0));
       for (int64_t q = 0; q < pooled_hw; ++q) {
         int64_t pos;
         const acc_t g = routed(plane, q, pos);
-        dc[pos] = static_cast<scalar_t>(cf0 + cf1 * static_cast<acc_t>(yc[pos]) + k * g);
+        kg[pos] += k * g;
       }
+      for (int64_t e = 0; e < hw; ++e)
+        if (kg[e] != acc_t(0) || kg[e] != kg[e]) dc[e] = static_cast<scalar_t>(cf0 + cf1 * static_cast<acc_t>(yc[e]) + kg[e]);
     }
   });
 }
@@ -260,14 +285,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& conv_out, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, double eps,
-    int64_t activation, double negative_slope, c10::IntArrayRef pool_size, std::array<bool, 5> output_mask) {
+    int64_t activation, double negative_slope, c10::IntArrayRef pool_size, std::array<bool, 5> output_mask,
+    c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_bn_pool2d_backward", {&grad_pooled, &window, &conv_out, &mean, &var, &input, &weight});
   TORCH_CHECK(conv_out.dim() == 4 && window.scalar_type() == at::kByte && grad_pooled.sizes() == window.sizes(),
               "aefast::conv_bn_pool2d_backward: grad_pooled and the uint8 window must have the pooled shape");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations,
               "aefast::conv_bn_pool2d_backward: unknown activation code ", activation);
   const at::Tensor y = conv_out.contiguous();
-  const BnPoolShape s = check_geometry(y, pool_size);
+  const BnPoolShape s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.C && grad_pooled.size(2) == s.HO &&
                   grad_pooled.size(3) == s.WO && mean.numel() == s.C && var.numel() == s.C,
               "aefast::conv_bn_pool2d_backward: grad_pooled, mean and var do not match conv_out");

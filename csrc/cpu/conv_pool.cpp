@@ -2,7 +2,9 @@
 // non-overlapping max-pool with argmax, its sparse backward, and the drop-in max_pool2d.
 //
 // Notation: x (N, Cin, H, W) input, w (Cout, Cin, KH, KW) weight, b bias, stride (SH, SW),
-// padding (PH, PW), pool (PKH, PKW) with stride = pool and floor mode. K = Cin*KH*KW.
+// padding (PH, PW), pool (PKH, PKW) with stride = pool and floor mode. K = Cin*KH*KW. Other pools
+// (pool stride != pool, ceil_mode windows clipped at the edge) take conv_pool_general.cpp's path:
+// every entry point below routes them there (aefast::pool_is_tiling, aefast/conv_pool.h).
 //   z[n,co,r,c]  = b[co] + sum_{ci,ki,kj} w[co,ci,ki,kj] * x[n,ci, r*SH-PH+ki, c*SW-PW+kj]  (0 outside)
 //   a            = act(z)
 //   p[n,co,i,j]  = max over the window (i*PKH.., j*PKW..) of a; o = row-major offset of the
@@ -56,9 +58,28 @@
 #include "aefast/corruption.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
+#include "conv_pool_general.h"
 
 namespace aefast {
 namespace {
+
+// The pool of a call: pool_size windows, pool_stride apart (0: = pool_size), ceil_mode.
+PoolWindows pool_windows(c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode) {
+  TORCH_CHECK(pool.size() == 2 && pool_stride.size() == 2, "aefast::conv_pool2d: pool_size and pool_stride need two entries");
+  TORCH_CHECK(pool_stride[0] >= 0 && pool_stride[1] >= 0, "aefast::conv_pool2d: pool_stride must be positive (0: pool_size)");
+  return {pool[0], pool[1], pool_stride[0] ? pool_stride[0] : pool[0], pool_stride[1] ? pool_stride[1] : pool[1],
+          ceil_mode};
+}
+
+// Whether the tiling kernels of this file serve the pool (else conv_pool_general.cpp does).
+bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t KW, c10::IntArrayRef stride,
+                 c10::IntArrayRef padding) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] > 0 && stride[1] > 0,
+              "aefast::conv_pool2d: stride and padding need two entries, stride positive");
+  if (H + 2 * padding[0] < KH || W + 2 * padding[1] < KW) return true;  // make_shape reports it
+  const int64_t hc = (H + 2 * padding[0] - KH) / stride[0] + 1, wc = (W + 2 * padding[1] - KW) / stride[1] + 1;
+  return pool_is_tiling(hc, wc, p.kh, p.kw, p.sh, p.sw, p.ceil_mode);
+}
 
 struct Shape {
   int64_t N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, PKH, PKW;
@@ -391,11 +412,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
     c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level, int64_t seed, double low,
-    double high) {
+    double high, c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_forward", {&input, &weight}, bias_opt);
   check_conv_args(input, weight);
   check_activation(activation);
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
+  const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
+  if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding)) {
+    TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_forward: corruption in the load needs pool_stride = pool_size "
+                "without clipped ceil_mode windows; corrupt the input first (aefast.functional does)");
+    return conv_pool2d_forward_general(input, weight, bias_opt, stride, padding, activation, negative_slope, pool);
+  }
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
   // Activation-sized outputs through the buffer cache (aefast/cpu_buffer_cache.h).
@@ -692,12 +719,22 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
                                           const at::Tensor& preact, const at::Tensor& weight,
                                           c10::IntArrayRef input_size, c10::IntArrayRef stride,
                                           c10::IntArrayRef padding, int64_t activation, double negative_slope,
-                                          c10::IntArrayRef pool_size) {
+                                          c10::IntArrayRef pool_size, c10::IntArrayRef pool_stride,
+                                          bool ceil_mode) {
   check_same_device("conv_pool2d_backward_input", {&grad_pooled, &window, &preact, &weight});
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
   TORCH_CHECK(input_size.size() == 2 && weight.dim() == 4, "aefast::conv_pool2d_backward_input: bad arguments");
   TORCH_CHECK(weight.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_input: dtypes differ");
+  const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
+  if (!tiling_pool(pool, input_size[0], input_size[1], weight.size(2), weight.size(3), stride, padding)) {
+    TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward_input: grad has ",
+                grad_pooled.size(1), " channels, the weight ", weight.size(0));
+    return std::get<0>(conv_pool2d_backward_general(grad_pooled, window, preact, at::Tensor(), weight,
+                                                    grad_pooled.size(0), weight.size(1), input_size,
+                                                    weight.sizes().slice(2), stride, padding, activation,
+                                                    negative_slope, pool));
+  }
   const Shape s = make_shape(grad_pooled.size(0), weight.size(1), input_size[0], input_size[1], weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
   TORCH_CHECK(grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
@@ -711,13 +748,21 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
     const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
-    int64_t seed, double low, double high) {
+    int64_t seed, double low, double high, c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_backward_weight", {&grad_pooled, &window, &preact, &input});
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   TORCH_CHECK(input.dim() == 4 && kernel_size.size() == 2, "aefast::conv_pool2d_backward_weight: bad arguments");
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_weight: dtypes differ");
+  const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
+  if (!tiling_pool(pool, input.size(2), input.size(3), kernel_size[0], kernel_size[1], stride, padding)) {
+    TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward_weight: corruption in the load needs a tiling pool");
+    auto out = conv_pool2d_backward_general(grad_pooled, window, preact, input, at::Tensor(), input.size(0),
+                                            input.size(1), input.sizes().slice(2), kernel_size, stride, padding,
+                                            activation, negative_slope, pool);
+    return {std::get<1>(out), std::get<2>(out)};
+  }
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), grad_pooled.size(1),
                              kernel_size[0], kernel_size[1], stride, padding, pool_size);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(2) == s.HO && grad_pooled.size(3) == s.WO,
@@ -734,13 +779,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
     const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
-    int64_t seed, double low, double high) {
+    int64_t seed, double low, double high, c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_backward", {&grad_pooled, &window, &preact, &input, &weight});
   check_backward_args(grad_pooled, window, preact);
   check_activation(activation);
   check_conv_args(input, weight);
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward: dtypes differ");
+  const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
+  if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding)) {
+    TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward: corruption in the load needs a tiling pool");
+    TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward: grad has ",
+                grad_pooled.size(1), " channels, the weight ", weight.size(0));
+    return conv_pool2d_backward_general(grad_pooled, window, preact, input, weight, input.size(0), input.size(1),
+                                        input.sizes().slice(2), weight.sizes().slice(2), stride, padding, activation,
+                                        negative_slope, pool);
+  }
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.Cout && grad_pooled.size(2) == s.HO &&

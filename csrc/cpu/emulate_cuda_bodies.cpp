@@ -64,22 +64,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_decoder_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_encoder_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
-    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high, int64_t chunk_bytes) {
+    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high, int64_t chunk_bytes,
+    bool ceil_mode) {
   check_same_device("emulate_cuda_conv_pool2d_forward", {&input, &weight}, bias);
   return conv_pool2d_forward_op<CpuExec>(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
-                                         corruption, corruption_level, seed, low, high, chunk_bytes);
+                                         corruption, corruption_level, seed, low, high, chunk_bytes, ceil_mode);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_encoder_backward(
     const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
-    int64_t seed, double low, double high, int64_t chunk_bytes) {
+    int64_t seed, double low, double high, int64_t chunk_bytes, bool ceil_mode) {
   check_same_device("emulate_cuda_conv_pool2d_backward", {&grad, &window, &preact, &input, &weight});
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && input.size(1) == weight.size(1),
               "aefast::conv_pool2d_backward: input and weight must be 4-D with matching channels");
   const EncoderGeometry g = encoder_geometry(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
-                                             weight.size(2), weight.size(3), stride, padding, pool_size);
+                                             weight.size(2), weight.size(3), stride, padding, pool_size, ceil_mode);
   return conv_pool2d_backward_op<CpuExec>(grad, window, preact, input, weight, g, activation, negative_slope,
                                           corruption, seed, corruption_level, low, high, true, true, chunk_bytes);
 }

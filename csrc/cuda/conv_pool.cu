@@ -35,25 +35,45 @@
 namespace aefast {
 namespace {
 
+// The CUDA bodies pool with stride = pool (ceil_mode's clipped windows included);
+// aefast.functional routes other pool strides to the reference twin, counted as a fallback, so
+// reaching this check means the op was called directly.
+void check_tiling_pool(const char* op, int64_t H, int64_t W, int64_t KH, int64_t KW, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && pool.size() == 2 && pool_stride.size() == 2 &&
+                  stride[0] > 0 && stride[1] > 0, "aefast::", op, ": bad geometry arguments");
+  const int64_t sh = pool_stride[0] ? pool_stride[0] : pool[0], sw = pool_stride[1] ? pool_stride[1] : pool[1];
+  TORCH_CHECK(sh == pool[0] && sw == pool[1], "aefast::", op, ": the CUDA kernels need pool_stride = pool_size; "
+              "aefast.functional.conv_pool2d runs other pool strides on the reference path");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
-    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high) {
+    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high,
+    c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_forward", {&input, &weight}, bias);
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::conv_pool2d_forward: input and weight must be 4-D");
+  check_tiling_pool("conv_pool2d_forward", input.size(2), input.size(3), weight.size(2), weight.size(3), stride,
+                    padding, pool_size, pool_stride, ceil_mode);
   c10::cuda::CUDAGuard guard(input.device());
   return conv_pool2d_forward_op<CudaExec>(input, weight, bias, stride, padding, activation, negative_slope, pool_size,
-                                          corruption, corruption_level, seed, low, high, kGemmChunkBytes);
+                                          corruption, corruption_level, seed, low, high, kGemmChunkBytes, ceil_mode);
 }
 
 at::Tensor conv_pool2d_backward_input_cuda(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact,
                                            const at::Tensor& weight, c10::IntArrayRef input_size,
                                            c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
-                                           double negative_slope, c10::IntArrayRef pool_size) {
+                                           double negative_slope, c10::IntArrayRef pool_size,
+                                           c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_backward_input", {&grad, &window, &preact, &weight});
   TORCH_CHECK(grad.dim() == 4 && input_size.size() == 2 && weight.dim() == 4,
               "aefast::conv_pool2d_backward_input: bad arguments");
+  check_tiling_pool("conv_pool2d_backward_input", input_size[0], input_size[1], weight.size(2), weight.size(3), stride,
+                    padding, pool_size, pool_stride, ceil_mode);
   const EncoderGeometry g = encoder_geometry(grad.size(0), weight.size(1), input_size[0], input_size[1],
-                                             weight.size(0), weight.size(2), weight.size(3), stride, padding, pool_size);
+                                             weight.size(0), weight.size(2), weight.size(3), stride, padding, pool_size,
+                                             ceil_mode);
   c10::cuda::CUDAGuard guard(grad.device());
   return std::get<0>(conv_pool2d_backward_op<CudaExec>(grad, window, preact, at::Tensor(), weight, g, activation,
                                                        negative_slope, "none", 0, 0.0, 0.0, 1.0, true, false,
@@ -64,12 +84,14 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cuda(
     const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
-    int64_t seed, double low, double high) {
+    int64_t seed, double low, double high, c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_backward_weight", {&grad, &window, &preact, &input});
   TORCH_CHECK(grad.dim() == 4 && kernel_size.size() == 2 && input.dim() == 4,
               "aefast::conv_pool2d_backward_weight: bad arguments");
+  check_tiling_pool("conv_pool2d_backward_weight", input.size(2), input.size(3), kernel_size[0], kernel_size[1],
+                    stride, padding, pool_size, pool_stride, ceil_mode);
   const EncoderGeometry g = encoder_geometry(input.size(0), input.size(1), input.size(2), input.size(3), grad.size(1),
-                                             kernel_size[0], kernel_size[1], stride, padding, pool_size);
+                                             kernel_size[0], kernel_size[1], stride, padding, pool_size, ceil_mode);
   c10::cuda::CUDAGuard guard(grad.device());
   auto [gx, gw, gb] = conv_pool2d_backward_op<CudaExec>(grad, window, preact, input, at::Tensor(), g, activation,
                                                         negative_slope, corruption, seed, corruption_level, low, high,
@@ -102,12 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cuda(
     const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact, const at::Tensor& input,
     const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation,
     double negative_slope, c10::IntArrayRef pool_size, c10::string_view corruption, double corruption_level,
-    int64_t seed, double low, double high) {
+    int64_t seed, double low, double high, c10::IntArrayRef pool_stride, bool ceil_mode) {
   check_same_device("conv_pool2d_backward", {&grad, &window, &preact, &input, &weight});
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && input.size(1) == weight.size(1),
               "aefast::conv_pool2d_backward: input and weight must be 4-D with matching channels");
+  check_tiling_pool("conv_pool2d_backward", input.size(2), input.size(3), weight.size(2), weight.size(3), stride,
+                    padding, pool_size, pool_stride, ceil_mode);
   const EncoderGeometry g = encoder_geometry(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
-                                             weight.size(2), weight.size(3), stride, padding, pool_size);
+                                             weight.size(2), weight.size(3), stride, padding, pool_size, ceil_mode);
   c10::cuda::CUDAGuard guard(grad.device());
   return conv_pool2d_backward_op<CudaExec>(grad, window, preact, input, weight, g, activation, negative_slope,
                                            corruption, seed, corruption_level, low, high, true, true, kGemmChunkBytes);

@@ -103,4 +103,22 @@ AEFAST_HD bool pool_takes(T val, T best) {
   return val > best || val != val;
 }
 
+// ---- pool geometry of the encoder blocks (conv_pool2d, conv_bn_pool2d): no padding, dilation 1.
+// torch's pooling_output_shape: out = floor_or_ceil((conv - k) / s) + 1, and in ceil_mode the last
+// window must start inside the conv output ((out - 1) * s < conv), else it is dropped.
+AEFAST_HD int64_t pool_out_extent(int64_t conv, int64_t k, int64_t s, bool ceil_mode) {
+  int64_t out = (conv - k + (ceil_mode ? s - 1 : 0)) / s + 1;
+  if (ceil_mode && (out - 1) * s >= conv) --out;
+  return out;
+}
+
+// The non-overlapping floor-mode pool the fast kernels were written for: stride = kernel and
+// every window whole (ceil_mode adds no clipped window). Anything else is the "general" pool.
+AEFAST_HD bool pool_is_tiling(int64_t conv_h, int64_t conv_w, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                     bool ceil_mode) {
+  return sh == kh && sw == kw &&
+         (!ceil_mode || (pool_out_extent(conv_h, kh, sh, true) == conv_h / kh &&
+                         pool_out_extent(conv_w, kw, sw, true) == conv_w / kw));
+}
+
 }  // namespace aefast

@@ -219,15 +219,18 @@ struct EncoderGeometry {
   int64_t N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, PKH, PKW, HC, WC, HO, WO;
 };
 
-// The pooling rule over the P window offsets, given z at offset k: a = act(z) rounded to
-// scalar_t where eager rounds it (z is already the scalar_t conv output); offset 0 always seeds
-// the running maximum (so a window whose activations are all -inf stores offset 0's z, as the
-// CPU does), then torch's rule `a > best || isnan(a)`: the first maximum wins, a NaN wins.
+// The pooling rule over the P window offsets of window (pr, pc), given z at offset k: a = act(z)
+// rounded to scalar_t where eager rounds it (z is already the scalar_t conv output); offset 0
+// always seeds the running maximum (so a window whose activations are all -inf stores offset 0's
+// z, as the CPU does), then torch's rule `a > best || isnan(a)`: the first maximum wins, a NaN
+// wins. Offsets past the conv output (a ceil_mode window clipped at its edge) are skipped; offset
+// 0 always lies inside (torch's rule: the last window starts inside).
 template <typename scalar_t, typename acc_t, typename ZAt>
-AEFAST_HD void pool_window(const EncoderGeometry& g, const ZAt& z_at, int act, acc_t slope, acc_t& best,
-                           acc_t& best_z, int& best_k) {
+AEFAST_HD void pool_window(const EncoderGeometry& g, int64_t pr, int64_t pc, const ZAt& z_at, int act, acc_t slope,
+                           acc_t& best, acc_t& best_z, int& best_k) {
   const int P = static_cast<int>(g.PKH * g.PKW);
   for (int k = 0; k < P; ++k) {
+    if (pr * g.PKH + k / g.PKW >= g.HC || pc * g.PKW + k % g.PKW >= g.WC) continue;
     const acc_t z = z_at(k / g.PKW, k % g.PKW);
     const acc_t a = static_cast<acc_t>(static_cast<scalar_t>(activate<acc_t>(z, act, slope)));
     if (k == 0 || pool_takes(a, best)) {
@@ -259,7 +262,7 @@ struct EncoderEpilogueBody {
     };
     acc_t best = 0, best_z = 0;
     int best_k = 0;
-    pool_window<scalar_t, acc_t>(g, z_at, act, slope, best, best_z, best_k);
+    pool_window<scalar_t, acc_t>(g, pr, pc, z_at, act, slope, best, best_z, best_k);
     const int64_t dst = e + n0 * g.Cout * g.HO * g.WO;
     pooled[dst] = static_cast<scalar_t>(best);
     window[dst] = static_cast<uint8_t>(best_k);
@@ -307,7 +310,7 @@ struct EncoderDirectBody {
     };
     acc_t best = 0, best_z = 0;
     int best_k = 0;
-    pool_window<scalar_t, acc_t>(g, z_at, act, slope, best, best_z, best_k);
+    pool_window<scalar_t, acc_t>(g, pr, pc, z_at, act, slope, best, best_z, best_k);
     pooled[e] = static_cast<scalar_t>(best);
     window[e] = static_cast<uint8_t>(best_k);
     preact[e] = static_cast<scalar_t>(best_z);

@@ -154,9 +154,11 @@ void decoder_backward_gemm(const at::Tensor& grad_out, const at::Tensor& act_inp
   });
 }
 
+// Pools of stride = pool_size; ceil_mode adds the windows clipped at the conv output's edge
+// (pool_window skips their positions past it; the backward's unpool never names them).
 inline EncoderGeometry encoder_geometry(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t KH,
                                         int64_t KW, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                        c10::IntArrayRef pool) {
+                                        c10::IntArrayRef pool, bool ceil_mode = false) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && pool.size() == 2,
               "aefast::conv_pool2d: stride, padding and pool_size need two entries each");
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && pool[0] > 0 && pool[1] > 0 &&
@@ -166,7 +168,8 @@ inline EncoderGeometry encoder_geometry(int64_t N, int64_t Cin, int64_t H, int64
   const int64_t HC = (H + 2 * padding[0] - KH) / stride[0] + 1, WC = (W + 2 * padding[1] - KW) / stride[1] + 1;
   TORCH_CHECK(HC >= pool[0] && WC >= pool[1], "aefast::conv_pool2d: the conv output is smaller than the pool window");
   return EncoderGeometry{N,         Cin,       H,       W,       Cout,    KH,           KW,           stride[0], stride[1],
-                         padding[0], padding[1], pool[0], pool[1], HC, WC, HC / pool[0], WC / pool[1]};
+                         padding[0], padding[1], pool[0], pool[1], HC, WC, pool_out_extent(HC, pool[0], pool[0], ceil_mode),
+                         pool_out_extent(WC, pool[1], pool[1], ceil_mode)};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -414,7 +417,8 @@ template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_op(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
-    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high, int64_t budget) {
+    c10::string_view corruption, double corruption_level, int64_t seed, double low, double high, int64_t budget,
+    bool ceil_mode = false) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;  // at::mm / at::convolution are steps, not graph ops
   const int noise_code = encoder_corruption_code(corruption);
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && input.size(1) == weight.size(1) &&
@@ -423,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_op(
               "aefast::conv_pool2d_forward: input/weight/bias shapes or dtypes do not match");
   check_encoder_activation(activation);
   const EncoderGeometry g = encoder_geometry(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
-                                             weight.size(2), weight.size(3), stride, padding, pool_size);
+                                             weight.size(2), weight.size(3), stride, padding, pool_size, ceil_mode);
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor pooled = at::empty({g.N, g.Cout, g.HO, g.WO}, input.options());
