@@ -523,6 +523,35 @@ def test_cpu_winograd_env_rejects_unknown_value(monkeypatch):
         AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
 
 
+# The fused epilogue has a register form (fp32/fp64 with none/relu/leaky_relu: each window
+# compared in vector registers) and the per-element-buffer loops (every other case);
+# AEFAST_ENCODER_EPILOGUE=loops forces the loops. Both do the same arithmetic in the same order,
+# so their outputs must agree bit for bit, on every forward path (direct, Winograd, oneDNN) and
+# for pooled planes stored directly (< 2 KiB) and through the row buffer.
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", [
+    (2, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),       # direct path
+    (2, 16, 33, 14, 15, 3, 1, 1, 2, "leaky_relu", torch.float32),  # Winograd, Cout tail
+    (1, 8, 6, 47, 48, 3, 1, 1, 2, None, torch.float32),          # Winograd, row buffer
+    (2, 8, 9, 12, 11, 3, 2, 1, 2, "relu", torch.float32),        # stride 2: oneDNN
+    (1, 3, 5, 13, 12, 3, 1, 1, (3, 2), "relu", torch.float64),   # fp64, 3x2 pool
+], ids=["direct", "winograd", "row-buffer", "onednn", "fp64-pool3x2"])
+def test_cpu_epilogue_forms_agree(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=11)
+    x = x.detach()
+    x[0, 0, :2] = float("nan")  # NaN windows take the NaN, in both forms
+    code = ACTIVATION_CODES[act]
+    pools = list(pool) if isinstance(pool, tuple) else [pool, pool]
+    args = (x, wt.detach(), b.detach(), [s, s], [p, p], code, 0.05, pools)
+    registers = torch.ops.aefast.conv_pool2d_forward(*args)
+    monkeypatch.setenv("AEFAST_ENCODER_EPILOGUE", "loops")
+    loops = torch.ops.aefast.conv_pool2d_forward(*args)
+    for a, c in zip(registers, loops):
+        assert torch.equal(a, c) or torch.equal(a.isnan(), c.isnan()) and torch.equal(a.nan_to_num(), c.nan_to_num())
+
+
 # The weight gradient has two forms (csrc/cpu/conv_pool.cpp, wgrad_uses_positions): per entry
 # (long reductions) and by conv position with the output channels in vector lanes (short ones,
 # e.g. the first layer's K = 9 or 27). AEFAST_ENCODER_WGRAD forces one; both are held to the

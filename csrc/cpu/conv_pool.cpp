@@ -186,8 +186,10 @@ void load_input_rows(const scalar_t* x, const int64_t* xs, const Shape& s, int64
 // colsT[(r - r0)*WU + c][k] = x[n, ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside), for the conv rows r in
 // [r0, r1) and the conv cols c in [0, WU) of a strip. xl holds the image's rows from y_base on
 // (the whole image, or just the rows a strip reads).
+// (no-tree-loop-distribute-patterns: with small Cin the runs are a few values, for which a
+// memset/memcpy call per run cost more than the copy: ~30% of the 1->32 forward.)
 template <typename scalar_t, typename acc_t>
-void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
   const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < WU; ++c) {
@@ -248,24 +250,31 @@ using EpilogueFn = void (*)(const acc_t*, int64_t, const acc_t*, const Shape&, i
                             uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
 
 template <typename scalar_t, typename acc_t, int ACT>
-EpilogueFn<scalar_t, acc_t> pick_isa(Isa isa) {
+EpilogueFn<scalar_t, acc_t> pick_isa(Isa isa, bool loops) {
   switch (isa) {
-    case Isa::kAvx512: return &avx512::epilogue_strip<ACT, scalar_t, acc_t>;
-    case Isa::kAvx2: return &avx2::epilogue_strip<ACT, scalar_t, acc_t>;
-    default: return &generic::epilogue_strip<ACT, scalar_t, acc_t>;
+    case Isa::kAvx512:
+      return loops ? &avx512::epilogue_strip_loops<ACT, scalar_t, acc_t> : &avx512::epilogue_strip<ACT, scalar_t, acc_t>;
+    case Isa::kAvx2:
+      return loops ? &avx2::epilogue_strip_loops<ACT, scalar_t, acc_t> : &avx2::epilogue_strip<ACT, scalar_t, acc_t>;
+    default:
+      return loops ? &generic::epilogue_strip_loops<ACT, scalar_t, acc_t> : &generic::epilogue_strip<ACT, scalar_t, acc_t>;
   }
 }
 
 template <typename scalar_t, typename acc_t>
 EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa) {
+  // AEFAST_ENCODER_EPILOGUE=loops (read per call) forces the per-element-buffer form everywhere
+  // (epilogue_strip_loops), for A/B timing against the register form.
+  const char* env = std::getenv("AEFAST_ENCODER_EPILOGUE");
+  const bool loops = env != nullptr && std::string(env) == "loops";
   switch (act) {
-    case 0: return pick_isa<scalar_t, acc_t, 0>(isa);
-    case 1: return pick_isa<scalar_t, acc_t, 1>(isa);
-    case 2: return pick_isa<scalar_t, acc_t, 2>(isa);
-    case 3: return pick_isa<scalar_t, acc_t, 3>(isa);
-    case 4: return pick_isa<scalar_t, acc_t, 4>(isa);
-    case 5: return pick_isa<scalar_t, acc_t, 5>(isa);
-    default: return pick_isa<scalar_t, acc_t, 6>(isa);
+    case 0: return pick_isa<scalar_t, acc_t, 0>(isa, loops);
+    case 1: return pick_isa<scalar_t, acc_t, 1>(isa, loops);
+    case 2: return pick_isa<scalar_t, acc_t, 2>(isa, loops);
+    case 3: return pick_isa<scalar_t, acc_t, 3>(isa, loops);
+    case 4: return pick_isa<scalar_t, acc_t, 4>(isa, loops);
+    case 5: return pick_isa<scalar_t, acc_t, 5>(isa, loops);
+    default: return pick_isa<scalar_t, acc_t, 6>(isa, loops);
   }
 }
 
