@@ -12,7 +12,9 @@
 // fields and weight rows ordered k = (ki*KW + kj)*Cin + ci, so one kernel row of a receptive
 // field is one contiguous run of KW*Cin values.
 //
-// Forward. K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
+// Forward. A 3x3, stride-1 conv under a 2x2 pool with K >= 64 (not fp64): Winograd F(2x2, 3x3)
+// strip by strip, its 2x2 output tiles being the pool windows (conv_pool2d_forward_winograd).
+// Other K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
 // epilogue over its output. K < 64: every strip of pooled rows is a GEMM colsT (positions, K) @
 // w^T (K, Cout), by the register-blocked kernel in conv_pool_kernels.inc (at::mm called from inside
 // at::parallel_for was measured 5x slower on the 2-core machines), followed in the same strip by
