@@ -470,6 +470,140 @@ def test_cpu_isa_env_rejects_unknown_value(monkeypatch):
         AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
 
 
+# The forward of a 3x3, stride-1 conv under a 2x2 pool runs Winograd F(2x2, 3x3) where the vendor
+# conv would otherwise run (K >= 64; csrc/cpu/conv_pool.cpp, encoder_uses_winograd).
+# AEFAST_ENCODER_WINOGRAD=1 forces it wherever the geometry fits (so also for K < 64 here), =0
+# turns it off; both are held to torch, on every ISA, with odd sizes, paddings 0..2, the half
+# types and a corrupted input.
+WINOGRAD_CASES = [  # n, cin, cout, h, w, padding, act, dtype
+    (2, 32, 64, 14, 14, 1, "relu", torch.float32),
+    (1, 3, 33, 17, 19, 1, "gelu", torch.float32),       # Cout past the GEMM's column blocks
+    (2, 9, 7, 11, 13, 0, "leaky_relu", torch.float32),  # odd conv output: last row/column unpooled
+    (1, 16, 17, 9, 8, 2, "tanh", torch.float32),
+    (3, 1, 8, 12, 10, 1, None, torch.float32),         # K = 9: one input channel
+    (2, 8, 24, 10, 10, 1, "relu", torch.float16),
+    (2, 12, 16, 12, 12, 1, "silu", torch.bfloat16),
+    (1, 8, 6, 47, 48, 1, "sigmoid", torch.float32),     # pooled planes >= 2 KiB: the epilogue's row buffer
+]
+
+
+@pytest.mark.parametrize("winograd", ["0", "1"])
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"{c[1]}to{c[2]}-{c[3]}x{c[4]}-p{c[5]}-{c[6]}-{str(c[7])[6:]}"
+                                                      for c in WINOGRAD_CASES])
+def test_cpu_winograd_forward(monkeypatch, winograd, isa, case):
+    n, cin, cout, h, w, p, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    monkeypatch.setenv("AEFAST_ENCODER_WINOGRAD", winograd)
+    x, wt, b = make(n, cin, cout, h, w, 3, dtype, "cpu", seed=cin * 10 + cout)
+    with aefast.set_backend("cpu"):
+        check_case(x, wt, b, 1, p, act, 2, grad_tol=HALF_GRAD_TOL.get(dtype))
+        xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        check_case(xc, wt, b, 1, p, act, 2, grad_tol=HALF_GRAD_TOL.get(dtype))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "masking"])
+def test_cpu_winograd_forward_with_corruption(monkeypatch, kind):
+    # corrupt-then-conv_pool2d, with the noise applied in Winograd's input load
+    x, w, b = make(5, 16, 24, 13, 12, 3, torch.float32, "cpu", seed=9)
+    noise = (kind, 0.3, 99, 0.0, 1.0)
+    xc = torch.ops.aefast.corrupt(x.detach(), 99, kind, 0.3, 0.0, 1.0)
+    monkeypatch.setenv("AEFAST_ENCODER_WINOGRAD", "1")
+    got = torch.ops.aefast.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], 1, 0.01, [2, 2],
+                                               *noise)
+    ry, ridx = eager(xc, w.detach(), b.detach(), 1, 1, "relu", 2)
+    torch.testing.assert_close(got[0], ry, rtol=1e-5, atol=1e-5)
+    check_indices(AF.window_to_flat(got[1], (13, 12), 2), ridx, xc, w.detach(), b.detach(), 1, 1, "relu", 0.01)
+
+
+def test_cpu_winograd_env_rejects_unknown_value(monkeypatch):
+    x, w, b = make(1, 8, 4, 8, 8, 3, torch.float32, "cpu")
+    monkeypatch.setenv("AEFAST_ENCODER_WINOGRAD", "yes")
+    with aefast.set_backend("cpu"), pytest.raises(RuntimeError, match="AEFAST_ENCODER_WINOGRAD"):
+        AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+
+
+# The fused epilogue has a register form (fp32/fp64 with none/relu/leaky_relu: each window
+# compared in vector registers) and the per-element-buffer loops (every other case);
+# AEFAST_ENCODER_EPILOGUE=loops forces the loops. Both do the same arithmetic in the same order,
+# so their outputs must agree bit for bit, on every forward path (direct, Winograd, oneDNN) and
+# for pooled planes stored directly (< 2 KiB) and through the row buffer.
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", [
+    (2, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),       # direct path
+    (2, 16, 33, 14, 15, 3, 1, 1, 2, "leaky_relu", torch.float32),  # Winograd, Cout tail
+    (1, 8, 6, 47, 48, 3, 1, 1, 2, None, torch.float32),          # Winograd, row buffer
+    (2, 8, 9, 12, 11, 3, 2, 1, 2, "relu", torch.float32),        # stride 2: oneDNN
+    (1, 3, 5, 13, 12, 3, 1, 1, (3, 2), "relu", torch.float64),   # fp64, 3x2 pool
+], ids=["direct", "winograd", "row-buffer", "onednn", "fp64-pool3x2"])
+def test_cpu_epilogue_forms_agree(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=11)
+    x = x.detach()
+    x[0, 0, :2] = float("nan")  # NaN windows take the NaN, in both forms
+    code = ACTIVATION_CODES[act]
+    pools = list(pool) if isinstance(pool, tuple) else [pool, pool]
+    args = (x, wt.detach(), b.detach(), [s, s], [p, p], code, 0.05, pools)
+    registers = torch.ops.aefast.conv_pool2d_forward(*args)
+    monkeypatch.setenv("AEFAST_ENCODER_EPILOGUE", "loops")
+    loops = torch.ops.aefast.conv_pool2d_forward(*args)
+    for a, c in zip(registers, loops):
+        assert torch.equal(a, c) or torch.equal(a.isnan(), c.isnan()) and torch.equal(a.nan_to_num(), c.nan_to_num())
+
+
+# The weight gradient has two forms (csrc/cpu/conv_pool.cpp, wgrad_uses_positions): per entry
+# (long reductions) and by conv position with the output channels in vector lanes (short ones,
+# e.g. the first layer's K = 9 or 27). AEFAST_ENCODER_WGRAD forces one; both are held to the
+# reference on every case above (the default picks one of them per case) and to each other with
+# a corrupted input.
+@pytest.mark.parametrize("form", ["entries", "positions"])
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
+                                                 for c in ISA_CASES])
+def test_cpu_weight_gradient_forms(monkeypatch, form, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    monkeypatch.setenv("AEFAST_ENCODER_WGRAD", form)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin * 100 + cout + 1)
+    tol = HALF_GRAD_TOL.get(dtype, TOLERANCES[dtype])
+    with aefast.set_backend("cpu"):
+        for xin in (x.detach(), x.detach().to(memory_format=torch.channels_last)):
+            y, idx = AF.conv_pool2d(xin, wt, b, s, p, act, pool)
+            grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+            gw, gb = torch.autograd.grad(y, (wt, b), grad)
+            _, rw, rb = routed_grads(x, wt, b, s, p, act, idx, grad)
+            for g_, r_ in ((gw, rw), (gb, rb)):
+                torch.testing.assert_close(g_.double(), r_, rtol=tol["rtol"],
+                                           atol=tol["atol"] * max(1.0, r_.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "masking"])
+def test_cpu_weight_gradient_forms_agree_with_corruption(monkeypatch, kind):
+    ops = torch.ops.aefast
+    x, w, b = make(5, 3, 17, 13, 11, 3, torch.float32, "cpu", seed=7)
+    noise = (kind, 0.3, 1234, 0.0, 1.0)
+    pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], 1, 0.01,
+                                                     [2, 2], *noise)
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(6))
+    got = {}
+    for form in ("entries", "positions"):
+        monkeypatch.setenv("AEFAST_ENCODER_WGRAD", form)
+        got[form] = ops.conv_pool2d_backward_weight(grad, window, preact, x.detach(), [3, 3], [1, 1], [1, 1], 1, 0.01,
+                                                    [2, 2], *noise)
+    for a, c in zip(got["entries"], got["positions"]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+def test_cpu_weight_gradient_form_env_rejects_unknown_value(monkeypatch):
+    x, w, b = make(1, 3, 4, 8, 8, 3, torch.float32, "cpu")
+    monkeypatch.setenv("AEFAST_ENCODER_WGRAD", "dense")
+    with aefast.set_backend("cpu"):
+        y, _ = AF.conv_pool2d(x.detach(), w, b, 1, 1, "relu", 2)
+        with pytest.raises(RuntimeError, match="AEFAST_ENCODER_WGRAD"):
+            y.sum().backward()
+
+
 @pytest.mark.parametrize("isa", _ISAS)
 def test_cpu_backward_independent_of_thread_count(monkeypatch, isa):
     # Weight/bias partials belong to fixed chunks of images and are summed in chunk order; each

@@ -14,7 +14,9 @@
 // fields and weight rows ordered k = (ki*KW + kj)*Cin + ci, so one kernel row of a receptive
 // field is one contiguous run of KW*Cin values.
 //
-// Forward. K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
+// Forward. A 3x3, stride-1 conv under a 2x2 pool with K >= 64 (not fp64): Winograd F(2x2, 3x3)
+// strip by strip, its 2x2 output tiles being the pool windows (conv_pool2d_forward_winograd).
+// Other K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
 // epilogue over its output. K < 64: every strip of pooled rows is a GEMM colsT (positions, K) @
 // w^T (K, Cout), by the register-blocked kernel in conv_pool_kernels.inc (at::mm called from inside
 // at::parallel_for was measured 5x slower on the 2-core machines), followed in the same strip by
@@ -207,8 +209,10 @@ void load_input_rows(const scalar_t* x, const int64_t* xs, const Shape& s, int64
 // colsT[(r - r0)*WU + c][k] = x[n, ci, r*SH-PH+ki, c*SW-PW+kj] (0 outside), for the conv rows r in
 // [r0, r1) and the conv cols c in [0, WU) of a strip. xl holds the image's rows from y_base on
 // (the whole image, or just the rows a strip reads).
+// (no-tree-loop-distribute-patterns: with small Cin the runs are a few values, for which a
+// memset/memcpy call per run cost more than the copy: ~30% of the 1->32 forward.)
 template <typename scalar_t, typename acc_t>
-void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
   const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c = 0; c < WU; ++c) {
@@ -269,24 +273,31 @@ using EpilogueFn = void (*)(const acc_t*, int64_t, const acc_t*, const Shape&, i
                             uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
 
 template <typename scalar_t, typename acc_t, int ACT>
-EpilogueFn<scalar_t, acc_t> pick_isa(Isa isa) {
+EpilogueFn<scalar_t, acc_t> pick_isa(Isa isa, bool loops) {
   switch (isa) {
-    case Isa::kAvx512: return &avx512::epilogue_strip<ACT, scalar_t, acc_t>;
-    case Isa::kAvx2: return &avx2::epilogue_strip<ACT, scalar_t, acc_t>;
-    default: return &generic::epilogue_strip<ACT, scalar_t, acc_t>;
+    case Isa::kAvx512:
+      return loops ? &avx512::epilogue_strip_loops<ACT, scalar_t, acc_t> : &avx512::epilogue_strip<ACT, scalar_t, acc_t>;
+    case Isa::kAvx2:
+      return loops ? &avx2::epilogue_strip_loops<ACT, scalar_t, acc_t> : &avx2::epilogue_strip<ACT, scalar_t, acc_t>;
+    default:
+      return loops ? &generic::epilogue_strip_loops<ACT, scalar_t, acc_t> : &generic::epilogue_strip<ACT, scalar_t, acc_t>;
   }
 }
 
 template <typename scalar_t, typename acc_t>
 EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa) {
+  // AEFAST_ENCODER_EPILOGUE=loops (read per call) forces the per-element-buffer form everywhere
+  // (epilogue_strip_loops), for A/B timing against the register form.
+  const char* env = std::getenv("AEFAST_ENCODER_EPILOGUE");
+  const bool loops = env != nullptr && std::string(env) == "loops";
   switch (act) {
-    case 0: return pick_isa<scalar_t, acc_t, 0>(isa);
-    case 1: return pick_isa<scalar_t, acc_t, 1>(isa);
-    case 2: return pick_isa<scalar_t, acc_t, 2>(isa);
-    case 3: return pick_isa<scalar_t, acc_t, 3>(isa);
-    case 4: return pick_isa<scalar_t, acc_t, 4>(isa);
-    case 5: return pick_isa<scalar_t, acc_t, 5>(isa);
-    default: return pick_isa<scalar_t, acc_t, 6>(isa);
+    case 0: return pick_isa<scalar_t, acc_t, 0>(isa, loops);
+    case 1: return pick_isa<scalar_t, acc_t, 1>(isa, loops);
+    case 2: return pick_isa<scalar_t, acc_t, 2>(isa, loops);
+    case 3: return pick_isa<scalar_t, acc_t, 3>(isa, loops);
+    case 4: return pick_isa<scalar_t, acc_t, 4>(isa, loops);
+    case 5: return pick_isa<scalar_t, acc_t, 5>(isa, loops);
+    default: return pick_isa<scalar_t, acc_t, 6>(isa, loops);
   }
 }
 
@@ -408,6 +419,142 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
   });
 }
 
+// ---------------------------------------------------------------- Winograd forward
+//
+// For the 3x3, stride-1 conv under a 2x2 pool, the conv's 2x2 output tiles ARE the pool windows,
+// so the whole block runs tile by tile with Winograd's F(2x2, 3x3) (Lavin & Gray 2016):
+//   Z_tile = A^T [ sum_ci (G g[co, ci] G^T) . (B^T d[ci] B) ] A      (d: the tile's 4x4 patch)
+// (matrices and transforms in conv_pool_kernels.inc). Per strip of pooled rows of one image:
+//   1. load the strip's input rows channels-last into a zero-bordered buffer (load_input_rows:
+//      the corruption, if any, is applied there, as in the direct path);
+//   2. V[xi] = (B^T d B)[xi] for every tile (16 x tiles x Cin);
+//   3. 16 GEMMs Mo[xi] = V[xi] (tiles x Cin) @ U[xi] (Cin x Cout), U = G g G^T transformed once
+//      per call, by the register-blocked gemm_strip (the strip's operands stay in L2);
+//   4. Z = A^T Mo A into the strip's channels-last conv tile, then the same fused epilogue as
+//      every other path (bias, rounding to scalar_t, activation, pool, argmax, z at the argmax).
+// 16 multiply-adds per tile, channel pair and output channel instead of 36: 2.25x fewer than the
+// direct conv. Numerics: the transforms' adds and the 1/2 factors of G (exact in binary) add
+// rounding of the size of the direct sum's own (the F(2,3) transform is the best-conditioned
+// Winograd form); fp32 results stay within the tests' 1e-5 relative tolerance of torch's conv,
+// and argmax differences only occur at numerical ties, as for any other summation order. Half
+// types are widened to fp32 (accumulation in fp32), as on the other paths.
+// Measured against oneDNN + epilogue (the path it replaces) in the commit that added it.
+bool encoder_uses_winograd(const Shape& s, at::ScalarType dtype) {
+  if (!(s.KH == 3 && s.KW == 3 && s.SH == 1 && s.SW == 1 && s.PKH == 2 && s.PKW == 2 && dtype != at::kDouble))
+    return false;
+  // AEFAST_ENCODER_WINOGRAD=0|1 (read per call) turns it off, or on wherever the geometry fits:
+  // for tests and A/B timing.
+  if (const char* env = std::getenv("AEFAST_ENCODER_WINOGRAD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "0" || v == "1", "AEFAST_ENCODER_WINOGRAD must be 0 or 1, got '", v, "'");
+    return v == "1";
+  }
+  return encoder_uses_vendor_conv(s.K());
+}
+
+template <typename T>
+struct WinogradFns {
+  void (*input)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
+  void (*output)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
+};
+
+template <typename T>
+WinogradFns<T> pick_winograd(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return {&avx512::winograd_input_transform<T>, &avx512::winograd_output_transform<T>};
+    case Isa::kAvx2: return {&avx2::winograd_input_transform<T>, &avx2::winograd_output_transform<T>};
+    default: return {&generic::winograd_input_transform<T>, &generic::winograd_output_transform<T>};
+  }
+}
+
+void conv_pool2d_forward_winograd(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias_opt, const Shape& s, int64_t activation,
+                                  double negative_slope, const InputCorruption& noise, at::Tensor& pooled,
+                                  at::Tensor& window, at::Tensor& preact) {
+  const Isa isa = cpu_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_winograd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t Cin = s.Cin, Cout = s.Cout, WO = s.WO, WU = s.WU();
+    at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
+                              ? bias_opt->to(acc_dtype).contiguous()
+                              : at::zeros({Cout}, input.options().dtype(acc_dtype));
+    const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
+    const auto gemm = pick_gemm<acc_t>(isa);
+    const auto wino = pick_winograd<acc_t>(isa);
+    const int64_t NR = gemm.nr, nb = Cout / NR;
+    // U[xi][ci][co] = (G g G^T)[xi] of g = w[co, ci] (in fp64, rounded once), and its copy packed
+    // (nb, Cin, NR) per xi for gemm_strip.
+    const at::Tensor w64 = weight.to(at::kDouble).contiguous();
+    const double* wp = w64.const_data_ptr<double>();
+    std::vector<acc_t> U(16 * Cin * Cout), Up(16 * nb * Cin * NR);
+    for (int64_t co = 0; co < Cout; ++co)
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        const double* g = wp + (co * Cin + ci) * 9;
+        double gg[4][3];  // G g: combinations of g's rows
+        for (int j = 0; j < 3; ++j) {
+          gg[0][j] = g[j];
+          gg[1][j] = 0.5 * (g[j] + g[3 + j] + g[6 + j]);
+          gg[2][j] = 0.5 * (g[j] - g[3 + j] + g[6 + j]);
+          gg[3][j] = g[6 + j];
+        }
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T: the same combinations of its columns
+          const double u[4] = {gg[i][0], 0.5 * (gg[i][0] + gg[i][1] + gg[i][2]),
+                               0.5 * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
+          for (int j = 0; j < 4; ++j) U[((i * 4 + j) * Cin + ci) * Cout + co] = static_cast<acc_t>(u[j]);
+        }
+      }
+    for (int64_t xi = 0; xi < 16; ++xi)
+      for (int64_t cb = 0; cb < nb; ++cb)
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          for (int64_t c = 0; c < NR; ++c)
+            Up[((xi * nb + cb) * Cin + ci) * NR + c] = U[(xi * Cin + ci) * Cout + cb * NR + c];
+    // Strips of pooled rows whose V and Mo (16 x tiles x (Cin + Cout)) stay in L2; the tile count
+    // is padded to the GEMM's row block (6) with zero rows.
+    constexpr int64_t kMR = 6;
+    const int64_t per_row = 16 * WO * (Cin + Cout) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t rows = std::clamp<int64_t>((384 << 10) / std::max<int64_t>(per_row, 1), 1, s.HO);
+    const int64_t strips = (s.HO + rows - 1) / rows;
+    const int64_t mpad_max = (rows * WO + kMR - 1) / kMR * kMR;
+    // The zero-bordered input buffer: column b holds input column b - PW, row i input row
+    // 2*pr0 - PH + i; tiles read columns [0, 2*WO + 2), the row copy writes [PW, PW + W).
+    const int64_t Wb = std::max<int64_t>(2 * WO + 2, s.PW + s.W), ldx = Wb * Cin;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t xstr[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+    scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
+    uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
+    scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
+    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation, isa);
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
+    const acc_t* U_p = U.data();
+    const acc_t* Up_p = Up.data();
+    at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xb((2 * rows + 2) * ldx), V(16 * mpad_max * Cin), Mo(16 * mpad_max * Cout),
+          tile(2 * rows * WU * Cout), best(Cout), bestz(Cout);
+      std::vector<int32_t> bestk(Cout);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / strips, pr0 = (task % strips) * rows;
+        const int64_t pr1 = std::min(pr0 + rows, s.HO), nrows = pr1 - pr0;
+        const int64_t mpad = (nrows * WO + kMR - 1) / kMR * kMR;
+        const int64_t ya = 2 * pr0 - s.PH;
+        const int64_t y0 = std::max<int64_t>(0, ya), y1 = std::min<int64_t>(s.H, 2 * pr1 - s.PH + 2);
+        std::fill(xb.begin(), xb.begin() + (2 * nrows + 2) * ldx, acc_t(0));
+        if (y1 > y0)
+          load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, y0, y1, xb.data() + (y0 - ya) * ldx + s.PW * Cin, ldx,
+                                           corrupt_at);
+        wino.input(xb.data(), ldx, Cin, nrows, WO, mpad, V.data());
+        for (int64_t xi = 0; xi < 16; ++xi)
+          gemm.fn(V.data() + xi * mpad * Cin, mpad, Cin, Up_p + xi * nb * Cin * NR, U_p + xi * Cin * Cout, Cout,
+                  Mo.data() + xi * mpad * Cout);
+        wino.output(Mo.data(), mpad, Cout, nrows, WO, WU, tile.data());
+        epilogue(tile.data(), WU, bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
+                 bestz.data(), bestk.data());
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     c10::IntArrayRef stride, c10::IntArrayRef padding, int64_t activation, double negative_slope,
@@ -437,6 +584,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   // and 0.85x, so short reductions keep the direct path, whose conv tile never leaves the cache.
   // fp64, which oneDNN does not cover (ATen would use its slow reference conv), also keeps it.
   // A corrupted input takes that path in chunks of at most N/4 images, so only from N = 4 on.
+  if (encoder_uses_winograd(s, input.scalar_type())) {
+    conv_pool2d_forward_winograd(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window,
+                                 preact);
+    return {pooled, window, preact};
+  }
   if (input.scalar_type() != at::kDouble && encoder_uses_vendor_conv(s.K()) && (!noise.active() || s.N >= 4)) {
     conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window, preact);
     return {pooled, window, preact};
@@ -533,15 +685,45 @@ template <typename T>
 struct BwdKernels {
   void (*wgrad)(const BwdGeom&, const T*, const T*, const uint8_t*, T*, int32_t*, T*, T*, T*);
   void (*dgrad)(const BwdGeom&, const T*, const uint8_t*, const T*, int32_t*, int32_t*, T*, T*, T*);
+  // The weight gradient by conv position (short reductions; see wgrad_uses_positions) and the
+  // channel block of its register tile (G's row length is Cout rounded up to it).
+  void (*wgrad_by_position)(const BwdGeom&, const T*, const T*, const uint8_t*, const int32_t*, const int32_t*,
+                            int64_t, T*, T*, T*);
+  int64_t position_cols;
 };
 
 template <typename T>
 BwdKernels<T> pick_bwd(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return {&avx512::wgrad_image<T>, &avx512::dgrad_image<T>};
-    case Isa::kAvx2: return {&avx2::wgrad_image<T>, &avx2::dgrad_image<T>};
-    default: return {&generic::wgrad_image<T>, &generic::dgrad_image<T>};
+    case Isa::kAvx512:
+      return {&avx512::wgrad_image<T>, &avx512::dgrad_image<T>, &avx512::wgrad_image_by_position<T>,
+              avx512::wgrad_position_cols<T>()};
+    case Isa::kAvx2:
+      return {&avx2::wgrad_image<T>, &avx2::dgrad_image<T>, &avx2::wgrad_image_by_position<T>,
+              avx2::wgrad_position_cols<T>()};
+    default:
+      return {&generic::wgrad_image<T>, &generic::dgrad_image<T>, &generic::wgrad_image_by_position<T>,
+              generic::wgrad_position_cols<T>()};
   }
+}
+
+// Which weight-gradient form the sparse backward uses. By conv position (output channels in the
+// vector lanes, wgrad_image_by_position) for short reductions, where the per-entry form's
+// bookkeeping outweighs its FLOP saving; per entry (wgrad_image) otherwise. It runs pool_h*pool_w
+// times the per-entry form's multiply-adds (the dense count), so the rule caps that product.
+// AEFAST_ENCODER_WGRAD=entries|positions (read per call) forces one form, for tests and A/B timing.
+// Measured (bench/bench_conv_pool.py's backward_weight rows, interleaved; see the commit):
+// 1->32 3x3 at 28x28 (K = 9) and 3->32 3x3 at 128x128 (K = 27), both pool 2x2.
+constexpr int64_t kPositionWgradMaxDenseK = 128;  // pool_h*pool_w*K
+
+bool wgrad_uses_positions(const Shape& s) {
+  if (const char* env = std::getenv("AEFAST_ENCODER_WGRAD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    if (v == "positions") return true;
+    if (v == "entries") return false;
+    TORCH_CHECK(false, "AEFAST_ENCODER_WGRAD must be 'entries' or 'positions', got '", v, "'");
+  }
+  return s.PKH * s.PKW * s.K() <= kPositionWgradMaxDenseK;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -635,6 +817,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       geo.offk[k] = static_cast<int32_t>(geo.di[k] * WU + geo.dj[k]);
     }
     const auto kern = pick_bwd<acc_t>(isa);
+    // The weight gradient by conv position (wgrad_uses_positions): G strips of pooled rows sized
+    // for L1/L2, the patch offsets of every conv position and of every k, partials (K, ldg).
+    const bool by_position = need_w && wgrad_uses_positions(s);
+    const int64_t ldg = (s.Cout + kern.position_cols - 1) / kern.position_cols * kern.position_cols;
+    BwdGeom geo_pos = geo;
+    geo_pos.rows = std::clamp<int64_t>((64 << 10) / std::max<int64_t>(s.PKH * WU * ldg * sizeof(acc_t), 1), 1, s.HO);
+    std::vector<int32_t> pbase(by_position ? s.HO * s.PKH * WU : 0), koff(by_position ? K : 0);
+    if (by_position) {
+      TORCH_CHECK(Hp * row < (int64_t(1) << 31), "aefast::conv_pool2d backward: the image is too large");
+      for (int64_t h = 0; h < s.HO * s.PKH; ++h)
+        for (int64_t w = 0; w < WU; ++w) pbase[h * WU + w] = static_cast<int32_t>((h * s.SH) * row + (w * s.SW) * s.Cin);
+      for (int64_t k = 0; k < K; ++k) {  // k = (ki*KW + kj)*Cin + ci
+        const int64_t ki = k / run, e = k % run;
+        koff[k] = static_cast<int32_t>(ki * row + e);
+      }
+    }
+    const int64_t part_len = by_position ? K * ldg : s.Cout * Kp;  // one chunk's weight partial
     // The forward's corruption, regenerated element by element in the image load.
     const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
     TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31), "aefast::conv_pool2d backward: the image is too wide");
@@ -645,7 +844,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     // Image- and weight-sized scratch through the buffer cache (aefast/cpu_buffer_cache.h): a
     // fresh buffer of a few MB page-faults on every call. Each chunk zeroes its own part_w slice.
     const at::TensorOptions acc_opts = g.options().dtype(acc_dtype);
-    const at::Tensor part_w_t = empty_cpu_cached({need_w ? chunks * s.Cout * Kp : 0}, acc_opts);
+    const at::Tensor part_w_t = empty_cpu_cached({need_w ? chunks * part_len : 0}, acc_opts);
     acc_t* part_w = part_w_t.mutable_data_ptr<acc_t>();
     std::vector<acc_t> part_b(need_w ? chunks * s.Cout : 0);
 
@@ -655,17 +854,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       const at::Tensor xpad_t = zeros_cpu_cached({need_w ? Hp * row : 0}, acc_opts);
       acc_t* gz = gz_t.mutable_data_ptr<acc_t>();
       acc_t* xpad = xpad_t.mutable_data_ptr<acc_t>();
-      std::vector<acc_t> gg(need_w ? plane : 0), patches(need_w ? max_pos * Kp : 0);
-      std::vector<int32_t> off(need_w ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
+      const bool by_entry = need_w && !by_position;
+      std::vector<acc_t> gg(by_entry ? plane : 0), patches(by_entry ? max_pos * Kp : 0);
+      std::vector<acc_t> gpos(by_position ? geo_pos.rows * s.PKH * WU * ldg : 0);
+      std::vector<int32_t> off(by_entry ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
       const at::Tensor gx_t = empty_cpu_cached({need_x ? Hp * row : 0}, acc_opts);
       acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
       std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), dcol(need_x ? Kp : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
-        acc_t* gw = need_w ? part_w + c * s.Cout * Kp : nullptr;
+        acc_t* gw = need_w ? part_w + c * part_len : nullptr;
         acc_t* gb = need_w ? part_b.data() + c * s.Cout : nullptr;
         if (need_w) {
-          std::fill(gw, gw + s.Cout * Kp, acc_t(0));
+          std::fill(gw, gw + part_len, acc_t(0));
           std::fill(gb, gb + s.Cout, acc_t(0));
         }
         for (int64_t n = n0; n < n1; ++n) {
@@ -675,7 +876,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
             // The padded channels-last image (its border stays zero across images).
             load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad + s.PH * row + s.PW * s.Cin, row,
                                              corrupt_at);
-            kern.wgrad(geo, xpad, gz, kn, patches.data(), off.data(), gg.data(), gw, gb);
+            if (by_position)
+              kern.wgrad_by_position(geo_pos, xpad, gz, kn, pbase.data(), koff.data(), ldg, gpos.data(), gw, gb);
+            else
+              kern.wgrad(geo, xpad, gz, kn, patches.data(), off.data(), gg.data(), gw, gb);
           }
           if (need_x) {
             std::fill(gx, gx + Hp * row, acc_t(0));
@@ -704,7 +908,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
           gbo[co] = static_cast<scalar_t>(b);
           for (int64_t k = 0; k < K; ++k) {  // k = (ki*KW + kj)*Cin + ci
             acc_t v = 0;
-            for (int64_t c = 0; c < chunks; ++c) v += part_w[(c * s.Cout + co) * Kp + k];
+            for (int64_t c = 0; c < chunks; ++c)
+              v += by_position ? part_w[c * part_len + k * ldg + co] : part_w[(c * s.Cout + co) * Kp + k];
             const int64_t ci = k % s.Cin, kk = k / s.Cin;
             gwo[(co * s.Cin + ci) * s.KH * s.KW + kk] = static_cast<scalar_t>(v);
           }
