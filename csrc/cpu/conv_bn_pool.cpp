@@ -21,11 +21,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <vector>
 
 #include "aefast/conv_pool.h"
+#include "aefast/cpu_isa.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
 
@@ -50,43 +52,106 @@ BnPoolShape check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool) {
   return s;
 }
 
-// Sum of f(v) over one contiguous plane in kLanes independent accumulators (vectorisable, fixed
-// order), the lanes then added in double.
-constexpr int kLanes = 16;
-template <typename scalar_t, typename acc_t, typename F>
-double plane_sum(const scalar_t* p, int64_t n, F f) {
-  std::array<acc_t, kLanes> lane{};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += f(static_cast<acc_t>(p[i + l]));
-  double total = 0.0;
-  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lane[l]);
-  for (; i < n; ++i) total += static_cast<double>(f(static_cast<acc_t>(p[i])));
-  return total;
+constexpr int kStatLanes = 16;
+
+// Offset of window offset k from the window's first position in a plane of row stride WC: a
+// table, because an integer division by the runtime pool width per element costs more than the pool.
+std::vector<int64_t> window_offsets(const BnPoolShape& s) {
+  std::vector<int64_t> offk(256, 0);
+  for (int64_t k = 0; k < s.PKH * s.PKW; ++k) offk[k] = (k / s.PKW) * s.WC + k % s.PKW;
+  return offk;
 }
 
-// mean_c and the biased var_c of y over (n, h, w), two-pass (centred) for accuracy.
+namespace generic {
+constexpr int kVecBytes = 16;
+#include "conv_bn_pool_kernels.inc"
+}  // namespace generic
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int kVecBytes = 32;
+#include "conv_bn_pool_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace avx512 {
+constexpr int kVecBytes = 64;
+#include "conv_bn_pool_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+// The kernels of conv_bn_pool_kernels.inc for one ISA, activation and dtype.
+template <typename scalar_t, typename acc_t>
+struct BnPoolKernels {
+  void (*moments)(const scalar_t*, int64_t, double, double*);
+  void (*normalize)(const scalar_t*, int64_t, acc_t, acc_t, acc_t, acc_t*);
+  void (*pool)(const acc_t*, const BnPoolShape&, scalar_t*, uint8_t*);
+  void (*pool2x2)(const acc_t*, const BnPoolShape&, scalar_t*, uint8_t*);
+  void (*routed)(const scalar_t*, const uint8_t*, const scalar_t*, const int64_t*, const BnPoolShape&, acc_t, acc_t,
+                 acc_t, acc_t, acc_t, acc_t*, double*);
+  void (*dense_dy)(const scalar_t*, const acc_t*, const uint8_t*, const int64_t*, const BnPoolShape&, acc_t, acc_t,
+                   acc_t, scalar_t*);
+};
+
+#define AEFAST_BN_POOL_KERNELS(NS, ACT)                                                                         \
+  BnPoolKernels<scalar_t, acc_t> {                                                                              \
+    &NS::plane_moments<scalar_t, acc_t>, &NS::normalize_activate_plane<ACT, scalar_t, acc_t>,                   \
+        &NS::pool_plane<0, 0, scalar_t, acc_t>, &NS::pool_plane<2, 2, scalar_t, acc_t>,                         \
+        &NS::routed_grad_plane<ACT, scalar_t, acc_t>, &NS::dense_dy_plane<scalar_t, acc_t>                      \
+  }
+
+template <typename scalar_t, typename acc_t, int ACT>
+BnPoolKernels<scalar_t, acc_t> pick_isa_kernels(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return AEFAST_BN_POOL_KERNELS(avx512, ACT);
+    case Isa::kAvx2: return AEFAST_BN_POOL_KERNELS(avx2, ACT);
+    default: return AEFAST_BN_POOL_KERNELS(generic, ACT);
+  }
+}
+#undef AEFAST_BN_POOL_KERNELS
+
+template <typename scalar_t, typename acc_t>
+BnPoolKernels<scalar_t, acc_t> pick_kernels(int64_t act) {
+  const Isa isa = cpu_isa();
+  switch (act) {
+    case 0: return pick_isa_kernels<scalar_t, acc_t, 0>(isa);
+    case 1: return pick_isa_kernels<scalar_t, acc_t, 1>(isa);
+    case 2: return pick_isa_kernels<scalar_t, acc_t, 2>(isa);
+    case 3: return pick_isa_kernels<scalar_t, acc_t, 3>(isa);
+    case 4: return pick_isa_kernels<scalar_t, acc_t, 4>(isa);
+    case 5: return pick_isa_kernels<scalar_t, acc_t, 5>(isa);
+    default: return pick_isa_kernels<scalar_t, acc_t, 6>(isa);
+  }
+}
+
+// mean_c and the biased var_c of y over (n, h, w) in one pass: per plane (in parallel) the shifted
+// moments of plane_moments, then per channel the planes added in batch order, in double.
 template <typename scalar_t>
-void channel_stats(const at::Tensor& y, const BnPoolShape& s, at::Tensor& mean, at::Tensor& var) {
+void channel_stats(const at::Tensor& y, const BnPoolShape& s, const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern,
+                   at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   acc_t* mp = mean.mutable_data_ptr<acc_t>();
   acc_t* vp = var.mutable_data_ptr<acc_t>();
   const int64_t hw = s.plane();
-  at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double sum = 0.0;
-      for (int64_t n = 0; n < s.N; ++n)
-        sum += plane_sum<scalar_t, acc_t>(yp + (n * s.C + c) * hw, hw, [](acc_t v) { return v; });
-      const double m = sum / static_cast<double>(s.count());
-      const acc_t mc = static_cast<acc_t>(m);
-      double sq = 0.0;
-      for (int64_t n = 0; n < s.N; ++n)
-        sq += plane_sum<scalar_t, acc_t>(yp + (n * s.C + c) * hw, hw, [mc](acc_t v) { return (v - mc) * (v - mc); });
-      mp[c] = mc;
-      vp[c] = static_cast<acc_t>(sq / static_cast<double>(s.count()));
-    }
+  std::vector<double> shift(s.C), partial(2 * s.N * s.C);
+  for (int64_t c = 0; c < s.C; ++c) shift[c] = static_cast<double>(static_cast<acc_t>(yp[c * hw]));
+  at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t plane = p0; plane < p1; ++plane)
+      kern.moments(yp + plane * hw, hw, shift[plane % s.C], partial.data() + 2 * plane);
   });
+  const double count = static_cast<double>(s.count());
+  for (int64_t c = 0; c < s.C; ++c) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      s1 += partial[2 * (n * s.C + c)];
+      s2 += partial[2 * (n * s.C + c) + 1];
+    }
+    const double d = s1 / count;
+    mp[c] = static_cast<acc_t>(shift[c] + d);
+    vp[c] = static_cast<acc_t>(std::max(s2 / count - d * d, 0.0));
+  }
 }
 
 template <typename acc_t>
@@ -123,41 +188,26 @@ void check_bn_params(const char* op, const c10::optional<at::Tensor>& bn_w, cons
                   C, ",)");
 }
 
-// ---- forward epilogue: per (n, c) plane, each pooled (i, j): the first maximum of act(scale*y + shift)
-// over the window, its row-major offset, written as pooled (input dtype) and window (uint8).
+// ---- forward epilogue: per (n, c) plane, act(scale*y + shift) into a per-thread plane buffer
+// (vectorised), then the pooling loop (pool_plane in conv_bn_pool_kernels.inc) over it: the first
+// maximum of each window and its row-major offset, written as pooled (input dtype) and window (uint8).
 template <typename scalar_t>
 void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const ChannelAffine<at::opmath_type<scalar_t>>& aff,
-                             int64_t act, double slope, at::Tensor& pooled, at::Tensor& window) {
+                             const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern, double slope,
+                             at::Tensor& pooled, at::Tensor& window) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* pp = pooled.mutable_data_ptr<scalar_t>();
   uint8_t* wp = window.mutable_data_ptr<uint8_t>();
   const acc_t sl = static_cast<acc_t>(slope);
-  const int a = static_cast<int>(act);
+  const auto pool = s.PKH == 2 && s.PKW == 2 ? kern.pool2x2 : kern.pool;
+  const int64_t hw = s.plane(), pooled_hw = s.HO * s.WO;
   at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> activated(hw);
     for (int64_t plane = p0; plane < p1; ++plane) {
       const int64_t c = plane % s.C;
-      const acc_t scale = aff.scale[c], shift = aff.shift[c];
-      const scalar_t* yc = yp + plane * s.plane();
-      scalar_t* out = pp + plane * s.HO * s.WO;
-      uint8_t* win = wp + plane * s.HO * s.WO;
-      for (int64_t i = 0; i < s.HO; ++i)
-        for (int64_t j = 0; j < s.WO; ++j) {
-          acc_t best = 0;
-          int off = -1;
-          for (int64_t ki = 0; ki < s.PKH; ++ki) {
-            const scalar_t* row = yc + (i * s.PKH + ki) * s.WC + j * s.PKW;
-            for (int64_t kj = 0; kj < s.PKW; ++kj) {
-              const acc_t v = activate<acc_t>(scale * static_cast<acc_t>(row[kj]) + shift, a, sl);
-              if (off < 0 || pool_takes(v, best)) {
-                best = v;
-                off = static_cast<int>(ki * s.PKW + kj);
-              }
-            }
-          }
-          out[i * s.WO + j] = static_cast<scalar_t>(best);
-          win[i * s.WO + j] = static_cast<uint8_t>(off);
-        }
+      kern.normalize(yp + plane * hw, hw, aff.scale[c], aff.shift[c], sl, activated.data());
+      pool(activated.data(), s, pp + plane * pooled_hw, wp + plane * pooled_hw);
     }
   });
 }
@@ -182,19 +232,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   at::Tensor window = empty_cpu_cached({s.N, s.C, s.HO, s.WO}, y.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_pool2d_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    channel_stats<scalar_t>(y, s, mean, var);
+    const auto kern = pick_kernels<scalar_t, acc_t>(activation);
+    channel_stats<scalar_t>(y, s, kern, mean, var);
     const auto aff = channel_affine<acc_t>(mean, var, bn_weight, bn_bias, eps, s.C);
-    normalize_activate_pool<scalar_t>(y, s, aff, activation, negative_slope, pooled, window);
+    normalize_activate_pool<scalar_t>(y, s, aff, kern, negative_slope, pooled, window);
   });
   return {pooled, window, y, mean, var};
 }
 
-// ---- backward. Pass 1 (per channel): the pool-sparse sums sum g and sum g*yhat. Pass 2 (per plane):
-// dy = c0 + c1*y everywhere, plus gamma*invstd*g at each argmax. Then the vendor conv backward.
+// ---- backward. Pass 1 (per plane, in parallel): g at each argmax into a pooled-size buffer and the
+// plane's partial sums of g and g*yhat, then per channel the planes added in batch order (double).
+// Pass 2 (per plane): dy = c0 + c1*y everywhere, plus gamma*invstd*g at each argmax. Then the
+// vendor conv backward.
 template <typename scalar_t>
 void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& y, const BnPoolShape& s,
-                   const ChannelAffine<at::opmath_type<scalar_t>>& aff, const at::Tensor& mean, int64_t act,
-                   double slope, bool want_dy, at::Tensor& dy, at::Tensor& sum_g, at::Tensor& sum_gyhat) {
+                   const ChannelAffine<at::opmath_type<scalar_t>>& aff, const at::Tensor& mean,
+                   const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern, double slope, bool want_dy,
+                   at::Tensor& dy, at::Tensor& sum_g, at::Tensor& sum_gyhat) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const uint8_t* wp = window.const_data_ptr<uint8_t>();
@@ -202,35 +256,29 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
   const at::Tensor m = mean.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* mp = m.const_data_ptr<acc_t>();
   const acc_t sl = static_cast<acc_t>(slope);
-  const int a = static_cast<int>(act);
   const int64_t hw = s.plane(), pooled_hw = s.HO * s.WO;
-  // g at pooled position q of plane `plane`, and the conv position of its argmax.
-  auto routed = [&](int64_t plane, int64_t q, int64_t& pos) -> acc_t {
-    const int64_t c = plane % s.C, i = q / s.WO, j = q % s.WO;
-    const int off = wp[plane * pooled_hw + q];
-    pos = (i * s.PKH + off / s.PKW) * s.WC + j * s.PKW + off % s.PKW;
-    const acc_t z = aff.scale[c] * static_cast<acc_t>(yp[plane * hw + pos]) + aff.shift[c];
-    return static_cast<acc_t>(gp[plane * pooled_hw + q]) * activation_grad<acc_t>(z, a, sl);
-  };
-  double* sg = sum_g.mutable_data_ptr<double>();
-  double* sgy = sum_gyhat.mutable_data_ptr<double>();
-  at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double total_g = 0.0, total_gy = 0.0;
-      for (int64_t n = 0; n < s.N; ++n) {
-        const int64_t plane = n * s.C + c;
-        for (int64_t q = 0; q < pooled_hw; ++q) {
-          int64_t pos;
-          const acc_t g = routed(plane, q, pos);
-          const acc_t yhat = (static_cast<acc_t>(yp[plane * hw + pos]) - mp[c]) * aff.invstd[c];
-          total_g += static_cast<double>(g);
-          total_gy += static_cast<double>(g * yhat);
-        }
-      }
-      sg[c] = total_g;
-      sgy[c] = total_gy;
+  const std::vector<int64_t> offk = window_offsets(s);
+  at::Tensor routed = empty_cpu_cached({s.N * s.C * pooled_hw}, y.options().dtype(at::CppTypeToScalarType<acc_t>::value));
+  acc_t* rp = routed.mutable_data_ptr<acc_t>();
+  std::vector<double> partial(2 * s.N * s.C);
+  at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t plane = p0; plane < p1; ++plane) {
+      const int64_t c = plane % s.C;
+      kern.routed(gp + plane * pooled_hw, wp + plane * pooled_hw, yp + plane * hw, offk.data(), s, aff.scale[c],
+                  aff.shift[c], mp[c], aff.invstd[c], sl, rp + plane * pooled_hw, partial.data() + 2 * plane);
     }
   });
+  double* sg = sum_g.mutable_data_ptr<double>();
+  double* sgy = sum_gyhat.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < s.C; ++c) {
+    double total_g = 0.0, total_gy = 0.0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      total_g += partial[2 * (n * s.C + c)];
+      total_gy += partial[2 * (n * s.C + c) + 1];
+    }
+    sg[c] = total_g;
+    sgy[c] = total_gy;
+  }
   if (!want_dy) return;
   scalar_t* dp = dy.mutable_data_ptr<scalar_t>();
   const double count = static_cast<double>(s.count());
@@ -243,15 +291,8 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
       const acc_t mean_g = static_cast<acc_t>(sg[c] / count), mean_gy = static_cast<acc_t>(sgy[c] / count);
       const acc_t cf1 = -k * aff.invstd[c] * mean_gy;
       const acc_t cf0 = -k * mean_g - cf1 * mp[c];
-      const scalar_t* yc = yp + plane * hw;
-      scalar_t* dc = dp + plane * hw;
-      // The dense part in acc_t for the argmax positions, so that k*g is added before rounding.
-      for (int64_t e = 0; e < hw; ++e) dc[e] = static_cast<scalar_t>(cf0 + cf1 * static_cast<acc_t>(yc[e]));
-      for (int64_t q = 0; q < pooled_hw; ++q) {
-        int64_t pos;
-        const acc_t g = routed(plane, q, pos);
-        dc[pos] = static_cast<scalar_t>(cf0 + cf1 * static_cast<acc_t>(yc[pos]) + k * g);
-      }
+      kern.dense_dy(yp + plane * hw, rp + plane * pooled_hw, wp + plane * pooled_hw, offk.data(), s, cf0, cf1, k,
+                    dp + plane * hw);
     }
   });
 }
@@ -281,7 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto aff = channel_affine<acc_t>(mean, var, bn_weight, bn_bias, eps, s.C);
-    bn_input_grad<scalar_t>(grad, win, y, s, aff, mean, activation, negative_slope, want_conv, dy, sum_g, sum_gyhat);
+    const auto kern = pick_kernels<scalar_t, acc_t>(activation);
+    bn_input_grad<scalar_t>(grad, win, y, s, aff, mean, kern, negative_slope, want_conv, dy, sum_g, sum_gyhat);
   });
   at::Tensor grad_input, grad_weight, grad_bias;
   if (want_conv) {
