@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "aefast/conv_pool.h"
@@ -53,6 +55,9 @@ BnPoolShape check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool) {
 }
 
 constexpr int kStatLanes = 16;
+// Values after the activated plane buffer: pool_plane_2x2's last vector of a row reads up to two
+// vectors (of at most 64 bytes) from its start.
+constexpr int64_t kPoolPad = 2 * 64 / sizeof(float);
 
 // Offset of window offset k from the window's first position in a plane of row stride WC: a
 // table, because an integer division by the runtime pool width per element costs more than the pool.
@@ -60,6 +65,12 @@ std::vector<int64_t> window_offsets(const BnPoolShape& s) {
   std::vector<int64_t> offk(256, 0);
   for (int64_t k = 0; k < s.PKH * s.PKW; ++k) offk[k] = (k / s.PKW) * s.WC + k % s.PKW;
   return offk;
+}
+
+// {first, first + 2, first + 4, ...}: the lanes of one parity of two concatenated vectors (__builtin_shuffle).
+template <typename IV, int... I>
+constexpr IV lane_index_mask(int first, std::integer_sequence<int, I...>) {
+  return IV{(first + 2 * I)...};
 }
 
 namespace generic {
@@ -91,13 +102,13 @@ struct BnPoolKernels {
   void (*routed)(const scalar_t*, const uint8_t*, const scalar_t*, const int64_t*, const BnPoolShape&, acc_t, acc_t,
                  acc_t, acc_t, acc_t, acc_t*, double*);
   void (*dense_dy)(const scalar_t*, const acc_t*, const uint8_t*, const int64_t*, const BnPoolShape&, acc_t, acc_t,
-                   acc_t, scalar_t*);
+                   acc_t, acc_t, scalar_t*);
 };
 
 #define AEFAST_BN_POOL_KERNELS(NS, ACT)                                                                         \
   BnPoolKernels<scalar_t, acc_t> {                                                                              \
     &NS::plane_moments<scalar_t, acc_t>, &NS::normalize_activate_plane<ACT, scalar_t, acc_t>,                   \
-        &NS::pool_plane<0, 0, scalar_t, acc_t>, &NS::pool_plane<2, 2, scalar_t, acc_t>,                         \
+        &NS::pool_plane<0, 0, scalar_t, acc_t>, &NS::pool_plane_2x2<scalar_t, acc_t>,                         \
         &NS::routed_grad_plane<ACT, scalar_t, acc_t>, &NS::dense_dy_plane<scalar_t, acc_t>                      \
   }
 
@@ -203,7 +214,7 @@ void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const Ch
   const auto pool = s.PKH == 2 && s.PKW == 2 ? kern.pool2x2 : kern.pool;
   const int64_t hw = s.plane(), pooled_hw = s.HO * s.WO;
   at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> activated(hw);
+    std::vector<acc_t> activated(hw + kPoolPad, acc_t(0));
     for (int64_t plane = p0; plane < p1; ++plane) {
       const int64_t c = plane % s.C;
       kern.normalize(yp + plane * hw, hw, aff.scale[c], aff.shift[c], sl, activated.data());
@@ -286,13 +297,13 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
     for (int64_t plane = p0; plane < p1; ++plane) {
       const int64_t c = plane % s.C;
       // dy = k*(g - mean_g - yhat*mean_gyhat), k = gamma*invstd, yhat = (y - mean)*invstd
-      //    = k*g + c0 + c1*y with c1 = -k*invstd*mean_gyhat, c0 = -k*mean_g - c1*mean.
+      //    = k*g + c0 + c1*(y - mean) with c1 = -k*invstd*mean_gyhat, c0 = -k*mean_g.
       const acc_t k = aff.gamma[c] * aff.invstd[c];
       const acc_t mean_g = static_cast<acc_t>(sg[c] / count), mean_gy = static_cast<acc_t>(sgy[c] / count);
       const acc_t cf1 = -k * aff.invstd[c] * mean_gy;
-      const acc_t cf0 = -k * mean_g - cf1 * mp[c];
-      kern.dense_dy(yp + plane * hw, rp + plane * pooled_hw, wp + plane * pooled_hw, offk.data(), s, cf0, cf1, k,
-                    dp + plane * hw);
+      const acc_t cf0 = -k * mean_g;
+      kern.dense_dy(yp + plane * hw, rp + plane * pooled_hw, wp + plane * pooled_hw, offk.data(), s, mp[c], cf0, cf1,
+                    k, dp + plane * hw);
     }
   });
 }
