@@ -60,7 +60,8 @@ def _fake_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, eps,
     conv_shape = (input.shape[0], weight.shape[0], hc, wc)
     shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
     stat = _stat_dtype(input.dtype)
-    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(conv_shape),
+    conv_out = input.new_empty(conv_shape).contiguous(memory_format=torch.channels_last)
+    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), conv_out,
             input.new_empty((weight.shape[0],), dtype=stat), input.new_empty((weight.shape[0],), dtype=stat))
 
 

@@ -24,8 +24,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "aefast/conv_pool.h"
@@ -54,40 +52,26 @@ BnPoolShape check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool) {
   return s;
 }
 
-constexpr int kStatLanes = 16;
-// Values after the activated plane buffer: pool_plane_2x2's last vector of a row reads up to two
-// vectors (of at most 64 bytes) from its start.
-constexpr int64_t kPoolPad = 2 * 64 / sizeof(float);
-
-// Offset of window offset k from the window's first position in a plane of row stride WC: a
-// table, because an integer division by the runtime pool width per element costs more than the pool.
+// Offset in the channels-last y of window offset k from the window's first value: a table, because
+// an integer division by the runtime pool width per element costs more than the pool.
 std::vector<int64_t> window_offsets(const BnPoolShape& s) {
   std::vector<int64_t> offk(256, 0);
-  for (int64_t k = 0; k < s.PKH * s.PKW; ++k) offk[k] = (k / s.PKW) * s.WC + k % s.PKW;
+  for (int64_t k = 0; k < s.PKH * s.PKW; ++k) offk[k] = ((k / s.PKW) * s.WC + k % s.PKW) * s.C;
   return offk;
 }
 
-// {first, first + 2, first + 4, ...}: the lanes of one parity of two concatenated vectors (__builtin_shuffle).
-template <typename IV, int... I>
-constexpr IV lane_index_mask(int first, std::integer_sequence<int, I...>) {
-  return IV{(first + 2 * I)...};
-}
-
 namespace generic {
-constexpr int kVecBytes = 16;
 #include "conv_bn_pool_kernels.inc"
 }  // namespace generic
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-constexpr int kVecBytes = 32;
 #include "conv_bn_pool_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 namespace avx512 {
-constexpr int kVecBytes = 64;
 #include "conv_bn_pool_kernels.inc"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -95,21 +79,19 @@ constexpr int kVecBytes = 64;
 // The kernels of conv_bn_pool_kernels.inc for one ISA, activation and dtype.
 template <typename scalar_t, typename acc_t>
 struct BnPoolKernels {
-  void (*moments)(const scalar_t*, int64_t, double, double*);
-  void (*normalize)(const scalar_t*, int64_t, acc_t, acc_t, acc_t, acc_t*);
-  void (*pool)(const acc_t*, const BnPoolShape&, scalar_t*, uint8_t*);
-  void (*pool2x2)(const acc_t*, const BnPoolShape&, scalar_t*, uint8_t*);
-  void (*routed)(const scalar_t*, const uint8_t*, const scalar_t*, const int64_t*, const BnPoolShape&, acc_t, acc_t,
-                 acc_t, acc_t, acc_t, acc_t*, double*);
-  void (*dense_dy)(const scalar_t*, const acc_t*, const uint8_t*, const int64_t*, const BnPoolShape&, acc_t, acc_t,
-                   acc_t, acc_t, scalar_t*);
+  void (*moments)(const scalar_t*, int64_t, int64_t, const double*, double*, double*);
+  void (*pool_row)(const scalar_t*, const BnPoolShape&, int64_t, const acc_t*, const acc_t*, acc_t, acc_t*, acc_t*,
+                   int32_t*, scalar_t*, uint8_t*);
+  void (*routed)(const scalar_t*, const uint8_t*, const scalar_t*, const int64_t*, const BnPoolShape&, int64_t,
+                 const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t, acc_t*, double*, double*);
+  void (*dense_dy)(const scalar_t*, const acc_t*, const uint8_t*, const int64_t*, const BnPoolShape&, int64_t, int64_t,
+                   int64_t, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*);
 };
 
-#define AEFAST_BN_POOL_KERNELS(NS, ACT)                                                                         \
-  BnPoolKernels<scalar_t, acc_t> {                                                                              \
-    &NS::plane_moments<scalar_t, acc_t>, &NS::normalize_activate_plane<ACT, scalar_t, acc_t>,                   \
-        &NS::pool_plane<0, 0, scalar_t, acc_t>, &NS::pool_plane_2x2<scalar_t, acc_t>,                         \
-        &NS::routed_grad_plane<ACT, scalar_t, acc_t>, &NS::dense_dy_plane<scalar_t, acc_t>                      \
+#define AEFAST_BN_POOL_KERNELS(NS, ACT)                                                                \
+  BnPoolKernels<scalar_t, acc_t> {                                                                     \
+    &NS::row_moments<scalar_t, acc_t>, &NS::normalize_activate_pool_row<ACT, scalar_t, acc_t>,         \
+        &NS::routed_grad_row<ACT, scalar_t, acc_t>, &NS::dense_dy_rows<scalar_t, acc_t>                \
   }
 
 template <typename scalar_t, typename acc_t, int ACT>
@@ -136,8 +118,8 @@ BnPoolKernels<scalar_t, acc_t> pick_kernels(int64_t act) {
   }
 }
 
-// mean_c and the biased var_c of y over (n, h, w) in one pass: per plane (in parallel) the shifted
-// moments of plane_moments, then per channel the planes added in batch order, in double.
+// mean_c and the biased var_c of the channels-last y over (n, h, w) in one pass: per conv row (in
+// parallel) the shifted moments of row_moments, then the rows added in (n, h) order, in double.
 template <typename scalar_t>
 void channel_stats(const at::Tensor& y, const BnPoolShape& s, const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern,
                    at::Tensor& mean, at::Tensor& var) {
@@ -145,23 +127,26 @@ void channel_stats(const at::Tensor& y, const BnPoolShape& s, const BnPoolKernel
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   acc_t* mp = mean.mutable_data_ptr<acc_t>();
   acc_t* vp = var.mutable_data_ptr<acc_t>();
-  const int64_t hw = s.plane();
-  std::vector<double> shift(s.C), partial(2 * s.N * s.C);
-  for (int64_t c = 0; c < s.C; ++c) shift[c] = static_cast<double>(static_cast<acc_t>(yp[c * hw]));
-  at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t plane = p0; plane < p1; ++plane)
-      kern.moments(yp + plane * hw, hw, shift[plane % s.C], partial.data() + 2 * plane);
+  const int64_t C = s.C, rows = s.N * s.HC;
+  std::vector<double> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(static_cast<acc_t>(yp[c]));
+  at::Tensor partial_t = empty_cpu_cached({rows, 2, C}, y.options().dtype(at::kDouble));
+  double* partial = partial_t.mutable_data_ptr<double>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      kern.moments(yp + r * s.WC * C, s.WC, C, shift.data(), partial + 2 * r * C, partial + (2 * r + 1) * C);
   });
-  const double count = static_cast<double>(s.count());
-  for (int64_t c = 0; c < s.C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      s1 += partial[2 * (n * s.C + c)];
-      s2 += partial[2 * (n * s.C + c) + 1];
+  std::vector<double> s1(C, 0.0), s2(C, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += partial[2 * r * C + c];
+      s2[c] += partial[(2 * r + 1) * C + c];
     }
-    const double d = s1 / count;
+  const double count = static_cast<double>(s.count());
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = s1[c] / count;
     mp[c] = static_cast<acc_t>(shift[c] + d);
-    vp[c] = static_cast<acc_t>(std::max(s2 / count - d * d, 0.0));
+    vp[c] = static_cast<acc_t>(std::max(s2[c] / count - d * d, 0.0));
   }
 }
 
@@ -199,9 +184,10 @@ void check_bn_params(const char* op, const c10::optional<at::Tensor>& bn_w, cons
                   C, ",)");
 }
 
-// ---- forward epilogue: per (n, c) plane, act(scale*y + shift) into a per-thread plane buffer
-// (vectorised), then the pooling loop (pool_plane in conv_bn_pool_kernels.inc) over it: the first
-// maximum of each window and its row-major offset, written as pooled (input dtype) and window (uint8).
+// ---- forward epilogue: per pooled row (n, i), in parallel, normalize_activate_pool_row (the pooling
+// loop, conv_bn_pool_kernels.inc) over its window rows of the channels-last y, then each channel's
+// run of WO values out to pooled (input dtype) and window (uint8), NCHW. (Storing NCHW straight from
+// the channel loop would store with a stride of a whole plane, often a multiple of 4 KiB: one L1 set.)
 template <typename scalar_t>
 void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const ChannelAffine<at::opmath_type<scalar_t>>& aff,
                              const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern, double slope,
@@ -211,14 +197,21 @@ void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const Ch
   scalar_t* pp = pooled.mutable_data_ptr<scalar_t>();
   uint8_t* wp = window.mutable_data_ptr<uint8_t>();
   const acc_t sl = static_cast<acc_t>(slope);
-  const auto pool = s.PKH == 2 && s.PKW == 2 ? kern.pool2x2 : kern.pool;
-  const int64_t hw = s.plane(), pooled_hw = s.HO * s.WO;
-  at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> activated(hw + kPoolPad, acc_t(0));
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const int64_t c = plane % s.C;
-      kern.normalize(yp + plane * hw, hw, aff.scale[c], aff.shift[c], sl, activated.data());
-      pool(activated.data(), s, pp + plane * pooled_hw, wp + plane * pooled_hw);
+  const int64_t C = s.C, image = s.plane() * C, pooled_hw = s.HO * s.WO;
+  at::parallel_for(0, s.N * s.HO, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<acc_t> best(C), act(C);
+    std::vector<int32_t> off(C);
+    std::vector<scalar_t> pbuf(C * s.WO);
+    std::vector<uint8_t> wbuf(C * s.WO);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / s.HO, i = u % s.HO;
+      kern.pool_row(yp + n * image, s, i, aff.scale.data(), aff.shift.data(), sl, best.data(), act.data(), off.data(),
+                    pbuf.data(), wbuf.data());
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t dst = (n * C + c) * pooled_hw + i * s.WO;
+        std::copy(pbuf.begin() + c * s.WO, pbuf.begin() + (c + 1) * s.WO, pp + dst);
+        std::copy(wbuf.begin() + c * s.WO, wbuf.begin() + (c + 1) * s.WO, wp + dst);
+      }
     }
   });
 }
@@ -232,8 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   TORCH_CHECK(activation >= 0 && activation < kNumActivations, "aefast::conv_bn_pool2d: unknown activation code ",
               activation);
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "aefast::conv_bn_pool2d: stride and padding need two entries");
-  // The multiply-adds: the vendor conv (oneDNN), then NCHW so that a channel's plane is contiguous.
-  const at::Tensor y = at::convolution(input, weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1).contiguous();
+  // The multiply-adds: the vendor conv (oneDNN) in channels-last, its fast layout here (measured
+  // 1.7-1.8x faster than NCHW, which oneDNN computes blocked and reorders), for NCHW inputs too.
+  const at::Tensor y = at::convolution(input.contiguous(at::MemoryFormat::ChannelsLast), weight, bias, stride, padding,
+                                       {1, 1}, false, {0, 0}, 1)
+                           .contiguous(at::MemoryFormat::ChannelsLast);
   const BnPoolShape s = check_geometry(y, pool_size);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
@@ -251,10 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   return {pooled, window, y, mean, var};
 }
 
-// ---- backward. Pass 1 (per plane, in parallel): g at each argmax into a pooled-size buffer and the
-// plane's partial sums of g and g*yhat, then per channel the planes added in batch order (double).
-// Pass 2 (per plane): dy = c0 + c1*y everywhere, plus gamma*invstd*g at each argmax. Then the
-// vendor conv backward.
+// ---- backward. Pass 1 (per pooled row, in parallel): g at each argmax into a pooled-size buffer and
+// the row's partial sums of g and g*yhat per channel, then the rows added in (n, i) order (double).
+// Pass 2 (per pooled row with its window rows; the last row of an image also takes the conv rows no
+// window covers): dy = c0 + c1*(y - mean) everywhere, plus gamma*invstd*g at each argmax, written
+// channels-last. Then the vendor conv backward.
 template <typename scalar_t>
 void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& y, const BnPoolShape& s,
                    const ChannelAffine<at::opmath_type<scalar_t>>& aff, const at::Tensor& mean,
@@ -267,43 +264,45 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
   const at::Tensor m = mean.to(at::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* mp = m.const_data_ptr<acc_t>();
   const acc_t sl = static_cast<acc_t>(slope);
-  const int64_t hw = s.plane(), pooled_hw = s.HO * s.WO;
+  const int64_t C = s.C, image = s.plane() * C, pooled_hw = s.HO * s.WO, units = s.N * s.HO;
   const std::vector<int64_t> offk = window_offsets(s);
-  at::Tensor routed = empty_cpu_cached({s.N * s.C * pooled_hw}, y.options().dtype(at::CppTypeToScalarType<acc_t>::value));
+  at::Tensor routed = empty_cpu_cached({s.N * C * pooled_hw}, y.options().dtype(at::CppTypeToScalarType<acc_t>::value));
   acc_t* rp = routed.mutable_data_ptr<acc_t>();
-  std::vector<double> partial(2 * s.N * s.C);
-  at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const int64_t c = plane % s.C;
-      kern.routed(gp + plane * pooled_hw, wp + plane * pooled_hw, yp + plane * hw, offk.data(), s, aff.scale[c],
-                  aff.shift[c], mp[c], aff.invstd[c], sl, rp + plane * pooled_hw, partial.data() + 2 * plane);
+  at::Tensor partial_t = empty_cpu_cached({units, 2, C}, y.options().dtype(at::kDouble));
+  double* partial = partial_t.mutable_data_ptr<double>();
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / s.HO, i = u % s.HO;
+      kern.routed(gp + n * C * pooled_hw, wp + n * C * pooled_hw, yp + n * image, offk.data(), s, i, aff.scale.data(),
+                  aff.shift.data(), mp, aff.invstd.data(), sl, rp + n * C * pooled_hw, partial + 2 * u * C,
+                  partial + (2 * u + 1) * C);
     }
   });
   double* sg = sum_g.mutable_data_ptr<double>();
   double* sgy = sum_gyhat.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < s.C; ++c) {
-    double total_g = 0.0, total_gy = 0.0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      total_g += partial[2 * (n * s.C + c)];
-      total_gy += partial[2 * (n * s.C + c) + 1];
+  for (int64_t c = 0; c < C; ++c) sg[c] = sgy[c] = 0.0;
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t c = 0; c < C; ++c) {
+      sg[c] += partial[2 * u * C + c];
+      sgy[c] += partial[(2 * u + 1) * C + c];
     }
-    sg[c] = total_g;
-    sgy[c] = total_gy;
-  }
   if (!want_dy) return;
-  scalar_t* dp = dy.mutable_data_ptr<scalar_t>();
+  // dy = k*(g - mean_g - yhat*mean_gyhat), k = gamma*invstd, yhat = (y - mean)*invstd
+  //    = k*g + c0 + c1*(y - mean) with c1 = -k*invstd*mean_gyhat, c0 = -k*mean_g.
   const double count = static_cast<double>(s.count());
-  at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const int64_t c = plane % s.C;
-      // dy = k*(g - mean_g - yhat*mean_gyhat), k = gamma*invstd, yhat = (y - mean)*invstd
-      //    = k*g + c0 + c1*(y - mean) with c1 = -k*invstd*mean_gyhat, c0 = -k*mean_g.
-      const acc_t k = aff.gamma[c] * aff.invstd[c];
-      const acc_t mean_g = static_cast<acc_t>(sg[c] / count), mean_gy = static_cast<acc_t>(sgy[c] / count);
-      const acc_t cf1 = -k * aff.invstd[c] * mean_gy;
-      const acc_t cf0 = -k * mean_g;
-      kern.dense_dy(yp + plane * hw, rp + plane * pooled_hw, wp + plane * pooled_hw, offk.data(), s, mp[c], cf0, cf1,
-                    k, dp + plane * hw);
+  std::vector<acc_t> k(C), c0(C), c1(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k[c] = aff.gamma[c] * aff.invstd[c];
+    c1[c] = -k[c] * aff.invstd[c] * static_cast<acc_t>(sgy[c] / count);
+    c0[c] = -k[c] * static_cast<acc_t>(sg[c] / count);
+  }
+  scalar_t* dp = dy.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / s.HO, i = u % s.HO;
+      const int64_t h0 = i * s.PKH, h1 = i == s.HO - 1 ? s.HC : h0 + s.PKH;
+      kern.dense_dy(yp + n * image, rp + n * C * pooled_hw, wp + n * C * pooled_hw, offk.data(), s, i, h0, h1, mp,
+                    c0.data(), c1.data(), k.data(), dp + n * image);
     }
   });
 }
@@ -318,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
               "aefast::conv_bn_pool2d_backward: grad_pooled and the uint8 window must have the pooled shape");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations,
               "aefast::conv_bn_pool2d_backward: unknown activation code ", activation);
-  const at::Tensor y = conv_out.contiguous();
+  const at::Tensor y = conv_out.contiguous(at::MemoryFormat::ChannelsLast);
   const BnPoolShape s = check_geometry(y, pool_size);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.C && grad_pooled.size(2) == s.HO &&
                   grad_pooled.size(3) == s.WO && mean.numel() == s.C && var.numel() == s.C,
@@ -329,7 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   const bool want_conv = output_mask[0] || output_mask[1] || output_mask[2];
   at::Tensor sum_g = at::empty({s.C}, y.options().dtype(at::kDouble));
   at::Tensor sum_gyhat = at::empty({s.C}, y.options().dtype(at::kDouble));
-  at::Tensor dy = want_conv ? empty_cpu_cached(y.sizes(), y.options()) : at::Tensor();
+  // dy channels-last, as y (a cached (N, HC, WC, C) buffer seen as NCHW)
+  at::Tensor dy = want_conv ? empty_cpu_cached({s.N, s.HC, s.WC, s.C}, y.options()).permute({0, 3, 1, 2}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bn_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto aff = channel_affine<acc_t>(mean, var, bn_weight, bn_bias, eps, s.C);
@@ -339,9 +339,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   at::Tensor grad_input, grad_weight, grad_bias;
   if (want_conv) {
     const int64_t cout = s.C;
-    auto grads = at::convolution_backward(dy, input, weight, c10::IntArrayRef(cout), stride, padding, {1, 1}, false,
-                                          {0, 0}, 1, {output_mask[0], output_mask[1], output_mask[2]});
+    // channels-last like the forward's conv; grad_input back in the input's own layout
+    auto grads = at::convolution_backward(dy, input.contiguous(at::MemoryFormat::ChannelsLast), weight,
+                                          c10::IntArrayRef(cout), stride, padding, {1, 1}, false, {0, 0}, 1,
+                                          {output_mask[0], output_mask[1], output_mask[2]});
     grad_input = std::get<0>(grads);
+    if (grad_input.defined()) grad_input = grad_input.contiguous(input.suggest_memory_format());
+    if (std::get<1>(grads).defined()) std::get<1>(grads) = std::get<1>(grads).contiguous(weight.suggest_memory_format());
     grad_weight = std::get<1>(grads);
     grad_bias = std::get<2>(grads);
   }
