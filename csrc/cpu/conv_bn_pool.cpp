@@ -6,15 +6,23 @@
 //   z = scale_c * y + shift_c,  a = act(z),  pooled = max over each window of a (torch's rule).
 // Backward, g = grad_pooled * act'(z) at each window's argmax (zero elsewhere), yhat = (y-mean)*invstd:
 //   dbeta_c = sum g,  dgamma_c = sum g*yhat   (pool-sparse sums)
-//   dy = gamma*invstd*(g - dbeta/M - yhat*dgamma/M) = c0_c + c1_c * y + gamma_c*invstd_c * g
+//   dy = gamma*invstd*(g - dbeta/M - yhat*dgamma/M) = c0_c + c1_c * (y - mean_c) + gamma_c*invstd_c * g
 // which is dense; it is written once and handed to the vendor conv backward
 // (at::convolution_backward: oneDNN) for dx, dw and db.
 //
-// The multiply-adds are the vendor's (at::convolution / at::convolution_backward). aefast's part is
-// memory-bound: the channel statistics (two passes over y), the normalise -> activate -> pool ->
-// argmax epilogue (one pass over y, writes only pooled-size tensors) and, in the backward, the
-// sparse sums and the dense dy (one pass each). Every reduction runs in a fixed order per channel
-// (lanes of a fixed width, then planes in order), so results do not depend on the thread count.
+// The multiply-adds are the vendor's (at::convolution / at::convolution_backward), in channels-last,
+// oneDNN's fast layout (an NCHW input is transposed in, grad_input back out, by a tiled transpose).
+// aefast's part is memory-bound and lives in conv_bn_pool_kernels.inc, built per ISA, vectorised
+// over channels: the channel statistics (one pass over y, shifted sums in double), the normalise ->
+// activate -> pool -> argmax epilogue (one pass over y, writes only pooled-size tensors) and, in
+// the backward, the pool-sparse sums (pooled-size reads plus y at each argmax) and the dense dy (one
+// pass). Work is split into rows and every reduction adds the rows' partials in a fixed order, so
+// results do not depend on the thread count.
+//
+// Where the pool geometry lives: BnPoolShape/check_geometry (output size), window_offsets (the
+// backward's argmax position of a window offset), and in conv_bn_pool_kernels.inc the pooling loop
+// normalize_activate_pool_row and the window origin (i*PKH, j*PKW) in routed_grad_row / dense_dy_rows
+// (whose row ranges assume windows that tile the rows: dense_dy_rows' h0/h1 in bn_input_grad).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -184,6 +192,58 @@ void check_bn_params(const char* op, const c10::optional<at::Tensor>& bn_w, cons
                   C, ",)");
 }
 
+// ---- layouts. The conv runs channels-last (below); an NCHW input is converted and grad_input converted
+// back with a tiled transpose (torch's strided copy_ ran at ~1 GB/s for 64-channel 64x64 images,
+// where a plane stride of 16 KiB lands every channel of a pixel in one L1 set).
+// dst[n][c][r] = src[n][r][c] over N blocks of (R, Cc), tiles of kTile x kTile, in parallel.
+constexpr int64_t kTile = 16;
+template <typename T>
+void transpose_images(const T* src, T* dst, int64_t N, int64_t R, int64_t Cc) {
+  const int64_t row_tiles = (R + kTile - 1) / kTile;
+  at::parallel_for(0, N * row_tiles, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / row_tiles, r0 = (b % row_tiles) * kTile, r1 = std::min(R, r0 + kTile);
+      const T* s = src + n * R * Cc;
+      T* d = dst + n * R * Cc;
+      for (int64_t c0 = 0; c0 < Cc; c0 += kTile) {
+        const int64_t c1 = std::min(Cc, c0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) d[c * R + r] = s[r * Cc + c];
+      }
+    }
+  });
+}
+
+// t (N, C, H, W) with channels-last strides: itself when it has them, the same memory with the
+// strides restated when the layouts coincide (C == 1 or H*W == 1, where torch would otherwise see
+// NCHW and the conv would answer NCHW), else a transposed copy.
+at::Tensor channels_last(const at::Tensor& t) {
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    if (t.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return t;
+    return t.as_strided(t.sizes(), c10::get_channels_last_strides_2d(t.sizes()), t.storage_offset());
+  }
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "aefast_channels_last", [&] {
+    transpose_images<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), t.size(0), t.size(1),
+                               t.size(2) * t.size(3));
+  });
+  return out;
+}
+
+// t in the memory format `format` (NCHW or channels-last), by the tiled transpose for channels-last -> NCHW.
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (t.is_contiguous(format)) return t;
+  if (format != at::MemoryFormat::Contiguous || !t.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return t.contiguous(format);
+  at::Tensor out = at::empty(t.sizes(), t.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "aefast_nchw", [&] {
+    transpose_images<scalar_t>(t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), t.size(0),
+                               t.size(2) * t.size(3), t.size(1));
+  });
+  return out;
+}
+
 // ---- forward epilogue: per pooled row (n, i), in parallel, normalize_activate_pool_row (the pooling
 // loop, conv_bn_pool_kernels.inc) over its window rows of the channels-last y, then each channel's
 // run of WO values out to pooled (input dtype) and window (uint8), NCHW. (Storing NCHW straight from
@@ -227,9 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "aefast::conv_bn_pool2d: stride and padding need two entries");
   // The multiply-adds: the vendor conv (oneDNN) in channels-last, its fast layout here (measured
   // 1.7-1.8x faster than NCHW, which oneDNN computes blocked and reorders), for NCHW inputs too.
-  const at::Tensor y = at::convolution(input.contiguous(at::MemoryFormat::ChannelsLast), weight, bias, stride, padding,
-                                       {1, 1}, false, {0, 0}, 1)
-                           .contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor y =
+      channels_last(at::convolution(channels_last(input), weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
   const BnPoolShape s = check_geometry(y, pool_size);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
@@ -317,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
               "aefast::conv_bn_pool2d_backward: grad_pooled and the uint8 window must have the pooled shape");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations,
               "aefast::conv_bn_pool2d_backward: unknown activation code ", activation);
-  const at::Tensor y = conv_out.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor y = channels_last(conv_out);
   const BnPoolShape s = check_geometry(y, pool_size);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.C && grad_pooled.size(2) == s.HO &&
                   grad_pooled.size(3) == s.WO && mean.numel() == s.C && var.numel() == s.C,
@@ -340,11 +399,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   if (want_conv) {
     const int64_t cout = s.C;
     // channels-last like the forward's conv; grad_input back in the input's own layout
-    auto grads = at::convolution_backward(dy, input.contiguous(at::MemoryFormat::ChannelsLast), weight,
+    auto grads = at::convolution_backward(dy, channels_last(input), weight,
                                           c10::IntArrayRef(cout), stride, padding, {1, 1}, false, {0, 0}, 1,
                                           {output_mask[0], output_mask[1], output_mask[2]});
     grad_input = std::get<0>(grads);
-    if (grad_input.defined()) grad_input = grad_input.contiguous(input.suggest_memory_format());
+    if (grad_input.defined()) grad_input = in_format(grad_input, input.suggest_memory_format());
     if (std::get<1>(grads).defined()) std::get<1>(grads) = std::get<1>(grads).contiguous(weight.suggest_memory_format());
     grad_weight = std::get<1>(grads);
     grad_bias = std::get<2>(grads);
