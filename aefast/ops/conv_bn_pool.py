@@ -3,7 +3,7 @@
 Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/conv_bn_pool.cpp):
 
 * ``conv_bn_pool2d_forward(x, w, b, gamma, beta, stride, padding, eps, act, slope, pool)
-  -> (pooled, window, conv_out, mean, var)``
+  -> (pooled, window, conv_out, mean, var)``; conv_out is y as (N, HC, WC, C) (channels-last memory)
 * ``conv_bn_pool2d_backward(grad_pooled, window, conv_out, mean, var, x, w, gamma, beta, ...,
   output_mask) -> (grad_x, grad_w, grad_b, grad_gamma, grad_beta)``
 
@@ -65,8 +65,7 @@ def _fake_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, eps,
     conv_shape = (input.shape[0], weight.shape[0], hc, wc)
     shape = (input.shape[0], weight.shape[0], hc // pool_size[0], wc // pool_size[1])
     stat = _stat_dtype(input.dtype)
-    n, c, h, w = conv_shape  # channels-last strides, stated even where C == 1 or H*W == 1 (as the kernel does)
-    conv_out = input.new_empty_strided(conv_shape, (h * w * c, 1, w * c, c))
+    conv_out = input.new_empty((input.shape[0], hc, wc, weight.shape[0]))  # (N, HC, WC, C): channels-last
     return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), conv_out,
             input.new_empty((weight.shape[0],), dtype=stat), input.new_empty((weight.shape[0],), dtype=stat))
 
@@ -78,7 +77,7 @@ def _fake_backward(grad_pooled, window, conv_out, mean, var, input, weight, bn_w
             return conv_out.new_empty((0,))
         return like.new_empty(shape)
 
-    c = conv_out.shape[1]
+    c = conv_out.shape[3]
     return (grad(output_mask[0], input.shape, input), grad(output_mask[1], weight.shape, weight),
             grad(output_mask[2], (c,), conv_out), grad(output_mask[3], (c,), bn_weight),
             grad(output_mask[4], (c,), bn_bias))

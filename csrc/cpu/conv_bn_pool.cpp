@@ -303,7 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     const auto aff = channel_affine<acc_t>(mean, var, bn_weight, bn_bias, eps, s.C);
     normalize_activate_pool<scalar_t>(y, s, aff, kern, negative_slope, pooled, window);
   });
-  return {pooled, window, y, mean, var};
+  // conv_out is handed out as (N, HC, WC, C), a plain contiguous tensor: channels-last memory without
+  // NCHW strides that torch.compile would have to be told about.
+  return {pooled, window, y.permute({0, 2, 3, 1}), mean, var};
 }
 
 // ---- backward. Pass 1 (per pooled row, in parallel): g at each argmax into a pooled-size buffer and
@@ -376,7 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
               "aefast::conv_bn_pool2d_backward: grad_pooled and the uint8 window must have the pooled shape");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations,
               "aefast::conv_bn_pool2d_backward: unknown activation code ", activation);
-  const at::Tensor y = channels_last(conv_out);
+  TORCH_CHECK(conv_out.dim() == 4, "aefast::conv_bn_pool2d_backward: conv_out must be (N, HC, WC, C)");
+  const at::Tensor y = conv_out.contiguous().permute({0, 3, 1, 2});  // NCHW sizes, channels-last memory
   const BnPoolShape s = check_geometry(y, pool_size);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.C && grad_pooled.size(2) == s.HO &&
                   grad_pooled.size(3) == s.WO && mean.numel() == s.C && var.numel() == s.C,
