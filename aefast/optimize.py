@@ -20,7 +20,7 @@ answered from the input's shape):
 In eval mode a BatchNorm2d normalises with its running statistics, an affine map per channel, so it is
 folded into the conv's weight and bias (recomputed from the live parameters at each call, so
 gradients reach them). In training mode it normalises with batch statistics: with
-``batch_norm_training=True`` (opt-in, as the fused block does not beat eager on CPU yet) a conv →
+``batch_norm_training=True`` (the default; False leaves it to eager) a conv →
 BatchNorm2d → [activation] → max-pool site then becomes ``conv_bn_pool2d`` (through ``conv_bn_pool_with``, which
 reads the BatchNorm's mode, momentum and running statistics at each call as nn.BatchNorm2d does);
 a decoder's training-mode BatchNorm stays as it is (in eager, after the fused conv).
@@ -286,9 +286,7 @@ class _Rewriter:
             return
         if batch_bn is not None and not self.batch_norm_training:
             self.unfused[pool] = (f"conv -> {inner.target} (BatchNorm2d with batch statistics, training mode): "
-                                  "conv_bn_pool2d is slower than eager on CPU so far (bench/results/"
-                                  "conv_bn_pool_cpu_quiet_2026-12-06*.md), so it is opt-in: "
-                                  "optimize(model, batch_norm_training=True); eval mode folds it")
+                                  "turned off by optimize(model, batch_norm_training=False); eval mode folds it")
             return
         with_bn = bn is not None or batch_bn is not None
         conv_node = inner.args[0] if with_bn else inner
@@ -529,13 +527,12 @@ def _trace_per_mode(model):
             m.training = modes[name]
 
 
-def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: bool = False) -> nn.Module:
+def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: bool = True) -> nn.Module:
     """Rewrite ``model`` onto aefast's fused ops in place and return it.
 
-    ``batch_norm_training=True`` also fuses conv -> BatchNorm2d (batch statistics) -> act -> pool
-    sites in training mode onto ``conv_bn_pool2d``; it is off by default because that op is slower
-    than eager on CPU so far (bench/results/conv_bn_pool_cpu_quiet_2026-12-06*.md). Eval mode folds
-    BatchNorm into the conv either way.
+    ``batch_norm_training=True`` (the default) also fuses conv -> BatchNorm2d (batch statistics) -> act
+    -> pool sites in training mode onto ``conv_bn_pool2d``; ``False`` leaves them to eager. Eval mode
+    folds BatchNorm into the conv either way.
 
     The list of rewrites is kept in ``model.aefast_rewrites`` and the sites left unfused, with their
     reasons, in ``model.aefast_unfused`` (both printed when ``verbose``). Rewrites that only hold in

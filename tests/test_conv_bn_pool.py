@@ -287,6 +287,16 @@ def cases(draw):
                 seed=draw(st.integers(0, 2**16)))
 
 
+def _fp64_leaves(x, w, b, gamma, beta, c, stats):
+    """The fuzz step's backward through the reference twin in fp64 from the same inputs: its leaves."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, gamma, beta)]
+    run_stats = [s.clone().double() if s.is_floating_point() else s.clone() for s in stats]
+    pooled, _ = ref.conv_bn_pool2d(*leaves, run_stats[0], run_stats[1], True, c["momentum"], 1e-5, c["stride"],
+                                   c["padding"], c["act"], c["pool"], True, c["index_format"], run_stats[2])
+    pooled.backward(torch.linspace(-1, 1, pooled.numel(), dtype=torch.float64).view_as(pooled))
+    return [t for t in leaves if t is not None]
+
+
 def _fuzz_step(c, backend_name):
     g = torch.Generator().manual_seed(c["seed"])
     dt = c["dtype"]
@@ -313,8 +323,28 @@ def _fuzz_step(c, backend_name):
     tol = TOLERANCES[dt] if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[0], want[0], **tol)
     assert torch.equal(got[1], want[1])
-    for a, b_ in zip(got[2], want[2]):
-        torch.testing.assert_close(a, b_, **tol)
+    if dt == torch.float32:
+        # The conv-parameter gradients of a channel whose output varies little against its mean
+        # (e.g. weight 0.01, bias 1.5: mean/std ~100) are ill-conditioned: any fp32 evaluation
+        # order, eager's included, lands ~1e-2 off the exact value (seen: exact -3.0997, the twin
+        # -3.0844, eager's native BatchNorm and aefast -3.1093). So fp32 gradients are held to the
+        # exact (fp64 from the same fp32 inputs) value, allowed twice the twin's own fp32 error plus
+        # the rounding floor of sums over M conv positions of dL/dy ~ |grad| * gamma * invstd (a few
+        # fp32 ulps of each term; grad_pooled is in [-1, 1]).
+        exact = [t.grad for t in _fp64_leaves(x, w, b, gamma, beta, c, stats)]
+        y64 = torch.nn.functional.conv2d(x.detach().double(), w.detach().double(), stride=c["stride"],
+                                         padding=c["padding"])
+        m = y64.numel() // y64.shape[1]
+        gain = (y64.var(dim=(0, 2, 3), unbiased=False) + 1e-5).rsqrt()
+        if gamma is not None:
+            gain = gain * gamma.detach().double()
+        floor = 2e-7 * m * gain.max().item() * max(1.0, x.detach().abs().max().item())
+        for a, b_, e in zip(got[2], want[2], exact):
+            slack = 2 * (b_.double() - e).abs() + tol["atol"] + tol["rtol"] * e.abs() + floor
+            assert bool(((a.double() - e).abs() <= slack).all()), (a, b_, e)
+    else:
+        for a, b_ in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b_, **tol)
     for a, b_ in zip(got[3], want[3]):
         torch.testing.assert_close(a, b_, **tol)
     assert len(leaves) == len(got[2])

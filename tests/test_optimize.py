@@ -231,14 +231,13 @@ def test_batch_norm_models_fuse_in_eval_and_match_in_both_modes(style, in_ch):
     torch.manual_seed(0)
     original = style()
     _randomize_bn(original)
-    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False, batch_norm_training=False)
     eval_rewrites = [r for r in model.aefast_rewrites if r.startswith("(eval mode)")]
     assert any("BatchNorm2d folded" in r and r.split(") ", 1)[1].startswith("conv_pool2d") for r in eval_rewrites)
     assert any("BatchNorm2d folded" in r and "unpool_conv_transpose2d" in r for r in eval_rewrites)
-    # training-mode BatchNorm: the encoders' sites are reported, not fused, because conv_bn_pool2d is
-    # opt-in (slower than eager on CPU so far); the decoders' unpool -> conv is fused without the BN,
-    # which stays in eager after it
-    assert any("batch_norm_training=True" in line for line in model.aefast_unfused), model.aefast_unfused
+    # with batch_norm_training=False the encoders' training-mode BatchNorm sites are reported, not fused;
+    # the decoders' unpool -> conv is fused without the BN, which stays in eager after it
+    assert any("batch_norm_training=False" in line for line in model.aefast_unfused), model.aefast_unfused
     assert any("BatchNorm2d" in line and "training mode" in line for line in model.aefast_unfused)
     assert not any(line.startswith("max_unpool2d") for line in model.aefast_unfused), model.aefast_unfused
     assert any(r.startswith("unpool_conv_transpose2d") and "batch statistics" in r for r in model.aefast_rewrites)
@@ -433,7 +432,7 @@ def test_training_mode_batch_norm_pool_sites_fuse_onto_conv_bn_pool2d(style, in_
     torch.manual_seed(0)
     original = style()
     _randomize_bn(original)
-    model = aefast.optimize(copy.deepcopy(original), verbose=False, batch_norm_training=True)
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)  # the default fuses them
     train_rewrites = [r for r in model.aefast_rewrites if not r.startswith("(eval mode)")]
     assert sum(r.startswith("conv_bn_pool2d") and "BatchNorm2d, batch statistics" in r
                for r in train_rewrites) == n_fused, train_rewrites

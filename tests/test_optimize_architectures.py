@@ -24,7 +24,7 @@ NAMES = list(A.ARCHITECTURES)
 
 def optimized_pair(name):
     original = A.build(name)
-    return original, aefast.optimize(copy.deepcopy(original), verbose=False, batch_norm_training=True)
+    return original, aefast.optimize(copy.deepcopy(original), verbose=False)  # training-mode BN fused by default
 
 
 def step(model, x, training, output_weights):

@@ -3,18 +3,23 @@
 Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/conv_bn_pool.cpp):
 
 * ``conv_bn_pool2d_forward(x, w, b, gamma, beta, stride, padding, eps, act, slope, pool)
-  -> (pooled, window, conv_out, mean, var)``
+  -> (pooled, window, conv_out, mean, var)``; conv_out is y as (N, HC, WC, C) (channels-last memory)
 * ``conv_bn_pool2d_backward(grad_pooled, window, conv_out, mean, var, x, w, gamma, beta, ...,
   output_mask) -> (grad_x, grad_w, grad_b, grad_gamma, grad_beta)``
 
 Forward, two passes over the conv output after the vendor conv (oneDNN on CPU)::
 
-    y = conv2d(x, w, b)                                   (N, C, HC, WC); M = N*HC*WC
-    pass 1 (per channel):  mean_c = sum y / M,  var_c = sum (y - mean_c)^2 / M   (biased)
+    y = conv2d(x, w, b)                   (N, C, HC, WC), channels-last in memory; M = N*HC*WC
+    pass 1 (per conv row): shifted sums over the row, k_c = y[0, c, 0, 0], in double:
+                           s1_c = sum (y - k_c),  s2_c = sum (y - k_c)^2;  rows added in order;
+                           mean_c = k_c + s1_c/M,  var_c = s2_c/M - (s1_c/M)^2   (biased; the shift
+                           keeps the one-pass form free of cancellation)
     pass 2 (per window):   invstd_c = 1/sqrt(var_c + eps),  z = gamma_c*(y - mean_c)*invstd_c + beta_c,
                            a = act(z),  pooled = max over the window of a,  window = offset of the
                            first maximum (torch's rule: ``v > best or isnan(v)`` replaces it)
 
+The conv runs channels-last (oneDNN's fast layout on CPU; an NCHW input is transposed in and
+grad_input back out), so conv_out is channels-last and every CPU pass is vectorised over channels.
 Only pooled-size tensors and per-channel statistics are written, plus y itself, which BatchNorm's
 gradient needs at every conv position (below): unlike conv_pool2d the gradient is dense, so y is
 kept instead of being recomputed by a second conv in the backward (eager keeps y, BN's output, the
@@ -28,8 +33,8 @@ and ``g = grad_pooled * act'(z)`` at each argmax (zero at every other conv posit
 
     grad_beta_c  = sum g               grad_gamma_c = sum g * yhat      (pool-sparse sums)
     dL/dy        = gamma*invstd * (g - grad_beta/M - yhat * grad_gamma/M)   (BatchNorm's formula)
-                 = c0_c + c1_c * y + gamma_c*invstd_c * g,
-                   c1 = -gamma*invstd^2 * grad_gamma/M,  c0 = -gamma*invstd * grad_beta/M - c1*mean
+                 = c0_c + c1_c * (y - mean_c) + gamma_c*invstd_c * g,
+                   c1 = -gamma*invstd^2 * grad_gamma/M,  c0 = -gamma*invstd * grad_beta/M
     grad_x, grad_w, grad_b = conv2d's backward of dL/dy           (vendor: at::convolution_backward)
 
 The two sums come from the sparse entries only (one pass over the pooled map); dL/dy is dense
@@ -60,7 +65,8 @@ def _fake_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, eps,
     conv_shape = (input.shape[0], weight.shape[0], hc, wc)
     shape = (input.shape[0], weight.shape[0], *pooled_size((hc, wc), pool_size, pool_stride, ceil_mode))
     stat = _stat_dtype(input.dtype)
-    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(conv_shape),
+    conv_out = input.new_empty((input.shape[0], hc, wc, weight.shape[0]))  # (N, HC, WC, C): channels-last
+    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), conv_out,
             input.new_empty((weight.shape[0],), dtype=stat), input.new_empty((weight.shape[0],), dtype=stat))
 
 
@@ -71,7 +77,7 @@ def _fake_backward(grad_pooled, window, conv_out, mean, var, input, weight, bn_w
             return conv_out.new_empty((0,))
         return like.new_empty(shape)
 
-    c = conv_out.shape[1]
+    c = conv_out.shape[3]
     return (grad(output_mask[0], input.shape, input), grad(output_mask[1], weight.shape, weight),
             grad(output_mask[2], (c,), conv_out), grad(output_mask[3], (c,), bn_weight),
             grad(output_mask[4], (c,), bn_bias))
