@@ -78,14 +78,15 @@ ASSUMPTIONS = [
     "work on both sides, or a few microseconds); the first encoder layer needs no dgrad on either side.",
 ]
 
-# The decoder kernels' autotune lists (aefast/triton/unpool_deconv.py, TILES), inlined so that
-# this script needs neither triton nor the built extension (a test keeps them equal).
+# The decoder kernels' tensor-core autotune lists (aefast/triton/unpool_deconv.py, TILES["fwd"] etc.:
+# the tiles of fp16/bf16 and of fp32 as TF32, each compiled without spills for sm_80 and sm_90 by
+# scripts/check_triton_aot.py in CI), inlined so that this script needs neither triton nor the built
+# extension (a test keeps them equal). The IEEE-fp32 and fp64 tiles are not modelled: G1/G2 run TF32
+# or bf16.
 GPU_CONFIGS = {
-    "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
-            (64, 16, 16, 4, 3), (64, 8, 16, 4, 3)],
-    "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 16, 32, 4, 3)],
-    "wgrad": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
-              (64, 16, 16, 4, 3)],
+    "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 32, 16, 4, 3), (64, 8, 16, 4, 2)],
+    "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 16, 32, 4, 3)],
+    "wgrad": [(64, 128, 32, 8, 2), (128, 64, 16, 8, 3), (64, 32, 16, 4, 3), (64, 16, 16, 4, 2)],
 }
 
 
@@ -176,9 +177,10 @@ def cudnn_kernel(name, prec, flops, moved_bytes):
 
 
 def _split(positions, c_m, n_total):
-    """aefast/triton/unpool_deconv.py's _wgrad_split on a GPU."""
+    """aefast/triton/unpool_deconv.py's _wgrad_split on a GPU: at most WGRAD_TARGET_PROGRAMS
+    programs of 128 x 128 tiles (rounded down, so whole waves)."""
     tiles = cdiv(c_m, 128) * cdiv(n_total, 128)
-    want = max(1, cdiv(WGRAD_TARGET_PROGRAMS, tiles))
+    want = max(1, WGRAD_TARGET_PROGRAMS // tiles)
     return max(1, min(want, cdiv(positions, WGRAD_MIN_CHUNK)))
 
 

@@ -73,3 +73,30 @@ def test_aot_script_compiles_the_recorded_encoder_for_sm80_and_sm90(triton_inter
         kernel, dtype, arch, config, regs, spills, shared, tc, problems = cells
         assert dtype == "fp16" and problems == "ok" and spills == "0" and int(regs) <= 255
         assert tc == ("mma" if arch == "sm_80" else "wgmma") or (arch == "sm_90" and tc == "mma")
+
+
+_APPEND_WORKER = """
+import importlib.util, json, sys
+# the recorder module alone (importing the aefast package would load the extension in every process)
+spec = importlib.util.spec_from_file_location("_specs", "aefast/triton/_specs.py")
+_specs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(_specs)
+path, worker, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pad = "x" * 5000  # records are ~1-2 KB; 5 KB lines would tear if written in pieces
+for i in range(count):
+    _specs.append_record(path, json.dumps({"worker": worker, "i": i, "pad": pad}))
+    _specs.append_record(path, json.dumps({"worker": worker, "i": i, "pad": pad}))  # once per process
+"""
+
+
+def test_recorder_appends_whole_lines_from_concurrent_processes(tmp_path):
+    """pytest-xdist workers all record into one file: every line must arrive whole, once per
+    process and record."""
+    path = tmp_path / "specs.jsonl"
+    workers, count = 4, 100
+    procs = [subprocess.Popen([sys.executable, "-c", _APPEND_WORKER, str(path), str(w), str(count)], cwd=ROOT)
+             for w in range(workers)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # a torn or interleaved line would not parse
+    assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(workers) for i in range(count)]
