@@ -100,3 +100,32 @@ def test_recorder_appends_whole_lines_from_concurrent_processes(tmp_path):
     lines = path.read_text().splitlines()
     records = [json.loads(line) for line in lines]  # a torn or interleaved line would not parse
     assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(workers) for i in range(count)]
+
+
+def test_roofline_models_the_encoder_with_its_own_tiles_and_split():
+    """bench/roofline_h100.py predicts the encoder with conv_pool's tensor-core tiles and split-K
+    rule (inlined there so that it runs without triton): they must not drift apart."""
+    ok, why = _backend.availability()["triton"]
+    if not ok:
+        pytest.skip(why)
+    import importlib.util
+
+    from aefast.triton import conv_pool
+
+    path = ROOT / "bench" / "roofline_h100.py"
+    spec = importlib.util.spec_from_file_location("roofline_h100", path)
+    roofline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = roofline  # (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(roofline)
+    finally:
+        del sys.modules[spec.name]
+    blocks = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "wgrad": ("BLOCK_CO", "BLOCK_K", "BLOCK_R")}
+    for kind, name in (("fwd", "_conv_pool_fwd_kernel"), ("wgrad", "_conv_pool_wgrad_kernel")):
+        tiles = [tuple(c.kwargs[b] for b in blocks[kind]) + (c.num_warps, c.num_stages)
+                 for c in conv_pool.GPU_CONFIGS[name]]
+        assert roofline.ENCODER_CONFIGS[kind] == tiles
+    assert (roofline.ENCODER_MAX_SPLITS, roofline.ENCODER_MIN_CHUNK) == (conv_pool._MAX_SPLITS, conv_pool._MIN_CHUNK)
+    for positions in (1, 511, 512, 5000, 10**6):
+        assert max(1, min(roofline.ENCODER_MAX_SPLITS, positions // roofline.ENCODER_MIN_CHUNK)) == \
+            conv_pool.wgrad_splits(positions)
