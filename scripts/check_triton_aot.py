@@ -17,7 +17,8 @@ unless, for every compile:
   * it compiles;
   * a conv-family kernel (every kernel of aefast/triton/conv_pool.py and unpool_deconv.py except
     those a module lists in NO_TENSOR_CORE_KERNELS, and except IEEE fp32, which has no tensor-core
-    instruction by definition, and fp64, which the encoder reduces with tl.sum) has `mma` in its sm_80 PTX and `wgmma` or `mma` in its sm_90 PTX;
+    instruction by definition, and fp64, which the encoder reduces with tl.sum) has `mma` in its
+    sm_80 PTX and `wgmma` or `mma` in its sm_90 PTX;
   * it does not spill: 0 bytes of spill stores and loads in the `ptxas -v` report of the ptxas run
     Triton itself makes (its flags; kept in Triton's cache beside the kernel, so a warm cache
     needs no ptxas at all);
@@ -171,8 +172,8 @@ def _ptxas_report(cc, target, options):
     if not registers:
         raise OSError("no register count in the ptxas -v report")
     smem = re.findall(r"(\d+) bytes smem", text)
-    return (max(int(r) for r in registers), sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)),
-            max((int(b) for b in smem), default=0))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return max(int(r) for r in registers), spills, max((int(b) for b in smem), default=0)
 
 
 def compile_one(job, arch):
@@ -192,12 +193,10 @@ def compile_one(job, arch):
             constexprs[p] = _constexpr(job["constexprs"][p])
         else:
             signature[p] = job["args"][p]
-    prec = job["constexprs"].get("PRECISION")
-    config = ",".join(x for x in (prec if prec in ("tf32", "ieee") and "*fp32" in job["args"].values() else "",
-                                  job["config"]) if x)
-    result = dict(kernel=job["kernel"], name=name, arch=arch, config=config,
-                  dtype=[t[1:] for p, t in ((p, signature[p]) for p in fn.arg_names)
-                         if t in ("*fp32", "*fp16", "*bf16", "*fp64")][:1] or ["-"], error="")
+    dtype = [t[1:] for t in (signature[p] for p in fn.arg_names) if t in ("*fp32", "*fp16", "*bf16", "*fp64")][:1]
+    prec = job["constexprs"].get("PRECISION")  # named where it decides: fp32 operands (TF32 or IEEE)
+    config = ",".join(x for x in (prec if prec in ("tf32", "ieee") and dtype == ["fp32"] else "", job["config"]) if x)
+    result = dict(kernel=job["kernel"], name=name, arch=arch, config=config, dtype=dtype or ["-"], error="")
     target = GPUTarget("cuda", arch, 32)
     try:
         cc = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
@@ -268,6 +267,7 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="print the table and exit 0 even when checks fail")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     ap.add_argument("--verbose", action="store_true", help="one progress line per compile")
+    ap.add_argument("--source", default="", help="what recorded the specializations (one line in the table)")
     ap.add_argument("--kernels", default=None, help="only kernels whose qualified name matches this regex")
     ap.add_argument("--out", default=None, help="markdown table path (default bench/results/triton_aot_<date>.md)")
     args = ap.parse_args(argv)
@@ -308,6 +308,7 @@ def main(argv=None):
     lines = [f"# Triton AOT check ({datetime.date.today().isoformat()})", "",
              f"triton {__import__('triton').__version__}; {len(specs)} recorded specializations, {len(work)} "
              "compiles; `registers` per thread, `spills` = ptxas spill store+load bytes, `shared` bytes per block.", "",
+             *([f"Recorded by: {args.source}", ""] if args.source else []),
              "| kernel | dtype | arch | config | registers | spills | shared | tensor core | problems |",
              "|---|---|---|---|---|---|---|---|---|"]
     for res, problems in rows:
