@@ -1,48 +1,52 @@
 #!/usr/bin/env python
 """Ahead-of-time compile of every Triton kernel specialization the tests launch, for sm_80 and sm_90.
 
-Usage (CI):
-    AEFAST_RECORD_TRITON_SPECS=/tmp/specs.jsonl python -m pytest -q tests/...   # records launches
-    python scripts/check_triton_aot.py --specs /tmp/specs.jsonl
+Usage (CI, .ci/run):
+    AEFAST_RECORD_TRITON_SPECS=/tmp/specs.jsonl ./dev test     # records launches (any number of workers)
+    python scripts/check_triton_aot.py --specs /tmp/specs.jsonl --out out/triton_aot.md
 or, recording with a pytest run of its own:
     python scripts/check_triton_aot.py --pytest tests/test_conv_pool.py -k triton
 
 Each recorded specialization (kernel, argument types, constexprs; see aefast/triton/_specs.py) is
 compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). A kernel that its
-module autotunes (listed in the module's GPU_CONFIGS) is compiled with each of those configs, since
-any of them may run on a GPU. Fails (exit 1) unless, for every compile:
+module autotunes (listed in the module's GPU_CONFIGS, per config variant "name:ieee" / "name:fp64"
+when the module has config_variant()) is compiled with each of those configs, since any of them
+may run on a GPU. Records that give the same compile input (kernel, signature, constexprs, launch
+options) once the GPU configs replace the interpreter's are compiled once per arch. Fails (exit 1)
+unless, for every compile:
   * it compiles;
   * a conv-family kernel (every kernel of aefast/triton/conv_pool.py and unpool_deconv.py except
-    those a module lists in NO_TENSOR_CORE_KERNELS, and except fp64 specializations: there is no
-    fp64 tensor-core dot) has `mma` in its sm_80 PTX and `wgmma` or `mma` in its sm_90 PTX;
-  * it does not spill (ptxas -v: 0 bytes spill stores and loads; cuobjdump --dump-resource-usage gives
-    the registers and the stack, which also holds local arrays that are not spills);
-  * its shared memory is within the arch's per-block limit (sm_80 163 KB, sm_90 227 KB).
-Writes the table to bench/results/triton_aot_<date>.md. --list prints it and exits 0 whatever
-failed.
+    those a module lists in NO_TENSOR_CORE_KERNELS, and except IEEE fp32, which has no tensor-core
+    instruction by definition, and fp64, which the encoder reduces with tl.sum) has `mma` in its
+    sm_80 PTX and `wgmma` or `mma` in its sm_90 PTX;
+  * it does not spill: 0 bytes of spill stores and loads in the `ptxas -v` report of the ptxas run
+    Triton itself makes (its flags; kept in Triton's cache beside the kernel, so a warm cache
+    needs no ptxas at all);
+  * its shared memory (Triton's dynamic plus ptxas's static) is within the arch's per-block limit
+    (sm_80 163 KB, sm_90 227 KB).
+Fails too when no specialization was recorded. Writes the table to --out (default
+bench/results/triton_aot_<date>.md). --list prints it and exits 0 whatever failed.
+Cost: one Triton compile per distinct input and arch, --jobs at a time (default: all cores).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import importlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONV_FAMILY_MODULES = ("aefast.triton.conv_pool", "aefast.triton.unpool_deconv")
-# Elementwise and reduction kernels of the conv-family modules, for modules that do not list their
-# own NO_TENSOR_CORE_KERNELS yet (the decoder's before its tensor-core rewrite).
-DEFAULT_NO_TENSOR_CORE = {
-    "aefast.triton.unpool_deconv": {"_gpre_kernel", "_grad_bias_kernel", "_claim_kernel", "_unpool_write_kernel",
-                                    "_unpool_grad_kernel"},
-}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCHS = (80, 90)
 
@@ -50,10 +54,22 @@ ARCHS = (80, 90)
 def load_specs(paths):
     seen = {}
     for path in paths:
+        if not Path(path).exists():  # no launch recorded (the file is created on the first one)
+            continue
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 spec = json.loads(line)
                 seen[json.dumps(spec, sort_keys=True)] = spec
+    return list(seen.values())
+
+
+def dedup_jobs(jobs):
+    """One job per distinct compile input (kernel, signature, constexprs, launch options): records
+    that differ only in what the GPU configs or _gpu_variants overwrite compile once."""
+    seen = {}
+    for job in jobs:
+        key = json.dumps({k: job[k] for k in ("kernel", "args", "constexprs", "options")}, sort_keys=True)
+        seen.setdefault(key, job)
     return list(seen.values())
 
 
@@ -100,8 +116,8 @@ def _expand_configs(spec):
         variant = module.config_variant(operand, spec["constexprs"].get("PRECISION"))
         configs = tuned.get(f"{name}:{variant}", configs) if variant else configs
     if not configs:
-        return [dict(spec, options={"num_warps": spec["options"].get("num_warps", 4),
-                                    "num_stages": spec["options"].get("num_stages", 3)}, config="")]
+        warps, stages = spec["options"].get("num_warps", 4), spec["options"].get("num_stages", 3)
+        return [dict(spec, options={"num_warps": warps, "num_stages": stages}, config=f"w{warps}")]
     jobs = []
     for cfg in configs:
         constexprs = dict(spec["constexprs"], **cfg.kwargs)
@@ -111,33 +127,53 @@ def _expand_configs(spec):
     return jobs
 
 
-def _resource_usage(cubin, kernel_name):
-    cuobjdump = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    usage = {}
-    for line in text.splitlines():
-        if "REG:" in line:
-            usage = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
-    return usage
+PTXAS_LOG = "aefast_ptxas_v.log"  # kept beside each compiled kernel in Triton's cache
 
 
-def _spill_bytes(ptx, arch):
-    """Register spill stores + loads as ptxas -v reports them. Not cuobjdump's STACK: that also
-    counts local arrays the PTX itself declares (libdevice's sin/cos argument reduction behind
-    tl.randn keeps a 28-byte one), which are not spills."""
-    from triton.backends.nvidia.compiler import get_ptxas
+def _capture_ptxas_logs():
+    """Keeps the `ptxas -v` report of the ptxas run that Triton itself makes for each kernel (its
+    flags, its ptxas) in Triton's cache, beside the kernel: one ptxas run per compile, and a warm
+    cache answers without any."""
+    from triton import knobs
+    from triton.backends.nvidia import compiler as nvidia
+    from triton.runtime.cache import get_cache_manager
 
-    ptxas = get_ptxas(arch).path  # the ptxas Triton itself runs for this arch
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "k.ptx"
-        src.write_text(ptx)
-        text = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}{'a' if arch >= 90 else ''}", str(src),
-                               "-o", str(Path(d) / "k.o")], capture_output=True, text=True, check=True).stderr
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    if getattr(nvidia.CUDABackend.make_cubin, "_aefast_capture", False):
+        return
+    original = nvidia.CUDABackend.make_cubin
+
+    def make_cubin(self, src, metadata, opt, capability):
+        log = io.StringIO()
+        knobs.nvidia.dump_ptxas_log = True  # Triton prints the log it already asks ptxas for
+        with contextlib.redirect_stdout(log):
+            cubin = original(self, src, metadata, opt, capability)
+        get_cache_manager(metadata["hash"]).put(log.getvalue(), PTXAS_LOG, binary=False)
+        return cubin
+
+    make_cubin._aefast_capture = True
+    nvidia.CUDABackend.make_cubin = make_cubin
+
+
+def _ptxas_report(cc, target, options):
+    """registers, spill bytes (stores + loads) and static shared memory from `ptxas -v`. Spills
+    are ptxas's, not cuobjdump's STACK: the stack also holds local arrays that the PTX itself
+    declares (libdevice's sin/cos argument reduction behind tl.randn keeps a 28-byte one)."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_manager
+
+    cache = get_cache_manager(cc.hash)
+    path = cache.get_file(PTXAS_LOG)
+    if path is None:  # compiled (and cached) before the capture: run Triton's ptxas step again
+        backend = make_backend(target)
+        backend.make_cubin(cc.asm["ptx"], {"hash": cc.hash}, backend.parse_options(options), target.arch)
+        path = cache.get_file(PTXAS_LOG)
+    text = Path(path).read_text()
+    registers = re.findall(r"Used (\d+) registers", text)
+    if not registers:
+        raise OSError("no register count in the ptxas -v report")
+    smem = re.findall(r"(\d+) bytes smem", text)
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return max(int(r) for r in registers), spills, max((int(b) for b in smem), default=0)
 
 
 def compile_one(job, arch):
@@ -145,6 +181,7 @@ def compile_one(job, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    _capture_ptxas_logs()
     module, name, fn = _resolve(job["kernel"])
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
@@ -156,27 +193,24 @@ def compile_one(job, arch):
             constexprs[p] = _constexpr(job["constexprs"][p])
         else:
             signature[p] = job["args"][p]
-    prec = job["constexprs"].get("PRECISION")
-    config = ",".join(x for x in (prec if prec in ("tf32", "ieee") and "*fp32" in job["args"].values() else "",
-                                  job["config"]) if x)
-    result = dict(kernel=job["kernel"], name=name, arch=arch, config=config,
-                  dtype=[t[1:] for p, t in ((p, signature[p]) for p in fn.arg_names)
-                         if t in ("*fp32", "*fp16", "*bf16", "*fp64")][:1] or ["-"], error="")
+    dtype = [t[1:] for t in (signature[p] for p in fn.arg_names) if t in ("*fp32", "*fp16", "*bf16", "*fp64")][:1]
+    prec = job["constexprs"].get("PRECISION")  # named where it decides: fp32 operands (TF32 or IEEE)
+    config = ",".join(x for x in (prec if prec in ("tf32", "ieee") and dtype == ["fp32"] else "", job["config"]) if x)
+    result = dict(kernel=job["kernel"], name=name, arch=arch, config=config, dtype=dtype or ["-"], error="")
+    target = GPUTarget("cuda", arch, 32)
     try:
-        cc = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32), options=job["options"])
+        cc = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                            options=job["options"])
     except Exception as e:  # noqa: BLE001  (reported per kernel)
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         return result
     ptx = cc.asm["ptx"]
     try:
-        usage = _resource_usage(cc.asm["cubin"], name)
-        spills = _spill_bytes(ptx, arch)
-    except (subprocess.CalledProcessError, OSError) as e:
+        registers, spills, static_shared = _ptxas_report(cc, target, job["options"])
+    except Exception as e:  # noqa: BLE001  (reported per kernel)
         result["error"] = f"resource usage unreadable: {e}"[:200]
         return result
-    result.update(registers=usage.get("REG", -1), spills=spills, stack=usage.get("STACK", 0),
-                  shared=max(int(cc.metadata.shared), usage.get("SHARED", 0)),
+    result.update(registers=registers, spills=spills, shared=int(cc.metadata.shared) + static_shared,
                   tensor_core="wgmma" if re.search(r"\bwgmma\.", ptx) else ("mma" if re.search(r"\bmma\.", ptx)
                                                                             else "-"))
     return result
@@ -186,7 +220,7 @@ def _needs_tensor_cores(job):
     module, name, _ = _resolve(job["kernel"])
     if module.__name__ not in CONV_FAMILY_MODULES:
         return False
-    exempt = getattr(module, "NO_TENSOR_CORE_KERNELS", DEFAULT_NO_TENSOR_CORE.get(module.__name__, set()))
+    exempt = module.NO_TENSOR_CORE_KERNELS
     if name in exempt:
         return False
     if job["constexprs"].get("PRECISION") == "ieee" and "*fp32" in job["args"].values() and not any(
@@ -231,7 +265,9 @@ def main(argv=None):
     ap.add_argument("--pytest", nargs=argparse.REMAINDER, default=None,
                     help="record by running pytest with these arguments (the rest of the command line)")
     ap.add_argument("--list", action="store_true", help="print the table and exit 0 even when checks fail")
-    ap.add_argument("--jobs", type=int, default=2, help="parallel compiles")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    ap.add_argument("--verbose", action="store_true", help="one progress line per compile")
+    ap.add_argument("--source", default="", help="what recorded the specializations (one line in the table)")
     ap.add_argument("--kernels", default=None, help="only kernels whose qualified name matches this regex")
     ap.add_argument("--out", default=None, help="markdown table path (default bench/results/triton_aot_<date>.md)")
     args = ap.parse_args(argv)
@@ -242,18 +278,26 @@ def main(argv=None):
     if not paths:
         ap.error("give --specs FILE... or --pytest ARGS...")
     specs = load_specs(paths)
+    if not specs:  # the recorder did not reach the tests: a gate over nothing would pass silently
+        print(f"no Triton specialization recorded in {', '.join(map(str, paths))} (the tests run under "
+              "TRITON_INTERPRET=1 with AEFAST_RECORD_TRITON_SPECS set?)")
+        return 1
     if args.kernels:
         specs = [s for s in specs if re.search(args.kernels, s["kernel"])]
-    jobs = [job for spec in specs for job in expand(spec)]
+    jobs = dedup_jobs(job for spec in specs for job in expand(spec))
     work = [(job, arch) for job in jobs for arch in ARCHS]
-    print(f"{len(specs)} specializations, {len(jobs)} configs, {len(work)} compiles", flush=True)
+    print(f"{len(specs)} specializations, {len(jobs)} distinct compile inputs, {len(work)} compiles "
+          f"({args.jobs} at a time)", flush=True)
+    started = time.monotonic()
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = []
         for job, res in pool.map(_run_job, work):
             results.append((job, res))
-            print(f"  [{len(results)}/{len(work)}] {res['name']} {','.join(res['dtype'])} sm_{res['arch']} "
-                  f"{res['config']}: regs {res.get('registers', '-')} spills {res.get('spills', '-')} "
-                  f"{res.get('tensor_core', '-')} {res['error']}", flush=True)
+            if args.verbose or len(results) % 100 == 0 or len(results) == len(work):
+                print(f"  [{len(results)}/{len(work)}, {time.monotonic() - started:.0f} s] {res['name']} "
+                      f"{','.join(res['dtype'])} sm_{res['arch']} {res['config']}: regs {res.get('registers', '-')} "
+                      f"spills {res.get('spills', '-')} {res.get('tensor_core', '-')} {res['error']}", flush=True)
+    elapsed = time.monotonic() - started
     rows = []
     failed = 0
     for job, res in results:
@@ -264,6 +308,7 @@ def main(argv=None):
     lines = [f"# Triton AOT check ({datetime.date.today().isoformat()})", "",
              f"triton {__import__('triton').__version__}; {len(specs)} recorded specializations, {len(work)} "
              "compiles; `registers` per thread, `spills` = ptxas spill store+load bytes, `shared` bytes per block.", "",
+             *([f"Recorded by: {args.source}", ""] if args.source else []),
              "| kernel | dtype | arch | config | registers | spills | shared | tensor core | problems |",
              "|---|---|---|---|---|---|---|---|---|"]
     for res, problems in rows:
@@ -292,7 +337,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n".join(lines[lines.index("## Per kernel (worst case over specializations)"):]))
-    print(f"\n{failed} of {len(rows)} compiles fail the checks; table in {out}")
+    print(f"\n{failed} of {len(rows)} compiles fail the checks ({elapsed:.0f} s); table in {out}")
     if failed and not args.list:
         for res, problems in rows:
             if problems:

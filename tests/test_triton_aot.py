@@ -73,3 +73,59 @@ def test_aot_script_compiles_the_recorded_encoder_for_sm80_and_sm90(triton_inter
         kernel, dtype, arch, config, regs, spills, shared, tc, problems = cells
         assert dtype == "fp16" and problems == "ok" and spills == "0" and int(regs) <= 255
         assert tc == ("mma" if arch == "sm_80" else "wgmma") or (arch == "sm_90" and tc == "mma")
+
+
+_APPEND_WORKER = """
+import importlib.util, json, sys
+# the recorder module alone (importing the aefast package would load the extension in every process)
+spec = importlib.util.spec_from_file_location("_specs", "aefast/triton/_specs.py")
+_specs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(_specs)
+path, worker, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pad = "x" * 5000  # records are ~1-2 KB; 5 KB lines would tear if written in pieces
+for i in range(count):
+    _specs.append_record(path, json.dumps({"worker": worker, "i": i, "pad": pad}))
+    _specs.append_record(path, json.dumps({"worker": worker, "i": i, "pad": pad}))  # once per process
+"""
+
+
+def test_recorder_appends_whole_lines_from_concurrent_processes(tmp_path):
+    """pytest-xdist workers all record into one file: every line must arrive whole, once per
+    process and record."""
+    path = tmp_path / "specs.jsonl"
+    workers, count = 4, 100
+    procs = [subprocess.Popen([sys.executable, "-c", _APPEND_WORKER, str(path), str(w), str(count)], cwd=ROOT)
+             for w in range(workers)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # a torn or interleaved line would not parse
+    assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(workers) for i in range(count)]
+
+
+def test_roofline_models_the_encoder_with_its_own_tiles_and_split():
+    """bench/roofline_h100.py predicts the encoder with conv_pool's tensor-core tiles and split-K
+    rule (inlined there so that it runs without triton): they must not drift apart."""
+    ok, why = _backend.availability()["triton"]
+    if not ok:
+        pytest.skip(why)
+    import importlib.util
+
+    from aefast.triton import conv_pool
+
+    path = ROOT / "bench" / "roofline_h100.py"
+    spec = importlib.util.spec_from_file_location("roofline_h100", path)
+    roofline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = roofline  # (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(roofline)
+    finally:
+        del sys.modules[spec.name]
+    blocks = {"fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "wgrad": ("BLOCK_CO", "BLOCK_K", "BLOCK_R")}
+    for kind, name in (("fwd", "_conv_pool_fwd_kernel"), ("wgrad", "_conv_pool_wgrad_kernel")):
+        tiles = [tuple(c.kwargs[b] for b in blocks[kind]) + (c.num_warps, c.num_stages)
+                 for c in conv_pool.GPU_CONFIGS[name]]
+        assert roofline.ENCODER_CONFIGS[kind] == tiles
+    assert (roofline.ENCODER_MAX_SPLITS, roofline.ENCODER_MIN_CHUNK) == (conv_pool._MAX_SPLITS, conv_pool._MIN_CHUNK)
+    for positions in (1, 511, 512, 5000, 10**6):
+        assert max(1, min(roofline.ENCODER_MAX_SPLITS, positions // roofline.ENCODER_MIN_CHUNK)) == \
+            conv_pool.wgrad_splits(positions)

@@ -10,6 +10,12 @@ install_from_env()), every launch under TRITON_INTERPRET=1 appends one JSON line
 
 scripts/check_triton_aot.py reads the file, dedups it and compiles each specialization for sm_80
 and sm_90 (an autotuned kernel: each of its module's GPU_CONFIGS instead of the interpreter's).
+
+Several processes may record into one file at once (pytest-xdist workers, each importing
+tests/conftest.py): each record is one os.write() of one whole line to a descriptor opened with
+O_APPEND, which Linux performs as one atomic append on a local file, so lines never interleave.
+Each process writes a given record once (a set of the lines it wrote), so the file holds at most
+one copy per worker of each specialization, not one per launch.
 """
 from __future__ import annotations
 
@@ -29,6 +35,23 @@ _TORCH_TO_TRITON = {
 }
 _lock = threading.Lock()
 _installed = None
+_written = set()  # (path, line) this process has appended already
+
+
+def append_record(path, line):
+    """Appends line + newline to path as one write: atomic among concurrent appenders."""
+    data = (line + "\n").encode()
+    with _lock:
+        if (path, line) in _written:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):  # a regular file takes the whole line or the disk is full
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        _written.add((path, line))
 
 
 def _arg_type(value):
@@ -89,9 +112,7 @@ def install(path):
     original = getattr(InterpretedFunction.run, "_aefast_original", InterpretedFunction.run)
 
     def run(self, *args, grid, warmup, **kwargs):
-        line = json.dumps(spec_of(self.fn, args, kwargs), sort_keys=True)
-        with _lock, open(path, "a") as f:
-            f.write(line + "\n")
+        append_record(path, json.dumps(spec_of(self.fn, args, kwargs), sort_keys=True))
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     run._aefast_original = original

@@ -21,6 +21,13 @@ KINDS = {"mse": 0, "l1": 1, "huber": 2, "bce": 3, "bce_logits": 4, "kl": 5}
 OWN_TARGET_GRAD = (3, 4, 5)
 
 
+def _warps(dtype):
+    """Warps of a BLOCK-element loss or corrupt program: 8 for fp64, whose 64-bit values and
+    libdevice calls (log1p, exp, Box-Muller's sin/cos) spilled a few bytes at 4 warps (8 elements
+    per thread; sm_80 loss, sm_90 corrupt, scripts/check_triton_aot.py), 4 otherwise."""
+    return 8 if dtype == torch.float64 else 4
+
+
 @triton.jit
 def _log1p(u):
     # Accurate log1p without libdevice: log(1+u) * u / ((1+u) - 1) cancels the rounding of 1+u.
@@ -160,7 +167,7 @@ def _loss_forward(input, target, weight, pos_weight, kind, reduction, delta, gra
             x, t, w if w is not None else x, pw if pw is not None else x, out if none else x,
             gx if grad_input else x, gt if own_t else x, part, cols, chunks, float(delta), grad_scale,
             KIND=k, HAS_W=w is not None, HAS_PW=pw is not None, GRAD_X=grad_input, GRAD_T=own_t, NONE=none,
-            F64=x.dtype == torch.float64, BLOCK=BLOCK)
+            F64=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=_warps(x.dtype))
     if not none and rows:
         if chunks:
             _row_sum_kernel[(rows,)](part, out, chunks, out_scale, BLOCK=256)
@@ -263,7 +270,8 @@ def corrupt(input, seed, kind, level, low, high):
     n = x.numel()
     if n:
         # float32 thresholds: the CPU/CUDA kernels compare the float uniform with float(level).
-        _corrupt_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, seed, level, low, high, KIND=kinds[kind], BLOCK=BLOCK)
+        _corrupt_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, seed, level, low, high, KIND=kinds[kind], BLOCK=BLOCK,
+                                                  num_warps=_warps(x.dtype))
     return y
 
 

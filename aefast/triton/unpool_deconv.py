@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aefast.triton.conv_pool import config_variant
+
 BLOCK = 256
 NEEDS_PREACTIVATION = ("leaky_relu", "gelu", "silu")
 _ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "gelu": 5, "silu": 6}
@@ -59,35 +61,69 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---------------------------------------------------------------- tile configurations
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the autotuner tries on a GPU: only tiles that compile
-# without spilling for sm_80 (fp32/TF32) and sm_90 (bf16) ahead of time (cuobjdump's STACK column;
-# LOCAL stays 0 when ptxas spills). Per thread, at most ~16 gathered A-tile elements and 32
-# accumulator elements (16 for dgrad, whose epilogue gathers the indices in the accumulator's
-# layout); 128x128 tiles and 4-warp 128-row tiles spilled up to 1.9 KB. Narrow N serves few output
-# channels (Cout = 3 pads to the MMA's n8, not to 64); BLOCK_K 16 serves few channels per tap.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the autotuner tries on a GPU, per kernel and config
+# variant (config_variant(): "" tensor cores (fp16, bf16, fp32 as TF32), "ieee" fp32 with TF32 off,
+# "fp64"): only tiles that compile without spilling for sm_80 and sm_90 for every specialization the
+# tests launch (scripts/check_triton_aot.py, which CI runs; spills as ptxas -v counts them).
+# Tensor cores: per thread, at most ~16 gathered A-tile elements and 32 accumulator elements (16 for
+# dgrad, whose epilogue gathers the indices in the accumulator's layout); 128x128 tiles and 4-warp
+# 128-row tiles spilled up to 1.9 KB; the 64x16x16 weight-gradient and 64x8x16 forward tiles spilled
+# on sm_80 with three pipeline stages (not with two), and the 64x128x32 weight-gradient tile with two
+# or three for fp16/bf16 (ptxas kept it at 128 registers; 64x128x16 does not spill). Narrow N serves
+# few output channels (Cout = 3 pads to the MMA's n8, not to 64); BLOCK_K 16 serves few channels per
+# tap.
+# Tiles that bench/roofline_h100.py's model never picks for the G1/G2 and per-op shapes are left out
+# (64x64 forward and weight-gradient tiles, 32x64 dgrad, 64x16 forward): each tile costs one compile
+# per specialization and arch in CI and one autotune trial per new shape on a GPU.
+# IEEE fp32 runs tl.dot as FMAs on register-resident operands and fp64 as DMMA with 64-bit
+# accumulators: both need about half the tensor-core tile, BLOCK_K 8 (IEEE) and two stages. fp64
+# (gradcheck's dtype, not a speed path) has one tile: 32x32x16 spilled on sm_90.
 TILES = {
-    "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
-            (64, 16, 16, 4, 3), (64, 8, 16, 4, 3)],
-    "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3), (64, 16, 32, 4, 3)],
-    "wgrad": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 16, 4, 3),
-              (64, 16, 16, 4, 3)],
+    "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 32, 16, 4, 3), (64, 8, 16, 4, 2)],
+    "fwd:ieee": [(64, 64, 8, 8, 2), (32, 32, 8, 4, 2)],
+    "fwd:fp64": [(32, 64, 16, 8, 2)],
+    "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 16, 32, 4, 3)],
+    "dgrad:ieee": [(64, 64, 8, 8, 2), (32, 32, 8, 4, 2)],
+    "dgrad:fp64": [(32, 64, 16, 8, 2)],
+    "wgrad": [(64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (64, 32, 16, 4, 3), (64, 16, 16, 4, 2)],
+    "wgrad:ieee": [(64, 64, 8, 8, 2), (32, 32, 8, 4, 2)],
+    "wgrad:fp64": [(32, 64, 16, 8, 2)],
 }
+_KERNEL_NAMES = {"fwd": "_forward_kernel", "dgrad": "_dgrad_kernel", "wgrad": "_wgrad_kernel"}
+_VARIANTS = ("", "ieee", "fp64")
 
 
 def _gemm_configs(interpreting: bool, kernel: str = "fwd"):
-    """Tile shapes the autotuner tries on a GPU (keyed on the GEMM shape); one small fixed tile
-    under the interpreter, where every tile costs Python time."""
+    """Tile shapes the autotuner tries on a GPU (keyed on the GEMM shape) for TILES[kernel]; one
+    small fixed tile under the interpreter, where every tile costs Python time."""
     if interpreting:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
             for m, n, k, w, st in TILES[kernel]]
 
 
+def _tile_key(kernel, variant):
+    return kernel + (":" + variant if variant else "")
+
+
 # What scripts/check_triton_aot.py compiles ahead of time: each autotuned kernel with every tile the
-# autotuner may pick on a GPU, and the kernels that have no GEMM (no tensor-core instruction expected).
-GPU_CONFIGS = {"_forward_kernel": _gemm_configs(False, "fwd"), "_dgrad_kernel": _gemm_configs(False, "dgrad"),
-               "_wgrad_kernel": _gemm_configs(False, "wgrad")}
+# autotuner may pick on a GPU ("name:variant" as config_variant() names the variant), and the
+# kernels that have no GEMM (no tensor-core instruction expected).
+GPU_CONFIGS = {_tile_key(name, v): _gemm_configs(False, _tile_key(kernel, v))
+               for kernel, name in _KERNEL_NAMES.items() for v in _VARIANTS}
 NO_TENSOR_CORE_KERNELS = {"_gpre_kernel", "_claim_kernel", "_unpool_write_kernel", "_unpool_grad_kernel"}
+
+
+def _tuned(kernel_fn, kernel, key):
+    """One autotuner per config variant, each over the tiles that fit its registers."""
+    return {v: triton.autotune(configs=_gemm_configs(INTERPRETING, _tile_key(kernel, v)), key=key)(kernel_fn)
+            for v in _VARIANTS}
+
+
+def _variant(dtype):
+    """The config variant that serves tensors of this dtype under the current TF32 setting."""
+    short = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "fp16")
+    return config_variant(short, _precision(dtype))
 
 
 @triton.jit
@@ -183,8 +219,6 @@ def _unpool_source(oy, ox, kh, kw, HU, WU, SH, SW, PADH, PADW):
     return tl.where(ok, h, 0), tl.where(ok, w, 0), ok
 
 
-@triton.autotune(configs=_gemm_configs(INTERPRETING, "fwd"),
-                 key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
 @triton.jit
 def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
                     SH, SW, PADH, PADW, slope_hi, slope_lo,
@@ -275,8 +309,6 @@ def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope_hi, s
     tl.store(part_ptr + pid_m * C_OUT + co, tl.sum(gr.to(ACC_DTYPE), axis=0), mask=co < C_OUT)
 
 
-@triton.autotune(configs=_gemm_configs(INTERPRETING, "dgrad"),
-                 key=["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
 @triton.jit
 def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW, SH, SW,
                   PADH, PADW, sin, sic, sih, siw, DTYPE_KEY,
@@ -345,8 +377,6 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
     tl.store(gz_ptr + dst, acc.to(gz_ptr.dtype.element_ty), mask=mine)
 
 
-@triton.autotune(configs=_gemm_configs(INTERPRETING, "wgrad"),
-                 key=["P", "C_IN", "C_OUT", "KH", "KW", "SPLIT", "DTYPE_KEY"])
 @triton.jit
 def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
                   SH, SW, PADH, PADW, szn, szc, szh, szw, sin, sic, sih, siw, DTYPE_KEY,
@@ -391,6 +421,11 @@ def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_O
 
 
 # ---------------------------------------------------------------- host side
+
+_FORWARD = _tuned(_forward_kernel, "fwd", ["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
+_DGRAD = _tuned(_dgrad_kernel, "dgrad", ["M", "C_IN", "C_OUT", "KH", "KW", "DTYPE_KEY"])
+_WGRAD = _tuned(_wgrad_kernel, "wgrad", ["P", "C_IN", "C_OUT", "KH", "KW", "SPLIT", "DTYPE_KEY"])
+
 
 def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -454,7 +489,7 @@ def forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padd
     if m and c_out:
         wt = weight.permute(2, 3, 0, 1).contiguous()
         b = bias.contiguous() if bias is not None else out
-        _forward_kernel[_grid_mn(m, c_out)](
+        _FORWARD[_variant(z.dtype)][_grid_mn(m, c_out)](
             z, idx, wt, b, out, pre if store_pre else out, m, c_in, c_out, hp, wp, unpooled_size[0],
             unpooled_size[1], ho, wo, kh, kw, stride[0], stride[1], padding[0], padding[1],
             *_slope_parts(negative_slope), *z.stride(), *idx.stride(), *out.stride(), _dtype_key(z.dtype),
@@ -476,7 +511,10 @@ def _wgrad_split(p, tiles_mn):
     """Number of position chunks of the weight-gradient GEMM."""
     if INTERPRETING:
         return max(1, min(3, triton.cdiv(p, 64)))
-    want = max(1, triton.cdiv(WGRAD_TARGET_PROGRAMS, max(1, tiles_mn)))
+    # Rounded down: at most WGRAD_TARGET_PROGRAMS programs, so whole waves. Rounding up overshot
+    # the target by up to tiles_mn - 1 programs, a ninth wave that was ~90% idle (64->64 channels
+    # at 256x256: 5 x 212 = 1060 programs for 1056 slots).
+    want = max(1, WGRAD_TARGET_PROGRAMS // max(1, tiles_mn))
     return max(1, min(want, triton.cdiv(p, WGRAD_MIN_CHUNK)))
 
 
@@ -515,7 +553,7 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
         grad_b = part_b.sum(0).to(z.dtype)  # fixed-order second stage
     if run_dgrad:
         wt = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, Cout, Cin)
-        _dgrad_kernel[_grid_mn(m_un, c_in)](
+        _DGRAD[_variant(z.dtype)][_grid_mn(m_un, c_in)](
             gpre, idx, wt, grad_z, m_un, c_in, c_out, hp, wp, hu, wu, ho, wo, kh, kw, stride[0], stride[1],
             padding[0], padding[1], *idx.stride(), _dtype_key(z.dtype), PACK_K=c_out < PACK_K_BELOW, **geo)
     if output_mask[1] and weight.numel() and m_un:
@@ -524,7 +562,8 @@ def backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_si
         chunk = triton.cdiv(m_un, split)
         split = triton.cdiv(m_un, chunk)
         part_w = torch.empty((split, c_in, nt), dtype=acc_torch, device=z.device)
-        _wgrad_kernel[lambda meta: (triton.cdiv(c_in, meta["BLOCK_M"]) * triton.cdiv(nt, meta["BLOCK_N"]), split)](
+        _WGRAD[_variant(z.dtype)][
+            lambda meta: (triton.cdiv(c_in, meta["BLOCK_M"]) * triton.cdiv(nt, meta["BLOCK_N"]), split)](
             gpre, z, idx, part_w, m_un, chunk, split, c_in, c_out, hp, wp, hu, wu, ho, wo, kh, kw, stride[0],
             stride[1], padding[0], padding[1], *z.stride(), *idx.stride(), _dtype_key(z.dtype), **geo)
         # fixed-order second stage, then (ci, kh, kw, co) -> (ci, co, kh, kw)
