@@ -74,8 +74,9 @@ ASSUMPTIONS = [
     "The encoder kernels are modelled as aefast/triton/conv_pool.py runs them, with its own tensor-core tile "
     "lists (ENCODER_CONFIGS): forward M = full-resolution positions (pooled positions x 4 window-offset rows), "
     "K = Cin*KH*KW padded once to BLOCK_K; dgrad is the decoder's forward kernel (its tiles, K padded per tap); "
-    "wgrad M = Cout, N = Cin*KH*KW, reduced over the full-resolution positions in at most 32 split chunks of at "
-    "least 512 pooled positions, with its partials written and read once more; the pooled gradient "
+    "wgrad M = Cout, N = Cin*KH*KW, reduced over the full-resolution positions in split chunks of at "
+    "least 512 pooled positions, the count (up to four waves of 8*132 programs over its 64x64 tiles) that fills its waves best, "
+    "with its partials written and read once more; the pooled gradient "
     "grad * act'(preact) is one elementwise pass before dgrad and one before wgrad.",
     "Not modelled: the loss, SegNet's 1x1 classifier, the optimizer step and autocast's weight casts (the same "
     "work on both sides, or a few microseconds); the first encoder layer needs no dgrad on either side.",
@@ -96,13 +97,22 @@ GPU_CONFIGS = {
 # aefast/triton/conv_pool.py's tensor-core tiles (GPU_CONFIGS without a variant suffix), as
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): forward (BLOCK_M GEMM rows = BLOCK_M / 4 pooled positions,
 # BLOCK_N output channels, BLOCK_K of Cin*KH*KW) and weight gradient (BLOCK_CO, BLOCK_K of Cin*KH*KW,
-# BLOCK_R reduction rows); its wgrad_splits() constants. A test keeps them equal to the module's.
+# BLOCK_R reduction rows); its wgrad_splits() rule on a GPU. A test keeps them equal to the module's.
 ENCODER_CONFIGS = {
     "fwd": [(64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 2)],
     "wgrad": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (64, 32, 32, 4, 2)],
 }
-ENCODER_MAX_SPLITS = 32
 ENCODER_MIN_CHUNK = 512
+ENCODER_WGRAD_TARGET_PROGRAMS = 8 * 132
+ENCODER_WAVE_TILE = 64
+
+
+def encoder_wgrad_splits(positions, c_out, k):
+    """conv_pool.wgrad_splits on a GPU: whole waves of the (Cout, K) tiles of a 64x64 tile."""
+    tiles = cdiv(c_out, ENCODER_WAVE_TILE) * cdiv(k, ENCODER_WAVE_TILE)
+    slots = ENCODER_WGRAD_TARGET_PROGRAMS
+    most = max(1, min(4 * slots // tiles, positions // ENCODER_MIN_CHUNK))
+    return max(range(1, most + 1), key=lambda s: (s * tiles / (cdiv(s * tiles, slots) * slots), -s))
 
 
 def cdiv(a, b):
@@ -218,7 +228,7 @@ def encoder_block(n, c_in, c_out, h, prec, act="relu", first=False):
         dg = pooled + q * c_out + p * c_in * e + wb
         b.ours.append(gemm_kernel("encoder bwd dgrad", prec, p, c_in, 9 * c_out, implicit_gemm_k(c_out), dg, dg,
                                   elem=e, kind="fwd"))
-    splits = max(1, min(ENCODER_MAX_SPLITS, q // ENCODER_MIN_CHUNK))
+    splits = encoder_wgrad_splits(q, c_out, k)
     rows = 4 * cdiv(q, splits)  # full-resolution positions of one split chunk
     w_min = pooled + q * c_out + p * c_in * e
     w_moved = w_min + 2 * splits * c_out * (k + 1) * 4
@@ -352,11 +362,9 @@ def build_report():
              "(1 or 3 channels); they are not G workloads.", ""]
     if any(case != "per-op" and "encoder bwd wgrad" in where and worst < 0.6
            for case, _, (worst, where), _ in summary):
-        head += ["Why the encoder's weight gradient misses 60% on G1/G2: aefast/triton/conv_pool.py splits its "
-                 f"reduction into at most {ENCODER_MAX_SPLITS} chunks (wgrad_splits), so a layer with few output "
-                 "tiles runs a fraction of one wave (3->64 channels: 32 programs for 132 SMs), and the first layer's "
-                 "K = 27 pads to the tile. A split aimed at whole waves, as the decoder's weight gradient does "
-                 "(unpool_deconv._wgrad_split), is what the prediction needs.", ""]
+        head += ["Why the encoder's weight gradient misses 60% on G1/G2: the first layer's K = 27 pads to the "
+                 "tile and its few output tiles leave waves part-idle even with conv_pool.wgrad_splits' "
+                 f"whole-wave split ({ENCODER_WGRAD_TARGET_PROGRAMS} programs).", ""]
     return "\n".join(lines[:3] + [""] + head + lines[3:]) + "\n"
 
 

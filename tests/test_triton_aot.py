@@ -125,7 +125,7 @@ def test_roofline_models_the_encoder_with_its_own_tiles_and_split():
         tiles = [tuple(c.kwargs[b] for b in blocks[kind]) + (c.num_warps, c.num_stages)
                  for c in conv_pool.GPU_CONFIGS[name]]
         assert roofline.ENCODER_CONFIGS[kind] == tiles
-    assert (roofline.ENCODER_MAX_SPLITS, roofline.ENCODER_MIN_CHUNK) == (conv_pool._MAX_SPLITS, conv_pool._MIN_CHUNK)
-    for positions in (1, 511, 512, 5000, 10**6):
-        assert max(1, min(roofline.ENCODER_MAX_SPLITS, positions // roofline.ENCODER_MIN_CHUNK)) == \
-            conv_pool.wgrad_splits(positions)
+    for positions in (1, 511, 512, 5000, 10**6, 4 * 10**6):
+        for c_out, k in ((64, 27), (64, 576), (128, 576), (512, 4608), (1, 9)):
+            assert roofline.encoder_wgrad_splits(positions, c_out, k) == \
+                conv_pool.wgrad_splits(positions, c_out, k, gpu=True)
