@@ -4,7 +4,7 @@ torch.compile of the same, forward / full (forward + backward w.r.t. the input a
 time and peak memory, in one run. Both are in training mode, so every call also updates the running
 statistics.
 
-    python bench/bench_conv_bn_pool.py [--quick] [--keep-memory-mapped] [--out DIR]
+    python bench/bench_conv_bn_pool.py [--quick] [--keep-memory-mapped] [--geometry tiling|general|all] [--out DIR]
 
 Run it once with and once without --keep-memory-mapped (DESIGN.md: report CPU ratios in both
 allocator settings). Variants are measured in interleaved rounds (each round times every variant
@@ -29,29 +29,34 @@ import aefast  # noqa: E402
 from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
                       peak_memory_bytes, ratio_table, write_results)
 
-SHAPES = [  # N, Cin, Cout, H, W (3x3 conv, padding 1, 2x2 pool)
+SHAPES = [  # N, Cin, Cout, H, W (3x3 conv, padding 1, 2x2 pool)[, pool, pool_stride, ceil_mode]
     (256, 1, 32, 28, 28),
     (64, 32, 64, 32, 32),
     (16, 64, 64, 64, 64),  # a SegNet-like stage
     (32, 3, 32, 128, 128),
+    (16, 64, 64, 75, 75, 2, 2, True),  # ceil_mode: odd map, the last window clipped
+    (16, 32, 64, 64, 64, 3, 2, False),  # overlapping windows
 ]
-QUICK_SHAPES = [(4, 1, 8, 12, 12), (2, 8, 16, 10, 10)]
+QUICK_SHAPES = [(4, 1, 8, 12, 12), (2, 8, 16, 10, 10), (2, 8, 16, 11, 11, 2, 2, True), (2, 4, 8, 10, 9, 3, 2, True)]
 
 
-def make_models(cin, cout):
+def make_models(cin, cout, pool=2, pool_stride=None, ceil_mode=False):
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                          nn.MaxPool2d(2, return_indices=True))
-    fused = aefast.nn.ConvBNPool2d(cin, cout, 3, padding=1, activation="relu", pool_size=2)
+                          nn.MaxPool2d(pool, pool_stride, ceil_mode=ceil_mode, return_indices=True))
+    fused = aefast.nn.ConvBNPool2d(cin, cout, 3, padding=1, activation="relu", pool_size=pool,
+                                   pool_stride=pool_stride, ceil_mode=ceil_mode)
     fused.load_state_dict({k.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v
                            for k, v in eager.state_dict().items()})
     return eager, fused
 
 
 def bench_shape(shape, rounds, repeats, quick):
-    n, cin, cout, h, w = shape
+    n, cin, cout, h, w = shape[:5]
     case = f"N{n} C{cin}->{cout} {h}x{w}"
-    eager, fused = make_models(cin, cout)
+    if shape[5:]:
+        case += " pool{}/{}{}".format(shape[5], shape[6], " ceil" if shape[7] else "")
+    eager, fused = make_models(cin, cout, *shape[5:])
     variants = {"eager": eager, "aefast-cpu": fused}
     if not quick:
         variants["torch.compile"] = torch.compile(copy.deepcopy(eager))
@@ -94,9 +99,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
     parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
     add_allocator_flag(parser)
+    parser.add_argument("--geometry", default="all", choices=("tiling", "general", "all"),
+                        help="only the 2x2 tiling pools, only the others (ceil_mode, overlapping), or both")
     args = parser.parse_args(argv)
     allocator = apply_allocator_flag(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.geometry != "all":
+        shapes = [s for s in shapes if (len(s) > 5) == (args.geometry == "general")]
     rounds, repeats = (1, 2) if args.quick else (5, 3)
     rows = []
     for shape in shapes:

@@ -2,7 +2,11 @@
 ``F.max_pool2d(F.relu(F.conv2d(x, w, b, 1, 1)), 2, return_indices=True)`` and torch.compile of
 the same, forward / backward / full (forward + backward), time and peak memory, in one run.
 
-    python bench/bench_conv_pool.py [--device cuda] [--quick] [--out DIR]
+    python bench/bench_conv_pool.py [--device cuda] [--quick] [--geometry tiling|general|all] [--out DIR]
+
+--geometry general times the pools beyond the 2x2 tiling instead (GENERAL_SHAPES: FCN-8s's ceil_mode
+pool on an odd map, AlexNet-style overlapping 3x3 stride 2), against the same eager block with that
+max_pool2d.
 
 The input requires grad on every shape (so dgrad is timed too). Variants are measured in
 interleaved rounds (each round times every variant once, the figure is the median over rounds)
@@ -18,6 +22,7 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,22 +35,52 @@ from workloads import CONV_POOL_SHAPES as SHAPES  # noqa: E402
 from workloads import conv_pool_case, conv_pool_flops, conv_pool_fused, conv_pool_inputs  # noqa: E402
 from workloads import conv_pool_eager as eager_block  # noqa: E402
 
+import aefast  # noqa: E402
+import aefast.functional as AF  # noqa: E402
 
-def make_variants(device, quick):
-    variants = {"eager": eager_block}
+
+# (N, Cin, Cout, H, W, pool, pool_stride, ceil_mode): 3x3 conv, padding 1, then that pool.
+GENERAL_SHAPES = [
+    (16, 64, 64, 75, 75, 2, 2, True),  # FCN-8s: odd map, the last window clipped
+    (16, 128, 128, 37, 37, 2, 2, True),
+    (16, 32, 64, 64, 64, 3, 2, False),  # overlapping windows
+]
+GENERAL_QUICK_SHAPES = [(2, 8, 16, 11, 11, 2, 2, True), (2, 4, 8, 10, 9, 3, 2, True)]
+
+
+def general_blocks(pool, pool_stride, ceil_mode):
+    def eager(x, w, b):
+        return F.max_pool2d(F.relu(F.conv2d(x, w, b, 1, 1)), pool, pool_stride, ceil_mode=ceil_mode,
+                            return_indices=True)
+
+    def fused(backend):
+        def run(x, w, b):
+            with aefast.set_backend(backend):
+                return AF.conv_pool2d(x, w, b, 1, 1, "relu", pool, pool_stride=pool_stride, ceil_mode=ceil_mode)
+        return run
+    return eager, fused
+
+
+def make_variants(device, quick, eager=eager_block, fused=conv_pool_fused):
+    variants = {"eager": eager}
     if not quick:
-        variants["torch.compile"] = torch.compile(eager_block)
+        variants["torch.compile"] = torch.compile(eager)
     backends = ["cuda", "triton"] if device == "cuda" else ["cpu"]
     for name in backends:
-        variants[f"aefast-{name}"] = conv_pool_fused(name)
+        variants[f"aefast-{name}"] = fused(name)
     return variants
 
 
 def bench_shape(shape, device, variants, rounds, repeats):
+    geometry = shape[5:]
+    shape = shape[:5]
+    eager_block = variants["eager"]
     inputs = conv_pool_inputs(shape, device)
     g = torch.Generator().manual_seed(1)
     fwd_flops = conv_pool_flops(shape)
     case = conv_pool_case(shape)
+    if geometry:
+        case += " pool{}/{}{}".format(geometry[0], geometry[1], " ceil" if geometry[2] else "")
 
     fns = {}
     for name, fn in variants.items():
@@ -101,14 +136,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
     parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
     add_allocator_flag(parser)
+    parser.add_argument("--geometry", default="tiling", choices=("tiling", "general", "all"),
+                        help="the 2x2 tiling pool (default), the GENERAL_SHAPES pools, or both")
     args = parser.parse_args(argv)
     allocator = apply_allocator_flag(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes, general = (QUICK_SHAPES, GENERAL_QUICK_SHAPES) if args.quick else (SHAPES, GENERAL_SHAPES)
     rounds, repeats = (1, 2) if args.quick else (5, 3)
-    variants = make_variants(args.device, args.quick)
     rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, args.device, variants, rounds, repeats)
+    if args.geometry in ("tiling", "all"):
+        variants = make_variants(args.device, args.quick)
+        for shape in shapes:
+            rows += bench_shape(shape, args.device, variants, rounds, repeats)
+    if args.geometry in ("general", "all"):
+        for shape in general:
+            eager, fused = general_blocks(*shape[5:])
+            rows += bench_shape(shape, args.device, make_variants(args.device, args.quick, eager, fused), rounds,
+                                repeats)
     peak = CPU_SGEMM_GFLOPS if args.device == "cpu" else None
     table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     print(table)
@@ -120,7 +163,8 @@ def main(argv=None):
             summary.append(f"  {r.case[:-5]:<24} {r.variant:<14} {base.seconds / r.seconds:5.2f}x faster, "
                            f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of eager")
     print("\n".join(summary))
-    out = write_results("bench_conv_pool" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else ""),
+    out = write_results("bench_conv_pool" + ("_quick" if args.quick else "") +
+                        ("" if args.geometry == "tiling" else "_" + args.geometry) + ("_cuda" if args.device == "cuda" else ""),
                         rows, args.device, table + "\n" + "\n".join(summary) + "\n", args.out)
     print(f"\nwrote {out}")
 

@@ -316,6 +316,79 @@ def test_modules_take_the_pool_geometry():
     assert bn(torch.randn(2, 3, 7, 7))[0].shape == (2, 4, 4, 4)
 
 
+# ------------------------------------------------------------------ the vectorised CPU kernels per ISA
+
+# The general pools run oneDNN's channels-last conv and the epilogue / scatter kernels of
+# csrc/cpu/conv_bn_pool_kernels.inc, built per ISA and picked at run time (AEFAST_CPU_ISA caps the
+# choice per call). Channels 64 fill whole vectors; 17 leaves a remainder.
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cout", [17, 64], ids=lambda c: f"cout{c}")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cpu_isa_variants_general_pool(monkeypatch, isa, cout, channels_last):
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, w, b = make(2, 5, cout, 11, 10, 3, torch.float32, "cpu", seed=cout)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    with aefast.set_backend("cpu"):
+        for pool, pool_stride, ceil_mode in (((2, 2), (2, 2), True), ((3, 3), (2, 2), True), ((2, 3), (1, 2), False)):
+            check_case(x, w, b, 1, 1, "silu", pool, pool_stride, ceil_mode)
+        for dtype in (torch.float16, torch.bfloat16):
+            xh, wh, bh = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+            check_case(xh, wh, bh, 1, 1, "relu", (3, 3), (2, 2), True, grad_tol=dict(rtol=5e-2, atol=5e-2))
+            _bn_case("cpu", dtype, (3, 3), (2, 2), True, channels_last)
+        _bn_case("cpu", torch.float32, (3, 3), (1, 2), True, channels_last)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_overlapping_windows_with_ties(monkeypatch, isa):
+    # A 1x1 identity conv makes the activation the input. Integer values in {-1, 0, 1, 2} give
+    # ties inside every window, and relu ties every non-positive value at 0: the first maximum in
+    # row-major order of the FULL window must win, in every overlapping window (3x3 stride 1 and
+    # 3x3 stride 2, clipped in ceil_mode), and a position shared by several windows must receive
+    # the sum of their gradients.
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(4)
+    for channels in (1, 19):
+        x = torch.randint(-1, 3, (2, channels, 9, 8), generator=g).float()
+        w = torch.eye(channels).view(channels, channels, 1, 1)
+        for act in ("relu", None):
+            for pool_stride, ceil_mode in ((1, False), (2, True), (1, True)):
+                xr = x.clone().requires_grad_()
+                with aefast.set_backend("cpu"):
+                    y, idx = AF.conv_pool2d(xr, w, None, 1, 0, act, 3, pool_stride=pool_stride, ceil_mode=ceil_mode)
+                a = F.relu(x) if act == "relu" else x
+                ry, ridx = F.max_pool2d(a, 3, pool_stride, ceil_mode=ceil_mode, return_indices=True)
+                assert torch.equal(idx, ridx) and torch.equal(y.detach(), ry)
+                grad = torch.randn(y.shape, generator=g)
+                (gx,) = torch.autograd.grad(y, xr, grad)
+                routed = torch.zeros(x.flatten(2).shape).scatter_add_(2, ridx.flatten(2), grad.flatten(2))
+                if act == "relu":
+                    routed = routed * (x.flatten(2) > 0)
+                torch.testing.assert_close(gx, routed.view_as(x), rtol=1e-6, atol=1e-6)
+
+
+def test_general_pool_backward_does_not_depend_on_the_thread_count():
+    # aefast's own part (the scatter of the pool-sparse gradient, the BatchNorm sums) is in a fixed
+    # order: with the conv backward's weight gradient left out, grad_input of the vendor dgrad is
+    # compared at 1 and 2 threads on a shared-argmax-heavy pool (3x3 stride 1).
+    x, w, b = make(3, 4, 16, 12, 11, 3, torch.float32, "cpu", seed=21)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with aefast.set_backend("cpu"):
+                y, _ = AF.conv_pool2d(x, w, b, 1, 1, "relu", 3, pool_stride=1, ceil_mode=True)
+                outs.append((y.detach(), torch.autograd.grad(y, x, torch.ones_like(y))[0]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ hypothesis fuzz
 
 @st.composite

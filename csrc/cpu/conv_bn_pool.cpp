@@ -19,23 +19,23 @@
 // pass). Work is split into rows and every reduction adds the rows' partials in a fixed order, so
 // results do not depend on the thread count.
 //
-// These kernels serve the tiling pools (stride = pool size, no clipped ceil_mode window:
-// aefast::pool_is_tiling); the entry points route every other pool to conv_bn_pool_general.cpp.
-// Where the pool geometry lives: BnPoolShape/check_geometry (output size), window_offsets (the
-// backward's argmax position of a window offset), and in conv_bn_pool_kernels.inc the pooling loop
-// normalize_activate_pool_row and the window origin (i*PKH, j*PKW) in routed_grad_row / dense_dy_rows
-// (whose row ranges assume windows that tile the rows: dense_dy_rows' h0/h1 in bn_input_grad).
+// Any pool geometry (EncoderPool, conv_pool_general.h): windows (PKH, PKW) at (i*SPH, j*SPW), clipped
+// at the conv output's edge in ceil_mode, overlapping when the pool stride is below the window (a
+// conv position may then be the argmax of several windows, and its g is their sum, added in a fixed
+// order: scatter_window_grads). The geometry lives in check_geometry (output size), window_offsets /
+// window_rows_cols (a window offset's position), and in conv_bn_pool_kernels.inc.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "conv_bn_pool_general.h"
+#include "conv_pool_general.h"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "aefast/conv_pool.h"
@@ -46,27 +46,25 @@
 namespace aefast {
 namespace {
 
-struct BnPoolShape {
-  int64_t N, C, HC, WC, PKH, PKW, HO, WO;
-  int64_t plane() const { return HC * WC; }
-  int64_t count() const { return N * HC * WC; }
-};
-
-BnPoolShape check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool) {
+EncoderPool check_geometry(const at::Tensor& conv_out, c10::IntArrayRef pool, c10::IntArrayRef pool_stride,
+                            bool ceil_mode) {
   TORCH_CHECK(pool.size() == 2 && pool[0] > 0 && pool[1] > 0 && pool[0] * pool[1] <= 255,
               "aefast::conv_bn_pool2d: pool_size needs two positive entries with at most 255 elements in a window");
-  BnPoolShape s{conv_out.size(0), conv_out.size(1), conv_out.size(2), conv_out.size(3), pool[0], pool[1], 0, 0};
+  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 0 && pool_stride[1] >= 0,
+              "aefast::conv_bn_pool2d: pool_stride needs two non-negative entries (0: pool_size)");
+  EncoderPool s{conv_out.size(0), conv_out.size(1), conv_out.size(2), conv_out.size(3), pool[0], pool[1],
+                 resolve_pool_stride(pool_stride[0], pool[0]), resolve_pool_stride(pool_stride[1], pool[1]), 0, 0};
   TORCH_CHECK(s.HC >= s.PKH && s.WC >= s.PKW, "aefast::conv_bn_pool2d: the conv output ", s.HC, "x", s.WC,
               " is smaller than the pool window");
   TORCH_CHECK(s.count() > 1, "aefast::conv_bn_pool2d: expected more than 1 value per channel when training");
-  s.HO = s.HC / s.PKH;
-  s.WO = s.WC / s.PKW;
+  s.HO = pool_out_extent(s.HC, s.PKH, s.SPH, ceil_mode);
+  s.WO = pool_out_extent(s.WC, s.PKW, s.SPW, ceil_mode);
   return s;
 }
 
 // Offset in the channels-last y of window offset k from the window's first value: a table, because
 // an integer division by the runtime pool width per element costs more than the pool.
-std::vector<int64_t> window_offsets(const BnPoolShape& s) {
+std::vector<int64_t> window_offsets(const EncoderPool& s) {
   std::vector<int64_t> offk(256, 0);
   for (int64_t k = 0; k < s.PKH * s.PKW; ++k) offk[k] = ((k / s.PKW) * s.WC + k % s.PKW) * s.C;
   return offk;
@@ -92,18 +90,21 @@ namespace avx512 {
 template <typename scalar_t, typename acc_t>
 struct BnPoolKernels {
   void (*moments)(const scalar_t*, int64_t, int64_t, const double*, double*, double*);
-  void (*pool_row)(const scalar_t*, const BnPoolShape&, int64_t, const acc_t*, const acc_t*, acc_t, acc_t*, acc_t*,
-                   int32_t*, scalar_t*, uint8_t*);
-  void (*routed)(const scalar_t*, const uint8_t*, const scalar_t*, const int64_t*, const BnPoolShape&, int64_t,
+  void (*pool_row)(const scalar_t*, const EncoderPool&, int64_t, const acc_t*, const acc_t*, acc_t, acc_t*, acc_t*,
+                   acc_t*, acc_t*, int32_t*, scalar_t*, uint8_t*, scalar_t*);
+  void (*routed)(const scalar_t*, const uint8_t*, const scalar_t*, const int64_t*, const EncoderPool&, int64_t,
                  const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t, acc_t*, double*, double*);
-  void (*dense_dy)(const scalar_t*, const acc_t*, const uint8_t*, const int64_t*, const BnPoolShape&, int64_t, int64_t,
-                   int64_t, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*);
+  void (*affine)(const scalar_t*, int64_t, int64_t, const acc_t*, const acc_t*, const acc_t*, acc_t*);
+  void (*scatter)(const acc_t*, const uint8_t*, const int32_t*, const int32_t*, const EncoderPool&, int64_t, int64_t,
+                  const acc_t*, acc_t*);
+  void (*round)(const acc_t*, int64_t, scalar_t*);
 };
 
-#define AEFAST_BN_POOL_KERNELS(NS, ACT)                                                                \
-  BnPoolKernels<scalar_t, acc_t> {                                                                     \
-    &NS::row_moments<scalar_t, acc_t>, &NS::normalize_activate_pool_row<ACT, scalar_t, acc_t>,         \
-        &NS::routed_grad_row<ACT, scalar_t, acc_t>, &NS::dense_dy_rows<scalar_t, acc_t>                \
+#define AEFAST_BN_POOL_KERNELS(NS, ACT)                                                                          \
+  BnPoolKernels<scalar_t, acc_t> {                                                                               \
+    &NS::row_moments<scalar_t, acc_t>, &NS::activate_pool_row<ACT, false, scalar_t, scalar_t, acc_t>,            \
+        &NS::routed_grad_row<ACT, scalar_t, acc_t>, &NS::affine_rows<scalar_t, acc_t>,                           \
+        &NS::scatter_window_grads<acc_t>, &NS::round_rows<scalar_t, acc_t>                                       \
   }
 
 template <typename scalar_t, typename acc_t, int ACT>
@@ -133,7 +134,7 @@ BnPoolKernels<scalar_t, acc_t> pick_kernels(int64_t act) {
 // mean_c and the biased var_c of the channels-last y over (n, h, w) in one pass: per conv row (in
 // parallel) the shifted moments of row_moments, then the rows added in (n, h) order, in double.
 template <typename scalar_t>
-void channel_stats(const at::Tensor& y, const BnPoolShape& s, const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern,
+void channel_stats(const at::Tensor& y, const EncoderPool& s, const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern,
                    at::Tensor& mean, at::Tensor& var) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -196,9 +197,13 @@ void check_bn_params(const char* op, const c10::optional<at::Tensor>& bn_w, cons
                   C, ",)");
 }
 
-// ---- layouts. The conv runs channels-last (below); an NCHW input is converted and grad_input converted
-// back with a tiled transpose (torch's strided copy_ ran at ~1 GB/s for 64-channel 64x64 images,
-// where a plane stride of 16 KiB lands every channel of a pixel in one L1 set).
+}  // namespace
+
+// ---- layouts (declared in conv_pool_general.h). The convs run channels-last; an NCHW input is
+// converted and grad_input converted back with a tiled transpose (torch's strided copy_ ran at
+// ~1 GB/s for 64-channel 64x64 images, where a plane stride of 16 KiB lands every channel of a
+// pixel in one L1 set). A channels-last input goes through untouched.
+namespace {
 // dst[n][c][r] = src[n][r][c] over N blocks of (R, Cc), tiles of kTile x kTile, in parallel.
 constexpr int64_t kTile = 16;
 template <typename T>
@@ -217,11 +222,11 @@ void transpose_images(const T* src, T* dst, int64_t N, int64_t R, int64_t Cc) {
     }
   });
 }
+}  // namespace
 
-// t (N, C, H, W) with channels-last strides: itself when it has them, the same memory with the
-// strides restated when the layouts coincide (C == 1 or H*W == 1, where torch would otherwise see
-// NCHW and the conv would answer NCHW), else a transposed copy.
-at::Tensor channels_last(const at::Tensor& t) {
+// The layouts coincide when C == 1 or H*W == 1: torch would then see NCHW and the conv would
+// answer NCHW, so the strides are restated.
+at::Tensor as_channels_last(const at::Tensor& t) {
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     if (t.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return t;
     return t.as_strided(t.sizes(), c10::get_channels_last_strides_2d(t.sizes()), t.storage_offset());
@@ -235,8 +240,7 @@ at::Tensor channels_last(const at::Tensor& t) {
   return out;
 }
 
-// t in the memory format `format` (NCHW or channels-last), by the tiled transpose for channels-last -> NCHW.
-at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
+at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   if (t.is_contiguous(format)) return t;
   if (format != at::MemoryFormat::Contiguous || !t.is_contiguous(at::MemoryFormat::ChannelsLast))
     return t.contiguous(format);
@@ -248,12 +252,14 @@ at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
   return out;
 }
 
-// ---- forward epilogue: per pooled row (n, i), in parallel, normalize_activate_pool_row (the pooling
-// loop, conv_bn_pool_kernels.inc) over its window rows of the channels-last y, then each channel's
-// run of WO values out to pooled (input dtype) and window (uint8), NCHW. (Storing NCHW straight from
-// the channel loop would store with a stride of a whole plane, often a multiple of 4 KiB: one L1 set.)
+namespace {
+
+// ---- forward epilogue: per pooled row (n, i), in parallel, activate_pool_row (the pooling loop,
+// conv_bn_pool_kernels.inc) over its windows in the channels-last y, then each channel's run of WO
+// values out to pooled (input dtype) and window (uint8), NCHW. (Storing NCHW straight from the
+// channel loop would store with a stride of a whole plane, often a multiple of 4 KiB: one L1 set.)
 template <typename scalar_t>
-void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const ChannelAffine<at::opmath_type<scalar_t>>& aff,
+void normalize_activate_pool(const at::Tensor& y, const EncoderPool& s, const ChannelAffine<at::opmath_type<scalar_t>>& aff,
                              const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern, double slope,
                              at::Tensor& pooled, at::Tensor& window) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -269,8 +275,8 @@ void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const Ch
     std::vector<uint8_t> wbuf(C * s.WO);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t n = u / s.HO, i = u % s.HO;
-      kern.pool_row(yp + n * image, s, i, aff.scale.data(), aff.shift.data(), sl, best.data(), act.data(), off.data(),
-                    pbuf.data(), wbuf.data());
+      kern.pool_row(yp + n * image, s, i, aff.scale.data(), aff.shift.data(), sl, best.data(), nullptr, act.data(),
+                    nullptr, off.data(), pbuf.data(), wbuf.data(), nullptr);
       for (int64_t c = 0; c < C; ++c) {
         const int64_t dst = (n * C + c) * pooled_hw + i * s.WO;
         std::copy(pbuf.begin() + c * s.WO, pbuf.begin() + (c + 1) * s.WO, pp + dst);
@@ -280,29 +286,11 @@ void normalize_activate_pool(const at::Tensor& y, const BnPoolShape& s, const Ch
   });
 }
 
-// False for pools the tiling kernels below do not cover, and for malformed pool arguments (the
-// general path reports those).
-bool tiling_pool(int64_t hc, int64_t wc, c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode) {
-  if (pool.size() != 2 || pool_stride.size() != 2 || pool[0] <= 0 || pool[1] <= 0 || pool_stride[0] < 0 ||
-      pool_stride[1] < 0)
-    return false;
-  return pool_is_tiling(hc, wc, pool[0], pool[1], pool_stride[0] ? pool_stride[0] : pool[0],
-                        pool_stride[1] ? pool_stride[1] : pool[1], ceil_mode);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_pool2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, double eps, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
     c10::IntArrayRef pool_stride, bool ceil_mode) {
-  if (input.dim() == 4 && weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 && stride[0] > 0 &&
-      stride[1] > 0) {
-    const int64_t hc = (input.size(2) + 2 * padding[0] - weight.size(2)) / stride[0] + 1;
-    const int64_t wc = (input.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1;
-    if (hc > 0 && wc > 0 && !tiling_pool(hc, wc, pool_size, pool_stride, ceil_mode))
-      return conv_bn_pool2d_forward_general(input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation,
-                                            negative_slope, pool_size, pool_stride, ceil_mode);
-  }
   check_same_device("conv_bn_pool2d_forward", {&input, &weight}, bias);
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "aefast::conv_bn_pool2d: input and weight must be 4-D");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations, "aefast::conv_bn_pool2d: unknown activation code ",
@@ -310,9 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "aefast::conv_bn_pool2d: stride and padding need two entries");
   // The multiply-adds: the vendor conv (oneDNN) in channels-last, its fast layout here (measured
   // 1.7-1.8x faster than NCHW, which oneDNN computes blocked and reorders), for NCHW inputs too.
-  const at::Tensor y =
-      channels_last(at::convolution(channels_last(input), weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
-  const BnPoolShape s = check_geometry(y, pool_size);
+  const at::Tensor y = as_channels_last(
+      at::convolution(as_channels_last(input), weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
+  const EncoderPool s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
   at::Tensor mean = at::empty({s.C}, y.options().dtype(stat_dtype));
@@ -333,11 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
 
 // ---- backward. Pass 1 (per pooled row, in parallel): g at each argmax into a pooled-size buffer and
 // the row's partial sums of g and g*yhat per channel, then the rows added in (n, i) order (double).
-// Pass 2 (per pooled row with its window rows; the last row of an image also takes the conv rows no
-// window covers): dy = c0 + c1*(y - mean) everywhere, plus gamma*invstd*g at each argmax, written
-// channels-last. Then the vendor conv backward.
+// Pass 2 (per band of conv rows, EncoderPool::band_begin, in parallel): dy = c0 + c1*(y - mean)
+// everywhere, plus gamma*invstd*g at each argmax (summed over the windows that share it), in acc_t
+// and rounded once, written channels-last. Then the vendor conv backward.
 template <typename scalar_t>
-void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& y, const BnPoolShape& s,
+void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& y, const EncoderPool& s,
                    const ChannelAffine<at::opmath_type<scalar_t>>& aff, const at::Tensor& mean,
                    const BnPoolKernels<scalar_t, at::opmath_type<scalar_t>>& kern, double slope, bool want_dy,
                    at::Tensor& dy, at::Tensor& sum_g, at::Tensor& sum_gyhat) {
@@ -380,13 +368,27 @@ void bn_input_grad(const at::Tensor& grad, const at::Tensor& window, const at::T
     c1[c] = -k[c] * aff.invstd[c] * static_cast<acc_t>(sgy[c] / count);
     c0[c] = -k[c] * static_cast<acc_t>(sg[c] / count);
   }
+  std::array<int32_t, 256> di{}, dj{};
+  for (int64_t q = 0; q < s.PKH * s.PKW; ++q) {
+    di[q] = static_cast<int32_t>(q / s.PKW);
+    dj[q] = static_cast<int32_t>(q % s.PKW);
+  }
   scalar_t* dp = dy.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<acc_t> scratch;  // the band in acc_t when dy's type is narrower (one rounding)
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t n = u / s.HO, i = u % s.HO;
-      const int64_t h0 = i * s.PKH, h1 = i == s.HO - 1 ? s.HC : h0 + s.PKH;
-      kern.dense_dy(yp + n * image, rp + n * C * pooled_hw, wp + n * C * pooled_hw, offk.data(), s, i, h0, h1, mp,
-                    c0.data(), c1.data(), k.data(), dp + n * image);
+      const int64_t n = u / s.HO, i = u % s.HO, h0 = s.band_begin(i), h1 = s.band_end(i);
+      const int64_t positions = (h1 - h0) * s.WC, first = n * image + h0 * s.WC * C;
+      acc_t* band;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        band = dp + first;
+      } else {
+        scratch.resize(positions * C);
+        band = scratch.data();
+      }
+      kern.affine(yp + first, positions, C, mp, c0.data(), c1.data(), band);
+      kern.scatter(rp + n * C * pooled_hw, wp + n * C * pooled_hw, di.data(), dj.data(), s, h0, h1, k.data(), band);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) kern.round(band, positions * C, dp + first);
     }
   });
 }
@@ -397,18 +399,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     const c10::optional<at::Tensor>& bn_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, double eps,
     int64_t activation, double negative_slope, c10::IntArrayRef pool_size, std::array<bool, 5> output_mask,
     c10::IntArrayRef pool_stride, bool ceil_mode) {
-  if (conv_out.dim() == 4 && !tiling_pool(conv_out.size(1), conv_out.size(2), pool_size, pool_stride, ceil_mode))
-    return conv_bn_pool2d_backward_general(grad_pooled, window, conv_out, mean, var, input, weight, bn_weight, bn_bias,
-                                           stride, padding, eps, activation, negative_slope, pool_size, output_mask,
-                                           pool_stride, ceil_mode);
   check_same_device("conv_bn_pool2d_backward", {&grad_pooled, &window, &conv_out, &mean, &var, &input, &weight});
   TORCH_CHECK(conv_out.dim() == 4 && window.scalar_type() == at::kByte && grad_pooled.sizes() == window.sizes(),
               "aefast::conv_bn_pool2d_backward: grad_pooled and the uint8 window must have the pooled shape");
   TORCH_CHECK(activation >= 0 && activation < kNumActivations,
               "aefast::conv_bn_pool2d_backward: unknown activation code ", activation);
-  TORCH_CHECK(conv_out.dim() == 4, "aefast::conv_bn_pool2d_backward: conv_out must be (N, HC, WC, C)");
   const at::Tensor y = conv_out.contiguous().permute({0, 3, 1, 2});  // NCHW sizes, channels-last memory
-  const BnPoolShape s = check_geometry(y, pool_size);
+  const EncoderPool s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   TORCH_CHECK(grad_pooled.size(0) == s.N && grad_pooled.size(1) == s.C && grad_pooled.size(2) == s.HO &&
                   grad_pooled.size(3) == s.WO && mean.numel() == s.C && var.numel() == s.C,
               "aefast::conv_bn_pool2d_backward: grad_pooled, mean and var do not match conv_out");
@@ -430,11 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   if (want_conv) {
     const int64_t cout = s.C;
     // channels-last like the forward's conv; grad_input back in the input's own layout
-    auto grads = at::convolution_backward(dy, channels_last(input), weight,
+    auto grads = at::convolution_backward(dy, as_channels_last(input), weight,
                                           c10::IntArrayRef(cout), stride, padding, {1, 1}, false, {0, 0}, 1,
                                           {output_mask[0], output_mask[1], output_mask[2]});
     grad_input = std::get<0>(grads);
-    if (grad_input.defined()) grad_input = in_format(grad_input, input.suggest_memory_format());
+    if (grad_input.defined()) grad_input = in_memory_format(grad_input, input.suggest_memory_format());
     if (std::get<1>(grads).defined()) std::get<1>(grads) = std::get<1>(grads).contiguous(weight.suggest_memory_format());
     grad_weight = std::get<1>(grads);
     grad_bias = std::get<2>(grads);

@@ -69,7 +69,7 @@ namespace {
 PoolWindows pool_windows(c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode) {
   TORCH_CHECK(pool.size() == 2 && pool_stride.size() == 2, "aefast::conv_pool2d: pool_size and pool_stride need two entries");
   TORCH_CHECK(pool_stride[0] >= 0 && pool_stride[1] >= 0, "aefast::conv_pool2d: pool_stride must be positive (0: pool_size)");
-  return {pool[0], pool[1], pool_stride[0] ? pool_stride[0] : pool[0], pool_stride[1] ? pool_stride[1] : pool[1],
+  return {pool[0], pool[1], resolve_pool_stride(pool_stride[0], pool[0]), resolve_pool_stride(pool_stride[1], pool[1]),
           ceil_mode};
 }
 

@@ -112,6 +112,12 @@ AEFAST_HD int64_t pool_out_extent(int64_t conv, int64_t k, int64_t s, bool ceil_
   return out;
 }
 
+// A pool stride of 0 means "the pool size" (the schemas' default, torch's stride=None): resolved
+// here only, for every entry point of the encoder blocks.
+AEFAST_HD constexpr int64_t resolve_pool_stride(int64_t pool_stride, int64_t pool_size) {
+  return pool_stride != 0 ? pool_stride : pool_size;
+}
+
 // The non-overlapping floor-mode pool the fast kernels were written for: stride = kernel and
 // every window whole (ceil_mode adds no clipped window). Anything else is the "general" pool.
 AEFAST_HD bool pool_is_tiling(int64_t conv_h, int64_t conv_w, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
