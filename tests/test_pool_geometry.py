@@ -370,6 +370,25 @@ def test_overlapping_windows_with_ties(monkeypatch, isa):
                 torch.testing.assert_close(gx, routed.view_as(x), rtol=1e-6, atol=1e-6)
 
 
+def test_one_channel_input_under_a_one_wide_conv_output():
+    # oneDNN's channels-last conv of a 1-channel input gives wrong values when the conv output is
+    # 1 wide (torch 2.13: stride (1, 2), width 4, kernel width 3); the general path then runs NCHW.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    with aefast.set_backend("cpu"):
+        check_case(x, w, b, (1, 2), 0, None, (1, 1), (1, 2), False)
+        check_case(x, w, b, (1, 2), 0, "relu", (2, 1), (1, 1), True)
+        gamma, beta = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        y, idx = AF.conv_bn_pool2d(x, w, b, gamma, beta, None, None, True, 0.1, 1e-5, (1, 2), 0, None, (2, 1),
+                                   pool_stride=(1, 1), ceil_mode=True)
+        ry, ridx = RF.conv_bn_pool2d(x, w, b, gamma, beta, None, None, True, 0.1, 1e-5, (1, 2), 0, None, (2, 1),
+                                     pool_stride=(1, 1), ceil_mode=True)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(y, ry)
+
+
 def test_general_pool_backward_does_not_depend_on_the_thread_count():
     # aefast's own part (the scatter of the pool-sparse gradient, the BatchNorm sums) is in a fixed
     # order: with the conv backward's weight gradient left out, grad_input of the vendor dgrad is

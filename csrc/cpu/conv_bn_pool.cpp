@@ -232,7 +232,8 @@ at::Tensor as_channels_last(const at::Tensor& t) {
     return t.as_strided(t.sizes(), c10::get_channels_last_strides_2d(t.sizes()), t.storage_offset());
   }
   const at::Tensor src = t.contiguous();
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // through the buffer cache: a fresh multi-MB buffer page-faults on every call
+  at::Tensor out = empty_cpu_cached(t.sizes(), t.options(), at::MemoryFormat::ChannelsLast);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "aefast_channels_last", [&] {
     transpose_images<scalar_t>(src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), t.size(0), t.size(1),
                                t.size(2) * t.size(3));
@@ -244,7 +245,7 @@ at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   if (t.is_contiguous(format)) return t;
   if (format != at::MemoryFormat::Contiguous || !t.is_contiguous(at::MemoryFormat::ChannelsLast))
     return t.contiguous(format);
-  at::Tensor out = at::empty(t.sizes(), t.options());
+  at::Tensor out = empty_cpu_cached(t.sizes(), t.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "aefast_nchw", [&] {
     transpose_images<scalar_t>(t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), t.size(0),
                                t.size(2) * t.size(3), t.size(1));
@@ -298,8 +299,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "aefast::conv_bn_pool2d: stride and padding need two entries");
   // The multiply-adds: the vendor conv (oneDNN) in channels-last, its fast layout here (measured
   // 1.7-1.8x faster than NCHW, which oneDNN computes blocked and reorders), for NCHW inputs too.
+  TORCH_CHECK(weight.size(3) <= input.size(3) + 2 * padding[1] && stride[1] > 0,
+              "aefast::conv_bn_pool2d: the conv output is empty");
+  const int64_t conv_w = (input.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1;
   const at::Tensor y = as_channels_last(
-      at::convolution(as_channels_last(input), weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
+      at::convolution(conv_operand(input, conv_w), weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
   const EncoderPool s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
@@ -427,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   if (want_conv) {
     const int64_t cout = s.C;
     // channels-last like the forward's conv; grad_input back in the input's own layout
-    auto grads = at::convolution_backward(dy, as_channels_last(input), weight,
+    auto grads = at::convolution_backward(dy, conv_operand(input, s.WC), weight,
                                           c10::IntArrayRef(cout), stride, padding, {1, 1}, false, {0, 0}, 1,
                                           {output_mask[0], output_mask[1], output_mask[2]});
     grad_input = std::get<0>(grads);

@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_general(
   at::Tensor preact = empty_cpu_cached({N, C, s.HO, s.WO}, input.options());
   if (pooled.numel() == 0) return {pooled, window, preact};
   // Channels-last operands in the accumulation type: a channels-last input is used as it is.
-  const at::Tensor x = as_channels_last(input.to(acc_dtype));
+  const at::Tensor x = conv_operand(input.to(acc_dtype), s.WC);
   const at::Tensor w = weight.to(acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_general", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -242,8 +242,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_general(
       }
     });
   });
-  const at::Tensor x = want_w ? as_channels_last(input.to(acc_dtype))
-                              : at::empty({n, c_in, H, W}, dz.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor x = want_w ? conv_operand(input.to(acc_dtype), s.WC)
+                              : at::empty({n, c_in, H, W}, dz.options().memory_format(
+                                                               conv_runs_channels_last(c_in, s.WC)
+                                                                   ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous));
   const at::Tensor w = want_x ? weight.to(acc_dtype) : at::zeros({C, c_in, KH, KW}, dz.options());
   auto [gx, gw, gb] = at::convolution_backward(dz, x, w, c10::IntArrayRef(C), stride, padding, {1, 1}, false, {0, 0}, 1,
                                                {want_x, want_w, want_w});

@@ -44,6 +44,14 @@ struct EncoderPool {
 at::Tensor as_channels_last(const at::Tensor& t);
 // t in `format` (NCHW or channels-last), by the tiled transpose for channels-last -> NCHW.
 at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format);
+// The layout the encoder blocks give the vendor conv its input in: channels-last, except for a
+// 1-channel input under a 1-wide conv output, where oneDNN's channels-last conv (torch 2.13)
+// returns wrong values (tests/test_pool_geometry.py holds it), and NCHW is the same memory anyway.
+inline bool conv_runs_channels_last(int64_t in_channels, int64_t conv_w) { return in_channels > 1 || conv_w > 1; }
+// The conv operand x in that layout (as_channels_last, or x itself).
+inline at::Tensor conv_operand(const at::Tensor& x, int64_t conv_w) {
+  return conv_runs_channels_last(x.size(1), conv_w) ? as_channels_last(x) : x;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_general(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
