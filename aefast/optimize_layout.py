@@ -198,5 +198,10 @@ class LayoutPass:
             self.decide(args, kwargs)
         if not self.channels_last:
             return forward(*args, **kwargs)
-        args, kwargs = to_channels_last((args, kwargs))
+        if not torch.compiler.is_compiling():
+            # Under torch.compile the input is left as it is: Inductor lays out what the convolutions
+            # read itself (channels_last on CPU), and an explicit conversion of a graph input there
+            # made it hand one of aefast's ops strides its trace did not have (seen: SegNet's
+            # conv_bn_pool2d_backward, torch 2.13).
+            args, kwargs = to_channels_last((args, kwargs))
         return to_contiguous(forward(*args, **kwargs))

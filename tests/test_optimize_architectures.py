@@ -119,12 +119,13 @@ def test_auto_memory_format_at_benchmark_shapes(name):
 
 
 @pytest.mark.parametrize("name, memory_format", [("segnet_sequential", "channels_last"),
-                                                 ("tutorial_conv_ae", "auto")])
+                                                 ("fcn8s", "channels_last"), ("tutorial_conv_ae", "auto")])
 def test_torch_compile_fullgraph_of_optimized(name, memory_format):
     """Inductor, the default backend, in training mode (then gradients and running statistics are
     compared) and in eval mode; two architectures only, as each compilation takes a while on CPU.
-    One runs in channels_last (forced: converted at optimize()), one with "auto" decided by an eager
-    call before compiling."""
+    SegNet and FCN-8s run in channels_last (forced: converted at optimize()); FCN-8s's ceil_mode pools
+    take conv_pool2d's general path, whose gradients come back channels_last (the fake functions must
+    say so); the tutorial AE runs with "auto" decided by an eager call before compiling."""
     torch._dynamo.reset()
     original, optimized = optimized_pair(name, memory_format)
     if memory_format == "auto":
