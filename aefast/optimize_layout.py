@@ -47,8 +47,11 @@ MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 # NCHW vs the model and input in channels_last: channels_last won at every weighted mean area from
 # 313 px up (the indices conv AE at 28x28: 1.84x; the tutorial conv AE, 490 px: 1.54x; SegNet,
 # U-Net and FCN-8s at 96x96, thousands of px: 1.37-1.38x) and lost at 64 px (the conv VAE at
-# 16x16, whose convs run at 4x4 and 8x8: 0.85x). Single convs (bench/conv_layout_sweep.py prints
-# them) cross over between 8x8 and 16x16 outputs; 12x12 = 144 px sits between.
+# 16x16, whose convs run at 4x4 and 8x8: 0.85x). Single 3x3 convs, forward + backward (one thread's
+# CPU time on a loaded machine, so direction only): channels_last gained 1.03-1.12x at 8x8 outputs
+# and 1.35-1.41x from 12x12 up (16->16 at N128 12x12: 3.2 vs 2.4 ms). Below that the small gain does
+# not pay for the reorders where the layout meets the model's other layers (the VAE's flatten ->
+# Linear -> view); 12x12 = 144 px is the floor.
 MIN_MEAN_CONV_AREA = 144
 
 
