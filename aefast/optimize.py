@@ -30,6 +30,11 @@ Python branches on ``self.training`` and would otherwise bake one mode in. The n
 graph of the current mode; when submodules' modes disagree with the model's (a frozen BatchNorm in
 eval mode inside a training model, say) in a way a graph relied on, it runs the original forward.
 
+Layout (``memory_format``, aefast/optimize_layout.py): where it pays, measured on CPU (oneDNN's
+convolutions at large spatial size), the model's interior runs in channels_last: its 4-D parameters
+are converted in place, each 4-D input once at entry, and the outputs come back contiguous. "auto"
+decides at the first call from the input's shape; "channels_last" and "preserve" force it.
+
 The model object is kept: only its ``forward`` is replaced by the rewritten graphs, which read the
 same submodules and parameters. So parameters are shared, not copied, state_dict keys and
 optimizer state keep working, and methods such as ``encode`` stay. ``model.aefast_rewrites`` lists

@@ -38,6 +38,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils import _pytree as pytree
 
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
@@ -183,7 +184,8 @@ class LayoutPass:
         self._publish(memory_format, reason)
 
     def decide(self, args, kwargs):
-        """Called by the optimized forward while ``pending`` (never under torch.compile's tracing)."""
+        """Called by the optimized forward while ``pending`` (never under torch.compile's or torch.fx's
+        tracing: shapes are not known there, and parameters must not change)."""
         self.pending = False  # the fake run calls the model again: it must take the plain path
         try:
             memory_format, reason = choose_memory_format(self.model, *args, forward=self.original_forward,
@@ -197,7 +199,7 @@ class LayoutPass:
 
     def __call__(self, forward, args, kwargs):
         """Run ``forward`` in the chosen layout."""
-        if self.pending and not torch.compiler.is_compiling():
+        if self.pending and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing():
             self.decide(args, kwargs)
         if not self.channels_last:
             return forward(*args, **kwargs)
