@@ -30,6 +30,11 @@ Python branches on ``self.training`` and would otherwise bake one mode in. The n
 graph of the current mode; when submodules' modes disagree with the model's (a frozen BatchNorm in
 eval mode inside a training model, say) in a way a graph relied on, it runs the original forward.
 
+Layout (``memory_format``, aefast/optimize_layout.py): where it pays, measured on CPU (oneDNN's
+convolutions at large spatial size), the model's interior runs in channels_last: its 4-D parameters
+are converted in place, each 4-D input once at entry, and the outputs come back contiguous. "auto"
+decides at the first call from the input's shape; "channels_last" and "preserve" force it.
+
 The model object is kept: only its ``forward`` is replaced by the rewritten graphs, which read the
 same submodules and parameters. So parameters are shared, not copied, state_dict keys and
 optimizer state keep working, and methods such as ``encode`` stay. ``model.aefast_rewrites`` lists
@@ -53,6 +58,7 @@ from torch import nn
 
 from aefast import functional as AF
 from aefast.nn.conv_bn_pool import conv_bn_pool_with
+from aefast.optimize_layout import MEMORY_FORMATS, LayoutPass
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
                        nn.GELU: "gelu", nn.SiLU: "silu"}
@@ -436,6 +442,14 @@ class _Rewriter:
                                        "groups 1, dilation 1 and a fixed output_padding")
             return
         bn_node, bn, batch_bn, act = self.conv_epilogue(conv_node)
+        if batch_bn is not None:
+            # Its BatchNorm2d normalises with batch statistics, so it and the activation stay in eager:
+            # conv_transpose_act2d would run the same oneDNN transposed conv and fuse nothing, at a
+            # custom op's extra cost per call (the conv VAE's training step, N128 16x16, lost ~5% to
+            # it). In eval mode the BatchNorm folds and the activation fuses, and the site is fused.
+            self.unfused[conv_node] = (f"nothing to fuse in this mode: {batch_bn.target} (BatchNorm2d) normalises "
+                                       "with batch statistics, so it and its activation stay in eager")
+            return
         last = bn_node if bn is not None else conv_node
         end = act[3] if act else last
         with self.graph.inserting_before(end):
@@ -527,8 +541,17 @@ def _trace_per_mode(model):
             m.training = modes[name]
 
 
-def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: bool = True) -> nn.Module:
+def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: bool = True,
+             memory_format: str = "auto") -> nn.Module:
     """Rewrite ``model`` onto aefast's fused ops in place and return it.
+
+    ``memory_format`` is the layout the model's interior runs in (aefast.optimize_layout):
+    "channels_last" converts its 4-D parameters in place and each 4-D input at entry, and returns
+    contiguous outputs; "preserve" leaves layouts alone; "auto" (the default) picks one of the two at
+    the first call by a measured rule (channels_last on CPU where the convolutions run at large
+    enough spatial size). The choice and its reason are in ``model.aefast_memory_format`` and
+    ``model.aefast_memory_format_reason``. Under torch.compile, an "auto" not yet decided keeps the
+    layout (call the model once in eager first, or pass the layout explicitly).
 
     ``batch_norm_training=True`` (the default) also fuses conv -> BatchNorm2d (batch statistics) -> act
     -> pool sites in training mode onto ``conv_bn_pool2d``; ``False`` leaves them to eager. Eval mode
@@ -541,6 +564,9 @@ def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: boo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"aefast.optimize expects an nn.Module, got {type(model).__name__}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"aefast.optimize: memory_format must be one of {', '.join(map(repr, MEMORY_FORMATS))}, "
+                         f"got {memory_format!r}")
     try:
         traced = _trace_per_mode(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure leaves the model as it was
@@ -548,6 +574,7 @@ def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: boo
         warnings.warn(f"aefast.optimize: torch.fx cannot trace {type(model).__name__} ({reason}); the model is "
                       "returned unchanged", stacklevel=2)
         model.aefast_rewrites, model.aefast_unfused = [], []
+        model.aefast_memory_format, model.aefast_memory_format_reason = "preserve", "model returned unchanged"
         return model
     rewriters = {}
     for training, graph_module in traced.items():
@@ -557,24 +584,31 @@ def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: boo
     model.aefast_rewrites = train.report + [f"(eval mode) {line}" for line in evaluate.report
                                             if line not in train.report]
     model.aefast_unfused = train.unfused_sites()
+    original = model.forward
+    layout = LayoutPass(model, memory_format, original, verbose)
     if train.report or evaluate.report:
         forwards = {training: types.MethodType(type(fx.GraphModule(model, r.graph)).forward, model)
                     for training, r in rewriters.items()}
-        original = model.forward
         # An eval graph that folded a BatchNorm is only right while that BatchNorm is in eval mode.
         folded = [model.get_submodule(name) for name in evaluate.folded_batch_norms]
 
-        def forward(self, *args, **kwargs):
-            if self.training:
+        def rewritten(*args, **kwargs):
+            if model.training:
                 return forwards[True](*args, **kwargs)
             if any(bn.training for bn in folded):
                 return original(*args, **kwargs)
             return forwards[False](*args, **kwargs)
+    else:
+        rewritten = original
 
-        model.forward = types.MethodType(forward, model)
+    def forward(self, *args, **kwargs):
+        return layout(rewritten, args, kwargs)
+
+    model.forward = types.MethodType(forward, model)
     if verbose:
         print(f"aefast.optimize: {type(model).__name__}: {len(model.aefast_rewrites)} rewrite(s), "
-              f"{len(model.aefast_unfused)} site(s) left unfused")
+              f"{len(model.aefast_unfused)} site(s) left unfused, memory format {model.aefast_memory_format} "
+              f"({model.aefast_memory_format_reason})")
         for line in model.aefast_rewrites:
             print(f"  {line}")
         for line in model.aefast_unfused:

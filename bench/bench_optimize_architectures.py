@@ -1,6 +1,8 @@
 """aefast.optimize on typical real architectures (bench/architectures.py: SegNet in two styles,
 U-Net, FCN-8s, a conv VAE, two tutorial conv AEs): one CPU training step (forward, loss, backward,
-SGD step) of the original model against the optimized copy, measured in one run, with the fraction
+SGD step) of the original model against the optimized copy (its layout pass on: memory_format="auto")
+and against the original converted to channels_last by hand (model and input: how much of the gain is
+the layout alone), measured in one run, with the fraction
 of pool, unpool and upsampler sites optimize() fused (issue 16, acceptance point 3: >= 1.5x each).
 
     python bench/bench_optimize_architectures.py [--quick] [--keep-memory-mapped] [--arch NAME] [--out DIR]
@@ -52,15 +54,22 @@ def bench_architecture(name, shape, rounds, repeats, device):
     x = torch.rand(shape, generator=gen).to(device)
     probe = A.outputs(copy.deepcopy(original).eval()(x))[0]
     labels = torch.randint(0, probe.shape[1], (probe.shape[0], *probe.shape[2:]), generator=gen).to(device)
+    # The original with the whole model and its input in channels_last, as a user could do by hand:
+    # it shows how much of aefast.optimize's figure is the layout (its own pass, memory_format="auto")
+    # and how much the fusion.
+    original_cl = copy.deepcopy(original).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     steps = {}
-    for variant, model in (("original (eager)", original), ("aefast.optimize", optimized)):
+    for variant, model, x_in in (("original (eager)", original, x),
+                                 ("original, channels_last (eager)", original_cl, x_cl),
+                                 ("aefast.optimize", optimized, x)):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-        def train_step(model=model, opt=opt):
+        def train_step(model=model, opt=opt, x_in=x_in):
             opt.zero_grad(set_to_none=True)
             with aefast.fused_losses():
-                loss = loss_of(name, model(x), x, labels)
+                loss = loss_of(name, model(x_in), x, labels)
             loss.backward()
             opt.step()
 
@@ -69,12 +78,15 @@ def bench_architecture(name, shape, rounds, repeats, device):
     for _ in range(rounds):
         for variant, train_step in steps.items():
             times[variant].append(H.median_time(train_step, device, warmup=1, repeats=repeats))
-    case = f"{name} N{shape[0]} {shape[2]}x{shape[3]} ({fused}/{total} sites fused)"
+    case = (f"{name} N{shape[0]} {shape[2]}x{shape[3]} ({fused}/{total} sites fused, "
+            f"{optimized.aefast_memory_format})")
     return [H.Row(case, variant, min(times[variant]), H.peak_memory_bytes(train_step, device),
                   extra={"round_medians_s": times[variant], "site_counts": counts,
                          "rewrites": getattr(optimized if variant == "aefast.optimize" else original,
                                              "aefast_rewrites", []),
-                         "unfused": optimized.aefast_unfused if variant == "aefast.optimize" else []})
+                         "unfused": optimized.aefast_unfused if variant == "aefast.optimize" else [],
+                         "memory_format": (f"{optimized.aefast_memory_format}: {optimized.aefast_memory_format_reason}"
+                                           if variant == "aefast.optimize" else None)})
             for variant, train_step in steps.items()], (fused, total)
 
 

@@ -476,3 +476,86 @@ def test_optimized_training_mode_batch_norm_model_compiles_fullgraph():
         torch.testing.assert_close(model.get_parameter(name).grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     for name, b in original.named_buffers():
         torch.testing.assert_close(model.get_buffer(name), b, msg=name)
+
+
+# ---------------------------------------------------------------- the layout pass (memory_format)
+
+def _tiny_conv_ae():
+    torch.manual_seed(0)
+    return SequentialAE()
+
+
+def test_memory_format_rejects_bad_values():
+    for bad in ("nhwc", "channels_first", None, torch.channels_last):
+        with pytest.raises(ValueError, match="memory_format must be one of 'auto', 'channels_last', 'preserve'"):
+            aefast.optimize(_tiny_conv_ae(), verbose=False, memory_format=bad)
+
+
+def test_channels_last_keeps_parameters_optimizer_and_state_dict():
+    """The 4-D parameters are converted in place: the same Parameter objects, so an optimizer built
+    before optimize() still steps them; the caller's input is untouched and the outputs are
+    contiguous; the state_dict loads into the original class and gives the same outputs."""
+    original = _tiny_conv_ae()
+    model = copy.deepcopy(original)
+    params_before = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    aefast.optimize(model, verbose=False, memory_format="channels_last")
+    assert model.aefast_memory_format == "channels_last" and model.aefast_memory_format_reason == "requested"
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params_before]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    x = torch.rand(3, 1, 12, 16)
+    x_before = x.clone()
+    out = model(x)
+    assert out.is_contiguous() and out.shape == original(x).shape
+    torch.testing.assert_close(out, original(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, x_before) and x.is_contiguous()
+    opt_ref = torch.optim.SGD(original.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for m, o in ((model, opt), (original, opt_ref)):
+            o.zero_grad()
+            F.mse_loss(m(x), x).backward()
+            o.step()
+    for (n, p), q in zip(original.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+    fresh = SequentialAE()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_preserve_leaves_layouts_alone():
+    model = aefast.optimize(_tiny_conv_ae(), verbose=False, memory_format="preserve")
+    assert model.aefast_memory_format == "preserve"
+    model(torch.rand(2, 1, 8, 8))
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_auto_decides_at_the_first_call_and_keeps_it(capsys):
+    from aefast.optimize_layout import MIN_MEAN_CONV_AREA, choose_memory_format
+
+    model = aefast.optimize(_tiny_conv_ae(), memory_format="auto")
+    assert model.aefast_memory_format == "auto"
+    assert "memory format auto (decided at the first call" in capsys.readouterr().out
+    big, small = torch.rand(2, 1, 48, 48), torch.rand(2, 1, 8, 8)
+    assert choose_memory_format(_tiny_conv_ae(), big)[0] == "channels_last"
+    decision, reason = choose_memory_format(_tiny_conv_ae(), small)
+    assert decision == "preserve" and f"< {MIN_MEAN_CONV_AREA} px" in reason
+    model(big)
+    assert model.aefast_memory_format == "channels_last"
+    assert f"memory format channels_last (4 conv call(s)" in capsys.readouterr().out
+    out = model(small)  # a later, smaller input does not flip the parameters' layout back
+    assert model.aefast_memory_format == "channels_last" and out.is_contiguous()
+    assert choose_memory_format(nn.Linear(3, 3), torch.rand(2, 3))[0] == "preserve"
+    assert choose_memory_format(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), torch.rand(1, 4, 64, 64)) == \
+        ("preserve", "grouped conv with > 1 input channel per group (0)")
+
+
+def test_auto_not_yet_decided_under_torch_compile_keeps_the_layout():
+    """torch.compile traces the optimized forward; an undecided "auto" cannot change parameters
+    there, so it keeps the layout (and decides at the first eager call)."""
+    torch._dynamo.reset()
+    original = _tiny_conv_ae()
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), original(x), rtol=1e-5, atol=1e-6)
+    assert model.aefast_memory_format == "auto"
+    assert all(p.is_contiguous() for p in model.parameters())

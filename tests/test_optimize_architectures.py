@@ -5,7 +5,10 @@ U-Net, FCN-8s, a conv VAE, two tutorial conv AEs), issue 16's acceptance point 2
 - torch.compile(fullgraph=True) of the optimized model runs and agrees (two architectures: slow on CPU);
 - the pool, unpool and upsampler sites it fuses, counted exactly per architecture and mode, so that
   any change shows. The acceptance target is >= 80% of all sites; with U-Net's two skip-read pools
-  the only sites left, it is met (test_overall_fused_fraction).
+  and the conv VAE's training-mode upsampler before a batch-statistics BatchNorm2d the only sites left,
+  it is met (test_overall_fused_fraction);
+- the layout pass (memory_format): equality in channels_last, preserve and auto; auto's decision at
+  the benchmark shapes; contiguous outputs.
 """
 import copy
 import sys
@@ -22,9 +25,10 @@ import architectures as A  # noqa: E402
 NAMES = list(A.ARCHITECTURES)
 
 
-def optimized_pair(name):
+def optimized_pair(name, memory_format="auto"):
     original = A.build(name)
-    return original, aefast.optimize(copy.deepcopy(original), verbose=False)  # training-mode BN fused by default
+    # training-mode BN fused by default
+    return original, aefast.optimize(copy.deepcopy(original), verbose=False, memory_format=memory_format)
 
 
 def step(model, x, training, output_weights):
@@ -48,9 +52,13 @@ def assert_close(actual, expected, what, scale=None):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "preserve"])
 @pytest.mark.parametrize("name", NAMES)
-def test_optimized_matches_original_in_train_and_eval(name):
-    original, optimized = optimized_pair(name)
+def test_optimized_matches_original_in_train_and_eval(name, memory_format):
+    """In every layout: "channels_last" forced (the layout auto picks for five of the seven at their
+    benchmark shapes, test_auto_memory_format_at_benchmark_shapes), "preserve", and what auto picks at
+    these small test shapes."""
+    original, optimized = optimized_pair(name, memory_format)
     shape = A.ARCHITECTURES[name][1]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -65,6 +73,10 @@ def test_optimized_matches_original_in_train_and_eval(name):
         outs, grads = step(optimized, x, training, weights)
         for i, (o, r) in enumerate(zip(outs, ref_outs)):
             assert_close(o, r, f"{name} {mode} output {i}")
+            assert o.is_contiguous(), f"{name} {mode} output {i}: not contiguous ({o.stride()})"
+        if optimized.aefast_memory_format == "channels_last":
+            assert all(p.is_contiguous(memory_format=torch.channels_last)
+                       for p in optimized.parameters() if p.dim() == 4), f"{name}: 4-D parameters not channels_last"
         assert ref_grads.keys() == grads.keys()
         assert all(g is not None for g in (*grads.values(), *ref_grads.values())), f"{name} {mode}: no gradient"
         scale = max(g.abs().max().item() for g in ref_grads.values())
@@ -78,12 +90,47 @@ def test_optimized_matches_original_in_train_and_eval(name):
                 assert torch.equal(b, ref_buffers[n]), f"{name} {mode} buffer {n}"
 
 
-@pytest.mark.parametrize("name", ["segnet_sequential", "tutorial_conv_ae"])
-def test_torch_compile_fullgraph_of_optimized(name):
+# The layout the "auto" rule picks at each architecture's benchmark shape (aefast.optimize_layout):
+# channels_last where the convolutions run at large spatial size, the layout kept for the conv VAE
+# (N128 16x16: its convs run at 4x4 and 8x8, where channels_last measured 0.85x of NCHW).
+EXPECTED_AUTO_MEMORY_FORMAT = {"segnet_functional": "channels_last", "segnet_sequential": "channels_last",
+                               "unet": "channels_last", "fcn8s": "channels_last", "conv_vae": "preserve",
+                               "tutorial_conv_ae": "channels_last", "indices_conv_ae": "channels_last"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_auto_memory_format_at_benchmark_shapes(name):
+    """The rule decides from shapes alone (a run on fake tensors), so the benchmark shapes cost nothing;
+    and the first call of an optimized model makes the same decision, publishes it and keeps it."""
+    from aefast.optimize_layout import choose_memory_format
+
+    model = A.build(name)
+    bench_input = torch.empty(A.ARCHITECTURES[name][2])
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    decision, reason = choose_memory_format(model, bench_input)
+    assert decision == EXPECTED_AUTO_MEMORY_FORMAT[name], reason
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers()), "the fake run moved a buffer"
+    optimized = aefast.optimize(model, verbose=False)
+    assert optimized.aefast_memory_format == "auto"
+    test_input = torch.rand(A.ARCHITECTURES[name][1])
+    expected = choose_memory_format(A.build(name), test_input)
+    optimized.eval()(test_input)
+    assert (optimized.aefast_memory_format, optimized.aefast_memory_format_reason) == expected
+
+
+@pytest.mark.parametrize("name, memory_format", [("segnet_sequential", "channels_last"),
+                                                 ("fcn8s", "channels_last"), ("tutorial_conv_ae", "auto")])
+def test_torch_compile_fullgraph_of_optimized(name, memory_format):
     """Inductor, the default backend, in training mode (then gradients and running statistics are
-    compared) and in eval mode; two architectures only, as each compilation takes a while on CPU."""
+    compared) and in eval mode; two architectures only, as each compilation takes a while on CPU.
+    SegNet and FCN-8s run in channels_last (forced: converted at optimize()); FCN-8s's ceil_mode pools
+    take conv_pool2d's general path, whose gradients come back channels_last (the fake functions must
+    say so); the tutorial AE runs with "auto" decided by an eager call before compiling."""
     torch._dynamo.reset()
-    original, optimized = optimized_pair(name)
+    original, optimized = optimized_pair(name, memory_format)
+    if memory_format == "auto":
+        optimized(torch.rand(A.ARCHITECTURES[name][1]))
+        original(torch.rand(A.ARCHITECTURES[name][1]))  # the same running-statistics update on both
     compiled = torch.compile(optimized, fullgraph=True)
     x = torch.randn(A.ARCHITECTURES[name][1], generator=torch.Generator().manual_seed(3))
     for training in (True, False):
@@ -111,9 +158,11 @@ def test_torch_compile_fullgraph_of_optimized(name):
 #     two stride-2 ConvTranspose2d upsamplers (feeding torch.cat) become conv_transpose_act2d;
 #   FCN-8s: its five ceil_mode=True pools fuse (conv_pool2d with ceil_mode); the three stride-2/8 ConvTranspose2d upsamplers (no
 #     bias, cropped after) become conv_transpose_act2d without activation;
-#   conv VAE: no pools; ConvTranspose2d -> BatchNorm2d -> LeakyReLU becomes conv_transpose_act2d
-#     (training: the BN and LeakyReLU stay in eager; eval: BN folded, LeakyReLU fused), and the last
-#     ConvTranspose2d -> Sigmoid is fused whole;
+#   conv VAE: no pools; ConvTranspose2d -> BatchNorm2d -> LeakyReLU becomes conv_transpose_act2d in
+#     eval mode (BN folded, LeakyReLU fused); in training mode the BN normalises with batch
+#     statistics, so it and the LeakyReLU stay in eager and nothing is left to fuse: the site stays
+#     eager too (conv_transpose_act2d without activation only added a custom op's cost: the VAE's
+#     step lost ~5%); the last ConvTranspose2d -> Sigmoid is fused whole;
 #   tutorial conv AE: both ConvTranspose2d -> ReLU / Sigmoid upsamplers fused whole.
 def _sites(pools, unpools, upsamplers):
     return {"max_pool2d": pools, "max_unpool2d": unpools, "upsampler": upsamplers}
@@ -124,7 +173,7 @@ EXPECTED_SITES = {  # name: {training: {kind: (fused, total)}}
     "segnet_sequential": {True: _sites((3, 3), (3, 3), (0, 0)), False: _sites((3, 3), (3, 3), (0, 0))},
     "unet": {True: _sites((0, 2), (0, 0), (2, 2)), False: _sites((0, 2), (0, 0), (2, 2))},
     "fcn8s": {True: _sites((5, 5), (0, 0), (3, 3)), False: _sites((5, 5), (0, 0), (3, 3))},
-    "conv_vae": {True: _sites((0, 0), (0, 0), (2, 2)), False: _sites((0, 0), (0, 0), (2, 2))},
+    "conv_vae": {True: _sites((0, 0), (0, 0), (1, 2)), False: _sites((0, 0), (0, 0), (2, 2))},
     "tutorial_conv_ae": {True: _sites((2, 2), (0, 0), (2, 2)), False: _sites((2, 2), (0, 0), (2, 2))},
     "indices_conv_ae": {True: _sites((2, 2), (2, 2), (0, 0)), False: _sites((2, 2), (2, 2), (0, 0))},
 }
@@ -168,6 +217,7 @@ def test_overall_fused_fraction():
     assert all(fused >= 0.8 * total for fused, total in totals.values())
 
 
-# training mode 32/34 = 94%, eval mode 32/34 = 94%: issue 16's 80% holds; the two left are U-Net's
-# pools whose input is also the skip connection.
-EXPECTED_OVERALL = {True: (32, 34), False: (32, 34)}
+# training mode 31/34 = 91%, eval mode 32/34 = 94%: issue 16's 80% holds; the sites left are U-Net's
+# two pools whose input is also the skip connection and, in training mode, the conv VAE's
+# ConvTranspose2d before a batch-statistics BatchNorm2d (nothing to fuse there).
+EXPECTED_OVERALL = {True: (31, 34), False: (32, 34)}

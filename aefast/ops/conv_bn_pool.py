@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from aefast.ops import _registry
-from aefast.ops.conv_pool import conv_output_size, pooled_size, resolve_pool_stride
+from aefast.ops.conv_pool import _memory_format, conv_output_size, pooled_size, resolve_pool_stride
 
 
 def _stat_dtype(dtype):
@@ -75,7 +75,10 @@ def _fake_backward(grad_pooled, window, conv_out, mean, var, input, weight, bn_w
     def grad(wanted, shape, like):
         if not wanted or like is None:
             return conv_out.new_empty((0,))
-        return like.new_empty(shape)
+        # The CPU kernels hand grad_input and grad_weight back in the layout of the input and the
+        # weight (channels_last ones in channels_last: aefast.optimize's layout pass), as torch does.
+        layout = _memory_format(like) if len(shape) == 4 else torch.contiguous_format
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
 
     c = conv_out.shape[3]
     return (grad(output_mask[0], input.shape, input), grad(output_mask[1], weight.shape, weight),

@@ -38,6 +38,14 @@ def _out_hw(input, weight, stride, padding, output_padding):
             for a in range(2)]
 
 
+def _layout(input, weight):
+    """The layout the CPU kernels keep (csrc/cpu/conv_transpose_act.cpp, conv_layout): channels_last
+    when the input or the weight is strictly channels_last, as oneDNN decides; else contiguous."""
+    def strictly_cl(t):
+        return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if strictly_cl(input) or strictly_cl(weight) else torch.contiguous_format
+
+
 def _zero_offsets(input):
     """Window offsets for 1x1 pool windows: all 0, as a stride-0 view of one byte."""
     return input.new_zeros((), dtype=torch.uint8).expand(input.shape)
@@ -45,20 +53,30 @@ def _zero_offsets(input):
 
 # ---------------------------------------------------------------- Triton twin
 
+def _cpu_layout(input, weight):
+    """The layout the op's outputs have (the fake functions say it): the CPU kernels' (_layout) on
+    CPU tensors, contiguous on CUDA."""
+    return _layout(input, weight) if input.device.type == "cpu" else torch.contiguous_format
+
+
 def _triton_forward(input, weight, bias, stride, padding, output_padding, activation, negative_slope):
     from aefast.triton import unpool_deconv as kernels
 
-    return kernels.forward(input, _zero_offsets(input), weight, bias, (1, 1), tuple(input.shape[-2:]), stride, padding,
-                           output_padding, activation, negative_slope)
+    layout = _cpu_layout(input, weight)
+    out, pre = kernels.forward(input.contiguous(), _zero_offsets(input), weight.contiguous(), bias, (1, 1),
+                               tuple(input.shape[-2:]), stride, padding, output_padding, activation, negative_slope)
+    return out.contiguous(memory_format=layout), pre.contiguous(memory_format=layout) if pre.dim() == 4 else pre
 
 
 def _triton_backward(grad_out, act_input, input, weight, stride, padding, output_padding, activation, negative_slope,
                      output_mask):
     from aefast.triton import unpool_deconv as kernels
 
-    return kernels.backward(grad_out, act_input, input, _zero_offsets(input), weight, (1, 1),
-                            tuple(input.shape[-2:]), stride, padding, output_padding, activation, negative_slope,
-                            output_mask)
+    layout = _cpu_layout(input, weight)
+    gi, gw, gb = kernels.backward(grad_out.contiguous(), act_input.contiguous(), input.contiguous(),
+                                  _zero_offsets(input), weight.contiguous(), (1, 1), tuple(input.shape[-2:]), stride,
+                                  padding, output_padding, activation, negative_slope, output_mask)
+    return gi.contiguous(memory_format=layout), gw.contiguous(memory_format=layout), gb
 
 
 _registry.register_triton(OP, _triton_forward)
@@ -69,15 +87,18 @@ _registry.register_triton(f"{OP}_backward", _triton_backward)
 
 def _fake_forward(input, weight, bias, stride, padding, output_padding, activation, negative_slope):
     h, w = _out_hw(input, weight, stride, padding, output_padding)
-    out = input.new_empty((input.shape[0], weight.shape[1], h, w))
-    pre = input.new_empty(out.shape) if activation in NEEDS_PREACTIVATION else input.new_empty((0,))
+    layout = _cpu_layout(input, weight)
+    out = torch.empty((input.shape[0], weight.shape[1], h, w), dtype=input.dtype, device=input.device,
+                      memory_format=layout)
+    pre = torch.empty_like(out) if activation in NEEDS_PREACTIVATION else input.new_empty((0,))
     return out, pre
 
 
 def _fake_backward(grad_out, act_input, input, weight, stride, padding, output_padding, activation, negative_slope,
                    output_mask):
-    return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[1],)))
+    layout = _cpu_layout(input, weight)
+    return (torch.empty_like(input, memory_format=layout),
+            torch.empty_like(weight, memory_format=layout), weight.new_empty((weight.shape[1],)))
 
 
 _registry.register_fake(OP, _fake_forward)
@@ -104,11 +125,13 @@ def _make_backward(ns):
         input, weight, act_input = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grads = None
+        layout = _cpu_layout(input, weight)
         if grad_out is not None:
-            grads = backward_op(grad_out.contiguous(), act_input, input, weight, *ctx.geometry, ctx.activation,
-                                ctx.negative_slope, need)
+            grads = backward_op(grad_out.contiguous(memory_format=layout), act_input, input, weight, *ctx.geometry,
+                                ctx.activation, ctx.negative_slope, need)
         if grad_pre is not None and grad_pre.numel():
-            extra = backward_op(grad_pre.contiguous(), grad_pre, input, weight, *ctx.geometry, None, 0.0, need)
+            extra = backward_op(grad_pre.contiguous(memory_format=layout), grad_pre, input, weight, *ctx.geometry,
+                                None, 0.0, need)
             grads = extra if grads is None else tuple(a + b for a, b in zip(grads, extra))
         if grads is None:
             return (None,) * 8

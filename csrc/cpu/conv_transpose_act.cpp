@@ -17,6 +17,8 @@
 //             gelu_backward / silu_backward instead, and oneDNN's backward sums grad_b.
 // grad_b[c] = sum over n of the plane sums in n order, and a plane sum runs in 16 fixed lanes: the
 // result depends on the shapes only, never on the number of threads.
+// channels_last (the input or the weight, as oneDNN decides): the layout is kept throughout; the
+// backward then takes ATen's activation gradients and oneDNN's grad_b (see conv_layout).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -44,6 +46,17 @@ struct CpuLoopExec {
     });
   }
 };
+
+// The layout oneDNN itself picks for a convolution (ATen's mkldnn_conv_use_channels_last): channels_last
+// when the input or the weight is strictly channels_last (a 1-channel tensor, both at once, does not
+// decide). The op keeps it end to end, forward and backward, so a model run in channels_last (aefast.optimize's
+// layout pass) pays no reorder here; the fake functions (aefast/ops/conv_transpose_act.py) say the same.
+at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) {
+  const auto strictly_cl = [](const at::Tensor& t) {
+    return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  };
+  return strictly_cl(input) || strictly_cl(weight) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
 
 int64_t plane_grain(int64_t plane) { return std::max<int64_t>(1, kEpilogueGrain / std::max<int64_t>(plane, 1)); }
 
@@ -102,9 +115,10 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
   const std::array<int64_t, 2> dilation{1, 1};
   const std::optional<at::Tensor> b =
       bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  at::Tensor y = at::convolution(input.contiguous(), weight.contiguous(), b, stride, padding, dilation,
-                                       /*transposed=*/true, output_padding, /*groups=*/1)
-                           .contiguous();
+  const at::MemoryFormat layout = conv_layout(input, weight);
+  at::Tensor y = at::convolution(input.contiguous(layout), weight.contiguous(layout), b, stride, padding, dilation,
+                                 /*transposed=*/true, output_padding, /*groups=*/1)
+                     .contiguous(layout);
   const at::Tensor empty = y.new_empty({0});
   switch (act) {
     case DecoderAct::None: return {y, empty};
@@ -124,6 +138,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
     std::optional<c10::string_view> activation, double negative_slope, std::array<bool, 3> output_mask) {
   check_same_device("conv_transpose_act2d_backward", {&grad_out, &act_input, &input, &weight});
   const DecoderAct act = conv_transpose_act_parse(activation);
+  const at::MemoryFormat layout = conv_layout(input, weight);
+  if (layout == at::MemoryFormat::ChannelsLast) {
+    // channels_last: gpre from ATen's vectorised activation gradients, which keep the layout (the
+    // plane pass below needs NCHW planes), and grad_b from oneDNN's backward with the others.
+    conv_transpose_act_check(input, weight, std::nullopt, stride, padding, output_padding);
+    TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == input.size(0) && grad_out.size(1) == weight.size(1) &&
+                    (act == DecoderAct::None || act_input.sizes() == grad_out.sizes()),
+                "aefast::conv_transpose_act2d_backward: grad_out and act_input must match the forward's output");
+    const at::Tensor g = grad_out.contiguous(layout);
+    at::Tensor gpre;
+    switch (act) {
+      case DecoderAct::None: gpre = g; break;
+      case DecoderAct::Relu: gpre = at::threshold_backward(g, act_input, 0); break;
+      case DecoderAct::LeakyRelu: gpre = at::leaky_relu_backward(g, act_input, negative_slope, false); break;
+      case DecoderAct::Sigmoid: gpre = at::sigmoid_backward(g, act_input); break;
+      case DecoderAct::Tanh: gpre = at::tanh_backward(g, act_input); break;
+      case DecoderAct::Gelu: gpre = at::gelu_backward(g, act_input); break;
+      case DecoderAct::Silu: gpre = at::silu_backward(g, act_input); break;
+    }
+    const std::array<int64_t, 2> dilation{1, 1};
+    const std::array<int64_t, 1> bias_sizes{weight.size(1)};
+    auto [gi, gw, gb] = at::convolution_backward(gpre.contiguous(layout), input.contiguous(layout),
+                                                 weight.contiguous(layout), bias_sizes, stride, padding, dilation,
+                                                 /*transposed=*/true, output_padding, /*groups=*/1, output_mask);
+    gi = gi.defined() ? gi.contiguous(layout) : at::zeros_like(input, layout);
+    gw = gw.defined() ? gw.contiguous(layout) : at::zeros_like(weight, layout);
+    gb = gb.defined() ? gb : at::zeros({weight.size(1)}, weight.options());
+    return {gi, gw, gb};
+  }
   if (act == DecoderAct::None || act == DecoderAct::Gelu || act == DecoderAct::Silu) {
     // No pass of ours (none) or ATen's vectorised one (gelu, silu); the vendor's backward sums grad_b.
     const at::Tensor gpre = act == DecoderAct::None ? grad_out
