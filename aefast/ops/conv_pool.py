@@ -141,12 +141,16 @@ def _fake_forward(input, weight, bias, stride, padding, activation, negative_slo
                   corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0), ceil_mode=False):
     conv_hw = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
     shape = (input.shape[0], weight.shape[0], *pooled_size(conv_hw, pool_size, pool_stride, ceil_mode))
-    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(shape))
+    fmt = _cpu_layout(input, input, weight)
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt),
+            torch.empty(shape, dtype=torch.uint8, device=input.device, memory_format=fmt),
+            torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt))
 
 
 def _fake_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
                          pool_size, pool_stride=(0, 0), ceil_mode=False):
-    return grad.new_empty((grad.shape[0], weight.shape[1], *input_size))
+    return torch.empty((grad.shape[0], weight.shape[1], *input_size), dtype=grad.dtype, device=grad.device,
+                       memory_format=_cpu_layout(grad, grad, weight))
 
 
 def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
@@ -158,8 +162,19 @@ def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padd
 def _fake_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size,
                    corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0),
                    ceil_mode=False):
-    return (grad.new_empty((grad.shape[0], weight.shape[1], *input.shape[-2:])),
+    return (torch.empty((grad.shape[0], weight.shape[1], *input.shape[-2:]), dtype=grad.dtype, device=grad.device,
+                        memory_format=_cpu_layout(grad, grad, input, weight)),
             grad.new_empty((grad.shape[1], input.shape[1], *weight.shape[-2:])), grad.new_empty((grad.shape[1],)))
+
+
+def _cpu_layout(device_of, *tensors):
+    """The layout of the CPU kernels' activation-sized outputs (csrc/cpu/conv_pool.cpp,
+    outputs_channels_last): channels_last when any of ``tensors`` is, as eager's conv2d;
+    contiguous on the other devices."""
+    if device_of.device.type != "cpu":
+        return torch.contiguous_format
+    return torch.channels_last if any(_memory_format(t) == torch.channels_last for t in tensors) \
+        else torch.contiguous_format
 
 
 def _memory_format(t):
