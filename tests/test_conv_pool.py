@@ -862,3 +862,29 @@ def test_cpu_channels_last_fake_strides_match():
     real = ops.conv_pool2d_forward(xc, w, b, [1, 1], [1, 1], 5, 0.01, [2, 2])
     for f_, r_ in zip(fake, real):
         assert f_.stride() == r_.stride()
+
+
+# The epilogue writes NCHW outputs by in-register transposes (conv_pool_kernels.inc,
+# store_transposed); AEFAST_ENCODER_STORES=scalar keeps the former element-by-element stores for
+# A/B timing. Both store the same values: the outputs must agree bit for bit.
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", [
+    (3, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),        # direct, 14x14 planes
+    (2, 32, 64, 14, 14, 3, 1, 1, 2, "relu", torch.float32),       # Winograd, 7x7 planes
+    (1, 5, 28, 11, 10, 3, 1, 1, 2, "leaky_relu", torch.float64),  # fp64, odd plane 5x5
+    (2, 3, 17, 13, 12, 3, 1, 1, 2, "gelu", torch.bfloat16),       # half type: the loops epilogue
+], ids=["direct", "winograd", "fp64", "bf16"])
+def test_cpu_epilogue_store_forms_agree(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cout)
+    args = (x.detach(), wt.detach(), b.detach(), [s, s], [p, p], ACTIVATION_CODES[act], 0.01, [pool, pool])
+    got = {}
+    for form in ("scalar", "transposed"):
+        monkeypatch.setenv("AEFAST_ENCODER_STORES", form)
+        got[form] = torch.ops.aefast.conv_pool2d_forward(*args)
+    for a, c in zip(got["scalar"], got["transposed"]):
+        assert torch.equal(a, c)
+    monkeypatch.setenv("AEFAST_ENCODER_STORES", "strided")
+    with pytest.raises(RuntimeError, match="AEFAST_ENCODER_STORES"):
+        torch.ops.aefast.conv_pool2d_forward(*args)

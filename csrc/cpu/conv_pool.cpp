@@ -395,6 +395,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                        weight.size(2), weight.size(3), stride, padding, pool_size);
   s.out_cl = outputs_channels_last(input, weight);
+  // AEFAST_ENCODER_STORES=scalar (read per call): the epilogue's NCHW stores element by element,
+  // as before the transposed stores, for A/B timing only.
+  if (const char* env = std::getenv("AEFAST_ENCODER_STORES"); env != nullptr && *env != '\0') {
+    TORCH_CHECK(std::string(env) == "scalar" || std::string(env) == "transposed",
+                "AEFAST_ENCODER_STORES must be 'scalar' or 'transposed', got '", env, "'");
+    s.scalar_stores = std::string(env) == "scalar";
+  }
   const auto fmt = s.out_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor pooled = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options(), fmt);
   at::Tensor window = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte), fmt);

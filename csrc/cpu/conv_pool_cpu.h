@@ -21,6 +21,7 @@ struct Shape {
   int64_t HC, WC;  // conv output
   int64_t HO, WO;  // pooled output
   bool out_cl = false;  // the forward's outputs are channels-last (outputs_channels_last in conv_pool.cpp)
+  bool scalar_stores = false;  // AEFAST_ENCODER_STORES=scalar: NCHW outputs stored element by element (A/B)
   int64_t K() const { return Cin * KH * KW; }
   int64_t WU() const { return WO * PKW; }  // conv columns that feed a window
 };
