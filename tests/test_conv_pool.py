@@ -426,6 +426,11 @@ ISA_CASES = [
     (2, 16, 4, 14, 14, 3, 1, 1, 2, "relu", torch.float32),        # Winograd forward (K = 144)
     (1, 5, 28, 11, 10, 3, 1, 1, 2, "leaky_relu", torch.float32),  # direct, 3 column tails
     (1, 9, 12, 10, 9, 3, 1, 1, 2, "relu", torch.float64),         # fp64 Winograd off, direct: 8 + 4
+    (2, 16, 8, 14, 14, 3, 1, 1, 2, "relu", torch.float32),        # Winograd, Cout a half vector
+    # im2col: no interior column (every kernel row clipped), and a 2-wide image under padding 2
+    (1, 1, 3, 6, 1, (3, 5), 1, (1, 3), 2, None, torch.float32),
+    (1, 1, 5, 4, 2, 3, 1, 2, 2, "relu", torch.float32),
+    (1, 3, 6, 9, 11, 3, 2, 2, 2, "relu", torch.float32),          # run of 9, stride 2, padding 2
 ]
 HALF_GRAD_TOL = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
