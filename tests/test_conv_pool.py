@@ -420,6 +420,17 @@ ISA_CASES = [
     (1, 3, 8, 48, 47, 3, 1, 1, 2, "relu", torch.float32),         # direct forward, 24x23 pooled
     (1, 8, 6, 47, 48, 3, 1, 1, 2, "gelu", torch.float32),         # oneDNN forward (K = 72), 23x24 pooled
     (1, 2, 5, 34, 35, 3, 1, 1, 2, "relu", torch.float64),         # fp64, 17x17 pooled
+    # Cout below / between the GEMM's 2-vector column blocks: the 1-, 1/2- and 1/4-vector column
+    # tails (tutorial_conv_ae's 1->16 and 16->4 blocks; 28 = 16 + 8 + 4 under AVX-512)
+    (2, 1, 16, 28, 28, 3, 1, 1, 2, "relu", torch.float32),        # direct forward
+    (2, 16, 4, 14, 14, 3, 1, 1, 2, "relu", torch.float32),        # Winograd forward (K = 144)
+    (1, 5, 28, 11, 10, 3, 1, 1, 2, "leaky_relu", torch.float32),  # direct, 3 column tails
+    (1, 9, 12, 10, 9, 3, 1, 1, 2, "relu", torch.float64),         # fp64 Winograd off, direct: 8 + 4
+    (2, 16, 8, 14, 14, 3, 1, 1, 2, "relu", torch.float32),        # Winograd, Cout a half vector
+    # im2col: no interior column (every kernel row clipped), and a 2-wide image under padding 2
+    (1, 1, 3, 6, 1, (3, 5), 1, (1, 3), 2, None, torch.float32),
+    (1, 1, 5, 4, 2, 3, 1, 2, 2, "relu", torch.float32),
+    (1, 3, 6, 9, 11, 3, 2, 2, 2, "relu", torch.float32),          # run of 9, stride 2, padding 2
 ]
 HALF_GRAD_TOL = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
@@ -772,3 +783,113 @@ def test_triton_max_pool2d_backward_overlapping_windows(deterministic):
     torch.testing.assert_close(runs[0], want, rtol=1e-6, atol=1e-6)
     if deterministic:
         assert torch.equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------ channels_last layout (cpu)
+#
+# A channels_last input (or weight) gives channels_last outputs, as eager's conv2d does, and the
+# input gradient follows; channels_last pooled gradients are read as they are. The kernels do
+# the same arithmetic in the same order in both layouts, so every output must equal the NCHW
+# run's bit for bit, on every forward path, and the fake functions must give the same strides.
+LAYOUT_CASES = [  # n, cin, cout, h, w, kernel, stride, padding, pool, pool_stride, act, dtype
+    (2, 1, 16, 28, 28, 3, 1, 1, 2, 0, "relu", torch.float32),       # direct (K = 9)
+    (2, 16, 20, 14, 13, 3, 1, 1, 2, 0, "relu", torch.float32),      # Winograd
+    (2, 8, 9, 12, 11, 3, 2, 1, 2, 0, "leaky_relu", torch.float32),  # stride 2: oneDNN
+    (1, 3, 17, 13, 12, 3, 1, 1, 2, 0, "gelu", torch.bfloat16),      # direct, half type
+    (1, 4, 6, 11, 10, 3, 1, 1, 3, 2, "relu", torch.float32),        # overlapping pool: general path
+]
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=["direct", "winograd", "onednn", "bf16", "general"])
+def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, pool_stride, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    ops = torch.ops.aefast
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin + cout)
+    x, wt, b = x.detach(), wt.detach(), b.detach()
+    code = ACTIVATION_CODES[act]
+    geo = ([s, s], [p, p], code, 0.01, [pool, pool])
+    tail = dict(pool_stride=[pool_stride, pool_stride])
+    ref = ops.conv_pool2d_forward(x, wt, b, *geo, **tail)
+    cl = torch.channels_last
+
+    def same(got, want):
+        if pool_stride == 0:  # aefast's tiling kernels: the same sums in either layout
+            assert torch.equal(got, want)
+        else:  # the general path's conv is oneDNN's, whose summation order follows the layout
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+
+    for xin, win in ((x.contiguous(memory_format=cl), wt), (x, wt.contiguous(memory_format=cl))):
+        if cin == 1 and win is wt:
+            continue  # a 1-channel input is both layouts at once: it says nothing
+        got = ops.conv_pool2d_forward(xin, win, b, *geo, **tail)
+        for g_, r_ in zip(got, ref):
+            assert g_.is_contiguous(memory_format=cl) and (cout == 1 or not g_.is_contiguous())
+            same(g_, r_)
+    # Backward from channels_last pooled tensors (as the forward above returns them) and from
+    # NCHW ones: the same gradients, the input gradient channels_last.
+    pooled, window, preact = ref
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    bgeo = ([s, s], [p, p], code, 0.01, [pool, pool])
+    want = ops.conv_pool2d_backward(grad, window, preact, x, wt, *bgeo, **tail)
+    as_cl = [t.contiguous(memory_format=cl) for t in (grad, window, preact)]
+    got = ops.conv_pool2d_backward(*as_cl, x.contiguous(memory_format=cl), wt, *bgeo, **tail)
+    assert got[0].is_contiguous(memory_format=cl) and (cin == 1 or not got[0].is_contiguous())
+    for g_, r_ in zip(got, want):
+        same(g_, r_)
+    gx = ops.conv_pool2d_backward_input(*as_cl, wt, [h, w], *bgeo, **tail)
+    assert gx.is_contiguous(memory_format=cl)
+    same(gx, want[0])
+    gw, gb = ops.conv_pool2d_backward_weight(*as_cl, x, [k, k], *bgeo, **tail)
+    same(gw, want[1])
+    same(gb, want[2])
+
+
+def test_cpu_channels_last_fake_strides_match():
+    """The fake functions give the CPU kernels' layout, so torch.compile's stride asserts hold."""
+    ops = torch.ops.aefast
+    x, w, b, grad, window, preact = _op_args()
+    cl = torch.channels_last
+    xc = x.detach().contiguous(memory_format=cl)
+    torch.library.opcheck(ops.conv_pool2d_forward.default, (xc, w, b, [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    gc, wc, pc = (t.contiguous(memory_format=cl) for t in (grad, window, preact))
+    torch.library.opcheck(ops.conv_pool2d_backward_input.default,
+                          (gc, wc, pc, w.detach(), [9, 8], [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    torch.library.opcheck(ops.conv_pool2d_backward.default,
+                          (gc, wc, pc, xc, w.detach(), [1, 1], [1, 1], 5, 0.01, [2, 2]))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    w, b = w.detach(), b.detach()
+    mode = FakeTensorMode()
+    fx, fw, fb = mode.from_tensor(xc), mode.from_tensor(w), mode.from_tensor(b)
+    with mode:
+        fake = ops.conv_pool2d_forward(fx, fw, fb, [1, 1], [1, 1], 5, 0.01, [2, 2])
+    real = ops.conv_pool2d_forward(xc, w, b, [1, 1], [1, 1], 5, 0.01, [2, 2])
+    for f_, r_ in zip(fake, real):
+        assert f_.stride() == r_.stride()
+
+
+# The epilogue writes NCHW outputs by in-register transposes (conv_pool_kernels.inc,
+# store_transposed); AEFAST_ENCODER_STORES=scalar keeps the former element-by-element stores for
+# A/B timing. Both store the same values: the outputs must agree bit for bit.
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", [
+    (3, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),        # direct, 14x14 planes
+    (2, 32, 64, 14, 14, 3, 1, 1, 2, "relu", torch.float32),       # Winograd, 7x7 planes
+    (1, 5, 28, 11, 10, 3, 1, 1, 2, "leaky_relu", torch.float64),  # fp64, odd plane 5x5
+    (2, 3, 17, 13, 12, 3, 1, 1, 2, "gelu", torch.bfloat16),       # half type: the loops epilogue
+], ids=["direct", "winograd", "fp64", "bf16"])
+def test_cpu_epilogue_store_forms_agree(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cout)
+    args = (x.detach(), wt.detach(), b.detach(), [s, s], [p, p], ACTIVATION_CODES[act], 0.01, [pool, pool])
+    got = {}
+    for form in ("scalar", "transposed"):
+        monkeypatch.setenv("AEFAST_ENCODER_STORES", form)
+        got[form] = torch.ops.aefast.conv_pool2d_forward(*args)
+    for a, c in zip(got["scalar"], got["transposed"]):
+        assert torch.equal(a, c)
+    monkeypatch.setenv("AEFAST_ENCODER_STORES", "strided")
+    with pytest.raises(RuntimeError, match="AEFAST_ENCODER_STORES"):
+        torch.ops.aefast.conv_pool2d_forward(*args)

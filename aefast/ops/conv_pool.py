@@ -141,48 +141,40 @@ def _fake_forward(input, weight, bias, stride, padding, activation, negative_slo
                   corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0), ceil_mode=False):
     conv_hw = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding)
     shape = (input.shape[0], weight.shape[0], *pooled_size(conv_hw, pool_size, pool_stride, ceil_mode))
-    return (input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8), input.new_empty(shape))
-
-
-def _backward_layout(conv_hw, pool_size, pool_stride, ceil_mode, *operands):
-    """The layout of the CPU backward's grad_input and grad_weight. The tiling kernels
-    (csrc/cpu/conv_pool.cpp) write NCHW. Every other pool (conv_pool_general.cpp) takes both from
-    oneDNN's convolution backward, which answers channels_last when an operand it is given (the
-    input, the weight) is strictly channels_last, as in a model run in channels_last
-    (aefast.optimize's layout pass). Must follow those files."""
-    if is_tiling_pool(conv_hw, pool_size, pool_stride, ceil_mode):
-        return torch.contiguous_format
-    strictly_cl = any(t.dim() == 4 and t.device.type == "cpu" and not t.is_contiguous()
-                      and t.is_contiguous(memory_format=torch.channels_last) for t in operands)
-    return torch.channels_last if strictly_cl else torch.contiguous_format
+    fmt = _cpu_layout(input, input, weight)
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt),
+            torch.empty(shape, dtype=torch.uint8, device=input.device, memory_format=fmt),
+            torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt))
 
 
 def _fake_backward_input(grad, window, preact, weight, input_size, stride, padding, activation, negative_slope,
                          pool_size, pool_stride=(0, 0), ceil_mode=False):
-    layout = _backward_layout(conv_output_size(input_size, weight.shape[-2:], stride, padding), pool_size,
-                              pool_stride, ceil_mode, weight)
     return torch.empty((grad.shape[0], weight.shape[1], *input_size), dtype=grad.dtype, device=grad.device,
-                       memory_format=layout)
+                       memory_format=_cpu_layout(grad, grad, weight))
 
 
 def _fake_backward_weight(grad, window, preact, input, kernel_size, stride, padding, activation, negative_slope,
                           pool_size, corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0,
                           pool_stride=(0, 0), ceil_mode=False):
-    layout = _backward_layout(conv_output_size(input.shape[-2:], kernel_size, stride, padding), pool_size,
-                              pool_stride, ceil_mode, input)
-    return (torch.empty((grad.shape[1], input.shape[1], *kernel_size), dtype=grad.dtype, device=grad.device,
-                        memory_format=layout), grad.new_empty((grad.shape[1],)))
+    return (grad.new_empty((grad.shape[1], input.shape[1], *kernel_size)), grad.new_empty((grad.shape[1],)))
 
 
 def _fake_backward(grad, window, preact, input, weight, stride, padding, activation, negative_slope, pool_size,
                    corruption="none", corruption_level=0.0, seed=0, low=0.0, high=1.0, pool_stride=(0, 0),
                    ceil_mode=False):
-    layout = _backward_layout(conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding), pool_size,
-                              pool_stride, ceil_mode, input, weight)
     return (torch.empty((grad.shape[0], weight.shape[1], *input.shape[-2:]), dtype=grad.dtype, device=grad.device,
-                        memory_format=layout),
-            torch.empty((grad.shape[1], input.shape[1], *weight.shape[-2:]), dtype=grad.dtype, device=grad.device,
-                        memory_format=layout), grad.new_empty((grad.shape[1],)))
+                        memory_format=_cpu_layout(grad, grad, input, weight)),
+            grad.new_empty((grad.shape[1], input.shape[1], *weight.shape[-2:])), grad.new_empty((grad.shape[1],)))
+
+
+def _cpu_layout(device_of, *tensors):
+    """The layout of the CPU kernels' activation-sized outputs (csrc/cpu/conv_pool.cpp,
+    outputs_channels_last): channels_last when any of ``tensors`` is, as eager's conv2d;
+    contiguous on the other devices."""
+    if device_of.device.type != "cpu":
+        return torch.contiguous_format
+    return torch.channels_last if any(_memory_format(t) == torch.channels_last for t in tensors) \
+        else torch.contiguous_format
 
 
 def _memory_format(t):

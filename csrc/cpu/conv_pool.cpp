@@ -15,7 +15,7 @@
 // field is one contiguous run of KW*Cin values.
 //
 // Forward. A 3x3, stride-1 conv under a 2x2 pool with K >= 64 (not fp64): Winograd F(2x2, 3x3)
-// strip by strip, its 2x2 output tiles being the pool windows (conv_pool2d_forward_winograd).
+// strip by strip, its 2x2 output tiles being the pool windows (conv_pool_winograd.cpp).
 // Other K >= 64 (and not fp64): oneDNN's conv (at::convolution, channels-last) and the fused
 // epilogue over its output. K < 64: every strip of pooled rows is a GEMM colsT (positions, K) @
 // w^T (K, Cout), by the register-blocked kernel in conv_pool_kernels.inc (at::mm called from inside
@@ -60,10 +60,20 @@
 #include "aefast/corruption.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
+#include "conv_pool_cpu.h"
 #include "conv_pool_general.h"
 
 namespace aefast {
 namespace {
+
+using encoder_cpu::EpilogueFn;
+using encoder_cpu::Gemm;
+using encoder_cpu::InputCorruption;
+using encoder_cpu::Shape;
+using encoder_cpu::load_input_rows;
+using encoder_cpu::noise_index;
+using encoder_cpu::encoder_uses_winograd;
+using encoder_cpu::conv_pool2d_forward_winograd;
 
 // The pool of a call: pool_size windows, pool_stride apart (0: = pool_size), ceil_mode.
 PoolWindows pool_windows(c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode) {
@@ -82,14 +92,6 @@ bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t
   const int64_t hc = (H + 2 * padding[0] - KH) / stride[0] + 1, wc = (W + 2 * padding[1] - KW) / stride[1] + 1;
   return pool_is_tiling(hc, wc, p.kh, p.kw, p.sh, p.sw, p.ceil_mode);
 }
-
-struct Shape {
-  int64_t N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, PKH, PKW;
-  int64_t HC, WC;  // conv output
-  int64_t HO, WO;  // pooled output
-  int64_t K() const { return Cin * KH * KW; }
-  int64_t WU() const { return WO * PKW; }  // conv columns that feed a window
-};
 
 Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t KH, int64_t KW,
                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef pool) {
@@ -136,70 +138,11 @@ constexpr int kVecBytes = 64;
 }  // namespace avx512
 #pragma GCC pop_options
 
-// ---- corruption in the input load (corruption=...; aefast/corruption.h)
-// The conv reads corrupt(x) instead of x: every input element is corrupted where it is loaded
-// (the strip copy of the direct path, the batch chunks of the oneDNN path, the padded image of
-// backward_weight), with the same function and element index as aefast::corrupt, so the result
-// equals corrupt-then-conv_pool2d and no corrupted copy of the input exists. Padding stays 0.
-struct InputCorruption {
-  int kind = kNoCorruption;
-  int64_t seed = 0;
-  double level = 0.0, low = 0.0, high = 1.0;
-  bool active() const { return kind != kNoCorruption; }
-  template <typename scalar_t, typename acc_t>
-  ElementCorruption<scalar_t, acc_t> at_element() const {
-    return active() ? ElementCorruption<scalar_t, acc_t>(kind, seed, level, low, high)
-                    : ElementCorruption<scalar_t, acc_t>();
-  }
-};
-
 InputCorruption parse_input_corruption(c10::string_view kind, double level, int64_t seed, double low, double high) {
   const int code = corruption_kind_code(std::string_view(kind.data(), kind.size()));
   TORCH_CHECK(code != -2, "aefast::conv_pool2d: unknown corruption '", std::string(kind.data(), kind.size()),
               "' (none, gaussian, masking, salt_pepper)");
   return InputCorruption{code, seed, level, low, high};
-}
-
-// The logical (N, C, H, W) flat index of x[n, c, y, x]: the element counter of the noise.
-inline uint64_t noise_index(const Shape& s, int64_t n, int64_t c, int64_t y, int64_t x) {
-  return static_cast<uint64_t>(((n * s.Cin + c) * s.H + y) * s.W + x);
-}
-
-// THE load of the encoder's input: rows [y0, y1) of image n of x (any strides), channels-last
-// into dst of type D (widening half types):
-//   dst[(y - y0)*ld + xx*Cin + ci] = x[n, ci, y, xx]   for y0 <= y < y1, 0 <= xx < W.
-// Every read of input pixels by the direct forward and by backward_weight goes through this one
-// function, so that a transform applied while loading (e.g. corruption generated per element
-// index) wraps it alone. (The oneDNN forward path, K >= 64, hands the tensor to at::convolution.)
-template <typename scalar_t, typename D>
-void load_input_rows(const scalar_t* x, const int64_t* xs, const Shape& s, int64_t n, int64_t y0, int64_t y1, D* dst,
-                     int64_t ld, const ElementCorruption<scalar_t, at::opmath_type<scalar_t>>& noise) {
-  const scalar_t* xn = x + n * xs[0];
-  if (noise.active()) {  // corrupt(x) element by element, keyed by the element's logical NCHW index
-    for (int64_t ci = 0; ci < s.Cin; ++ci)
-      for (int64_t y = y0; y < y1; ++y) {
-        const scalar_t* src = xn + ci * xs[1] + y * xs[2];
-        D* d = dst + (y - y0) * ld + ci;
-        const uint64_t base = noise_index(s, n, ci, y, 0);
-        for (int64_t xx = 0; xx < s.W; ++xx)
-          d[xx * s.Cin] = static_cast<D>(noise(src[xx * xs[3]], base + static_cast<uint64_t>(xx)));
-      }
-    return;
-  }
-  if (xs[1] == 1 && xs[3] == s.Cin) {  // channels-last rows: contiguous runs of W*Cin
-    for (int64_t y = y0; y < y1; ++y) {
-      const scalar_t* src = xn + y * xs[2];
-      D* d = dst + (y - y0) * ld;
-      for (int64_t e = 0; e < s.W * s.Cin; ++e) d[e] = static_cast<D>(src[e]);
-    }
-  } else {  // e.g. NCHW: read each channel row contiguously, write with stride Cin
-    for (int64_t ci = 0; ci < s.Cin; ++ci)
-      for (int64_t y = y0; y < y1; ++y) {
-        const scalar_t* src = xn + ci * xs[1] + y * xs[2];
-        D* d = dst + (y - y0) * ld + ci;
-        for (int64_t xx = 0; xx < s.W; ++xx) d[xx * s.Cin] = static_cast<D>(src[xx * xs[3]]);
-      }
-  }
 }
 
 // The kernels read the input channels-last: the Cin values of one pixel are contiguous, so one
@@ -211,27 +154,69 @@ void load_input_rows(const scalar_t* x, const int64_t* xs, const Shape& s, int64
 // (the whole image, or just the rows a strip reads).
 // (no-tree-loop-distribute-patterns: with small Cin the runs are a few values, for which a
 // memset/memcpy call per run cost more than the copy: ~30% of the 1->32 forward.)
+//
+// Per (conv row, kernel row) the columns split into the interior, whose whole kernel row lies in
+// the image (x0 = c*SW - PW in [0, W - KW]: one unclipped run), and the few clipped edge
+// columns. The interior copies its runs with no bounds arithmetic, and with the run length a
+// compile-time constant for the common first layers (KW*Cin = 3: 1 channel, 9: 3 channels), so
+// the copy is a few moves per position (per position and kernel row, the clipping arithmetic
+// and three fills cost several times the 3-value copy in the 1->32 forward).
+template <int64_t RUN, typename scalar_t, typename acc_t>
+inline void copy_runs(const scalar_t* __restrict src, int64_t src_step, int64_t count, int64_t run, acc_t* __restrict dst,
+                      int64_t dst_step) {
+  for (int64_t c = 0; c < count; ++c) {
+    const scalar_t* __restrict sp = src + c * src_step;
+    acc_t* __restrict dp = dst + c * dst_step;
+    if constexpr (RUN > 0) {
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < RUN; ++e) dp[e] = static_cast<acc_t>(sp[e]);
+    } else {
+      for (int64_t e = 0; e < run; ++e) dp[e] = static_cast<acc_t>(sp[e]);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __attribute__((optimize("no-tree-loop-distribute-patterns"))) void im2col_strip(const scalar_t* xl, int64_t y_base, const Shape& s, int64_t r0, int64_t r1, acc_t* colsT) {
   const int64_t K = s.K(), WU = s.WU(), run = s.KW * s.Cin;
+  // Interior columns [c_lo, c_hi): c*SW >= PW and c*SW - PW + KW <= W.
+  const int64_t c_lo = std::min<int64_t>(WU, (s.PW + s.SW - 1) / s.SW);
+  const int64_t last = s.W - s.KW + s.PW;  // the largest c*SW of an interior column
+  const int64_t c_hi = last < 0 ? c_lo : std::clamp<int64_t>(last / s.SW + 1, c_lo, WU);
+  // One clipped column c of kernel row ki (input row y inside the image).
+  auto edge = [&](const scalar_t* src_row, acc_t* dst, int64_t c) {
+    const int64_t x0 = c * s.SW - s.PW;
+    const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
+    if (kj1 <= kj0) {
+      std::fill(dst, dst + run, acc_t(0));
+      return;
+    }
+    std::fill(dst, dst + kj0 * s.Cin, acc_t(0));
+    const scalar_t* src = src_row + (x0 + kj0) * s.Cin;
+    const int64_t len = (kj1 - kj0) * s.Cin;
+    for (int64_t e = 0; e < len; ++e) dst[kj0 * s.Cin + e] = static_cast<acc_t>(src[e]);
+    std::fill(dst + kj1 * s.Cin, dst + run, acc_t(0));
+  };
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t c = 0; c < WU; ++c) {
-      acc_t* row = colsT + ((r - r0) * WU + c) * K;
-      const int64_t x0 = c * s.SW - s.PW;
-      const int64_t kj0 = std::max<int64_t>(0, -x0), kj1 = std::min<int64_t>(s.KW, s.W - x0);
-      for (int64_t ki = 0; ki < s.KH; ++ki) {
-        acc_t* dst = row + ki * run;
-        const int64_t y = r * s.SH - s.PH + ki;
-        if (y < 0 || y >= s.H || kj1 <= kj0) {
-          std::fill(dst, dst + run, acc_t(0));
-          continue;
-        }
-        std::fill(dst, dst + kj0 * s.Cin, acc_t(0));
-        const scalar_t* src = xl + ((y - y_base) * s.W + x0 + kj0) * s.Cin;
-        const int64_t len = (kj1 - kj0) * s.Cin;
-        for (int64_t e = 0; e < len; ++e) dst[kj0 * s.Cin + e] = static_cast<acc_t>(src[e]);
-        std::fill(dst + kj1 * s.Cin, dst + run, acc_t(0));
+    acc_t* rows = colsT + (r - r0) * WU * K;
+    for (int64_t ki = 0; ki < s.KH; ++ki) {
+      acc_t* dst = rows + ki * run;  // column c's run starts at dst + c*K
+      const int64_t y = r * s.SH - s.PH + ki;
+      if (y < 0 || y >= s.H) {
+        for (int64_t c = 0; c < WU; ++c) std::fill(dst + c * K, dst + c * K + run, acc_t(0));
+        continue;
       }
+      const scalar_t* src_row = xl + (y - y_base) * s.W * s.Cin;
+      for (int64_t c = 0; c < c_lo; ++c) edge(src_row, dst + c * K, c);
+      const scalar_t* src = src_row + (c_lo * s.SW - s.PW) * s.Cin;
+      const int64_t count = c_hi - c_lo, step = s.SW * s.Cin;
+      if (run == 3)
+        copy_runs<3>(src, step, count, run, dst + c_lo * K, K);
+      else if (run == 9)
+        copy_runs<9>(src, step, count, run, dst + c_lo * K, K);
+      else
+        copy_runs<0>(src, step, count, run, dst + c_lo * K, K);
+      for (int64_t c = c_hi; c < WU; ++c) edge(src_row, dst + c * K, c);
     }
   }
 }
@@ -240,16 +225,6 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
-
-template <typename T>
-using GemmFn = void (*)(const T*, int64_t, int64_t, const T*, const T*, int64_t, T*);
-
-// The direct GEMM and its column block NR (= 2 vectors: the packing of B depends on it).
-template <typename T>
-struct Gemm {
-  GemmFn<T> fn;
-  int64_t nr;
-};
 
 template <typename T>
 Gemm<T> pick_gemm(Isa isa) {
@@ -268,9 +243,6 @@ Gemm<T> pick_gemm(Isa isa) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
-using EpilogueFn = void (*)(const acc_t*, int64_t, const acc_t*, const Shape&, int64_t, int64_t, int64_t, acc_t, scalar_t*,
-                            uint8_t*, scalar_t*, acc_t*, acc_t*, int32_t*);
 
 template <typename scalar_t, typename acc_t, int ACT>
 EpilogueFn<scalar_t, acc_t> pick_isa(Isa isa, bool loops) {
@@ -419,140 +391,31 @@ void conv_pool2d_forward_aten(const at::Tensor& input, const at::Tensor& weight,
   });
 }
 
-// ---------------------------------------------------------------- Winograd forward
-//
-// For the 3x3, stride-1 conv under a 2x2 pool, the conv's 2x2 output tiles ARE the pool windows,
-// so the whole block runs tile by tile with Winograd's F(2x2, 3x3) (Lavin & Gray 2016):
-//   Z_tile = A^T [ sum_ci (G g[co, ci] G^T) . (B^T d[ci] B) ] A      (d: the tile's 4x4 patch)
-// (matrices and transforms in conv_pool_kernels.inc). Per strip of pooled rows of one image:
-//   1. load the strip's input rows channels-last into a zero-bordered buffer (load_input_rows:
-//      the corruption, if any, is applied there, as in the direct path);
-//   2. V[xi] = (B^T d B)[xi] for every tile (16 x tiles x Cin);
-//   3. 16 GEMMs Mo[xi] = V[xi] (tiles x Cin) @ U[xi] (Cin x Cout), U = G g G^T transformed once
-//      per call, by the register-blocked gemm_strip (the strip's operands stay in L2);
-//   4. Z = A^T Mo A into the strip's channels-last conv tile, then the same fused epilogue as
-//      every other path (bias, rounding to scalar_t, activation, pool, argmax, z at the argmax).
-// 16 multiply-adds per tile, channel pair and output channel instead of 36: 2.25x fewer than the
-// direct conv. Numerics: the transforms' adds and the 1/2 factors of G (exact in binary) add
-// rounding of the size of the direct sum's own (the F(2,3) transform is the best-conditioned
-// Winograd form); fp32 results stay within the tests' 1e-5 relative tolerance of torch's conv,
-// and argmax differences only occur at numerical ties, as for any other summation order. Half
-// types are widened to fp32 (accumulation in fp32), as on the other paths.
-// Measured against oneDNN + epilogue (the path it replaces) in the commit that added it.
-bool encoder_uses_winograd(const Shape& s, at::ScalarType dtype) {
-  if (!(s.KH == 3 && s.KW == 3 && s.SH == 1 && s.SW == 1 && s.PKH == 2 && s.PKW == 2 && dtype != at::kDouble))
-    return false;
-  // AEFAST_ENCODER_WINOGRAD=0|1 (read per call) turns it off, or on wherever the geometry fits:
-  // for tests and A/B timing.
-  if (const char* env = std::getenv("AEFAST_ENCODER_WINOGRAD"); env != nullptr && *env != '\0') {
-    const std::string v(env);
-    TORCH_CHECK(v == "0" || v == "1", "AEFAST_ENCODER_WINOGRAD must be 0 or 1, got '", v, "'");
-    return v == "1";
-  }
-  return encoder_uses_vendor_conv(s.K());
+// Whether t is channels-last and not also plainly contiguous (aefast/ops/conv_pool.py's
+// _memory_format: the fake functions use the same test, so real and fake strides agree).
+bool strides_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
-template <typename T>
-struct WinogradFns {
-  void (*input)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
-  void (*output)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
-};
-
-template <typename T>
-WinogradFns<T> pick_winograd(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return {&avx512::winograd_input_transform<T>, &avx512::winograd_output_transform<T>};
-    case Isa::kAvx2: return {&avx2::winograd_input_transform<T>, &avx2::winograd_output_transform<T>};
-    default: return {&generic::winograd_input_transform<T>, &generic::winograd_output_transform<T>};
-  }
+// The layout of the forward's outputs: channels-last where eager's conv2d gives a channels-last
+// output (the input or the weight is channels-last, ATen's rule for oneDNN), so that a
+// channels-last model stays channels-last through the fused block with no NCHW round trip.
+// The input gradient follows the pooled gradient, the input or the weight the same way.
+bool outputs_channels_last(const at::Tensor& input, const at::Tensor& weight) {
+  return strides_channels_last(input) || strides_channels_last(weight);
 }
 
-void conv_pool2d_forward_winograd(const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias_opt, const Shape& s, int64_t activation,
-                                  double negative_slope, const InputCorruption& noise, at::Tensor& pooled,
-                                  at::Tensor& window, at::Tensor& preact) {
-  const Isa isa = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_winograd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t Cin = s.Cin, Cout = s.Cout, WO = s.WO, WU = s.WU();
-    at::Tensor bias_acc = bias_opt.has_value() && bias_opt->defined()
-                              ? bias_opt->to(acc_dtype).contiguous()
-                              : at::zeros({Cout}, input.options().dtype(acc_dtype));
-    const acc_t* bias_ptr = bias_acc.const_data_ptr<acc_t>();
-    const auto gemm = pick_gemm<acc_t>(isa);
-    const auto wino = pick_winograd<acc_t>(isa);
-    const int64_t NR = gemm.nr, nb = Cout / NR;
-    // U[xi][ci][co] = (G g G^T)[xi] of g = w[co, ci] (in fp64, rounded once), and its copy packed
-    // (nb, Cin, NR) per xi for gemm_strip.
-    const at::Tensor w64 = weight.to(at::kDouble).contiguous();
-    const double* wp = w64.const_data_ptr<double>();
-    std::vector<acc_t> U(16 * Cin * Cout), Up(16 * nb * Cin * NR);
-    for (int64_t co = 0; co < Cout; ++co)
-      for (int64_t ci = 0; ci < Cin; ++ci) {
-        const double* g = wp + (co * Cin + ci) * 9;
-        double gg[4][3];  // G g: combinations of g's rows
-        for (int j = 0; j < 3; ++j) {
-          gg[0][j] = g[j];
-          gg[1][j] = 0.5 * (g[j] + g[3 + j] + g[6 + j]);
-          gg[2][j] = 0.5 * (g[j] - g[3 + j] + g[6 + j]);
-          gg[3][j] = g[6 + j];
-        }
-        for (int i = 0; i < 4; ++i) {  // (G g) G^T: the same combinations of its columns
-          const double u[4] = {gg[i][0], 0.5 * (gg[i][0] + gg[i][1] + gg[i][2]),
-                               0.5 * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
-          for (int j = 0; j < 4; ++j) U[((i * 4 + j) * Cin + ci) * Cout + co] = static_cast<acc_t>(u[j]);
-        }
-      }
-    for (int64_t xi = 0; xi < 16; ++xi)
-      for (int64_t cb = 0; cb < nb; ++cb)
-        for (int64_t ci = 0; ci < Cin; ++ci)
-          for (int64_t c = 0; c < NR; ++c)
-            Up[((xi * nb + cb) * Cin + ci) * NR + c] = U[(xi * Cin + ci) * Cout + cb * NR + c];
-    // Strips of pooled rows whose V and Mo (16 x tiles x (Cin + Cout)) stay in L2; the tile count
-    // is padded to the GEMM's row block (6) with zero rows.
-    constexpr int64_t kMR = 6;
-    const int64_t per_row = 16 * WO * (Cin + Cout) * static_cast<int64_t>(sizeof(acc_t));
-    const int64_t rows = std::clamp<int64_t>((384 << 10) / std::max<int64_t>(per_row, 1), 1, s.HO);
-    const int64_t strips = (s.HO + rows - 1) / rows;
-    const int64_t mpad_max = (rows * WO + kMR - 1) / kMR * kMR;
-    // The zero-bordered input buffer: column b holds input column b - PW, row i input row
-    // 2*pr0 - PH + i; tiles read columns [0, 2*WO + 2), the row copy writes [PW, PW + W).
-    const int64_t Wb = std::max<int64_t>(2 * WO + 2, s.PW + s.W), ldx = Wb * Cin;
-    const scalar_t* xp = input.const_data_ptr<scalar_t>();
-    const int64_t xstr[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-    scalar_t* pooled_p = pooled.mutable_data_ptr<scalar_t>();
-    uint8_t* window_p = window.mutable_data_ptr<uint8_t>();
-    scalar_t* preact_p = preact.mutable_data_ptr<scalar_t>();
-    const auto epilogue = pick_epilogue<scalar_t, acc_t>(activation, isa);
-    const acc_t slope = static_cast<acc_t>(negative_slope);
-    const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
-    const acc_t* U_p = U.data();
-    const acc_t* Up_p = Up.data();
-    at::parallel_for(0, s.N * strips, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xb((2 * rows + 2) * ldx), V(16 * mpad_max * Cin), Mo(16 * mpad_max * Cout),
-          tile(2 * rows * WU * Cout), best(Cout), bestz(Cout);
-      std::vector<int32_t> bestk(Cout);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / strips, pr0 = (task % strips) * rows;
-        const int64_t pr1 = std::min(pr0 + rows, s.HO), nrows = pr1 - pr0;
-        const int64_t mpad = (nrows * WO + kMR - 1) / kMR * kMR;
-        const int64_t ya = 2 * pr0 - s.PH;
-        const int64_t y0 = std::max<int64_t>(0, ya), y1 = std::min<int64_t>(s.H, 2 * pr1 - s.PH + 2);
-        std::fill(xb.begin(), xb.begin() + (2 * nrows + 2) * ldx, acc_t(0));
-        if (y1 > y0)
-          load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, y0, y1, xb.data() + (y0 - ya) * ldx + s.PW * Cin, ldx,
-                                           corrupt_at);
-        wino.input(xb.data(), ldx, Cin, nrows, WO, mpad, V.data());
-        for (int64_t xi = 0; xi < 16; ++xi)
-          gemm.fn(V.data() + xi * mpad * Cin, mpad, Cin, Up_p + xi * nb * Cin * NR, U_p + xi * Cin * Cout, Cout,
-                  Mo.data() + xi * mpad * Cout);
-        wino.output(Mo.data(), mpad, Cout, nrows, WO, WU, tile.data());
-        epilogue(tile.data(), WU, bias_ptr, s, n, pr0, pr1, slope, pooled_p, window_p, preact_p, best.data(),
-                 bestz.data(), bestk.data());
-      }
-    });
-  });
+// conv_pool_general.cpp's activation-sized results in the layout the rule above gives (its
+// oneDNN backward answers by its own rule): a copy only where the two rules differ, on the
+// general pool path only. The fake functions (aefast/ops/conv_pool.py) state this one rule.
+at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
+  if (!t.defined()) return t;
+  return t.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(std::tuple<at::Tensor, at::Tensor, at::Tensor> t,
+                                                         bool channels_last) {
+  return {in_layout(std::get<0>(t), channels_last), in_layout(std::get<1>(t), channels_last),
+          in_layout(std::get<2>(t), channels_last)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
@@ -568,14 +431,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding)) {
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_forward: corruption in the load needs pool_stride = pool_size "
                 "without clipped ceil_mode windows; corrupt the input first (aefast.functional does)");
-    return conv_pool2d_forward_general(input, weight, bias_opt, stride, padding, activation, negative_slope, pool);
+    auto out = conv_pool2d_forward_general(input, weight, bias_opt, stride, padding, activation, negative_slope, pool);
+    return in_layout(std::move(out), outputs_channels_last(input, weight));
   }
-  const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
-                             weight.size(2), weight.size(3), stride, padding, pool_size);
-  // Activation-sized outputs through the buffer cache (aefast/cpu_buffer_cache.h).
-  at::Tensor pooled = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options());
-  at::Tensor window = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte));
-  at::Tensor preact = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options());
+  // Activation-sized outputs through the buffer cache (aefast/cpu_buffer_cache.h), channels-last
+  // where eager's conv output would be (the epilogue writes either layout directly).
+  Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
+                       weight.size(2), weight.size(3), stride, padding, pool_size);
+  s.out_cl = outputs_channels_last(input, weight);
+  // AEFAST_ENCODER_STORES=scalar (read per call): the epilogue's NCHW stores element by element,
+  // as before the transposed stores, for A/B timing only.
+  if (const char* env = std::getenv("AEFAST_ENCODER_STORES"); env != nullptr && *env != '\0') {
+    TORCH_CHECK(std::string(env) == "scalar" || std::string(env) == "transposed",
+                "AEFAST_ENCODER_STORES must be 'scalar' or 'transposed', got '", env, "'");
+    s.scalar_stores = std::string(env) == "scalar";
+  }
+  const auto fmt = s.out_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor pooled = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options(), fmt);
+  at::Tensor window = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options().dtype(at::kByte), fmt);
+  at::Tensor preact = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, input.options(), fmt);
   if (s.N == 0 || s.Cout == 0) return {pooled, window, preact};
   // oneDNN's conv + the fused epilogue (see above) for fp32 and the half types when the reduction
   // is long enough (encoder_uses_vendor_conv, aefast/conv_algorithm.h: K = Cin*KH*KW >= 64) for the conv's FLOPs to outweigh the epilogue's pass over
@@ -751,6 +625,18 @@ GzFn<scalar_t, acc_t> pick_gz(int64_t act, Isa isa) {
   }
 }
 
+template <typename T>
+using TransposeFn = void (*)(const T*, int64_t, int64_t, T*, int64_t);
+
+template <typename T>
+TransposeFn<T> pick_transpose(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &avx512::store_transposed<T, T>;
+    case Isa::kAvx2: return &avx2::store_transposed<T, T>;
+    default: return &generic::store_transposed<T, T>;
+  }
+}
+
 void check_backward_args(const at::Tensor& grad, const at::Tensor& window, const at::Tensor& preact) {
   TORCH_CHECK(grad.dim() == 4 && grad.sizes() == window.sizes() && grad.sizes() == preact.sizes(),
               "aefast::conv_pool2d backward: grad, window and preact must share one 4-D shape");
@@ -766,10 +652,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const at::Tensor* weight, const Shape& s, int64_t activation, double negative_slope,
     const InputCorruption& noise) {
   const bool need_x = weight != nullptr, need_w = input != nullptr;
-  const at::Tensor g = contiguous_cpu_cached(grad_pooled), win = contiguous_cpu_cached(window),
-                   z = contiguous_cpu_cached(preact);
+  // Channels-last pooled tensors (the forward's outputs for a channels-last input) are read as
+  // they are: each image's gz and window offsets are transposed to the kernels' (Cout, plane)
+  // order in a per-thread buffer, instead of an NCHW copy of the three tensors.
+  const bool cl_grads = strides_channels_last(grad_pooled) && window.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                        preact.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor g = cl_grads ? grad_pooled : contiguous_cpu_cached(grad_pooled),
+                   win = cl_grads ? window : contiguous_cpu_cached(window),
+                   z = cl_grads ? preact : contiguous_cpu_cached(preact);
+  // The input gradient channels-last when the pooled gradient or the input or weight is (the
+  // forward's rule, outputs_channels_last): written from the padded channels-last gradient
+  // image in runs of W*Cin.
+  const bool in_cl = strides_channels_last(grad_pooled) || (input != nullptr && strides_channels_last(*input)) ||
+                     (weight != nullptr && strides_channels_last(*weight));
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (need_x) grad_input = empty_cpu_cached({s.N, s.Cin, s.H, s.W}, g.options());
+  if (need_x)
+    grad_input = empty_cpu_cached({s.N, s.Cin, s.H, s.W}, g.options(),
+                                  in_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (need_w) {
     grad_weight = at::empty({s.Cout, s.Cin, s.KH, s.KW}, g.options());
     grad_bias = at::empty({s.Cout}, g.options());
@@ -791,6 +690,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const acc_t slope = static_cast<acc_t>(negative_slope);
     const int64_t pkhw = s.PKH * s.PKW, keys = s.WO * pkhw;
     const auto gzfn = pick_gz<scalar_t, acc_t>(activation, isa);
+    const auto transpose = pick_transpose<acc_t>(isa);
     // Weight rows (Cout, Kp), k = (ki*KW + kj)*Cin + ci, zero-padded, for the dgrad.
     at::Tensor wr;
     if (need_x) {
@@ -802,8 +702,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const int64_t xstr[4] = {need_w ? input->stride(0) : 0, need_w ? input->stride(1) : 0,
                              need_w ? input->stride(2) : 0, need_w ? input->stride(3) : 0};
     scalar_t* gxo = need_x ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-    // wgrad: patches of a strip of pooled rows, sized for L2 (all rows when they fit).
-    const int64_t rows = std::clamp<int64_t>((512 << 10) / std::max<int64_t>(s.PKH * WU * Kp * sizeof(acc_t), 1), 1,
+    // wgrad: patches of a strip of pooled rows, about 128 KiB (all rows when they fit). Measured
+    // (single thread, CPU time, interleaved, loaded machine: directions) against the former
+    // 512 KiB: W1's 32->64 14x14 backward_weight 9.2 -> 6.7 ms, W2's 32->64 64x64 26.5 -> 19.2
+    // ms, 64->128 32x32 unchanged; 32, 96 and 256 KiB were no better. The patch rows each
+    // channel's entries gather then stay nearer (L2 beside the weight partial and gz).
+    const int64_t rows = std::clamp<int64_t>((128 << 10) / std::max<int64_t>(s.PKH * WU * Kp * sizeof(acc_t), 1), 1,
                                              s.HO);
     const int64_t max_pos = rows * s.PKH * WU;
     BwdGeom geo{s.Cin, s.Cout, s.KH, s.KW, s.SH, s.SW, s.HO, s.WO, s.PKH, s.PKW, K, Kp, WU, row, run, rows, pkhw, keys,
@@ -861,6 +765,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       const at::Tensor gx_t = empty_cpu_cached({need_x ? Hp * row : 0}, acc_opts);
       acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
       std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), dcol(need_x ? Kp : 0);
+      std::vector<acc_t> gz_cl(cl_grads ? E : 0);
+      std::vector<uint8_t> kn_nchw(cl_grads ? E : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
         acc_t* gw = need_w ? part_w + c * part_len : nullptr;
@@ -870,8 +776,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
           std::fill(gb, gb + s.Cout, acc_t(0));
         }
         for (int64_t n = n0; n < n1; ++n) {
-          gzfn(gp + n * E, zp + n * E, E, slope, gz);
           const uint8_t* kn = kp + n * E;
+          if (cl_grads) {  // (plane, Cout) -> (Cout, plane)
+            gzfn(gp + n * E, zp + n * E, E, slope, gz_cl.data());
+            transpose(gz_cl.data(), plane, s.Cout, gz, plane);
+            for (int64_t co = 0; co < s.Cout; ++co)
+              for (int64_t q = 0; q < plane; ++q) kn_nchw[co * plane + q] = kn[q * s.Cout + co];
+            kn = kn_nchw.data();
+          } else {
+            gzfn(gp + n * E, zp + n * E, E, slope, gz);
+          }
           if (need_w) {
             // The padded channels-last image (its border stays zero across images).
             load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad + s.PH * row + s.PW * s.Cin, row,
@@ -884,8 +798,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
           if (need_x) {
             std::fill(gx, gx + Hp * row, acc_t(0));
             kern.dgrad(geo, gz, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
-            // The interior of the padded gradient image, to NCHW.
+            // The interior of the padded gradient image, to channels-last or NCHW.
             scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
+            if (in_cl) {
+              for (int64_t y = 0; y < s.H; ++y) {
+                const acc_t* src = gx + (y + s.PH) * row + s.PW * s.Cin;
+                scalar_t* d = dst + y * s.W * s.Cin;
+                for (int64_t e = 0; e < s.W * s.Cin; ++e) d[e] = static_cast<scalar_t>(src[e]);
+              }
+              continue;
+            }
             for (int64_t ci = 0; ci < s.Cin; ++ci)
               for (int64_t y = 0; y < s.H; ++y) {
                 const acc_t* src = gx + (y + s.PH) * row + s.PW * s.Cin + ci;
@@ -935,10 +857,11 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
   if (!tiling_pool(pool, input_size[0], input_size[1], weight.size(2), weight.size(3), stride, padding)) {
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward_input: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));
-    return std::get<0>(conv_pool2d_backward_general(grad_pooled, window, preact, at::Tensor(), weight,
+    const bool cl = strides_channels_last(grad_pooled) || strides_channels_last(weight);
+    return in_layout(std::get<0>(conv_pool2d_backward_general(grad_pooled, window, preact, at::Tensor(), weight,
                                                     grad_pooled.size(0), weight.size(1), input_size,
                                                     weight.sizes().slice(2), stride, padding, activation,
-                                                    negative_slope, pool));
+                                                    negative_slope, pool)), cl);
   }
   const Shape s = make_shape(grad_pooled.size(0), weight.size(1), input_size[0], input_size[1], weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
@@ -966,7 +889,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
     auto out = conv_pool2d_backward_general(grad_pooled, window, preact, input, at::Tensor(), input.size(0),
                                             input.size(1), input.sizes().slice(2), kernel_size, stride, padding,
                                             activation, negative_slope, pool);
-    return {std::get<1>(out), std::get<2>(out)};
+    // The weight gradient is contiguous on every path (the tiling kernels write it so).
+    return {std::get<1>(out).contiguous(), std::get<2>(out)};
   }
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), grad_pooled.size(1),
                              kernel_size[0], kernel_size[1], stride, padding, pool_size);
@@ -996,9 +920,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward: corruption in the load needs a tiling pool");
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));
-    return conv_pool2d_backward_general(grad_pooled, window, preact, input, weight, input.size(0), input.size(1),
-                                        input.sizes().slice(2), weight.sizes().slice(2), stride, padding, activation,
-                                        negative_slope, pool);
+    auto out = conv_pool2d_backward_general(grad_pooled, window, preact, input, weight, input.size(0), input.size(1),
+                                            input.sizes().slice(2), weight.sizes().slice(2), stride, padding,
+                                            activation, negative_slope, pool);
+    std::get<0>(out) = in_layout(std::get<0>(out), strides_channels_last(grad_pooled) ||
+                                                       strides_channels_last(input) || strides_channels_last(weight));
+    std::get<1>(out) = std::get<1>(out).contiguous();
+    return out;
   }
   const Shape s = make_shape(input.size(0), input.size(1), input.size(2), input.size(3), weight.size(0),
                              weight.size(2), weight.size(3), stride, padding, pool_size);
@@ -1126,6 +1054,24 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
 }
 
 }  // namespace
+
+// The GEMM and epilogue above, for conv_pool_winograd.cpp (declared in conv_pool_cpu.h).
+namespace encoder_cpu {
+template <typename T>
+Gemm<T> pick_gemm(Isa isa) {
+  return aefast::pick_gemm<T>(isa);
+}
+template <typename scalar_t, typename acc_t>
+EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa) {
+  return aefast::pick_epilogue<scalar_t, acc_t>(act, isa);
+}
+template Gemm<float> pick_gemm<float>(Isa);
+template Gemm<double> pick_gemm<double>(Isa);
+template EpilogueFn<float, float> pick_epilogue<float, float>(int64_t, Isa);
+template EpilogueFn<double, double> pick_epilogue<double, double>(int64_t, Isa);
+template EpilogueFn<at::Half, float> pick_epilogue<at::Half, float>(int64_t, Isa);
+template EpilogueFn<at::BFloat16, float> pick_epilogue<at::BFloat16, float>(int64_t, Isa);
+}  // namespace encoder_cpu
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("conv_pool2d_forward", &conv_pool2d_forward_cpu);
