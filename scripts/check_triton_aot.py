@@ -121,9 +121,12 @@ def _expand_configs(spec):
     jobs = []
     for cfg in configs:
         constexprs = dict(spec["constexprs"], **cfg.kwargs)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
-        jobs.append(dict(spec, constexprs=constexprs, options={"num_warps": cfg.num_warps,
-                                                                "num_stages": cfg.num_stages}, config=label))
+        if getattr(cfg, "maxnreg", None):  # the launch's .maxnreg: it changes ptxas's register budget
+            options["maxnreg"] = cfg.maxnreg
+            label += f",r{cfg.maxnreg}"
+        jobs.append(dict(spec, constexprs=constexprs, options=options, config=label))
     return jobs
 
 
