@@ -10,8 +10,8 @@ or, recording with a pytest run of its own:
 Each recorded specialization (kernel, argument types, constexprs; see aefast/triton/_specs.py) is
 compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). A kernel that its
 module autotunes (listed in the module's GPU_CONFIGS, per config variant "name:ieee" / "name:fp64"
-when the module has config_variant()) is compiled with each of those configs, since any of them
-may run on a GPU. Records that give the same compile input (kernel, signature, constexprs, launch
+when the module has config_variant()) is compiled with each of those configs (their warps, stages
+and maxnreg), since any of them may run on a GPU. Records that give the same compile input (kernel, signature, constexprs, launch
 options) once the GPU configs replace the interpreter's are compiled once per arch. Fails (exit 1)
 unless, for every compile:
   * it compiles;
@@ -121,9 +121,12 @@ def _expand_configs(spec):
     jobs = []
     for cfg in configs:
         constexprs = dict(spec["constexprs"], **cfg.kwargs)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
-        jobs.append(dict(spec, constexprs=constexprs, options={"num_warps": cfg.num_warps,
-                                                                "num_stages": cfg.num_stages}, config=label))
+        if getattr(cfg, "maxnreg", None):  # the launch's .maxnreg: it changes ptxas's register budget
+            options["maxnreg"] = cfg.maxnreg
+            label += f",r{cfg.maxnreg}"
+        jobs.append(dict(spec, constexprs=constexprs, options=options, config=label))
     return jobs
 
 

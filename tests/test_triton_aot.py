@@ -75,6 +75,26 @@ def test_aot_script_compiles_the_recorded_encoder_for_sm80_and_sm90(triton_inter
         assert tc == ("mma" if arch == "sm_80" else "wgmma") or (arch == "sm_90" and tc == "mma")
 
 
+def test_aot_script_compiles_each_config_with_its_maxnreg(triton_interpreter, tmp_path):
+    """A GPU config's .maxnreg changes ptxas's register budget (and so its spills): the compile job
+    of each config must carry the config's warps, stages and maxnreg."""
+    import importlib.util
+
+    from aefast.triton.conv_pool import GPU_CONFIGS
+
+    spec = _record_encoder_forward(triton_interpreter, tmp_path / "specs.jsonl")
+    fwd = next(r for r in spec if r["kernel"].endswith("._conv_pool_fwd_kernel"))
+    loader = importlib.util.spec_from_file_location("check_triton_aot", ROOT / "scripts" / "check_triton_aot.py")
+    script = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(script)
+    jobs = script.expand(fwd)
+    configs = GPU_CONFIGS["_conv_pool_fwd_kernel"]
+    assert any(c.maxnreg for c in configs)
+    assert [(j["options"]["num_warps"], j["options"]["num_stages"], j["options"].get("maxnreg")) for j in jobs] == \
+        [(c.num_warps, c.num_stages, c.maxnreg) for c in configs]
+    assert all(j["constexprs"]["BLOCK_M"] == c.kwargs["BLOCK_M"] for j, c in zip(jobs, configs))
+
+
 _APPEND_WORKER = """
 import importlib.util, json, sys
 # the recorder module alone (importing the aefast package would load the extension in every process)

@@ -75,8 +75,8 @@ from aefast.triton.recon_loss import corrupt_value
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _config(num_warps=4, num_stages=3, **blocks):
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+def _config(num_warps=4, num_stages=3, maxnreg=None, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 # BLOCK_M counts GEMM rows (pooled positions x padded window offsets); BLOCK_N output channels.
@@ -85,27 +85,38 @@ def _config(num_warps=4, num_stages=3, **blocks):
 # The gathers' addresses dominate the registers, so two pipeline stages. "name:ieee" holds the tiles
 # of fp32 with TF32 off (tl.dot as FMAs, more registers) and "name:fp64" fp64's (a tl.sum over a
 # BLOCK_M x BLOCK_K x BLOCK_N product in registers); see config_variant().
+# maxnreg=255 (.maxnreg in the PTX): without it ptxas budgets the forward kernel for two CTAs per SM
+# (128 registers at 8 warps, 64-80 for the IEEE and fp64 tiles) and, since the pool stride/ceil_mode
+# rows (in_window) added live values, spilled 8-36 B in some specializations (activation, corruption)
+# on sm_80 or sm_90; with the whole register file allowed they compile without spills (1 CTA of 8
+# warps per SM, as bench/roofline_h100.py models). 64x32x32 at 4 warps spilled 12-72 B at 255
+# registers as TF32: 8 warps instead.
+_WHOLE_FILE = 255
 GPU_CONFIGS = {
     "_conv_pool_fwd_kernel": [
-        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2, maxnreg=_WHOLE_FILE),
         _config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
-        _config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+        _config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2, maxnreg=_WHOLE_FILE),
     ],
     "_conv_pool_fwd_kernel:ieee": [
-        _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+        _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, maxnreg=_WHOLE_FILE),
         _config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
     ],
-    "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=8, BLOCK_K=8, num_warps=4, num_stages=1)],
+    "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=8, BLOCK_K=8, num_warps=4, num_stages=1,
+                                           maxnreg=_WHOLE_FILE)],
     "_conv_pool_wgrad_kernel": [
         _config(BLOCK_CO=64, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
         _config(BLOCK_CO=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2),
         _config(BLOCK_CO=64, BLOCK_K=32, BLOCK_R=32, num_warps=4, num_stages=2),
     ],
     "_conv_pool_wgrad_kernel:ieee": [
-        # (32x64x16 at 8 warps spilled 8 B on sm_90 in the ptxas run Triton makes: left out)
-        _config(BLOCK_CO=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=2),
+        # (32x64x16 at 8 warps spilled 8 B on sm_90 in the ptxas run Triton makes: left out; this one
+        # spilled 8 B at 96 registers on sm_90 in one recorded specialization without the .maxnreg)
+        _config(BLOCK_CO=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=2, maxnreg=_WHOLE_FILE),
     ],
-    "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1)],
+    # (16x16x16 spilled 12 B on sm_80 in one recorded specialization without the .maxnreg)
+    "_conv_pool_wgrad_kernel:fp64": [_config(BLOCK_CO=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=1,
+                                             maxnreg=_WHOLE_FILE)],
 }
 # The interpreter runs each block as numpy arrays: larger blocks, fewer Python-level steps.
 INTERPRET_CONFIGS = {
