@@ -28,13 +28,16 @@ def test_quick_run_writes_results(tmp_path, script, result):
     for ext in ("md", "png"):
         assert (tmp_path / result.replace(".json", f".{ext}")).exists()
     if script == "bench_optimize_architectures.py":
-        # every architecture, both variants, with its fused-site accounting and the overall fraction
+        # every architecture, its three variants (eager, eager in channels_last, optimized), with its
+        # fused-site accounting and the overall fraction
         sys.path.insert(0, str(ROOT / "bench"))
         import architectures
 
         cases = {r["case"].split(" ", 1)[0] for r in data["rows"]}
         assert cases == set(architectures.ARCHITECTURES)
-        assert len(data["rows"]) == 2 * len(cases)
+        assert len(data["rows"]) == 3 * len(cases)
+        assert {r["variant"] for r in data["rows"]} == {"original (eager)", "original, channels_last (eager)",
+                                                     "aefast.optimize"}
         assert all(set(r["extra"]["site_counts"]) == set(architectures.SITE_KINDS) for r in data["rows"])
         assert "sites fused in training mode, all architectures:" in proc.stdout
     if script == "bench_training.py":
