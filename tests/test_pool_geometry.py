@@ -549,3 +549,42 @@ def test_fuzz_cuda_bodies_ceil_mode(case, chunk):
         0.0, 1.0, chunk, ceil_mode=ceil_mode)
     for g_, r_ in zip(got, want):
         torch.testing.assert_close(g_, r_, **TOLERANCES[torch.float64])
+
+
+# The fake functions must give the CPU kernels' real strides on every pool path (tiling, clipped,
+# overlapping) and for every mix of channels_last and NCHW operands, or torch.compile of a model
+# run in channels_last (aefast.optimize's layout pass) fails Inductor's stride asserts.
+# CrossRefFakeMode runs each aefast op of the forward and the backward on fake tensors too and
+# compares shapes, dtypes and strides with the real kernel's outputs.
+@pytest.mark.parametrize("op", ["conv_pool2d", "conv_bn_pool2d"])
+@pytest.mark.parametrize("geometry", [(8, (2, 2), None, False), (9, (2, 2), None, True), (9, (3, 3), (2, 2), False)],
+                         ids=["tiling", "ceil-clipped", "overlapping"])
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("nchw", "cl"), ("cl", "nchw"), ("cl", "cl")],
+                         ids=lambda l: "x-%s_w-%s" % l)
+def test_cpu_fake_strides_match_the_kernels(op, geometry, layouts):
+    from torch._subclasses.fake_utils import CrossRefFakeMode
+
+    hw, pool, pool_stride, ceil_mode = geometry
+    to = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+    gen = torch.Generator().manual_seed(hw)
+    x = torch.randn(2, 16, hw, hw, generator=gen).contiguous(memory_format=to[layouts[0]]).requires_grad_()
+    w = torch.randn(8, 16, 3, 3, generator=gen).contiguous(memory_format=to[layouts[1]]).requires_grad_()
+    b = torch.randn(8, generator=gen)
+    checked = []
+
+    def aefast_only(func):
+        if func.namespace != "aefast":
+            return True
+        checked.append(func.name())
+        return False
+
+    with CrossRefFakeMode(ignore_op_fn=aefast_only, check_strides=True, only_check_ops_with_meta=False):
+        if op == "conv_pool2d":
+            y = AF.conv_pool2d(x, w, b, padding=1, activation="relu", pool_size=pool, pool_stride=pool_stride,
+                               ceil_mode=ceil_mode, return_indices=False)
+        else:
+            y = AF.conv_bn_pool2d(x, w, b, torch.ones(8), torch.zeros(8), torch.zeros(8), torch.ones(8), True,
+                                  padding=1, activation="relu", pool_size=pool, pool_stride=pool_stride,
+                                  ceil_mode=ceil_mode, return_indices=False)
+        y.backward(torch.randn(y.shape, generator=gen))
+    assert any("forward" in name for name in checked) and any("backward" in name for name in checked), checked
