@@ -262,15 +262,7 @@ EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa) {
   // (epilogue_strip_loops), for A/B timing against the register form.
   const char* env = std::getenv("AEFAST_ENCODER_EPILOGUE");
   const bool loops = env != nullptr && std::string(env) == "loops";
-  switch (act) {
-    case 0: return pick_isa<scalar_t, acc_t, 0>(isa, loops);
-    case 1: return pick_isa<scalar_t, acc_t, 1>(isa, loops);
-    case 2: return pick_isa<scalar_t, acc_t, 2>(isa, loops);
-    case 3: return pick_isa<scalar_t, acc_t, 3>(isa, loops);
-    case 4: return pick_isa<scalar_t, acc_t, 4>(isa, loops);
-    case 5: return pick_isa<scalar_t, acc_t, 5>(isa, loops);
-    default: return pick_isa<scalar_t, acc_t, 6>(isa, loops);
-  }
+  return with_activation(act, [&](auto a) { return pick_isa<scalar_t, acc_t, decltype(a)::value>(isa, loops); });
 }
 
 void check_activation(int64_t act) {
@@ -614,15 +606,7 @@ GzFn<scalar_t, acc_t> pick_gz_isa(Isa isa) {
 
 template <typename scalar_t, typename acc_t>
 GzFn<scalar_t, acc_t> pick_gz(int64_t act, Isa isa) {
-  switch (act) {
-    case 0: return pick_gz_isa<scalar_t, acc_t, 0>(isa);
-    case 1: return pick_gz_isa<scalar_t, acc_t, 1>(isa);
-    case 2: return pick_gz_isa<scalar_t, acc_t, 2>(isa);
-    case 3: return pick_gz_isa<scalar_t, acc_t, 3>(isa);
-    case 4: return pick_gz_isa<scalar_t, acc_t, 4>(isa);
-    case 5: return pick_gz_isa<scalar_t, acc_t, 5>(isa);
-    default: return pick_gz_isa<scalar_t, acc_t, 6>(isa);
-  }
+  return with_activation(act, [&](auto a) { return pick_gz_isa<scalar_t, acc_t, decltype(a)::value>(isa); });
 }
 
 template <typename T>

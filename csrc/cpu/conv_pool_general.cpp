@@ -102,15 +102,7 @@ GeneralPoolKernels<scalar_t, acc_t> pick_isa_kernels(Isa isa) {
 template <typename scalar_t, typename acc_t>
 GeneralPoolKernels<scalar_t, acc_t> pick_kernels(int64_t act) {
   const Isa isa = cpu_isa();
-  switch (act) {
-    case 0: return pick_isa_kernels<scalar_t, acc_t, 0>(isa);
-    case 1: return pick_isa_kernels<scalar_t, acc_t, 1>(isa);
-    case 2: return pick_isa_kernels<scalar_t, acc_t, 2>(isa);
-    case 3: return pick_isa_kernels<scalar_t, acc_t, 3>(isa);
-    case 4: return pick_isa_kernels<scalar_t, acc_t, 4>(isa);
-    case 5: return pick_isa_kernels<scalar_t, acc_t, 5>(isa);
-    default: return pick_isa_kernels<scalar_t, acc_t, 6>(isa);
-  }
+  return with_activation(act, [&](auto a) { return pick_isa_kernels<scalar_t, acc_t, decltype(a)::value>(isa); });
 }
 
 // Conv output per oneDNN call: a few MiB stays in L2/L3 between its write and the epilogue's read.

@@ -3,6 +3,8 @@
 // derivative (in the accumulation type), and torch's max-pool comparison rule.
 // Free of torch headers so that it compiles quickly under nvcc.
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "aefast/common.h"
 
@@ -12,6 +14,22 @@ namespace aefast {
 // the same table (ACTIVATION_CODES).
 enum class Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2, kSigmoid = 3, kTanh = 4, kGelu = 5, kSilu = 6 };
 constexpr int kNumActivations = 7;
+
+// Calls f(std::integral_constant<int, ACT>{}) for the activation code act, so that a kernel
+// templated on its activation (activate_ct) is picked once per call; codes past the table are
+// SiLU's, as callers have checked the code already. Host only: the CPU kernel pickers share it.
+template <typename F>
+decltype(auto) with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case 0: return f(std::integral_constant<int, 0>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, 6>{});
+  }
+}
 
 // act(z). leaky_relu is z >= 0 ? z : slope*z, as the reference twin writes it; gelu is the
 // exact erf form (torch's default), silu is z*sigmoid(z).
