@@ -14,6 +14,8 @@ answered from the input's shape):
   in both decoder forms, a BatchNorm2d that normalises with batch statistics (training mode) after
       the conv stays in eager with what follows it, and the (unpool →) conv before it is fused alone
       (the unpooled map is still never built);
+  where an encoder's indices feed only fused decoders, the two pass aefast's uint8 window offsets
+      instead of torch's flat int64 indices (no conversion, the decoder's faster form);
   F.mse_loss / l1_loss / huber_loss / binary_cross_entropy[_with_logits] (and their nn modules),
       without weights, become ``reconstruction_loss``. For a loss in the training loop rather than in
       ``forward``, see :func:`fused_losses`.
@@ -518,11 +520,41 @@ class _Rewriter:
             lines.append(f"{kind} at {node.target if isinstance(node.target, str) else node.name}: {why}")
         return lines
 
+    def window_indices(self):
+        """Encoder -> decoder pairs whose indices nothing else reads pass aefast's compact uint8 window
+        offsets instead of torch's flat int64 indices: the encoder skips the window_to_flat conversion
+        and the decoder reads its faster window form. Only tiling pools (an overlapping encoder's
+        offsets are recognised by tensor identity, which a graph does not guarantee; ceil_mode's
+        clipped windows keep the flat form) and only when every reader of the indices is a fused
+        decoder."""
+        encoders = (AF.conv_pool2d, conv_bn_pool_with)
+        for node in self.graph.nodes:
+            if node.op != "call_function" or node.target not in encoders or not node.kwargs.get("return_indices"):
+                continue
+            if (node.kwargs.get("pool_stride") is not None or node.kwargs.get("ceil_mode")
+                    or node.kwargs.get("index_format", "flat") != "flat"):
+                continue
+            if not all(u.target is operator.getitem for u in node.users):
+                continue
+            readers = [u for u in node.users if u.args[1] == 1]
+            if len(readers) != 1:
+                continue
+            decoders = list(readers[0].users)
+            if not decoders or not all(
+                    d.op == "call_function" and d.target is AF.unpool_conv_transpose2d and d.args[1] is readers[0]
+                    and readers[0] not in (*d.args[:1], *d.args[2:], *d.kwargs.values())
+                    and d.kwargs.get("pool_stride") is None for d in decoders):
+                continue
+            node.kwargs = {**node.kwargs, "index_format": "window"}
+            for d in decoders:
+                d.kwargs = {**d.kwargs, "index_format": "window"}
+
     def run(self):
         for visit in (self.encoder, self.decoder, self.upsampler, self.loss):
             for node in list(self.graph.nodes):
                 if node.graph is self.graph and node in self.graph.nodes:
                     visit(node)
+        self.window_indices()
         self.graph.eliminate_dead_code()
         self.graph.lint()
 

@@ -559,3 +559,40 @@ def test_auto_not_yet_decided_under_torch_compile_keeps_the_layout():
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), original(x), rtol=1e-5, atol=1e-6)
     assert model.aefast_memory_format == "auto"
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+class IndicesReturnedAE(FunctionalAE):
+    """FunctionalAE that also hands its first pool's indices to the caller."""
+
+    def forward(self, x):
+        h, (i1, i2) = self.encode(x)
+        h = F.relu(self.deconv2(F.max_unpool2d(h, i2, 2, output_size=(x.shape[-2] // 2, x.shape[-1] // 2))))
+        return torch.sigmoid(self.deconv1(F.max_unpool2d(h, i1, 2, output_size=x.shape[-2:]))), i1
+
+
+def _aefast_ops_called(model, x):
+    with torch.profiler.profile() as prof:
+        model(x)
+    return {e.key for e in prof.key_averages() if e.key.startswith("aefast::")}
+
+
+@pytest.mark.parametrize("style", ["functional", "segnet_bn"])
+def test_indices_read_only_by_fused_decoders_travel_as_window_offsets(style):
+    torch.manual_seed(0)
+    original = FunctionalAE() if style == "functional" else SegNetBN()
+    x = torch.randn(2, 1 if style == "functional" else 3, 12, 10)
+    optimized = aefast.optimize(copy.deepcopy(original), verbose=False, memory_format="preserve")
+    ops = _aefast_ops_called(optimized, x)
+    assert not any("window_to_flat" in op for op in ops), ops
+    assert any("unpool_conv_transpose2d" in op for op in ops), ops
+    torch.testing.assert_close(optimized(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_indices_the_caller_reads_stay_torch_flat_indices():
+    torch.manual_seed(0)
+    original, x = IndicesReturnedAE(), torch.randn(2, 1, 12, 10)
+    optimized = aefast.optimize(copy.deepcopy(original), verbose=False, memory_format="preserve")
+    (out, i1), (ref_out, ref_i1) = optimized(x), original(x)
+    assert i1.dtype == torch.int64
+    torch.testing.assert_close(i1, ref_i1, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
