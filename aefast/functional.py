@@ -1009,6 +1009,52 @@ def _check_batch_norm_args(channels, bn_weight, bn_bias, running_mean, running_v
         raise ValueError(f"aefast: eps must be a non-negative number, got {eps!r}")
 
 
+def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
+                     activation="relu", num_batches_tracked=None, *, negative_slope=0.01):
+    """act(batch_norm(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
+    fused: BatchNorm2d followed by its activation, as in conv -> BN -> act blocks whose output is
+    not pooled (U-Net's double convs, decoders, VAEs).
+
+    Training mode (or no running statistics): normalise with the batch statistics of ``input`` and,
+    when running statistics are given in training mode, update them in place exactly as
+    nn.BatchNorm2d does (unbiased variance; ``momentum=None`` is the cumulative average over
+    ``num_batches_tracked``, which is incremented when given). Only the input and per-channel
+    statistics are kept for the backward (aefast/ops/batch_norm_act.py has the formulas). Eval mode
+    is BatchNorm's affine map per channel followed by the activation, in eager PyTorch (a conv
+    before it can fold it: :func:`aefast.optimize` does). The result keeps the input's memory format.
+
+    The cpu backend runs C++ kernels; triton and cuda have no kernel for this op yet and run the
+    reference twin, each call counted in ``aefast.info()``'s fallbacks.
+    """
+    (input,) = _autocast_lower(input)
+    _check_float_inputs(input=input)
+    check_tensor(input, "input", dims=(4,))
+    _check_activation(activation, negative_slope)
+    _check_batch_norm_args(input.shape[1], bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                           momentum, eps, input.device)
+    if not (bool(training) or running_mean is None):
+        return ref.batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, False, momentum, eps,
+                                    activation, num_batches_tracked, negative_slope=negative_slope)
+    count = input.shape[0] * input.shape[2] * input.shape[3]
+    if count <= 1:
+        raise ValueError(f"aefast: expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(input.shape)}")
+    backend = choose("batch_norm_act2d_forward", input.device, _conv_bn_pool_unsupported)
+    if backend == "reference":
+        return ref.batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, bool(training), momentum,
+                                    eps, activation, num_batches_tracked, negative_slope=negative_slope)
+    from aefast.ops.conv_pool import ACTIVATION_CODES
+
+    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    gamma = None if bn_weight is None else bn_weight.to(stat_dtype)
+    beta = None if bn_bias is None else bn_bias.to(stat_dtype)
+    out, mean, var = _registry.op(backend, "batch_norm_act2d_forward")(
+        input, gamma, beta, float(eps), ACTIVATION_CODES[activation], float(negative_slope))
+    if training:
+        ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
+    return out
+
+
 def _conv_bn_pool_unsupported(backend):
     return "no CUDA kernel for this op" if backend == "cuda" else None
 

@@ -12,8 +12,10 @@ answered from the input's shape):
   an upsampler without unpool, ConvTranspose2d with stride > 1 (U-Net, FCN, VAE and tutorial
       decoders), → [BatchNorm2d, eval mode] → [activation] becomes ``conv_transpose_act2d``;
   in both decoder forms, a BatchNorm2d that normalises with batch statistics (training mode) after
-      the conv stays in eager with what follows it, and the (unpool →) conv before it is fused alone
-      (the unpooled map is still never built);
+      the conv is not folded: the (unpool →) conv before it is fused alone (the unpooled map is still
+      never built), and the BatchNorm2d → activation after it is fused as below;
+  BatchNorm2d with batch statistics (training mode) → activation, where no pool fuses them (U-Net's
+      double convs, decoders, VAEs), becomes ``batch_norm_act2d`` (through ``batch_norm_act_with``);
   where an encoder's indices feed only fused decoders, the two pass aefast's uint8 window offsets
       instead of torch's flat int64 indices (no conversion, the decoder's faster form);
   F.mse_loss / l1_loss / huber_loss / binary_cross_entropy[_with_logits] (and their nn modules),
@@ -59,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aefast import functional as AF
+from aefast.nn.batch_norm_act import batch_norm_act_with
 from aefast.nn.conv_bn_pool import conv_bn_pool_with
 from aefast.optimize_layout import MEMORY_FORMATS, LayoutPass
 
@@ -466,6 +469,27 @@ class _Rewriter:
         self.report.append(f"conv_transpose_act2d <- {conv_node.target} (ConvTranspose2d, stride "
                            f"{_pair(deconv.stride)}) -> " + self.epilogue_text(bn_node, bn, batch_bn, act))
 
+    # -- BatchNorm2d (batch statistics) → activation, where no pool follows (U-Net's double convs,
+    #    decoders, VAEs): batch_norm_act2d keeps only BatchNorm's input and runs two passes each way
+    def batch_norm_act(self, act_node):
+        act = self.activation(act_node)
+        if act is None or not self.training or not self.batch_norm_training:
+            return
+        bn_node = act[2]
+        bn = self.module(bn_node) if isinstance(bn_node, fx.Node) else None
+        if type(bn) is not nn.BatchNorm2d or len(bn_node.args) != 1 or bn_node.kwargs:
+            return
+        if not self.only_feeds(bn_node, act_node):
+            return
+        with self.graph.inserting_before(act_node):
+            fused = self.graph.call_function(batch_norm_act_with, (self.graph.get_attr(bn_node.target),
+                                                                   bn_node.args[0], act[0]),
+                                             {"negative_slope": act[1]})
+        act_node.replace_all_uses_with(fused)
+        bn_node.replace_all_uses_with(fused)  # what is left reads only metadata, which is the same
+        self.erase(act_node, bn_node)
+        self.report.append(f"batch_norm_act2d <- {bn_node.target} (BatchNorm2d, batch statistics) -> {act[0]}")
+
     # -- losses
     def loss(self, node):
         mod = self.module(node)
@@ -550,7 +574,7 @@ class _Rewriter:
                 d.kwargs = {**d.kwargs, "index_format": "window"}
 
     def run(self):
-        for visit in (self.encoder, self.decoder, self.upsampler, self.loss):
+        for visit in (self.encoder, self.decoder, self.upsampler, self.batch_norm_act, self.loss):
             for node in list(self.graph.nodes):
                 if node.graph is self.graph and node in self.graph.nodes:
                     visit(node)

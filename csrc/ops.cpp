@@ -79,6 +79,19 @@ TORCH_LIBRARY(aefast, m) {
         "bool ceil_mode=False) "
         "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 
+  // ---- batch_norm_act (BatchNorm with batch statistics -> activation; aefast/ops/batch_norm_act.py) ----
+  // out = act(BN(input)) with BN normalising by the batch statistics of input (biased variance, eps)
+  // and the affine weight / bias (absent: 1 / 0); out keeps input's memory format (channels-last in,
+  // channels-last out). Returns out and the per-channel batch mean and biased variance (op-math
+  // dtype), from which the caller updates running statistics; the backward needs only input and these.
+  m.def("batch_norm_act2d_forward(Tensor input, Tensor? weight, Tensor? bias, float eps, int activation, "
+        "float negative_slope) -> (Tensor out, Tensor mean, Tensor var)");
+  // The gradients of (input, weight, bias); one left out by output_mask (or an absent parameter) is
+  // an empty tensor.
+  m.def("batch_norm_act2d_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
+        "Tensor? bias, float eps, int activation, float negative_slope, bool[3] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // ---- unpool_deconv (decoder) ----
   // Fused act(conv_transpose2d(max_unpool2d(input, indices, pool_size, unpooled_size), weight, bias,
   // stride, padding, output_padding)) without the unpooled map. indices are int64 flat positions in

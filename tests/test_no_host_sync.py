@@ -183,6 +183,20 @@ def test_fused_encoder_and_decoder(fake_gpu, index_checks, index_format):
     assert len(index_checks) == 1
 
 
+def test_batch_norm_blocks_with_running_statistics(fake_gpu):
+    """conv_bn_pool2d and batch_norm_act2d in training mode update running statistics (momentum
+    None: the factor comes from num_batches_tracked) without reading a device value. Forward only:
+    on cuda/triton both run the reference twin (counted fallbacks), whose backward is autograd's."""
+    x, w, b = _grad(2, 3, 8, 8), _grad(4, 3, 3, 3), _grad(4)
+    gamma, beta = _grad(4), _grad(4)
+    rm, rv, calls = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda"), torch.zeros((), dtype=torch.int64,
+                                                                                             device="cuda")
+    pooled, _ = AF.conv_bn_pool2d(x, w, b, gamma, beta, rm, rv, True, None, padding=1, num_batches_tracked=calls)
+    out = AF.batch_norm_act2d(pooled, gamma, beta, rm, rv, True, 0.1, activation="leaky_relu",
+                              num_batches_tracked=calls)
+    assert out.shape == (2, 4, 4, 4) and out.requires_grad
+
+
 def test_index_conversions(fake_gpu):
     x = _cuda(2, 3, 8, 8)
     _, flat = AF.max_pool2d(x, 2, return_indices=True)

@@ -596,3 +596,32 @@ def test_indices_the_caller_reads_stay_torch_flat_indices():
     assert i1.dtype == torch.int64
     torch.testing.assert_close(i1, ref_i1, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+class DoubleConvNet(nn.Module):
+    """U-Net's double conv (conv-BN-ReLU twice, the output read by a skip) and a decoder conv-BN-LeakyReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(*_conv_bn_relu(3, 6), *_conv_bn_relu(6, 6))
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.bn, self.out = nn.BatchNorm2d(4), nn.Conv2d(4 + 3, 2, 1)
+
+    def forward(self, x):
+        skip = self.block(x)
+        h = F.max_pool2d(skip, 2)
+        h = F.leaky_relu(self.bn(self.up(h)), 0.2)
+        return self.out(torch.cat([h + skip[:, :4], x], dim=1))
+
+
+def test_batch_norm_then_activation_fuses_where_no_pool_follows():
+    torch.manual_seed(0)
+    original = DoubleConvNet()
+    _randomize_bn(original)
+    optimized = aefast.optimize(copy.deepcopy(original), verbose=False)
+    train = [r for r in optimized.aefast_rewrites if not r.startswith("(eval mode)")]
+    assert sum(r.startswith("batch_norm_act2d") for r in train) == 3, train
+    assert not any(r.startswith("(eval mode) batch_norm_act2d") for r in optimized.aefast_rewrites)
+    x = torch.randn(2, 3, 10, 12)
+    _check_same(original, optimized, x, training=True)
+    _check_same(original, optimized, x, training=False)

@@ -393,6 +393,31 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     return pooled, idx
 
 
+def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1, eps=1e-5,
+                     activation="relu", num_batches_tracked=None, *, negative_slope=0.01):
+    """act(batch_norm(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)):
+    batch statistics (biased variance) when ``training`` or without running statistics, else the
+    running ones; running statistics and num_batches_tracked are updated in training mode as
+    nn.BatchNorm2d does. The normalisation and activation run in the op-math dtype (float32 for
+    half/bf16); the result has the input's dtype."""
+    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    xf = input.to(stat_dtype)
+    if training or running_mean is None:
+        mean = xf.mean(dim=(0, 2, 3))
+        var = (xf - mean[:, None, None]).square().mean(dim=(0, 2, 3))
+        if training:
+            update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean.detach(),
+                                 var.detach(), xf.numel() // xf.shape[1])
+    else:
+        mean, var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
+    z = (xf - mean[:, None, None]) * torch.rsqrt(var + eps)[:, None, None]
+    if bn_weight is not None:
+        z = z * bn_weight.to(stat_dtype)[:, None, None]
+    if bn_bias is not None:
+        z = z + bn_bias.to(stat_dtype)[:, None, None]
+    return apply_activation(z, activation, negative_slope).to(input.dtype)
+
+
 def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, activation=None, *,
                          negative_slope=0.01):
     """act(conv_transpose2d(input, weight, bias, stride, padding, output_padding)): the decoder's

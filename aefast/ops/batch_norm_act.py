@@ -1,0 +1,95 @@
+"""batch_norm_act family: BatchNorm with batch statistics (training mode) -> activation, fused.
+
+Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/batch_norm_act.cpp):
+
+* ``batch_norm_act2d_forward(x, gamma, beta, eps, act, slope) -> (out, mean, var)``
+* ``batch_norm_act2d_backward(grad_out, x, mean, var, gamma, beta, eps, act, slope, output_mask)
+  -> (grad_x, grad_gamma, grad_beta)``
+
+Forward, two passes over x (N, C, H, W), M = N*H*W values per channel::
+
+    pass 1 (per work unit): shifted sums, k_c = x[0, c, 0, 0], in double:
+                            s1_c = sum (x - k_c),  s2_c = sum (x - k_c)^2;  units added in order;
+                            mean_c = k_c + s1_c/M,  var_c = s2_c/M - (s1_c/M)^2   (biased)
+    pass 2:                 invstd_c = 1/sqrt(var_c + eps),  z = gamma_c*(x - mean_c)*invstd_c + beta_c,
+                            out = act(z)
+
+Only x (BatchNorm's input, which the gradient needs at every position) and the per-channel
+statistics are kept; eager keeps x, BatchNorm's output and the activation's output, and runs the
+activation as a pass of its own each way.
+
+Backward, with xhat = (x - mean)*invstd and g = grad_out * act'(z), z recomputed from x::
+
+    pass 1:  grad_beta_c = sum g,   S_c = sum g*(x - mean_c),   grad_gamma_c = invstd_c * S_c
+    pass 2:  dL/dx = gamma*invstd * (g - grad_beta/M - xhat * grad_gamma/M)   (BatchNorm's formula)
+                   = k_c*g + c0_c + c1_c*(x - mean_c),
+             k = gamma*invstd,  c0 = -k*grad_beta/M,  c1 = -k*invstd^2*S/M
+
+Layouts: channels-last in -> channels-last out and grad_input (vectorised over channels);
+otherwise contiguous NCHW (vectorised over each plane). Work units are fixed, partial sums added in
+order: the results do not depend on the thread count.
+
+Backends: cpu runs the C++ kernels. There is no Triton or CUDA kernel for this family yet: on those
+backends aefast.functional.batch_norm_act2d runs the reference twin, each call counted as a
+fallback in aefast.info().
+"""
+from __future__ import annotations
+
+import torch
+
+from aefast.ops import _registry
+from aefast.ops.conv_pool import _memory_format
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(input, weight, bias, eps, activation, negative_slope):
+    stat = _stat_dtype(input.dtype)
+    c = input.shape[1]
+    out = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_memory_format(input))
+    return out, input.new_empty((c,), dtype=stat), input.new_empty((c,), dtype=stat)
+
+
+def _fake_backward(grad_out, input, mean, var, weight, bias, eps, activation, negative_slope, output_mask):
+    c = input.shape[1]
+    grad_input = (torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                              memory_format=_memory_format(input))
+                  if output_mask[0] else input.new_empty((0,)))
+
+    def param_grad(wanted, like):
+        return like.new_empty((c,)) if wanted and like is not None else input.new_empty((0,))
+
+    return grad_input, param_grad(output_mask[1], weight), param_grad(output_mask[2], bias)
+
+
+_registry.register_fake("batch_norm_act2d_forward", _fake_forward)
+_registry.register_fake("batch_norm_act2d_backward", _fake_backward)
+
+
+def _setup_forward(ctx, inputs, output):
+    input, weight, bias, eps, activation, negative_slope = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.args = (eps, activation, negative_slope)
+    ctx.present = (True, weight is not None, bias is not None)
+    ctx.save_for_backward(input, mean, var, weight, bias)
+
+
+def _make_backward(ns):
+    def backward(ctx, grad_out, *unused):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
+        input, mean, var, weight, bias = ctx.saved_tensors
+        mask = [bool(need and present) for need, present in zip(ctx.needs_input_grad[:3], ctx.present)]
+        if not any(mask):
+            return (None,) * len(ctx.needs_input_grad)
+        grads = ns.batch_norm_act2d_backward(grad_out, input, mean, var, weight, bias, *ctx.args, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), *(None,) * (len(ctx.needs_input_grad) - 3))
+
+    return backward
+
+
+_registry.register_autograd("batch_norm_act2d_forward", _make_backward, _setup_forward)
