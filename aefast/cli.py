@@ -694,7 +694,7 @@ def _add_resume(p):
                    help="stop after N optimizer steps in total, checkpointing there (resume later)")
 
 
-BENCH_SUITES = ("conv_pool", "conv_bn_pool", "unpool_deconv", "conv_transpose_act", "recon_loss", "optimize",
+BENCH_SUITES = ("conv_pool", "conv_bn_pool", "batch_norm_act", "unpool_deconv", "conv_transpose_act", "recon_loss", "optimize",
                 "optimize_architectures", "training")
 
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
                                             ("bench_optimize_architectures.py", "optimize_architectures_cpu.json"),
                                             ("bench_conv_bn_pool.py", "bench_conv_bn_pool_quick.json"),
                                             ("bench_conv_transpose_act.py", "bench_conv_transpose_act_quick.json"),
+                                            ("bench_batch_norm_act.py", "bench_batch_norm_act_quick.json"),
                                             ("bench_training.py", "training_cpu.json")])
 def test_quick_run_writes_results(tmp_path, script, result):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(tmp_path)],
