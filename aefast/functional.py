@@ -1023,7 +1023,7 @@ def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, train
     is BatchNorm's affine map per channel followed by the activation, in eager PyTorch (a conv
     before it can fold it: :func:`aefast.optimize` does). The result keeps the input's memory format.
 
-    The cpu backend runs C++ kernels; triton and cuda have no kernel for this op yet and run the
+    The cpu and triton backends run their kernels; cuda has no kernel for this op yet and runs the
     reference twin, each call counted in ``aefast.info()``'s fallbacks.
     """
     (input,) = _autocast_lower(input)

@@ -153,8 +153,9 @@ def test_gradcheck_fp64(act, layout):
     def f(x, gamma, beta):  # no running statistics: no side effects between gradcheck's calls
         return AF.batch_norm_act2d(x, gamma, beta, None, None, True, 0.1, 1e-5, act)
 
-    with aefast.set_backend("cpu"):
-        assert torch.autograd.gradcheck(f, (x, gamma, beta), eps=1e-6, atol=1e-6)
+    for backend_name in BACKENDS_HERE[:1] + BACKENDS_HERE[2:]:  # cpu, and triton where it runs
+        with aefast.set_backend(backend_name):
+            assert torch.autograd.gradcheck(f, (x, gamma, beta), eps=1e-6, atol=1e-6)
 
 
 def test_gradcheck_fp64_with_running_statistics_updated_as_side_effect():
@@ -264,12 +265,12 @@ def test_fuzz_cpu_against_twin(case):
 
 
 @pytest.mark.skipif(not _backend.availability()["triton"][0], reason="triton unavailable here")
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
-def test_fuzz_triton_falls_back_to_the_twin_and_counts_it(case):
+def test_fuzz_triton_against_twin(case):
     _backend.reset_fallback_counts()
     _fuzz_step(case, "triton")
-    assert _backend.fallback_counts() == {"batch_norm_act2d_forward[triton]: no Triton kernel for this op": 1}
+    assert _backend.fallback_counts() == {}
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -186,7 +186,8 @@ def test_fused_encoder_and_decoder(fake_gpu, index_checks, index_format):
 def test_batch_norm_blocks_with_running_statistics(fake_gpu):
     """conv_bn_pool2d and batch_norm_act2d in training mode update running statistics (momentum
     None: the factor comes from num_batches_tracked) without reading a device value. Forward only:
-    on cuda/triton both run the reference twin (counted fallbacks), whose backward is autograd's."""
+    conv_bn_pool2d runs the reference twin on cuda/triton (counted fallbacks), whose backward is
+    autograd's, which this file's engine stand-in does not reduce over broadcasts."""
     x, w, b = _grad(2, 3, 8, 8), _grad(4, 3, 3, 3), _grad(4)
     gamma, beta = _grad(4), _grad(4)
     rm, rv, calls = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda"), torch.zeros((), dtype=torch.int64,

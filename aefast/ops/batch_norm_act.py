@@ -29,9 +29,10 @@ Layouts: channels-last in -> channels-last out and grad_input (vectorised over c
 otherwise contiguous NCHW (vectorised over each plane). Work units are fixed, partial sums added in
 order: the results do not depend on the thread count.
 
-Backends: cpu runs the C++ kernels. There is no Triton or CUDA kernel for this family yet: on those
-backends aefast.functional.batch_norm_act2d runs the reference twin, each call counted as a
-fallback in aefast.info().
+Backends: cpu runs the C++ kernels; triton runs aefast/triton/batch_norm_act.py (the same passes,
+tiles of positions x channels addressed through the strides, partial sums added in program order).
+There is no CUDA kernel for this family yet: on the cuda backend aefast.functional.batch_norm_act2d
+runs the reference twin, each call counted as a fallback in aefast.info().
 """
 from __future__ import annotations
 
@@ -64,6 +65,21 @@ def _fake_backward(grad_out, input, mean, var, weight, bias, eps, activation, ne
     return grad_input, param_grad(output_mask[1], weight), param_grad(output_mask[2], bias)
 
 
+def _triton_forward(input, weight, bias, eps, activation, negative_slope):
+    from aefast.triton import batch_norm_act as kernels
+
+    return kernels.forward(input, weight, bias, eps, activation, negative_slope)
+
+
+def _triton_backward(grad_out, input, mean, var, weight, bias, eps, activation, negative_slope, output_mask):
+    from aefast.triton import batch_norm_act as kernels
+
+    return kernels.backward(grad_out, input, mean, var, weight, bias, eps, activation, negative_slope, output_mask)
+
+
+# The Triton twins first: register_fake / register_autograd cover the namespaces registered so far.
+_registry.register_triton("batch_norm_act2d_forward", _triton_forward)
+_registry.register_triton("batch_norm_act2d_backward", _triton_backward)
 _registry.register_fake("batch_norm_act2d_forward", _fake_forward)
 _registry.register_fake("batch_norm_act2d_backward", _fake_backward)
 
