@@ -30,6 +30,8 @@ DEFAULT_BACKENDS = {
     "unpool_deconv": {"cuda": "triton", "cpu": "cpu"},
     "pooling": {"cuda": "cuda", "cpu": "cpu"},
     "recon_loss": {"cuda": "cuda", "cpu": "cpu"},
+    # BatchNorm -> activation has Triton kernels and no CUDA ones yet.
+    "batch_norm": {"cuda": "triton", "cpu": "cpu"},
 }
 # Which family each dispatched op belongs to; ops not named here (losses, corruption, VAE terms)
 # are in "recon_loss" (see family_of).
@@ -40,6 +42,7 @@ OP_FAMILIES = {
     "conv_transpose_act2d_backward": "unpool_deconv",
     "max_pool2d_forward": "pooling", "max_pool2d_backward": "pooling", "max_unpool2d": "pooling",
     "max_unpool2d_backward": "pooling", "flat_to_window": "pooling", "window_to_flat": "pooling",
+    "batch_norm_act2d_forward": "batch_norm", "batch_norm_act2d_backward": "batch_norm",
 }
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
