@@ -30,7 +30,7 @@ DEFAULT_BACKENDS = {
     "unpool_deconv": {"cuda": "triton", "cpu": "cpu"},
     "pooling": {"cuda": "cuda", "cpu": "cpu"},
     "recon_loss": {"cuda": "cuda", "cpu": "cpu"},
-    # BatchNorm -> activation has Triton kernels and no CUDA ones yet.
+    # BatchNorm -> activation: Triton and CUDA kernels; triton until a GPU measures the two.
     "batch_norm": {"cuda": "triton", "cpu": "cpu"},
 }
 # Which family each dispatched op belongs to; ops not named here (losses, corruption, VAE terms)

@@ -1023,8 +1023,8 @@ def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, train
     is BatchNorm's affine map per channel followed by the activation, in eager PyTorch (a conv
     before it can fold it: :func:`aefast.optimize` does). The result keeps the input's memory format.
 
-    The cpu and triton backends run their kernels; cuda has no kernel for this op yet and runs the
-    reference twin, each call counted in ``aefast.info()``'s fallbacks.
+    Every backend runs its own kernels (cpu: C++ per ISA; triton; cuda: the bodies of
+    csrc/include/aefast/batch_norm_act_host.h). On CUDA tensors triton is the default.
     """
     (input,) = _autocast_lower(input)
     _check_float_inputs(input=input)
@@ -1039,7 +1039,7 @@ def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, train
     if count <= 1:
         raise ValueError(f"aefast: expected more than 1 value per channel when training, got input of shape "
                          f"{tuple(input.shape)}")
-    backend = choose("batch_norm_act2d_forward", input.device, _conv_bn_pool_unsupported)
+    backend = choose("batch_norm_act2d_forward", input.device)
     if backend == "reference":
         return ref.batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, bool(training), momentum,
                                     eps, activation, num_batches_tracked, negative_slope=negative_slope)

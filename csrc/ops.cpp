@@ -184,6 +184,12 @@ TORCH_LIBRARY(aefast, m) {
   m.def("emulate_cuda_max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
   m.def("emulate_cuda_max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
+  // batch_norm_act2d's CUDA host code (aefast/batch_norm_act_host.h) with the CPU executor.
+  m.def("emulate_cuda_batch_norm_act2d_forward(Tensor input, Tensor? weight, Tensor? bias, float eps, int activation, "
+        "float negative_slope) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def("emulate_cuda_batch_norm_act2d_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+        "Tensor? weight, Tensor? bias, float eps, int activation, float negative_slope, bool[3] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 namespace py = pybind11;

@@ -321,3 +321,38 @@ def test_torch_compile_fullgraph_of_the_module():
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.running_mean, spec[0].running_mean, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the CUDA backend's bodies, run on the CPU
+
+@pytest.mark.parametrize("act", list(ACT_MODULES))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", [(3, 5, 9, 7), (1, 17, 1, 2), (2, 3, 23, 19), (600, 2, 1, 1)])
+def test_cuda_bodies_emulated_against_twin(act, layout, shape):
+    """aefast/batch_norm_act_host.h's bodies (the CUDA kernels) over their index spaces on the CPU:
+    groups of runs of rows (channels-last) or of planes (NCHW), more than one group per channel in
+    the larger shapes, partials added by a fixed-shape sum."""
+    ops = torch.ops.aefast
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).contiguous(memory_format=LAYOUTS[layout])
+    gamma = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    code = ACTIVATION_CODES[act]
+    out, mean, var = ops.emulate_cuda_batch_norm_act2d_forward(x, gamma, beta, 1e-5, code, 0.2)
+    want = ref.batch_norm_act2d(x, gamma, beta, None, None, True, 0.1, 1e-5, act, negative_slope=0.2)
+    torch.testing.assert_close(out, want, **TOLERANCES[torch.float64])
+    assert out.stride() == want.contiguous(memory_format=LAYOUTS[layout]).stride()
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), **TOLERANCES[torch.float64])
+    torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), **TOLERANCES[torch.float64])
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gamma, beta)]
+    ref.batch_norm_act2d(*leaves, None, None, True, 0.1, 1e-5, act, negative_slope=0.2).backward(grad)
+    got = ops.emulate_cuda_batch_norm_act2d_backward(grad, x, mean, var, gamma, beta, 1e-5, code, 0.2, [True] * 3)
+    for a, leaf in zip(got, leaves):
+        torch.testing.assert_close(a, leaf.grad, **TOLERANCES[torch.float64])
+    # and in float32, against the CPU backend's kernels
+    xf, gf, bf = x.float(), gamma.float(), beta.float()
+    cpu = ops.batch_norm_act2d_forward(xf, gf, bf, 1e-5, code, 0.2)
+    emu = ops.emulate_cuda_batch_norm_act2d_forward(xf, gf, bf, 1e-5, code, 0.2)
+    for a, b in zip(emu, cpu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

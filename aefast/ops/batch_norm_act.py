@@ -31,8 +31,10 @@ order: the results do not depend on the thread count.
 
 Backends: cpu runs the C++ kernels; triton runs aefast/triton/batch_norm_act.py (the same passes,
 tiles of positions x channels addressed through the strides, partial sums added in program order).
-There is no CUDA kernel for this family yet: on the cuda backend aefast.functional.batch_norm_act2d
-runs the reference twin, each call counted as a fallback in aefast.info().
+cuda runs csrc/cuda/batch_norm_act.cu: the same passes as per-element bodies
+(csrc/include/aefast/batch_norm_act_host.h; per-(run, channel) partial sums added by a fixed-shape
+at::sum), which the tests run on the CPU through emulate_cuda_batch_norm_act2d*. Triton is the
+default on CUDA tensors (aefast/backend.py) until a GPU measures the two.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@
 
 #include <atomic>
 
+#include "aefast/batch_norm_act_host.h"
 #include "aefast/conv_transpose_act_host.h"
 #include "aefast/gemm_gather_host.h"
 #include "aefast/torch_utils.h"
@@ -115,9 +116,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_conv_transpose_act2d_back
                                                    activation, negative_slope, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_batch_norm_act2d_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps, int64_t activation, double negative_slope) {
+  check_same_device("emulate_cuda_batch_norm_act2d_forward", {&input}, weight);
+  return batch_norm_act2d_forward_op<CpuExec>(input, weight, bias, eps, activation, negative_slope);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_batch_norm_act2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, int64_t activation,
+    double negative_slope, std::array<bool, 3> output_mask) {
+  check_same_device("emulate_cuda_batch_norm_act2d_backward", {&grad_out, &input, &mean, &var}, weight);
+  return batch_norm_act2d_backward_op<CpuExec>(grad_out, input, mean, var, weight, bias, eps, activation,
+                                               negative_slope, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("emulate_cuda_batch_norm_act2d_forward", &emulate_batch_norm_act2d_forward);
+  m.impl("emulate_cuda_batch_norm_act2d_backward", &emulate_batch_norm_act2d_backward);
   m.impl("emulate_cuda_conv_transpose_act2d", &emulate_conv_transpose_act2d);
   m.impl("emulate_cuda_conv_transpose_act2d_backward", &emulate_conv_transpose_act2d_backward);
   m.impl("emulate_cuda_unpool_conv_transpose2d", &emulate_decoder_forward);
