@@ -16,7 +16,7 @@ import aefast.functional as AF
 from aefast import backend as _backend
 from aefast.ops.conv_pool import ACTIVATION_CODES
 from aefast.reference import functional as ref
-from conftest import TOLERANCES
+from conftest import TOLERANCES, backend_device
 
 ACT_MODULES = {None: nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "sigmoid": nn.Sigmoid,
                "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -47,7 +47,7 @@ def make_pair(channels, act="relu", momentum=0.1, affine=True, track_running_sta
 def run_step(model, x):
     x = x.detach().clone().requires_grad_()
     out = model(x)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
     (out * grad).sum().backward()
     grads = {"x": x.grad}
     grads.update({name.replace("0.", "", 1): p.grad for name, p in model.named_parameters()})
@@ -356,3 +356,17 @@ def test_cuda_bodies_emulated_against_twin(act, layout, shape):
     emu = ops.emulate_cuda_batch_norm_act2d_forward(xf, gf, bf, 1e-5, code, 0.2)
     for a, b in zip(emu, cpu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_kernel_backend_on_its_device_matches_the_modules(kernel_backend, layout, dtype):
+    """On a GPU this runs the cuda and triton kernels on CUDA tensors (TF32 is irrelevant: no matmul)."""
+    device = backend_device(kernel_backend)
+    spec, fused = make_pair(6, act="leaky_relu", dtype=dtype)
+    spec, fused = spec.to(device), fused.to(device)
+    x = (torch.randn(4, 6, 13, 11, dtype=dtype) * 2 + 1).to(device).contiguous(memory_format=LAYOUTS[layout])
+    tol = TOLERANCES[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    _backend.reset_fallback_counts()
+    assert_same_step(spec, fused, x, tol=tol)
+    assert _backend.fallback_counts() == {}
