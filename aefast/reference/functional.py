@@ -369,22 +369,8 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     and num_batches_tracked are updated in training mode as nn.BatchNorm2d does. The normalisation
     and activation run in the op-math dtype (float32 for half/bf16), the pool on the input dtype."""
     y = F.conv2d(input, weight, bias, stride=stride, padding=padding)
-    stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    yf = y.to(stat_dtype)
-    if training or running_mean is None:
-        mean = yf.mean(dim=(0, 2, 3))
-        var = (yf - mean[:, None, None]).square().mean(dim=(0, 2, 3))
-        if training:
-            update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean.detach(),
-                                 var.detach(), yf.numel() // yf.shape[1])
-    else:
-        mean, var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
-    z = (yf - mean[:, None, None]) * torch.rsqrt(var + eps)[:, None, None]
-    if bn_weight is not None:
-        z = z * bn_weight.to(stat_dtype)[:, None, None]
-    if bn_bias is not None:
-        z = z + bn_bias.to(stat_dtype)[:, None, None]
-    a = apply_activation(z, activation, negative_slope).to(input.dtype)
+    a = batch_norm_act2d(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation,
+                         num_batches_tracked, negative_slope=negative_slope)
     pooled, idx = max_pool2d(a, pool_size, pool_stride, ceil_mode=ceil_mode, return_indices=True)
     if not return_indices:
         return pooled

@@ -28,21 +28,8 @@
 namespace aefast {
 namespace {
 
-namespace generic {
-#include "batch_norm_act_kernels.inc"
-}  // namespace generic
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "batch_norm_act_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-namespace avx512 {
-#include "batch_norm_act_kernels.inc"
-}  // namespace avx512
-#pragma GCC pop_options
+#define AEFAST_PER_ISA_KERNELS "batch_norm_act_kernels.inc"
+#include "per_isa.inc"
 
 template <typename scalar_t, typename acc_t>
 struct BnActKernels {
