@@ -85,10 +85,12 @@ def test_matches_torch_modules_in_train_then_eval(backend_name, act, momentum, l
 
 
 @pytest.mark.parametrize("shape", [(1, 17, 1, 2), (2, 1, 3, 3), (1, 3, 5, 1), (7, 3, 1, 1), (1, 2, 33, 31),
-                                   (2, 16, 24, 23)])
+                                   (2, 16, 24, 23), (2, 8, 1, 5), (3, 5, 7, 3), (5, 3, 13, 11)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_odd_shapes(shape, layout):
-    """Batch 1, 1 channel, 1x1 planes (channels-last and NCHW coincide), rows past one work unit."""
+    """Batch 1, 1 channel, 1x1 planes (channels-last and NCHW coincide), rows past one work unit, and
+    channels-last rows that end in a partial wide row (C = 8: 8 rows a wide row, 10 rows; C = 5: 16,
+    63; C = 3: 32, 715 over three units)."""
     spec, fused = make_pair(shape[1], act="leaky_relu", dtype=torch.float64)
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout])
     assert_same_step(spec, fused, x, tol=TOLERANCES[torch.float64])

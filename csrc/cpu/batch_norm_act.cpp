@@ -74,17 +74,35 @@ constexpr int64_t kRows = 256;
 
 // The layout a call runs in: channels-last (rows of C) when the input is channels-last
 // contiguous and not also NCHW contiguous (C == 1 or 1x1 planes), else contiguous NCHW.
+// Channels-last rows are processed R at a time as one "wide row" of P = R*C values with the
+// per-channel constants repeated R times: with few channels (C = 8 or 16) a row alone is shorter than
+// an AVX-512 loop's step and ran in its scalar remainder. R is the smallest power of two (so it
+// divides kRows) with P >= 64; the partial sums of the R copies of a channel are added at the end.
 struct Layout {
   bool channels_last;
-  int64_t N, C, HW;
+  int64_t N, C, HW, R;
   int64_t count() const { return N * HW; }
+  int64_t P() const { return R * C; }
   int64_t units() const { return channels_last ? (N * HW + kRows - 1) / kRows : N * C; }
+  // Partial sums per unit and moment: P (one per copy of each channel) or 1 (an NCHW plane).
+  int64_t partial_width() const { return channels_last ? P() : 1; }
   at::MemoryFormat format() const { return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
 };
 
 Layout layout_of(const at::Tensor& x) {
   const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  return Layout{cl, x.size(0), x.size(1), x.size(2) * x.size(3)};
+  int64_t r = 1;
+  while (r * x.size(1) < 64 && r < kRows) r *= 2;
+  return Layout{cl, x.size(0), x.size(1), x.size(2) * x.size(3), r};
+}
+
+// v (one value per channel) repeated R times: the constants of a wide row.
+template <typename T>
+std::vector<T> repeated(const std::vector<T>& v, int64_t R) {
+  std::vector<T> out;
+  out.reserve(v.size() * R);
+  for (int64_t r = 0; r < R; ++r) out.insert(out.end(), v.begin(), v.end());
+  return out;
 }
 
 void check_input(const char* op, const at::Tensor& x) {
@@ -137,10 +155,11 @@ void reduce_partials(const Layout& L, const double* partial, std::vector<double>
   s1.assign(L.C, 0.0);
   s2.assign(L.C, 0.0);
   if (L.channels_last) {
+    const int64_t P = L.P();
     for (int64_t u = 0; u < L.units(); ++u)
-      for (int64_t c = 0; c < L.C; ++c) {
-        s1[c] += partial[(2 * u) * L.C + c];
-        s2[c] += partial[(2 * u + 1) * L.C + c];
+      for (int64_t j = 0; j < P; ++j) {
+        s1[j % L.C] += partial[(2 * u) * P + j];
+        s2[j % L.C] += partial[(2 * u + 1) * P + j];
       }
   } else {
     for (int64_t n = 0; n < L.N; ++n)
@@ -152,7 +171,8 @@ void reduce_partials(const Layout& L, const double* partial, std::vector<double>
 }
 
 // Runs f(unit, first, count) over the layout's work units in parallel: channels-last units are
-// runs of rows (first row, rows); NCHW units are planes (plane index, HW).
+// runs of rows (first row, rows; callers take count / R wide rows, then count % R single rows);
+// NCHW units are planes (plane index, HW).
 template <typename F>
 void for_units(const Layout& L, F&& f) {
   at::parallel_for(0, L.units(), 1, [&](int64_t u0, int64_t u1) {
@@ -192,14 +212,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     std::vector<double> shift(L.C);
     for (int64_t c = 0; c < L.C; ++c)
       shift[c] = static_cast<double>(static_cast<acc_t>(xp[L.channels_last ? c : c * L.HW]));
-    at::Tensor partial_t = empty_cpu_cached({L.units() * 2 * (L.channels_last ? L.C : 1)}, x.options().dtype(at::kDouble));
+    const int64_t P = L.partial_width();
+    at::Tensor partial_t = empty_cpu_cached({L.units() * 2 * P}, x.options().dtype(at::kDouble));
     double* partial = partial_t.mutable_data_ptr<double>();
+    const std::vector<double> shift_wide = repeated(shift, L.R);
     for_units(L, [&](int64_t u, int64_t first, int64_t count) {
-      if (L.channels_last)
-        kern.cl_moments(xp + first * L.C, count, L.C, shift.data(), partial + 2 * u * L.C,
-                        partial + (2 * u + 1) * L.C);
-      else
+      if (!L.channels_last) {
         kern.plane_moments(xp + first * L.HW, count, shift[first % L.C], partial + 2 * u, partial + 2 * u + 1);
+        return;
+      }
+      double* s1 = partial + 2 * u * P;
+      double* s2 = partial + (2 * u + 1) * P;
+      const int64_t wide = count / L.R, rest = count % L.R;
+      kern.cl_moments(xp + first * L.C, wide, P, shift_wide.data(), s1, s2);
+      if (rest > 0) {  // the last unit's rows past its whole wide rows, into the first copy's sums
+        std::vector<double> t1(L.C), t2(L.C);
+        kern.cl_moments(xp + (first + wide * L.R) * L.C, rest, L.C, shift.data(), t1.data(), t2.data());
+        for (int64_t c = 0; c < L.C; ++c) s1[c] += t1[c], s2[c] += t2[c];
+      }
     });
     std::vector<double> s1, s2;
     reduce_partials(L, partial, s1, s2);
@@ -214,12 +244,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     const Affine<acc_t> a = affine_of<acc_t>(mean, var, weight, bias, eps, L.C);
     const acc_t slope = static_cast<acc_t>(negative_slope);
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    for_units(L, [&](int64_t u, int64_t first, int64_t count) {
-      if (L.channels_last)
-        kern.cl_forward(xp + first * L.C, count, L.C, a.scale.data(), a.shift.data(), slope, op_ + first * L.C);
-      else
+    const std::vector<acc_t> scale_wide = repeated(a.scale, L.R), shift_c_wide = repeated(a.shift, L.R);
+    for_units(L, [&](int64_t, int64_t first, int64_t count) {
+      if (!L.channels_last) {
         kern.plane_forward(xp + first * L.HW, count, a.scale[first % L.C], a.shift[first % L.C], slope,
                            op_ + first * L.HW);
+        return;
+      }
+      const int64_t wide = count / L.R, done = first + wide * L.R;
+      kern.cl_forward(xp + first * L.C, wide, L.P(), scale_wide.data(), shift_c_wide.data(), slope, op_ + first * L.C);
+      kern.cl_forward(xp + done * L.C, count % L.R, L.C, a.scale.data(), a.shift.data(), slope, op_ + done * L.C);
     });
   });
   return {out, mean, var};
@@ -253,16 +287,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     const Affine<acc_t> a = affine_of<acc_t>(mean, var, weight, bias, eps, L.C);
     const acc_t slope = static_cast<acc_t>(negative_slope);
-    at::Tensor partial_t = empty_cpu_cached({L.units() * 2 * (L.channels_last ? L.C : 1)}, x.options().dtype(at::kDouble));
+    const int64_t P = L.partial_width();
+    at::Tensor partial_t = empty_cpu_cached({L.units() * 2 * P}, x.options().dtype(at::kDouble));
     double* partial = partial_t.mutable_data_ptr<double>();
+    const std::vector<acc_t> scale_wide = repeated(a.scale, L.R), shift_c_wide = repeated(a.shift, L.R),
+                             mean_wide = repeated(a.mean, L.R);
     for_units(L, [&](int64_t u, int64_t first, int64_t count) {
-      if (L.channels_last) {
-        kern.cl_grad_sums(gp + first * L.C, xp + first * L.C, count, L.C, a.scale.data(), a.shift.data(),
-                          a.mean.data(), slope, partial + 2 * u * L.C, partial + (2 * u + 1) * L.C);
-      } else {
+      if (!L.channels_last) {
         const int64_t c = first % L.C;
         kern.plane_grad_sums(gp + first * L.HW, xp + first * L.HW, count, a.scale[c], a.shift[c], a.mean[c], slope,
                              partial + 2 * u, partial + 2 * u + 1);
+        return;
+      }
+      double* sg = partial + 2 * u * P;
+      double* sgx = partial + (2 * u + 1) * P;
+      const int64_t wide = count / L.R, rest = count % L.R, done = first + wide * L.R;
+      kern.cl_grad_sums(gp + first * L.C, xp + first * L.C, wide, P, scale_wide.data(), shift_c_wide.data(),
+                        mean_wide.data(), slope, sg, sgx);
+      if (rest > 0) {
+        std::vector<double> t1(L.C), t2(L.C);
+        kern.cl_grad_sums(gp + done * L.C, xp + done * L.C, rest, L.C, a.scale.data(), a.shift.data(), a.mean.data(),
+                          slope, t1.data(), t2.data());
+        for (int64_t c = 0; c < L.C; ++c) sg[c] += t1[c], sgx[c] += t2[c];
       }
     });
     std::vector<double> sum_g, sum_gx;
@@ -291,10 +337,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
       }
       grad_input = at::empty(x.sizes(), x.options().memory_format(L.format()));
       scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
-      for_units(L, [&](int64_t u, int64_t first, int64_t count) {
+      const std::vector<acc_t> c0_wide = repeated(c0, L.R), c1_wide = repeated(c1, L.R);
+      for_units(L, [&](int64_t, int64_t first, int64_t count) {
         if (L.channels_last) {
-          kern.cl_grad_input(gp + first * L.C, xp + first * L.C, count, L.C, a.scale.data(), a.shift.data(),
-                             a.mean.data(), c0.data(), c1.data(), slope, gx + first * L.C);
+          const int64_t wide = count / L.R, done = first + wide * L.R;
+          kern.cl_grad_input(gp + first * L.C, xp + first * L.C, wide, L.P(), scale_wide.data(), shift_c_wide.data(),
+                             mean_wide.data(), c0_wide.data(), c1_wide.data(), slope, gx + first * L.C);
+          kern.cl_grad_input(gp + done * L.C, xp + done * L.C, count % L.R, L.C, a.scale.data(), a.shift.data(),
+                             a.mean.data(), c0.data(), c1.data(), slope, gx + done * L.C);
         } else {
           const int64_t c = first % L.C;
           kern.plane_grad_input(gp + first * L.HW, xp + first * L.HW, count, a.scale[c], a.shift[c], a.mean[c], c0[c],
