@@ -31,9 +31,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include "aefast/conv_transpose_act_host.h"
@@ -77,6 +79,22 @@ bool use_gather_forward(const at::Tensor& input, const at::Tensor& weight, at::M
          weight.size(1) <= kGatherForwardMaxCout;
 }
 
+// Window offsets of 1x1 windows: all 0 (uint8, window format). The kernel only reads them, so
+// one zeroed buffer, grown on demand and capped, serves every call: a fresh zeroed tensor cost a
+// pass over a quarter of the input's fp32 bytes each step (1.6 MB on ConvVAE-W1's last layer).
+constexpr int64_t kSharedZeroOffsetsMax = int64_t(8) << 20;
+
+at::Tensor zero_offsets(at::IntArrayRef sizes) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  const auto opts = at::TensorOptions().dtype(at::kByte);
+  if (numel > kSharedZeroOffsetsMax) return at::zeros(sizes, opts);
+  static std::mutex mutex;
+  static auto* shared = new at::Tensor();  // leaked: used at exit
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!shared->defined() || shared->numel() < numel) *shared = at::zeros({numel}, opts);
+  return shared->narrow(0, 0, numel).view(sizes);  // a view keeps its storage even if the buffer grows
+}
+
 using GatherForwardSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::IntArrayRef,
     c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, std::optional<c10::string_view>, double);
@@ -89,8 +107,7 @@ std::tuple<at::Tensor, at::Tensor> gather_forward(const at::Tensor& input, const
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("aefast::unpool_conv_transpose2d", "")
                              .typed<GatherForwardSig>();
-  // Window offsets of 1x1 windows: all 0 (uint8, window format: a quarter of the input's fp32 bytes).
-  const at::Tensor offsets = at::zeros(input.sizes(), input.options().dtype(at::kByte));
+  const at::Tensor offsets = zero_offsets(input.sizes());
   const std::array<int64_t, 2> window{1, 1}, in_hw{input.size(2), input.size(3)};
   // Below the autograd keys: this runs inside this op's CPU kernel, whose autograd is this op's.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
