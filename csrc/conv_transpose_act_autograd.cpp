@@ -133,7 +133,8 @@ at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor
   for (const at::Tensor* t : {&input, &weight})
     TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ",
                 "conv_transpose_act2d's eager path is not supported; use aefast.set_backend('reference') for it");
-  const auto s = pair_of(stride, "stride"), p = pair_of(padding, "padding"), op = pair_of(output_padding, "output_padding");
+  const auto s = pair_of(stride, "stride"), p = pair_of(padding, "padding");
+  const auto op = pair_of(output_padding, "output_padding");
   const std::optional<c10::string_view> act =
       activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt;
   at::Tensor out, pre;

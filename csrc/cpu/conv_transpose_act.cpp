@@ -60,17 +60,18 @@ at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) 
 }
 
 // Which kernel runs the forward: the one rule (see the top of the file). Measured fp32, 1 thread,
-// process_time, interleaved (2-core dev machine under load, Dec 2026), forward of act(conv_transpose2d),
-// stride 2, oneDNN / gather in us:
-//   C_out 1:  N128 8->1 k3 8->16  779 / 175;  N256 32->1 k4 14->28  8483 / 2575;
-//             N128 4->1 k2 14->28  927 / 292;  N128 16->1 k3 14->28  1810 / 545
-//   C_out 3:  N32 64->3 k4 64->128  43992 / 14134
-//   C_out 4:  N128 16->4 k2 7->14  604 / 457
-//   C_out 8+: mixed: N128 16->8 k3 4->8  492 / 294, N128 8->8 k3 14->28  2130 / 2395,
-//             N128 32->16 k3 8->16  1404 / 1791, N32 128->64 k4 16->32  26672 / 56386
-// so the gather kernel for C_out <= 4 only. The backward stays on oneDNN: the two traded places
-// with no rule in the shapes measured (oneDNN / gather: N256 32->1 k4 1923 / 3273, N128 4->1 k2
-// 244 / 163, N256 64->32 k4 20068 / 10405, N32 128->64 k4 33531 / 43293).
+// process_time, interleaved, freed memory kept mapped (2-core dev machine under load, Dec 2026):
+// eager's conv_transpose2d -> sigmoid (oneDNN) / the gather kernel, stride 2, in us:
+//   C_out 1:  N128 8->1 k3 8->16  754 / 200;  N256 32->1 k4 14->28  8177 / 2473;
+//             N128 4->1 k2 14->28  869 / 307;  N128 16->1 k3 14->28  1758 / 605
+//   C_out 3:  N32 64->3 k4 64->128  28624 / 14804
+//   C_out 4:  N128 16->4 k2 7->14  572 / 467
+//   C_out 8+: mixed (glibc's default allocator): N128 16->8 k3 4->8  492 / 294, N128 8->8 k3 14->28
+//             2130 / 2395, N128 32->16 k3 8->16  1404 / 1791, N32 128->64 k4 16->32  26672 / 56386
+// so the gather kernel for C_out <= 4 only. The backward stays on oneDNN, the call eager makes:
+// the gather kernel's backward won some shapes and lost others with no rule in sight (glibc's
+// default allocator, this op / gather: N128 4->1 k2 229 / 157, N256 64->32 k4 14149 / 10058,
+// N32 128->64 k4 27102 / 41210, N128 16->8 k3 204 / 192).
 // fp32 only (the dtype measured), NCHW only (the gather kernel's layout), non-empty.
 constexpr int64_t kGatherForwardMaxCout = 4;
 
@@ -159,7 +160,8 @@ at::Tensor bias_grad(const at::Tensor& gpre, const at::Tensor& weight) {
     std::vector<acc_t> sums(static_cast<size_t>(batch * channels));
     const scalar_t* gp = gpre.const_data_ptr<scalar_t>();
     at::parallel_for(0, batch * channels, plane_grain(plane), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) sums[static_cast<size_t>(p)] = plane_sum<scalar_t, acc_t>(gp + p * plane, plane);
+      for (int64_t p = p0; p < p1; ++p)
+        sums[static_cast<size_t>(p)] = plane_sum<scalar_t, acc_t>(gp + p * plane, plane);
     });
     scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < channels; ++c) {
@@ -236,9 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
   // page-fault on every step, ~3 us a page under load), grad_b from its fixed-order plane sums,
   // then oneDNN's backward for grad_input and grad_W.
   const at::Tensor g = grad_out.contiguous();
-  const at::Tensor gpre =
-      act == DecoderAct::None ? g
-                              : activation_grad(g, act_input.contiguous(), act, negative_slope, empty_like_cpu_cached(g));
+  const at::Tensor gpre = act == DecoderAct::None
+                              ? g
+                              : activation_grad(g, act_input.contiguous(), act, negative_slope,
+                                                empty_like_cpu_cached(g));
   at::Tensor gb = output_mask[2] ? bias_grad(gpre, weight) : at::zeros({weight.size(1)}, weight.options());
   at::Tensor gi, gw;
   if (output_mask[0] || output_mask[1]) {
