@@ -95,8 +95,9 @@ def test_grid_kernel_backends(kernel_backend, case):
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_activations(kernel_backend, act):
-    x, w, b = make(2, 3, 4, (3, 5), 3, device=backend_device(kernel_backend), seed=3)
+@pytest.mark.parametrize("c_out", [4, 5])  # the CPU fp32 forward's two kernels: the gather one for C_out <= 4, oneDNN
+def test_activations(kernel_backend, act, c_out):
+    x, w, b = make(2, 3, c_out, (3, 5), 3, device=backend_device(kernel_backend), seed=3)
     check_against_torch(x, w, b, 2, 1, 1, act, TOLERANCES[torch.float32])
 
 
@@ -239,6 +240,55 @@ def test_gradient_on_saved_preactivation_is_linear():
         return out + 0.5 * pre
 
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("act", [None, "sigmoid", "leaky_relu"])
+def test_eager_calls_take_the_cpp_autograd_node(kernel_backend, act):
+    """Eager calls on plain tensors attach the C++ node (csrc/conv_transpose_act_autograd.cpp), whose
+    gradients equal the registered formula's (called through torch.ops, the path torch.compile takes)."""
+    dev = backend_device(kernel_backend)
+    x, w, b = make(2, 3, 4, (3, 5), 3, device=dev, seed=21)
+    fused, fused_grads = run_and_grads(lambda x, w, b: AF.conv_transpose_act2d(x, w, b, 2, 1, 1, activation=act),
+                                       x, w, b)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = AF.conv_transpose_act2d(*leaves, 2, 1, 1, activation=act)
+    assert y.grad_fn.name() == "aefast::ConvTransposeAct2DBackward"
+    # and so do a module's parameters (nn.Parameter is a plain tensor to the dispatcher)
+    params = [torch.nn.Parameter(t.detach().clone()) for t in (x, w, b)]
+    y = AF.conv_transpose_act2d(*params, 2, 1, 1, activation=act)
+    assert y.grad_fn.name() == "aefast::ConvTransposeAct2DBackward"
+    registered, registered_grads = run_and_grads(
+        lambda x, w, b: _registry.op(kernel_backend, "conv_transpose_act2d")(x, w, b, [2, 2], [1, 1], [1, 1], act,
+                                                                            0.01)[0], x, w, b)
+    torch.testing.assert_close(fused, registered, rtol=0, atol=0)
+    for got, want in zip(fused_grads, registered_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_eager_node_only_when_a_gradient_is_needed():
+    x, w, b = make(2, 3, 4, (3, 3), 2, seed=22)
+    assert AF.conv_transpose_act2d(x, w, b, 2, activation="relu").grad_fn is None
+    with torch.no_grad():
+        assert AF.conv_transpose_act2d(x, w, b.requires_grad_(), 2, activation="relu").grad_fn is None
+    # only the bias requires grad: the node gives it alone
+    y = AF.conv_transpose_act2d(x, w, b, 2, activation="relu")
+    y.sum().backward()
+    torch.testing.assert_close(b.grad, (y > 0).sum((0, 2, 3)).to(b.dtype))
+
+
+def test_eager_node_refuses_what_it_cannot_do():
+    x, w, b = make(2, 3, 4, (3, 3), 2, seed=23)
+    w.requires_grad_()
+    y = AF.conv_transpose_act2d(x, w, b, 2, activation="sigmoid")
+    y.mul_(2)  # the saved output was modified in place: autograd's version check must catch it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = AF.conv_transpose_act2d(x, w, b, 2, activation="sigmoid")
+    (gw,) = torch.autograd.grad(y.sum(), w, retain_graph=True)  # a retained graph runs twice
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), w)[0], gw)
+    y = AF.conv_transpose_act2d(x, w, b, 2, activation="sigmoid")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), w, create_graph=True)
 
 
 def _namespaces():

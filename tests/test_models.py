@@ -269,3 +269,26 @@ def test_conv_models_match_twin_fuzz(h, w, c_in, widths, k, n, segnet):
     twin.load_state_dict(model.state_dict(), strict=True)
     with aefast.set_backend("cpu"):
         _check_against_twin(model, twin, torch.rand(n, c_in, h, w))
+
+
+def test_vae_decoder_block_fuses_its_activation_and_keeps_torch_semantics():
+    """ConvVAE's decoder block (aefast.models.conv.ConvTranspose2d) is one fused conv_transpose_act2d
+    for groups 1 / dilation 1, and the separate conv_transpose2d -> activation otherwise; both equal
+    nn.ConvTranspose2d -> activation, forward and backward."""
+    from aefast.models.conv import ConvTranspose2d
+
+    torch.manual_seed(0)
+    for kwargs, fused in ((dict(stride=2, padding=1, output_padding=1), True),
+                          (dict(stride=2, padding=1, groups=2), False)):
+        block = ConvTranspose2d(4, 6, 3, activation="sigmoid", **kwargs)
+        twin = torch.nn.ConvTranspose2d(4, 6, 3, **kwargs)
+        twin.load_state_dict(block.state_dict())
+        x = torch.randn(2, 4, 5, 5)
+        y = block(x)
+        assert (y.grad_fn.name() == "aefast::ConvTransposeAct2DBackward") == fused
+        want = torch.sigmoid(twin(x))
+        torch.testing.assert_close(y, want)
+        y.square().sum().backward()
+        want.square().sum().backward()
+        for p, q in zip(block.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)

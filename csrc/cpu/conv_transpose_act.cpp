@@ -9,25 +9,37 @@
 //   forward   out = act(y) on the vendor's output y, by ATen's vectorised activation kernels: in
 //             place (relu, sigmoid, tanh), or into a new out with y kept as the saved
 //             pre-activation (leaky_relu, gelu, silu); none: no pass;
-//   backward  gpre = grad_out * act'(out or pre) and, in the same pass, each (n, c) plane's sum of
-//             gpre (grad_b's partials), parallel over planes, the activation a compile-time
-//             constant (relu / leaky_relu / sigmoid / tanh derivatives are polynomial and the loop
-//             vectorises); gpre then feeds at::convolution_backward for grad_input and grad_W.
-//             gelu and silu, whose derivatives need erf / exp (scalar here), take ATen's vectorised
-//             gelu_backward / silu_backward instead, and oneDNN's backward sums grad_b.
+//   backward  gpre = grad_out * act'(out or pre) by ATen's vectorised activation gradients (the
+//             kernels eager's autograd runs: the hand-written pass this file had took ~5 ms for
+//             relu on a 256x32x14x14 gradient, ATen's 0.4 ms) into a cached buffer (a fresh
+//             multi-MB one page-faults every step); grad_b from gpre's (n, c)
+//             plane sums; gpre then feeds at::convolution_backward for grad_input and grad_W.
 // grad_b[c] = sum over n of the plane sums in n order, and a plane sum runs in 16 fixed lanes: the
 // result depends on the shapes only, never on the number of threads.
 // channels_last (the input or the weight, as oneDNN decides): the layout is kept throughout; the
 // backward then takes ATen's activation gradients and oneDNN's grad_b (see conv_layout).
+//
+// Except where the forward's rule below (use_gather_forward, the one place it lives) picks aefast's
+// decoder kernel instead: oneDNN runs a transposed conv's forward as its backward-data primitive,
+// which is slow when C_out is tiny (an image decoder's last layer); the fused decoder
+// (aefast::unpool_conv_transpose2d, csrc/cpu/unpool_deconv.cpp) with 1x1 pool windows, every input
+// value its own window's maximum at offset 0, is the same transposed conv computed as
+// columns = input (Npos x C_in) . W (C_in x C_out*kH*kW) then col2im, with bias and activation in its
+// epilogue. Its outputs follow this op's contract (out, and pre for leaky_relu / gelu / silu).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <vector>
 
 #include "aefast/conv_transpose_act_host.h"
+#include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
 
 namespace aefast {
@@ -35,17 +47,6 @@ namespace {
 
 constexpr int64_t kEpilogueGrain = 32768;  // elements per parallel task, at least
 constexpr int kSumLanes = 16;
-
-// An executor for the shared op (aefast/conv_transpose_act_host.h), used where there is no pass
-// of ours to specialise: the backward without activation, or after ATen's gelu / silu gradient.
-struct CpuLoopExec {
-  template <class Body>
-  static void for_each(const Body& body, int64_t n) {
-    at::parallel_for(0, n, kEpilogueGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) body(e);
-    });
-  }
-};
 
 // The layout oneDNN itself picks for a convolution (ATen's mkldnn_conv_use_channels_last): channels_last
 // when the input or the weight is strictly channels_last (a 1-channel tensor, both at once, does not
@@ -58,46 +59,118 @@ at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) 
   return strictly_cl(input) || strictly_cl(weight) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-int64_t plane_grain(int64_t plane) { return std::max<int64_t>(1, kEpilogueGrain / std::max<int64_t>(plane, 1)); }
+// Which kernel runs the forward: the one rule (see the top of the file). Measured fp32, 1 thread,
+// process_time, interleaved, freed memory kept mapped (2-core dev machine under load, Dec 2026):
+// eager's conv_transpose2d -> sigmoid (oneDNN) / the gather kernel, stride 2, in us:
+//   C_out 1:  N128 8->1 k3 8->16  754 / 200;  N256 32->1 k4 14->28  8177 / 2473;
+//             N128 4->1 k2 14->28  869 / 307;  N128 16->1 k3 14->28  1758 / 605
+//   C_out 3:  N32 64->3 k4 64->128  28624 / 14804
+//   C_out 4:  N128 16->4 k2 7->14  572 / 467
+//   C_out 8+: mixed (glibc's default allocator): N128 16->8 k3 4->8  492 / 294, N128 8->8 k3 14->28
+//             2130 / 2395, N128 32->16 k3 8->16  1404 / 1791, N32 128->64 k4 16->32  26672 / 56386
+// so the gather kernel for C_out <= 4 only. The backward stays on oneDNN, the call eager makes:
+// the gather kernel's backward won some shapes and lost others with no rule in sight (glibc's
+// default allocator, this op / gather: N128 4->1 k2 229 / 157, N256 64->32 k4 14149 / 10058,
+// N32 128->64 k4 27102 / 41210, N128 16->8 k3 204 / 192).
+// fp32 only (the dtype measured), NCHW only (the gather kernel's layout), non-empty.
+constexpr int64_t kGatherForwardMaxCout = 4;
 
-// Calls f.template operator()<A>() with the run-time activation as a compile-time constant.
-template <class F>
-void with_activation(DecoderAct act, F&& f) {
-  switch (act) {
-    case DecoderAct::None: f.template operator()<DecoderAct::None>(); break;
-    case DecoderAct::Relu: f.template operator()<DecoderAct::Relu>(); break;
-    case DecoderAct::LeakyRelu: f.template operator()<DecoderAct::LeakyRelu>(); break;
-    case DecoderAct::Sigmoid: f.template operator()<DecoderAct::Sigmoid>(); break;
-    case DecoderAct::Tanh: f.template operator()<DecoderAct::Tanh>(); break;
-    case DecoderAct::Gelu: f.template operator()<DecoderAct::Gelu>(); break;
-    case DecoderAct::Silu: f.template operator()<DecoderAct::Silu>(); break;
-  }
+bool use_gather_forward(const at::Tensor& input, const at::Tensor& weight, at::MemoryFormat layout) {
+  return layout == at::MemoryFormat::Contiguous && input.scalar_type() == at::kFloat && input.numel() > 0 &&
+         weight.size(1) <= kGatherForwardMaxCout;
 }
 
-// gpre[i] = round(g[i] * act'(a[i])) over one plane; returns the plane's sum of the rounded gpre,
-// in kSumLanes fixed lanes (vectorisable, and a shorter error chain than one running sum).
-template <DecoderAct A, typename scalar_t, typename acc_t>
-inline acc_t act_grad_plane(const scalar_t* __restrict__ g, const scalar_t* __restrict__ a, scalar_t* __restrict__ gpre,
-                            int64_t n, acc_t slope) {
+// Window offsets of 1x1 windows: all 0 (uint8, window format). The kernel only reads them, so
+// one zeroed buffer, grown on demand and capped, serves every call: a fresh zeroed tensor cost a
+// pass over a quarter of the input's fp32 bytes each step (1.6 MB on ConvVAE-W1's last layer).
+constexpr int64_t kSharedZeroOffsetsMax = int64_t(8) << 20;
+
+at::Tensor zero_offsets(at::IntArrayRef sizes) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  const auto opts = at::TensorOptions().dtype(at::kByte);
+  if (numel > kSharedZeroOffsetsMax) return at::zeros(sizes, opts);
+  static std::mutex mutex;
+  static auto* shared = new at::Tensor();  // leaked: used at exit
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!shared->defined() || shared->numel() < numel) *shared = at::zeros({numel}, opts);
+  return shared->narrow(0, 0, numel).view(sizes);  // a view keeps its storage even if the buffer grows
+}
+
+using GatherForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::IntArrayRef,
+    c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, std::optional<c10::string_view>, double);
+
+// act(conv_transpose2d(...)) on aefast::unpool_conv_transpose2d's CPU kernel with 1x1 windows.
+std::tuple<at::Tensor, at::Tensor> gather_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                                                  c10::IntArrayRef padding, c10::IntArrayRef output_padding,
+                                                  std::optional<c10::string_view> activation, double negative_slope) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aefast::unpool_conv_transpose2d", "")
+                             .typed<GatherForwardSig>();
+  const at::Tensor offsets = zero_offsets(input.sizes());
+  const std::array<int64_t, 2> window{1, 1}, in_hw{input.size(2), input.size(3)};
+  // Below the autograd keys: this runs inside this op's CPU kernel, whose autograd is this op's.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input.contiguous(), offsets, weight.contiguous(), bias, window, in_hw, stride, padding,
+                 output_padding, activation, negative_slope);
+}
+
+int64_t plane_grain(int64_t plane) { return std::max<int64_t>(1, kEpilogueGrain / std::max<int64_t>(plane, 1)); }
+
+// gpre = grad_out * act'(act_input), by ATen's vectorised (per-ISA) activation gradients, the ones
+// eager's autograd runs, into `into` (any layout ATen keeps; `into` undefined: a fresh tensor).
+// act_input is the output for relu / sigmoid / tanh, the pre-activation for the others.
+at::Tensor activation_grad(const at::Tensor& g, const at::Tensor& act_input, DecoderAct act, double negative_slope,
+                           at::Tensor into) {
+  if (!into.defined()) into = at::empty_like(g);
+  switch (act) {
+    case DecoderAct::None: return g;
+    case DecoderAct::Relu: return at::threshold_backward_out(into, g, act_input, 0);
+    case DecoderAct::LeakyRelu: return at::leaky_relu_backward_out(into, g, act_input, negative_slope, false);
+    case DecoderAct::Sigmoid: return at::sigmoid_backward_out(into, g, act_input);
+    case DecoderAct::Tanh: return at::tanh_backward_out(into, g, act_input);
+    case DecoderAct::Gelu: return at::gelu_backward_out(into, g, act_input);
+    case DecoderAct::Silu: return at::silu_backward_out(into, g, act_input);
+  }
+  TORCH_CHECK(false, "aefast::conv_transpose_act2d_backward: unhandled activation");
+}
+
+// The sum of one plane in kSumLanes fixed lanes (vectorisable, and a shorter error chain than one
+// running sum): the result depends on the plane's length only.
+template <typename scalar_t, typename acc_t>
+inline acc_t plane_sum(const scalar_t* __restrict__ x, int64_t n) {
   acc_t lanes[kSumLanes] = {};
   int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes) {
-    for (int l = 0; l < kSumLanes; ++l) {
-      const scalar_t r = static_cast<scalar_t>(static_cast<acc_t>(g[i + l]) *
-                                               act_derivative<acc_t>(static_cast<acc_t>(a[i + l]), A, slope));
-      gpre[i + l] = r;
-      lanes[l] += static_cast<acc_t>(r);
-    }
-  }
-  for (int l = 0; i < n; ++i, ++l) {
-    const scalar_t r =
-        static_cast<scalar_t>(static_cast<acc_t>(g[i]) * act_derivative<acc_t>(static_cast<acc_t>(a[i]), A, slope));
-    gpre[i] = r;
-    lanes[l] += static_cast<acc_t>(r);
-  }
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<acc_t>(x[i + l]);
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<acc_t>(x[i]);
   for (int width = kSumLanes / 2; width > 0; width /= 2)
     for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   return lanes[0];
+}
+
+// grad_b[c] = sum over n of the (n, c) plane sums of the NCHW-contiguous gpre, n ascending: a fixed
+// order, so the result never depends on the number of threads.
+at::Tensor bias_grad(const at::Tensor& gpre, const at::Tensor& weight) {
+  const int64_t batch = gpre.size(0), channels = gpre.size(1), plane = gpre.size(2) * gpre.size(3);
+  at::Tensor gb = at::empty({channels}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gpre.scalar_type(), "conv_transpose_act2d_bias_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> sums(static_cast<size_t>(batch * channels));
+    const scalar_t* gp = gpre.const_data_ptr<scalar_t>();
+    at::parallel_for(0, batch * channels, plane_grain(plane), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        sums[static_cast<size_t>(p)] = plane_sum<scalar_t, acc_t>(gp + p * plane, plane);
+    });
+    scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      acc_t total = 0;
+      for (int64_t n = 0; n < batch; ++n) total += sums[static_cast<size_t>(n * channels + c)];
+      gbp[c] = static_cast<scalar_t>(total);
+    }
+  });
+  return gb;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -116,6 +189,8 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
   const std::optional<at::Tensor> b =
       bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const at::MemoryFormat layout = conv_layout(input, weight);
+  if (use_gather_forward(input, weight, layout))
+    return gather_forward(input, weight, b, stride, padding, output_padding, activation, negative_slope);
   at::Tensor y = at::convolution(input.contiguous(layout), weight.contiguous(layout), b, stride, padding, dilation,
                                  /*transposed=*/true, output_padding, /*groups=*/1)
                      .contiguous(layout);
@@ -138,26 +213,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
     std::optional<c10::string_view> activation, double negative_slope, std::array<bool, 3> output_mask) {
   check_same_device("conv_transpose_act2d_backward", {&grad_out, &act_input, &input, &weight});
   const DecoderAct act = conv_transpose_act_parse(activation);
+  conv_transpose_act_check(input, weight, std::nullopt, stride, padding, output_padding);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == input.size(0) && grad_out.size(1) == weight.size(1) &&
+                  (act == DecoderAct::None || act_input.sizes() == grad_out.sizes()) &&
+                  grad_out.scalar_type() == input.scalar_type() &&
+                  (act == DecoderAct::None || act_input.scalar_type() == input.scalar_type()),
+              "aefast::conv_transpose_act2d_backward: grad_out and act_input must match the forward's output");
+  const std::array<int64_t, 2> dilation{1, 1};
   const at::MemoryFormat layout = conv_layout(input, weight);
   if (layout == at::MemoryFormat::ChannelsLast) {
-    // channels_last: gpre from ATen's vectorised activation gradients, which keep the layout (the
-    // plane pass below needs NCHW planes), and grad_b from oneDNN's backward with the others.
-    conv_transpose_act_check(input, weight, std::nullopt, stride, padding, output_padding);
-    TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == input.size(0) && grad_out.size(1) == weight.size(1) &&
-                    (act == DecoderAct::None || act_input.sizes() == grad_out.sizes()),
-                "aefast::conv_transpose_act2d_backward: grad_out and act_input must match the forward's output");
-    const at::Tensor g = grad_out.contiguous(layout);
-    at::Tensor gpre;
-    switch (act) {
-      case DecoderAct::None: gpre = g; break;
-      case DecoderAct::Relu: gpre = at::threshold_backward(g, act_input, 0); break;
-      case DecoderAct::LeakyRelu: gpre = at::leaky_relu_backward(g, act_input, negative_slope, false); break;
-      case DecoderAct::Sigmoid: gpre = at::sigmoid_backward(g, act_input); break;
-      case DecoderAct::Tanh: gpre = at::tanh_backward(g, act_input); break;
-      case DecoderAct::Gelu: gpre = at::gelu_backward(g, act_input); break;
-      case DecoderAct::Silu: gpre = at::silu_backward(g, act_input); break;
-    }
-    const std::array<int64_t, 2> dilation{1, 1};
+    // channels_last: ATen's activation gradients keep the layout, and oneDNN's backward sums grad_b
+    // with the others (the plane sums below need NCHW planes).
+    const at::Tensor gpre = activation_grad(grad_out.contiguous(layout), act_input, act, negative_slope, {});
     const std::array<int64_t, 1> bias_sizes{weight.size(1)};
     auto [gi, gw, gb] = at::convolution_backward(gpre.contiguous(layout), input.contiguous(layout),
                                                  weight.contiguous(layout), bias_sizes, stride, padding, dilation,
@@ -167,51 +234,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
     gb = gb.defined() ? gb : at::zeros({weight.size(1)}, weight.options());
     return {gi, gw, gb};
   }
-  if (act == DecoderAct::None || act == DecoderAct::Gelu || act == DecoderAct::Silu) {
-    // No pass of ours (none) or ATen's vectorised one (gelu, silu); the vendor's backward sums grad_b.
-    const at::Tensor gpre = act == DecoderAct::None ? grad_out
-                            : act == DecoderAct::Gelu ? at::gelu_backward(grad_out, act_input)
-                                                      : at::silu_backward(grad_out, act_input);
-    return conv_transpose_act2d_backward_op<CpuLoopExec>(gpre, gpre, input, weight, stride, padding, output_padding,
-                                                         std::nullopt, 0.0, output_mask);
+  // NCHW: gpre in a cached buffer (aefast/cpu_buffer_cache.h: a fresh multi-MB buffer would
+  // page-fault on every step, ~3 us a page under load), grad_b from its fixed-order plane sums,
+  // then oneDNN's backward for grad_input and grad_W.
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor gpre = act == DecoderAct::None
+                              ? g
+                              : activation_grad(g, act_input.contiguous(), act, negative_slope,
+                                                empty_like_cpu_cached(g));
+  at::Tensor gb = output_mask[2] ? bias_grad(gpre, weight) : at::zeros({weight.size(1)}, weight.options());
+  at::Tensor gi, gw;
+  if (output_mask[0] || output_mask[1]) {
+    std::tie(gi, gw, std::ignore) = at::convolution_backward(
+        gpre, input.contiguous(), weight.contiguous(), std::nullopt, stride, padding, dilation, /*transposed=*/true,
+        output_padding, /*groups=*/1, {output_mask[0], output_mask[1], false});
   }
-  conv_transpose_act_check(input, weight, std::nullopt, stride, padding, output_padding);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == input.size(0) && grad_out.size(1) == weight.size(1) &&
-                  act_input.sizes() == grad_out.sizes() && grad_out.scalar_type() == input.scalar_type() &&
-                  act_input.scalar_type() == input.scalar_type(),
-              "aefast::conv_transpose_act2d_backward: grad_out and act_input must match the forward's output");
-  const at::Tensor g = grad_out.contiguous(), a = act_input.contiguous();
-  at::Tensor gpre = at::empty_like(g, at::MemoryFormat::Contiguous);
-  const int64_t channels = g.size(1), plane = g.size(2) * g.size(3), planes = g.size(0) * channels;
-  const auto acc_dtype = at::toOpMathType(g.scalar_type());
-  at::Tensor plane_sums = at::empty({planes}, g.options().dtype(acc_dtype));
-  at::Tensor gb = at::zeros({channels}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "conv_transpose_act2d_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t slope = static_cast<acc_t>(negative_slope);
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    scalar_t* dst = gpre.mutable_data_ptr<scalar_t>();
-    acc_t* sums = plane_sums.mutable_data_ptr<acc_t>();
-    with_activation(act, [&]<DecoderAct A>() {
-      at::parallel_for(0, planes, plane_grain(plane), [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p)
-          sums[p] = act_grad_plane<A>(gp + p * plane, ap + p * plane, dst + p * plane, plane, slope);
-      });
-    });
-    if (output_mask[2]) {  // grad_b[c] = sum_n plane_sums[n, c], n ascending (a fixed order)
-      scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < channels; ++c) {
-        acc_t s = 0;
-        for (int64_t n = 0; n < g.size(0); ++n) s += sums[n * channels + c];
-        gbp[c] = static_cast<scalar_t>(s);
-      }
-    }
-  });
-  const std::array<int64_t, 2> dilation{1, 1};
-  auto [gi, gw, unused] = at::convolution_backward(gpre, input.contiguous(), weight.contiguous(), std::nullopt, stride,
-                                                   padding, dilation, /*transposed=*/true, output_padding,
-                                                   /*groups=*/1, {output_mask[0], output_mask[1], false});
   gi = gi.defined() ? gi.contiguous() : at::zeros_like(input, at::MemoryFormat::Contiguous);
   gw = gw.defined() ? gw.contiguous() : at::zeros_like(weight, at::MemoryFormat::Contiguous);
   return {gi, gw, gb};

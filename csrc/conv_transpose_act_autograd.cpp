@@ -1,0 +1,175 @@
+// The eager autograd entry of aefast::conv_transpose_act2d: the fused forward, called below the
+// Autograd key, plus a C++ backward node.
+//
+// Why not the registered Python formula (aefast/ops/conv_transpose_act.py) on the eager path: the
+// op sits at the end of a small decoder (a conv VAE's last ConvTranspose2d -> Sigmoid, N128 16x16:
+// ~400 us of oneDNN fwd+bwd), and the torch.library autograd wrapper cost ~40 us to enter plus the
+// engine's call back into Python for the backward, which made the fused site slower than eager's
+// conv_transpose2d -> sigmoid. Here the forward is one pybind call and the backward never leaves
+// C++. The math is the registered formula's, which torch.compile, tensor subclasses and torch.func
+// still use:
+//   saved: input, weight, and act_input = the pre-activation for leaky_relu / gelu / silu (the op's
+//   second output), else the activated output (relu / sigmoid / tanh take act' from it; none
+//   ignores it);
+//   backward: (grad_input, grad_W, grad_b) = <ns>::conv_transpose_act2d_backward(grad_out,
+//   act_input, input, weight, ...), with output_mask = which of the three autograd needs.
+// The pre-activation is never returned to Python on this path, so no gradient reaches it.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor, std::optional / std::vector for pybind11
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aefast/conv_transpose_act_autograd.h"
+
+namespace aefast {
+namespace {
+
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+// The kernels' C++ signatures (csrc/cpu/conv_transpose_act.cpp, csrc/cuda/conv_transpose_act.cu).
+using ForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&, c10::IntArrayRef,
+                                                      c10::IntArrayRef, c10::IntArrayRef,
+                                                      std::optional<c10::string_view>, double);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
+    c10::IntArrayRef, std::optional<c10::string_view>, double, std::array<bool, 3>);
+
+struct ConvTransposeActOps {
+  c10::TypedOperatorHandle<ForwardSig> forward;
+  c10::TypedOperatorHandle<BackwardSig> backward;
+};
+
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
+// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+const ConvTransposeActOps& ops_for(const std::string& ns) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::string, std::unique_ptr<ConvTransposeActOps>>();  // leaked: used at exit
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = (*cache)[ns];
+  if (!slot) {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    slot = std::make_unique<ConvTransposeActOps>(ConvTransposeActOps{
+        dispatcher.findSchemaOrThrow((ns + "::conv_transpose_act2d").c_str(), "").typed<ForwardSig>(),
+        dispatcher.findSchemaOrThrow((ns + "::conv_transpose_act2d_backward").c_str(), "").typed<BackwardSig>()});
+  }
+  return *slot;
+}
+
+// The activations whose derivative needs the pre-activation (aefast/ops/unpool_deconv.py,
+// NEEDS_PREACTIVATION): the op then returns it as its second output.
+bool needs_preactivation(const std::optional<std::string>& activation) {
+  return activation.has_value() && (*activation == "leaky_relu" || *activation == "gelu" || *activation == "silu");
+}
+
+struct ConvTransposeActBackward final : torch::autograd::Node {
+  const ConvTransposeActOps* ops = nullptr;
+  std::array<int64_t, 2> stride{}, padding{}, output_padding{};
+  std::optional<std::string> activation;
+  double negative_slope = 0.01;
+  bool has_bias = false;
+  SavedVariable input, weight, act_input;
+
+  std::string name() const override { return "aefast::ConvTransposeAct2DBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&input, &weight, &act_input}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;  // the output was not used (grads are not zero-filled)
+    // The backward op has no autograd formula of its own: a graph through it would have no
+    // second derivative, so refuse rather than return a silently wrong Hessian.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "aefast: double backward (create_graph=True) through ",
+                "conv_transpose_act2d is not supported; use aefast.set_backend('reference') for higher-order "
+                "gradients");
+    const std::array<bool, 3> need{task_should_compute_output(0), task_should_compute_output(1),
+                                   has_bias && task_should_compute_output(2)};
+    if (!(need[0] || need[1] || need[2])) return out;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::optional<c10::string_view> act =
+        activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt;
+    auto [gi, gw, gb] = ops->backward.call(grad, act_input.unpack(getptr()), input.unpack(),
+                                           weight.unpack(), stride, padding, output_padding, act, negative_slope,
+                                           need);
+    if (need[0]) out[0] = std::move(gi);
+    if (need[1]) out[1] = std::move(gw);
+    if (need[2]) out[2] = std::move(gb);
+    return out;
+  }
+};
+
+std::array<int64_t, 2> pair_of(const std::vector<int64_t>& v, const char* what) {
+  TORCH_CHECK(v.size() == 2, "aefast::conv_transpose_act2d: ", what, " needs two entries, got ", v.size());
+  return {v[0], v[1]};
+}
+
+}  // namespace
+
+at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor& input, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                                         const std::vector<int64_t>& padding,
+                                         const std::vector<int64_t>& output_padding,
+                                         const std::optional<std::string>& activation, double negative_slope) {
+  const ConvTransposeActOps& ops = ops_for(ns);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool need_grad = grad_mode && (input.requires_grad() || weight.requires_grad() ||
+                                       (has_bias && bias->requires_grad()));
+  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
+  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
+  for (const at::Tensor* t : {&input, &weight})
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ",
+                "conv_transpose_act2d's eager path is not supported; use aefast.set_backend('reference') for it");
+  const auto s = pair_of(stride, "stride"), p = pair_of(padding, "padding");
+  const auto op = pair_of(output_padding, "output_padding");
+  const std::optional<c10::string_view> act =
+      activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt;
+  at::Tensor out, pre;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, pre) = ops.forward.call(input, weight, bias, s, p, op, act, negative_slope);
+  }
+  if (!need_grad) return out;
+  auto node = c10::make_intrusive<ConvTransposeActBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, has_bias ? *bias : at::Tensor()));
+  node->ops = &ops;
+  node->stride = s;
+  node->padding = p;
+  node->output_padding = op;
+  node->activation = activation;
+  node->negative_slope = negative_slope;
+  node->has_bias = has_bias;
+  torch::autograd::set_history(out, node);
+  node->input = SavedVariable(input, /*is_output=*/false);
+  node->weight = SavedVariable(weight, /*is_output=*/false);
+  // out is this node's own output: saved as one (no reference cycle), and an in-place change of it
+  // after the forward makes the backward raise instead of reading modified values.
+  node->act_input = needs_preactivation(activation) ? SavedVariable(pre, /*is_output=*/false)
+                                                    : SavedVariable(out, /*is_output=*/true);
+  return out;
+}
+
+void bind_conv_transpose_act_autograd(pybind11::module_& m) {
+  // The GIL is released while the kernels run, as torch's own bindings do; Triton twins are Python
+  // kernels and take it back themselves.
+  m.def("conv_transpose_act2d_autograd", &conv_transpose_act2d_autograd,
+        "conv_transpose_act2d with its C++ backward node (eager path)",
+        pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("ns"), pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("output_padding"), pybind11::arg("activation"), pybind11::arg("negative_slope"));
+}
+
+}  // namespace aefast

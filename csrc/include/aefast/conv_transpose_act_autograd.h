@@ -1,0 +1,24 @@
+#pragma once
+// The eager autograd entry of conv_transpose_act2d (csrc/conv_transpose_act_autograd.cpp), bound in
+// csrc/ops.cpp as aefast._C.conv_transpose_act2d_autograd.
+#include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace aefast {
+
+// The activated output of <ns>::conv_transpose_act2d (ns: "aefast" or "aefast_triton"), with a C++
+// backward node attached when input, weight or bias requires grad.
+at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor& input, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                                         const std::vector<int64_t>& padding,
+                                         const std::vector<int64_t>& output_padding,
+                                         const std::optional<std::string>& activation, double negative_slope);
+
+// Adds conv_transpose_act2d_autograd to the extension module (called from csrc/ops.cpp's PYBIND11_MODULE).
+void bind_conv_transpose_act_autograd(pybind11::module_& m);
+
+}  // namespace aefast
