@@ -1029,7 +1029,8 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     (aefast/ops/conv_bn_pool.py has the formulas). Eval mode folds the running statistics into the
     conv's weight and bias and runs :func:`conv_pool2d`. Indices as :func:`conv_pool2d`.
 
-    The cpu backend runs C++ kernels; triton and cuda have no kernel for this op yet and run the
+    The cpu backend runs C++ kernels and triton its Triton kernels around the vendor conv (the
+    default on CUDA tensors, as for conv_pool2d); cuda has no kernel for this op yet and runs the
     reference twin, each call counted in ``aefast.info()``'s fallbacks.
     """
     input, weight, bias = _autocast_lower(input, weight, bias)
