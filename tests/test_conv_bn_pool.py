@@ -195,16 +195,18 @@ POOL_GEOMETRIES = [  # (pool_size, pool_stride, ceil_mode), every geometry the o
 ]
 
 
-def _against_twin(backend_name, dtype, act, pool, pool_stride, ceil_mode, seed=0, shape=(2, 3, 9, 8), cout=5):
-    """One forward and backward on the backend and on the twin from the same inputs: (got, want),
-    each (pooled, window indices, [grad x, w, b, gamma, beta], running_mean, running_var)."""
+def _against_twin(backend_name, dtype, act, pool, pool_stride, ceil_mode, seed=0, shape=(2, 3, 9, 8), cout=5,
+                  fused=AF.conv_bn_pool2d):
+    """One forward and backward through ``fused`` on the backend and through the twin from the same
+    inputs: (got, want), each (pooled, window indices, [grad x, w, b, gamma, beta], running_mean,
+    running_var)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(dtype)
     w = (torch.randn(cout, shape[1], 3, 3, generator=g) / 3).to(dtype)
     b, gamma, beta = torch.randn(cout, generator=g), torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     outs = []
-    for fn in (AF.conv_bn_pool2d, ref.conv_bn_pool2d):
+    for fn in (fused, ref.conv_bn_pool2d):
         ins = [t.detach().clone().to(dtype).requires_grad_() for t in (x, w, b)]
         ins += [t.detach().clone().to(stat).requires_grad_() for t in (gamma, beta)]
         rm, rv = torch.zeros(cout, dtype=stat), torch.ones(cout, dtype=stat)
@@ -296,6 +298,86 @@ def test_triton_op_outputs_and_layouts_match_the_cpu_op():
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     for a, b_ in zip(grads, want_grads):
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the CUDA backend's bodies, run on the CPU
+
+HAS_CUDA_EMULATION = hasattr(torch.ops.aefast, "emulate_cuda_conv_bn_pool2d_forward")
+
+
+class _EmulatedCuda(torch.autograd.Function):
+    """The CUDA backend's host code and per-element bodies (aefast/conv_bn_pool_host.h) with the
+    CPU executor (torch.ops.aefast.emulate_cuda_conv_bn_pool2d_*), differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, gamma, beta, args):
+        pooled, window, conv_out, mean, var = torch.ops.aefast.emulate_cuda_conv_bn_pool2d_forward(
+            x, w, b, gamma, beta, *args)
+        ctx.save_for_backward(window, conv_out, mean, var, x, w, gamma, beta)
+        ctx.args = args
+        ctx.mark_non_differentiable(window, mean, var)
+        return pooled, window, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        window, conv_out, mean, var, x, w, gamma, beta = ctx.saved_tensors
+        stride, padding, eps, act, slope, pool, pool_stride, ceil_mode, threads = ctx.args
+        grads = torch.ops.aefast.emulate_cuda_conv_bn_pool2d_backward(
+            grad.contiguous(), window, conv_out, mean, var, x, w, gamma, beta, stride, padding, eps, act, slope, pool,
+            [True] * 5, pool_stride, ceil_mode, threads)
+        return (*grads, None)
+
+
+def _emulated_cuda(threads):
+    """aefast.functional.conv_bn_pool2d's training-mode path (window indices) on the emulated CUDA op."""
+    def fn(x, w, b, gamma, beta, rm, rv, training, momentum, eps, stride, padding, act, pool, return_indices,
+           index_format, *, pool_stride=None, ceil_mode=False):
+        s = [stride] * 2 if isinstance(stride, int) else list(stride)
+        p = [padding] * 2 if isinstance(padding, int) else list(padding)
+        pool_stride = [0, 0] if pool_stride is None else list(pool_stride)
+        args = (s, p, eps, ACTIVATION_CODES[act], 0.01, list(pool), pool_stride, ceil_mode, threads)
+        pooled, window, mean, var = _EmulatedCuda.apply(x, w, b, gamma, beta, args)
+        y = F.conv2d(x.detach(), w.detach(), stride=s, padding=p)
+        ref.update_running_stats(rm, rv, None, momentum, mean, var, y.numel() // y.shape[1])
+        return pooled, window
+
+    return fn
+
+
+@pytest.mark.skipif(not HAS_CUDA_EMULATION, reason="extension built without the CUDA-body emulation ops")
+@pytest.mark.parametrize("threads", [1, 8, 1 << 16])  # one chunk; chunks of many rows; one row per chunk
+@pytest.mark.parametrize("pool, pool_stride, ceil_mode", POOL_GEOMETRIES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.float16, 2e-3),
+                                        (torch.bfloat16, 1e-2)])
+def test_cuda_bodies_emulated_against_twin(dtype, tol, pool, pool_stride, ceil_mode, threads):
+    """The CUDA op's algorithm, index math and reductions held to the twin: window offsets bit for bit,
+    values and running statistics within ``tol`` (fp16/bf16: one rounding of the dtype), gradients
+    within 4 * tol relative L2 norm (the conv bias's, zero up to rounding, in absolute terms)."""
+    act = ["relu", "silu", "tanh", "gelu"][POOL_GEOMETRIES.index((pool, pool_stride, ceil_mode))]
+    got, want = _against_twin("cpu", dtype, act, pool, pool_stride, ceil_mode, seed=2, fused=_emulated_cuda(threads))
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    assert got[1].dtype == torch.uint8 and torch.equal(got[1], want[1])
+    for name, a, b_ in zip(("x", "w", "b", "gamma", "beta"), got[2], want[2]):
+        if name == "b":
+            assert a.double().abs().max() <= 4 * tol * want[2][4].double().abs().max() + 1e-12
+            continue
+        err = ((a.double() - b_.double()).norm() / b_.double().norm()).item()
+        assert err <= 4 * tol, (name, err)
+    for a, b_ in zip(got[3:], want[3:]):
+        torch.testing.assert_close(a, b_, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAS_CUDA_EMULATION, reason="extension built without the CUDA-body emulation ops")
+@pytest.mark.parametrize("act", list(ACT_MODULES))
+def test_cuda_bodies_emulated_every_activation_fp64(act):
+    """Every activation's forward and derivative in the CUDA bodies against the twin, in fp64."""
+    got, want = _against_twin("cpu", torch.float64, act, (2, 2), None, False, seed=3, fused=_emulated_cuda(5))
+    torch.testing.assert_close(got[0], want[0], **TOLERANCES[torch.float64])
+    assert torch.equal(got[1], want[1])
+    for a, b_ in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-9)
+    for a, b_ in zip(got[3:], want[3:]):
+        torch.testing.assert_close(a, b_, **TOLERANCES[torch.float64])
 
 
 # ------------------------------------------------------------------ gradcheck, opcheck

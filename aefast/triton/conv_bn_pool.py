@@ -59,9 +59,13 @@ from aefast.triton._common import activate, activation_grad, round_to
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tiles: elements per program tile, rows x channels (channels innermost, contiguous in y). The
-# interpreter runs a program's block as numpy arrays, so it takes larger tiles (fewer programs).
-_TILE = 16384 if _INTERPRET else 4096
+# Tiles: elements per program tile, rows x channels (channels innermost, contiguous in y), 32 per
+# thread at 4 warps (fp64: 16, whose values take two registers each); the interpreter launches the
+# same tiles, so the specializations the tests record are the ones a GPU runs, and
+# scripts/check_triton_aot.py checks them for registers and spills (16384-element tiles spilled on
+# sm_80).
+_TILE = 4096
+_TILE_FP64 = 2048
 _MAX_BLOCK_C = 64
 _NUM_WARPS = 4
 # Chunks of the reductions: enough programs to fill a GPU (~8 per SM of an H100) while the
@@ -75,11 +79,12 @@ NO_TENSOR_CORE_KERNELS = {"_stats_partial_kernel", "_stats_combine_kernel", "_bn
 @triton.jit
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s pairwise update of (count, mean, sum of squared deviations); an empty side
-    (count 0) leaves the other unchanged."""
+    (count 0) leaves the other unchanged. The counts are scalars (every channel has the same), so
+    the one division is a scalar's (fp64 division is a subroutine call on a GPU)."""
     n = n_a + n_b
     d = mean_b - mean_a
     frac = n_b / tl.maximum(n, 1.0)
-    return n, mean_a + d * frac, m2_a + m2_b + d * d * n_a * frac
+    return n, mean_a + d * frac, m2_a + m2_b + d * d * (n_a * frac)
 
 
 @triton.jit
@@ -91,7 +96,7 @@ def _stats_partial_kernel(y_ptr, part_ptr, M, C, TILES, ACC: tl.constexpr, IDX64
         s = s.to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    n_run = tl.zeros((BLOCK_C,), ACC)
+    n_run = tl.zeros((), ACC)
     mean_run = tl.zeros((BLOCK_C,), ACC)
     m2_run = tl.zeros((BLOCK_C,), ACC)
     for t in range(0, TILES):
@@ -99,13 +104,13 @@ def _stats_partial_kernel(y_ptr, part_ptr, M, C, TILES, ACC: tl.constexpr, IDX64
         r_ok = rows < M
         m = r_ok[:, None] & c_ok[None, :]
         y = tl.load(y_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(ACC)
-        nb = tl.maximum(tl.sum(r_ok.to(ACC), axis=0), 1.0)
-        mb = tl.sum(y, axis=0) / nb  # a first mean, then its correction from the deviations
+        nb = tl.sum(r_ok.to(ACC), axis=0)
+        inv_nb = 1.0 / tl.maximum(nb, 1.0)
+        mb = tl.sum(y, axis=0) * inv_nb  # a first mean, then its correction from the deviations
         d = tl.where(m, y - mb[None, :], 0.0)
         s1 = tl.sum(d, axis=0)
-        m2b = tl.maximum(tl.sum(d * d, axis=0) - s1 * s1 / nb, 0.0)
-        n_run, mean_run, m2_run = _chan_merge(n_run, mean_run, m2_run, tl.sum(r_ok.to(ACC), axis=0), mb + s1 / nb,
-                                              m2b)
+        m2b = tl.maximum(tl.sum(d * d, axis=0) - s1 * s1 * inv_nb, 0.0)
+        n_run, mean_run, m2_run = _chan_merge(n_run, mean_run, m2_run, nb, mb + s1 * inv_nb, m2b)
     tl.store(part_ptr + (2 * s) * C + c, mean_run, mask=c_ok)
     tl.store(part_ptr + (2 * s + 1) * C + c, m2_run, mask=c_ok)
 
@@ -115,7 +120,7 @@ def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, M, C, S, CHUNK_ROWS, BLOC
     """The S chunk partials merged in chunk order in fp64; mean and the biased var = M2 / M."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    n_run = tl.zeros((BLOCK_C,), tl.float64)
+    n_run = tl.zeros((), tl.float64)
     mean_run = tl.zeros((BLOCK_C,), tl.float64)
     m2_run = tl.zeros((BLOCK_C,), tl.float64)
     for s in range(0, S):
@@ -240,8 +245,9 @@ def _routed_sums_kernel(grad_ptr, win_ptr, y_ptr, mean_ptr, var_ptr, gamma_ptr, 
 
 
 @triton.jit
-def _sums_combine_kernel(part_ptr, sums_ptr, C, S, BLOCK_C: tl.constexpr):
-    """sums[0/1, c] = sum over the chunks s, in order, of part[s, 0/1, c], in fp64."""
+def _sums_combine_kernel(part_ptr, sums_ptr, C, S, M, BLOCK_C: tl.constexpr):
+    """sums[0/1, c] = sum over the chunks s, in order, of part[s, 0/1, c], in fp64; sums[2/3, c]
+    the same divided by M (the dense kernel's per-channel constants: no fp64 division there)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     sg = tl.zeros((BLOCK_C,), tl.float64)
@@ -251,6 +257,8 @@ def _sums_combine_kernel(part_ptr, sums_ptr, C, S, BLOCK_C: tl.constexpr):
         sgy += tl.load(part_ptr + (2 * s + 1) * C + c, mask=c_ok, other=0.0).to(tl.float64)
     tl.store(sums_ptr + c, sg, mask=c_ok)
     tl.store(sums_ptr + C + c, sgy, mask=c_ok)
+    tl.store(sums_ptr + 2 * C + c, sg / M, mask=c_ok)
+    tl.store(sums_ptr + 3 * C + c, sgy / M, mask=c_ok)
 
 
 @triton.jit
@@ -272,8 +280,8 @@ def _bn_dense_grad_kernel(y_ptr, g_ptr, win_ptr, sums_ptr, mean_ptr, var_ptr, ga
     n = rows // (WC * HC)
     mean, invstd, gamma, beta = _channel_params(c, c_ok, mean_ptr, var_ptr, gamma_ptr, gamma_ptr, eps_ptr,
                                                 HAS_GAMMA, False, ACC)
-    sg = (tl.load(sums_ptr + c, mask=c_ok, other=0.0) / R).to(ACC)  # fp64 sums over the R = M positions
-    sgy = (tl.load(sums_ptr + C + c, mask=c_ok, other=0.0) / R).to(ACC)
+    sg = tl.load(sums_ptr + 2 * C + c, mask=c_ok, other=0.0).to(ACC)  # grad_beta / M
+    sgy = tl.load(sums_ptr + 3 * C + c, mask=c_ok, other=0.0).to(ACC)  # grad_gamma / M
     k = gamma * invstd
     c1 = -k * invstd * sgy
     c0 = -k * sg
@@ -315,10 +323,11 @@ def _scalar(value, like):
     return torch.full((1,), float(value), dtype=_acc_dtype(like.dtype), device=like.device)
 
 
-def _blocks(rows, channels):
-    """(BLOCK_rows, BLOCK_C): channels innermost (contiguous in y), _TILE elements a tile."""
+def _blocks(rows, channels, dtype, shrink=1):
+    """(BLOCK_rows, BLOCK_C): channels innermost (contiguous in y), _TILE / shrink elements a tile."""
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(max(channels, 1)))
-    block_r = max(16, min(_TILE // block_c, triton.next_power_of_2(max(rows, 1))))
+    tile = (_TILE_FP64 if dtype == torch.float64 else _TILE) // shrink
+    block_r = max(16, min(tile // block_c, triton.next_power_of_2(max(rows, 1))))
     return block_r, block_c
 
 
@@ -370,7 +379,7 @@ def channel_stats(y2d):
     stat = _acc_dtype(y2d.dtype)
     mean = torch.empty((cols,), dtype=stat, device=y2d.device)
     var = torch.empty((cols,), dtype=stat, device=y2d.device)
-    block_m, block_c = _blocks(rows, cols)
+    block_m, block_c = _blocks(rows, cols, y2d.dtype)
     c_blocks = triton.cdiv(cols, block_c)
     chunks, tiles = _chunks(triton.cdiv(rows, block_m), c_blocks)
     part = torch.empty((chunks, 2, cols), dtype=stat, device=y2d.device)
@@ -403,7 +412,7 @@ def conv_bn_pool2d_forward(input, weight, bias, bn_weight, bn_bias, stride, padd
     pooled = torch.empty((n, c, ho, wo), dtype=y.dtype, device=y.device)
     window = torch.empty((n, c, ho, wo), dtype=torch.uint8, device=y.device)
     positions = n * ho * wo
-    block_p, block_c = _blocks(positions, c)
+    block_p, block_c = _blocks(positions, c, y.dtype)
     _bn_act_pool_kernel[(triton.cdiv(positions, block_p), triton.cdiv(c, block_c))](
         y2d, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, pooled, window,
         _scalar(negative_slope, y), _scalar(eps, y), positions, c, hc, wc, ho, wo, sp[0], sp[1], int(pool_size[1]),
@@ -437,23 +446,25 @@ def conv_bn_pool2d_backward(grad_pooled, window, conv_out, mean, var, input, wei
     big = _needs_int64(y2d, grad)
     # pass 1: g at the argmaxes and the sums of g and g*yhat
     positions = n * ho * wo
-    block_p, block_c = _blocks(positions, c)
+    block_p, block_c = _blocks(positions, c, y2d.dtype)
     c_blocks = triton.cdiv(c, block_c)
     chunks, tiles = _chunks(triton.cdiv(positions, block_p), c_blocks)
     g = torch.empty(grad.shape, dtype=acc_dtype, device=grad.device)
     part = torch.empty((chunks, 2, c), dtype=acc_dtype, device=grad.device)
-    sums = torch.empty((2, c), dtype=torch.float64, device=grad.device)
+    sums = torch.empty((4, c), dtype=torch.float64, device=grad.device)
     _routed_sums_kernel[(chunks, c_blocks)](
         grad, win, y2d, mean_s, var_s, gamma if gamma is not None else mean_s, beta if beta is not None else mean_s,
         g, part, slope, eps_t, positions, c, hc, wc, ho, wo, sp[0], sp[1], int(pool_size[1]), tiles,
         ACT=int(activation), HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACC=tl_acc, IDX64=big,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_NUM_WARPS)
-    _sums_combine_kernel[(c_blocks,)](part, sums, c, chunks, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    _sums_combine_kernel[(c_blocks,)](part, sums, c, chunks, n * hc * wc, BLOCK_C=block_c, num_warps=_NUM_WARPS)
     grad_input = grad_weight = grad_bias = None
     if output_mask[0] or output_mask[1] or output_mask[2]:
         # pass 2: the dense dL/dy, written once (channels-last, as y), then the vendor conv backward
         dy = torch.empty_like(y2d)
-        block_r, block_c = _blocks(y2d.shape[0], c)
+        # a quarter tile: the window gather keeps several index tiles live (a full one took 255
+        # registers and spilled in fp64 on sm_90)
+        block_r, block_c = _blocks(y2d.shape[0], c, y2d.dtype, shrink=4)
         _bn_dense_grad_kernel[(triton.cdiv(y2d.shape[0], block_r), triton.cdiv(c, block_c))](
             y2d, g, win, sums, mean_s, var_s, gamma if gamma is not None else mean_s, dy, eps_t, y2d.shape[0], c, hc,
             wc, ho, wo, sp[0], sp[1], int(pool_size[0]), int(pool_size[1]), triton.cdiv(int(pool_size[0]), sp[0]),
