@@ -1009,10 +1009,6 @@ def _check_batch_norm_args(channels, bn_weight, bn_bias, running_mean, running_v
         raise ValueError(f"aefast: eps must be a non-negative number, got {eps!r}")
 
 
-def _conv_bn_pool_unsupported(backend):
-    return "no CUDA kernel for this op" if backend == "cuda" else None
-
-
 def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1,
                    eps=1e-5, stride=1, padding=0, activation="relu", pool_size=2, return_indices=True,
                    index_format="flat", num_batches_tracked=None, *, negative_slope=0.01, pool_stride=None,
@@ -1029,9 +1025,8 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     (aefast/ops/conv_bn_pool.py has the formulas). Eval mode folds the running statistics into the
     conv's weight and bias and runs :func:`conv_pool2d`. Indices as :func:`conv_pool2d`.
 
-    The cpu backend runs C++ kernels and triton its Triton kernels around the vendor conv (the
-    default on CUDA tensors, as for conv_pool2d); cuda has no kernel for this op yet and runs the
-    reference twin, each call counted in ``aefast.info()``'s fallbacks.
+    Every backend runs its own kernels around the vendor conv: cpu (C++, oneDNN), triton (the
+    default on CUDA tensors, as for conv_pool2d) and cuda (cuDNN plus aefast's CUDA kernels).
     """
     input, weight, bias = _autocast_lower(input, weight, bias)
     _check_float_inputs(input=input, weight=weight, bias=bias)
@@ -1052,7 +1047,7 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     if count <= 1:
         raise ValueError(f"aefast: expected more than 1 value per channel when training, got conv output of shape "
                          f"{(input.shape[0], weight.shape[0], *conv_hw)}")
-    backend = choose("conv_bn_pool2d_forward", input.device, _conv_bn_pool_unsupported)
+    backend = choose("conv_bn_pool2d_forward", input.device)
     if backend == "reference":
         return ref.conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
                                   momentum, eps, s, p, activation, k_pool, return_indices, index_format, num_batches_tracked,

@@ -300,6 +300,37 @@ def test_triton_op_outputs_and_layouts_match_the_cpu_op():
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
 
 
+@needs_triton
+def test_triton_fake_strides_match_the_kernels():
+    """The shared fake functions describe the Triton twins' outputs (shapes, dtypes, strides) for every
+    mix of NCHW and channels_last operands and pool geometry (CrossRefFakeMode runs each
+    aefast_triton op on fake tensors too), so torch.compile's stride asserts hold on this backend."""
+    from torch._subclasses.fake_utils import CrossRefFakeMode
+
+    formats = (torch.contiguous_format, torch.channels_last)
+    for hw, pool, pool_stride, ceil_mode in [(8, (2, 2), None, False), (9, (2, 2), None, True), (9, (3, 3), (2, 2), False)]:
+        for fx in formats:
+            for fw in formats:
+                gen = torch.Generator().manual_seed(hw)
+                x = torch.randn(2, 16, hw, hw, generator=gen).contiguous(memory_format=fx).requires_grad_()
+                w = torch.randn(8, 16, 3, 3, generator=gen).contiguous(memory_format=fw).requires_grad_()
+                checked = []
+
+                def triton_only(func):
+                    if func.namespace != "aefast_triton":
+                        return True
+                    checked.append(func.name())
+                    return False
+
+                with aefast.set_backend("triton"), CrossRefFakeMode(ignore_op_fn=triton_only, check_strides=True,
+                                                                    only_check_ops_with_meta=False):
+                    y = AF.conv_bn_pool2d(x, w, torch.randn(8, generator=gen), torch.ones(8), torch.zeros(8),
+                                          torch.zeros(8), torch.ones(8), True, padding=1, pool_size=pool,
+                                          pool_stride=pool_stride, ceil_mode=ceil_mode, return_indices=False)
+                    y.backward(torch.randn(y.shape, generator=gen))
+                assert checked == ["aefast_triton::conv_bn_pool2d_forward", "aefast_triton::conv_bn_pool2d_backward"]
+
+
 # ------------------------------------------------------------------ the CUDA backend's bodies, run on the CPU
 
 HAS_CUDA_EMULATION = hasattr(torch.ops.aefast, "emulate_cuda_conv_bn_pool2d_forward")
@@ -365,6 +396,32 @@ def test_cuda_bodies_emulated_against_twin(dtype, tol, pool, pool_stride, ceil_m
         assert err <= 4 * tol, (name, err)
     for a, b_ in zip(got[3:], want[3:]):
         torch.testing.assert_close(a, b_, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAS_CUDA_EMULATION, reason="extension built without the CUDA-body emulation ops")
+def test_cuda_bodies_emulated_outputs_and_layouts_match_the_cpu_op():
+    """The CUDA op's outputs have the CPU op's shapes, dtypes and layouts (what the shared fake
+    function says): conv_out (N, HC, WC, C) contiguous, fp32 statistics, grad_input in a channels_last
+    input's layout; and the bn gradients only where asked (empty otherwise)."""
+    x, w, b, gamma, beta = (t.detach() for t in _op_args())
+    x = x.contiguous(memory_format=torch.channels_last)
+    geo = ([1, 1], [1, 1], 1e-5, ACTIVATION_CODES["relu"], 0.01, [2, 3])
+    got = torch.ops.aefast.emulate_cuda_conv_bn_pool2d_forward(x, w, b, gamma, beta, *geo, [1, 2], True, 3)
+    want = torch.ops.aefast.conv_bn_pool2d_forward(x, w, b, gamma, beta, *geo, [1, 2], True)
+    for a, b_ in zip(got, want):
+        assert a.shape == b_.shape and a.dtype == b_.dtype and a.stride() == b_.stride()
+        if a.dtype == torch.uint8:
+            assert torch.equal(a, b_)
+        else:
+            torch.testing.assert_close(a, b_)
+    grad = torch.randn_like(got[0])
+    for mask in ([True] * 5, [False, True, False, True, False]):
+        args = (grad, got[1], got[2], got[3], got[4], x, w, gamma, beta, *geo[:5], [2, 3], mask, [1, 2], True)
+        grads = torch.ops.aefast.emulate_cuda_conv_bn_pool2d_backward(*args, 3)
+        want_grads = torch.ops.aefast.conv_bn_pool2d_backward(*args)
+        for a, b_ in zip(grads, want_grads):
+            assert a.shape == b_.shape and a.dtype == b_.dtype and a.stride() == b_.stride()
+            torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_CUDA_EMULATION, reason="extension built without the CUDA-body emulation ops")
