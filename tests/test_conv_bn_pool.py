@@ -308,7 +308,8 @@ def test_triton_fake_strides_match_the_kernels():
     from torch._subclasses.fake_utils import CrossRefFakeMode
 
     formats = (torch.contiguous_format, torch.channels_last)
-    for hw, pool, pool_stride, ceil_mode in [(8, (2, 2), None, False), (9, (2, 2), None, True), (9, (3, 3), (2, 2), False)]:
+    geometries = [(8, (2, 2), None, False), (9, (2, 2), None, True), (9, (3, 3), (2, 2), False)]
+    for hw, pool, pool_stride, ceil_mode in geometries:
         for fx in formats:
             for fw in formats:
                 gen = torch.Generator().manual_seed(hw)
