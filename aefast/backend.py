@@ -37,6 +37,7 @@ DEFAULT_BACKENDS = {
 # are in "recon_loss" (see family_of).
 OP_FAMILIES = {
     "conv_pool2d_forward": "conv_pool", "conv_pool2d_backward": "conv_pool", "conv_pool2d": "conv_pool",
+    "conv_bn_pool2d_forward": "conv_pool", "conv_bn_pool2d_backward": "conv_pool",
     "unpool_conv_transpose2d": "unpool_deconv", "unpool_conv_transpose2d_backward": "unpool_deconv",
     "conv_transpose2d": "unpool_deconv", "conv_transpose_act2d": "unpool_deconv",
     "conv_transpose_act2d_backward": "unpool_deconv",

@@ -1055,10 +1055,6 @@ def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, train
     return out
 
 
-def _conv_bn_pool_unsupported(backend):
-    return "no CUDA kernel for this op" if backend == "cuda" else None
-
-
 def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=True, momentum=0.1,
                    eps=1e-5, stride=1, padding=0, activation="relu", pool_size=2, return_indices=True,
                    index_format="flat", num_batches_tracked=None, *, negative_slope=0.01, pool_stride=None,
@@ -1075,8 +1071,8 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     (aefast/ops/conv_bn_pool.py has the formulas). Eval mode folds the running statistics into the
     conv's weight and bias and runs :func:`conv_pool2d`. Indices as :func:`conv_pool2d`.
 
-    The cpu backend runs C++ kernels; triton and cuda have no kernel for this op yet and run the
-    reference twin, each call counted in ``aefast.info()``'s fallbacks.
+    Every backend runs its own kernels around the vendor conv: cpu (C++, oneDNN), triton (the
+    default on CUDA tensors, as for conv_pool2d) and cuda (cuDNN plus aefast's CUDA kernels).
     """
     input, weight, bias = _autocast_lower(input, weight, bias)
     _check_float_inputs(input=input, weight=weight, bias=bias)
@@ -1097,7 +1093,7 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     if count <= 1:
         raise ValueError(f"aefast: expected more than 1 value per channel when training, got conv output of shape "
                          f"{(input.shape[0], weight.shape[0], *conv_hw)}")
-    backend = choose("conv_bn_pool2d_forward", input.device, _conv_bn_pool_unsupported)
+    backend = choose("conv_bn_pool2d_forward", input.device)
     if backend == "reference":
         return ref.conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
                                   momentum, eps, s, p, activation, k_pool, return_indices, index_format, num_batches_tracked,

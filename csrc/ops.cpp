@@ -182,6 +182,17 @@ TORCH_LIBRARY(aefast, m) {
         "Tensor weight, int[2] stride, int[2] padding, int activation, float negative_slope, int[2] pool_size, "
         "str corruption, float corruption_level, int seed, float low, float high, int chunk_bytes, "
         "bool ceil_mode=False) -> (Tensor, Tensor, Tensor)");
+  // conv_bn_pool2d's CUDA host code (aefast/conv_bn_pool_host.h) with the CPU executor; reduction_threads
+  // replaces the GPU's target thread count of the chunked reductions (small: many rows per chunk).
+  m.def("emulate_cuda_conv_bn_pool2d_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+        "Tensor? bn_bias, int[2] stride, int[2] padding, float eps, int activation, float negative_slope, "
+        "int[2] pool_size, int[2] pool_stride, bool ceil_mode, int reduction_threads) "
+        "-> (Tensor pooled, Tensor window, Tensor conv_out, Tensor mean, Tensor var)");
+  m.def("emulate_cuda_conv_bn_pool2d_backward(Tensor grad_pooled, Tensor window, Tensor conv_out, Tensor mean, "
+        "Tensor var, Tensor input, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, "
+        "float eps, int activation, float negative_slope, int[2] pool_size, bool[5] output_mask, int[2] pool_stride, "
+        "bool ceil_mode, int reduction_threads) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def("emulate_cuda_max_pool2d_backward(Tensor grad_output, Tensor indices, Tensor input) -> Tensor");
   m.def("emulate_cuda_max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");

@@ -1,6 +1,7 @@
 """conv_bn_pool family: conv -> BatchNorm (training mode) -> activation -> max-pool, fused.
 
-Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/conv_bn_pool.cpp):
+Ops (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/conv_bn_pool.cpp, CUDA kernels in
+csrc/cuda/conv_bn_pool.cu, Triton kernels in aefast/triton/conv_bn_pool.py):
 
 * ``conv_bn_pool2d_forward(x, w, b, gamma, beta, stride, padding, eps, act, slope, pool)
   -> (pooled, window, conv_out, mean, var)``; conv_out is y as (N, HC, WC, C) (channels-last memory)
@@ -43,9 +44,14 @@ vendor conv backward. (Splitting dL/dy by linearity into the sparse k*g part and
 part does not save work: the c1*y part needs a dense transposed conv of y itself.) grad_b is sum dL/dy,
 zero up to rounding, since BatchNorm removes the mean.
 
-Backends: cpu runs the C++ kernels. There is no Triton or CUDA kernel for this family yet: on those
-backends aefast.functional.conv_bn_pool2d runs the reference twin, and each such call is counted as
-a fallback in aefast.info() (reason "no Triton kernel for this op" / "no CUDA kernel for this op").
+Backends: cpu runs the C++ kernels (oneDNN for the conv). triton (aefast/triton/conv_bn_pool.py)
+hands the conv and its backward to the vendor through torch (cuDNN on a GPU, TF32 as
+torch.backends.cudnn.allow_tf32 says) and runs the statistics, the normalise -> activate -> pool ->
+argmax epilogue, the pool-sparse sums and the dense dL/dy as Triton kernels: the same schema,
+outputs and layouts as the CPU op, so the running-statistics update stays one code path. cuda
+(csrc/cuda/conv_bn_pool.cu, host code aefast/conv_bn_pool_host.h) is the same split with cuDNN
+through ATen and grid-stride kernels whose per-element bodies (aefast/conv_bn_pool_body.h) the tests
+run on the CPU (torch.ops.aefast.emulate_cuda_conv_bn_pool2d_*) against the reference twin.
 """
 from __future__ import annotations
 
@@ -86,6 +92,21 @@ def _fake_backward(grad_pooled, window, conv_out, mean, var, input, weight, bn_w
             grad(output_mask[4], (c,), bn_bias))
 
 
+def _triton_forward(*args):
+    from aefast.triton import conv_bn_pool as kernels
+
+    return kernels.conv_bn_pool2d_forward(*args)
+
+
+def _triton_backward(*args):
+    from aefast.triton import conv_bn_pool as kernels
+
+    return kernels.conv_bn_pool2d_backward(*args)
+
+
+# The Triton twins first: register_fake and register_autograd cover the namespaces registered so far.
+_registry.register_triton("conv_bn_pool2d_forward", _triton_forward)
+_registry.register_triton("conv_bn_pool2d_backward", _triton_backward)
 _registry.register_fake("conv_bn_pool2d_forward", _fake_forward)
 _registry.register_fake("conv_bn_pool2d_backward", _fake_backward)
 

@@ -11,6 +11,7 @@
 #include <atomic>
 
 #include "aefast/batch_norm_act_host.h"
+#include "aefast/conv_bn_pool_host.h"
 #include "aefast/conv_transpose_act_host.h"
 #include "aefast/gemm_gather_host.h"
 #include "aefast/torch_utils.h"
@@ -132,11 +133,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_batch_norm_act2d_backward
                                                negative_slope, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_conv_bn_pool2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, double eps, int64_t activation, double negative_slope, c10::IntArrayRef pool_size,
+    c10::IntArrayRef pool_stride, bool ceil_mode, int64_t reduction_threads) {
+  check_same_device("emulate_cuda_conv_bn_pool2d_forward", {&input, &weight}, bias);
+  return conv_bn_pool2d_forward_op<CpuExec>(input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation,
+                                            negative_slope, pool_size, pool_stride, ceil_mode, reduction_threads);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_conv_bn_pool2d_backward(
+    const at::Tensor& grad_pooled, const at::Tensor& window, const at::Tensor& conv_out, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, c10::IntArrayRef stride, c10::IntArrayRef padding, double eps,
+    int64_t activation, double negative_slope, c10::IntArrayRef pool_size, std::array<bool, 5> output_mask,
+    c10::IntArrayRef pool_stride, bool ceil_mode, int64_t reduction_threads) {
+  check_same_device("emulate_cuda_conv_bn_pool2d_backward", {&grad_pooled, &window, &conv_out, &mean, &var, &input, &weight});
+  return conv_bn_pool2d_backward_op<CpuExec>(grad_pooled, window, conv_out, mean, var, input, weight, bn_weight, bn_bias,
+                                             stride, padding, eps, activation, negative_slope, pool_size, output_mask,
+                                             pool_stride, ceil_mode, reduction_threads);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("emulate_cuda_batch_norm_act2d_forward", &emulate_batch_norm_act2d_forward);
   m.impl("emulate_cuda_batch_norm_act2d_backward", &emulate_batch_norm_act2d_backward);
+  m.impl("emulate_cuda_conv_bn_pool2d_forward", &emulate_conv_bn_pool2d_forward);
+  m.impl("emulate_cuda_conv_bn_pool2d_backward", &emulate_conv_bn_pool2d_backward);
   m.impl("emulate_cuda_conv_transpose_act2d", &emulate_conv_transpose_act2d);
   m.impl("emulate_cuda_conv_transpose_act2d_backward", &emulate_conv_transpose_act2d_backward);
   m.impl("emulate_cuda_unpool_conv_transpose2d", &emulate_decoder_forward);
