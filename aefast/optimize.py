@@ -453,7 +453,8 @@ class _Rewriter:
             # custom op's extra cost per call (the conv VAE's training step, N128 16x16, lost ~5% to
             # it). In eval mode the BatchNorm folds and the activation fuses, and the site is fused.
             self.unfused[conv_node] = (f"nothing to fuse in this mode: {batch_bn.target} (BatchNorm2d) normalises "
-                                       "with batch statistics, so it and its activation stay in eager")
+                                       "with batch statistics, so the conv stays as it is (the BatchNorm and its "
+                                       "activation fuse as batch_norm_act2d)")
             return
         last = bn_node if bn is not None else conv_node
         end = act[3] if act else last

@@ -467,9 +467,10 @@ def test_optimize_fuses_upsamplers_and_reports_the_rest():
         original.bn.bias.uniform_(-0.5, 0.5)
     model = aefast.optimize(copy.deepcopy(original), verbose=False)
     train = [r for r in model.aefast_rewrites if not r.startswith("(eval mode)")]
-    # In training mode up_bn's BatchNorm normalises with batch statistics: it and its activation stay
-    # in eager, and the transposed conv alone would fuse nothing, so it stays too (with the reason).
-    assert train == ["conv_transpose_act2d <- up_shared (ConvTranspose2d, stride (2, 2)) -> no activation"]
+    # In training mode up_bn's BatchNorm normalises with batch statistics: it and its activation fuse as
+    # batch_norm_act2d, and the transposed conv alone would fuse nothing, so it stays (with the reason).
+    assert train == ["conv_transpose_act2d <- up_shared (ConvTranspose2d, stride (2, 2)) -> no activation",
+                     "batch_norm_act2d <- bn (BatchNorm2d, batch statistics) -> leaky_relu"]
     assert ("(eval mode) conv_transpose_act2d <- up_bn (ConvTranspose2d, stride (2, 2)) -> bn (BatchNorm2d folded, "
             "eval mode) -> leaky_relu") in model.aefast_rewrites
     unfused = "\n".join(model.aefast_unfused)
