@@ -83,6 +83,9 @@ PoolWindows pool_windows(c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bo
           ceil_mode};
 }
 
+// The widest output channel count whose channels-last backward goes to oneDNN (backward_uses_vendor).
+constexpr int64_t kVendorBackwardMaxChannels = 32;
+
 // Whether the tiling kernels of this file serve the pool (else conv_pool_general.cpp does).
 bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t KW, c10::IntArrayRef stride,
                  c10::IntArrayRef padding) {
@@ -91,6 +94,27 @@ bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t
   if (H + 2 * padding[0] < KH || W + 2 * padding[1] < KW) return true;  // make_shape reports it
   const int64_t hc = (H + 2 * padding[0] - KH) / stride[0] + 1, wc = (W + 2 * padding[1] - KW) / stride[1] + 1;
   return pool_is_tiling(hc, wc, p.kh, p.kw, p.sh, p.sw, p.ceil_mode);
+}
+
+// Whether a tiling pool's backward takes the vendor route of the general pool
+// (conv_pool2d_backward_general: gz scattered into a channels-last dL/dz, then oneDNN's
+// convolution_backward) instead of this file's sparse kernels. The sparse kernels do a quarter
+// of the dense multiply-adds, but for channels-last tensors with few output channels oneDNN's
+// channels-last backward (fast for narrow layers) over the dense dL/dz is faster. Measured with
+// bench/bench_encoder_blocks.py (see the commit): the forward + backward of N16 8->8 96x96,
+// 16->16 48x48 and 24x24 channels-last blocks. AEFAST_ENCODER_BACKWARD=sparse|vendor (read per
+// call) forces one route, for tests and A/B timing. Corruption in the load has only the sparse
+// route (the general path takes no corruption); fp64 (oneDNN's slow reference path) and empty
+// tensors stay sparse unless forced.
+bool backward_uses_vendor(bool channels_last, int64_t n, int64_t c_in, int64_t c_out, at::ScalarType dtype,
+                          const InputCorruption& noise) {
+  if (noise.active() || n == 0 || c_in == 0 || c_out == 0) return false;
+  if (const char* env = std::getenv("AEFAST_ENCODER_BACKWARD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "sparse" || v == "vendor", "AEFAST_ENCODER_BACKWARD must be 'sparse' or 'vendor', got '", v, "'");
+    return v == "vendor";
+  }
+  return channels_last && dtype != at::kDouble && c_out <= kVendorBackwardMaxChannels;
 }
 
 Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t KH, int64_t KW,
@@ -838,7 +862,9 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
   TORCH_CHECK(input_size.size() == 2 && weight.dim() == 4, "aefast::conv_pool2d_backward_input: bad arguments");
   TORCH_CHECK(weight.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_input: dtypes differ");
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
-  if (!tiling_pool(pool, input_size[0], input_size[1], weight.size(2), weight.size(3), stride, padding)) {
+  if (!tiling_pool(pool, input_size[0], input_size[1], weight.size(2), weight.size(3), stride, padding) ||
+      backward_uses_vendor(strides_channels_last(grad_pooled) || strides_channels_last(weight), grad_pooled.size(0),
+                           weight.size(1), weight.size(0), grad_pooled.scalar_type(), InputCorruption{})) {
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward_input: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));
     const bool cl = strides_channels_last(grad_pooled) || strides_channels_last(weight);
@@ -868,7 +894,9 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
   TORCH_CHECK(input.dim() == 4 && kernel_size.size() == 2, "aefast::conv_pool2d_backward_weight: bad arguments");
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_weight: dtypes differ");
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
-  if (!tiling_pool(pool, input.size(2), input.size(3), kernel_size[0], kernel_size[1], stride, padding)) {
+  if (!tiling_pool(pool, input.size(2), input.size(3), kernel_size[0], kernel_size[1], stride, padding) ||
+      backward_uses_vendor(strides_channels_last(grad_pooled) || strides_channels_last(input), input.size(0),
+                           input.size(1), grad_pooled.size(1), grad_pooled.scalar_type(), noise)) {
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward_weight: corruption in the load needs a tiling pool");
     auto out = conv_pool2d_backward_general(grad_pooled, window, preact, input, at::Tensor(), input.size(0),
                                             input.size(1), input.sizes().slice(2), kernel_size, stride, padding,
@@ -900,7 +928,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward: dtypes differ");
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
-  if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding)) {
+  if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding) ||
+      backward_uses_vendor(strides_channels_last(grad_pooled) || strides_channels_last(input) ||
+                               strides_channels_last(weight),
+                           input.size(0), input.size(1), weight.size(0), grad_pooled.scalar_type(), noise)) {
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward: corruption in the load needs a tiling pool");
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));
