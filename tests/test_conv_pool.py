@@ -806,7 +806,7 @@ def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
     n, cin, cout, h, w, k, s, p, pool, pool_stride, act, dtype = case
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
     # aefast's sparse backward in both layouts (the same sums: equal bit for bit); the vendor route
-    # that channels-last blocks take by default is held to it in test_cpu_backward_routes_agree.
+    # (AEFAST_ENCODER_BACKWARD=vendor) is held to it in test_cpu_backward_routes_agree.
     monkeypatch.setenv("AEFAST_ENCODER_BACKWARD", "sparse")
     ops = torch.ops.aefast
     x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin + cout)
@@ -850,8 +850,8 @@ def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
 
 
 # A tiling pool's backward has two routes (csrc/cpu/conv_pool.cpp, backward_uses_vendor): aefast's
-# sparse kernels, and for channels-last narrow blocks gz scattered into a dense channels-last
-# dL/dz handed to oneDNN's convolution_backward (the general pool's route). Both against the exact
+# sparse kernels (the default, measured faster), and gz scattered into a dense channels-last dL/dz
+# handed to oneDNN's convolution_backward (the general pool's route), kept as an A/B switch. Both against the exact
 # routed gradients and each other, in both layouts, the layouts of their results equal; ceil_mode
 # with even and odd maps (tiling either way), odd maps whose last row/column feed no window.
 ROUTE_CASES = [  # n, cin, cout, h, w, k, stride, padding, pool, ceil_mode, act, dtype
