@@ -483,3 +483,21 @@ def test_bad_inputs():
         call(bn_weight=torch.ones(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="padding must be an int or a pair"):
         aefast.nn.ConvBNPool2d(3, 4, 3, padding="same")
+
+
+def test_encoder_block_bench_quick_run():
+    """bench/bench_encoder_blocks.py (the per-block A/B of the fused encoder blocks on the shapes the
+    real architectures run) does not rot: a --quick run finds SegNet's conv_bn_pool2d sites and
+    FCN-8s's ceil_mode conv_pool2d sites and prints a ratio row for each (speed is not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_encoder_blocks.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("conv_bn_pool ", "conv_pool "))]
+    assert any("segnet" in r and r.startswith("conv_bn_pool") for r in rows)
+    assert any("fcn8s" in r and "ceil" in r for r in rows)
+    assert all(len(r.split()) >= 10 for r in rows)

@@ -968,3 +968,24 @@ def test_cpu_epilogue_store_forms_agree(monkeypatch, isa, case):
     monkeypatch.setenv("AEFAST_ENCODER_STORES", "strided")
     with pytest.raises(RuntimeError, match="AEFAST_ENCODER_STORES"):
         torch.ops.aefast.conv_pool2d_forward(*args)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, in_hw", [((2, 2), (2, 2), (1, 1), (12, 10)),
+                                                             ((3, 2), (2, 3), (1, 1), (9, 11)),
+                                                             ((2, 3), (1, 2), (2, 1), (8, 9))])
+def test_cpu_window_to_flat_for_windows_inside_the_input(kernel, stride, dilation, in_hw):
+    """The encoders' indices: csrc/cpu/pool_index.cpp converts window offsets of windows that all lie
+    inside the input by a displacement table; against the definition (offset r*kw + c -> flat
+    (oh*sh + r*dh)*W + ow*sw + c*dw), offsets past the window (255 included) giving -1."""
+    h_out = (in_hw[0] - (kernel[0] - 1) * dilation[0] - 1) // stride[0] + 1
+    w_out = (in_hw[1] - (kernel[1] - 1) * dilation[1] - 1) // stride[1] + 1
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, kernel[0] * kernel[1], (2, 3, h_out, w_out), generator=g, dtype=torch.uint8)
+    window[0, 0, 0, 0], window[1, 2, -1, -1] = 255, kernel[0] * kernel[1]
+    got = torch.ops.aefast.window_to_flat(window, list(in_hw), list(kernel), list(stride), [0, 0], list(dilation))
+    oh = torch.arange(h_out).view(-1, 1)
+    ow = torch.arange(w_out).view(1, -1)
+    r, c = window.long() // kernel[1], window.long() % kernel[1]
+    want = (oh * stride[0] + r * dilation[0]) * in_hw[1] + ow * stride[1] + c * dilation[1]
+    want[window.long() >= kernel[0] * kernel[1]] = -1
+    assert torch.equal(got, want)
