@@ -97,8 +97,9 @@ bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t
 // (conv_pool2d_backward_general: gz scattered into a channels-last dL/dz, then oneDNN's
 // convolution_backward) instead of this file's sparse kernels. By default it does not: the sparse
 // backward was measured faster for the channels-last narrow blocks where the vendor route was
-// the candidate (bench/bench_encoder_blocks.py's FCN-8s shapes, N16, 1 thread, CPU time,
-// interleaved, loaded machine: directions): sparse / vendor / eager channels-last backward,
+// the candidate (the raw backward op on the FCN-8s shapes bench/bench_encoder_blocks.py finds,
+// channels-last, N16, 1 thread, CPU time, interleaved, loaded machine: directions; that script's
+// --env AEFAST_ENCODER_BACKWARD=vendor repeats it in context): sparse / vendor / eager backward,
 // ms: 8->8 96x96 5.0 / 5.4 / 5.9, 16->16 48x48 2.3 / 2.5 / 2.6, 16->16 24x24 0.59 / 0.59 / 0.71,
 // 32->32 12x12 0.41 / 0.50 / 0.55. AEFAST_ENCODER_BACKWARD=sparse|vendor (read per call) forces
 // one route, for tests and A/B timing. Corruption in the load and empty tensors have only the
