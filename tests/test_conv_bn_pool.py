@@ -75,7 +75,7 @@ def assert_same_step(spec, fused, x, *, tol, exact_indices=True):
     if exact_indices:
         assert torch.equal(got_idx, want_idx)
     for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, **tol, msg=name)
+        torch.testing.assert_close(got_grads[name], g, **tol)
     buffers = dict(fused.named_buffers())
     for name, b in spec.named_buffers():  # running statistics and num_batches_tracked
         torch.testing.assert_close(buffers[name.replace("1.", "bn.", 1)], b, **tol, msg=name)
@@ -127,6 +127,81 @@ def test_no_bias_no_affine_and_no_running_stats():
     fused.load_state_dict({k.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v
                            for k, v in spec.state_dict().items()})
     assert_same_step(spec, fused, torch.randn(2, 2, 8, 7, dtype=torch.float64), tol=TOLERANCES[torch.float64])
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+_FLAGS = _cpu_flags()
+_ISAS = [
+    pytest.param("generic", id="generic"),
+    pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _FLAGS, reason="no AVX2/FMA")),
+    pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
+        not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= _FLAGS, reason="no AVX-512")),
+]
+
+
+# The fp32/fp64 forward kernels (csrc/cpu/conv_bn_pool_kernels.inc: row_moments, activate_pool_row
+# for the select activations) work on channel blocks of whole, half and quarter vectors and single
+# values: 8 and 16 channels (the narrow layers of SegNet and U-Net; one half or one whole AVX-512
+# fp32 vector) and 9 (a block and a tail), held to torch's modules on every instruction set, in
+# both layouts, on odd maps (the last conv row and column feed no window).
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("cout", [8, 16, 9])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_blocks_match_torch(monkeypatch, isa, cout, act, channels_last):
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    spec, fused = make_pair(3, cout, 3, padding=1, act=act, seed=cout)
+    x = torch.randn(3, 3, 13, 11, generator=torch.Generator().manual_seed(cout))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        spec, fused = spec.to(memory_format=torch.channels_last), fused.to(memory_format=torch.channels_last)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    with aefast.set_backend("cpu"):
+        for step in range(2):
+            want, want_idx, want_grads = run_step(spec, x + step)
+            got, got_idx, got_grads = run_step(fused, x + step)
+            torch.testing.assert_close(got, want, **tol)
+            assert torch.equal(got_idx, want_idx)
+            for name, g in want_grads.items():
+                if name == "conv.bias":  # zero up to fp32 rounding (BatchNorm removes the mean): a bound
+                    assert got_grads[name].abs().max() < 1e-4 * want_grads["bn.bias"].abs().max()
+                    continue
+                # absolute error in units of the gradient's scale (|conv.weight grad| ~ 50 here)
+                torch.testing.assert_close(got_grads[name], g, rtol=tol["rtol"],
+                                           atol=tol["atol"] * max(1.0, g.abs().max().item()), msg=name)
+            buffers = dict(fused.named_buffers())
+            for name, b in spec.named_buffers():
+                torch.testing.assert_close(buffers[name.replace("1.", "bn.", 1)], b, **tol, msg=name)
+            spec.zero_grad(), fused.zero_grad()
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("dtype, rel", [(torch.bfloat16, 4e-2), (torch.float16, 1e-2)])
+def test_channel_blocks_half_types(monkeypatch, isa, dtype, rel):
+    """16 channels with half-type tensors (the rounding loops; values widened to fp32 inside): against
+    the fp32 spec on the same rounded inputs, as test_low_precision_against_fp32 states."""
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    spec, fused = make_pair(4, 16, 3, padding=1, act="relu", seed=2)
+    fused = fused.to(dtype)
+    fused.bn.float()
+    x = torch.randn(2, 4, 12, 10).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 16, 6, 5).to(dtype)
+    want, _, want_grads = run_step(spec, x.float(), grad.float())
+    with aefast.set_backend("cpu"):
+        got, _, got_grads = run_step(fused, x, grad)
+    torch.testing.assert_close(got.float(), want, rtol=rel, atol=rel)
+    for name, g in want_grads.items():
+        if name == "conv.bias":
+            continue  # zero up to rounding (test_low_precision_against_fp32 bounds it)
+        assert (got_grads[name].float() - g).norm() / g.norm() < rel, name
+    torch.testing.assert_close(fused.bn.running_var, spec[1].running_var, rtol=rel, atol=rel)
 
 
 @pytest.mark.parametrize("backend_name", KERNELS_HERE)
@@ -682,3 +757,21 @@ def test_bad_inputs():
         call(bn_weight=torch.ones(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="padding must be an int or a pair"):
         aefast.nn.ConvBNPool2d(3, 4, 3, padding="same")
+
+
+def test_encoder_block_bench_quick_run():
+    """bench/bench_encoder_blocks.py (the per-block A/B of the fused encoder blocks on the shapes the
+    real architectures run) does not rot: a --quick run finds SegNet's conv_bn_pool2d sites and
+    FCN-8s's ceil_mode conv_pool2d sites and prints a ratio row for each (speed is not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_encoder_blocks.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("conv_bn_pool ", "conv_pool "))]
+    assert any("segnet" in r and r.startswith("conv_bn_pool") for r in rows)
+    assert any("fcn8s" in r and "ceil" in r for r in rows)
+    assert all(len(r.split()) >= 10 for r in rows)

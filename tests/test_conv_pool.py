@@ -805,6 +805,9 @@ LAYOUT_CASES = [  # n, cin, cout, h, w, kernel, stride, padding, pool, pool_stri
 def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
     n, cin, cout, h, w, k, s, p, pool, pool_stride, act, dtype = case
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    # aefast's sparse backward in both layouts (the same sums: equal bit for bit); the vendor route
+    # (AEFAST_ENCODER_BACKWARD=vendor) is held to it in test_cpu_backward_routes_agree.
+    monkeypatch.setenv("AEFAST_ENCODER_BACKWARD", "sparse")
     ops = torch.ops.aefast
     x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin + cout)
     x, wt, b = x.detach(), wt.detach(), b.detach()
@@ -844,6 +847,78 @@ def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
     gw, gb = ops.conv_pool2d_backward_weight(*as_cl, x, [k, k], *bgeo, **tail)
     same(gw, want[1])
     same(gb, want[2])
+
+
+# A tiling pool's backward has two routes (csrc/cpu/conv_pool.cpp, backward_uses_vendor): aefast's
+# sparse kernels (the default, measured faster), and gz scattered into a dense channels-last dL/dz
+# handed to oneDNN's convolution_backward (the general pool's route), kept as an A/B switch. Both against the exact
+# routed gradients and each other, in both layouts, the layouts of their results equal; ceil_mode
+# with even and odd maps (tiling either way), odd maps whose last row/column feed no window.
+ROUTE_CASES = [  # n, cin, cout, h, w, k, stride, padding, pool, ceil_mode, act, dtype
+    (2, 8, 8, 12, 14, 3, 1, 1, 2, False, "relu", torch.float32),
+    (3, 16, 16, 9, 11, 3, 1, 1, 2, True, "relu", torch.float32),    # odd map, ceil_mode: tiling still
+    (2, 3, 17, 10, 9, 3, 2, 1, 2, False, "leaky_relu", torch.float32),
+    (1, 5, 6, 11, 10, (3, 1), 1, (1, 0), (3, 2), False, "gelu", torch.float32),
+    (2, 8, 16, 10, 10, 3, 1, 1, 2, False, "relu", torch.bfloat16),
+    (1, 4, 5, 7, 9, 3, 1, 1, 2, False, None, torch.float64),
+]
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[f"{c[1]}to{c[2]}-{c[10]}-{str(c[11])[6:]}" for c in ROUTE_CASES])
+def test_cpu_backward_routes_agree(monkeypatch, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, ceil, act, dtype = case
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin * 10 + cout)
+    tol = HALF_GRAD_TOL.get(dtype, TOLERANCES[dtype])
+    cl = torch.channels_last
+    got = {}
+    with aefast.set_backend("cpu"):
+        for route in ("sparse", "vendor"):
+            monkeypatch.setenv("AEFAST_ENCODER_BACKWARD", route)
+            for layout in (torch.contiguous_format, cl):
+                xin = x.detach().contiguous(memory_format=layout).requires_grad_()
+                win = wt.detach().contiguous(memory_format=layout).requires_grad_()
+                bin_ = b.detach().requires_grad_()
+                y, idx = AF.conv_pool2d(xin, win, bin_, s, p, act, pool, ceil_mode=ceil)
+                grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+                gx, gw, gb = torch.autograd.grad(y, (xin, win, bin_), grad)
+                assert gx.is_contiguous(memory_format=layout)
+                got[route, layout] = (gx, gw, gb)
+                want = routed_grads(x, wt, b, s, p, act, idx, grad)
+                for g_, r_ in zip((gx, gw, gb), want):
+                    torch.testing.assert_close(g_.double(), r_, rtol=tol["rtol"],
+                                               atol=tol["atol"] * max(1.0, r_.abs().max().item()))
+    for layout in (torch.contiguous_format, cl):
+        for a, c in zip(got["sparse", layout], got["vendor", layout]):
+            assert a.shape == c.shape and a.stride() == c.stride()
+
+
+def test_cpu_backward_route_env_rejects_unknown_value(monkeypatch):
+    x, w, b = make(1, 3, 4, 8, 8, 3, torch.float32, "cpu")
+    monkeypatch.setenv("AEFAST_ENCODER_BACKWARD", "dense")
+    with aefast.set_backend("cpu"):
+        y, _ = AF.conv_pool2d(x.detach(), w, b, 1, 1, "relu", 2)
+        with pytest.raises(RuntimeError, match="AEFAST_ENCODER_BACKWARD"):
+            y.sum().backward()
+
+
+def test_cpu_channels_last_narrow_large_map_forward():
+    """Channels-last 8/16-channel blocks on maps of >= 32768 conv values per image take oneDNN's
+    conv + the fused epilogue instead of Winograd (csrc/cpu/conv_pool_winograd.cpp,
+    encoder_uses_winograd): the same outputs as the NCHW (Winograd) forward, indices exact."""
+    ops = torch.ops.aefast
+    for cin, cout, hw in ((8, 8, 64), (16, 16, 46)):
+        x, w, b = make(2, cin, cout, hw, hw, 3, torch.float32, "cpu", seed=cout)
+        x, w, b = x.detach(), w.detach(), b.detach()
+        want = ops.conv_pool2d_forward(x, w, b, [1, 1], [1, 1], 1, 0.01, [2, 2])
+        got = ops.conv_pool2d_forward(x.contiguous(memory_format=torch.channels_last), w, b, [1, 1], [1, 1], 1, 0.01,
+                                      [2, 2])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], want[1])
+        _, idx = eager(x, w, b, 1, 1, "relu", 2)
+        assert torch.equal(AF.window_to_flat(got[1], (hw, hw), 2), idx)
 
 
 def test_cpu_channels_last_fake_strides_match():
@@ -893,3 +968,24 @@ def test_cpu_epilogue_store_forms_agree(monkeypatch, isa, case):
     monkeypatch.setenv("AEFAST_ENCODER_STORES", "strided")
     with pytest.raises(RuntimeError, match="AEFAST_ENCODER_STORES"):
         torch.ops.aefast.conv_pool2d_forward(*args)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, in_hw", [((2, 2), (2, 2), (1, 1), (12, 10)),
+                                                             ((3, 2), (2, 3), (1, 1), (9, 11)),
+                                                             ((2, 3), (1, 2), (2, 1), (8, 9))])
+def test_cpu_window_to_flat_for_windows_inside_the_input(kernel, stride, dilation, in_hw):
+    """The encoders' indices: csrc/cpu/pool_index.cpp converts window offsets of windows that all lie
+    inside the input by a displacement table; against the definition (offset r*kw + c -> flat
+    (oh*sh + r*dh)*W + ow*sw + c*dw), offsets past the window (255 included) giving -1."""
+    h_out = (in_hw[0] - (kernel[0] - 1) * dilation[0] - 1) // stride[0] + 1
+    w_out = (in_hw[1] - (kernel[1] - 1) * dilation[1] - 1) // stride[1] + 1
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, kernel[0] * kernel[1], (2, 3, h_out, w_out), generator=g, dtype=torch.uint8)
+    window[0, 0, 0, 0], window[1, 2, -1, -1] = 255, kernel[0] * kernel[1]
+    got = torch.ops.aefast.window_to_flat(window, list(in_hw), list(kernel), list(stride), [0, 0], list(dilation))
+    oh = torch.arange(h_out).view(-1, 1)
+    ow = torch.arange(w_out).view(1, -1)
+    r, c = window.long() // kernel[1], window.long() % kernel[1]
+    want = (oh * stride[0] + r * dilation[0]) * in_hw[1] + ow * stride[1] + c * dilation[1]
+    want[window.long() >= kernel[0] * kernel[1]] = -1
+    assert torch.equal(got, want)

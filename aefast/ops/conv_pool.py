@@ -241,7 +241,10 @@ def _make_forward_backward(ns):
         rest = (None,) * (len(ctx.needs_input_grad) - 3)
         if grad_pooled is None:  # grads are not materialised: no gradient reached the output
             return grad_input, grad_weight, grad_bias, *rest
-        grad_pooled = grad_pooled.contiguous()
+        # The CPU kernels read channels_last pooled tensors as they are (a channels_last model's
+        # gradient arrives so): no NCHW copy of grad, window and preact per backward.
+        if not grad_pooled.is_contiguous(memory_format=_memory_format(preact)):
+            grad_pooled = grad_pooled.contiguous(memory_format=_memory_format(preact))
         kind, level, seed, _, _ = ctx.noise
 
         def clean_input_grad(grad_input):  # dL/dx from dL/dxc, xc = corrupt(x)

@@ -93,6 +93,27 @@ bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t
   return pool_is_tiling(hc, wc, p.kh, p.kw, p.sh, p.sw, p.ceil_mode);
 }
 
+// Whether a tiling pool's backward takes the vendor route of the general pool
+// (conv_pool2d_backward_general: gz scattered into a channels-last dL/dz, then oneDNN's
+// convolution_backward) instead of this file's sparse kernels. By default it does not: the sparse
+// backward was measured faster for the channels-last narrow blocks where the vendor route was
+// the candidate (the raw backward op on the FCN-8s shapes bench/bench_encoder_blocks.py finds,
+// channels-last, N16, 1 thread, CPU time, interleaved, loaded machine: directions; that script's
+// --env AEFAST_ENCODER_BACKWARD=vendor repeats it in context): sparse / vendor / eager backward,
+// ms: 8->8 96x96 5.0 / 5.4 / 5.9, 16->16 48x48 2.3 / 2.5 / 2.6, 16->16 24x24 0.59 / 0.59 / 0.71,
+// 32->32 12x12 0.41 / 0.50 / 0.55. AEFAST_ENCODER_BACKWARD=sparse|vendor (read per call) forces
+// one route, for tests and A/B timing. Corruption in the load and empty tensors have only the
+// sparse route (the general path takes no corruption).
+bool backward_uses_vendor(int64_t n, int64_t c_in, int64_t c_out, const InputCorruption& noise) {
+  if (noise.active() || n == 0 || c_in == 0 || c_out == 0) return false;
+  if (const char* env = std::getenv("AEFAST_ENCODER_BACKWARD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "sparse" || v == "vendor", "AEFAST_ENCODER_BACKWARD must be 'sparse' or 'vendor', got '", v, "'");
+    return v == "vendor";
+  }
+  return false;
+}
+
 Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t KH, int64_t KW,
                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef pool) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && pool.size() == 2,
@@ -838,7 +859,8 @@ at::Tensor conv_pool2d_backward_input_cpu(const at::Tensor& grad_pooled, const a
   TORCH_CHECK(input_size.size() == 2 && weight.dim() == 4, "aefast::conv_pool2d_backward_input: bad arguments");
   TORCH_CHECK(weight.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_input: dtypes differ");
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
-  if (!tiling_pool(pool, input_size[0], input_size[1], weight.size(2), weight.size(3), stride, padding)) {
+  if (!tiling_pool(pool, input_size[0], input_size[1], weight.size(2), weight.size(3), stride, padding) ||
+      backward_uses_vendor(grad_pooled.size(0), weight.size(1), weight.size(0), InputCorruption{})) {
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward_input: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));
     const bool cl = strides_channels_last(grad_pooled) || strides_channels_last(weight);
@@ -868,7 +890,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_backward_weight_cpu(
   TORCH_CHECK(input.dim() == 4 && kernel_size.size() == 2, "aefast::conv_pool2d_backward_weight: bad arguments");
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward_weight: dtypes differ");
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
-  if (!tiling_pool(pool, input.size(2), input.size(3), kernel_size[0], kernel_size[1], stride, padding)) {
+  if (!tiling_pool(pool, input.size(2), input.size(3), kernel_size[0], kernel_size[1], stride, padding) ||
+      backward_uses_vendor(input.size(0), input.size(1), grad_pooled.size(1), noise)) {
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward_weight: corruption in the load needs a tiling pool");
     auto out = conv_pool2d_backward_general(grad_pooled, window, preact, input, at::Tensor(), input.size(0),
                                             input.size(1), input.sizes().slice(2), kernel_size, stride, padding,
@@ -900,7 +923,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
   const InputCorruption noise = parse_input_corruption(corruption, corruption_level, seed, low, high);
   TORCH_CHECK(input.scalar_type() == grad_pooled.scalar_type(), "aefast::conv_pool2d_backward: dtypes differ");
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
-  if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding)) {
+  if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding) ||
+      backward_uses_vendor(input.size(0), input.size(1), weight.size(0), noise)) {
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward: corruption in the load needs a tiling pool");
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));

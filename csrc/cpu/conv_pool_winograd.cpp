@@ -71,6 +71,11 @@ bool encoder_uses_winograd(const Shape& s, at::ScalarType dtype) {
     TORCH_CHECK(v == "0" || v == "1", "AEFAST_ENCODER_WINOGRAD must be 0 or 1, got '", v, "'");
     return v == "1";
   }
+  // Channels-last outputs with few output channels and a large conv map: oneDNN's channels-last
+  // conv + the fused epilogue is faster (measured, bench/bench_encoder_blocks.py's shapes, 1
+  // thread, CPU time, interleaved, loaded machine: directions): N16 8->8 96x96 1.13x, 16->16 48x48
+  // 1.28x; Winograd stays faster at 16->16 24x24 (0.90x) and 32->32 12x12 (0.82x), and for NCHW.
+  if (s.out_cl && s.Cout <= 16 && s.HC * s.WC * s.Cout >= 32768) return false;
   return encoder_uses_vendor_conv(s.K());
 }
 

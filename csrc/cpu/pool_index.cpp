@@ -52,6 +52,32 @@ at::Tensor window_to_flat_cpu(const at::Tensor& window, c10::IntArrayRef input_s
   at::Tensor out = empty_cpu_cached(src.sizes(), src.options().dtype(at::kLong));
   const uint8_t* in_ptr = src.const_data_ptr<uint8_t>();
   int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
+  // Every window inside the input (no padding, no window past the edge: the encoders' tiling
+  // pools): flat = the window's first element + a table of each offset's displacement (-1 marks
+  // an offset outside the window), instead of a division per element, which made this pass as
+  // slow as a whole max_pool2d with indices (0.56 ms for 16x8x48x48 offsets, 1 thread).
+  const int64_t out_h_all = src.dim() >= 2 ? src.size(-2) : 0, out_w_all = src.dim() >= 2 ? src.size(-1) : 0;
+  const bool windows_inside = g.pad_h == 0 && g.pad_w == 0 && out_h_all > 0 && out_w_all > 0 &&
+                              (out_h_all - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h < g.in_h &&
+                              (out_w_all - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w < g.in_w;
+  if (windows_inside) {
+    int64_t displacement[256];
+    for (int64_t k = 0; k < 256; ++k)
+      displacement[k] = k < g.kernel_h * g.kernel_w
+                            ? (k / g.kernel_w) * g.dilation_h * g.in_w + (k % g.kernel_w) * g.dilation_w
+                            : -1;
+    for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
+      for (int64_t p = begin; p < end; ++p)
+        for (int64_t oh = 0; oh < out_h; ++oh) {
+          const int64_t k0 = (p * out_h + oh) * out_w, row = oh * g.stride_h * g.in_w;
+          for (int64_t ow = 0; ow < out_w; ++ow) {
+            const int64_t d = displacement[in_ptr[k0 + ow]];
+            out_ptr[k0 + ow] = d < 0 ? kInvalidFlatIndex : row + ow * g.stride_w + d;
+          }
+        }
+    });
+    return out;
+  }
   for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t base = p * out_h * out_w;
