@@ -140,24 +140,8 @@ struct BwdGeom {
   int32_t di[256], dj[256], offk[256];
 };
 
-namespace generic {
-constexpr int kVecBytes = 16;
-#include "conv_pool_kernels.inc"
-}  // namespace generic
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-constexpr int kVecBytes = 32;
-#include "conv_pool_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-namespace avx512 {
-constexpr int kVecBytes = 64;
-#include "conv_pool_kernels.inc"
-}  // namespace avx512
-#pragma GCC pop_options
+#define AEFAST_PER_ISA_KERNELS "conv_pool_kernels.inc"
+#include "per_isa.inc"
 
 InputCorruption parse_input_corruption(c10::string_view kind, double level, int64_t seed, double low, double high) {
   const int code = corruption_kind_code(std::string_view(kind.data(), kind.size()));

@@ -56,24 +56,8 @@ EncoderPool plane_geometry(int64_t n, int64_t c, int64_t hc, int64_t wc, const P
 
 int64_t conv_extent(int64_t in, int64_t k, int64_t s, int64_t pad) { return (in + 2 * pad - k) / s + 1; }
 
-namespace generic {
-constexpr int kVecBytes = 16;
-#include "conv_bn_pool_kernels.inc"
-}  // namespace generic
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-constexpr int kVecBytes = 32;
-#include "conv_bn_pool_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-namespace avx512 {
-constexpr int kVecBytes = 64;
-#include "conv_bn_pool_kernels.inc"
-}  // namespace avx512
-#pragma GCC pop_options
+#define AEFAST_PER_ISA_KERNELS "conv_bn_pool_kernels.inc"
+#include "per_isa.inc"
 
 // The kernels of conv_bn_pool_kernels.inc this file runs, for one ISA, activation and dtype: the
 // conv output is acc_t (fp32 for the half types), the op's tensors scalar_t.

@@ -20,24 +20,8 @@ namespace aefast {
 namespace encoder_cpu {
 namespace {
 
-namespace generic {
-constexpr int kVecBytes = 16;
-#include "conv_pool_winograd_kernels.inc"
-}  // namespace generic
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-constexpr int kVecBytes = 32;
-#include "conv_pool_winograd_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-namespace avx512 {
-constexpr int kVecBytes = 64;
-#include "conv_pool_winograd_kernels.inc"
-}  // namespace avx512
-#pragma GCC pop_options
+#define AEFAST_PER_ISA_KERNELS "conv_pool_winograd_kernels.inc"
+#include "per_isa.inc"
 
 }  // namespace
 
