@@ -1650,30 +1650,24 @@ AEFAST_ALWAYS_INLINE void gpre_act(const scalar_t* __restrict__ go, const scalar
     for (int64_t co = 0; co < co_n; ++co) bias_part[co] = drow[co];
     return;
   }
-  // NCHW: output rows outer, channels inner, so that the gpad row being filled (out_w * C_out
-  // values, a few KiB) stays in L1 while its C_out channels are stored into it with stride
-  // C_out (channel-outer order swept the whole gpad once per channel: measured, this pass was
-  // ~30% of the 64->32 backward, 1 thread). Each channel keeps its lane sums (lanes, tails)
-  // across rows, rows in order: the grad_b partials are bitwise those of the channel-outer order.
-  acc_t* __restrict__ lanes = drow + (std::max(wo, g.c_out) + 64 + 15) / 16 * 16;
-  acc_t* __restrict__ tails = lanes + g.c_out * L;
-  std::fill(lanes, lanes + g.c_out * (L + 1), acc_t(0));
-  for (int64_t oy = 0; oy < g.out_h; ++oy) {
-    acc_t* __restrict__ row = gpad + ((oy + g.pad_h) * cols + g.pad_w) * g.c_out;
-    for (int64_t co = 0; co < g.c_out; ++co) {
-      const scalar_t* gr = go + co * hw + oy * wo;
-      const scalar_t* ar = ai + co * hw + oy * wo;
+  for (int64_t co = 0; co < g.c_out; ++co) {
+    const scalar_t* gc = go + co * hw;
+    const scalar_t* ac = ai + co * hw;
+    V vs = V{};
+    acc_t tail = 0;
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      const scalar_t* gr = gc + oy * wo;
+      const scalar_t* ar = ac + oy * wo;
       for (int64_t ox = 0; ox < wo; ++ox)
         drow[ox] = static_cast<acc_t>(gr[ox]) * act_derivative<acc_t>(static_cast<acc_t>(ar[ox]), A, sl);
-      V vs = vload<V>(lanes + co * L);
       int64_t ox = 0;
       for (; ox + L <= wo; ox += L) vs += vload<V>(drow + ox);
-      vstore(lanes + co * L, vs);
-      for (; ox < wo; ++ox) tails[co] += drow[ox];
-      for (int64_t x = 0; x < wo; ++x) row[x * g.c_out + co] = drow[x];
+      for (; ox < wo; ++ox) tail += drow[ox];
+      acc_t* __restrict__ row = gpad + ((oy + g.pad_h) * cols + g.pad_w) * g.c_out + co;
+      for (int64_t x = 0; x < wo; ++x) row[x * g.c_out] = drow[x];
     }
+    bias_part[co] = hsum<acc_t, VB>(vs) + tail;
   }
-  for (int64_t co = 0; co < g.c_out; ++co) bias_part[co] = hsum<acc_t, VB>(vload<V>(lanes + co * L)) + tails[co];
 }
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void gpre_body(const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols,
@@ -1833,8 +1827,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
-    // drow: a row of gpre, then (gpre_act) the per-channel lane sums of grad_b (<= 16 lanes).
-    std::vector<acc_t> drow_v(static_cast<size_t>((std::max(g.out_w, g.c_out) + 64 + 15) / 16 * 16 + 17 * g.c_out));
+    std::vector<acc_t> drow_v(static_cast<size_t>(std::max(g.out_w, g.c_out) + 64));
     std::vector<scalar_t> z_pl(cl_in ? 2 * plane_in : 0);
     std::vector<index_t> idx_pl(cl_in ? plane_in : 0);
     acc_t* drow = drow_v.data();
