@@ -12,7 +12,7 @@ the zeros of the unpooled map, and the GEMM form executes the dense multiply-add
 times aefast's). aefast keeps its sparse kernels where they beat this bound. The sgemm peak is
 measured in this run, before and after the timings (the better of the two).
 
-    python bench/bench_unpool_deconv.py [--device cuda] [--quick] [--no-compile] [--out DIR]
+    python bench/bench_unpool_deconv.py [--device cuda] [--quick] [--no-compile] [--channels-last] [--out DIR]
 """
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ from bench.workloads import unpool_eager as eager_decoder, unpool_fused, unpool_
 from bench.workloads import unpool_macs  # noqa: E402
 
 
-def bench_shape(name, n, c_in, c_out, hw, act, device, backend, use_compile, repeats):
+def bench_shape(name, n, c_in, c_out, hw, act, device, backend, use_compile, repeats, channels_last=False):
     z, idx, window, w, b = make_inputs(n, c_in, c_out, hw, device)
+    if channels_last:  # the pooled map and both index forms in channels_last (eager and aefast alike)
+        z, idx, window = (t.contiguous(memory_format=torch.channels_last) for t in (z, idx, window))
+        name = f"{name} channels_last"
     dense_macs, sparse_macs = unpool_macs(n, c_in, c_out, hw)
     leaves = [t.clone().requires_grad_() for t in (z, w, b)]
     g = None
@@ -61,7 +64,7 @@ def bench_shape(name, n, c_in, c_out, hw, act, device, backend, use_compile, rep
 
         y = fn(*leaves)
         if g is None:
-            g = torch.randn_like(y)
+            g = torch.randn_like(y)  # in y's layout (channels_last out for channels_last in)
 
         def bwd():
             return torch.autograd.grad(y, leaves, g, retain_graph=True)
@@ -130,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--backend", default=None, help="aefast backend (default: cpu on CPU, cuda on CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run in seconds")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="pooled map and indices in channels_last (outputs and gradients follow)")
     parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
     add_allocator_flag(parser)
     args = parser.parse_args(argv)
@@ -139,7 +144,8 @@ def main(argv=None):
     use_compile = not (args.quick or args.no_compile)
     repeats = 3 if args.quick else 7
     def run_all():
-        return [row for shape in shapes for row in bench_shape(*shape, args.device, backend, use_compile, repeats)]
+        return [row for shape in shapes
+                for row in bench_shape(*shape, args.device, backend, use_compile, repeats, args.channels_last)]
 
     rows, peak, _, limits_line = cpu_limits_around(run_all, args.device)
     table = allocator + ("\n" + limits_line if limits_line else "") + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)

@@ -19,6 +19,15 @@ saved ``pre`` for leaky_relu/gelu/silu, which is the op's second output):
 The backward op is linear in gpre, so a gradient that reaches the second output (``pre``) is
 handled by a second call with activation=None.
 
+Layout (every backend, and the fake functions): channels_last in gives channels_last out. The
+input (pooled map) decides: when it is channels_last (dense in that layout and not contiguous,
+``_layout``), the output and the pre-activation are channels_last and grad_input comes back
+channels_last; grad_out is read in whichever of the two layouts it comes (``_dense``: no copy),
+and act_input is read in grad_out's layout. The CPU kernels read channels_last z / idx / grad_out
+without a tensor-sized copy (per-image transposes in cache, and direct channels_last epilogue and
+gpre passes: csrc/cpu/unpool_deconv.cpp); the CUDA GEMM form and the Triton twins convert their
+results at the end.
+
 max_unpool2d: out[plane, idx[p]] = in[plane, p], the last p (row-major) wins for duplicate
 indices; grad_in[p] = grad_out[idx[p]] for the winning p and 0 for the overwritten ones.
 """
@@ -33,6 +42,20 @@ from aefast.ops import _registry
 NEEDS_PREACTIVATION = ("leaky_relu", "gelu", "silu")
 
 
+def _layout(t):
+    """The layout rule of the CPU kernels (aefast.reference.functional._memory_format): a 4-D tensor
+    is channels_last when it is dense in that layout and not contiguous. channels_last in gives
+    channels_last out, and grad_input follows the input's layout."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(t):
+    """t itself when it is dense in either layout the kernels read (no copy), else contiguous."""
+    return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
+
+
 def _out_hw(unpooled_size, weight, stride, padding, output_padding):
     return [(unpooled_size[a] - 1) * stride[a] - 2 * padding[a] + weight.shape[2 + a] + output_padding[a]
             for a in range(2)]
@@ -44,16 +67,19 @@ def _triton_forward(input, indices, weight, bias, pool_size, unpooled_size, stri
                     activation, negative_slope):
     from aefast.triton import unpool_deconv as kernels
 
-    return kernels.forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding,
-                           activation, negative_slope)
+    out, pre = kernels.forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding,
+                               output_padding, activation, negative_slope)
+    fmt = _layout(input)  # every backend follows the CPU kernels' layout rule (and the fake)
+    return out.contiguous(memory_format=fmt), pre.contiguous(memory_format=fmt) if pre.dim() == 4 else pre
 
 
 def _triton_backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding,
                      output_padding, activation, negative_slope, output_mask):
     from aefast.triton import unpool_deconv as kernels
 
-    return kernels.backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding,
-                            output_padding, activation, negative_slope, output_mask)
+    gz, gw, gb = kernels.backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride,
+                                  padding, output_padding, activation, negative_slope, output_mask)
+    return gz.contiguous(memory_format=_layout(input)), gw, gb
 
 
 def _triton_max_unpool2d(input, indices, output_size):
@@ -83,14 +109,15 @@ if _registry.HAS_TRITON:
 def _fake_forward(input, indices, weight, bias, pool_size, unpooled_size, stride, padding, output_padding,
                   activation, negative_slope):
     h, w = _out_hw(unpooled_size, weight, stride, padding, output_padding)
-    out = input.new_empty((input.shape[0], weight.shape[1], h, w))
-    pre = input.new_empty(out.shape) if activation in NEEDS_PREACTIVATION else input.new_empty((0,))
+    fmt = _layout(input)
+    out = input.new_empty((input.shape[0], weight.shape[1], h, w)).contiguous(memory_format=fmt)
+    pre = torch.empty_like(out) if activation in NEEDS_PREACTIVATION else input.new_empty((0,))
     return out, pre
 
 
 def _fake_backward(grad_out, act_input, input, indices, weight, pool_size, unpooled_size, stride, padding,
                    output_padding, activation, negative_slope, output_mask):
-    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+    return (torch.empty_like(input, memory_format=_layout(input)),
             torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[1],)))
 
 
@@ -133,12 +160,12 @@ def _make_forward_backward(ns):
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
         grads = None
         if grad_out is not None:
-            grads = ns.unpool_conv_transpose2d_backward(grad_out.contiguous(), act_input, input, indices, weight,
+            grads = ns.unpool_conv_transpose2d_backward(_dense(grad_out), act_input, input, indices, weight,
                                                         *ctx.geometry, ctx.activation, ctx.negative_slope, need)
         if grad_pre is not None and grad_pre.numel():
             # The op is linear in gpre: a gradient on the pre-activation output adds the
             # gradients of the transposed conv without activation.
-            extra = ns.unpool_conv_transpose2d_backward(grad_pre.contiguous(), grad_pre, input, indices, weight,
+            extra = ns.unpool_conv_transpose2d_backward(_dense(grad_pre), _dense(grad_pre), input, indices, weight,
                                                         *ctx.geometry, None, 0.0, need)
             grads = extra if grads is None else tuple(a + b for a, b in zip(grads, extra))
         if grads is None:

@@ -229,6 +229,22 @@ struct PaddedVec {
   T& operator[](size_t i) { return v[i + kPad]; }
 };
 
+// channels_last images: one image's [P][C] block <-> the planar [C][P] layout that the
+// kernels below read and write (z, idx, grad_z; grad_out in the window-vector path). A per-image
+// transpose in a per-thread buffer (C*P values, e.g. 64 x 7x7: L1/L2-resident), not a pass over
+// the whole tensor; the forward's epilogue and the backward's gpre pass read / write
+// channels-last output-sized tensors directly.
+template <typename T>
+void image_to_planar(const T* __restrict__ src, int64_t c_n, int64_t p_n, T* __restrict__ dst) {
+  for (int64_t p = 0; p < p_n; ++p)
+    for (int64_t c = 0; c < c_n; ++c) dst[c * p_n + p] = src[p * c_n + c];
+}
+template <typename T>
+void image_to_channels_last(const T* __restrict__ src, int64_t c_n, int64_t p_n, T* __restrict__ dst) {
+  for (int64_t p = 0; p < p_n; ++p)
+    for (int64_t c = 0; c < c_n; ++c) dst[p * c_n + c] = src[c * p_n + p];
+}
+
 // Per-thread scratch: the entries of one segment of a row of pool windows, bucketed by slot
 // (b = (pw - pw0) * window + o), each bucket with room for all C_in channels, so that the
 // bucketing is a single pass with independent counters (no prefix sums, no serial chains).
@@ -596,57 +612,117 @@ AEFAST_ALWAYS_INLINE V sigmoid_vec_f32(V x) {
   return 1.0f / (1.0f + p * scale);
 }
 
+// nl lanes of a into dst (a whole vector store when the types match).
+template <typename scalar_t, typename acc_t, typename V>
+AEFAST_ALWAYS_INLINE void wv_store(scalar_t* __restrict__ dst, const V& a, int64_t nl) {
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(acc_t));
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (nl == L) {
+      vstore(dst, a);
+      return;
+    }
+  }
+  for (int64_t l = 0; l < nl; ++l) dst[l] = static_cast<scalar_t>(a[l]);
+}
+
 inline int64_t epilogue_row_stride(int64_t out_w) { return (out_w + 15) / 16 * 16 + 16; }
 
+// One pixel's channels cb0 .. cb0 + NV*L - 1: bias + the taps at offs[0 .. nt) (in the
+// fixed tap order), then the activation; stored as a channels_last run (cl) or lane by lane
+// into the row buffer's channel rows (orow / prow, row stride rs, column ox).
+template <int VB, int NV, DecoderAct A, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void epilogue_block(const acc_t* __restrict__ T, const int64_t* __restrict__ offs, int32_t nt,
+                                         const acc_t* __restrict__ bias, int64_t cb0, int64_t co_n, acc_t sl,
+                                         bool cl, scalar_t* __restrict__ out_px, scalar_t* __restrict__ pre_px,
+                                         scalar_t* __restrict__ orow, scalar_t* __restrict__ prow, int64_t rs) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  V a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = vload<V>(bias + cb0 + j * L);
+  for (int32_t t = 0; t < nt; ++t) {
+    const acc_t* __restrict__ src = T + offs[t] + cb0;
+    for (int j = 0; j < NV; ++j) a[j] += vload<V>(src + j * L);
+  }
+  constexpr bool vec_done = A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu ||
+                            (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>);
+  for (int j = 0; j < NV; ++j) {
+    const int64_t cb = cb0 + j * L, nl = std::min<int64_t>(L, co_n - cb);
+    V v = a[j];
+    if (pre_px) {
+      if (cl)
+        wv_store<scalar_t, acc_t>(pre_px + cb, v, nl);
+      else
+        for (int64_t l = 0; l < nl; ++l) prow[(cb + l) * rs] = static_cast<scalar_t>(v[l]);
+    }
+    // relu / leaky_relu on the whole vector (NaN propagates: x < 0 is false for it).
+    if constexpr (A == DecoderAct::Relu) {
+      v = v < V{} ? V{} : v;
+    } else if constexpr (A == DecoderAct::LeakyRelu) {
+      v = v >= V{} ? v : v * sl;
+    } else if constexpr (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>) {
+      v = sigmoid_vec_f32<V, typename VecOf<int32_t, VB>::type>(v);
+    }
+    if constexpr (!vec_done)
+      for (int64_t l = 0; l < nl; ++l) v[l] = act_forward<acc_t>(v[l], A, sl);
+    if (cl)
+      wv_store<scalar_t, acc_t>(out_px + cb, v, nl);
+    else
+      for (int64_t l = 0; l < nl; ++l) orow[(cb + l) * rs] = static_cast<scalar_t>(v[l]);
+  }
+}
+
+// Per output row: for each pixel the T offsets of its taps are listed once (rows r outer,
+// columns c inner: the fixed summation order), then its channels are summed in blocks of up to
+// 8 vectors held in registers (the tap list and its index tables are read once per pixel, not
+// once per channel vector: measured, the per-vector re-walk made this epilogue ~100 cycles a
+// pixel for 64->32).
 template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
                                        const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
                                        const int64_t* __restrict__ rowq, const AxisTaps& ct, int64_t kp,
                                        DecoderAct act, acc_t sl, scalar_t* __restrict__ out,
                                        scalar_t* __restrict__ pre, int64_t oy0, int64_t oy1,
-                                       scalar_t* __restrict__ rowbuf) {
-  using V = typename VecOf<acc_t, VB>::type;
+                                       scalar_t* __restrict__ rowbuf, bool cl) {
   constexpr int L = VecOf<acc_t, VB>::L;
+  constexpr int64_t kMaxBlock = 8;  // vectors of channels per register block
   const int64_t co_n = g.c_out, hw_out = g.out_h * g.out_w, kw_n = g.kernel_w;
-  const int64_t rs = epilogue_row_stride(g.out_w);
+  const int64_t rs = epilogue_row_stride(g.out_w), nvt = (co_n + L - 1) / L;
   scalar_t* __restrict__ orow = rowbuf;
   scalar_t* __restrict__ prow = rowbuf + co_n * rs;
+  int64_t offs_stack[64];
+  std::vector<int64_t> offs_heap(g.kernel_h * g.kernel_w > 64 ? g.kernel_h * g.kernel_w : 0);
+  int64_t* __restrict__ offs = offs_heap.empty() ? offs_stack : offs_heap.data();
   for (int64_t oy = oy0; oy < oy1; ++oy) {
     const int32_t r0 = rt.first[oy], r1 = rt.first[oy + 1];
     for (int64_t ox = 0; ox < g.out_w; ++ox) {
       const int32_t c0 = ct.first[ox], c1 = ct.first[ox + 1];
-      for (int64_t cb = 0; cb < co_n; cb += L) {
-        V a = vload<V>(bias + cb);
-        for (int32_t r = r0; r < r1; ++r) {
-          const int64_t qrow = rowq[r], krow = rt.kk[r] * kw_n;
-          for (int32_t c = c0; c < c1; ++c) {
-            const int64_t q = qrow + ct.x[c];
-            if (has && !has[q]) continue;
-            a += vload<V>(T + q * kp + (krow + ct.kk[c]) * co_n + cb);
-          }
+      int32_t nt = 0;
+      for (int32_t r = r0; r < r1; ++r) {
+        const int64_t qrow = rowq[r], krow = rt.kk[r] * kw_n;
+        for (int32_t c = c0; c < c1; ++c) {
+          const int64_t q = qrow + ct.x[c];
+          if (has && !has[q]) continue;
+          offs[nt++] = q * kp + (krow + ct.kk[c]) * co_n;
         }
-        const int64_t nl = std::min<int64_t>(L, co_n - cb);
-        const int64_t o = cb * rs + ox;
-        if (pre)
-          for (int64_t l = 0; l < nl; ++l) prow[o + l * rs] = static_cast<scalar_t>(a[l]);
-        // relu / leaky_relu on the whole vector (NaN propagates: x < 0 is false for it).
-        if constexpr (A == DecoderAct::Relu) {
-          a = a < V{} ? V{} : a;
-        } else if constexpr (A == DecoderAct::LeakyRelu) {
-          a = a >= V{} ? a : a * sl;
-        } else if constexpr (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>) {
-          a = sigmoid_vec_f32<V, typename VecOf<int32_t, VB>::type>(a);
-        }
-        constexpr bool vec_done = A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu ||
-                                  (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>);
-        for (int64_t l = 0; l < nl; ++l) {
-          if constexpr (vec_done)
-            orow[o + l * rs] = static_cast<scalar_t>(a[l]);
-          else
-            orow[o + l * rs] = static_cast<scalar_t>(act_forward<acc_t>(a[l], A, sl));
+      }
+      // channels_last: the pixel's C_out values are one contiguous run of the output.
+      scalar_t* out_px = cl ? out + (oy * g.out_w + ox) * co_n : nullptr;
+      scalar_t* pre_px = pre ? (cl ? pre + (oy * g.out_w + ox) * co_n : prow + ox) : nullptr;
+      for (int64_t v0 = 0; v0 < nvt; v0 += kMaxBlock) {
+        switch (std::min(kMaxBlock, nvt - v0)) {
+#define AEFAST_EPI_CASE(K)                                                                                     \
+  case K:                                                                                                      \
+    epilogue_block<VB, K, A, scalar_t, acc_t>(T, offs, nt, bias, v0 * L, co_n, sl, cl, out_px, pre_px, orow + ox, \
+                                              prow + ox, rs);                                                  \
+    break;
+          AEFAST_EPI_CASE(1) AEFAST_EPI_CASE(2) AEFAST_EPI_CASE(3) AEFAST_EPI_CASE(4)
+          AEFAST_EPI_CASE(5) AEFAST_EPI_CASE(6) AEFAST_EPI_CASE(7) AEFAST_EPI_CASE(8)
+#undef AEFAST_EPI_CASE
+          default: break;
         }
       }
     }
+    if (cl) continue;
     for (int64_t co = 0; co < co_n; ++co) {
       std::memcpy(out + co * hw_out + oy * g.out_w, orow + co * rs, sizeof(scalar_t) * g.out_w);
       if (pre) std::memcpy(pre + co * hw_out + oy * g.out_w, prow + co * rs, sizeof(scalar_t) * g.out_w);
@@ -657,17 +733,17 @@ template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
                                         const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct, int64_t kp,
                                         DecoderAct act, acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0,
-                                        int64_t oy1, scalar_t* rowbuf) {
+                                        int64_t oy1, scalar_t* rowbuf, bool cl) {
 #define AEFAST_EPILOGUE(A) \
-  epilogue_act<VB, A, scalar_t, acc_t>(T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf)
+  epilogue_act<VB, A, scalar_t, acc_t>(T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl)
   AEFAST_FOR_DECODER_ACT(act, AEFAST_EPILOGUE)
 #undef AEFAST_EPILOGUE
 }
 AEFAST_ISA_CLONES(epilogue,
                   (const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
                    const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct, int64_t kp, DecoderAct act,
-                   acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1, scalar_t* rowbuf),
-                  (T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf))
+                   acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1, scalar_t* rowbuf, bool cl),
+                  (T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl))
 
 // ---------------------------------------------------------------- small slabs: window vectors
 // The forward and backward of small slabs (K = KH*KW*C_out taps in at most 4 vectors, e.g.
@@ -942,19 +1018,6 @@ AEFAST_ALWAYS_INLINE void wv_fwd_row(const acc_t* Zb, const acc_t* Ob, const acc
   }
 }
 
-// nl lanes of a into dst (a whole vector store when the types match).
-template <typename scalar_t, typename acc_t, typename V>
-AEFAST_ALWAYS_INLINE void wv_store(scalar_t* __restrict__ dst, const V& a, int64_t nl) {
-  constexpr int L = static_cast<int>(sizeof(V) / sizeof(acc_t));
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (nl == L) {
-      vstore(dst, a);
-      return;
-    }
-  }
-  for (int64_t l = 0; l < nl; ++l) dst[l] = static_cast<scalar_t>(a[l]);
-}
-
 // Epilogue: out[co][oy][ox] = act(Acc[co][oy + pad_h][ox + pad_w] + b[co]), vectorised over ox.
 template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void wv_epilogue_act(const acc_t* __restrict__ Acc, const acc_t* __restrict__ bias,
@@ -1217,6 +1280,12 @@ at::Tensor reorder_weight(const at::Tensor& weight, const DecoderGeometry& g, in
   return wt_t;
 }
 
+// t dense in fmt: itself when it already is, else a copy (cached buffer for the contiguous one).
+at::Tensor dense_in(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (t.is_contiguous(fmt)) return t;
+  return fmt == at::MemoryFormat::Contiguous ? contiguous_cpu_cached(t) : t.contiguous(fmt);
+}
+
 // Lower the first-bad position to v (min over images, whatever the thread order).
 void atomic_min(std::atomic<int64_t>& a, int64_t v) {
   int64_t cur = a.load();
@@ -1227,7 +1296,7 @@ void atomic_min(std::atomic<int64_t>& a, int64_t v) {
 template <typename scalar_t, typename index_t>
 void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& weight,
                    const std::optional<at::Tensor>& bias, const DecoderGeometry& g, DecoderAct act, double slope,
-                   at::Tensor& out, at::Tensor& pre) {
+                   bool cl, at::Tensor& out, at::Tensor& pre) {
   using acc_t = at::opmath_type<scalar_t>;
   const Isa isa = decoder_isa();
   const int64_t L = vec_bytes(isa) / static_cast<int64_t>(sizeof(acc_t));
@@ -1248,7 +1317,7 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   scalar_t* pp = pre.numel() ? pre.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t plane_in = g.c_in * g.pooled_h * g.pooled_w, plane_out = g.c_out * g.out_h * g.out_w;
-  const int64_t P = g.unpooled_h * g.unpooled_w;
+  const int64_t P = g.unpooled_h * g.unpooled_w, plane = g.pooled_h * g.pooled_w, hw_out = g.out_h * g.out_w;
   const acc_t sl = static_cast<acc_t>(slope);
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const auto slabs = AEFAST_PICK(slabs, isa);
@@ -1287,20 +1356,36 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
     acc_t* Ab = Ob + wpk;
     acc_t* Acc = Ab + wa;
     acc_t* cv = Acc + (wv ? g.c_out * wg.R * wg.C : 0);
+    // channels_last: the image's z and idx in planar order (image_to_planar); the window-vector
+    // path also writes planar output (and pre-activation) images, transposed out afterwards.
+    std::vector<scalar_t> z_pl(cl ? plane_in : 0), out_pl(cl && wv ? (pp ? 2 : 1) * plane_out : 0);
+    std::vector<index_t> idx_pl(cl ? plane_in : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const scalar_t* zn = zp + n * plane_in;
       const index_t* in = ip + n * plane_in;
+      if (cl) {
+        image_to_planar(zn, g.c_in, plane, z_pl.data());
+        image_to_planar(in, g.c_in, plane, idx_pl.data());
+        zn = z_pl.data();
+        in = idx_pl.data();
+      }
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
       int64_t bad = std::numeric_limits<int64_t>::max();
       if (wv) {
-        bad = wv_forward(zn, in, wt, b, g, wtab, wg, kp, cv, act, sl, Zb, Ob, Ab, Acc, o, p);
+        scalar_t* ow = cl ? out_pl.data() : o;
+        scalar_t* pw = p && cl ? out_pl.data() + plane_out : p;
+        bad = wv_forward(zn, in, wt, b, g, wtab, wg, kp, cv, act, sl, Zb, Ob, Ab, Acc, ow, pw);
+        if (cl) {
+          image_to_channels_last(ow, g.c_out, hw_out, o);
+          if (p) image_to_channels_last(pw, g.c_out, hw_out, p);
+        }
         if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
         continue;
       }
       if (small) {
         bad = bands(zn, in, wt, g, wtab, kp, T);
-        epilogue(T, nullptr, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, 0, g.out_h, rowbuf);
+        epilogue(T, nullptr, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, 0, g.out_h, rowbuf, cl);
       } else {
         uint8_t* has = scratch.has.data();
         int64_t oy_done = 0;  // output rows [0, oy_done) are written
@@ -1315,14 +1400,14 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
           while (oy1 < g.out_h && need_h[oy1] < h_done) ++oy1;
-          epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, oy1, rowbuf);
+          epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, oy1, rowbuf, cl);
           oy_done = oy1;
         }
         // Unpooled rows below the last row of windows hold no entry; their ring rows may hold
         // another row's flags.
         for (int64_t h = g.pooled_h * g.pool_h; h < g.unpooled_h; ++h)
           std::fill(has + (h % ring) * row_pos, has + (h % ring + 1) * row_pos, uint8_t(0));
-        epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, g.out_h, rowbuf);
+        epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, g.out_h, rowbuf, cl);
       }
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
@@ -1346,15 +1431,19 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
                   g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
               "aefast::unpool_conv_transpose2d: one image is too large for the CPU kernel");
-  const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
+  // channels_last in, channels_last out (eager's rule; the fake function follows it).
+  const bool cl = decoder_channels_last(input);
+  const at::MemoryFormat fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor z = dense_in(input, fmt), idx = dense_in(indices, fmt), w = weight.contiguous();
   // Output-sized buffers through the buffer cache (aefast/cpu_buffer_cache.h).
-  at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options());
-  at::Tensor pre = act_needs_preactivation(act) ? empty_like_cpu_cached(out) : at::empty({0}, input.options());
+  at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options(), fmt);
+  at::Tensor pre = act_needs_preactivation(act) ? empty_cpu_cached(out.sizes(), input.options(), fmt)
+                                                : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_cpu", [&] {
     if (idx.scalar_type() == at::kLong)
-      forward_typed<scalar_t, int64_t>(z, idx, w, bias, g, act, negative_slope, out, pre);
+      forward_typed<scalar_t, int64_t>(z, idx, w, bias, g, act, negative_slope, cl, out, pre);
     else
-      forward_typed<scalar_t, uint8_t>(z, idx, w, bias, g, act, negative_slope, out, pre);
+      forward_typed<scalar_t, uint8_t>(z, idx, w, bias, g, act, negative_slope, cl, out, pre);
   });
   return {out, pre};
 }
@@ -1538,10 +1627,29 @@ AEFAST_ISA_CLONES(channels,
 template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void gpre_act(const scalar_t* __restrict__ go, const scalar_t* __restrict__ ai,
                                    const DecoderGeometry& g, int64_t cols, acc_t sl, acc_t* __restrict__ gpad,
-                                   acc_t* __restrict__ bias_part, acc_t* __restrict__ drow) {
+                                   acc_t* __restrict__ bias_part, acc_t* __restrict__ drow, bool cl) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   const int64_t hw = g.out_h * g.out_w, wo = g.out_w;
+  if (cl) {
+    // channels_last grad_out / act_in: a pixel's C_out values are contiguous, as in gpad; the
+    // grad_b partials are summed per channel in drow (C_out values), pixels in row-major order.
+    const int64_t co_n = g.c_out;
+    std::fill(drow, drow + co_n, acc_t(0));
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      const scalar_t* __restrict__ gr = go + oy * wo * co_n;
+      const scalar_t* __restrict__ ar = ai + oy * wo * co_n;
+      acc_t* __restrict__ row = gpad + ((oy + g.pad_h) * cols + g.pad_w) * co_n;
+      for (int64_t i = 0; i < wo * co_n; i += co_n)
+        for (int64_t co = 0; co < co_n; ++co) {
+          const acc_t d = static_cast<acc_t>(gr[i + co]) * act_derivative<acc_t>(static_cast<acc_t>(ar[i + co]), A, sl);
+          row[i + co] = d;
+          drow[co] += d;
+        }
+    }
+    for (int64_t co = 0; co < co_n; ++co) bias_part[co] = drow[co];
+    return;
+  }
   for (int64_t co = 0; co < g.c_out; ++co) {
     const scalar_t* gc = go + co * hw;
     const scalar_t* ac = ai + co * hw;
@@ -1563,15 +1671,15 @@ AEFAST_ALWAYS_INLINE void gpre_act(const scalar_t* __restrict__ go, const scalar
 }
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void gpre_body(const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols,
-                                    DecoderAct act, acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow) {
-#define AEFAST_GPRE_CASE(A) gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, cols, sl, gpad, bias_part, drow)
+                                    DecoderAct act, acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow, bool cl) {
+#define AEFAST_GPRE_CASE(A) gpre_act<VB, A, scalar_t, acc_t>(go, ai, g, cols, sl, gpad, bias_part, drow, cl)
   AEFAST_FOR_DECODER_ACT(act, AEFAST_GPRE_CASE)
 #undef AEFAST_GPRE_CASE
 }
 AEFAST_ISA_CLONES(gpre,
                   (const scalar_t* go, const scalar_t* ai, const DecoderGeometry& g, int64_t cols, DecoderAct act,
-                   acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow),
-                  (go, ai, g, cols, act, sl, gpad, bias_part, drow))
+                   acc_t sl, acc_t* gpad, acc_t* bias_part, acc_t* drow, bool cl),
+                  (go, ai, g, cols, act, sl, gpad, bias_part, drow, cl))
 
 // Extent of the channels-last gpre buffer: row a = oy + pad_h covers every footprint row
 // h*sh + kh (< (Hu-1)*sh + KH) and every output row (< Ho + pad_h).
@@ -1594,7 +1702,8 @@ AccExtent acc_extent(const DecoderGeometry& g) {
 template <typename scalar_t, typename index_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const at::Tensor& z, const at::Tensor& idx,
                     const at::Tensor& weight, const DecoderGeometry& g, DecoderAct act, double slope,
-                    std::array<bool, 3> mask, at::Tensor& grad_z, at::Tensor& grad_w, at::Tensor& grad_b) {
+                    std::array<bool, 3> mask, bool cl_in, bool cl_go, at::Tensor& grad_z, at::Tensor& grad_w,
+                    at::Tensor& grad_b) {
   using acc_t = at::opmath_type<scalar_t>;
   const Isa isa = decoder_isa();
   const int64_t L = vec_bytes(isa) / static_cast<int64_t>(sizeof(acc_t));
@@ -1602,7 +1711,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const AccExtent ext = acc_extent(g);
   const int64_t item = ext.rows * ext.cols * g.c_out, row_stride = ext.cols * g.c_out;
   const int64_t plane = g.pooled_h * g.pooled_w, plane_in = g.c_in * plane, plane_out = g.c_out * g.out_h * g.out_w;
-  const int64_t P = g.unpooled_h * g.unpooled_w, run = g.kernel_w * g.c_out;
+  const int64_t P = g.unpooled_h * g.unpooled_w, run = g.kernel_w * g.c_out, hw_out = g.out_h * g.out_w;
   BackwardPlan plan;
   plan.kp = kp;
   plan.per_position = kp / L <= 4;
@@ -1664,16 +1773,37 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
       acc_t* gzp = Gp + ngp;
       acc_t* GWv = gzp + npk;
       acc_t* cv = GWv + ngw;
+      // channels_last: per-image planar copies (image_to_planar) of grad_out / act_in and of
+      // z / idx, and the planar grad_z image transposed out.
+      std::vector<scalar_t> go_pl(cl_go ? 2 * plane_out : 0), z_pl(cl_in ? 2 * plane_in : 0);
+      std::vector<index_t> idx_pl(cl_in ? plane_in : 0);
       for (int64_t kc = k0; kc < k1; ++kc) {
         std::fill(GWv, GWv + ngw, acc_t(0));
         for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
-          wv_gpre(gp + n * plane_out, ap + n * plane_out, g, wg, act, sl, gplan, bias_part + n * g.c_out);
+          const scalar_t* gon = gp + n * plane_out;
+          const scalar_t* aon = ap + n * plane_out;
+          if (cl_go) {
+            image_to_planar(gon, g.c_out, hw_out, go_pl.data());
+            image_to_planar(aon, g.c_out, hw_out, go_pl.data() + plane_out);
+            gon = go_pl.data();
+            aon = go_pl.data() + plane_out;
+          }
+          wv_gpre(gon, aon, g, wg, act, sl, gplan, bias_part + n * g.c_out);
           if (!need_img) continue;
           // wv_backward writes every element of grad_z (0 for invalid entries): no zero fill
           // first (a whole extra write pass over grad_z, ~15% of this backward).
+          const scalar_t* zn = zp + n * plane_in;
+          const index_t* in = ip + n * plane_in;
           scalar_t* gzn = gz + n * plane_in;
-          wv_backward(zp + n * plane_in, ip + n * plane_in, wt, g, wtab, wg, kp, cv, gplan, Zb,
-                      Ob, Gp, gzp, gzn, GWv, mask[0], mask[1]);
+          if (cl_in) {
+            image_to_planar(zn, g.c_in, plane, z_pl.data());
+            image_to_planar(in, g.c_in, plane, idx_pl.data());
+            zn = z_pl.data();
+            in = idx_pl.data();
+            gzn = z_pl.data() + plane_in;
+          }
+          wv_backward(zn, in, wt, g, wtab, wg, kp, cv, gplan, Zb, Ob, Gp, gzp, gzn, GWv, mask[0], mask[1]);
+          if (cl_in && mask[0]) image_to_channels_last(gzn, g.c_in, plane, gz + n * plane_in);
         }
         if (mask[1]) {  // the chunk's grad_Wt: lanes summed in lane order
           acc_t* part = gwt + kc * g.c_in * kp;
@@ -1697,7 +1827,9 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();
-    std::vector<acc_t> drow_v(static_cast<size_t>(g.out_w + 64));
+    std::vector<acc_t> drow_v(static_cast<size_t>(std::max(g.out_w, g.c_out) + 64));
+    std::vector<scalar_t> z_pl(cl_in ? 2 * plane_in : 0);
+    std::vector<index_t> idx_pl(cl_in ? plane_in : 0);
     acc_t* drow = drow_v.data();
     ImageScratch<acc_t> scratch(g, false, need_img && !plan.per_position);
     // gpad: every item writes all of rows [pad_h, pad_h + out_h) x cols [pad_w, pad_w + out_w) x
@@ -1715,15 +1847,24 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
     for (int64_t kc = k0; kc < k1; ++kc) {
       if (mask[1]) std::fill(gwt + kc * g.c_in * kp, gwt + (kc + 1) * g.c_in * kp, acc_t(0));
       for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
-        gpre(gp + n * plane_out, ap + n * plane_out, g, ext.cols, act, sl, gpad, bias_part + n * g.c_out, drow);
+        gpre(gp + n * plane_out, ap + n * plane_out, g, ext.cols, act, sl, gpad, bias_part + n * g.c_out, drow,
+             cl_go);
         if (!need_img) continue;
         const scalar_t* zn = zp + n * plane_in;
         const index_t* in = ip + n * plane_in;
         scalar_t* gzn = gz + n * plane_in;
+        if (cl_in) {  // planar copies of the image (image_to_planar); grad_z transposed out below
+          image_to_planar(zn, g.c_in, plane, z_pl.data());
+          image_to_planar(in, g.c_in, plane, idx_pl.data());
+          zn = z_pl.data();
+          in = idx_pl.data();
+          gzn = z_pl.data() + plane_in;
+        }
         acc_t* part = mask[1] ? gwt + kc * g.c_in * kp : nullptr;
         if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
         if (plan.per_position) {
           band_grads_all(zn, in, wt, gpad, noff.data(), row_stride, g, wtab, kp, col, gzn, part, mask[0], mask[1]);
+          if (cl_in && mask[0]) image_to_channels_last(gzn, g.c_in, plane, gz + n * plane_in);
           continue;
         }
         positions_of(in, g, wtab, scratch.pos_of.data());
@@ -1733,6 +1874,7 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
               std::memcpy(col + q * kp + r * run, gpad + noff[q] + r * row_stride, sizeof(acc_t) * run);
         channels(zn, wt, plan.direct ? gpad : col, plan.direct ? noff.data() : noff.data() + P,
                  scratch.pos_of.data(), g, plan, dzv, part, gzn, mask[0], mask[1]);
+        if (cl_in && mask[0]) image_to_channels_last(gzn, g.c_in, plane, gz + n * plane_in);
       }
     }
   });
@@ -1774,17 +1916,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
   TORCH_CHECK(g.c_in * g.pooled_h * g.pooled_w < std::numeric_limits<int32_t>::max() &&
                   g.unpooled_h * g.unpooled_w < std::numeric_limits<int32_t>::max(),
               "aefast::unpool_conv_transpose2d_backward: one image is too large for the CPU kernel");
-  const at::Tensor go = contiguous_cpu_cached(grad_out).to(input.scalar_type());
-  const at::Tensor ai = contiguous_cpu_cached(act_input);
-  const at::Tensor z = contiguous_cpu_cached(input), idx = contiguous_cpu_cached(indices), w = weight.contiguous();
-  at::Tensor grad_z = output_mask[0] ? empty_like_cpu_cached(z) : at::zeros_like(z);
+  // channels_last input (z, idx; grad_z in its layout) and channels_last grad_out (act_input
+  // then read in the same layout) are each served without a copy (decoder_channels_last).
+  const bool cl_in = decoder_channels_last(input), cl_go = decoder_channels_last(grad_out);
+  const at::MemoryFormat fmt_in = cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::MemoryFormat fmt_go = cl_go ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor go = dense_in(grad_out, fmt_go).to(input.scalar_type());
+  const at::Tensor ai = dense_in(act_input, fmt_go);
+  const at::Tensor z = dense_in(input, fmt_in), idx = dense_in(indices, fmt_in), w = weight.contiguous();
+  at::Tensor grad_z = output_mask[0] ? empty_cpu_cached(z.sizes(), z.options(), fmt_in)
+                                     : at::zeros(z.sizes(), z.options().memory_format(fmt_in));
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : at::zeros_like(w);
   at::Tensor grad_b = at::zeros({g.c_out}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpool_conv_transpose2d_bwd_cpu", [&] {
     if (idx.scalar_type() == at::kLong)
-      backward_typed<scalar_t, int64_t>(go, ai, z, idx, w, g, act, negative_slope, output_mask, grad_z, grad_w, grad_b);
+      backward_typed<scalar_t, int64_t>(go, ai, z, idx, w, g, act, negative_slope, output_mask, cl_in, cl_go, grad_z,
+                                        grad_w, grad_b);
     else
-      backward_typed<scalar_t, uint8_t>(go, ai, z, idx, w, g, act, negative_slope, output_mask, grad_z, grad_w, grad_b);
+      backward_typed<scalar_t, uint8_t>(go, ai, z, idx, w, g, act, negative_slope, output_mask, cl_in, cl_go, grad_z,
+                                        grad_w, grad_b);
   });
   return {grad_z, grad_w, grad_b};
 }

@@ -374,6 +374,8 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_op(
   at::Tensor out = at::empty({g.n, g.c_out, g.out_h, g.out_w}, input.options());
   at::Tensor pre = act_needs_preactivation(act) ? at::empty_like(out) : at::empty({0}, input.options());
   decoder_forward_gemm<Exec>(z, idx, w, b, g, act, negative_slope, budget, out, pre);
+  if (decoder_channels_last(input))  // the layout rule of every backend (unpool_deconv_args.h)
+    return {out.contiguous(at::MemoryFormat::ChannelsLast), pre.numel() ? pre.contiguous(at::MemoryFormat::ChannelsLast) : pre};
   return {out, pre};
 }
 
@@ -399,6 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpool_conv_transpose2d_backward_
   at::Tensor grad_w = output_mask[1] ? at::empty_like(w) : at::zeros_like(w);
   at::Tensor grad_b = output_mask[2] ? at::empty({g.c_out}, input.options()) : at::zeros({g.c_out}, input.options());
   decoder_backward_gemm<Exec>(go, ai, z, idx, w, g, act, negative_slope, output_mask, budget, grad_z, grad_w, grad_b);
+  if (decoder_channels_last(input)) grad_z = grad_z.contiguous(at::MemoryFormat::ChannelsLast);
   return {grad_z, grad_w, grad_b};
 }
 

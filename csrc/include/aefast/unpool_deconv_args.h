@@ -21,6 +21,14 @@ inline DecoderAct parse_activation(const std::optional<c10::string_view>& name) 
   return act;
 }
 
+// The layout rule of every backend (aefast.reference.functional._memory_format, and the fake
+// functions in aefast/ops/unpool_deconv.py): a 4-D tensor is channels_last when it is dense in
+// that layout and not in the contiguous one (ambiguous shapes such as C = 1 count as
+// contiguous). The output (and pre-activation) follow the input's layout, grad_input too.
+inline bool decoder_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 inline DecoderGeometry decoder_geometry(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& weight,
                                  c10::IntArrayRef pool, c10::IntArrayRef unpooled, c10::IntArrayRef stride,
                                  c10::IntArrayRef padding, c10::IntArrayRef output_padding) {
