@@ -14,6 +14,7 @@ from torch import nn
 import aefast
 import aefast.functional as AF
 from aefast import backend as _backend
+from aefast.nn import batch_norm_act as bna_module
 from aefast.ops.conv_pool import ACTIVATION_CODES
 from aefast.reference import functional as ref
 from conftest import TOLERANCES, backend_device
@@ -22,6 +23,13 @@ ACT_MODULES = {None: nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.Leak
                "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 BACKENDS_HERE = ["cpu", "reference"] + (["triton"] if _backend.availability()["triton"][0] else [])
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.fixture(autouse=True)
+def _always_fused(monkeypatch):
+    """The tests' tensors are small: hold the fused kernels (not the eager path that
+    batch_norm_act_with takes below EAGER_BELOW_NUMEL) to the spec."""
+    monkeypatch.setattr(bna_module, "EAGER_BELOW_NUMEL", 0)
 
 
 def make_pair(channels, act="relu", momentum=0.1, affine=True, track_running_stats=True, dtype=torch.float32, seed=0):
@@ -372,3 +380,16 @@ def test_every_kernel_backend_on_its_device_matches_the_modules(kernel_backend, 
     _backend.reset_fallback_counts()
     assert_same_step(spec, fused, x, tol=tol)
     assert _backend.fallback_counts() == {}
+
+
+def test_small_tensors_take_eager_batch_norm_with_the_same_results(monkeypatch):
+    """Below EAGER_BELOW_NUMEL values batch_norm_act_with runs nn.BatchNorm2d's forward and the
+    activation (no aefast op is called); above it, the fused op. Both match the spec."""
+    spec, fused = make_pair(4, act="leaky_relu")
+    x = torch.randn(2, 4, 6, 6)
+    for threshold, fused_op_called in ((x.numel() + 1, False), (x.numel(), True)):
+        monkeypatch.setattr(bna_module, "EAGER_BELOW_NUMEL", threshold)
+        with torch.profiler.profile() as prof:
+            assert_same_step(spec, fused, x, tol=dict(rtol=1e-5, atol=1e-6))
+        called = any("batch_norm_act2d" in e.key for e in prof.key_averages())
+        assert called == fused_op_called
