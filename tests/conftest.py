@@ -107,6 +107,28 @@ TOLERANCES = {
 }
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+# The SIMD variants of the CPU kernels (aefast/cpu_isa.h), for tests that set AEFAST_CPU_ISA to hold
+# each to the spec; the ones this CPU lacks are skipped.
+CPU_ISAS = [
+    pytest.param("generic", id="generic"),
+    pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _FLAGS, reason="no AVX2/FMA")),
+    pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
+        not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= _FLAGS, reason="no AVX-512")),
+]
+
+
 @pytest.fixture
 def index_checks(monkeypatch):
     """Counts the one-pass index checks (aefast::first_bad_unpool_index) that run."""

@@ -17,7 +17,7 @@ from aefast import backend as _backend
 from aefast.nn import batch_norm_act as bna_module
 from aefast.ops.conv_pool import ACTIVATION_CODES
 from aefast.reference import functional as ref
-from conftest import TOLERANCES, backend_device
+from conftest import CPU_ISAS, TOLERANCES, backend_device
 
 ACT_MODULES = {None: nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "sigmoid": nn.Sigmoid,
                "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -393,3 +393,17 @@ def test_small_tensors_take_eager_batch_norm_with_the_same_results(monkeypatch):
             assert_same_step(spec, fused, x, tol=dict(rtol=1e-5, atol=1e-6))
         called = any("batch_norm_act2d" in e.key for e in prof.key_averages())
         assert called == fused_op_called
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("channels", [1, 8, 16, 17, 70])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_instruction_set_matches_the_modules(monkeypatch, isa, channels, layout):
+    """The kernels of csrc/cpu/batch_norm_act_kernels.inc as each SIMD variant compiles them: wide
+    channels-last rows (R = 64, 8, 4, 4, 1 rows for these channel counts) with a partial last one,
+    and NCHW planes with a vector tail."""
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    spec, fused = make_pair(channels, act="relu")
+    x = torch.randn(3, channels, 7, 5).contiguous(memory_format=LAYOUTS[layout])
+    with aefast.set_backend("cpu"):
+        assert_same_step(spec, fused, x, tol=dict(rtol=1e-4, atol=1e-5))

@@ -24,7 +24,7 @@ from aefast import backend as _backend
 from aefast.ops import _registry
 from aefast.ops.conv_pool import ACTIVATION_CODES
 from aefast.reference import functional as ref
-from conftest import TOLERANCES
+from conftest import CPU_ISAS, TOLERANCES
 
 ACT_MODULES = {None: nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid,
                "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -129,29 +129,12 @@ def test_no_bias_no_affine_and_no_running_stats():
     assert_same_step(spec, fused, torch.randn(2, 2, 8, 7, dtype=torch.float64), tol=TOLERANCES[torch.float64])
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
-_FLAGS = _cpu_flags()
-_ISAS = [
-    pytest.param("generic", id="generic"),
-    pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _FLAGS, reason="no AVX2/FMA")),
-    pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
-        not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= _FLAGS, reason="no AVX-512")),
-]
-
-
 # The fp32/fp64 forward kernels (csrc/cpu/conv_bn_pool_kernels.inc: row_moments, activate_pool_row
 # for the select activations) work on channel blocks of whole, half and quarter vectors and single
 # values: 8 and 16 channels (the narrow layers of SegNet and U-Net; one half or one whole AVX-512
 # fp32 vector) and 9 (a block and a tail), held to torch's modules on every instruction set, in
 # both layouts, on odd maps (the last conv row and column feed no window).
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("cout", [8, 16, 9])
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", None])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -182,7 +165,7 @@ def test_channel_blocks_match_torch(monkeypatch, isa, cout, act, channels_last):
             spec.zero_grad(), fused.zero_grad()
 
 
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype, rel", [(torch.bfloat16, 4e-2), (torch.float16, 1e-2)])
 def test_channel_blocks_half_types(monkeypatch, isa, dtype, rel):
     """16 channels with half-type tensors (the rounding loops; values widened to fp32 inside): against

@@ -16,7 +16,7 @@ import aefast
 import aefast.functional as AF
 from aefast import backend as _backend
 from aefast.ops.conv_pool import ACTIVATION_CODES
-from conftest import TOLERANCES, backend_device
+from conftest import CPU_ISAS, TOLERANCES, backend_device
 
 ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
 
@@ -385,25 +385,6 @@ def test_torch_compile_fullgraph_cpu():
 # with leftover GEMM columns (33), strides, padding, rectangular kernels and pools, channels-last
 # input, and the input-needs-no-grad path (backward_weight alone, as in a first layer).
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_FLAGS = _cpu_flags()
-_ISAS = [
-    pytest.param("generic", id="generic"),
-    pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _FLAGS, reason="no AVX2/FMA")),
-    pytest.param("avx512", id="avx512", marks=pytest.mark.skipif(
-        not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= _FLAGS, reason="no AVX-512")),
-]
-
 # n, cin, cout, h, w, kernel, stride, padding, pool, act, dtype
 ISA_CASES = [
     (2, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),        # first layer: K = 9, one vector
@@ -435,7 +416,7 @@ ISA_CASES = [
 HALF_GRAD_TOL = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
 
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
                                                  for c in ISA_CASES])
 def test_cpu_isa_variants(monkeypatch, isa, case):
@@ -457,7 +438,7 @@ def test_cpu_isa_variants(monkeypatch, isa, case):
             torch.testing.assert_close(g_.double(), r_, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, r_.abs().max().item()))
 
 
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_cpu_isa_variants_fuzz(monkeypatch, isa):
     # A smaller version of test_fuzz_cpu for each forced ISA (the full fuzz runs the default).
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
@@ -499,7 +480,7 @@ WINOGRAD_CASES = [  # n, cin, cout, h, w, padding, act, dtype
 
 
 @pytest.mark.parametrize("winograd", ["0", "1"])
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"{c[1]}to{c[2]}-{c[3]}x{c[4]}-p{c[5]}-{c[6]}-{str(c[7])[6:]}"
                                                       for c in WINOGRAD_CASES])
 def test_cpu_winograd_forward(monkeypatch, winograd, isa, case):
@@ -539,7 +520,7 @@ def test_cpu_winograd_env_rejects_unknown_value(monkeypatch):
 # AEFAST_ENCODER_EPILOGUE=loops forces the loops. Both do the same arithmetic in the same order,
 # so their outputs must agree bit for bit, on every forward path (direct, Winograd, oneDNN) and
 # for pooled planes stored directly (< 2 KiB) and through the row buffer.
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", [
     (2, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),       # direct path
     (2, 16, 33, 14, 15, 3, 1, 1, 2, "leaky_relu", torch.float32),  # Winograd, Cout tail
@@ -569,7 +550,7 @@ def test_cpu_epilogue_forms_agree(monkeypatch, isa, case):
 # reference on every case above (the default picks one of them per case) and to each other with
 # a corrupted input.
 @pytest.mark.parametrize("form", ["entries", "positions"])
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
                                                  for c in ISA_CASES])
 def test_cpu_weight_gradient_forms(monkeypatch, form, isa, case):
@@ -615,7 +596,7 @@ def test_cpu_weight_gradient_form_env_rejects_unknown_value(monkeypatch):
             y.sum().backward()
 
 
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_cpu_backward_independent_of_thread_count(monkeypatch, isa):
     # Weight/bias partials belong to fixed chunks of images and are summed in chunk order; each
     # image's input gradient is computed by one thread: bitwise the same for 1, 2 and 3 threads.
@@ -800,7 +781,7 @@ LAYOUT_CASES = [  # n, cin, cout, h, w, kernel, stride, padding, pool, pool_stri
 ]
 
 
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=["direct", "winograd", "onednn", "bf16", "general"])
 def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
     n, cin, cout, h, w, k, s, p, pool, pool_stride, act, dtype = case
@@ -864,7 +845,7 @@ ROUTE_CASES = [  # n, cin, cout, h, w, k, stride, padding, pool, ceil_mode, act,
 ]
 
 
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", ROUTE_CASES, ids=[f"{c[1]}to{c[2]}-{c[10]}-{str(c[11])[6:]}" for c in ROUTE_CASES])
 def test_cpu_backward_routes_agree(monkeypatch, isa, case):
     n, cin, cout, h, w, k, s, p, pool, ceil, act, dtype = case
@@ -947,7 +928,7 @@ def test_cpu_channels_last_fake_strides_match():
 # The epilogue writes NCHW outputs by in-register transposes (conv_pool_kernels.inc,
 # store_transposed); AEFAST_ENCODER_STORES=scalar keeps the former element-by-element stores for
 # A/B timing. Both store the same values: the outputs must agree bit for bit.
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", [
     (3, 1, 32, 28, 28, 3, 1, 1, 2, "relu", torch.float32),        # direct, 14x14 planes
     (2, 32, 64, 14, 14, 3, 1, 1, 2, "relu", torch.float32),       # Winograd, 7x7 planes
