@@ -15,6 +15,7 @@ from aefast import backend as _backend_module
 from aefast import validation as _validation
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
+from aefast.ops import batch_norm_act as _batch_norm_act_ops
 from aefast.ops import conv_transpose_act as _conv_transpose_act
 from aefast.ops import unpool_deconv as _unpool_deconv
 from aefast.ops import recon_loss as _recon_loss_ops
@@ -1048,8 +1049,8 @@ def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, train
     stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     gamma = None if bn_weight is None else bn_weight.to(stat_dtype)
     beta = None if bn_bias is None else bn_bias.to(stat_dtype)
-    out, mean, var = _registry.op(backend, "batch_norm_act2d_forward")(
-        input, gamma, beta, float(eps), ACTIVATION_CODES[activation], float(negative_slope))
+    out, mean, var = _batch_norm_act_ops.batch_norm_act2d(backend, input, gamma, beta, eps,
+                                                          ACTIVATION_CODES[activation], negative_slope)
     if training:
         ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return out

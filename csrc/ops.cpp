@@ -9,6 +9,7 @@
 #include <set>
 #include <string>
 
+#include "aefast/batch_norm_act_autograd.h"
 #include "aefast/conv_transpose_act_autograd.h"
 #include "aefast/recon_loss_autograd.h"
 
@@ -208,6 +209,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   aefast::bind_recon_loss_autograd(m);
+  aefast::bind_batch_norm_act_autograd(m);
   aefast::bind_conv_transpose_act_autograd(m);
   m.doc() = "aefast compiled kernels; the operators live in torch.ops.aefast";
   m.def("build_info", []() {

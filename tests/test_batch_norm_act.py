@@ -407,3 +407,47 @@ def test_every_instruction_set_matches_the_modules(monkeypatch, isa, channels, l
     x = torch.randn(3, channels, 7, 5).contiguous(memory_format=LAYOUTS[layout])
     with aefast.set_backend("cpu"):
         assert_same_step(spec, fused, x, tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def test_eager_calls_take_the_cpp_autograd_node_with_the_registered_formula_results():
+    """Plain tensors in eager mode go through aefast._C.batch_norm_act2d_autograd (a C++ backward node);
+    its results equal the registered torch.library formula's exactly; no node without a gradient;
+    double backward is refused."""
+    spec, fused = make_pair(5, act="silu", dtype=torch.float64)
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    out = fused(x)
+    assert out.grad_fn.name() == "aefast::BatchNormAct2DBackward"
+    grads = torch.autograd.grad(out.sum(), (x, fused.weight, fused.bias))
+    xs = x.detach().clone().requires_grad_()
+    w, b = fused.weight.detach().clone().requires_grad_(), fused.bias.detach().clone().requires_grad_()
+    formula, _, _ = torch.ops.aefast.batch_norm_act2d_forward(xs, w, b, 1e-5, ACTIVATION_CODES["silu"], 0.2)
+    assert "AutogradFunction" not in formula.grad_fn.name() and formula.grad_fn.name() != out.grad_fn.name()
+    for a, b_ in zip(grads, torch.autograd.grad(formula.sum(), (xs, w, b))):
+        assert torch.equal(a, b_)
+    with torch.no_grad():
+        assert fused(x).grad_fn is None
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.skipif(not _backend.availability()["triton"][0], reason="triton unavailable here")
+@pytest.mark.parametrize("act", list(ACT_MODULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_triton_every_activation_and_dtype(act, dtype):
+    """Every (activation, dtype) specialization of the Triton kernels launches here, so the CI's AOT
+    gate compiles each of them for sm_80/sm_90 whatever the fuzz draws; values against the twin."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 40, 3, 5, generator=g) * 2 + 1).to(dtype).requires_grad_()
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    gamma = (torch.rand(40, generator=g) + 0.5).to(stat).requires_grad_()
+    beta = torch.randn(40, generator=g).to(stat).requires_grad_()
+    with aefast.set_backend("triton"):
+        out = AF.batch_norm_act2d(x, gamma, beta, None, None, True, 0.1, 1e-5, act, negative_slope=0.2)
+    grads = torch.autograd.grad(out.float().sum(), (x, gamma, beta))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gamma, beta)]
+    want = ref.batch_norm_act2d(*leaves, None, None, True, 0.1, 1e-5, act, negative_slope=0.2)
+    want_grads = torch.autograd.grad(want.float().sum(), leaves)
+    tol = TOLERANCES[dtype] if dtype in (torch.float64, torch.float16, torch.bfloat16) else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, want, **tol)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-4) * 10)

@@ -8,12 +8,12 @@ from torch import nn
 from aefast import functional as AF
 
 
-# Below this many elements the fused op's fixed cost per call (argument checks, dispatch, the
-# running-statistics update as small tensor ops: ~50-70 us) outweighs the passes it saves, and eager
-# BatchNorm2d -> activation is faster: bench/bench_batch_norm_act.py, quiet, 2 threads, forward +
-# backward vs eager: N128 C16 8x8 (131k values) 0.71-0.77x, N16 C32 24x24 (295k) 1.02-1.07x,
-# N16 C16 48x48 (590k) 1.38-1.41x, N16 C8 96x96 (1.2M) 1.75-4.95x.
-EAGER_BELOW_NUMEL = 256 * 1024
+# Below this many values the fused op's fixed cost per call (argument checks, dispatch, the
+# running-statistics update as small tensor ops) outweighs the passes it saves, and eager
+# BatchNorm2d -> activation is faster. Quiet, 2 threads, forward + backward vs eager, with the C++
+# autograd entry: N128 C16 4x4 (32k values) 0.82x NCHW / 0.97x channels_last; N128 C8 8x8 (65k)
+# 1.18x / 3.09x; N128 C16 8x8 (131k) 1.07x / 1.24x; N16 C32 24x24 (295k) 1.91x / 2.21x.
+EAGER_BELOW_NUMEL = 48 * 1024
 _EAGER_ACTIVATIONS = {None: lambda x, slope: x, "relu": lambda x, slope: F.relu(x),
                       "leaky_relu": F.leaky_relu, "sigmoid": lambda x, slope: torch.sigmoid(x),
                       "tanh": lambda x, slope: torch.tanh(x), "gelu": lambda x, slope: F.gelu(x),

@@ -103,3 +103,15 @@ def register_autograd(name: str, make_backward: Callable, setup_context: Callabl
     for qualname in _qualified_names(name):
         ns = getattr(torch.ops, qualname.split("::")[0])
         torch.library.register_autograd(qualname, make_backward(ns), setup_context=setup_context)
+
+
+# nn.Parameter is a plain tensor to the dispatcher (it disables __torch_function__); other
+# subclasses may override ops, so they take the registered formula.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_autograd_entry_serves(*tensors) -> bool:
+    """Plain tensors (None allowed), no tracing, no torch.func transform: an op's C++ autograd entry
+    (aefast._C.*_autograd) serves the call instead of the registered Python formula."""
+    return (all(t is None or type(t) in _PLAIN for t in tensors) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())

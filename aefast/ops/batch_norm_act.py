@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from aefast import _C
 from aefast.ops import _registry
 from aefast.ops.conv_pool import _memory_format
 
@@ -111,3 +112,18 @@ def _make_backward(ns):
 
 
 _registry.register_autograd("batch_norm_act2d_forward", _make_backward, _setup_forward)
+
+
+def batch_norm_act2d(backend, input, weight, bias, eps, activation, negative_slope):
+    """(out, mean, var); arguments validated by aefast.functional.
+
+    Eager calls on plain tensors take the C++ autograd entry (csrc/batch_norm_act_autograd.cpp,
+    ``aefast._C.batch_norm_act2d_autograd``): the same forward and backward ops as the formula
+    registered above, without the torch.library autograd wrapper's Python on every call and the
+    engine's call back into Python for the backward. torch.compile, subclasses and torch.func go
+    through the registered formula."""
+    if _registry.eager_autograd_entry_serves(input, weight, bias):
+        return _C.batch_norm_act2d_autograd(_registry.namespace_name(backend), input, weight, bias, float(eps),
+                                            int(activation), float(negative_slope))
+    return _registry.op(backend, "batch_norm_act2d_forward")(input, weight, bias, float(eps), int(activation),
+                                                            float(negative_slope))

@@ -148,17 +148,6 @@ _registry.register_autograd(OP, _make_backward, _setup_forward)
 
 # ---------------------------------------------------------------- entry point for aefast.functional
 
-# nn.Parameter is a plain tensor to the dispatcher (it disables __torch_function__); other
-# subclasses may override ops, so they take the registered formula.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager(input, weight, bias) -> bool:
-    """Plain tensors, no tracing, no torch.func transform: the C++ autograd entry serves the call."""
-    return (type(input) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
-
-
 def conv_transpose_act2d(backend, input, weight, bias, stride, padding, output_padding, activation, negative_slope):
     """Arguments validated by aefast.functional; returns the activated output only.
 
@@ -167,7 +156,7 @@ def conv_transpose_act2d(backend, input, weight, bias, stride, padding, output_p
     registered above, without the torch.library autograd wrapper's Python (~40 us a call, which
     made the fused site slower than eager's conv_transpose2d -> act on small decoders). torch.compile,
     subclasses and torch.func go through the registered formula."""
-    if _eager(input, weight, bias):
+    if _registry.eager_autograd_entry_serves(input, weight, bias):
         return _C.conv_transpose_act2d_autograd(_registry.namespace_name(backend), input, weight, bias, stride,
                                                 padding, output_padding, activation, float(negative_slope))
     out, _ = _registry.op(backend, OP)(input, weight, bias, list(stride), list(padding), list(output_padding),

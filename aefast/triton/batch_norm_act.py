@@ -19,11 +19,14 @@ import triton.language as tl
 
 from aefast.triton._common import activate, activation_grad
 
-BLOCK_M = 64
+# Tiles of 32 positions x up to 32 channels (8 values a thread at 4 warps): 64 x 64 tiles spilled
+# 8-288 B in the grad_input / forward kernels with the transcendental activations (gelu's erf, silu,
+# tanh) on sm_80 and sm_90 (scripts/check_triton_aot.py over every activation and dtype).
+BLOCK_M = 32
 
 
 def _block_c(c):
-    return max(2, min(64, triton.next_power_of_2(c)))
+    return max(2, min(32, triton.next_power_of_2(c)))
 
 
 @triton.jit
@@ -126,8 +129,8 @@ def _memory_format(t):
 
 
 def _warps(dtype):
-    # 8 for fp64: a 64x64 tile of 64-bit values at 4 warps spilled 96 B in the grad_input kernel
-    # on sm_90 (scripts/check_triton_aot.py).
+    # 8 for fp64: 64-bit values at 4 warps spilled in the grad_input kernel on sm_90
+    # (scripts/check_triton_aot.py).
     return 8 if dtype == torch.float64 else 4
 
 

@@ -1,0 +1,148 @@
+// The eager autograd entry of aefast::batch_norm_act2d_forward: the fused forward, called below the
+// Autograd key, plus a C++ backward node.
+//
+// Why not the registered Python formula (aefast/ops/batch_norm_act.py) on the eager path: the op
+// runs after every conv -> BatchNorm -> activation that no pool follows, often on small maps (a VAE's
+// 8x8 stages, SegNet's 24x24 decoder), where the torch.library autograd wrapper's Python on entry and
+// the engine's call back into Python for the backward cost about as much as the two memory passes
+// themselves. Here the forward is one pybind call and the backward never leaves C++. The math is the
+// registered formula's, which torch.compile, tensor subclasses and torch.func still use:
+//   saved: input, mean, var (the op's statistics), weight, bias;
+//   backward: (grad_input, grad_weight, grad_bias) = <ns>::batch_norm_act2d_backward(grad_out, input,
+//   mean, var, weight, bias, eps, activation, negative_slope), output_mask = what autograd needs.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor, std::optional for pybind11
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "aefast/batch_norm_act_autograd.h"
+
+namespace aefast {
+namespace {
+
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+// The kernels' C++ signatures (csrc/cpu/batch_norm_act.cpp, csrc/cuda/batch_norm_act.cu).
+using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                  const std::optional<at::Tensor>&, double, int64_t,
+                                                                  double);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double, int64_t, double, std::array<bool, 3>);
+
+struct BatchNormActOps {
+  c10::TypedOperatorHandle<ForwardSig> forward;
+  c10::TypedOperatorHandle<BackwardSig> backward;
+};
+
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
+// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+const BatchNormActOps& ops_for(const std::string& ns) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::string, std::unique_ptr<BatchNormActOps>>();  // leaked: used at exit
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = (*cache)[ns];
+  if (!slot) {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    slot = std::make_unique<BatchNormActOps>(BatchNormActOps{
+        dispatcher.findSchemaOrThrow((ns + "::batch_norm_act2d_forward").c_str(), "").typed<ForwardSig>(),
+        dispatcher.findSchemaOrThrow((ns + "::batch_norm_act2d_backward").c_str(), "").typed<BackwardSig>()});
+  }
+  return *slot;
+}
+
+struct BatchNormActBackward final : torch::autograd::Node {
+  const BatchNormActOps* ops = nullptr;
+  double eps = 1e-5, negative_slope = 0.01;
+  int64_t activation = 0;
+  bool has_weight = false, has_bias = false;
+  SavedVariable input, mean, var, weight, bias;
+
+  std::string name() const override { return "aefast::BatchNormAct2DBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&input, &mean, &var, &weight, &bias}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;  // the output was not used (grads are not zero-filled)
+    TORCH_CHECK(!at::GradMode::is_enabled(), "aefast: double backward (create_graph=True) through ",
+                "batch_norm_act2d is not supported; use aefast.set_backend('reference') for higher-order gradients");
+    const std::array<bool, 3> need{task_should_compute_output(0), has_weight && task_should_compute_output(1),
+                                   has_bias && task_should_compute_output(2)};
+    if (!(need[0] || need[1] || need[2])) return out;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::optional<at::Tensor> w = has_weight ? std::optional<at::Tensor>(weight.unpack()) : std::nullopt;
+    const std::optional<at::Tensor> b = has_bias ? std::optional<at::Tensor>(bias.unpack()) : std::nullopt;
+    auto [gi, gw, gb] = ops->backward.call(grad, input.unpack(), mean.unpack(), var.unpack(), w, b, eps, activation,
+                                           negative_slope, need);
+    if (need[0]) out[0] = std::move(gi);
+    if (need[1]) out[1] = std::move(gw);
+    if (need[2]) out[2] = std::move(gb);
+    return out;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act2d_autograd(
+    const std::string& ns, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t activation, double negative_slope) {
+  const BatchNormActOps& ops = ops_for(ns);
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool need_grad = at::GradMode::is_enabled() &&
+                         (input.requires_grad() || (has_weight && weight->requires_grad()) ||
+                          (has_bias && bias->requires_grad()));
+  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
+  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
+  for (const at::Tensor* t : {&input, has_weight ? &*weight : nullptr, has_bias ? &*bias : nullptr})
+    TORCH_CHECK(t == nullptr || !t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) ",
+                "through batch_norm_act2d's eager path is not supported; use aefast.set_backend('reference') for it");
+  at::Tensor out, mean, var;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out, mean, var) = ops.forward.call(input, weight, bias, eps, activation, negative_slope);
+  }
+  if (!need_grad) return {out, mean, var};
+  auto node = c10::make_intrusive<BatchNormActBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, has_weight ? *weight : at::Tensor(),
+                                                           has_bias ? *bias : at::Tensor()));
+  node->ops = &ops;
+  node->eps = eps;
+  node->activation = activation;
+  node->negative_slope = negative_slope;
+  node->has_weight = has_weight;
+  node->has_bias = has_bias;
+  torch::autograd::set_history(out, node);
+  node->input = SavedVariable(input, /*is_output=*/false);
+  node->mean = SavedVariable(mean, /*is_output=*/false);
+  node->var = SavedVariable(var, /*is_output=*/false);
+  if (has_weight) node->weight = SavedVariable(*weight, /*is_output=*/false);
+  if (has_bias) node->bias = SavedVariable(*bias, /*is_output=*/false);
+  return {out, mean, var};
+}
+
+void bind_batch_norm_act_autograd(pybind11::module_& m) {
+  // The GIL is released while the kernels run, as torch's own bindings do; Triton twins are Python
+  // kernels and take it back themselves.
+  m.def("batch_norm_act2d_autograd", &batch_norm_act2d_autograd,
+        "batch_norm_act2d_forward with its C++ backward node (eager path): (out, mean, var)",
+        pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("ns"), pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope"));
+}
+
+}  // namespace aefast
