@@ -3,6 +3,7 @@
 The Triton backend runs CPU tensors under the interpreter (TRITON_INTERPRET=1), set here
 before anything imports triton, unless a GPU is present (then Triton compiles for it).
 """
+import contextlib
 import os
 
 import pytest
@@ -143,3 +144,22 @@ def index_checks(monkeypatch):
 
     monkeypatch.setattr(unpool_ops, "first_bad_index", counted)
     return calls
+
+
+@contextlib.contextmanager
+def aefast_strides_cross_checked():
+    """torch's CrossRefFakeMode over the aefast ops only: each aefast op of the block also runs on
+    fake tensors and its output strides must equal the kernel's (Inductor asserts them). Yields the
+    list of the aefast op names it checked."""
+    from torch._subclasses.fake_utils import CrossRefFakeMode
+
+    checked = []
+
+    def aefast_only(func):
+        if func.namespace != "aefast":
+            return True
+        checked.append(func.name())
+        return False
+
+    with CrossRefFakeMode(ignore_op_fn=aefast_only, check_strides=True, only_check_ops_with_meta=False):
+        yield checked

@@ -17,7 +17,7 @@ import aefast.functional as AF
 import aefast.reference.functional as RF
 from aefast import backend as _backend
 from aefast.ops.conv_pool import is_tiling_pool, pooled_size
-from conftest import TOLERANCES, backend_device
+from conftest import TOLERANCES, aefast_strides_cross_checked, backend_device
 from test_conv_pool import ACTS, NEAR_TIE, make, torch_act
 
 # (pool, pool_stride, ceil_mode): FCN-8s's 2/2 ceil pools, AlexNet-style 3/2, gapped 2/3.
@@ -562,23 +562,13 @@ def test_fuzz_cuda_bodies_ceil_mode(case, chunk):
 @pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("nchw", "cl"), ("cl", "nchw"), ("cl", "cl")],
                          ids=lambda l: "x-%s_w-%s" % l)
 def test_cpu_fake_strides_match_the_kernels(op, geometry, layouts):
-    from torch._subclasses.fake_utils import CrossRefFakeMode
-
     hw, pool, pool_stride, ceil_mode = geometry
     to = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
     gen = torch.Generator().manual_seed(hw)
     x = torch.randn(2, 16, hw, hw, generator=gen).contiguous(memory_format=to[layouts[0]]).requires_grad_()
     w = torch.randn(8, 16, 3, 3, generator=gen).contiguous(memory_format=to[layouts[1]]).requires_grad_()
     b = torch.randn(8, generator=gen)
-    checked = []
-
-    def aefast_only(func):
-        if func.namespace != "aefast":
-            return True
-        checked.append(func.name())
-        return False
-
-    with CrossRefFakeMode(ignore_op_fn=aefast_only, check_strides=True, only_check_ops_with_meta=False):
+    with aefast_strides_cross_checked() as checked:
         if op == "conv_pool2d":
             y = AF.conv_pool2d(x, w, b, padding=1, activation="relu", pool_size=pool, pool_stride=pool_stride,
                                ceil_mode=ceil_mode, return_indices=False)

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aefast
 from aefast import functional as AF
+from conftest import aefast_strides_cross_checked
 from test_unpool_deconv import make_case, torch_decoder
 
 CL = torch.channels_last
@@ -152,23 +153,13 @@ def test_channels_last_step_makes_no_layout_copies():
 def test_cpu_fake_strides_match_the_kernels(act, case, layouts):
     """torch's CrossRefFakeMode runs each aefast op's fake (meta) function beside the kernel and
     compares shapes and strides (as Inductor does), forward and backward, in every layout mix."""
-    from torch._subclasses.fake_utils import CrossRefFakeMode
-
     to = {"nchw": torch.contiguous_format, "cl": CL}
     n, ci, co, hw, pool, k, s, p, op, _, ceil_mode = case
     z, idx, w, b, _ = make_case(n, ci, co, hw, pool, k, seed=35, ceil_mode=ceil_mode)
     zl = z.contiguous(memory_format=to[layouts[0]]).requires_grad_()
     il = idx.contiguous(memory_format=to[layouts[0]])
     w, b = w.requires_grad_(), b.requires_grad_()
-    checked = []
-
-    def aefast_only(func):
-        if func.namespace != "aefast":
-            return True
-        checked.append(func.name())
-        return False
-
-    with CrossRefFakeMode(ignore_op_fn=aefast_only, check_strides=True, only_check_ops_with_meta=False):
+    with aefast_strides_cross_checked() as checked:
         with aefast.set_backend("cpu"):
             y = AF.unpool_conv_transpose2d(zl, il, w, b, pool, hw, s, p, op, act, "flat")
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).contiguous(memory_format=to[layouts[1]])
