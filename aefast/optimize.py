@@ -598,6 +598,44 @@ def _trace_per_mode(model):
             m.training = modes[name]
 
 
+class _OptimizedState:
+    """What an optimized model's forward needs, held by the model (``model.aefast_optimized``) with no
+    reference back to it: the rewritten graphs' forwards as plain functions of the module, the
+    BatchNorms an eval graph folded (by name), the forward before optimize (its function, unbound,
+    when it was the model's own method) and the layout state. ``copy.deepcopy`` of the model copies
+    this along and rebinds the forward, so a copy runs on its own parameters and modes."""
+
+    def __init__(self, model, rewritten, folded_batch_norms, layout):
+        previous = getattr(model, "aefast_optimized", None)
+        if isinstance(previous, _OptimizedState):  # optimized again: keep the forward from before the first
+            self.bound_original, self.original = previous.bound_original, previous.original
+        else:
+            original = model.forward
+            self.bound_original = not (isinstance(original, types.MethodType) and original.__self__ is model)
+            self.original = original if self.bound_original else original.__func__
+        self.rewritten, self.folded_batch_norms, self.layout = rewritten, list(folded_batch_norms), layout
+
+    def original_forward(self, model):
+        # functools.partial rather than types.MethodType: torch.compile traces the former
+        return self.original if self.bound_original else functools.partial(self.original, model)
+
+    def graph_forward(self, model):
+        original = self.original_forward(model)
+        if self.rewritten is None:
+            return original
+        if model.training:
+            return functools.partial(self.rewritten[True], model)
+        # An eval graph that folded a BatchNorm is only right while that BatchNorm is in eval mode.
+        if any(model.get_submodule(name).training for name in self.folded_batch_norms):
+            return original
+        return functools.partial(self.rewritten[False], model)
+
+
+def _optimized_forward(self, *args, **kwargs):
+    state = self.aefast_optimized
+    return state.layout(self, state.original_forward(self), state.graph_forward(self), args, kwargs)
+
+
 def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: bool = True,
              memory_format: str = "auto") -> nn.Module:
     """Rewrite ``model`` onto aefast's fused ops in place and return it.
@@ -641,27 +679,12 @@ def optimize(model: nn.Module, *, verbose: bool = True, batch_norm_training: boo
     model.aefast_rewrites = train.report + [f"(eval mode) {line}" for line in evaluate.report
                                             if line not in train.report]
     model.aefast_unfused = train.unfused_sites()
-    original = model.forward
-    layout = LayoutPass(model, memory_format, original, verbose)
+    rewritten = None
     if train.report or evaluate.report:
-        forwards = {training: types.MethodType(type(fx.GraphModule(model, r.graph)).forward, model)
-                    for training, r in rewriters.items()}
-        # An eval graph that folded a BatchNorm is only right while that BatchNorm is in eval mode.
-        folded = [model.get_submodule(name) for name in evaluate.folded_batch_norms]
-
-        def rewritten(*args, **kwargs):
-            if model.training:
-                return forwards[True](*args, **kwargs)
-            if any(bn.training for bn in folded):
-                return original(*args, **kwargs)
-            return forwards[False](*args, **kwargs)
-    else:
-        rewritten = original
-
-    def forward(self, *args, **kwargs):
-        return layout(rewritten, args, kwargs)
-
-    model.forward = types.MethodType(forward, model)
+        rewritten = {training: type(fx.GraphModule(model, r.graph)).forward for training, r in rewriters.items()}
+    model.aefast_optimized = _OptimizedState(model, rewritten, evaluate.folded_batch_norms,
+                                             LayoutPass(model, memory_format, verbose))
+    model.forward = types.MethodType(_optimized_forward, model)
     if verbose:
         print(f"aefast.optimize: {type(model).__name__}: {len(model.aefast_rewrites)} rewrite(s), "
               f"{len(model.aefast_unfused)} site(s) left unfused, memory format {model.aefast_memory_format} "

@@ -160,47 +160,49 @@ def convert_parameters(model: nn.Module) -> int:
 class LayoutPass:
     """The layout state of one optimized model: "auto" until the first call decides it, then
     "channels_last" or "preserve" (kept, with its reason, in ``model.aefast_memory_format`` and
-    ``model.aefast_memory_format_reason``)."""
+    ``model.aefast_memory_format_reason``). It holds no reference to the model: the model is passed
+    at each call, so a deep copy of the model (which copies this state) acts on the copy."""
 
-    def __init__(self, model: nn.Module, memory_format: str, original_forward, verbose: bool):
-        self.model, self.original_forward, self.verbose = model, original_forward, verbose
+    def __init__(self, model: nn.Module, memory_format: str, verbose: bool):
+        self.verbose = verbose
         self.pending = memory_format == "auto"
         self.channels_last = False
         if memory_format == "auto":
-            self._publish("auto", f"decided at the first call from its input's shape (rule: "
-                                  f"aefast.optimize_layout, mean conv output area >= {MIN_MEAN_CONV_AREA} px)")
+            self._publish(model, "auto", f"decided at the first call from its input's shape (rule: "
+                                         f"aefast.optimize_layout, mean conv output area >= {MIN_MEAN_CONV_AREA} px)")
         else:
-            self._apply(memory_format, "requested")
+            self._apply(model, memory_format, "requested")
 
-    def _publish(self, memory_format, reason):
-        self.model.aefast_memory_format = memory_format
-        self.model.aefast_memory_format_reason = reason
+    @staticmethod
+    def _publish(model, memory_format, reason):
+        model.aefast_memory_format = memory_format
+        model.aefast_memory_format_reason = reason
 
-    def _apply(self, memory_format, reason):
+    def _apply(self, model, memory_format, reason):
         self.pending = False
         self.channels_last = memory_format == "channels_last"
         if self.channels_last:
-            convert_parameters(self.model)
-        self._publish(memory_format, reason)
+            convert_parameters(model)
+        self._publish(model, memory_format, reason)
 
-    def decide(self, args, kwargs):
+    def decide(self, model, original_forward, args, kwargs):
         """Called by the optimized forward while ``pending`` (never under torch.compile's or torch.fx's
         tracing: shapes are not known there, and parameters must not change)."""
         self.pending = False  # the fake run calls the model again: it must take the plain path
         try:
-            memory_format, reason = choose_memory_format(self.model, *args, forward=self.original_forward,
-                                                         **kwargs)
+            memory_format, reason = choose_memory_format(model, *args, forward=original_forward, **kwargs)
         except BaseException:
             self.pending = True
             raise
-        self._apply(memory_format, reason)
+        self._apply(model, memory_format, reason)
         if self.verbose:
-            print(f"aefast.optimize: {type(self.model).__name__}: memory format {memory_format} ({reason})")
+            print(f"aefast.optimize: {type(model).__name__}: memory format {memory_format} ({reason})")
 
-    def __call__(self, forward, args, kwargs):
-        """Run ``forward`` in the chosen layout."""
+    def __call__(self, model, original_forward, forward, args, kwargs):
+        """Run ``forward`` of ``model`` in the chosen layout (``original_forward``: the model's forward
+        before optimize, which the first call of "auto" probes)."""
         if self.pending and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing():
-            self.decide(args, kwargs)
+            self.decide(model, original_forward, args, kwargs)
         if not self.channels_last:
             return forward(*args, **kwargs)
         if not torch.compiler.is_compiling():

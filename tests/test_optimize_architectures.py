@@ -221,3 +221,55 @@ def test_overall_fused_fraction():
 # two pools whose input is also the skip connection and, in training mode, the conv VAE's
 # ConvTranspose2d before a batch-statistics BatchNorm2d (nothing to fuse there).
 EXPECTED_OVERALL = {True: (31, 34), False: (32, 34)}
+
+
+@pytest.mark.parametrize("name, memory_format", [("segnet_functional", "channels_last"), ("conv_vae", "preserve"),
+                                                 ("tutorial_conv_ae", "auto")])
+def test_deepcopy_of_optimized_model_runs_on_its_own_state(name, memory_format):
+    """copy.deepcopy of an optimized model (as trainers do for EMA or best-model snapshots) must run on
+    the copy's parameters, modes and running statistics, and leave the model it was copied from alone.
+    The optimized forward once closed over the model it was built for, so a copy ran the original's
+    graph: outputs from the original's parameters, running statistics updated on the original."""
+    original, optimized = optimized_pair(name, memory_format)
+    shape = A.ARCHITECTURES[name][1]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    step(optimized, x, True, [1.0] * 3)  # "auto" decides its layout at the first call, before the copy
+    step(original, x, True, [1.0] * 3)
+    copied = copy.deepcopy(optimized)
+    before = {n: t.clone() for n, t in (*optimized.named_parameters(), *optimized.named_buffers())}
+    grads_before = {n: p.grad.clone() for n, p in optimized.named_parameters()}
+    with torch.no_grad():
+        for m in (copied, original):
+            for p in m.parameters():
+                p.mul_(1.1)
+    with torch.no_grad():
+        probe = A.outputs(copy.deepcopy(original).eval()(x))
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(o.shape, generator=gen) for o in probe]
+    for training in (True, False):
+        mode = "train" if training else "eval"
+        ref_outs, ref_grads = step(original, x, training, weights)
+        outs, grads = step(copied, x, training, weights)
+        for i, (o, r) in enumerate(zip(outs, ref_outs)):
+            assert_close(o, r, f"{name} copy {mode} output {i}")
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        for n, g in grads.items():
+            assert g is not None, f"{name} copy {mode}: no gradient for {n}"
+            assert_close(g, ref_grads[n], f"{name} copy {mode} grad {n}", scale)
+    for n, t in (*optimized.named_parameters(), *optimized.named_buffers()):
+        assert torch.equal(t, before[n]), f"{name}: the copy's steps changed the original's {n}"
+    for n, p in optimized.named_parameters():
+        assert torch.equal(p.grad, grads_before[n]), f"{name}: the copy's backward reached the original's {n}"
+    assert copied.aefast_memory_format == optimized.aefast_memory_format
+
+
+def test_optimizing_twice_keeps_the_forward_from_before_the_first():
+    """A second optimize() must not take the first one's forward as "the original" (the eval graph's
+    fallback and the layout probe call it: that would recurse)."""
+    original, optimized = optimized_pair("segnet_functional", "preserve")
+    aefast.optimize(optimized, verbose=False, memory_format="preserve")
+    x = torch.randn(A.ARCHITECTURES["segnet_functional"][1], generator=torch.Generator().manual_seed(1))
+    for model in (original, optimized):
+        model.eval()
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).train()  # eval graph falls back
+    torch.testing.assert_close(A.outputs(optimized(x))[0], A.outputs(original(x))[0], rtol=1e-4, atol=1e-5)
