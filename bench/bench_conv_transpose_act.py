@@ -13,10 +13,8 @@ GFLOP/s count the dense transposed conv's FLOPs (forward 2*N*Cin*H*W*Cout*kh*kw,
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import statistics
 import sys
 
 import torch
@@ -26,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
-                      peak_memory_bytes, ratio_table, write_results)
+from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
+                      interleaved_medians, peak_memory_bytes, ratio_table, result_name, write_results)
 
 # N, Cin, Cout, H, W (input size), kernel, stride, padding, output_padding, activation
 SHAPES = [
@@ -74,23 +72,16 @@ def bench_shape(shape, rounds, repeats, quick):
             return torch.autograd.grad(model(x), inputs, grad)
 
         fns[name] = {"fwd": forward, "full": full}
-    times = {(name, mode): [] for name in fns for mode in ("fwd", "full")}
-    for _ in range(rounds):
-        for mode in ("fwd", "full"):
-            for name in fns:
-                times[(name, mode)].append(median_time(fns[name][mode], "cpu", warmup=1, repeats=repeats))
+    times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
+                                rounds=rounds, repeats=repeats)
     flops = 2 * n * cin * h * w * cout * k * k
-    return [Row(f"{case} {mode}", name, statistics.median(times[(name, mode)]),
+    return [Row(f"{case} {mode}", name, times[(name, mode)],
                 peak_memory_bytes(fns[name][mode], "cpu"), flops=f)
             for name in fns for mode, f in (("fwd", flops), ("full", 3 * flops))]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
-    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
-    add_allocator_flag(parser)
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
     allocator = apply_allocator_flag(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -100,10 +91,8 @@ def main(argv=None):
         rows += bench_shape(shape, rounds, repeats, args.quick)
     table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
     print(table)
-    fallbacks = aefast.info()["fallbacks"]
-    print("fallbacks: " + (", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none"))
-    suffix = ("_quick" if args.quick else "") + ("_keep_mapped" if args.keep_memory_mapped else "")
-    out = write_results("bench_conv_transpose_act" + suffix, rows, "cpu", table + "\n", args.out)
+    print(fallbacks_line())
+    out = write_results(result_name("bench_conv_transpose_act", args), rows, "cpu", table + "\n", args.out)
     print(f"\nwrote {out}")
 
 
