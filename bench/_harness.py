@@ -218,6 +218,41 @@ def environment_switches(switches: dict[str, str] | None):
         apply(saved)
 
 
+def module_steps(variants: dict, x: torch.Tensor, grad: torch.Tensor, *, output=lambda out: out,
+                 no_grad_forward: bool = True) -> dict:
+    """{name: {"fwd": forward, "full": forward + backward}} for the modules ``variants`` called on
+    ``x``: "fwd" one forward of x (under no_grad unless ``no_grad_forward`` is False: then it
+    records the graph, as a training step's forward does), "full" a forward and the gradients for
+    ``grad`` w.r.t. x and every parameter; ``output`` picks the tensor of the module's output that
+    the gradient flows from."""
+    steps = {}
+    for name, model in variants.items():
+        inputs = [x, *model.parameters()]
+
+        def forward(model=model):
+            with torch.no_grad() if no_grad_forward else contextlib.nullcontext():
+                return model(x.detach())
+
+        def full(model=model, inputs=inputs):
+            return torch.autograd.grad(output(model(x)), inputs, grad)
+
+        steps[name] = {"fwd": forward, "full": full}
+    return steps
+
+
+def speedup_summary(rows: list[Row], title: str, baseline: str = "eager") -> str:
+    """Lines of the "full" cases (fwd+bwd): each aefast variant's speedup and peak-memory ratio
+    against ``baseline``, under ``title``."""
+    by = {(r.case, r.variant): r for r in rows}
+    lines = ["", title]
+    for r in rows:
+        if r.case.endswith(" full") and r.variant.startswith("aefast"):
+            base = by[(r.case, baseline)]
+            lines.append(f"  {r.case[:-5]:<28} {r.variant:<14} {base.seconds / r.seconds:5.2f}x faster, "
+                         f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of {baseline}")
+    return "\n".join(lines)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Peak bytes allocated while ``fn()`` runs, above what was live before it.
 

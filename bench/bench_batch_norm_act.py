@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
 from _harness import (Row, apply_allocator_flag, bench_parser, copy_gbps, fallbacks_line,  # noqa: E402
-                      interleaved_medians, peak_memory_bytes, ratio_table, result_name, write_results)
+                      interleaved_medians, module_steps, peak_memory_bytes, ratio_table, result_name, write_results)
 
 # N, C, H, W, activation
 SHAPES = [
@@ -56,17 +56,7 @@ def bench_shape(shape, layout, rounds, repeats, quick):
     if not torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5):
         raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=LAYOUTS[layout])
-    fns = {}
-    for name, model in variants.items():
-        inputs = [x, *model.parameters()]
-
-        def forward(model=model):
-            return model(x.detach())
-
-        def full(model=model, inputs=inputs):
-            return torch.autograd.grad(model(x), inputs, grad)
-
-        fns[name] = {"fwd": forward, "full": full}
+    fns = module_steps(variants, x, grad, no_grad_forward=False)
     times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
                                 rounds=rounds, repeats=repeats)
     size = x.numel() * 4

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
 from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
-                      interleaved_medians, peak_memory_bytes, ratio_table, write_results)
+                      interleaved_medians, module_steps, peak_memory_bytes, ratio_table, speedup_summary,
+                      write_results)
 
 SHAPES = [  # N, Cin, Cout, H, W (3x3 conv, padding 1, 2x2 pool)[, pool, pool_stride, ceil_mode]
     (256, 1, 32, 28, 28),
@@ -64,19 +65,7 @@ def bench_shape(shape, rounds, repeats, quick):
     if not torch.equal(idx, ridx) or not torch.allclose(y, ry, rtol=1e-4, atol=1e-4):
         raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
-    fns = {}
-    for name, model in variants.items():
-        inputs = [x, *model.parameters()]
-
-        def forward(model=model):
-            with torch.no_grad():
-                return model(x)
-
-        def full(model=model, inputs=inputs):
-            y, _ = model(x)
-            return torch.autograd.grad(y, inputs, grad)
-
-        fns[name] = {"fwd": forward, "full": full}
+    fns = module_steps(variants, x, grad, output=lambda out: out[0])  # (pooled, indices)
     times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
                                 rounds=rounds, repeats=repeats)
     flops = 2 * n * cout * h * w * cin * 9
@@ -102,17 +91,11 @@ def main(argv=None):
     for shape in shapes:
         rows += bench_shape(shape, rounds, repeats, args.quick)
     table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
-    summary = ["", "full (fwd+bwd, training mode) speedup and peak-memory ratio of aefast vs eager:"]
-    by = {(r.case, r.variant): r for r in rows}
-    for r in rows:
-        if r.case.endswith(" full") and r.variant.startswith("aefast"):
-            base = by[(r.case, "eager")]
-            summary.append(f"  {r.case[:-5]:<28} {base.seconds / r.seconds:5.2f}x faster, "
-                           f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of eager")
-    print(table + "\n".join(summary))
+    summary = speedup_summary(rows, "full (fwd+bwd, training mode) speedup and peak-memory ratio of aefast vs eager:")
+    print(table + summary)
     print(fallbacks_line())
     out = write_results("bench_conv_bn_pool" + ("_quick" if args.quick else ""), rows, "cpu",
-                        table + "\n" + "\n".join(summary) + "\n", args.out)
+                        table + "\n" + summary + "\n", args.out)
     print(f"\nwrote {out}")
 
 

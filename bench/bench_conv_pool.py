@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, interleaved_medians,  # noqa: E402
-                      peak_memory_bytes, ratio_table, synchronize, write_results)
+                      peak_memory_bytes, ratio_table, speedup_summary, synchronize, write_results)
 # The shapes and the calls live in workloads.py, shared with the pytest-benchmark suite.
 from workloads import CONV_POOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
 from workloads import CONV_POOL_SHAPES as SHAPES  # noqa: E402
@@ -142,17 +142,11 @@ def main(argv=None):
     peak = CPU_SGEMM_GFLOPS if args.device == "cpu" else None
     table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     print(table)
-    summary = ["", "full (fwd+bwd) speedup and peak-memory ratio of aefast vs eager:"]
-    by = {(r.case, r.variant): r for r in rows}
-    for r in rows:
-        if r.case.endswith(" full") and r.variant.startswith("aefast"):
-            base = by[(r.case, "eager")]
-            summary.append(f"  {r.case[:-5]:<24} {r.variant:<14} {base.seconds / r.seconds:5.2f}x faster, "
-                           f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of eager")
-    print("\n".join(summary))
+    summary = speedup_summary(rows, "full (fwd+bwd) speedup and peak-memory ratio of aefast vs eager:")
+    print(summary)
     out = write_results("bench_conv_pool" + ("_quick" if args.quick else "") +
                         ("" if args.geometry == "tiling" else "_" + args.geometry) + ("_cuda" if args.device == "cuda" else ""),
-                        rows, args.device, table + "\n" + "\n".join(summary) + "\n", args.out)
+                        rows, args.device, table + "\n" + summary + "\n", args.out)
     print(f"\nwrote {out}")
 
 

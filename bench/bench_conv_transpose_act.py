@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
 from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
-                      interleaved_medians, peak_memory_bytes, ratio_table, result_name, write_results)
+                      interleaved_medians, module_steps, peak_memory_bytes, ratio_table, result_name, write_results)
 
 # N, Cin, Cout, H, W (input size), kernel, stride, padding, output_padding, activation
 SHAPES = [
@@ -60,18 +60,7 @@ def bench_shape(shape, rounds, repeats, quick):
     if not torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5):
         raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
-    fns = {}
-    for name, model in variants.items():
-        inputs = [x, *model.parameters()]
-
-        def forward(model=model):
-            with torch.no_grad():
-                return model(x)
-
-        def full(model=model, inputs=inputs):
-            return torch.autograd.grad(model(x), inputs, grad)
-
-        fns[name] = {"fwd": forward, "full": full}
+    fns = module_steps(variants, x, grad)
     times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
                                 rounds=rounds, repeats=repeats)
     flops = 2 * n * cin * h * w * cout * k * k

@@ -142,6 +142,13 @@ def _randn(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def conv_operands(n, cin, cout, h, w, k=3, transposed=False):
+    """Seeded (input, weight, bias) of a k x k conv (transposed: weight (Cin, Cout, k, k)), the
+    weight scaled by 1/sqrt(fan-in)."""
+    shape = (cin, cout, k, k) if transposed else (cout, cin, k, k)
+    return _randn(n, cin, h, w, seed=1), _randn(*shape, seed=2, scale=1 / (cin * k * k) ** 0.5), _randn(cout, seed=3)
+
+
 # ------------------------------------------------------------------------------------ shapes
 def workload_layers():
     """(encoder rows (label, N, Cin, Cout, H, W), decoder rows (label, N, Cin, Cout, H, W, act)) of W1
@@ -169,7 +176,8 @@ UPSAMPLER = [("tutorial AE out 128x16->1 14x14 k2s2", 128, 16, 1, 14, 14, 2, 2, 
 UPSAMPLER_QUICK = [UPSAMPLER[2], ("quick 2x3->8 4x5 k3s2p1o1", 2, 3, 8, 4, 5, 3, 2, 1, 1, "relu")]
 # BatchNorm -> act on the conv outputs of W1 / W2's first layers (as if BatchNorm followed them),
 # bench_batch_norm_act.py's U-Net stage in channels_last, small, odd.
-BN_ACT = [("W1 conv1 out 256x32 28x28", 256, 32, 28, 28, False), ("W2 conv1 out 32x32 128x128", 32, 32, 128, 128, False),
+BN_ACT = [("W1 conv1 out 256x32 28x28", 256, 32, 28, 28, False),
+          ("W2 conv1 out 32x32 128x128", 32, 32, 128, 128, False),
           ("U-Net 16x16 48x48 channels_last", 16, 16, 48, 48, True), ("small 2x3 5x4", 2, 3, 5, 4, False),
           ("odd 3x17 15x13", 3, 17, 15, 13, False)]
 BN_ACT_QUICK = [BN_ACT[3], ("quick 2x5 6x7 channels_last", 2, 5, 6, 7, True)]
@@ -181,7 +189,7 @@ LOSS_KINDS = ("mse", "bce_logits")  # the autoencoders' and SegNet's losses, red
 
 # ------------------------------------------------------------------------------------ encoder
 def encoder_entries(label, n, cin, cout, h, w):
-    x, wt, b = _randn(n, cin, h, w, seed=1), _randn(cout, cin, 3, 3, seed=2, scale=1 / (3 * cin ** 0.5)), _randn(cout, seed=3)
+    x, wt, b = conv_operands(n, cin, cout, h, w)
     hc, wc = h, w  # 3x3, stride 1, padding 1
     ho, wo = hc // 2, wc // 2
     k = cin * 9
@@ -231,7 +239,7 @@ def encoder_entries(label, n, cin, cout, h, w):
 
 
 def conv_bn_pool_entries(label, n, cin, cout, h, w):
-    x, wt, b = _randn(n, cin, h, w, seed=1), _randn(cout, cin, 3, 3, seed=2, scale=1 / (3 * cin ** 0.5)), _randn(cout, seed=3)
+    x, wt, b = conv_operands(n, cin, cout, h, w)
     gamma, beta = 1 + 0.1 * _randn(cout, seed=5), 0.1 * _randn(cout, seed=6)
     dense = 2.0 * n * cout * h * w * cin * 9
 
@@ -304,7 +312,7 @@ def decoder_entries(label, n, cin, cout, h, w, act):
 
 
 def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
-    x, wt, b = _randn(n, cin, h, w, seed=1), _randn(cin, cout, k, k, seed=2, scale=1 / (cin * k * k) ** 0.5), _randn(cout, seed=3)
+    x, wt, b = conv_operands(n, cin, cout, h, w, k, transposed=True)
     dense = 2.0 * n * cin * h * w * cout * k * k
     geometry = ([s, s], [p, p], [op, op], act, 0.0)
 
@@ -324,8 +332,17 @@ def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
     def bwd():
         return ops.conv_transpose_act2d_backward(g, act_input, x, wt, *geometry, [True] * 3)
 
-    backward = Entry("conv_transpose_act2d backward (dgrad + wgrad)", label, 2 * dense, bwd,
-                     [Variant("activation-gradient pass + oneDNN convolution_backward", bwd, {})])
+    # The retired alternative: the decoder's backward kernel with 1x1 windows (every input value
+    # its own window's maximum at offset 0), as the forward's gather path calls the decoder.
+    offsets = torch.zeros(x.shape, dtype=torch.uint8)
+
+    def gather_bwd():
+        return ops.unpool_conv_transpose2d_backward(g, act_input, x, offsets, wt, [1, 1], [h, w], *geometry,
+                                                    [True] * 3)
+
+    backward = Entry("conv_transpose_act2d backward (dgrad + wgrad)", label, 2 * dense, bwd, [
+        Variant("activation-gradient pass + oneDNN convolution_backward", bwd, {}),
+        Variant("decoder gather kernel backward, 1x1 windows (retired)", gather_bwd)])
     return [forward, backward]
 
 
@@ -469,7 +486,8 @@ def run_ledger(entries, rounds, repeats):
 def main(argv=None):
     parser = bench_parser(__doc__, quick_help="tiny shapes, one round: a smoke run")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant and round (default 2; --quick 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per variant and round (default 2; --quick 1)")
     args = parser.parse_args(argv)
     allocator = apply_allocator_flag(args)
     rounds, repeats = (1, 1) if args.quick else (3, 2)
