@@ -240,6 +240,33 @@ def module_steps(variants: dict, x: torch.Tensor, grad: torch.Tensor, *, output=
     return steps
 
 
+def step_rows(case: str, steps: dict, times: dict, amounts: dict, *, memory_bound: bool = False,
+              extra: dict | None = None) -> list[Row]:
+    """Rows of the ``times`` of ``steps`` ({name: {mode: fn}}, as module_steps gives them), each with
+    its peak memory and the amount its mode must do: ``amounts[mode]`` FLOPs, or bytes moved when
+    ``memory_bound``."""
+    return [Row(f"{case} {mode}", name, times[(name, mode)], peak_memory_bytes(steps[name][mode], "cpu"),
+                **({"bytes_moved": amount} if memory_bound else {"flops": amount}), extra=dict(extra or {}))
+            for name in steps for mode, amount in amounts.items()]
+
+
+def module_bench_main(argv, doc: str, name: str, bench_shapes: Callable, *, flops: bool) -> list[Row]:
+    """main() of a module benchmark (fused module against eager and torch.compile): the shared
+    options, the allocator flag, ``bench_shapes(quick, rounds, repeats)`` for its rows (1 round of
+    2 with --quick, else 5 of 5), then the ratio table against eager (GFLOP/s against the sgemm
+    peak when ``flops``), the fallbacks and the result files."""
+    args = bench_parser(doc).parse_args(argv)
+    allocator = apply_allocator_flag(args)
+    rounds, repeats = (1, 2) if args.quick else (5, 5)
+    rows = bench_shapes(args.quick, rounds, repeats)
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=__getattr__("CPU_SGEMM_GFLOPS") if flops else None)
+    print(table)
+    print(fallbacks_line())
+    out = write_results(result_name(name, args), rows, "cpu", table + "\n", args.out)
+    print(f"\nwrote {out}")
+    return rows
+
+
 def speedup_summary(rows: list[Row], title: str, baseline: str = "eager") -> str:
     """Lines of the "full" cases (fwd+bwd): each aefast variant's speedup and peak-memory ratio
     against ``baseline``, under ``title``."""

@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (Row, apply_allocator_flag, bench_parser, copy_gbps, fallbacks_line,  # noqa: E402
-                      interleaved_medians, module_steps, peak_memory_bytes, ratio_table, result_name, write_results)
+from _harness import copy_gbps, interleaved_medians, module_bench_main, module_steps, step_rows  # noqa: E402
 
 # N, C, H, W, activation
 SHAPES = [
@@ -60,28 +59,17 @@ def bench_shape(shape, layout, rounds, repeats, quick):
     times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
                                 rounds=rounds, repeats=repeats)
     size = x.numel() * 4
-    copy_rate = copy_gbps(size)
-    return [Row(f"{case} {mode}", name, times[(name, mode)],
-                peak_memory_bytes(fns[name][mode], "cpu"), bytes_moved=moved,
-                extra={"copy_gbps_at_size": copy_rate})
-            for name in fns for mode, moved in (("fwd", 3 * size), ("full", 9 * size))]
+    return step_rows(case, fns, times, {"fwd": 3 * size, "full": 9 * size}, memory_bound=True,
+                     extra={"copy_gbps_at_size": copy_gbps(size)})
+
+
+def bench_shapes(quick, rounds, repeats):
+    return [row for shape in (QUICK_SHAPES if quick else SHAPES) for layout in LAYOUTS
+            for row in bench_shape(shape, layout, rounds, repeats, quick)]
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__)
-    args = parser.parse_args(argv)
-    allocator = apply_allocator_flag(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds, repeats = (1, 2) if args.quick else (5, 5)
-    rows = []
-    for shape in shapes:
-        for layout in LAYOUTS:
-            rows += bench_shape(shape, layout, rounds, repeats, args.quick)
-    table = allocator + "\n\n" + ratio_table(rows, "eager")
-    print(table)
-    print(fallbacks_line())
-    out = write_results(result_name("bench_batch_norm_act", args), rows, "cpu", table + "\n", args.out)
-    print(f"\nwrote {out}")
+    return module_bench_main(argv, __doc__, "bench_batch_norm_act", bench_shapes, flops=False)
 
 
 if __name__ == "__main__":

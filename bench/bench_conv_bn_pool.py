@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
-                      interleaved_medians, module_steps, peak_memory_bytes, ratio_table, speedup_summary,
+from _harness import (CPU_SGEMM_GFLOPS, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
+                      interleaved_medians, module_steps, ratio_table, speedup_summary, step_rows,
                       write_results)
 
 SHAPES = [  # N, Cin, Cout, H, W (3x3 conv, padding 1, 2x2 pool)[, pool, pool_stride, ceil_mode]
@@ -69,12 +69,7 @@ def bench_shape(shape, rounds, repeats, quick):
     times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
                                 rounds=rounds, repeats=repeats)
     flops = 2 * n * cout * h * w * cin * 9
-    rows = []
-    for name in fns:
-        for mode, f in (("fwd", flops), ("full", 3 * flops)):
-            rows.append(Row(f"{case} {mode}", name, times[(name, mode)],
-                            peak_memory_bytes(fns[name][mode], "cpu"), flops=f))
-    return rows
+    return step_rows(case, fns, times, {"fwd": flops, "full": 3 * flops})
 
 
 def main(argv=None):

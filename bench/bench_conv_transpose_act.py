@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
-                      interleaved_medians, module_steps, peak_memory_bytes, ratio_table, result_name, write_results)
+from _harness import interleaved_medians, module_bench_main, module_steps, step_rows  # noqa: E402
 
 # N, Cin, Cout, H, W (input size), kernel, stride, padding, output_padding, activation
 SHAPES = [
@@ -64,25 +63,15 @@ def bench_shape(shape, rounds, repeats, quick):
     times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
                                 rounds=rounds, repeats=repeats)
     flops = 2 * n * cin * h * w * cout * k * k
-    return [Row(f"{case} {mode}", name, times[(name, mode)],
-                peak_memory_bytes(fns[name][mode], "cpu"), flops=f)
-            for name in fns for mode, f in (("fwd", flops), ("full", 3 * flops))]
+    return step_rows(case, fns, times, {"fwd": flops, "full": 3 * flops})
+
+
+def bench_shapes(quick, rounds, repeats):
+    return [row for shape in (QUICK_SHAPES if quick else SHAPES) for row in bench_shape(shape, rounds, repeats, quick)]
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__)
-    args = parser.parse_args(argv)
-    allocator = apply_allocator_flag(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds, repeats = (1, 2) if args.quick else (5, 5)
-    rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, rounds, repeats, args.quick)
-    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
-    print(table)
-    print(fallbacks_line())
-    out = write_results(result_name("bench_conv_transpose_act", args), rows, "cpu", table + "\n", args.out)
-    print(f"\nwrote {out}")
+    return module_bench_main(argv, __doc__, "bench_conv_transpose_act", bench_shapes, flops=True)
 
 
 if __name__ == "__main__":
