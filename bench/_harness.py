@@ -259,7 +259,8 @@ def module_bench_main(argv, doc: str, name: str, bench_shapes: Callable, *, flop
     allocator = apply_allocator_flag(args)
     rounds, repeats = (1, 2) if args.quick else (5, 5)
     rows = bench_shapes(args.quick, rounds, repeats)
-    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=__getattr__("CPU_SGEMM_GFLOPS") if flops else None)
+    peak = __getattr__("CPU_SGEMM_GFLOPS") if flops else None  # this module's lazily measured constant
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     print(table)
     print(fallbacks_line())
     out = write_results(result_name(name, args), rows, "cpu", table + "\n", args.out)
@@ -386,10 +387,13 @@ def kernel_ledger_table(rows: list[Row], peak_gflops: float | None, peak_gbps: f
     measured in the same run (sgemm GFLOP/s, or the copy GB/s: a row's
     ``extra["copy_gbps_at_size"]`` when given, for in-cache working sets), and the ``extra``
     fields ``executes`` (what the variant executes against the counted amount), ``rule`` (True:
-    the variant the dispatch rule takes) and ``verdict``."""
+    the variant the dispatch rule takes) and ``verdict``; a kernel's ``extra["counted_as"]`` (what
+    its amount counts) heads its section."""
     sections: dict[str, list[str]] = {}
+    counted_as: dict[str, str] = {}
     for r in rows:
         e = r.extra
+        counted_as.setdefault(e.get("kernel", ""), e.get("counted_as", ""))
         if r.flops:
             amount, rate = f"{r.flops / 1e9:.3g} GFLOP", f"{r.gflops:.1f} GFLOP/s"
             limit = f"{100 * r.gflops / peak_gflops:.0f}% of sgemm" if peak_gflops else "-"
@@ -402,7 +406,8 @@ def kernel_ledger_table(rows: list[Row], peak_gflops: float | None, peak_gbps: f
             f"| {e.get('case', r.case)} | {r.variant} | {rule} | {1e3 * r.seconds:.3f} | {amount} | {rate} | {limit} "
             f"| {e.get('executes', '')} | {e.get('verdict', '')} |")
     header = ["| case | variant | rule | ms | counted | rate | % of limit | executes | verdict |", "|" + "---|" * 9]
-    return "\n\n".join(f"### {kernel}\n\n" + "\n".join(header + lines) for kernel, lines in sections.items())
+    return "\n\n".join(f"### {kernel}\n\n" + (f"{counted_as[kernel]}\n\n" if counted_as[kernel] else "")
+                       + "\n".join(header + lines) for kernel, lines in sections.items())
 
 
 def write_results(name: str, rows: list[Row], device: str, table: str, out_dir: str | None = None,

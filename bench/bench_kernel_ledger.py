@@ -106,6 +106,7 @@ class Entry:
     dispatched: Callable[[], object]
     variants: list[Variant] = field(default_factory=list)
     memory_bound: bool = False
+    counted_as: str = ""          # what ``amount`` counts, said once per kernel
     working_set: int = 0          # bytes of the tensor a memory-bound kernel streams (for its copy rate)
     compared: int | None = None   # leading outputs the variants must agree on (None: all)
 
@@ -206,7 +207,8 @@ def encoder_entries(label, n, cin, cout, h, w):
                 "conv_pool2d_forward onednn"),
         Variant("direct (im2col strip + own GEMM + epilogue)", fwd,
                 {"AEFAST_ENCODER_WINOGRAD": "0", "AEFAST_ENCODER_CONV": "direct"}, "conv_pool2d_forward direct"),
-    ], compared=1)  # the pooled map (preact is z at the argmax, which a near-tie may move)
+    ], compared=1,  # the pooled map (preact is z at the argmax, which a near-tie may move)
+        counted_as="FLOPs counted: the DENSE conv over the pooled region, 2*N*Cout*(2*HO)*(2*WO)*Cin*9.")
     _, window, preact = fwd()
     gp = _randn(n, cout, ho, wo, seed=4)
 
@@ -234,7 +236,8 @@ def encoder_entries(label, n, cin, cout, h, w):
                 "conv_pool2d_backward scatter + onednn", "4x counted"),
         Variant(GEMM_FORM, gemm_form, executes="4x counted", timed_once=True),
         Variant("GEMMs alone (bound)", gemms_alone, executes="4x counted", lower_bound=True),
-    ])
+    ], counted_as="FLOPs counted: POOL-SPARSE, dgrad + wgrad at the one conv position per window that carries a "
+                  "gradient, 2 x 2*N*Cout*HO*WO*Cin*9 (the dense backward is 4x that).")
     return [forward, backward]
 
 
@@ -254,12 +257,19 @@ def conv_bn_pool_entries(label, n, cin, cout, h, w):
                                            ACT["relu"], SLOPE, POOL, [True] * 5)
 
     only = "oneDNN conv + aefast BN/act/pool passes"
-    return [Entry("conv_bn_pool2d forward", label, dense, fwd, [Variant(only, fwd, {})]),
+    return [Entry("conv_bn_pool2d forward", label, dense, fwd, [Variant(only, fwd, {})],
+                  counted_as="FLOPs counted: the DENSE conv, 2*N*Cout*H*W*Cin*9 (BatchNorm's statistics need "
+                             "every conv output)."),
             Entry("conv_bn_pool2d backward (dense dy: dgrad + wgrad)", label, 2 * dense, bwd,
-                  [Variant("aefast dy pass + oneDNN convolution_backward", bwd, {})])]
+                  [Variant("aefast dy pass + oneDNN convolution_backward", bwd, {})],
+                  counted_as="FLOPs counted: DENSE dgrad + wgrad, 2x the forward (BatchNorm's gradient dy is dense).")]
 
 
 # ------------------------------------------------------------------------------------ decoder
+DECODER_COUNT = ("FLOPs counted: POOL-SPARSE, the pooled values only, 2*N*Cin*HP*WP*Cout*9 (the dense transposed "
+                 "conv over the unpooled map is 4x that).")
+
+
 def decoder_entries(label, n, cin, cout, h, w, act):
     z, idx = F.max_pool2d(_randn(n, cin, h, w, seed=1), 2, return_indices=True)
     window = AF.flat_to_window(idx, (h, w), 2)
@@ -285,7 +295,7 @@ def decoder_entries(label, n, cin, cout, h, w, act):
                 "4x counted (dense select)"),
         Variant(GEMM_FORM, gemm_fwd, executes="4x counted", timed_once=True),
         Variant("GEMMs alone (bound)", gemms["cols"], executes="4x counted", lower_bound=True),
-    ])
+    ], counted_as=DECODER_COUNT)
     out, saved = fwd()
     act_input = saved if saved.numel() else out
     g = _randn(*out.shape, seed=4)
@@ -307,7 +317,7 @@ def decoder_entries(label, n, cin, cout, h, w, act):
                 "unpool_conv_transpose2d_backward window vectors", "4x counted (dense select)"),
         Variant(GEMM_FORM, gemm_bwd, executes="4x counted", timed_once=True),
         Variant("GEMMs alone (bound)", gemms_bwd, executes="4x counted", lower_bound=True),
-    ])
+    ], counted_as=DECODER_COUNT.replace("FLOPs counted:", "FLOPs counted: grad_z + grad_W, each"))
     return [forward, backward]
 
 
@@ -324,7 +334,7 @@ def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
                 "conv_transpose_act2d gather"),
         Variant("oneDNN transposed conv + activation pass", fwd, {"AEFAST_CONV_TRANSPOSE_FORWARD": "vendor"},
                 "conv_transpose_act2d onednn"),
-    ])
+    ], counted_as="FLOPs counted: the DENSE transposed conv, 2*N*Cin*H*W*Cout*k*k.")
     out, saved = fwd()
     act_input = saved if saved.numel() else out
     g = _randn(*out.shape, seed=4)
@@ -342,11 +352,16 @@ def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
 
     backward = Entry("conv_transpose_act2d backward (dgrad + wgrad)", label, 2 * dense, bwd, [
         Variant("activation-gradient pass + oneDNN convolution_backward", bwd, {}),
-        Variant("decoder gather kernel backward, 1x1 windows (retired)", gather_bwd)])
+        Variant("decoder gather kernel backward, 1x1 windows (retired)", gather_bwd)],
+        counted_as="FLOPs counted: DENSE dgrad + wgrad, 2x the forward.")
     return [forward, backward]
 
 
 # ------------------------------------------------------------------------------------ memory-bound
+BN_COUNT = ("Bytes counted: the passes' traffic (see the title), against the copy rate of a buffer of the "
+            "tensor's size measured in this run.")
+
+
 def batch_norm_act_entries(label, n, c, h, w, channels_last):
     x = _randn(n, c, h, w, seed=1)
     if channels_last:
@@ -365,9 +380,11 @@ def batch_norm_act_entries(label, n, c, h, w, channels_last):
         return ops.batch_norm_act2d_backward(g, x, mean, var, gamma, beta, 1e-5, ACT["relu"], SLOPE, [True] * 3)
 
     return [Entry("batch_norm_act2d forward (2 passes: x read twice, out written)", label, 3 * size, fwd,
-                  [Variant("aefast two-pass kernel", fwd, {})], memory_bound=True, working_set=size),
+                  [Variant("aefast two-pass kernel", fwd, {})], memory_bound=True, working_set=size,
+                  counted_as=BN_COUNT),
             Entry("batch_norm_act2d backward (2 passes: grad_out and x read twice, grad_input written)", label,
-                  5 * size, bwd, [Variant("aefast two-pass kernel", bwd, {})], memory_bound=True, working_set=size)]
+                  5 * size, bwd, [Variant("aefast two-pass kernel", bwd, {})], memory_bound=True, working_set=size,
+                  counted_as=BN_COUNT)]
 
 
 def loss_entries(label, shape):
@@ -381,7 +398,9 @@ def loss_entries(label, shape):
 
         entries.append(Entry(f"recon_loss {kind}/mean, value + gradient (input, target read; grad written)", label,
                              3 * x.numel() * x.element_size(), fused, [Variant("aefast one-pass kernel", fused, {})],
-                             memory_bound=True, working_set=x.numel() * x.element_size()))
+                             memory_bound=True, working_set=x.numel() * x.element_size(),
+                             counted_as="Bytes counted: input and target read, gradient written (3 tensor sizes), "
+                                        "against the copy rate of a buffer of the tensor's size measured in this run."))
     return entries
 
 
@@ -472,7 +491,8 @@ def run_ledger(entries, rounds, repeats):
         text = verdict(timed, taken, left_out)
         copy_rate = copy_gbps(entry.working_set) if entry.memory_bound else None
         for v, rule, seconds in timed:
-            extra = {"kernel": entry.kernel, "case": entry.case, "executes": v.executes, "rule": rule,
+            extra = {"kernel": entry.kernel, "case": entry.case, "counted_as": entry.counted_as,
+                     "executes": v.executes, "rule": rule,
                      "switches": v.switches, "lower_bound": v.lower_bound, "verdict": text if rule else ""}
             if copy_rate:
                 extra["copy_gbps_at_size"] = copy_rate
