@@ -164,9 +164,13 @@ def workload_layers():
     return enc, dec
 
 
-ENCODER_EXTRA = [("small 4x8->16 12x12", 4, 8, 16, 12, 12), ("odd 7x17->33 15x13", 7, 17, 33, 15, 13)]
+# The last: a channels-last block with few output channels on a large map, where the forward's rule
+# takes oneDNN's conv over Winograd (bench_encoder_blocks.py's U-Net / SegNet first stage).
+ENCODER_EXTRA = [("small 4x8->16 12x12", 4, 8, 16, 12, 12), ("odd 7x17->33 15x13", 7, 17, 33, 15, 13),
+                 ("U-Net 16x8->8 96x96 channels_last", 16, 8, 8, 96, 96, True)]
 DECODER_EXTRA = [("small 2x8->4 8x8", 2, 8, 4, 8, 8, "relu"), ("odd 7x17->3 15x13", 7, 17, 3, 15, 13, "sigmoid")]
-ENCODER_QUICK = [("quick 2x1->8 12x12", 2, 1, 8, 12, 12), ("quick 2x8->16 10x9", 2, 8, 16, 10, 9)]
+ENCODER_QUICK = [("quick 2x1->8 12x12", 2, 1, 8, 12, 12), ("quick 2x8->16 10x9", 2, 8, 16, 10, 9),
+                 ("quick 1x8->8 64x64 channels_last", 1, 8, 8, 64, 64, True)]
 DECODER_QUICK = [("quick 2x8->1 8x8", 2, 8, 1, 8, 8, "sigmoid"), ("quick 1x16->24 6x7", 1, 16, 24, 6, 7, "sigmoid")]
 # The upsampler (conv_transpose_act2d) is in no W1/W2 layer: bench_conv_transpose_act.py's shapes
 # (N, Cin, Cout, H, W, kernel, stride, padding, output_padding, act).
@@ -189,8 +193,10 @@ LOSS_KINDS = ("mse", "bce_logits")  # the autoencoders' and SegNet's losses, red
 
 
 # ------------------------------------------------------------------------------------ encoder
-def encoder_entries(label, n, cin, cout, h, w):
+def encoder_entries(label, n, cin, cout, h, w, channels_last=False):
     x, wt, b = conv_operands(n, cin, cout, h, w)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)  # the outputs and gradients follow the input's layout
     hc, wc = h, w  # 3x3, stride 1, padding 1
     ho, wo = hc // 2, wc // 2
     k = cin * 9
@@ -210,7 +216,7 @@ def encoder_entries(label, n, cin, cout, h, w):
     ], compared=1,  # the pooled map (preact is z at the argmax, which a near-tie may move)
         counted_as="FLOPs counted: the DENSE conv over the pooled region, 2*N*Cout*(2*HO)*(2*WO)*Cin*9.")
     _, window, preact = fwd()
-    gp = _randn(n, cout, ho, wo, seed=4)
+    gp = _randn(n, cout, ho, wo, seed=4).contiguous(memory_format=layout)
 
     def bwd():
         return ops.conv_pool2d_backward(gp, window, preact, x, wt, S1, P1, ACT["relu"], SLOPE, POOL)
@@ -241,8 +247,10 @@ def encoder_entries(label, n, cin, cout, h, w):
     return [forward, backward]
 
 
-def conv_bn_pool_entries(label, n, cin, cout, h, w):
+def conv_bn_pool_entries(label, n, cin, cout, h, w, channels_last=False):
     x, wt, b = conv_operands(n, cin, cout, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     gamma, beta = 1 + 0.1 * _randn(cout, seed=5), 0.1 * _randn(cout, seed=6)
     dense = 2.0 * n * cout * h * w * cin * 9
 

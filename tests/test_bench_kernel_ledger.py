@@ -37,6 +37,12 @@ def test_kernel_ledger_quick(tmp_path):
     assert len(variants[("conv_pool2d backward", "quick 2x8->16 10x9")]) == 5
     assert len(variants[("unpool_conv_transpose2d forward", "quick 2x8->1 8x8")]) == 4
     assert len(variants[("unpool_conv_transpose2d forward", "quick 1x16->24 6x7")]) == 3  # large slab: no window vectors
+    # The quick encoder shapes (K = 9, K = 72, channels-last with 8 channels on a 64x64 map) are where
+    # the forward's rule (today: direct, Winograd, oneDNN) picks different paths; the ledger reads
+    # each pick from the kernels' profiler labels.
+    picks = {r["extra"]["case"]: r["variant"] for r in rows
+             if r["extra"]["rule"] and r["extra"]["kernel"].startswith("conv_pool2d forward")}
+    assert len(picks) == 3 and len(set(picks.values())) >= 2, picks
     md = (tmp_path / "bench_kernel_ledger_quick.md").read_text()
     assert "sgemm measured in this run" in md and "% of sgemm" in md and "% of copy" in md
     assert (tmp_path / "bench_kernel_ledger_quick.png").exists()
