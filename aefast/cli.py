@@ -695,7 +695,7 @@ def _add_resume(p):
 
 
 BENCH_SUITES = ("conv_pool", "conv_bn_pool", "batch_norm_act", "unpool_deconv", "conv_transpose_act", "recon_loss", "optimize",
-                "optimize_architectures", "training")
+                "optimize_architectures", "training", "kernel_ledger")
 
 
 def _cmd_bench(args) -> int:

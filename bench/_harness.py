@@ -5,6 +5,7 @@ same machine; absolute CPU times on shared 2-core machines are noise.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -117,6 +118,34 @@ def keep_freed_memory_mapped() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def bench_parser(doc: str, *, devices=("cpu",), quick_help: str = "tiny shapes, no torch.compile: a smoke run"):
+    """The options every ratio-table script shares: --device (`aefast bench` passes it), --quick,
+    --out and --keep-memory-mapped; a script adds its own to the parser returned."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=list(devices),
+                        help="CPU only" if tuple(devices) == ("cpu",) else "device (default cpu)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
+    add_allocator_flag(parser)
+    return parser
+
+
+def result_name(name: str, args) -> str:
+    """The result files' name: ``name`` with _quick and _keep_mapped as the run was."""
+    return name + ("_quick" if args.quick else "") + ("_keep_mapped" if args.keep_memory_mapped else "")
+
+
+def fallbacks_line() -> str:
+    """The fallbacks to the reference path aefast counted during the run: never silent in a benchmark."""
+    import aefast  # noqa: PLC0415
+
+    fallbacks = aefast.info()["fallbacks"]
+    return "fallbacks to the reference path during the run: " + (
+        ", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none")
+
+
 def add_allocator_flag(parser) -> None:
     """--keep-memory-mapped, the same for every benchmark script."""
     parser.add_argument("--keep-memory-mapped", action="store_true",
@@ -153,6 +182,103 @@ def median_time(fn: Callable[[], object], device: str = "cpu", *, warmup: int = 
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, device: str = "cpu", *, rounds: int = 5, repeats: int = 3,
+                        warmup: int = 1) -> dict:
+    """{key: median seconds} of every callable in ``fns`` (None: skipped, absent from the
+    result), measured in interleaved rounds: each round times every callable once (a
+    median_time of ``repeats`` calls after ``warmup``), in ``fns``' order, and the figure is
+    the median over the rounds, so that a shared machine's load hits every variant alike."""
+    times = {key: [] for key, fn in fns.items() if fn is not None}
+    for _ in range(rounds):
+        for key in times:
+            times[key].append(median_time(fns[key], device, warmup=warmup, repeats=repeats))
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+@contextlib.contextmanager
+def environment_switches(switches: dict[str, str] | None):
+    """Sets the environment variables ``switches`` (the kernels' A/B switches, read per call:
+    AEFAST_ENCODER_BACKWARD, AEFAST_CPU_ISA, ...; a value None unsets one) for the duration, then
+    restores them."""
+    def apply(values):
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    switches = switches or {}
+    saved = {name: os.environ.get(name) for name in switches}
+    apply(switches)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+def module_steps(variants: dict, x: torch.Tensor, grad: torch.Tensor, *, output=lambda out: out,
+                 no_grad_forward: bool = True) -> dict:
+    """{name: {"fwd": forward, "full": forward + backward}} for the modules ``variants`` called on
+    ``x``: "fwd" one forward of x (under no_grad unless ``no_grad_forward`` is False: then it
+    records the graph, as a training step's forward does), "full" a forward and the gradients for
+    ``grad`` w.r.t. x and every parameter; ``output`` picks the tensor of the module's output that
+    the gradient flows from."""
+    steps = {}
+    for name, model in variants.items():
+        inputs = [x, *model.parameters()]
+
+        def forward(model=model):
+            with torch.no_grad() if no_grad_forward else contextlib.nullcontext():
+                return model(x.detach())
+
+        def full(model=model, inputs=inputs):
+            return torch.autograd.grad(output(model(x)), inputs, grad)
+
+        steps[name] = {"fwd": forward, "full": full}
+    return steps
+
+
+def step_rows(case: str, steps: dict, times: dict, amounts: dict, *, memory_bound: bool = False,
+              extra: dict | None = None) -> list[Row]:
+    """Rows of the ``times`` of ``steps`` ({name: {mode: fn}}, as module_steps gives them), each with
+    its peak memory and the amount its mode must do: ``amounts[mode]`` FLOPs, or bytes moved when
+    ``memory_bound``."""
+    return [Row(f"{case} {mode}", name, times[(name, mode)], peak_memory_bytes(steps[name][mode], "cpu"),
+                **({"bytes_moved": amount} if memory_bound else {"flops": amount}), extra=dict(extra or {}))
+            for name in steps for mode, amount in amounts.items()]
+
+
+def module_bench_main(argv, doc: str, name: str, bench_shapes: Callable, *, flops: bool) -> list[Row]:
+    """main() of a module benchmark (fused module against eager and torch.compile): the shared
+    options, the allocator flag, ``bench_shapes(quick, rounds, repeats)`` for its rows (1 round of
+    2 with --quick, else 5 of 5), then the ratio table against eager (GFLOP/s against the sgemm
+    peak when ``flops``), the fallbacks and the result files."""
+    args = bench_parser(doc).parse_args(argv)
+    allocator = apply_allocator_flag(args)
+    rounds, repeats = (1, 2) if args.quick else (5, 5)
+    rows = bench_shapes(args.quick, rounds, repeats)
+    peak = __getattr__("CPU_SGEMM_GFLOPS") if flops else None  # this module's lazily measured constant
+    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
+    print(table)
+    print(fallbacks_line())
+    out = write_results(result_name(name, args), rows, "cpu", table + "\n", args.out)
+    print(f"\nwrote {out}")
+    return rows
+
+
+def speedup_summary(rows: list[Row], title: str, baseline: str = "eager") -> str:
+    """Lines of the "full" cases (fwd+bwd): each aefast variant's speedup and peak-memory ratio
+    against ``baseline``, under ``title``."""
+    by = {(r.case, r.variant): r for r in rows}
+    lines = ["", title]
+    for r in rows:
+        if r.case.endswith(" full") and r.variant.startswith("aefast"):
+            base = by[(r.case, baseline)]
+            lines.append(f"  {r.case[:-5]:<28} {r.variant:<14} {base.seconds / r.seconds:5.2f}x faster, "
+                         f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of {baseline}")
+    return "\n".join(lines)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
@@ -252,6 +378,36 @@ def ratio_table(rows: list[Row], baseline: str, *, peak_gflops: float | None = N
                                             if row_peak and r.bytes_moved else "") + " |"
             lines.append(line)
     return "\n".join(lines)
+
+
+def kernel_ledger_table(rows: list[Row], peak_gflops: float | None, peak_gbps: float | None) -> str:
+    """Markdown, one section per kernel (``extra["kernel"]``, in order of appearance) with one
+    row per (case, variant): time, the amount the kernel must do (``Row.flops``, or
+    ``Row.bytes_moved`` for a memory-bound one), the rate and its fraction of the machine's limit
+    measured in the same run (sgemm GFLOP/s, or the copy GB/s: a row's
+    ``extra["copy_gbps_at_size"]`` when given, for in-cache working sets), and the ``extra``
+    fields ``executes`` (what the variant executes against the counted amount), ``rule`` (True:
+    the variant the dispatch rule takes) and ``verdict``; a kernel's ``extra["counted_as"]`` (what
+    its amount counts) heads its section."""
+    sections: dict[str, list[str]] = {}
+    counted_as: dict[str, str] = {}
+    for r in rows:
+        e = r.extra
+        counted_as.setdefault(e.get("kernel", ""), e.get("counted_as", ""))
+        if r.flops:
+            amount, rate = f"{r.flops / 1e9:.3g} GFLOP", f"{r.gflops:.1f} GFLOP/s"
+            limit = f"{100 * r.gflops / peak_gflops:.0f}% of sgemm" if peak_gflops else "-"
+        else:
+            row_peak = e.get("copy_gbps_at_size") or peak_gbps
+            amount, rate = f"{r.bytes_moved / 1e6:.3g} MB", f"{r.gbps:.1f} GB/s"
+            limit = f"{100 * r.gbps / row_peak:.0f}% of copy" if row_peak else "-"
+        rule = "yes" if e.get("rule") else ""
+        sections.setdefault(e.get("kernel", ""), []).append(
+            f"| {e.get('case', r.case)} | {r.variant} | {rule} | {1e3 * r.seconds:.3f} | {amount} | {rate} | {limit} "
+            f"| {e.get('executes', '')} | {e.get('verdict', '')} |")
+    header = ["| case | variant | rule | ms | counted | rate | % of limit | executes | verdict |", "|" + "---|" * 9]
+    return "\n\n".join(f"### {kernel}\n\n" + (f"{counted_as[kernel]}\n\n" if counted_as[kernel] else "")
+                       + "\n".join(header + lines) for kernel, lines in sections.items())
 
 
 def write_results(name: str, rows: list[Row], device: str, table: str, out_dir: str | None = None,

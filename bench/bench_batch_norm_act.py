@@ -15,10 +15,8 @@ in both allocator settings). Variants run in interleaved rounds; the figure is t
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import statistics
 import sys
 
 import torch
@@ -28,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (Row, add_allocator_flag, apply_allocator_flag, copy_gbps, median_time,  # noqa: E402
-                      peak_memory_bytes, ratio_table, write_results)
+from _harness import copy_gbps, interleaved_medians, module_bench_main, module_steps, step_rows  # noqa: E402
 
 # N, C, H, W, activation
 SHAPES = [
@@ -58,51 +55,21 @@ def bench_shape(shape, layout, rounds, repeats, quick):
     if not torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5):
         raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=LAYOUTS[layout])
-    fns = {}
-    for name, model in variants.items():
-        inputs = [x, *model.parameters()]
-
-        def forward(model=model):
-            return model(x.detach())
-
-        def full(model=model, inputs=inputs):
-            return torch.autograd.grad(model(x), inputs, grad)
-
-        fns[name] = {"fwd": forward, "full": full}
-    times = {(name, mode): [] for name in fns for mode in ("fwd", "full")}
-    for _ in range(rounds):
-        for mode in ("fwd", "full"):
-            for name in fns:
-                times[(name, mode)].append(median_time(fns[name][mode], "cpu", warmup=1, repeats=repeats))
+    fns = module_steps(variants, x, grad, no_grad_forward=False)
+    times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
+                                rounds=rounds, repeats=repeats)
     size = x.numel() * 4
-    copy_rate = copy_gbps(size)
-    return [Row(f"{case} {mode}", name, statistics.median(times[(name, mode)]),
-                peak_memory_bytes(fns[name][mode], "cpu"), bytes_moved=moved,
-                extra={"copy_gbps_at_size": copy_rate})
-            for name in fns for mode, moved in (("fwd", 3 * size), ("full", 9 * size))]
+    return step_rows(case, fns, times, {"fwd": 3 * size, "full": 9 * size}, memory_bound=True,
+                     extra={"copy_gbps_at_size": copy_gbps(size)})
+
+
+def bench_shapes(quick, rounds, repeats):
+    return [row for shape in (QUICK_SHAPES if quick else SHAPES) for layout in LAYOUTS
+            for row in bench_shape(shape, layout, rounds, repeats, quick)]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
-    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
-    add_allocator_flag(parser)
-    args = parser.parse_args(argv)
-    allocator = apply_allocator_flag(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds, repeats = (1, 2) if args.quick else (5, 5)
-    rows = []
-    for shape in shapes:
-        for layout in LAYOUTS:
-            rows += bench_shape(shape, layout, rounds, repeats, args.quick)
-    table = allocator + "\n\n" + ratio_table(rows, "eager")
-    print(table)
-    fallbacks = aefast.info()["fallbacks"]
-    print("fallbacks: " + (", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none"))
-    suffix = ("_quick" if args.quick else "") + ("_keep_mapped" if args.keep_memory_mapped else "")
-    out = write_results("bench_batch_norm_act" + suffix, rows, "cpu", table + "\n", args.out)
-    print(f"\nwrote {out}")
+    return module_bench_main(argv, __doc__, "bench_batch_norm_act", bench_shapes, flops=False)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ GFLOP/s count the dense conv's FLOPs (forward 2*N*Cout*Hc*Wc*Cin*kh*kw, full thr
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import statistics
 import sys
 
 import torch
@@ -26,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
-                      peak_memory_bytes, ratio_table, write_results)
+from _harness import (CPU_SGEMM_GFLOPS, apply_allocator_flag, bench_parser, fallbacks_line,  # noqa: E402
+                      interleaved_medians, module_steps, ratio_table, speedup_summary, step_rows,
+                      write_results)
 
 SHAPES = [  # N, Cin, Cout, H, W (3x3 conv, padding 1, 2x2 pool)[, pool, pool_stride, ceil_mode]
     (256, 1, 32, 28, 28),
@@ -66,39 +65,15 @@ def bench_shape(shape, rounds, repeats, quick):
     if not torch.equal(idx, ridx) or not torch.allclose(y, ry, rtol=1e-4, atol=1e-4):
         raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
-    fns = {}
-    for name, model in variants.items():
-        inputs = [x, *model.parameters()]
-
-        def forward(model=model):
-            with torch.no_grad():
-                return model(x)
-
-        def full(model=model, inputs=inputs):
-            y, _ = model(x)
-            return torch.autograd.grad(y, inputs, grad)
-
-        fns[name] = {"fwd": forward, "full": full}
-    times = {(name, mode): [] for name in fns for mode in ("fwd", "full")}
-    for _ in range(rounds):
-        for mode in ("fwd", "full"):
-            for name in fns:
-                times[(name, mode)].append(median_time(fns[name][mode], "cpu", warmup=1, repeats=repeats))
+    fns = module_steps(variants, x, grad, output=lambda out: out[0])  # (pooled, indices)
+    times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
+                                rounds=rounds, repeats=repeats)
     flops = 2 * n * cout * h * w * cin * 9
-    rows = []
-    for name in fns:
-        for mode, f in (("fwd", flops), ("full", 3 * flops)):
-            rows.append(Row(f"{case} {mode}", name, statistics.median(times[(name, mode)]),
-                            peak_memory_bytes(fns[name][mode], "cpu"), flops=f))
-    return rows
+    return step_rows(case, fns, times, {"fwd": flops, "full": 3 * flops})
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only (aefast bench passes --device)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
-    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
-    add_allocator_flag(parser)
+    parser = bench_parser(__doc__)
     parser.add_argument("--geometry", default="all", choices=("tiling", "general", "all"),
                         help="only the 2x2 tiling pools, only the others (ceil_mode, overlapping), or both")
     args = parser.parse_args(argv)
@@ -111,18 +86,11 @@ def main(argv=None):
     for shape in shapes:
         rows += bench_shape(shape, rounds, repeats, args.quick)
     table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
-    summary = ["", "full (fwd+bwd, training mode) speedup and peak-memory ratio of aefast vs eager:"]
-    by = {(r.case, r.variant): r for r in rows}
-    for r in rows:
-        if r.case.endswith(" full") and r.variant.startswith("aefast"):
-            base = by[(r.case, "eager")]
-            summary.append(f"  {r.case[:-5]:<28} {base.seconds / r.seconds:5.2f}x faster, "
-                           f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of eager")
-    print(table + "\n".join(summary))
-    fallbacks = aefast.info()["fallbacks"]
-    print("fallbacks: " + (", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none"))
+    summary = speedup_summary(rows, "full (fwd+bwd, training mode) speedup and peak-memory ratio of aefast vs eager:")
+    print(table + summary)
+    print(fallbacks_line())
     out = write_results("bench_conv_bn_pool" + ("_quick" if args.quick else ""), rows, "cpu",
-                        table + "\n" + "\n".join(summary) + "\n", args.out)
+                        table + "\n" + summary + "\n", args.out)
     print(f"\nwrote {out}")
 
 

@@ -16,9 +16,7 @@ aefast's sparse backward does about a quarter of them.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -27,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
-                      peak_memory_bytes, ratio_table, synchronize, write_results)
+from _harness import (CPU_SGEMM_GFLOPS, Row, apply_allocator_flag, bench_parser, interleaved_medians,  # noqa: E402
+                      peak_memory_bytes, ratio_table, speedup_summary, synchronize, write_results)
 # The shapes and the calls live in workloads.py, shared with the pytest-benchmark suite.
 from workloads import CONV_POOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
 from workloads import CONV_POOL_SHAPES as SHAPES  # noqa: E402
@@ -110,32 +108,21 @@ def bench_shape(shape, device, variants, rounds, repeats):
             backward = None
         fns[name] = {"fwd": forward, "bwd": backward, "full": full}
 
-    times = {(name, mode): [] for name in fns for mode in ("fwd", "bwd", "full")}
-    for _ in range(rounds):
-        for mode in ("fwd", "bwd", "full"):
-            for name in fns:
-                fn = fns[name][mode]
-                if fn is not None:
-                    times[(name, mode)].append(median_time(fn, device, warmup=1, repeats=repeats))
+    times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "bwd", "full") for name in fns},
+                                device, rounds=rounds, repeats=repeats)
     rows = []
     for name in fns:
         for mode, flops in (("fwd", fwd_flops), ("bwd", 2 * fwd_flops), ("full", 3 * fwd_flops)):
-            ts = times[(name, mode)]
-            if not ts:
-                ts = [max(1e-9, statistics.median(times[(name, "full")]) - statistics.median(times[(name, "fwd")]))]
+            seconds = times.get((name, mode)) or max(1e-9, times[(name, "full")] - times[(name, "fwd")])
             fn = fns[name][mode] or fns[name]["full"]
             peak = peak_memory_bytes(fn, device)
-            rows.append(Row(f"{case} {mode}", name, statistics.median(ts), peak, flops=flops))
+            rows.append(Row(f"{case} {mode}", name, seconds, peak, flops=flops))
     synchronize(device)
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
-    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
-    add_allocator_flag(parser)
+    parser = bench_parser(__doc__, devices=("cpu", "cuda"))
     parser.add_argument("--geometry", default="tiling", choices=("tiling", "general", "all"),
                         help="the 2x2 tiling pool (default), the GENERAL_SHAPES pools, or both")
     args = parser.parse_args(argv)
@@ -155,17 +142,11 @@ def main(argv=None):
     peak = CPU_SGEMM_GFLOPS if args.device == "cpu" else None
     table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     print(table)
-    summary = ["", "full (fwd+bwd) speedup and peak-memory ratio of aefast vs eager:"]
-    by = {(r.case, r.variant): r for r in rows}
-    for r in rows:
-        if r.case.endswith(" full") and r.variant.startswith("aefast"):
-            base = by[(r.case, "eager")]
-            summary.append(f"  {r.case[:-5]:<24} {r.variant:<14} {base.seconds / r.seconds:5.2f}x faster, "
-                           f"peak memory {r.peak_bytes / max(base.peak_bytes, 1):.2f}x of eager")
-    print("\n".join(summary))
+    summary = speedup_summary(rows, "full (fwd+bwd) speedup and peak-memory ratio of aefast vs eager:")
+    print(summary)
     out = write_results("bench_conv_pool" + ("_quick" if args.quick else "") +
                         ("" if args.geometry == "tiling" else "_" + args.geometry) + ("_cuda" if args.device == "cuda" else ""),
-                        rows, args.device, table + "\n" + "\n".join(summary) + "\n", args.out)
+                        rows, args.device, table + "\n" + summary + "\n", args.out)
     print(f"\nwrote {out}")
 
 

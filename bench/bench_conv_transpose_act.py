@@ -13,10 +13,8 @@ GFLOP/s count the dense transposed conv's FLOPs (forward 2*N*Cin*H*W*Cout*kh*kw,
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import statistics
 import sys
 
 import torch
@@ -26,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aefast  # noqa: E402
-from _harness import (CPU_SGEMM_GFLOPS, Row, add_allocator_flag, apply_allocator_flag, median_time,  # noqa: E402
-                      peak_memory_bytes, ratio_table, write_results)
+from _harness import interleaved_medians, module_bench_main, module_steps, step_rows  # noqa: E402
 
 # N, Cin, Cout, H, W (input size), kernel, stride, padding, output_padding, activation
 SHAPES = [
@@ -62,49 +59,19 @@ def bench_shape(shape, rounds, repeats, quick):
     if not torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5):
         raise SystemExit(f"aefast-cpu disagrees with eager on {case}")
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
-    fns = {}
-    for name, model in variants.items():
-        inputs = [x, *model.parameters()]
-
-        def forward(model=model):
-            with torch.no_grad():
-                return model(x)
-
-        def full(model=model, inputs=inputs):
-            return torch.autograd.grad(model(x), inputs, grad)
-
-        fns[name] = {"fwd": forward, "full": full}
-    times = {(name, mode): [] for name in fns for mode in ("fwd", "full")}
-    for _ in range(rounds):
-        for mode in ("fwd", "full"):
-            for name in fns:
-                times[(name, mode)].append(median_time(fns[name][mode], "cpu", warmup=1, repeats=repeats))
+    fns = module_steps(variants, x, grad)
+    times = interleaved_medians({(name, mode): fns[name][mode] for mode in ("fwd", "full") for name in fns},
+                                rounds=rounds, repeats=repeats)
     flops = 2 * n * cin * h * w * cout * k * k
-    return [Row(f"{case} {mode}", name, statistics.median(times[(name, mode)]),
-                peak_memory_bytes(fns[name][mode], "cpu"), flops=f)
-            for name in fns for mode, f in (("fwd", flops), ("full", 3 * flops))]
+    return step_rows(case, fns, times, {"fwd": flops, "full": 3 * flops})
+
+
+def bench_shapes(quick, rounds, repeats):
+    return [row for shape in (QUICK_SHAPES if quick else SHAPES) for row in bench_shape(shape, rounds, repeats, quick)]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run")
-    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
-    add_allocator_flag(parser)
-    args = parser.parse_args(argv)
-    allocator = apply_allocator_flag(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds, repeats = (1, 2) if args.quick else (5, 5)
-    rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, rounds, repeats, args.quick)
-    table = allocator + "\n\n" + ratio_table(rows, "eager", peak_gflops=CPU_SGEMM_GFLOPS)
-    print(table)
-    fallbacks = aefast.info()["fallbacks"]
-    print("fallbacks: " + (", ".join(f"{k} x{v}" for k, v in fallbacks.items()) if fallbacks else "none"))
-    suffix = ("_quick" if args.quick else "") + ("_keep_mapped" if args.keep_memory_mapped else "")
-    out = write_results("bench_conv_transpose_act" + suffix, rows, "cpu", table + "\n", args.out)
-    print(f"\nwrote {out}")
+    return module_bench_main(argv, __doc__, "bench_conv_transpose_act", bench_shapes, flops=True)
 
 
 if __name__ == "__main__":

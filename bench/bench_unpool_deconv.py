@@ -16,7 +16,6 @@ measured in this run, before and after the timings (the better of the two).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,10 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import aefast  # noqa: E402
-from bench._harness import (Row, add_allocator_flag, apply_allocator_flag, cpu_limits_around,  # noqa: E402
+from bench._harness import (Row, apply_allocator_flag, bench_parser, cpu_limits_around, fallbacks_line,  # noqa: E402
                             median_time, peak_memory_bytes, ratio_table, write_results)
-from bench.workloads import UNPOOL_KERNEL  # noqa: E402
+from bench.workloads import UNPOOL_KERNEL, gemm_form_steps  # noqa: E402
 
 # The shapes and the calls live in bench/workloads.py, shared with the pytest-benchmark suite.
 from bench.workloads import UNPOOL_QUICK_SHAPES as QUICK_SHAPES  # noqa: E402
@@ -89,29 +87,20 @@ GEMM_FORM = "vendor GEMM form (GEMMs alone)"
 
 
 def gemm_form_rows(name, n, c_in, c_out, hw, device, repeats, dense_macs):
-    """The GEMMs of the vendor-GEMM decoder (torch.mm: MKL on CPU, cuBLAS on CUDA) on random
-    operands of their shapes, rows = every unpooled position (N*Hu*Wu), K = C_out*KH*KW:
-    forward columns (rows x C_in) @ W (C_in x K); backward dgrad (rows x K) @ W^T (K x C_in) and
-    wgrad (C_in x rows) @ (rows x K)."""
-    rows_n, k = n * hw * hw, c_out * UNPOOL_KERNEL ** 2
-    gen = torch.Generator().manual_seed(0)
-    u, cols = torch.randn(rows_n, c_in, generator=gen).to(device), torch.randn(rows_n, k, generator=gen).to(device)
-    w, wt = torch.randn(c_in, k, generator=gen).to(device), torch.randn(k, c_in, generator=gen).to(device)
-    out_cols, out_gz, out_gw = torch.empty_like(cols), torch.empty_like(u), torch.empty_like(w)
-
-    def fwd():
-        torch.mm(u, w, out=out_cols)
+    """The GEMMs of the vendor-GEMM decoder alone (workloads.gemm_form_steps): forward the
+    columns, backward dgrad and wgrad."""
+    gemms = gemm_form_steps(n * hw * hw, c_in, c_out * UNPOOL_KERNEL ** 2, device)
 
     def bwd():
-        torch.mm(cols, wt, out=out_gz)
-        torch.mm(u.t(), cols, out=out_gw)
+        gemms["dgrad"]()
+        gemms["wgrad"]()
 
     def full():
-        fwd()
+        gemms["cols"]()
         bwd()
 
     rows = []
-    for mode, step, mult in (("fwd", fwd, 1), ("bwd", bwd, 2), ("full", full, 3)):
+    for mode, step, mult in (("fwd", gemms["cols"], 1), ("bwd", bwd, 2), ("full", full, 3)):
         seconds = median_time(step, device, warmup=2, repeats=repeats)
         rows.append(Row(case=f"{name} {mode}", variant=GEMM_FORM, seconds=seconds,
                         peak_bytes=peak_memory_bytes(step, device), flops=2.0 * mult * dense_macs,
@@ -128,15 +117,11 @@ def mac_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = bench_parser(__doc__, devices=("cpu", "cuda"))
     parser.add_argument("--backend", default=None, help="aefast backend (default: cpu on CPU, cuda on CUDA)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, no torch.compile: a smoke run in seconds")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--channels-last", action="store_true",
                         help="pooled map and indices in channels_last (outputs and gradients follow)")
-    parser.add_argument("--out", default=None, help="output folder (default bench/out or $AEFAST_BENCH_OUT)")
-    add_allocator_flag(parser)
     args = parser.parse_args(argv)
     allocator = apply_allocator_flag(args)
     backend = args.backend or args.device
@@ -153,8 +138,7 @@ def main(argv=None):
              (f"; the machine's sgemm peak, measured in this run, is {peak:.0f} GFLOP/s." if peak else ".") + \
              f" \"{GEMM_FORM}\": the GEMMs a vendor-GEMM decoder would run (dense multiply-adds: the argmax is " \
              "per channel), timed alone on pre-gathered operands, a lower bound on that form.\n\n" + mac_table(rows)
-    fallbacks = aefast.info()["fallbacks"]
-    table += "\n\nfallbacks to the reference path during the run: " + (str(fallbacks) if fallbacks else "none")
+    table += "\n\n" + fallbacks_line()
     out_dir = write_results("bench_unpool_deconv", rows, args.device, table, args.out)
     print(table)
     print(f"\nwritten to {out_dir}")

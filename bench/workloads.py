@@ -103,6 +103,23 @@ def unpool_macs(n, c_in, c_out, hw):
     return dense, sparse
 
 
+def gemm_form_steps(rows, c_in, k, device="cpu"):
+    """The GEMMs a vendor-GEMM decoder would run (torch.mm: MKL on CPU, cuBLAS on CUDA), on random
+    operands of their shapes: rows = every unpooled position (the argmax is per channel, so a dense
+    GEMM cannot skip the unpooled map's zeros), K = C_out*KH*KW. {"cols": columns (rows x C_in) @
+    W (C_in x K) -- the decoder forward, and the encoder's dgrad with C_in = its C_out;
+    "dgrad": (rows x K) @ W^T -- the decoder's grad of the pooled values; "wgrad": (C_in x rows) @
+    (rows x K) -- either block's weight gradient}. Timed alone, on pre-gathered operands, they are
+    a lower bound on that form (its gathers, col2im and epilogue come on top)."""
+    gen = torch.Generator().manual_seed(0)
+    u, cols = torch.randn(rows, c_in, generator=gen).to(device), torch.randn(rows, k, generator=gen).to(device)
+    w, wt = torch.randn(c_in, k, generator=gen).to(device), torch.randn(k, c_in, generator=gen).to(device)
+    out_cols, out_gz, out_gw = torch.empty_like(cols), torch.empty_like(u), torch.empty_like(w)
+    return {"cols": lambda: torch.mm(u, w, out=out_cols),
+            "dgrad": lambda: torch.mm(cols, wt, out=out_gz),
+            "wgrad": lambda: torch.mm(u.t(), cols, out=out_gw)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Reconstruction loss forward + backward, every kind and reduction.
 LOSS_KINDS = ("mse", "l1", "huber", "bce", "bce_logits")

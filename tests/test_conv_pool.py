@@ -515,6 +515,44 @@ def test_cpu_winograd_env_rejects_unknown_value(monkeypatch):
         AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
 
 
+def cpu_paths_taken(fn):
+    """The paths the CPU kernels that fn() runs name in the profiler ("aefast path: ...")."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("aefast path: ")}
+
+
+# AEFAST_ENCODER_CONV=vendor|direct overrides the forward's vendor-conv rule (aefast/conv_algorithm.h,
+# K = Cin*KH*KW >= 64) for A/B timing (bench/bench_kernel_ledger.py); with Winograd off, both paths
+# are held to torch on a long and a short reduction, and each names itself in the profiler, as the
+# rule's picks do (Winograd for the long reduction, direct for the short one).
+@pytest.mark.parametrize("case", [WINOGRAD_CASES[0], WINOGRAD_CASES[4]], ids=["K288", "K9"])
+def test_cpu_encoder_conv_switch(monkeypatch, case):
+    n, cin, cout, h, w, p, act, dtype = case
+    x, wt, b = make(n, cin, cout, h, w, 3, dtype, "cpu", seed=cin * 10 + cout)
+
+    def forward():
+        return torch.ops.aefast.conv_pool2d_forward(x.detach(), wt.detach(), b.detach(), [1, 1], [p, p],
+                                                    ACTIVATION_CODES[act], 0.01, [2, 2])
+
+    rule = "winograd" if cin * 9 >= 64 else "direct"
+    assert cpu_paths_taken(forward) == {f"aefast path: conv_pool2d_forward {rule}"}
+    monkeypatch.setenv("AEFAST_ENCODER_WINOGRAD", "0")
+    for conv, path in (("vendor", "onednn"), ("direct", "direct")):
+        monkeypatch.setenv("AEFAST_ENCODER_CONV", conv)
+        with aefast.set_backend("cpu"):
+            check_case(x, wt, b, 1, p, act, 2)
+        assert cpu_paths_taken(forward) == {f"aefast path: conv_pool2d_forward {path}"}
+
+
+def test_cpu_encoder_conv_switch_rejects_unknown_value(monkeypatch):
+    x, w, b = make(1, 8, 4, 8, 8, 3, torch.float32, "cpu")
+    monkeypatch.setenv("AEFAST_ENCODER_WINOGRAD", "0")
+    monkeypatch.setenv("AEFAST_ENCODER_CONV", "onednn")
+    with aefast.set_backend("cpu"), pytest.raises(RuntimeError, match="AEFAST_ENCODER_CONV"):
+        AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+
+
 # The fused epilogue has a register form (fp32/fp64 with none/relu/leaky_relu: each window
 # compared in vector registers) and the per-element-buffer loops (every other case);
 # AEFAST_ENCODER_EPILOGUE=loops forces the loops. Both do the same arithmetic in the same order,

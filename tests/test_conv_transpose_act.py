@@ -86,6 +86,32 @@ def test_grid_cpu_and_reference(case, act):
             check_against_torch(x, w, b, s, p, op, act, TOLERANCES[torch.float32], slope=0.2)
 
 
+# AEFAST_CONV_TRANSPOSE_FORWARD=gather|vendor overrides the forward's C_out rule (use_gather_forward,
+# csrc/cpu/conv_transpose_act.cpp) for A/B timing (bench/bench_kernel_ledger.py): each kernel held to
+# torch on a C_out the rule gives the other one, and each names itself in the profiler, as the
+# rule's pick does.
+@pytest.mark.parametrize("case", [GRID[0], GRID[1]], ids=["cout3", "cout17"])
+def test_cpu_forward_kernel_switch(case, monkeypatch):
+    n, ci, co, hw, k, s, p, op = case
+    x, w, b = make(n, ci, co, hw, k, dtype=torch.float32)
+
+    def paths():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.ops.aefast.conv_transpose_act2d(x, w, b, [s, s], [p, p], [op, op], None, 0.0)
+        # (the gather kernel is the decoder's, which names its own path too)
+        return {e.name for e in prof.events() if e.name.startswith("aefast path: conv_transpose_act2d")}
+
+    assert paths() == {"aefast path: conv_transpose_act2d " + ("gather" if co <= 4 else "onednn")}
+    for kernel, path in (("gather", "gather"), ("vendor", "onednn")):
+        monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_FORWARD", kernel)
+        with aefast.set_backend("cpu"):
+            check_against_torch(x, w, b, s, p, op, "relu", TOLERANCES[torch.float32])
+        assert paths() == {f"aefast path: conv_transpose_act2d {path}"}
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_FORWARD", "onednn")
+    with pytest.raises(RuntimeError, match="AEFAST_CONV_TRANSPOSE_FORWARD"):
+        torch.ops.aefast.conv_transpose_act2d(x, w, b, [s, s], [p, p], [op, op], None, 0.0)
+
+
 @pytest.mark.parametrize("case", TRITON_GRID)
 def test_grid_kernel_backends(kernel_backend, case):
     n, ci, co, hw, k, s, p, op = case

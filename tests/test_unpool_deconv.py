@@ -538,6 +538,26 @@ def test_cpu_paths_independent_of_thread_count(cpu_isa, case):
     assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act)
 
 
+# AEFAST_DECODER_WINDOW_VECTORS=0 turns the window-vector kernels off (small slabs, windows of at
+# most 4), so that the per-entry band kernels they replaced run, for A/B timing
+# (bench/bench_kernel_ledger.py): both held to torch, and the kernels name the path they took in
+# the profiler ("aefast path: ..."), forward and backward.
+@pytest.mark.parametrize("case", PATH_CASES[:2], ids=["32to1", "32to3"])
+def test_cpu_window_vector_switch(case, monkeypatch):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=27)
+    for flag, path in (("1", "window vectors"), ("0", "per entry")):
+        monkeypatch.setenv("AEFAST_DECODER_WINDOW_VECTORS", flag)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "window")
+        assert_close_all(got, want, torch.float32, scale=2.0)
+        assert {e.name for e in prof.events() if e.name.startswith("aefast path: ")} == {
+            f"aefast path: unpool_conv_transpose2d {path}", f"aefast path: unpool_conv_transpose2d_backward {path}"}
+    monkeypatch.setenv("AEFAST_DECODER_WINDOW_VECTORS", "off")
+    with pytest.raises(RuntimeError, match="AEFAST_DECODER_WINDOW_VECTORS"):
+        run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, "window")
+
+
 # Large-slab cases whose tap vectors live in a ring of unpooled rows smaller than the plane
 # (rows = ceil((KH-1)/SH) + pool_h): rows below the last window row (unpooled 9 from pooled 4),
 # stride 2, a 5x5 kernel, pool 3, several weight chunks; K*C_out past 4 vectors in every variant.

@@ -46,6 +46,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -73,6 +74,7 @@ using encoder_cpu::Shape;
 using encoder_cpu::load_input_rows;
 using encoder_cpu::noise_index;
 using encoder_cpu::encoder_uses_winograd;
+using encoder_cpu::encoder_cpu_uses_vendor_conv;
 using encoder_cpu::conv_pool2d_forward_winograd;
 
 // The pool of a call: pool_size windows, pool_stride apart (0: = pool_size), ceil_mode.
@@ -455,17 +457,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
   // and 0.85x, so short reductions keep the direct path, whose conv tile never leaves the cache.
   // fp64, which oneDNN does not cover (ATen would use its slow reference conv), also keeps it.
   // A corrupted input takes that path in chunks of at most N/4 images, so only from N = 4 on.
+  // The path taken is named in the profiler (RECORD_USER_SCOPE "aefast path: ..."), so that a
+  // profile, and bench/bench_kernel_ledger.py, can tell which one the rule took.
   if (encoder_uses_winograd(s, input.scalar_type())) {
+    RECORD_USER_SCOPE("aefast path: conv_pool2d_forward winograd");
     conv_pool2d_forward_winograd(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window,
                                  preact);
     return {pooled, window, preact};
   }
-  if (input.scalar_type() != at::kDouble && encoder_uses_vendor_conv(s.K()) && (!noise.active() || s.N >= 4)) {
+  if (input.scalar_type() != at::kDouble && encoder_cpu_uses_vendor_conv(s.K()) && (!noise.active() || s.N >= 4)) {
+    RECORD_USER_SCOPE("aefast path: conv_pool2d_forward onednn");
     conv_pool2d_forward_aten(input, weight, bias_opt, s, activation, negative_slope, noise, pooled, window, preact);
     return {pooled, window, preact};
   }
   // The direct path: each strip's input rows are loaded channels-last (load_input_rows) into a
   // cache-sized buffer inside the parallel loop, not by a whole-tensor channels-last copy.
+  RECORD_USER_SCOPE("aefast path: conv_pool2d_forward direct");
   const Isa isa = cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_pool2d_forward_cpu", [&] {
@@ -713,6 +720,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     // The weight gradient by conv position (wgrad_uses_positions): G strips of pooled rows sized
     // for L1/L2, the patch offsets of every conv position and of every k, partials (K, ldg).
     const bool by_position = need_w && wgrad_uses_positions(s);
+    RECORD_USER_SCOPE(!need_w ? "aefast path: conv_pool2d_backward sparse"
+                      : by_position ? "aefast path: conv_pool2d_backward sparse, wgrad by position"
+                                    : "aefast path: conv_pool2d_backward sparse, wgrad per entry");
     const int64_t ldg = (s.Cout + kern.position_cols - 1) / kern.position_cols * kern.position_cols;
     BwdGeom geo_pos = geo;
     geo_pos.rows = std::clamp<int64_t>((64 << 10) / std::max<int64_t>(s.PKH * WU * ldg * sizeof(acc_t), 1), 1, s.HO);
@@ -909,6 +919,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_cpu(
   const PoolWindows pool = pool_windows(pool_size, pool_stride, ceil_mode);
   if (!tiling_pool(pool, input.size(2), input.size(3), weight.size(2), weight.size(3), stride, padding) ||
       backward_uses_vendor(input.size(0), input.size(1), weight.size(0), noise)) {
+    RECORD_USER_SCOPE("aefast path: conv_pool2d_backward scatter + onednn");
     TORCH_CHECK(!noise.active(), "aefast::conv_pool2d_backward: corruption in the load needs a tiling pool");
     TORCH_CHECK(grad_pooled.size(1) == weight.size(0), "aefast::conv_pool2d_backward: grad has ",
                 grad_pooled.size(1), " channels, the weight ", weight.size(0));

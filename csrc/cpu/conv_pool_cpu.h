@@ -112,6 +112,9 @@ EpilogueFn<scalar_t, acc_t> pick_epilogue(int64_t act, Isa isa);
 // The Winograd F(2x2, 3x3) forward (conv_pool_winograd.cpp): whether it serves this block, and
 // the forward itself, writing the three outputs allocated by the caller.
 bool encoder_uses_winograd(const Shape& s, at::ScalarType dtype);
+// The CPU's answer of encoder_uses_vendor_conv (aefast/conv_algorithm.h), which
+// AEFAST_ENCODER_CONV=vendor|direct overrides (conv_pool_winograd.cpp).
+bool encoder_cpu_uses_vendor_conv(int64_t reduction);
 void conv_pool2d_forward_winograd(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias_opt, const Shape& s, int64_t activation,
                                   double negative_slope, const InputCorruption& noise, at::Tensor& pooled,

@@ -60,7 +60,19 @@ bool encoder_uses_winograd(const Shape& s, at::ScalarType dtype) {
   // thread, CPU time, interleaved, loaded machine: directions): N16 8->8 96x96 1.13x, 16->16 48x48
   // 1.28x; Winograd stays faster at 16->16 24x24 (0.90x) and 32->32 12x12 (0.82x), and for NCHW.
   if (s.out_cl && s.Cout <= 16 && s.HC * s.WC * s.Cout >= 32768) return false;
-  return encoder_uses_vendor_conv(s.K());
+  return encoder_cpu_uses_vendor_conv(s.K());
+}
+
+// The shared rule (aefast/conv_algorithm.h), unless AEFAST_ENCODER_CONV=vendor|direct (read per
+// call) forces one answer: for A/B timing (bench/bench_kernel_ledger.py) and tests. Winograd
+// replaces the vendor conv where its geometry fits unless AEFAST_ENCODER_WINOGRAD=0.
+bool encoder_cpu_uses_vendor_conv(int64_t reduction) {
+  if (const char* env = std::getenv("AEFAST_ENCODER_CONV"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "vendor" || v == "direct", "AEFAST_ENCODER_CONV must be 'vendor' or 'direct', got '", v, "'");
+    return v == "vendor";
+  }
+  return encoder_uses_vendor_conv(reduction);
 }
 
 template <typename T>

@@ -31,11 +31,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "aefast/conv_transpose_act_host.h"
@@ -73,11 +76,19 @@ at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) 
 // default allocator, this op / gather: N128 4->1 k2 229 / 157, N256 64->32 k4 14149 / 10058,
 // N32 128->64 k4 27102 / 41210, N128 16->8 k3 204 / 192).
 // fp32 only (the dtype measured), NCHW only (the gather kernel's layout), non-empty.
+// AEFAST_CONV_TRANSPOSE_FORWARD=gather|vendor (read per call) overrides the C_out rule wherever the
+// gather kernel can run, for A/B timing (bench/bench_kernel_ledger.py) and tests.
 constexpr int64_t kGatherForwardMaxCout = 4;
 
 bool use_gather_forward(const at::Tensor& input, const at::Tensor& weight, at::MemoryFormat layout) {
-  return layout == at::MemoryFormat::Contiguous && input.scalar_type() == at::kFloat && input.numel() > 0 &&
-         weight.size(1) <= kGatherForwardMaxCout;
+  if (!(layout == at::MemoryFormat::Contiguous && input.scalar_type() == at::kFloat && input.numel() > 0)) return false;
+  if (const char* env = std::getenv("AEFAST_CONV_TRANSPOSE_FORWARD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "gather" || v == "vendor", "AEFAST_CONV_TRANSPOSE_FORWARD must be 'gather' or 'vendor', got '",
+                v, "'");
+    return v == "gather";
+  }
+  return weight.size(1) <= kGatherForwardMaxCout;
 }
 
 // Window offsets of 1x1 windows: all 0 (uint8, window format). The kernel only reads them, so
@@ -189,8 +200,12 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
   const std::optional<at::Tensor> b =
       bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const at::MemoryFormat layout = conv_layout(input, weight);
-  if (use_gather_forward(input, weight, layout))
+  // The kernel taken, named in the profiler (bench/bench_kernel_ledger.py reads it).
+  if (use_gather_forward(input, weight, layout)) {
+    RECORD_USER_SCOPE("aefast path: conv_transpose_act2d gather");
     return gather_forward(input, weight, b, stride, padding, output_padding, activation, negative_slope);
+  }
+  RECORD_USER_SCOPE("aefast path: conv_transpose_act2d onednn");
   at::Tensor y = at::convolution(input.contiguous(layout), weight.contiguous(layout), b, stride, padding, dilation,
                                  /*transposed=*/true, output_padding, /*groups=*/1)
                      .contiguous(layout);

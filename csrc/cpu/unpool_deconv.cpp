@@ -91,6 +91,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -814,7 +815,14 @@ inline WvGeom wv_geom(const DecoderGeometry& g, int64_t L, int64_t acc_bytes) {
 }
 // Whether the window-vector kernels run (else band_sums / band_grads): small slabs and windows
 // of at most 4 elements (the dense select costs `window` FMAs per entry and tap vector).
+// AEFAST_DECODER_WINDOW_VECTORS=0 (read per call) turns them off, so that the per-entry band
+// kernels they replaced run instead: for A/B timing (bench/bench_kernel_ledger.py) and tests.
 inline bool use_window_vectors(const DecoderGeometry& g, int64_t kp, int64_t L) {
+  if (const char* env = std::getenv("AEFAST_DECODER_WINDOW_VECTORS"); env != nullptr && *env != '\0') {
+    const std::string_view v(env);
+    TORCH_CHECK(v == "0" || v == "1", "AEFAST_DECODER_WINDOW_VECTORS must be 0 or 1, got '", v, "'");
+    if (v == "0") return false;
+  }
   return kp / L <= 4 && g.pool_h * g.pool_w <= 4;
 }
 
@@ -1327,6 +1335,9 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
   const auto bands = AEFAST_PICK_IDX(bands, isa);
   // Small slabs with small windows: the window-vector kernels (wv_forward).
   const bool wv = use_window_vectors(g, kp, L);
+  // The path taken, named in the profiler (bench/bench_kernel_ledger.py reads it).
+  RECORD_USER_SCOPE(wv ? "aefast path: unpool_conv_transpose2d window vectors"
+                       : "aefast path: unpool_conv_transpose2d per entry");
   const WvGeom wg = wv_geom(g, L, sizeof(acc_t));
   const auto wv_forward = AEFAST_PICK_IDX(wv_forward, isa);
   // Large slabs: T in a ring of unpooled rows, each output row's epilogue run as soon as the
@@ -1753,6 +1764,8 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& act_in, const 
   const auto channels = AEFAST_PICK(channels, isa);
   // Small slabs with small windows: the window-vector kernels (wv_gpre, wv_backward).
   const bool wv = use_window_vectors(g, kp, L);
+  RECORD_USER_SCOPE(wv ? "aefast path: unpool_conv_transpose2d_backward window vectors"
+                       : "aefast path: unpool_conv_transpose2d_backward per entry");
   const WvGeom wg = wv_geom(g, L, sizeof(acc_t));
   const auto wv_gpre = AEFAST_PICK(wv_gpre, isa);
   const auto wv_backward = AEFAST_PICK_IDX(wv_backward, isa);
