@@ -313,7 +313,7 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
     backend = choose("conv_transpose_act2d", device)
     if backend == "reference":
         return ref.conv_transpose_act2d(input, weight, bias, s, p, op, activation, negative_slope=negative_slope)
-    if upsampler_runs_as_gemm(input, weight, s, p, op):
+    if backend == "cpu" and upsampler_runs_as_gemm(input, weight, s, p, op):
         out = _conv_transpose_as_gemm(input, weight, bias, s, p, op)
         return ref.apply_activation(out, activation, negative_slope)
     out = _conv_transpose_act.conv_transpose_act2d(backend, input, weight, bias, s, p, op, activation, negative_slope)
@@ -325,16 +325,16 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
 # FCN-16s/32s). Measured (one thread's CPU time, loaded 2-core machine, interleaved, so directions):
 # forward + backward with FCN-8s' crop, N16 4->4 k16 s8 from 12x12: oneDNN 7.0 ms vs GEMM 2.5 ms
 # channels-last, 5.5 vs 1.8 ms NCHW; k8 s4 from 24x24 (N16 4->4): 3.0-3.3 ms either way; stride 2
-# (k2, k3, k4 on 3x3 to 12x12 maps, and a VAE's N128 k3 s2 p1 op1): oneDNN 1.1-5x faster, because its
-# kernels are written for small strides while the GEMM's permuted write is the same at every stride.
+# (k2, k3, k4 on 3x3 to 12x12 maps, and a VAE's N128 k3 s2 p1 op1): oneDNN 1.1-5x faster. The test
+# of the rule is tests/test_fcn_speed_paths.py; the figure, bench/bench_optimize_architectures.py (FCN-8s).
 GEMM_UPSAMPLER_MIN_STRIDE = 8
 
 
 def upsampler_runs_as_gemm(input, weight, stride, padding, output_padding):
-    """Whether conv_transpose_act2d runs this call as one GEMM (the rule above, in one place): CPU,
-    both strides >= GEMM_UPSAMPLER_MIN_STRIDE, and an output that fits the GEMM's uncropped map
-    (kernel + output_padding - padding <= ceil(kernel / stride) * stride, always so without
-    output_padding)."""
+    """Whether conv_transpose_act2d's cpu backend runs this call as one GEMM (the rule above, in one
+    place): a CPU tensor, both strides >= GEMM_UPSAMPLER_MIN_STRIDE, and an output that fits the
+    GEMM's uncropped map (kernel + output_padding - padding <= ceil(kernel / stride) * stride, always
+    so without output_padding)."""
     if input.device.type != "cpu" or min(stride) < GEMM_UPSAMPLER_MIN_STRIDE:
         return False
     return all(weight.shape[2 + a] + output_padding[a] - padding[a] <= -(-weight.shape[2 + a] // stride[a]) * stride[a]

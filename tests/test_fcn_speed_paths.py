@@ -2,12 +2,14 @@
 
 * conv_pool2d's eager autograd entry (csrc/conv_pool_autograd.cpp): the C++ backward node gives the
   registered formula's gradients (every needed-gradient subset, every activation, pools with stride
-  != size and ceil_mode, channels-last), refuses double backward, leaves the formula to torch.compile, and no graph when nothing needs a gradient;
+  != size and ceil_mode, channels-last), refuses double backward and in-place changes of the saved
+  window offsets, leaves the formula to torch.compile, and builds no graph when nothing needs a
+  gradient;
 * conv_transpose_act2d's GEMM route for large-stride upsamplers (aefast.functional,
   upsampler_runs_as_gemm / _conv_transpose_as_gemm): torch's ConvTranspose2d -> act in values and
   gradients (padding, output_padding, kernels not a multiple of the stride, rectangular, odd sizes,
   batch 1, 3 and 17 channels, both layouts, fp64 gradcheck, fp16/bf16), torch.compile(fullgraph=True),
-  and the rule that picks it.
+  and the rule that picks it (cpu backend only).
 """
 from __future__ import annotations
 
@@ -242,3 +244,21 @@ def test_gemm_upsampler_compiles_fullgraph():
         (ww,) = torch.autograd.grad(want, w)
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
     torch.testing.assert_close(gw, ww, **TOLERANCES[torch.float32])
+
+
+def test_gemm_upsampler_is_the_cpu_backends_only():
+    """Other backends run their own kernels for every stride (the rule is about oneDNN's)."""
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 16, 16)
+    calls = []
+    original = AF._conv_transpose_as_gemm
+    AF._conv_transpose_as_gemm = lambda *a: calls.append(a) or original(*a)
+    try:
+        with aefast.set_backend("reference"):
+            want = AF.conv_transpose_act2d(x, w, None, 8)
+        assert not calls
+        with aefast.set_backend("cpu"):
+            got = AF.conv_transpose_act2d(x, w, None, 8)
+        assert len(calls) == 1
+    finally:
+        AF._conv_transpose_as_gemm = original
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
