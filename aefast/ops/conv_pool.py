@@ -300,3 +300,27 @@ def _make_max_pool2d_backward(ns):
 
 _registry.register_autograd("conv_pool2d_forward", _make_forward_backward, _setup_forward)
 _registry.register_autograd("max_pool2d_forward", _make_max_pool2d_backward, _setup_max_pool2d)
+
+
+# ---------------------------------------------------------------- entry point for aefast.functional
+
+def conv_pool2d(backend, input, weight, bias, stride, padding, activation, negative_slope, pool_size,
+               pool_stride, ceil_mode):
+    """(pooled, window) of conv_pool2d_forward on a clean input (no corruption in the load);
+    arguments validated by aefast.functional.
+
+    Eager calls on plain tensors take the C++ autograd entry (csrc/conv_pool_autograd.cpp,
+    ``aefast._C.conv_pool2d_autograd``): the same forward and backward ops as the formula registered
+    above, without the torch.library autograd wrapper's Python on entry and the engine's call back
+    into Python for the backward, which cost a large part of a small block's kernel time (FCN-8s'
+    6x6 and 3x3 stages). torch.compile, subclasses and torch.func go through the registered formula."""
+    if _registry.eager_autograd_entry_serves(input, weight, bias):
+        from aefast import _C
+
+        return _C.conv_pool2d_autograd(_registry.namespace_name(backend), input, weight, bias, list(stride),
+                                       list(padding), ACTIVATION_CODES[activation], float(negative_slope),
+                                       list(pool_size), list(pool_stride), bool(ceil_mode))
+    pooled, window, _ = _registry.op(backend, "conv_pool2d_forward")(
+        input, weight, bias, list(stride), list(padding), ACTIVATION_CODES[activation], float(negative_slope),
+        list(pool_size), pool_stride=list(pool_stride), ceil_mode=bool(ceil_mode))
+    return pooled, window
