@@ -83,6 +83,7 @@ SWITCHES = {
     "AEFAST_ENCODER_BACKWARD": "sparse|vendor, csrc/cpu/conv_pool.cpp backward_uses_vendor",
     "AEFAST_ENCODER_WGRAD": "entries|positions, csrc/cpu/conv_pool.cpp wgrad_uses_positions",
     "AEFAST_DECODER_WINDOW_VECTORS": "0|1, csrc/cpu/unpool_deconv.cpp use_window_vectors",
+    "AEFAST_DECODER_FORWARD": "vendor|sparse, csrc/cpu/unpool_deconv.cpp decoder_forward_uses_vendor",
     "AEFAST_CONV_TRANSPOSE_FORWARD": "gather|vendor, csrc/cpu/conv_transpose_act.cpp use_gather_forward",
 }
 
@@ -168,7 +169,8 @@ def workload_layers():
 # takes oneDNN's conv over Winograd (bench_encoder_blocks.py's U-Net / SegNet first stage).
 ENCODER_EXTRA = [("small 4x8->16 12x12", 4, 8, 16, 12, 12), ("odd 7x17->33 15x13", 7, 17, 33, 15, 13),
                  ("U-Net 16x8->8 96x96 channels_last", 16, 8, 8, 96, 96, True)]
-DECODER_EXTRA = [("small 2x8->4 8x8", 2, 8, 4, 8, 8, "relu"), ("odd 7x17->3 15x13", 7, 17, 3, 15, 13, "sigmoid")]
+DECODER_EXTRA = [("small 2x8->4 8x8", 2, 8, 4, 8, 8, "relu"), ("odd 7x17->3 15x13", 7, 17, 3, 15, 13, "sigmoid"),
+                 ("SegNet 16x16->16 48x48 channels_last", 16, 16, 16, 48, 48, "relu", True)]
 ENCODER_QUICK = [("quick 2x1->8 12x12", 2, 1, 8, 12, 12), ("quick 2x8->16 10x9", 2, 8, 16, 10, 9),
                  ("quick 1x8->8 64x64 channels_last", 1, 8, 8, 64, 64, True)]
 DECODER_QUICK = [("quick 2x8->1 8x8", 2, 8, 1, 8, 8, "sigmoid"), ("quick 1x16->24 6x7", 1, 16, 24, 6, 7, "sigmoid")]
@@ -278,8 +280,10 @@ DECODER_COUNT = ("FLOPs counted: POOL-SPARSE, the pooled values only, 2*N*Cin*HP
                  "conv over the unpooled map is 4x that).")
 
 
-def decoder_entries(label, n, cin, cout, h, w, act):
-    z, idx = F.max_pool2d(_randn(n, cin, h, w, seed=1), 2, return_indices=True)
+def decoder_entries(label, n, cin, cout, h, w, act, channels_last=False):
+    x = _randn(n, cin, h, w, seed=1)
+    z, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last) if channels_last else x, 2,
+                          return_indices=True)
     window = AF.flat_to_window(idx, (h, w), 2)
     wt, b = _randn(cin, cout, 3, 3, seed=2, scale=1 / (cin * 9) ** 0.5), _randn(cout, seed=3)
     hp, wp = z.shape[2:]
@@ -298,9 +302,12 @@ def decoder_entries(label, n, cin, cout, h, w, act):
     per_entry = "sparse gather kernels per entry (slab / band sums)"
     window_vectors = "window-vector kernels (lanes = pool windows)"
     forward = Entry("unpool_conv_transpose2d forward (decoder)", label, sparse, fwd, [
-        Variant(per_entry, fwd, {"AEFAST_DECODER_WINDOW_VECTORS": "0"}, "unpool_conv_transpose2d per entry"),
-        Variant(window_vectors, fwd, {"AEFAST_DECODER_WINDOW_VECTORS": "1"}, "unpool_conv_transpose2d window vectors",
-                "4x counted (dense select)"),
+        Variant(per_entry, fwd, {"AEFAST_DECODER_WINDOW_VECTORS": "0", "AEFAST_DECODER_FORWARD": "sparse"},
+                "unpool_conv_transpose2d per entry"),
+        Variant(window_vectors, fwd, {"AEFAST_DECODER_WINDOW_VECTORS": "1", "AEFAST_DECODER_FORWARD": "sparse"},
+                "unpool_conv_transpose2d window vectors", "4x counted (dense select)"),
+        Variant("scatter + oneDNN transposed conv over the unpooled map", fwd, {"AEFAST_DECODER_FORWARD": "vendor"},
+                "unpool_conv_transpose2d vendor conv", "4x counted (dense conv)"),
         Variant(GEMM_FORM, gemm_fwd, executes="4x counted", timed_once=True),
         Variant("GEMMs alone (bound)", gemms["cols"], executes="4x counted", lower_bound=True),
     ], counted_as=DECODER_COUNT)

@@ -68,7 +68,10 @@ def cpu_isa(request, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("fmt", ["flat", "window"])
-def test_channels_last_matches_nchw_bitwise_per_isa(cpu_isa, case, fmt):
+def test_channels_last_matches_nchw_bitwise_per_isa(cpu_isa, case, fmt, monkeypatch):
+    # The sparse kernels in both layouts (small-C_in channels_last forwards default to the vendor's
+    # conv: test_vendor_forward_* below).
+    monkeypatch.setenv("AEFAST_DECODER_FORWARD", "sparse")
     n, ci, co, hw, pool, k, s, p, op, act, ceil_mode = case
     z, idx, w, b, _ = make_case(n, ci, co, hw, pool, k, seed=31, ceil_mode=ceil_mode)
     grad = _grad(case, 5)
@@ -166,3 +169,76 @@ def test_cpu_fake_strides_match_the_kernels(act, case, layouts):
         y.backward(g)
     assert "aefast::unpool_conv_transpose2d" in checked and "aefast::unpool_conv_transpose2d_backward" in checked, \
         checked
+
+
+# ---------------------------------------------------------------- the vendor-conv forward
+# Channels-last decoders with few input channels run the forward as scatter + oneDNN's transposed
+# conv (csrc/cpu/unpool_deconv.cpp decoder_forward_uses_vendor); the backward stays sparse.
+VENDOR_CASES = [CASES[2], CASES[3], CASES[4], CASES[5], (2, 16, 8, (11, 13), 2, 3, 1, 1, 0, "leaky_relu", True)]
+
+
+@pytest.mark.parametrize("case", VENDOR_CASES, ids=[f"{c[1]}to{c[2]}_{c[3][0]}x{c[3][1]}_pool{c[4]}_{c[9]}"
+                                                    for c in VENDOR_CASES])
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_vendor_forward_matches_the_composition(case, fmt, dtype, monkeypatch):
+    """Forced onto the vendor path (any dtype, either layout), outputs and gradients equal eager's
+    unpool -> conv_transpose2d -> act; the path named in the profiler is the forced one."""
+    monkeypatch.setenv("AEFAST_DECODER_FORWARD", "vendor")
+    n, ci, co, hw, pool, k, s, p, op, act, ceil_mode = case
+    z, idx, w, b, _ = make_case(n, ci, co, hw, pool, k, dtype=torch.float64, seed=41, ceil_mode=ceil_mode)
+    grad = _grad(case, 8, torch.float64)
+    cast = [t.to(dtype) for t in (z, w, b, grad)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, gz, gw, gb = _run(cast[0], idx, cast[1], cast[2], case, fmt, CL, CL, cast[3])
+    assert "aefast path: unpool_conv_transpose2d vendor conv" in {e.name for e in prof.events()}
+    assert y.is_contiguous(memory_format=CL) and y.dtype == dtype
+    # The reference in fp64 from the same (rounded) operands.
+    leaves = [t.double().requires_grad_() for t in cast[:3]]
+    yr = torch_decoder(leaves[0], idx, leaves[1], leaves[2], pool, hw, s, p, op, act)
+    want = (yr,) + torch.autograd.grad(yr, leaves, cast[3].double())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for name, a, r in zip(("out", "grad_z", "grad_w", "grad_b"), (y, gz, gw, gb), want):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_vendor_forward_rejects_bad_indices_like_the_sparse_kernels(monkeypatch):
+    """An index outside its own pool window: the same ValueError (naming the same first position)
+    from the vendor path as from the sparse kernels."""
+    n, ci, co, hw, pool, k, s, p, op, act, _ = VENDOR_CASES[0]
+    z, idx, w, b, _ = make_case(n, ci, co, hw, pool, k, seed=42)
+    idx = idx.clone()
+    idx[1, 3, 2, 1] = 0  # window (2, 1) starts at row 4: position 0 is outside it
+    idx[1, 5, 3, 0] = 0
+    messages = {}
+    for mode in ("vendor", "sparse"):
+        monkeypatch.setenv("AEFAST_DECODER_FORWARD", mode)
+        with pytest.raises(ValueError) as err:
+            with aefast.set_backend("cpu"):
+                AF.unpool_conv_transpose2d(z.contiguous(memory_format=CL), idx.contiguous(memory_format=CL), w, b,
+                                           pool, hw, s, p, op, act, "flat")
+        messages[mode] = str(err.value)
+    assert messages["vendor"] == messages["sparse"]
+
+
+def test_vendor_forward_rule_and_switch(monkeypatch):
+    """The rule takes the vendor conv for a channels-last fp32 decoder with few input channels and
+    keeps the sparse kernels for NCHW, fp64, many input channels and C_out < 8; a bad switch value
+    raises."""
+    def path(n, ci, co, hw, layout, dtype=torch.float32):
+        z, idx, w, b, _ = make_case(n, ci, co, hw, 2, 3, dtype=dtype, seed=43)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with aefast.set_backend("cpu"):
+                AF.unpool_conv_transpose2d(z.contiguous(memory_format=layout), idx.contiguous(memory_format=layout),
+                                           w, b, 2, hw, 1, 1, 0, "relu", "flat")
+        return {e.name for e in prof.events()} & {"aefast path: unpool_conv_transpose2d vendor conv"}
+    monkeypatch.delenv("AEFAST_DECODER_FORWARD", raising=False)
+    assert path(2, 16, 16, (8, 8), CL)
+    assert not path(2, 16, 16, (8, 8), torch.contiguous_format)
+    assert not path(2, 16, 16, (8, 8), CL, torch.float64)
+    assert not path(2, 64, 32, (8, 8), CL)
+    assert not path(2, 16, 3, (8, 8), CL)
+    monkeypatch.setenv("AEFAST_DECODER_FORWARD", "dense")
+    with pytest.raises(RuntimeError, match="AEFAST_DECODER_FORWARD"):
+        path(2, 16, 16, (8, 8), CL)

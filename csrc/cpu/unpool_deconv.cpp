@@ -1430,6 +1430,93 @@ void forward_typed(const at::Tensor& z, const at::Tensor& idx, const at::Tensor&
               " (outside the unpooled plane or outside its own pool window)");
 }
 
+// ---------------------------------------------------------------- few input channels: the vendor's conv
+// With few input channels (SegNet's and the tutorial AEs' 8- and 16-channel decoders, channels_last)
+// the sparse kernels above have little to sum per position (~C_in/window entries of a K =
+// KH*KW*C_out slab) and run at ~20 GFLOP/s, while oneDNN's channels-last transposed conv over the
+// unpooled map, doing `window` times the MACs, runs at ~100. There the forward scatters the pooled
+// values into a zeroed channels-last unpooled map (decoding, i.e. validating, every index on the
+// way, as the kernels above do), runs the vendor's transposed conv and applies the activation in
+// place; the backward keeps the sparse kernels. Measured (1 thread, CPU time, interleaved, loaded
+// machine; forward vendor / sparse): N16 16->16 24->48 1.77 / 2.48 ms, 16->8 48->96 6.06 / 8.24,
+// N128 8->8 14->28 2.60 / 4.48, 16->8 4.25 / 5.42, N32 32->16 32->64 11.0 / 15.8; but N256 64->32
+// 14->28 64.7 / 30.4 (the W1 decoder), N16 16->5 48->96 5.49 / 3.00 (C_out < 8: the window-vector
+// kernels) and N16 8->8 48->96 6.5 / 7.5 (even, fwd+bwd). The rule: channels_last, fp32 (the dtype
+// measured), C_in <= 32, C_out >= 8, windows of <= 4 elements. AEFAST_DECODER_FORWARD=vendor|sparse
+// (read per call) overrides it, for A/B timing (bench/bench_kernel_ledger.py) and tests.
+constexpr int64_t kVendorForwardMaxCin = 32;
+constexpr int64_t kVendorForwardMinCout = 8;
+
+bool decoder_forward_uses_vendor(const DecoderGeometry& g, bool cl, at::ScalarType dtype) {
+  if (const char* env = std::getenv("AEFAST_DECODER_FORWARD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    TORCH_CHECK(v == "vendor" || v == "sparse", "AEFAST_DECODER_FORWARD must be 'vendor' or 'sparse', got '", v, "'");
+    return v == "vendor";
+  }
+  return cl && dtype == at::kFloat && g.c_in <= kVendorForwardMaxCin && g.c_out >= kVendorForwardMinCout &&
+         g.pool_h * g.pool_w <= 4;
+}
+
+// u[n, c, h, w] = z at the position each index names, 0 elsewhere (u zeroed by the caller, in z's
+// layout). Returns the NCHW-linear position of the first invalid index, or INT64_MAX.
+template <typename scalar_t, typename index_t>
+int64_t scatter_unpooled(const at::Tensor& z, const at::Tensor& idx, const DecoderGeometry& g, at::Tensor& u) {
+  const WindowTable wt(g);
+  const int64_t C = g.c_in, HP = g.pooled_h, WP = g.pooled_w;
+  // Element strides of z/idx and u (dense in one layout: NCHW or channels-last).
+  const int64_t zs_c = z.stride(1), zs_h = z.stride(2), zs_w = z.stride(3), zs_n = z.stride(0);
+  const int64_t us_c = u.stride(1), us_h = u.stride(2), us_w = u.stride(3), us_n = u.stride(0);
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const index_t* ip = idx.const_data_ptr<index_t>();
+  scalar_t* up = u.mutable_data_ptr<scalar_t>();
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  at::parallel_for(0, g.n * HP, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, WP * C)), [&](int64_t r0, int64_t r1) {
+    int64_t bad = std::numeric_limits<int64_t>::max();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / HP, ph = r % HP;
+      for (int64_t pw = 0; pw < WP; ++pw)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t k = n * zs_n + c * zs_c + ph * zs_h + pw * zs_w;
+          const int64_t o = decode_offset<index_t>(ip, k, ph * g.pool_h, pw * g.pool_w, g, wt);
+          if (o < 0) {
+            bad = std::min(bad, ((n * C + c) * HP + ph) * WP + pw);
+            continue;
+          }
+          up[n * us_n + c * us_c + (ph * g.pool_h + wt.di[o]) * us_h + (pw * g.pool_w + wt.dj[o]) * us_w] = zp[k];
+        }
+    }
+    if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, bad);
+  });
+  return first_bad.load();
+}
+
+void forward_vendor(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const DecoderGeometry& g, c10::IntArrayRef output_padding,
+                    DecoderAct act, double slope, at::MemoryFormat fmt, at::Tensor& out, at::Tensor& pre) {
+  at::Tensor u = at::empty({g.n, g.c_in, g.unpooled_h, g.unpooled_w}, z.options(), fmt).zero_();
+  int64_t bad = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "unpool_conv_transpose2d_vendor", [&] {
+    bad = idx.scalar_type() == at::kLong ? scatter_unpooled<scalar_t, int64_t>(z, idx, g, u)
+                                         : scatter_unpooled<scalar_t, uint8_t>(z, idx, g, u);
+  });
+  TORCH_CHECK(bad == std::numeric_limits<int64_t>::max(),
+              "aefast::unpool_conv_transpose2d: invalid index at linear position ", bad,
+              " (outside the unpooled plane or outside its own pool window)");
+  at::Tensor y = at::convolution(u, weight, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1}, true,
+                                 output_padding, 1);
+  if (act_needs_preactivation(act)) pre = y.clone(fmt);
+  switch (act) {
+    case DecoderAct::None: break;
+    case DecoderAct::Relu: y.relu_(); break;
+    case DecoderAct::LeakyRelu: at::leaky_relu_(y, slope); break;
+    case DecoderAct::Sigmoid: y.sigmoid_(); break;
+    case DecoderAct::Tanh: y.tanh_(); break;
+    case DecoderAct::Gelu: y = at::gelu(y); break;
+    case DecoderAct::Silu: at::silu_(y); break;
+  }
+  out = y.contiguous(fmt);
+}
+
 std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
     const at::Tensor& input, const at::Tensor& indices, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::IntArrayRef pool_size, c10::IntArrayRef unpooled_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -1446,6 +1533,12 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   const bool cl = decoder_channels_last(input);
   const at::MemoryFormat fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor z = dense_in(input, fmt), idx = dense_in(indices, fmt), w = weight.contiguous();
+  if (decoder_forward_uses_vendor(g, cl, input.scalar_type())) {
+    RECORD_USER_SCOPE("aefast path: unpool_conv_transpose2d vendor conv");
+    at::Tensor out, pre = at::empty({0}, input.options());
+    forward_vendor(z, idx, w, bias, g, output_padding, act, negative_slope, fmt, out, pre);
+    return {out, pre};
+  }
   // Output-sized buffers through the buffer cache (aefast/cpu_buffer_cache.h).
   at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options(), fmt);
   at::Tensor pre = act_needs_preactivation(act) ? empty_cpu_cached(out.sizes(), input.options(), fmt)
