@@ -497,8 +497,9 @@ class _Rewriter:
                 {"return_indices": False, "negative_slope": act[1]})
         act_node.replace_all_uses_with(fused)
         self.erase(act_node, bn_node, conv_node)
-        self.report.append(f"conv_bn_pool2d <- {conv_node.target} -> {bn_node.target} (BatchNorm2d, batch statistics) "
-                           f"-> {act[0]} (no pool: 1x1 windows)")
+        # Not a pool site (bench/architectures.py counts sites from these lines): its own label.
+        self.report.append(f"conv_bn_act2d (conv_bn_pool2d with 1x1 windows) <- {conv_node.target} (Conv2d, stride "
+                           f"{_pair(conv.stride)}) -> {bn_node.target} (BatchNorm2d, batch statistics) -> {act[0]}")
 
     # -- BatchNorm2d (batch statistics) → activation, where no pool follows (U-Net's double convs,
     #    decoders, VAEs): batch_norm_act2d keeps only BatchNorm's input and runs two passes each way
