@@ -714,7 +714,10 @@ _patch_depth = 0
 _originals: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=64)
 def _routed(name, kind, original):
+    # Cached per (name, kind, original): inspect.signature of the five losses cost ~45 us each, on
+    # every entry of fused_losses(), i.e. ~0.2 ms per training step of a loop that enters it per step.
     signature = inspect.signature(original)
 
     @functools.wraps(original)

@@ -25,7 +25,7 @@ from torch import nn
 
 import aefast
 from aefast import functional as AF
-from conftest import TOLERANCES
+from conftest import CPU_ISAS, TOLERANCES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import architectures as A  # noqa: E402
@@ -298,3 +298,23 @@ def test_optimized_vae_compiles_fullgraph():
     compiled_out = compiled(x)[0]
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
     compiled_out.sum().backward()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cout", [8, 16, 12, 3])
+def test_col2im_every_isa_and_channel_block(monkeypatch, isa, dtype, cout):
+    """The col2im's per-ISA loops (csrc/cpu/conv_transpose_gemm_kernels.inc): whole 32-byte channel
+    vectors (8 fp32 / 4 fp64), a vector plus a tail (12), tails only (3), into NCHW and channels-last."""
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(cout)
+    x = torch.randn(3, 5, 4, 5, generator=g, dtype=dtype)
+    w = torch.randn(5, cout, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(cout, generator=g, dtype=dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        got = AF.conv_transpose_act2d(xl, w, b, (2, 2), (1, 1), (1, 0), activation=None)
+        want = F.conv_transpose2d(x, w, b, 2, 1, (1, 0))
+        assert got.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
