@@ -318,3 +318,26 @@ def test_col2im_every_isa_and_channel_block(monkeypatch, isa, dtype, cout):
         want = F.conv_transpose2d(x, w, b, 2, 1, (1, 0))
         assert got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_one_by_one_windows_match_the_reference_twin_on_every_backend(backend_name):
+    """aefast.optimize's conv_bn_act2d rewrite runs conv_bn_pool2d with 1x1 windows on any device:
+    every backend that runs here holds it to the reference twin (triton under the interpreter)."""
+    from aefast import backend as _backend
+
+    if not _backend.availability()[backend_name][0]:
+        pytest.skip(f"{backend_name} unavailable here")
+    g = torch.Generator().manual_seed(12)
+    args = [torch.randn(2, 3, 7, 6, generator=g), torch.randn(5, 3, 3, 3, generator=g), torch.randn(5, generator=g),
+            torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)]
+    results = {}
+    for name in (backend_name, "reference"):
+        leaves = _leaves(*args)
+        with aefast.set_backend(name):
+            out = AF.conv_bn_pool2d(*leaves, None, None, True, stride=2, padding=1, activation="leaky_relu",
+                                    pool_size=1, return_indices=False, negative_slope=0.2)
+            results[name] = [out.detach()] + _grads(out, leaves)
+    for got, want in zip(results[backend_name], results["reference"]):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
