@@ -16,6 +16,7 @@ from aefast import validation as _validation
 from aefast._checks import FLOAT_DTYPES, check_same_device, check_tensor, pair
 from aefast.ops import _registry
 from aefast.ops import batch_norm_act as _batch_norm_act_ops
+from aefast.ops import conv_bn_pool as _conv_bn_pool_ops
 from aefast.ops import conv_transpose_act as _conv_transpose_act
 from aefast.ops import unpool_deconv as _unpool_deconv
 from aefast.ops import recon_loss as _recon_loss_ops
@@ -1176,9 +1177,9 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     gamma = None if bn_weight is None else bn_weight.to(stat_dtype)
     beta = None if bn_bias is None else bn_bias.to(stat_dtype)
-    pooled, window, _, mean, var = _registry.op(backend, "conv_bn_pool2d_forward")(
-        input, weight, bias, gamma, beta, list(s), list(p), float(eps), ACTIVATION_CODES[activation],
-        float(negative_slope), list(k_pool), list(s_pool), bool(ceil_mode))
+    pooled, window, _, mean, var = _conv_bn_pool_ops.conv_bn_pool2d_forward(
+        backend, input, weight, bias, gamma, beta, s, p, eps, ACTIVATION_CODES[activation], negative_slope, k_pool,
+        s_pool, ceil_mode)
     if training:
         ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return _encoder_outputs(backend, pooled, window, input, return_indices, index_format, conv_hw, k_pool, s_pool)

@@ -16,6 +16,8 @@ answered from the input's shape):
       never built), and the BatchNorm2d → activation after it is fused as below;
   BatchNorm2d with batch statistics (training mode) → activation, where no pool fuses them (U-Net's
       double convs, decoders, VAEs), becomes ``batch_norm_act2d`` (through ``batch_norm_act_with``);
+  Conv2d with stride > 1 → BatchNorm2d with batch statistics (training mode) → activation with no pool
+      after it (the conv VAE's stride-2 encoder) becomes ``conv_bn_pool2d`` with 1x1 pool windows;
   where an encoder's indices feed only fused decoders, the two pass aefast's uint8 window offsets
       instead of torch's flat int64 indices (no conversion, the decoder's faster form);
   F.mse_loss / l1_loss / huber_loss / binary_cross_entropy[_with_logits] (and their nn modules),
@@ -447,15 +449,10 @@ class _Rewriter:
                                        "groups 1, dilation 1 and a fixed output_padding")
             return
         bn_node, bn, batch_bn, act = self.conv_epilogue(conv_node)
-        if batch_bn is not None:
-            # Its BatchNorm2d normalises with batch statistics, so it and the activation stay in eager:
-            # conv_transpose_act2d would run the same oneDNN transposed conv and fuse nothing, at a
-            # custom op's extra cost per call (the conv VAE's training step, N128 16x16, lost ~5% to
-            # it). In eval mode the BatchNorm folds and the activation fuses, and the site is fused.
-            self.unfused[conv_node] = (f"nothing to fuse in this mode: {batch_bn.target} (BatchNorm2d) normalises "
-                                       "with batch statistics, so the conv stays as it is (the BatchNorm and its "
-                                       "activation fuse as batch_norm_act2d)")
-            return
+        # A BatchNorm2d with batch statistics after it (training mode) is not folded: the conv is fused
+        # alone (with no activation), and the BatchNorm2d -> activation after it fuse as batch_norm_act2d.
+        # The conv alone still pays: on CPU conv_transpose_act2d runs small transposed convs as one GEMM
+        # plus a col2im where oneDNN's backward-data primitive is slow (csrc/cpu/conv_transpose_gemm.cpp).
         last = bn_node if bn is not None else conv_node
         end = act[3] if act else last
         with self.graph.inserting_before(end):
@@ -469,6 +466,40 @@ class _Rewriter:
         self.erase(end, last if act else None, conv_node if bn is not None else None)
         self.report.append(f"conv_transpose_act2d <- {conv_node.target} (ConvTranspose2d, stride "
                            f"{_pair(deconv.stride)}) -> " + self.epilogue_text(bn_node, bn, batch_bn, act))
+
+    # -- Conv2d (stride > 1) → BatchNorm2d (batch statistics) → activation with no pool after it (the conv
+    #    VAE's and DCGAN-style stride-2 encoders): conv_bn_pool2d with 1x1 windows, so the conv's backward is
+    #    aefast's (on CPU, small grad_inputs as one GEMM plus a col2im: csrc/cpu/conv_transpose_gemm.cpp)
+    def conv_batch_norm_act(self, act_node):
+        act = self.activation(act_node)
+        if act is None or not self.training or not self.batch_norm_training:
+            return
+        bn_node = act[2]
+        bn = self.module(bn_node) if isinstance(bn_node, fx.Node) else None
+        if type(bn) is not nn.BatchNorm2d or len(bn_node.args) != 1 or bn_node.kwargs:
+            return
+        conv_node = bn_node.args[0]
+        if not self.only_feeds(bn_node, act_node) or not self.only_feeds(conv_node, bn_node):
+            return
+        conv = self.plain_conv(conv_node, nn.Conv2d) if isinstance(conv_node, fx.Node) else None
+        # Downsamplers only (stride > 1), the form measured (the conv VAE's encoder); stride-1 blocks
+        # (U-Net's, SegNet's decoder) keep the eager conv and batch_norm_act2d after it.
+        if conv is None or _pair(conv.stride) == (1, 1):
+            return
+        padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+        self.answer_metadata([conv_node, bn_node], (conv_node.args[0], conv.out_channels, _pair(conv.kernel_size),
+                                                    _pair(conv.stride), padding))
+        with self.graph.inserting_before(act_node):
+            w, b = self.params(conv_node, conv)
+            fused = self.graph.call_function(
+                conv_bn_pool_with, (self.graph.get_attr(bn_node.target), conv_node.args[0], w, b, _pair(conv.stride),
+                                    padding, act[0], (1, 1)),
+                {"return_indices": False, "negative_slope": act[1]})
+        act_node.replace_all_uses_with(fused)
+        self.erase(act_node, bn_node, conv_node)
+        # Not a pool site (bench/architectures.py counts sites from these lines): its own label.
+        self.report.append(f"conv_bn_act2d (conv_bn_pool2d with 1x1 windows) <- {conv_node.target} (Conv2d, stride "
+                           f"{_pair(conv.stride)}) -> {bn_node.target} (BatchNorm2d, batch statistics) -> {act[0]}")
 
     # -- BatchNorm2d (batch statistics) → activation, where no pool follows (U-Net's double convs,
     #    decoders, VAEs): batch_norm_act2d keeps only BatchNorm's input and runs two passes each way
@@ -575,7 +606,8 @@ class _Rewriter:
                 d.kwargs = {**d.kwargs, "index_format": "window"}
 
     def run(self):
-        for visit in (self.encoder, self.decoder, self.upsampler, self.batch_norm_act, self.loss):
+        for visit in (self.encoder, self.decoder, self.upsampler, self.conv_batch_norm_act, self.batch_norm_act,
+                      self.loss):
             for node in list(self.graph.nodes):
                 if node.graph is self.graph and node in self.graph.nodes:
                     visit(node)
@@ -705,7 +737,10 @@ _patch_depth = 0
 _originals: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=64)
 def _routed(name, kind, original):
+    # Cached per (name, kind, original): inspect.signature of the five losses cost ~45 us each, on
+    # every entry of fused_losses(), i.e. ~0.2 ms per training step of a loop that enters it per step.
     signature = inspect.signature(original)
 
     @functools.wraps(original)

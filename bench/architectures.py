@@ -290,7 +290,7 @@ SITE_KINDS = ("max_pool2d", "max_unpool2d", "upsampler")
 # of any other op (a new fused form) raises in site_counts, so this table is updated with it.
 _FUSED_OPS = {"conv_pool2d": "max_pool2d", "conv_bn_pool2d": "max_pool2d", "unpool_conv_transpose2d": "max_unpool2d",
               "conv_transpose_act2d": "upsampler"}
-_NOT_SITES = ("reconstruction_loss", "batch_norm_act2d")
+_NOT_SITES = ("reconstruction_loss", "batch_norm_act2d", "conv_bn_act2d")
 
 
 def site_counts(rewrites, unfused):

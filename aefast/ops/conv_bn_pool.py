@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import torch
 
+from aefast import _C
 from aefast.ops import _registry
 from aefast.ops.conv_pool import _memory_format, conv_output_size, pooled_size, resolve_pool_stride
 
@@ -139,3 +140,19 @@ def _make_backward(ns):
 
 
 _registry.register_autograd("conv_bn_pool2d_forward", _make_backward, _setup_forward)
+
+
+def conv_bn_pool2d_forward(backend, input, weight, bias, bn_weight, bn_bias, stride, padding, eps, activation,
+                           negative_slope, pool_size, pool_stride, ceil_mode):
+    """(pooled, window, conv_out, mean, var); arguments validated by aefast.functional.
+
+    Eager calls on plain tensors take the C++ autograd entry (csrc/conv_bn_pool_autograd.cpp,
+    ``aefast._C.conv_bn_pool2d_autograd``): the same forward and backward ops as the formula
+    registered above, without the torch.library autograd wrapper's Python on every call and the
+    engine's call back into Python for the backward. torch.compile, subclasses and torch.func go
+    through the registered formula."""
+    args = (input, weight, bias, bn_weight, bn_bias, list(stride), list(padding), float(eps), int(activation),
+            float(negative_slope), list(pool_size), list(pool_stride), bool(ceil_mode))
+    if _registry.eager_autograd_entry_serves(input, weight, bias, bn_weight, bn_bias):
+        return _C.conv_bn_pool2d_autograd(_registry.namespace_name(backend), *args)
+    return _registry.op(backend, "conv_bn_pool2d_forward")(*args)

@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "aefast/conv_transpose_act_host.h"
+#include "aefast/conv_transpose_gemm.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
 
@@ -205,10 +206,21 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
     RECORD_USER_SCOPE("aefast path: conv_transpose_act2d gather");
     return gather_forward(input, weight, b, stride, padding, output_padding, activation, negative_slope);
   }
-  RECORD_USER_SCOPE("aefast path: conv_transpose_act2d onednn");
-  at::Tensor y = at::convolution(input.contiguous(layout), weight.contiguous(layout), b, stride, padding, dilation,
-                                 /*transposed=*/true, output_padding, /*groups=*/1)
-                     .contiguous(layout);
+  // Otherwise oneDNN's transposed conv, or, where the one rule (conv_transpose_gemm_serves,
+  // csrc/cpu/conv_transpose_gemm.cpp) says oneDNN's backward-data primitive is the slow one, the
+  // same map as one GEMM plus a col2im (bias included), in the same layout.
+  at::Tensor y;
+  if (conv_transpose_gemm_serves(input, weight)) {
+    RECORD_USER_SCOPE("aefast path: conv_transpose_act2d gemm + col2im");
+    const int64_t out_h = (input.size(2) - 1) * stride[0] - 2 * padding[0] + weight.size(2) + output_padding[0];
+    const int64_t out_w = (input.size(3) - 1) * stride[1] - 2 * padding[1] + weight.size(3) + output_padding[1];
+    y = conv_transpose_gemm(input, weight, b, stride, padding, out_h, out_w, layout);
+  } else {
+    RECORD_USER_SCOPE("aefast path: conv_transpose_act2d onednn");
+    y = at::convolution(input.contiguous(layout), weight.contiguous(layout), b, stride, padding, dilation,
+                        /*transposed=*/true, output_padding, /*groups=*/1)
+            .contiguous(layout);
+  }
   const at::Tensor empty = y.new_empty({0});
   switch (act) {
     case DecoderAct::None: return {y, empty};

@@ -1,0 +1,343 @@
+"""The conv VAE's CPU speed paths (issue 16, acceptance 3 for the conv VAE).
+
+* conv_transpose_gemm (csrc/cpu/conv_transpose_gemm.cpp): a transposed conv as one GEMM plus a
+  col2im, which serves conv_transpose_act2d's forward and conv_bn_pool2d's grad_input where oneDNN's
+  backward-data primitive is slow. AEFAST_CONV_TRANSPOSE_GEMM=always forces it (so odd shapes,
+  layouts, strides and paddings are tested whatever the size rule says), never turns it off; both
+  are held to torch's ConvTranspose2d / Conv2d -> BatchNorm2d -> act in fp32 and fp64 (gradcheck),
+  forward and backward, and to results independent of the thread count. fp16/bf16 are not served
+  (oneDNN keeps them) and still match.
+* aefast.optimize's rewrites for the conv VAE's layout: a stride-2 Conv2d -> BatchNorm2d (batch
+  statistics) -> act with no pool becomes conv_bn_pool2d with 1x1 windows (stride-1 ones stay); a stride-2 ConvTranspose2d before a
+  batch-statistics BatchNorm2d becomes conv_transpose_act2d (the BatchNorm2d -> act after it
+  batch_norm_act2d). Outputs, gradients and running statistics equal the original's, train and eval.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aefast
+from aefast import functional as AF
+from conftest import CPU_ISAS, TOLERANCES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import architectures as A  # noqa: E402
+
+MODES = ["always", "never", "auto"]
+ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
+
+
+def _act(y, act, slope=0.01):
+    if act is None:
+        return y
+    if act == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    return getattr(F, act)(y)
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def _grads(out, leaves, seed=3):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
+    out.backward(g)
+    return [None if t is None else t.grad for t in leaves]
+
+
+# ---------------------------------------------------------------- conv_transpose_act2d's forward
+
+UPSAMPLERS = [  # (n, cin, cout, (h, w), (kh, kw), stride, padding, output_padding)
+    (128, 16, 8, (4, 4), (3, 3), (2, 2), (1, 1), (1, 1)),  # the conv VAE's decoder
+    (2, 3, 17, (5, 7), (3, 3), (2, 2), (1, 1), (1, 0)),
+    (1, 17, 3, (1, 1), (3, 3), (2, 2), (0, 0), (0, 0)),
+    (3, 5, 6, (6, 5), (4, 2), (3, 2), (2, 1), (2, 1)),
+    (2, 4, 5, (7, 9), (2, 2), (2, 2), (0, 0), (0, 0)),
+    (2, 6, 7, (3, 4), (5, 5), (1, 1), (2, 2), (0, 0)),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", UPSAMPLERS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_transpose_act_forward_and_grads_match_torch(monkeypatch, mode, shape, layout):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", mode)
+    n, ci, co, hw, k, s, p, op = shape
+    g = torch.Generator().manual_seed(sum(hw) + ci)
+    x = torch.randn(n, ci, *hw, generator=g).contiguous(memory_format=layout)
+    w = torch.randn(ci, co, *k, generator=g) / (ci * k[0] * k[1]) ** 0.5
+    b = torch.randn(co, generator=g)
+    for act in ("leaky_relu", "sigmoid", None):
+        got_leaves, want_leaves = _leaves(x, w, b), _leaves(x, w, b)
+        got = AF.conv_transpose_act2d(*got_leaves, s, p, op, activation=act, negative_slope=0.2)
+        want = _act(F.conv_transpose2d(*want_leaves, s, p, op), act, 0.2)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+        for got_g, want_g in zip(_grads(got, got_leaves), _grads(want, want_leaves)):
+            torch.testing.assert_close(got_g, want_g, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_conv_transpose_act_every_activation_through_the_gemm(monkeypatch, act):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 6, 5, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g) / 4, torch.randn(4, generator=g)
+    got = AF.conv_transpose_act2d(x, w, b, (2, 2), (1, 1), (1, 1), activation=act)
+    torch.testing.assert_close(got, _act(F.conv_transpose2d(x, w, b, 2, 1, 1), act), **TOLERANCES[torch.float32])
+
+
+def test_conv_transpose_act_fp64_gradcheck_through_the_gemm(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: AF.conv_transpose_act2d(x, w, b, (2, 2), (1, 1), (1, 1), activation="tanh"), (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_are_left_to_onednn_and_still_match(monkeypatch, dtype):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(4, 8, 4, 4, generator=g), torch.randn(8, 4, 3, 3, generator=g) / 5, torch.randn(4, generator=g)
+    got = AF.conv_transpose_act2d(x.to(dtype), w.to(dtype), b.to(dtype), (2, 2), (1, 1), (1, 1), activation="relu")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), F.relu(F.conv_transpose2d(x, w, b, 2, 1, 1)), **TOLERANCES[dtype])
+
+
+def test_conv_transpose_gemm_results_do_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(9, 16, 4, 5, generator=g), torch.randn(16, 8, 3, 3, generator=g), torch.randn(8, generator=g)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(AF.conv_transpose_act2d(x, w, b, (2, 2), (1, 1), (1, 1), activation="leaky_relu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_bad_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "sometimes")
+    x, w = torch.randn(2, 4, 3, 3), torch.randn(4, 8, 3, 3)  # 8 output channels: not the gather kernel's
+    with pytest.raises(RuntimeError, match="AEFAST_CONV_TRANSPOSE_GEMM must be auto, always or never"):
+        AF.conv_transpose_act2d(x, w, None, (2, 2), (1, 1), (1, 1))
+
+
+# ---------------------------------------------------------------- conv_bn_pool2d's grad_input
+
+ENCODERS = [  # (n, cin, cout, (h, w), k, stride, padding, pool)
+    (128, 8, 16, (8, 8), 3, 2, 1, 1),  # the conv VAE's second encoder stage
+    (2, 3, 17, (9, 7), 3, 2, 1, 1),
+    (1, 17, 3, (5, 6), 3, 1, 1, 2),
+    (3, 5, 4, (10, 9), (4, 2), (3, 2), (2, 1), 1),
+    (2, 4, 6, (6, 6), 1, 1, 0, 2),
+]
+
+
+def _encoder_reference(x, w, b, gamma, beta, stride, padding, act, pool, slope):
+    y = F.batch_norm(F.conv2d(x, w, b, stride, padding), None, None, gamma, beta, True, 0.1, 1e-5)
+    y = _act(y, act, slope)
+    return F.max_pool2d(y, pool) if pool > 1 else y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", ENCODERS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_bn_pool_grads_match_torch(monkeypatch, mode, shape, layout):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", mode)
+    n, ci, co, hw, k, s, p, pool = shape
+    k = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(ci * 7 + co)
+    x = torch.randn(n, ci, *hw, generator=g).contiguous(memory_format=layout)
+    w = torch.randn(co, ci, *k, generator=g) / (ci * k[0] * k[1]) ** 0.5
+    b, gamma, beta = torch.randn(co, generator=g), torch.rand(co, generator=g) + 0.5, torch.randn(co, generator=g)
+    got_leaves, want_leaves = _leaves(x, w, b, gamma, beta), _leaves(x, w, b, gamma, beta)
+    got = AF.conv_bn_pool2d(*got_leaves, None, None, True, stride=s, padding=p, activation="leaky_relu",
+                            pool_size=pool, return_indices=False, negative_slope=0.2)
+    want = _encoder_reference(*want_leaves, s, p, "leaky_relu", pool, 0.2)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    got_grads = _grads(got, got_leaves)
+    # fp64 torch is the ground truth (fp32 torch is off by as much as aefast at N128: sums of 2048 terms)
+    leaves64 = _leaves(*(t.double() for t in (x, w, b, gamma, beta)))
+    want_grads = _grads(_encoder_reference(*leaves64, s, p, "leaky_relu", pool, 0.2), leaves64)
+    scale = max(1.0, max(float(g.abs().max()) for g in want_grads))
+    for name, got_g, want_g in zip(("x", "w", "b", "gamma", "beta"), got_grads, want_grads):
+        # grad_b is BatchNorm's sum of a zero-mean gradient: zero up to rounding, so every gradient is
+        # held to the largest one's scale
+        torch.testing.assert_close(got_g.double(), want_g, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert got_grads[0].is_contiguous(memory_format=layout)
+
+
+def test_conv_bn_pool_fp64_gradcheck_through_the_gemm(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(9)
+    args = [torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64),
+            torch.randn(3, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64) + 0.5,
+            torch.randn(3, generator=g, dtype=torch.float64)]
+    args = [a.requires_grad_() for a in args]
+
+    def fn(x, w, b, gamma, beta):
+        return AF.conv_bn_pool2d(x, w, b, gamma, beta, None, None, True, stride=2, padding=1, activation="tanh",
+                                 pool_size=1, return_indices=False)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_conv_bn_pool_grad_input_does_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(7, 8, 8, 9, generator=g)
+    w, b = torch.randn(16, 8, 3, 3, generator=g), torch.randn(16, generator=g)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            xx = x.clone().requires_grad_()
+            out = AF.conv_bn_pool2d(xx, w, b, None, None, None, None, True, stride=2, padding=1,
+                                    activation="relu", pool_size=1, return_indices=False)
+            _grads(out, [xx])
+            grads.append(xx.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(gr, grads[0]) for gr in grads[1:])
+
+
+def test_ops_pass_opcheck_on_the_gemm_paths(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(2, 4, 3, 5, generator=g), torch.randn(4, 3, 3, 3, generator=g), torch.randn(3, generator=g)
+    torch.library.opcheck(torch.ops.aefast.conv_transpose_act2d.default,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), [2, 2], [1, 1], [1, 1],
+                           "leaky_relu", 0.2))
+    xe = torch.randn(2, 3, 7, 6, generator=g, requires_grad=True)
+    we, be = torch.randn(5, 3, 3, 3, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)
+    gamma, beta = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    torch.library.opcheck(torch.ops.aefast.conv_bn_pool2d_forward.default,
+                          (xe, we, be, gamma.requires_grad_(), beta.requires_grad_(), [2, 2], [1, 1], 1e-5, 2, 0.2,
+                           [1, 1], [0, 0], False))
+
+
+# ---------------------------------------------------------------- aefast.optimize on the conv VAE
+
+class _Encoderish(nn.Module):
+    """conv -> BN -> act without a pool, with x.size() of the conv output read on the way."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.LeakyReLU(0.2)
+        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
+        self.bn_up = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n = y.size(0)
+        h = self.act(self.bn(y))
+        return F.relu(self.bn_up(self.up(h))).reshape(n, -1)
+
+
+def _train_step(model, x):
+    model.zero_grad()
+    out = A.outputs(model(x))
+    gen = torch.Generator().manual_seed(2)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in out)
+    loss.backward()
+    return [o.detach() for o in out]
+
+
+@pytest.mark.parametrize("factory", [lambda: A.build("conv_vae"), _Encoderish])
+def test_optimize_fuses_the_vae_layout_and_keeps_results(factory):
+    torch.manual_seed(0)
+    original = factory()
+    model = aefast.optimize(copy.deepcopy(original), verbose=False)
+    train = [r for r in model.aefast_rewrites if not r.startswith("(eval mode)")]
+    assert any(r.startswith("conv_bn_act2d (conv_bn_pool2d with 1x1 windows) <- ") for r in train), train
+    assert any(r.startswith("conv_transpose_act2d <- ") and "batch statistics" in r for r in train), train
+    assert not any(u.startswith("upsampler") for u in model.aefast_unfused), model.aefast_unfused
+    x = torch.rand(4, *(1, 16, 16) if factory is not _Encoderish else (3, 9, 8))
+    for training in (True, True, False):
+        original.train(training), model.train(training)
+        torch.manual_seed(1)  # the VAE's reparameterisation noise
+        want = _train_step(original, x)
+        torch.manual_seed(1)
+        got = _train_step(model, x)
+        for w, gt in zip(want, got):
+            torch.testing.assert_close(gt, w, rtol=1e-5, atol=1e-5)
+        # a conv bias before a batch-statistics BatchNorm2d has a zero gradient up to rounding: every
+        # gradient is held to the largest one's scale
+        scale = max(1.0, max(float(p.grad.abs().max()) for p in original.parameters()))
+        for (name, p), q in zip(original.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        for (name, b), c in zip(original.named_buffers(), model.buffers()):
+            torch.testing.assert_close(c, b, msg=name)
+
+
+def test_optimized_vae_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = aefast.optimize(A.build("conv_vae"), verbose=False, memory_format="preserve")
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(2)
+    eager_out = model(x)[0]
+    torch.manual_seed(2)
+    compiled_out = compiled(x)[0]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    compiled_out.sum().backward()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cout", [8, 16, 12, 3])
+def test_col2im_every_isa_and_channel_block(monkeypatch, isa, dtype, cout):
+    """The col2im's per-ISA loops (csrc/cpu/conv_transpose_gemm_kernels.inc): whole 32-byte channel
+    vectors (8 fp32 / 4 fp64), a vector plus a tail (12), tails only (3), into NCHW and channels-last."""
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "always")
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(cout)
+    x = torch.randn(3, 5, 4, 5, generator=g, dtype=dtype)
+    w = torch.randn(5, cout, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(cout, generator=g, dtype=dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        got = AF.conv_transpose_act2d(xl, w, b, (2, 2), (1, 1), (1, 0), activation=None)
+        want = F.conv_transpose2d(x, w, b, 2, 1, (1, 0))
+        assert got.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_one_by_one_windows_match_the_reference_twin_on_every_backend(backend_name):
+    """aefast.optimize's conv_bn_act2d rewrite runs conv_bn_pool2d with 1x1 windows on any device:
+    every backend that runs here holds it to the reference twin (triton under the interpreter)."""
+    from aefast import backend as _backend
+
+    if not _backend.availability()[backend_name][0]:
+        pytest.skip(f"{backend_name} unavailable here")
+    g = torch.Generator().manual_seed(12)
+    args = [torch.randn(2, 3, 7, 6, generator=g), torch.randn(5, 3, 3, 3, generator=g), torch.randn(5, generator=g),
+            torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)]
+    results = {}
+    for name in (backend_name, "reference"):
+        leaves = _leaves(*args)
+        with aefast.set_backend(name):
+            out = AF.conv_bn_pool2d(*leaves, None, None, True, stride=2, padding=1, activation="leaky_relu",
+                                    pool_size=1, return_indices=False, negative_slope=0.2)
+            results[name] = [out.detach()] + _grads(out, leaves)
+    for got, want in zip(results[backend_name], results["reference"]):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
