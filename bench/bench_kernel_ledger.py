@@ -85,6 +85,7 @@ SWITCHES = {
     "AEFAST_DECODER_WINDOW_VECTORS": "0|1, csrc/cpu/unpool_deconv.cpp use_window_vectors",
     "AEFAST_DECODER_FORWARD": "vendor|sparse, csrc/cpu/unpool_deconv.cpp decoder_forward_uses_vendor",
     "AEFAST_CONV_TRANSPOSE_FORWARD": "gather|vendor, csrc/cpu/conv_transpose_act.cpp use_gather_forward",
+    "AEFAST_CONV_TRANSPOSE_GEMM": "auto|always|never, csrc/cpu/conv_transpose_gemm.cpp conv_transpose_gemm_serves",
 }
 
 
@@ -347,8 +348,12 @@ def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
     forward = Entry("conv_transpose_act2d forward (upsampler)", label, dense, fwd, [
         Variant("decoder gather kernel, 1x1 windows", fwd, {"AEFAST_CONV_TRANSPOSE_FORWARD": "gather"},
                 "conv_transpose_act2d gather"),
-        Variant("oneDNN transposed conv + activation pass", fwd, {"AEFAST_CONV_TRANSPOSE_FORWARD": "vendor"},
+        Variant("oneDNN transposed conv + activation pass", fwd,
+                {"AEFAST_CONV_TRANSPOSE_FORWARD": "vendor", "AEFAST_CONV_TRANSPOSE_GEMM": "never"},
                 "conv_transpose_act2d onednn"),
+        Variant("one GEMM (at::mm) + col2im + activation pass", fwd,
+                {"AEFAST_CONV_TRANSPOSE_FORWARD": "vendor", "AEFAST_CONV_TRANSPOSE_GEMM": "always"},
+                "conv_transpose_act2d gemm + col2im"),
     ], counted_as="FLOPs counted: the DENSE transposed conv, 2*N*Cin*H*W*Cout*k*k.")
     out, saved = fwd()
     act_input = saved if saved.numel() else out

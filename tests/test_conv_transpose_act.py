@@ -92,6 +92,9 @@ def test_grid_cpu_and_reference(case, act):
 # rule's pick does.
 @pytest.mark.parametrize("case", [GRID[0], GRID[1]], ids=["cout3", "cout17"])
 def test_cpu_forward_kernel_switch(case, monkeypatch):
+    # oneDNN, not the GEMM + col2im form, for the non-gather path (tests/test_vae_speed_paths.py
+    # covers that switch).
+    monkeypatch.setenv("AEFAST_CONV_TRANSPOSE_GEMM", "never")
     n, ci, co, hw, k, s, p, op = case
     x, w, b = make(n, ci, co, hw, k, dtype=torch.float32)
 
