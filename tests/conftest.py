@@ -35,22 +35,40 @@ def backend_device(name: str) -> str:
     return "cpu"
 
 
+def _backend_marks(name):
+    if name == "cuda":
+        return [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="no CUDA backend here")]
+    if name == "triton":
+        marks = [pytest.mark.gpu_triton] if torch.cuda.is_available() else []
+        ok, why = _backend.availability()["triton"]
+        return marks + [pytest.mark.skipif(not ok, reason=why)]
+    return []
+
+
 def _backend_params(names):
-    params = []
-    for name in names:
-        marks = []
-        if name == "cuda":
-            marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="no CUDA backend here")]
-        elif name == "triton":
-            marks = [pytest.mark.gpu_triton] if torch.cuda.is_available() else []
-            ok, why = _backend.availability()["triton"]
-            marks.append(pytest.mark.skipif(not ok, reason=why))
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return [pytest.param(name, marks=_backend_marks(name), id=name) for name in names]
 
 
 ALL_BACKENDS = _backend_params(["cpu", "triton", "reference", "cuda"])
 KERNEL_BACKENDS = _backend_params(["cpu", "triton", "cuda"])
+
+# The Triton interpreter runs a kernel as numpy, one program at a time: a case costs it seconds where the
+# other backends take milliseconds.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_grid(cases, interpreted_cases, ids, backends=("cpu", "triton", "reference", "cuda")):
+    """Rows for ``@pytest.mark.parametrize("backend,<case fields>", ..., indirect=["backend"])`` (the
+    `backend` fixture then sets each row's backend): every backend runs every case of the grid, except
+    the Triton interpreter, which runs ``interpreted_cases``, a covering subset (each value of each
+    field still meets each value of the others that matters, and every kernel specialization the full
+    grid launches is still launched, so the Triton AOT gate compiles the same set). On a GPU, Triton
+    runs the whole grid. ids(case) names a case."""
+    rows = []
+    for name in backends:
+        for case in interpreted_cases if name == "triton" and TRITON_INTERPRETED else cases:
+            rows.append(pytest.param(name, *case, marks=_backend_marks(name), id=f"{name}-{ids(case)}"))
+    return rows
 
 
 @pytest.fixture(params=ALL_BACKENDS)

@@ -17,7 +17,7 @@ import aefast.functional as AF
 import aefast.reference.functional as RF
 from aefast import backend as _backend
 from aefast.ops.conv_pool import is_tiling_pool, pooled_size
-from conftest import TOLERANCES, aefast_strides_cross_checked, backend_device
+from conftest import TOLERANCES, TRITON_INTERPRETED, aefast_strides_cross_checked, backend_device, backend_grid
 from test_conv_pool import ACTS, NEAR_TIE, make, torch_act
 
 # (pool, pool_stride, ceil_mode): FCN-8s's 2/2 ceil pools, AlexNet-style 3/2, gapped 2/3.
@@ -89,29 +89,53 @@ def test_pooled_size_is_torchs_rule():
     assert not is_tiling_pool((8, 8), (3, 3), (2, 2), False)
 
 
-@pytest.mark.parametrize("pool,pool_stride,ceil_mode", GEOMETRIES, ids=GEO_IDS)
-@pytest.mark.parametrize("hw", [(7, 7), (13, 9)], ids=lambda s: f"{s[0]}x{s[1]}")
+# The Triton interpreter (~10-30 s a case) runs each geometry at one of the two sizes: the ceil and
+# the floor geometries each meet both sizes (the size is no kernel constexpr: the same specializations).
+_HWS = [(7, 7), (13, 9)]
+MATCH_CASES = [(hw, *geo) for hw in _HWS for geo in GEOMETRIES]
+MATCH_CASES_INTERPRETED = [(_HWS[(i // 2) % 2], *geo) for i, geo in enumerate(GEOMETRIES)]
+
+
+@pytest.mark.parametrize("backend,hw,pool,pool_stride,ceil_mode",
+                         backend_grid(MATCH_CASES, MATCH_CASES_INTERPRETED,
+                                      lambda c: f"{c[0][0]}x{c[0][1]}-" + GEO_IDS[GEOMETRIES.index(c[1:])]),
+                         indirect=["backend"])
 def test_matches_torch(backend, pool, pool_stride, ceil_mode, hw):
     # odd H/W where ceil_mode adds a clipped window; channels 3 -> 17, batch 1; 3x3 conv, pad 1
     x, w, b = make(1, 3, 17, *hw, 3, torch.float32, backend_device(backend), seed=sum(hw) + pool[0])
     check_case(x, w, b, 1, 1, "relu", pool, pool_stride, ceil_mode)
 
 
-@pytest.mark.parametrize("act", ACTS, ids=str)
+# The Triton interpreter (~15 s a case) runs three activations (piecewise-linear with ties, with a slope,
+# smooth); every activation's kernels (the same specializations: pool 3, stride-independent) run under it
+# in test_conv_pool.py's grid, and the pool geometry's in test_matches_torch.
+ACT_CASES_INTERPRETED = [(act,) for act in ("relu", "leaky_relu", "gelu")]
+
+
+@pytest.mark.parametrize("backend,act", backend_grid([(a,) for a in ACTS], ACT_CASES_INTERPRETED, lambda c: str(c[0])),
+                         indirect=["backend"])
 def test_activations_overlap_and_ceil(backend, act):
     x, w, b = make(2, 17, 3, 9, 11, 3, torch.float32, backend_device(backend), seed=3)
     check_case(x, w, b, (1, 2), 0, act, 3, 2, True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).replace("torch.", ""))
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_dtypes_and_layouts(backend, dtype, channels_last):
     x, w, b = make(2, 3, 5, 13, 9, 3, dtype, backend_device(backend), seed=7)
     if channels_last:
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     grad_tol = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}.get(dtype)
-    for pool, pool_stride, ceil_mode in (((2, 2), (2, 2), True), ((3, 3), (2, 2), False)):
+    geometries = [((2, 2), (2, 2), True), ((3, 3), (2, 2), False)]
+    if backend == "triton" and TRITON_INTERPRETED and (DTYPES.index(dtype) + channels_last) % 2:
+        # The interpreter (~8 s a geometry) runs the ceil geometry in every dtype with one layout, the
+        # layouts alternating; the specializations skipped here (pool 2 with fp32/fp16 channels_last,
+        # fp64/bf16 NCHW) are launched by test_conv_pool.py's test_dtypes and test_channels_last_input.
+        geometries = geometries[1:]
+    for pool, pool_stride, ceil_mode in geometries:
         check_case(x, w, b, 1, 1, "relu", pool, pool_stride, ceil_mode, grad_tol=grad_tol)
     y = AF.conv_pool2d(x, w, b, 1, 1, "relu", 3, False, pool_stride=2, ceil_mode=True)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
