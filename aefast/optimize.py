@@ -467,17 +467,26 @@ class _Rewriter:
         self.report.append(f"conv_transpose_act2d <- {conv_node.target} (ConvTranspose2d, stride "
                            f"{_pair(deconv.stride)}) -> " + self.epilogue_text(bn_node, bn, batch_bn, act))
 
+    def batch_statistics_norm_before(self, act_node):
+        """(activation, BatchNorm node, BatchNorm2d) when ``act_node`` is an activation of a plain
+        BatchNorm2d call that a training-mode rewrite may fuse, else None."""
+        act = self.activation(act_node)
+        if act is None or not self.training or not self.batch_norm_training:
+            return None
+        bn_node = act[2]
+        bn = self.module(bn_node) if isinstance(bn_node, fx.Node) else None
+        if type(bn) is not nn.BatchNorm2d or len(bn_node.args) != 1 or bn_node.kwargs:
+            return None
+        return act, bn_node, bn
+
     # -- Conv2d (stride > 1) → BatchNorm2d (batch statistics) → activation with no pool after it (the conv
     #    VAE's and DCGAN-style stride-2 encoders): conv_bn_pool2d with 1x1 windows, so the conv's backward is
     #    aefast's (on CPU, small grad_inputs as one GEMM plus a col2im: csrc/cpu/conv_transpose_gemm.cpp)
     def conv_batch_norm_act(self, act_node):
-        act = self.activation(act_node)
-        if act is None or not self.training or not self.batch_norm_training:
+        found = self.batch_statistics_norm_before(act_node)
+        if found is None:
             return
-        bn_node = act[2]
-        bn = self.module(bn_node) if isinstance(bn_node, fx.Node) else None
-        if type(bn) is not nn.BatchNorm2d or len(bn_node.args) != 1 or bn_node.kwargs:
-            return
+        act, bn_node, bn = found
         conv_node = bn_node.args[0]
         if not self.only_feeds(bn_node, act_node) or not self.only_feeds(conv_node, bn_node):
             return
@@ -504,13 +513,10 @@ class _Rewriter:
     # -- BatchNorm2d (batch statistics) → activation, where no pool follows (U-Net's double convs,
     #    decoders, VAEs): batch_norm_act2d keeps only BatchNorm's input and runs two passes each way
     def batch_norm_act(self, act_node):
-        act = self.activation(act_node)
-        if act is None or not self.training or not self.batch_norm_training:
+        found = self.batch_statistics_norm_before(act_node)
+        if found is None:
             return
-        bn_node = act[2]
-        bn = self.module(bn_node) if isinstance(bn_node, fx.Node) else None
-        if type(bn) is not nn.BatchNorm2d or len(bn_node.args) != 1 or bn_node.kwargs:
-            return
+        act, bn_node, bn = found
         if not self.only_feeds(bn_node, act_node):
             return
         with self.graph.inserting_before(act_node):
