@@ -119,6 +119,15 @@ void check_param(const char* op, const c10::optional<at::Tensor>& t, int64_t C, 
                 t->sizes());
 }
 
+// The checks the forward and the backward share: the activation code and the per-channel parameters.
+void check_activation_and_params(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "aefast::", op, ": unknown activation code ",
+              activation);
+  check_param(op, weight, input.size(1), "weight");
+  check_param(op, bias, input.size(1), "bias");
+}
+
 template <typename acc_t>
 std::vector<acc_t> param_or(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
   std::vector<acc_t> v(C, fill);
@@ -194,10 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
   check_input(op, input);
   check_same_device(op, {&input}, weight);
   check_same_device(op, {&input}, bias);
-  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "aefast::", op, ": unknown activation code ",
-              activation);
-  check_param(op, weight, input.size(1), "weight");
-  check_param(op, bias, input.size(1), "bias");
+  check_activation_and_params(op, input, weight, bias, activation);
   const Layout L = layout_of(input);
   const at::Tensor x = input.contiguous(L.format());
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(L.format()));
@@ -271,10 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
               ", the input ", input.sizes());
   TORCH_CHECK(mean.numel() == input.size(1) && var.numel() == input.size(1), "aefast::", op,
               ": mean and var must have one entry per channel");
-  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "aefast::", op, ": unknown activation code ",
-              activation);
-  check_param(op, weight, input.size(1), "weight");
-  check_param(op, bias, input.size(1), "bias");
+  check_activation_and_params(op, input, weight, bias, activation);
   const Layout L = layout_of(input);
   const at::Tensor x = input.contiguous(L.format());
   const at::Tensor go = grad_out.to(x.scalar_type()).contiguous(L.format());

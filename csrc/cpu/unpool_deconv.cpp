@@ -1532,13 +1532,15 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   // channels_last in, channels_last out (eager's rule; the fake function follows it).
   const bool cl = decoder_channels_last(input);
   const at::MemoryFormat fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor z = dense_in(input, fmt), idx = dense_in(indices, fmt), w = weight.contiguous();
+  const at::Tensor z = dense_in(input, fmt), idx = dense_in(indices, fmt);
   if (decoder_forward_uses_vendor(g, cl, input.scalar_type())) {
     RECORD_USER_SCOPE("aefast path: unpool_conv_transpose2d vendor conv");
     at::Tensor out, pre = at::empty({0}, input.options());
-    forward_vendor(z, idx, w, bias, g, output_padding, act, negative_slope, fmt, out, pre);
+    // the weight as it is: oneDNN takes either layout (a channels_last model's needs no NCHW copy)
+    forward_vendor(z, idx, weight, bias, g, output_padding, act, negative_slope, fmt, out, pre);
     return {out, pre};
   }
+  const at::Tensor w = weight.contiguous();
   // Output-sized buffers through the buffer cache (aefast/cpu_buffer_cache.h).
   at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options(), fmt);
   at::Tensor pre = act_needs_preactivation(act) ? empty_cpu_cached(out.sizes(), input.options(), fmt)
