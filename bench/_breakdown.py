@@ -22,7 +22,7 @@ For each kernel the table gives, from the recorded input shapes, dtypes and scal
   uint8 window offsets, int64 flat indices). Temporaries a kernel makes (oneDNN's full-resolution
   conv output inside conv_pool2d_forward, an im2col buffer) are not minimum traffic and are not
   counted: a kernel far above its memory roof shows where they cost.
-- Which limit binds: the roofline. The time the op needs at the machine's measured sgemm rate
+- Which limit binds: the roofline. The time the op needs at the machine's measured fp32 GEMM peak
   (flops / peak) against the time it needs at the copy bandwidth (bytes / bandwidth); the larger
   one is the limit that binds (compute if the op's FLOP/byte exceeds the machine's balance,
   peak GFLOP/s / peak GB/s), and "% of roof" is that minimum time over the measured time.
@@ -512,7 +512,7 @@ class Breakdown:
     peak_gbps: float
     timing: str
     rows: list[KernelRow] = field(default_factory=list)
-    peak_label: str = "sgemm"
+    peak_label: str = "GEMM peak"
 
     def as_dict(self) -> dict:
         return dict(asdict(self))
@@ -564,14 +564,14 @@ def _device_ms(e, device) -> float:
 
 
 def machine_limits(device: str, dtype: torch.dtype | None = None) -> tuple[float, float, str]:
-    """(GEMM GFLOP/s, copy GB/s, label) measured now. CPU: the harness's sgemm and copy (fp32;
-    1024^3 GEMM, 64 MiB copy, best of 5). CUDA: a 8192^3 GEMM in the step's compute dtype (fp32, or
+    """(GEMM GFLOP/s, copy GB/s, label) measured now. CPU: the harness's fp32 GEMM peak (the better of
+    torch.mm 1024^3 and oneDNN's 3x3 conv) and copy (64 MiB), best of 5. CUDA: a 8192^3 GEMM in the step's compute dtype (fp32, or
     bf16/fp16 under autocast) and a 1 GiB device copy, best of 5."""
     import _harness as H
 
     if not device.startswith("cuda"):
         gflops, gbps = H._measure_cpu_limits()
-        return gflops, gbps, "sgemm (fp32)"
+        return gflops, gbps, "GEMM peak (fp32)"
     dt = dtype or torch.float32
     a = torch.randn(8192, 8192, device=device, dtype=dt)
     src = torch.ones(2**28, device=device)
@@ -597,7 +597,7 @@ def machine_limits(device: str, dtype: torch.dtype | None = None) -> tuple[float
 
 def profile_breakdown(fn: Callable[[], object], *, steps: int = 3, device: str = "cpu",
                       peak_gflops: float | None = None, peak_gbps: float | None = None,
-                      peak_label: str = "sgemm", dtype: torch.dtype | None = None,
+                      peak_label: str = "GEMM peak", dtype: torch.dtype | None = None,
                       warmup: int = 1) -> Breakdown:
     """Profiles ``steps`` calls of ``fn`` (after ``warmup``), each on its own, and returns the
     per-kernel breakdown of the median one by wall time: on a shared machine one step in a few

@@ -9,9 +9,11 @@ the backward op on the saved tensors of one forward), so the figures are the ker
 the time (median over interleaved rounds: every variant of every case once per round), the work
 the kernel must do, its rate and the fraction of the limit:
 
-- compute-bound kernels: FLOPs (2 per multiply-add) against the sgemm peak, torch.mm of a
-  1024x1024 square in this process with the same thread count, measured before and after the
-  timings (the better of the two; bench/_harness.py cpu_limits_around). Which FLOPs are counted
+- compute-bound kernels: FLOPs (2 per multiply-add) against the fp32 GEMM peak, the
+  better of torch.mm of a 1024x1024 square (MKL's sgemm) and oneDNN's channels-last 3x3 conv (an
+  implicit GEMM) in this process with the same thread count, measured before and after the
+  timings (the better of the two; bench/_harness.py _measure_cpu_limits, cpu_limits_around). On
+  these AMD cores MKL's sgemm reaches about half of oneDNN's rate, so it is not the limit. Which FLOPs are counted
   is said per kernel: the DENSE conv where the kernel must do it all (the encoder forward, the
   BatchNorm encoder, the upsampler), the POOL-SPARSE count where only one conv position per pool
   window carries a value (the encoder backward, the decoder: 1/4 of the dense count for 2x2

@@ -14,7 +14,7 @@ whole step has no single minimum traffic worth quoting.
 Then, per case, a per-kernel breakdown of the aefast and the eager training step (one profiled
 step, the median of --breakdown-steps): per op its calls, time and share of the step, the FLOPs
 it EXECUTES (aefast's sparse kernels: what they compute, not the dense count), GFLOP/s against
-the sgemm rate and minimum bytes / GB/s against the copy bandwidth, both measured around the
+the fp32 GEMM peak and minimum bytes / GB/s against the copy bandwidth, both measured around the
 profiled steps, and
 which of the two limits binds (bench/_breakdown.py has the formulas and the rules).
 """
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
     allocator = H.apply_allocator_flag(args)
-    # The sgemm peak of the step rows is measured in this run, around the timings (the
+    # The GEMM peak of the step rows is measured in this run, around the timings (the
     # breakdowns measure their own limits around the profiled steps).
     (rows, breakdowns), peak, _, limits_line = H.cpu_limits_around(lambda: run(args), args.device)
     table = H.ratio_table(rows, "eager", peak_gflops=peak)

@@ -9,8 +9,8 @@ pre-gathered operands: a lower bound on any such implementation (gather, col2im 
 come on top). The argmax of a pooled value is per channel, so the channels summed into one
 unpooled position differ from window to window and offset to offset: a dense GEMM cannot skip
 the zeros of the unpooled map, and the GEMM form executes the dense multiply-adds (pool window
-times aefast's). aefast keeps its sparse kernels where they beat this bound. The sgemm peak is
-measured in this run, before and after the timings (the better of the two).
+times aefast's). aefast keeps its sparse kernels where they beat this bound. The fp32 GEMM peak (the better of
+torch.mm's sgemm and oneDNN's conv) is measured in this run, before and after the timings (the better of the two).
 
     python bench/bench_unpool_deconv.py [--device cuda] [--quick] [--no-compile] [--channels-last] [--out DIR]
 """
@@ -135,7 +135,7 @@ def main(argv=None):
     rows, peak, _, limits_line = cpu_limits_around(run_all, args.device)
     table = allocator + ("\n" + limits_line if limits_line else "") + "\n\n" + ratio_table(rows, "eager", peak_gflops=peak)
     table += "\n\nGFLOP/s count the MACs each variant executes (2 FLOP each)" + \
-             (f"; the machine's sgemm peak, measured in this run, is {peak:.0f} GFLOP/s." if peak else ".") + \
+             (f"; the machine's fp32 GEMM peak, measured in this run, is {peak:.0f} GFLOP/s." if peak else ".") + \
              f" \"{GEMM_FORM}\": the GEMMs a vendor-GEMM decoder would run (dense multiply-adds: the argmax is " \
              "per channel), timed alone on pre-gathered operands, a lower bound on that form.\n\n" + mac_table(rows)
     table += "\n\n" + fallbacks_line()

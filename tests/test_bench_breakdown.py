@@ -187,7 +187,7 @@ def test_ratio_table_leaves_out_empty_columns():
 def test_limits_are_measured_around_the_profile_when_not_given():
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     b = B.profile_breakdown(lambda: F.conv2d(x, w), steps=1)
-    assert b.peak_gflops > 0 and b.peak_gbps > 0 and b.peak_label == "sgemm (fp32)"
+    assert b.peak_gflops > 0 and b.peak_gbps > 0 and b.peak_label == "GEMM peak (fp32)"
     row = _rows(b)["aten::conv2d"]
     assert row.pct_flops_peak == pytest.approx(100 * row.gflops / b.peak_gflops)
-    assert f"sgemm (fp32) {b.peak_gflops:.1f} GFLOP/s" in B.breakdown_table("conv", b)
+    assert f"GEMM peak (fp32) {b.peak_gflops:.1f} GFLOP/s" in B.breakdown_table("conv", b)
