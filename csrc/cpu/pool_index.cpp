@@ -21,6 +21,19 @@ void for_each_plane_range(const at::Tensor& t, Body body) {
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) { body(begin, end, out_h, out_w); });
 }
 
+// Calls element(k, oh, ow) for every pooled position k (flat over the tensor) and its row and
+// column in its plane, planes in parallel.
+template <typename Element>
+void for_each_pooled_position(const at::Tensor& t, Element element) {
+  for_each_plane_range(t, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t base = p * out_h * out_w;
+      for (int64_t oh = 0; oh < out_h; ++oh)
+        for (int64_t ow = 0; ow < out_w; ++ow) element(base + oh * out_w + ow, oh, ow);
+    }
+  });
+}
+
 at::Tensor flat_to_window_cpu(const at::Tensor& indices, c10::IntArrayRef input_size, c10::IntArrayRef kernel,
                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   check_same_device("flat_to_window", {&indices});
@@ -30,15 +43,8 @@ at::Tensor flat_to_window_cpu(const at::Tensor& indices, c10::IntArrayRef input_
   at::Tensor out = empty_cpu_cached(src.sizes(), src.options().dtype(at::kByte));
   const int64_t* in_ptr = src.const_data_ptr<int64_t>();
   uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
-  for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t base = p * out_h * out_w;
-      for (int64_t oh = 0; oh < out_h; ++oh)
-        for (int64_t ow = 0; ow < out_w; ++ow) {
-          const int64_t k = base + oh * out_w + ow;
-          out_ptr[k] = window_offset_of_flat(in_ptr[k], oh, ow, g);
-        }
-    }
+  for_each_pooled_position(src, [&](int64_t k, int64_t oh, int64_t ow) {
+    out_ptr[k] = window_offset_of_flat(in_ptr[k], oh, ow, g);
   });
   return out;
 }
@@ -78,15 +84,8 @@ at::Tensor window_to_flat_cpu(const at::Tensor& window, c10::IntArrayRef input_s
     });
     return out;
   }
-  for_each_plane_range(src, [&](int64_t begin, int64_t end, int64_t out_h, int64_t out_w) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t base = p * out_h * out_w;
-      for (int64_t oh = 0; oh < out_h; ++oh)
-        for (int64_t ow = 0; ow < out_w; ++ow) {
-          const int64_t k = base + oh * out_w + ow;
-          out_ptr[k] = flat_of_window_offset(in_ptr[k], oh, ow, g);
-        }
-    }
+  for_each_pooled_position(src, [&](int64_t k, int64_t oh, int64_t ow) {
+    out_ptr[k] = flat_of_window_offset(in_ptr[k], oh, ow, g);
   });
   return out;
 }

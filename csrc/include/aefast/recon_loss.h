@@ -78,43 +78,9 @@ AEFAST_FM float exp_nonpos(float x) {
   return y * bits_to_float((n + 127) << 23);
 }
 
-// natural log for every float: log(0) = -inf, log(<0) = NaN, log(inf) = inf, subnormals scaled.
-AEFAST_FM float log(float x) {
-  const float scaled = x * 8388608.0f;  // 2^23 brings subnormals into the normal range
-  const float xs = select(x < 1.17549435e-38f, scaled, x);
-  const int32_t bits = float_to_bits(xs);
-  const float shift = x < 1.17549435e-38f ? 23.0f : 0.0f;
-  const float e0 = static_cast<float>(((bits >> 23) & 0xff) - 126) - shift;
-  const float m0 = bits_to_float((bits & 0x807fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const float e_small = e0 - 1.0f, m_small = m0 + m0 - 1.0f, m_big = m0 - 1.0f;
-  const float e = select(m0 < 0.707106781186547524f, e_small, e0);
-  const float m = select(m0 < 0.707106781186547524f, m_small, m_big);
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  float out = m + y + 0.693359375f * e;
-  const float inf = __builtin_inff(), nan = __builtin_nanf("");
-  out = select(x == 0.0f, -inf, out);
-  out = select(x == inf, inf, out);
-  return select((x < 0.0f) | (x != x), nan, out);
-}
-
-// log(w) for w in [1, 2] with no special cases (callers guarantee the range; a NaN w gives a
-// garbage finite value, so callers must propagate NaN through another term).
-AEFAST_FM float log_1_2(float w) {
-  const int32_t bits = float_to_bits(w);
-  const float e0 = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  const float m0 = bits_to_float((bits & 0x807fffff) | 0x3f000000);
+// log(m0 * 2^e0) for a mantissa m0 in [0.5, 1) and its exponent e0 (Cephes logf's reduction to
+// [sqrt(1/2), sqrt(2)) and its polynomial); no special cases: the callers below add them.
+AEFAST_FM float log_of_mantissa_exponent(float e0, float m0) {
   const float e_small = e0 - 1.0f, m_small = m0 + m0 - 1.0f, m_big = m0 - 1.0f;
   const float e = select(m0 < 0.707106781186547524f, e_small, e0);
   const float m = select(m0 < 0.707106781186547524f, m_small, m_big);
@@ -132,6 +98,30 @@ AEFAST_FM float log_1_2(float w) {
   y += -2.12194440e-4f * e;
   y += -0.5f * z;
   return m + y + 0.693359375f * e;
+}
+
+// natural log for every float: log(0) = -inf, log(<0) = NaN, log(inf) = inf, subnormals scaled.
+AEFAST_FM float log(float x) {
+  const float scaled = x * 8388608.0f;  // 2^23 brings subnormals into the normal range
+  const float xs = select(x < 1.17549435e-38f, scaled, x);
+  const int32_t bits = float_to_bits(xs);
+  const float shift = x < 1.17549435e-38f ? 23.0f : 0.0f;
+  const float e0 = static_cast<float>(((bits >> 23) & 0xff) - 126) - shift;
+  const float m0 = bits_to_float((bits & 0x807fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  float out = log_of_mantissa_exponent(e0, m0);
+  const float inf = __builtin_inff(), nan = __builtin_nanf("");
+  out = select(x == 0.0f, -inf, out);
+  out = select(x == inf, inf, out);
+  return select((x < 0.0f) | (x != x), nan, out);
+}
+
+// log(w) for w in [1, 2] with no special cases (callers guarantee the range; a NaN w gives a
+// garbage finite value, so callers must propagate NaN through another term).
+AEFAST_FM float log_1_2(float w) {
+  const int32_t bits = float_to_bits(w);
+  const float e0 = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  const float m0 = bits_to_float((bits & 0x807fffff) | 0x3f000000);
+  return log_of_mantissa_exponent(e0, m0);
 }
 
 // log(1 + u) without cancellation: log(w) * u / (w - 1) with w = 1 + u corrects the rounding of w.
