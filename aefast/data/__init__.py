@@ -24,6 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from aefast.data.surfaces import _grid, _value_noise  # the procedural textures' two primitives
+
 DEFECT_KINDS = ("scratch", "spot", "crack")
 DATASETS = ("mnist", "digits", "textures", "textures_hard", "shapes")
 
@@ -129,20 +131,6 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, limit: int | None = N
 
 # ================================================================ procedural surfaces and defects
 
-def _grid(size):
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    return yy, xx
-
-
-def _smooth_noise(rng, size, scale):
-    """Value noise: a coarse random grid, bilinearly upsampled (a cheap, seedable texture)."""
-    coarse = rng.random((scale + 1, scale + 1)).astype(np.float32)
-    t = np.linspace(0, scale, size, dtype=np.float32)
-    i0 = np.minimum(t.astype(int), scale - 1)
-    f = t - i0
-    rows = coarse[i0] * (1 - f)[:, None] + coarse[i0 + 1] * f[:, None]
-    return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
-
 
 def _texture(rng, size):
     """A woven/brushed surface: two oriented gratings of one family plus fine and coarse noise."""
@@ -154,7 +142,7 @@ def _texture(rng, size):
         freq = rng.uniform(0.55, 0.75)
         phase = rng.uniform(0, 2 * np.pi)
         img += 0.5 * np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
-    img = 0.5 + 0.12 * img / 2 + 0.08 * (_smooth_noise(rng, size, 4) - 0.5)
+    img = 0.5 + 0.12 * img / 2 + 0.08 * (_value_noise(rng, size, 4) - 0.5)
     img += rng.normal(0, 0.02, (size, size))
     return img.astype(np.float32)
 
@@ -302,8 +290,8 @@ def make_shapes(n_train: int = 800, n_test: int = 200, size: int = 32, seed: int
     masks = np.zeros((n, 1, size, size), np.float32)
     counts = np.empty(n, np.int64)
     for i in range(n):
-        bg = 0.35 + 0.35 * (_smooth_noise(rng, size, 3) - 0.5)
-        fg = 0.65 + 0.35 * (_smooth_noise(rng, size, 3) - 0.5)
+        bg = 0.35 + 0.35 * (_value_noise(rng, size, 3) - 0.5)
+        fg = 0.65 + 0.35 * (_value_noise(rng, size, 3) - 0.5)
         m = np.zeros((size, size), bool)
         counts[i] = rng.integers(1, 4)
         for _ in range(counts[i]):

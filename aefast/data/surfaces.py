@@ -27,6 +27,8 @@ def _grid(size):
 
 
 def _value_noise(rng, size, cells):
+    """Value noise: a coarse random grid of (cells+1)^2 values, bilinearly upsampled to size x size
+    (a cheap, seedable texture)."""
     coarse = rng.random((cells + 1, cells + 1)).astype(np.float32)
     t = np.linspace(0, cells, size, dtype=np.float32)
     i0 = np.minimum(t.astype(int), cells - 1)
