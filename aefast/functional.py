@@ -321,6 +321,32 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
     return _channels_last_like(out, input)
 
 
+def conv_transpose_act2d_cropped(input, weight, bias, stride, padding, output_padding, rows, cols, activation=None,
+                                 negative_slope=0.01):
+    """conv_transpose_act2d(input, weight, bias, stride, padding, output_padding, activation=...)[:, :, rows, cols]
+    (``rows``, ``cols``: slices), as aefast.optimize rewrites an upsampler whose output is only
+    cropped (FCN's score upsamplers: upscore2[:, :, 1:1 + h, 1:1 + w], upscore8[:, :, 4:4 + H, 4:4 + W]).
+
+    Per axis, with L the full output length, keeping [c0, c1) is the same transposed conv with
+    padding p + c0 (which drops c0 positions at both ends) and output_padding op + c0 + c1 - L
+    (which puts back the end's), when that lies in [0, stride): then the op computes and stores only
+    the kept map, and its backward reads only it (a slice's backward zero-fills the full map and
+    copies into it). Otherwise, and for a step other than 1, the op then the slice, as written."""
+    s, p, op = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0), \
+        pair(output_padding, "output_padding", minimum=0)
+    full = [(input.shape[-2 + a] - 1) * s[a] - 2 * p[a] + weight.shape[2 + a] + op[a] for a in range(2)]
+    folded = []
+    for a, crop in enumerate((rows, cols)):
+        c0, c1, step = crop.indices(full[a]) if isinstance(crop, slice) else (0, 0, 0)
+        extra = op[a] + c0 + c1 - full[a]
+        folded.append((p[a] + c0, extra) if step == 1 and c1 > c0 and 0 <= extra < s[a] else None)
+    if None in folded:
+        out = conv_transpose_act2d(input, weight, bias, s, p, op, activation=activation, negative_slope=negative_slope)
+        return out[:, :, rows, cols]
+    return conv_transpose_act2d(input, weight, bias, s, tuple(f[0] for f in folded), tuple(f[1] for f in folded),
+                                activation=activation, negative_slope=negative_slope)
+
+
 # ================================================================ fused blocks
 
 def _conv_out_hw(hw, k, s, p):

@@ -335,3 +335,66 @@ def test_large_stride_compiles_fullgraph():
         (ww,) = torch.autograd.grad(want, w)
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
     torch.testing.assert_close(gw, ww, **TOLERANCES[torch.float32])
+
+
+# ------------------------------------------------------------------ an upsampler's crop as padding
+
+# (input hw, kernel, stride, padding, output_padding, rows, cols, folds)
+CROPS = [
+    ((12, 12), 16, 8, 0, 0, slice(4, 100), slice(4, 100), True),     # FCN-8s' upscore8 crop
+    ((3, 3), 4, 2, 0, 0, slice(1, 7), slice(1, 7), True),            # upscore2's
+    ((5, 7), 16, 8, 1, 0, slice(3, 44), slice(2, None), True),        # asymmetric: output_padding 1 / 2
+    ((5, 4), 3, 2, 1, 1, slice(1, -1), slice(None, -1), True),        # open and negative ends
+    ((5, 4), 3, 2, 0, 0, slice(0, 5), slice(None), False),           # would need output_padding >= stride
+    ((4, 4), 4, 2, 0, 0, slice(1, 9, 2), slice(1, 9), False),         # a step
+    ((4, 4), 4, 2, 0, 0, slice(5, 3), slice(1, 9), False),            # empty
+]
+
+
+@pytest.mark.parametrize("case", CROPS)
+def test_cropped_upsampler_equals_op_then_slice(case):
+    hw, k, s, p, op, rows, cols, folds = case
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 5, k, k, generator=g, dtype=torch.float64) / (3 * k * k) ** 0.5
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    leaves = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
+    with aefast.set_backend("cpu"):
+        got = AF.conv_transpose_act2d_cropped(*leaves[0], s, p, op, rows, cols, "leaky_relu", 0.2)
+        want = AF.conv_transpose_act2d(*leaves[1], s, p, op, activation="leaky_relu",
+                                       negative_slope=0.2)[:, :, rows, cols]
+    assert got.shape == want.shape
+    # folded: the op's own output (no slice after it, so no zero-filled full map in the backward)
+    assert (got.grad_fn.name() == "aefast::ConvTransposeAct2DBackward") == folds
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    if got.numel():
+        grad = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        got.backward(grad)
+        want.backward(grad)
+        for a, e in zip(*leaves):
+            torch.testing.assert_close(a.grad, e.grad, **TOLERANCES[torch.float64])
+
+
+def test_optimize_folds_an_upsamplers_crop():
+    class Upscore(torch.nn.Module):  # FCN's last layer: stride-8 ConvTranspose2d, cropped to the input size
+        def __init__(self):
+            super().__init__()
+            self.score = torch.nn.Conv2d(3, 4, 1)
+            self.up = torch.nn.ConvTranspose2d(4, 4, 16, stride=8, bias=False)
+
+        def forward(self, x):
+            h = self.up(self.score(torch.nn.functional.max_pool2d(x, 8, ceil_mode=True)))
+            return h[:, :, 4:4 + x.size(2), 4:4 + x.size(3)].contiguous()
+
+    model = Upscore()
+    opt = aefast.optimize(Upscore(), verbose=False)
+    opt.load_state_dict(model.state_dict())
+    assert any("conv_transpose_act2d <- up" in r and "crop" in r for r in opt.aefast_rewrites)
+    x = torch.rand(2, 3, 40, 37)
+    y, y_opt = model(x), opt(x)
+    torch.testing.assert_close(y_opt, y, **TOLERANCES[torch.float32])
+    y.square().sum().backward()
+    y_opt.square().sum().backward()
+    for a, e in zip(opt.parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5)
+    assert torch.compile(opt, fullgraph=True, backend="aot_eager")(x).shape == y.shape
