@@ -322,7 +322,7 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
 
 
 def conv_transpose_act2d_cropped(input, weight, bias, stride, padding, output_padding, rows, cols, activation=None,
-                                 negative_slope=0.01):
+                                 negative_slope=0.01, contiguous_output=False):
     """conv_transpose_act2d(input, weight, bias, stride, padding, output_padding, activation=...)[:, :, rows, cols]
     (``rows``, ``cols``: slices), as aefast.optimize rewrites an upsampler whose output is only
     cropped (FCN's score upsamplers: upscore2[:, :, 1:1 + h, 1:1 + w], upscore8[:, :, 4:4 + H, 4:4 + W]).
@@ -331,7 +331,14 @@ def conv_transpose_act2d_cropped(input, weight, bias, stride, padding, output_pa
     padding p + c0 (which drops c0 positions at both ends) and output_padding op + c0 + c1 - L
     (which puts back the end's), when that lies in [0, stride): then the op computes and stores only
     the kept map, and its backward reads only it (a slice's backward zero-fills the full map and
-    copies into it). Otherwise, and for a step other than 1, the op then the slice, as written."""
+    copies into it). Otherwise, and for a step other than 1, the op then the slice, as written.
+
+    ``contiguous_output``: the caller makes the result NCHW-contiguous anyway (FCN's last crop, then
+    ``.contiguous()``): the op then runs on NCHW operands, whose layout it keeps, so neither the
+    output nor its gradient is converted (two copies of the full-resolution map per step) and the
+    sub-pixel form takes its NCHW kernels (measured faster at FCN's upscore8: see conv_transpose_gemm.cpp)."""
+    if contiguous_output:
+        input, weight = input.contiguous(), weight.contiguous()
     s, p, op = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0), \
         pair(output_padding, "output_padding", minimum=0)
     full = [(input.shape[-2 + a] - 1) * s[a] - 2 * p[a] + weight.shape[2 + a] + op[a] for a in range(2)]

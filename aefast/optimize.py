@@ -472,9 +472,12 @@ class _Rewriter:
         index = crop.args[1] if crop is not None and crop.target is operator.getitem else None
         if isinstance(index, tuple) and len(index) == 4 and all(isinstance(i, slice) for i in index) and \
                 index[0] == slice(None) and index[1] == slice(None):
+            then = next(iter(crop.users)) if len(crop.users) == 1 else None
+            nchw = then is not None and then.op == "call_method" and then.target == "contiguous" and \
+                len(then.args) == 1 and not then.kwargs
             with self.graph.inserting_before(crop):
                 cropped = self.graph.call_function(AF.conv_transpose_act2d_cropped, (*fused.args, index[2], index[3]),
-                                                   dict(fused.kwargs))
+                                                   {**fused.kwargs, "contiguous_output": nchw})
             crop.replace_all_uses_with(cropped)
             self.erase(crop, fused)
             self.report[-1] += " -> crop (as padding where it maps onto one)"

@@ -375,7 +375,7 @@ def test_cropped_upsampler_equals_op_then_slice(case):
             torch.testing.assert_close(a.grad, e.grad, **TOLERANCES[torch.float64])
 
 
-def test_optimize_folds_an_upsamplers_crop():
+def test_optimize_folds_an_upsamplers_crop(monkeypatch):
     class Upscore(torch.nn.Module):  # FCN's last layer: stride-8 ConvTranspose2d, cropped to the input size
         def __init__(self):
             super().__init__()
@@ -387,14 +387,40 @@ def test_optimize_folds_an_upsamplers_crop():
             return h[:, :, 4:4 + x.size(2), 4:4 + x.size(3)].contiguous()
 
     model = Upscore()
+    calls, original = [], AF.conv_transpose_act2d_cropped
+    monkeypatch.setattr(AF, "conv_transpose_act2d_cropped", lambda *a, **k: calls.append(k) or original(*a, **k))
     opt = aefast.optimize(Upscore(), verbose=False)
     opt.load_state_dict(model.state_dict())
     assert any("conv_transpose_act2d <- up" in r and "crop" in r for r in opt.aefast_rewrites)
+
     x = torch.rand(2, 3, 40, 37)
     y, y_opt = model(x), opt(x)
+    assert calls and all(k["contiguous_output"] for k in calls)  # .contiguous() follows the crop
     torch.testing.assert_close(y_opt, y, **TOLERANCES[torch.float32])
     y.square().sum().backward()
     y_opt.square().sum().backward()
     for a, e in zip(opt.parameters(), model.parameters()):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5)
     assert torch.compile(opt, fullgraph=True, backend="aot_eager")(x).shape == y.shape
+
+
+@pytest.mark.parametrize("case", [CROPS[0], CROPS[4]])
+def test_cropped_upsampler_contiguous_output(case):
+    """contiguous_output (optimize: the crop is then made .contiguous()): channels-last operands are
+    taken as NCHW, so a folded crop comes out contiguous; values and gradients unchanged."""
+    hw, k, s, p, op, rows, cols, folds = case
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(2, 4, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(4, 4, k, k, generator=g) / (4 * k * k) ** 0.5).contiguous(memory_format=torch.channels_last)
+    leaves = [[t.clone().requires_grad_() for t in (x, w)] for _ in range(2)]
+    with aefast.set_backend("cpu"):
+        got = AF.conv_transpose_act2d_cropped(*leaves[0], None, s, p, op, rows, cols, contiguous_output=True)
+        want = AF.conv_transpose_act2d(*leaves[1], None, s, p, op)[:, :, rows, cols].contiguous()
+    # folded: the op's own NCHW output; else a slice of it (the caller's .contiguous() copies the crop)
+    assert got.is_contiguous() if folds else got.stride(3) == 1
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    grad = torch.randn(got.shape, generator=g)
+    got.backward(grad)
+    want.backward(grad)
+    for a, e in zip(*leaves):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5)
