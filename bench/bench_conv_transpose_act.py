@@ -7,8 +7,8 @@ and every parameter), time and peak memory, in one run.
     python bench/bench_conv_transpose_act.py [--quick] [--keep-memory-mapped] [--out DIR]
 
 Shapes are the upsamplers of bench/architectures.py's decoders at benchmark sizes (U-Net, conv VAE,
-tutorial AE: stride 2; FCN-8s: stride 2 and 8). Run once with and once without --keep-memory-mapped (DESIGN.md: CPU ratios
-in both allocator settings). Variants run in interleaved rounds; the figure is the median over rounds.
+tutorial AE: stride 2; FCN-8s: stride 2 and 8). Run once with and once without --keep-memory-mapped
+(DESIGN.md: CPU ratios in both allocator settings). Variants run in interleaved rounds; the figure is the median over rounds.
 GFLOP/s count the dense transposed conv's FLOPs (forward 2*N*Cin*H*W*Cout*kh*kw, full three times that).
 """
 from __future__ import annotations

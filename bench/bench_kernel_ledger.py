@@ -38,9 +38,9 @@ and the variant whose path it took is the rule's ("yes" in the rule column); eve
 is checked the same way to have taken its path (one that cannot be forced on a shape, e.g. the
 window-vector kernels on a large slab, is left out and said so) and to agree with the dispatched
 op's outputs. The rule is not restated here: it lives once in the C++ (aefast/conv_algorithm.h,
-conv_pool_winograd.cpp, conv_pool.cpp, unpool_deconv.cpp, conv_transpose_act.cpp). Verdict, on the rule's row: "kept: X
-faster than Y by Z%" when the rule's variant is the fastest full implementation, else "rule
-takes X, but Y is Z% faster in this run"; and, where a GEMM form exists, how the rule's variant
+conv_pool_winograd.cpp, conv_pool.cpp, unpool_deconv.cpp, conv_transpose_act.cpp,
+conv_transpose_gemm.cpp). Verdict, on the rule's row: "kept: X faster than Y by Z%" when the rule's
+variant is the fastest full implementation, else "rule takes X, but Y is Z% faster in this run"; and, where a GEMM form exists, how the rule's variant
 stands against the GEMMs alone. Absolute CPU times on a shared machine are noise: run it on a
 quiet one (uptime below ~1), once with and once without --keep-memory-mapped.
 

@@ -258,8 +258,8 @@ def test_large_stride_rule():
 
     def both(x, w, s):
         out, _ = ops.conv_transpose_act2d(x, w, None, [s, s], [0, 0], [0, 0], None, 0.0)
-        ops.conv_transpose_act2d_backward(torch.randn(out.shape, dtype=out.dtype), out, x, w, [s, s], [0, 0], [0, 0], None, 0.0,
-                                          [True, True, False])
+        ops.conv_transpose_act2d_backward(torch.randn(out.shape, dtype=out.dtype), out, x, w, [s, s], [0, 0], [0, 0],
+                                          None, 0.0, [True, True, False])
 
     assert _paths(lambda: both(x, w, 8)) == {"conv_transpose_act2d sub-pixel gemm",
                                              "conv_transpose_act2d_backward sub-pixel gemm"}
