@@ -296,7 +296,10 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
 
     The transposed conv runs on the vendor's kernels (oneDNN on CPU, cuDNN on CUDA) and bias ->
     activation on its output in one pass; the backward makes the activation's gradient in one pass
-    and hands it to the vendor's convolution backward. ``groups`` and ``dilation`` are accepted for
+    and hands it to the vendor's convolution backward. On CPU the op's kernel runs it as GEMMs
+    instead where oneDNN is slow (one rule, conv_transpose_form in csrc/cpu/conv_transpose_gemm.cpp:
+    the sub-pixel GEMM at large strides, e.g. FCN's score upsamplers, a GEMM + col2im for small
+    forwards). ``groups`` and ``dilation`` are accepted for
     torch's signature and must be 1. Input is (N, C_in, H, W), weight (C_in, C_out, kH, kW) as
     ConvTranspose2d's; a BatchNorm2d in eval mode is folded into weight and bias by the caller
     (aefast.optimize does)."""
@@ -314,78 +317,41 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
     backend = choose("conv_transpose_act2d", device)
     if backend == "reference":
         return ref.conv_transpose_act2d(input, weight, bias, s, p, op, activation, negative_slope=negative_slope)
-    if backend == "cpu" and upsampler_runs_as_gemm(input, weight, s, p, op):
-        out = _conv_transpose_as_gemm(input, weight, bias, s, p, op)
-        return ref.apply_activation(out, activation, negative_slope)
     out = _conv_transpose_act.conv_transpose_act2d(backend, input, weight, bias, s, p, op, activation, negative_slope)
     return _channels_last_like(out, input)
 
 
-# The stride from which a transposed conv on CPU runs as one GEMM (_conv_transpose_as_gemm) rather
-# than oneDNN's transposed conv: FCN's score upsamplers (kernel 2s, stride 8 for FCN-8s, 16 and 32 for
-# FCN-16s/32s). Measured (one thread's CPU time, loaded 2-core machine, interleaved, so directions):
-# forward + backward with FCN-8s' crop, N16 4->4 k16 s8 from 12x12: oneDNN 7.0 ms vs GEMM 2.5 ms
-# channels-last, 5.5 vs 1.8 ms NCHW; k8 s4 from 24x24 (N16 4->4): 3.0-3.3 ms either way; stride 2
-# (k2, k3, k4 on 3x3 to 12x12 maps, and a VAE's N128 k3 s2 p1 op1): oneDNN 1.1-5x faster. The test
-# of the rule is tests/test_fcn_speed_paths.py; the figure, bench/bench_optimize_architectures.py (FCN-8s).
-GEMM_UPSAMPLER_MIN_STRIDE = 8
+def conv_transpose_act2d_cropped(input, weight, bias, stride, padding, output_padding, rows, cols, activation=None,
+                                 negative_slope=0.01, contiguous_output=False):
+    """conv_transpose_act2d(input, weight, bias, stride, padding, output_padding, activation=...)[:, :, rows, cols]
+    (``rows``, ``cols``: slices), as aefast.optimize rewrites an upsampler whose output is only
+    cropped (FCN's score upsamplers: upscore2[:, :, 1:1 + h, 1:1 + w], upscore8[:, :, 4:4 + H, 4:4 + W]).
 
+    Per axis, with L the full output length, keeping [c0, c1) is the same transposed conv with
+    padding p + c0 (which drops c0 positions at both ends) and output_padding op + c0 + c1 - L
+    (which puts back the end's), when that lies in [0, stride): then the op computes and stores only
+    the kept map, and its backward reads only it (a slice's backward zero-fills the full map and
+    copies into it). Otherwise, and for a step other than 1, the op then the slice, as written.
 
-def upsampler_runs_as_gemm(input, weight, stride, padding, output_padding):
-    """Whether conv_transpose_act2d's cpu backend runs this call as one GEMM (the rule above, in one
-    place): a CPU tensor, both strides >= GEMM_UPSAMPLER_MIN_STRIDE, and an output that fits the
-    GEMM's uncropped map (kernel + output_padding - padding <= ceil(kernel / stride) * stride, always
-    so without output_padding)."""
-    if input.device.type != "cpu" or min(stride) < GEMM_UPSAMPLER_MIN_STRIDE:
-        return False
-    return all(weight.shape[2 + a] + output_padding[a] - padding[a] <= -(-weight.shape[2 + a] // stride[a]) * stride[a]
-               for a in range(2))
-
-
-def _conv_transpose_as_gemm(input, weight, bias, stride, padding, output_padding):
-    """conv_transpose2d(input, weight, bias, stride, padding, output_padding) (groups 1, dilation 1) as
-    one GEMM of (positions, Cin*D*D) by (Cin*D*D, Cout*SH*SW) and a permuted copy, in torch ops
-    (autograd, torch.compile and every dtype as torch's).
-
-    Sub-pixel form: in the uncropped output y' (y = y'[p : p + H_out]), write o' = q*s + a with the
-    phase a in [0, s). Input row i reaches o' through kernel row u = o' - i*s = (q - i)*s + a, so with
-    d = q - i, D = ceil(K / s) and w padded with zeros to D*s rows,
-        y'[q*s + a] = sum_{d < D} x[q - d] * w[d*s + a]        (per axis; summed over C_in)
-    for q in [0, H + D - 1). With x padded by D - 1 on both sides (xp[q + D - 1] = x[q]) and
-    t = D - 1 - d, x[q - d] = xp[q + t]: the D x D windows of xp (C_in*D*D columns per q)
-    times the weight with d flipped, whose columns are (a, b, C_out) or (C_out, a, b). One GEMM gives
-    every phase of every output pixel; the copy that interleaves the phases (q, a) -> q*s + a is the
-    only pass over the output. Its column order is chosen so that this copy moves runs of SW*C_out
-    (channels-last input, channels-last output as torch's) or SW (NCHW) contiguous values.
-    y' covers (H + D - 1)*s >= (H - 1)*s + K rows, which holds p + H_out when K + output_padding - p
-    <= D*s (upsampler_runs_as_gemm checks it)."""
-    n, c_in, h, w = input.shape
-    c_out, kh, kw = weight.shape[1:]
-    (sh, sw), (ph, pw) = stride, padding
-    dh, dw = -(-kh // sh), -(-kw // sw)
-    h_out = (h - 1) * sh - 2 * ph + kh + output_padding[0]
-    w_out = (w - 1) * sw - 2 * pw + kw + output_padding[1]
-    # The D x D windows as D*D shifted slices (their backward is D*D slice-adds onto the small
-    # input; unfold's backward, a generic index_add, cost more than the GEMM here).
-    padded = torch.nn.functional.pad(input, (dw - 1, dw - 1, dh - 1, dh - 1))
-    q, r = h + dh - 1, w + dw - 1
-    cols = torch.stack([padded[:, :, th:th + q, tw:tw + r] for th in range(dh) for tw in range(dw)], dim=-1)
-    cols = cols.permute(0, 2, 3, 1, 4).reshape(n * q * r, c_in * dh * dw)  # (n, q, r, c_in, t_h, t_w)
-    # (c_in, c_out, d_h*s_h + a, d_w*s_w + b) -> (c_in, c_out, t_h, a, t_w, b)
-    taps = torch.nn.functional.pad(weight, (0, dw * sw - kw, 0, dh * sh - kh)).reshape(c_in, c_out, dh, sh, dw, sw)
-    taps = taps.flip(2, 4)
-    if ref._memory_format(input) == torch.channels_last:
-        phases = cols @ taps.permute(0, 2, 4, 3, 5, 1).reshape(c_in * dh * dw, sh * sw * c_out)
-        full = phases.view(n, q, r, sh, sw, c_out).permute(0, 1, 3, 2, 4, 5).reshape(n, q * sh, r * sw, c_out)
-        full = full.permute(0, 3, 1, 2)
-    else:
-        phases = cols @ taps.permute(0, 2, 4, 1, 3, 5).reshape(c_in * dh * dw, c_out * sh * sw)
-        full = phases.view(n, q, r, c_out, sh, sw).permute(0, 3, 1, 4, 2, 5).reshape(n, c_out, q * sh, r * sw)
-    # Crop only where needed: a full-range slice would still cost its backward a zero-filled copy.
-    out = full if (ph, pw, h_out, w_out) == (0, 0, q * sh, r * sw) else full[:, :, ph:ph + h_out, pw:pw + w_out]
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
+    ``contiguous_output``: the caller makes the result NCHW-contiguous anyway (FCN's last crop, then
+    ``.contiguous()``): the op then runs on NCHW operands, whose layout it keeps, so neither the
+    output nor its gradient is converted (two copies of the full-resolution map per step) and the
+    sub-pixel form takes its NCHW kernels (measured faster at FCN's upscore8: see conv_transpose_gemm.cpp)."""
+    if contiguous_output:
+        input, weight = input.contiguous(), weight.contiguous()
+    s, p, op = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0), \
+        pair(output_padding, "output_padding", minimum=0)
+    full = [(input.shape[-2 + a] - 1) * s[a] - 2 * p[a] + weight.shape[2 + a] + op[a] for a in range(2)]
+    folded = []
+    for a, crop in enumerate((rows, cols)):
+        c0, c1, step = crop.indices(full[a]) if isinstance(crop, slice) else (0, 0, 0)
+        extra = op[a] + c0 + c1 - full[a]
+        folded.append((p[a] + c0, extra) if step == 1 and c1 > c0 and 0 <= extra < s[a] else None)
+    if None in folded:
+        out = conv_transpose_act2d(input, weight, bias, s, p, op, activation=activation, negative_slope=negative_slope)
+        return out[:, :, rows, cols]
+    return conv_transpose_act2d(input, weight, bias, s, tuple(f[0] for f in folded), tuple(f[1] for f in folded),
+                                activation=activation, negative_slope=negative_slope)
 
 
 # ================================================================ fused blocks

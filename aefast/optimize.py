@@ -466,6 +466,21 @@ class _Rewriter:
         self.erase(end, last if act else None, conv_node if bn is not None else None)
         self.report.append(f"conv_transpose_act2d <- {conv_node.target} (ConvTranspose2d, stride "
                            f"{_pair(deconv.stride)}) -> " + self.epilogue_text(bn_node, bn, batch_bn, act))
+        # Its output only cropped (FCN's score maps): the crop becomes padding where it can
+        # (AF.conv_transpose_act2d_cropped decides per call), so the map is never made whole.
+        crop = next(iter(fused.users)) if len(fused.users) == 1 else None
+        index = crop.args[1] if crop is not None and crop.target is operator.getitem else None
+        if isinstance(index, tuple) and len(index) == 4 and all(isinstance(i, slice) for i in index) and \
+                index[0] == slice(None) and index[1] == slice(None):
+            then = next(iter(crop.users)) if len(crop.users) == 1 else None
+            nchw = then is not None and then.op == "call_method" and then.target == "contiguous" and \
+                len(then.args) == 1 and not then.kwargs
+            with self.graph.inserting_before(crop):
+                cropped = self.graph.call_function(AF.conv_transpose_act2d_cropped, (*fused.args, index[2], index[3]),
+                                                   {**fused.kwargs, "contiguous_output": nchw})
+            crop.replace_all_uses_with(cropped)
+            self.erase(crop, fused)
+            self.report[-1] += " -> crop (as padding where it maps onto one)"
 
     def batch_statistics_norm_before(self, act_node):
         """(activation, BatchNorm node, BatchNorm2d) when ``act_node`` is an activation of a plain

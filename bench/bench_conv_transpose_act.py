@@ -6,9 +6,9 @@ and every parameter), time and peak memory, in one run.
 
     python bench/bench_conv_transpose_act.py [--quick] [--keep-memory-mapped] [--out DIR]
 
-Shapes are the stride-2 upsamplers of bench/architectures.py's decoders at benchmark sizes (U-Net,
-conv VAE, tutorial AE). Run once with and once without --keep-memory-mapped (DESIGN.md: CPU ratios
-in both allocator settings). Variants run in interleaved rounds; the figure is the median over rounds.
+Shapes are the upsamplers of bench/architectures.py's decoders at benchmark sizes (U-Net, conv VAE,
+tutorial AE: stride 2; FCN-8s: stride 2 and 8). Run once with and once without --keep-memory-mapped
+(DESIGN.md: CPU ratios in both allocator settings). Variants run in interleaved rounds; the figure is the median over rounds.
 GFLOP/s count the dense transposed conv's FLOPs (forward 2*N*Cin*H*W*Cout*kh*kw, full three times that).
 """
 from __future__ import annotations
@@ -33,9 +33,12 @@ SHAPES = [
     (128, 4, 16, 7, 7, 2, 2, 0, 0, "relu"),           # tutorial AE, first upsampler
     (128, 16, 1, 14, 14, 2, 2, 0, 0, "sigmoid"),      # tutorial AE, image out
     (16, 64, 32, 48, 48, 2, 2, 0, 0, "relu"),         # a wider U-Net stage
+    (16, 4, 4, 6, 6, 4, 2, 0, 0, None),               # FCN-8s upscore_pool4: 4x4 stride 2, scores
+    (16, 4, 4, 12, 12, 16, 8, 0, 0, None),            # FCN-8s upscore8: 16x16 stride 8 (sub-pixel GEMM)
 ]
-QUICK_SHAPES = [(2, 4, 3, 5, 5, 2, 2, 0, 0, "relu"), (2, 3, 2, 4, 4, 3, 2, 1, 1, "sigmoid")]
-ACT_MODULES = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "sigmoid": nn.Sigmoid}
+QUICK_SHAPES = [(2, 4, 3, 5, 5, 2, 2, 0, 0, "relu"), (2, 3, 2, 4, 4, 3, 2, 1, 1, "sigmoid"),
+                (2, 3, 4, 3, 3, 16, 8, 4, 0, None)]
+ACT_MODULES = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "sigmoid": nn.Sigmoid, None: nn.Identity}
 
 
 def make_models(cin, cout, k, s, p, op, act):

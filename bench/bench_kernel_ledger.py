@@ -40,9 +40,9 @@ and the variant whose path it took is the rule's ("yes" in the rule column); eve
 is checked the same way to have taken its path (one that cannot be forced on a shape, e.g. the
 window-vector kernels on a large slab, is left out and said so) and to agree with the dispatched
 op's outputs. The rule is not restated here: it lives once in the C++ (aefast/conv_algorithm.h,
-conv_pool_winograd.cpp, conv_pool.cpp, unpool_deconv.cpp, conv_transpose_act.cpp). Verdict, on the rule's row: "kept: X
-faster than Y by Z%" when the rule's variant is the fastest full implementation, else "rule
-takes X, but Y is Z% faster in this run"; and, where a GEMM form exists, how the rule's variant
+conv_pool_winograd.cpp, conv_pool.cpp, unpool_deconv.cpp, conv_transpose_act.cpp,
+conv_transpose_gemm.cpp). Verdict, on the rule's row: "kept: X faster than Y by Z%" when the rule's
+variant is the fastest full implementation, else "rule takes X, but Y is Z% faster in this run"; and, where a GEMM form exists, how the rule's variant
 stands against the GEMMs alone. Absolute CPU times on a shared machine are noise: run it on a
 quiet one (uptime below ~1), once with and once without --keep-memory-mapped.
 
@@ -87,7 +87,7 @@ SWITCHES = {
     "AEFAST_DECODER_WINDOW_VECTORS": "0|1, csrc/cpu/unpool_deconv.cpp use_window_vectors",
     "AEFAST_DECODER_FORWARD": "vendor|sparse, csrc/cpu/unpool_deconv.cpp decoder_forward_uses_vendor",
     "AEFAST_CONV_TRANSPOSE_FORWARD": "gather|vendor, csrc/cpu/conv_transpose_act.cpp use_gather_forward",
-    "AEFAST_CONV_TRANSPOSE_GEMM": "auto|always|never, csrc/cpu/conv_transpose_gemm.cpp conv_transpose_gemm_serves",
+    "AEFAST_CONV_TRANSPOSE_GEMM": "auto|always|subpixel|never, csrc/cpu/conv_transpose_gemm.cpp conv_transpose_form",
 }
 
 
@@ -182,8 +182,12 @@ DECODER_QUICK = [("quick 2x8->1 8x8", 2, 8, 1, 8, 8, "sigmoid"), ("quick 1x16->2
 UPSAMPLER = [("tutorial AE out 128x16->1 14x14 k2s2", 128, 16, 1, 14, 14, 2, 2, 0, 0, "sigmoid"),
              ("U-Net up 16x32->16 24x24 k2s2", 16, 32, 16, 24, 24, 2, 2, 0, 0, "relu"),
              ("small 2x4->3 5x5 k2s2", 2, 4, 3, 5, 5, 2, 2, 0, 0, "relu"),
-             ("odd 7x17->3 9x11 k3s2p1o1", 7, 17, 3, 9, 11, 3, 2, 1, 1, "sigmoid")]
-UPSAMPLER_QUICK = [UPSAMPLER[2], ("quick 2x3->8 4x5 k3s2p1o1", 2, 3, 8, 4, 5, 3, 2, 1, 1, "relu")]
+             ("odd 7x17->3 9x11 k3s2p1o1", 7, 17, 3, 9, 11, 3, 2, 1, 1, "sigmoid"),
+             # FCN-8s (bench/architectures.py, N16 3x96x96): upscore2 / upscore_pool4 and upscore8
+             ("FCN-8s upscore_pool4 16x4->4 6x6 k4s2", 16, 4, 4, 6, 6, 4, 2, 0, 0, None),
+             ("FCN-8s upscore8 16x4->4 12x12 k16s8", 16, 4, 4, 12, 12, 16, 8, 0, 0, None)]
+UPSAMPLER_QUICK = [UPSAMPLER[2], ("quick 2x3->8 4x5 k3s2p1o1", 2, 3, 8, 4, 5, 3, 2, 1, 1, "relu"),
+                   ("quick 2x3->4 3x4 k16s8p4", 2, 3, 4, 3, 4, 16, 8, 4, 0, None)]
 # BatchNorm -> act on the conv outputs of W1 / W2's first layers (as if BatchNorm followed them),
 # bench_batch_norm_act.py's U-Net stage in channels_last, small, odd.
 BN_ACT = [("W1 conv1 out 256x32 28x28", 256, 32, 28, 28, False),
@@ -356,6 +360,9 @@ def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
         Variant("one GEMM (at::mm) + col2im + activation pass", fwd,
                 {"AEFAST_CONV_TRANSPOSE_FORWARD": "vendor", "AEFAST_CONV_TRANSPOSE_GEMM": "always"},
                 "conv_transpose_act2d gemm + col2im"),
+        Variant("sub-pixel GEMM (at::mm) + phase interleave + activation pass", fwd,
+                {"AEFAST_CONV_TRANSPOSE_FORWARD": "vendor", "AEFAST_CONV_TRANSPOSE_GEMM": "subpixel"},
+                "conv_transpose_act2d sub-pixel gemm", "(ceil(k/s)*s/k)^2 x counted (zero taps)"),
     ], counted_as="FLOPs counted: the DENSE transposed conv, 2*N*Cin*H*W*Cout*k*k.")
     out, saved = fwd()
     act_input = saved if saved.numel() else out
@@ -373,7 +380,11 @@ def upsampler_entries(label, n, cin, cout, h, w, k, s, p, op, act):
                                                     [True] * 3)
 
     backward = Entry("conv_transpose_act2d backward (dgrad + wgrad)", label, 2 * dense, bwd, [
-        Variant("activation-gradient pass + oneDNN convolution_backward", bwd, {}),
+        Variant("activation-gradient pass + oneDNN convolution_backward", bwd, {"AEFAST_CONV_TRANSPOSE_GEMM": "never"},
+                "conv_transpose_act2d_backward onednn"),
+        Variant("activation-gradient pass + sub-pixel GEMMs (grad_input, grad_W)", bwd,
+                {"AEFAST_CONV_TRANSPOSE_GEMM": "subpixel"}, "conv_transpose_act2d_backward sub-pixel gemm",
+                "(ceil(k/s)*s/k)^2 x counted (zero taps)"),
         Variant("decoder gather kernel backward, 1x1 windows (retired)", gather_bwd)],
         counted_as="FLOPs counted: DENSE dgrad + wgrad, 2x the forward.")
     return [forward, backward]

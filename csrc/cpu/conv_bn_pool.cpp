@@ -472,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     // grad_input is the transposed conv of dy with the conv's weight: where the one rule
     // (conv_transpose_gemm_serves, csrc/cpu/conv_transpose_gemm.cpp) says oneDNN's backward-data
     // primitive is the slow one, it runs as one GEMM plus a col2im, in the input's own layout.
-    const bool gemm_grad_input = output_mask[0] && conv_transpose_gemm_serves(dy, weight);
+    const bool gemm_grad_input = output_mask[0] && conv_transpose_gemm_serves(dy, weight, stride);
     std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
     if (!gemm_grad_input || output_mask[1] || output_mask[2])
       grads = at::convolution_backward(dy, conv_operand(input, s.WC), weight,

@@ -81,7 +81,10 @@ at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) 
 // gather kernel can run, for A/B timing (bench/bench_kernel_ledger.py) and tests.
 constexpr int64_t kGatherForwardMaxCout = 4;
 
-bool use_gather_forward(const at::Tensor& input, const at::Tensor& weight, at::MemoryFormat layout) {
+// Large strides take the sub-pixel GEMM instead (conv_transpose_form's rule, csrc/cpu/conv_transpose_gemm.cpp:
+// FCN-8s' upscore8, N16 4->4 k16 s8 12x12 NCHW: gather 2806 us, sub-pixel 657 us).
+bool use_gather_forward(const at::Tensor& input, const at::Tensor& weight, at::MemoryFormat layout,
+                        ConvTransposeForm form) {
   if (!(layout == at::MemoryFormat::Contiguous && input.scalar_type() == at::kFloat && input.numel() > 0)) return false;
   if (const char* env = std::getenv("AEFAST_CONV_TRANSPOSE_FORWARD"); env != nullptr && *env != '\0') {
     const std::string v(env);
@@ -89,7 +92,7 @@ bool use_gather_forward(const at::Tensor& input, const at::Tensor& weight, at::M
                 v, "'");
     return v == "gather";
   }
-  return weight.size(1) <= kGatherForwardMaxCout;
+  return form != ConvTransposeForm::SubPixel && weight.size(1) <= kGatherForwardMaxCout;
 }
 
 // Window offsets of 1x1 windows: all 0 (uint8, window format). The kernel only reads them, so
@@ -202,16 +205,19 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
       bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const at::MemoryFormat layout = conv_layout(input, weight);
   // The kernel taken, named in the profiler (bench/bench_kernel_ledger.py reads it).
-  if (use_gather_forward(input, weight, layout)) {
+  const ConvTransposeForm form = conv_transpose_form(input, weight, stride, ConvTransposePass::Forward);
+  if (use_gather_forward(input, weight, layout, form)) {
     RECORD_USER_SCOPE("aefast path: conv_transpose_act2d gather");
     return gather_forward(input, weight, b, stride, padding, output_padding, activation, negative_slope);
   }
-  // Otherwise oneDNN's transposed conv, or, where the one rule (conv_transpose_gemm_serves,
-  // csrc/cpu/conv_transpose_gemm.cpp) says oneDNN's backward-data primitive is the slow one, the
-  // same map as one GEMM plus a col2im (bias included), in the same layout.
+  // Otherwise oneDNN's transposed conv, or one of the GEMM forms where the one rule
+  // (conv_transpose_form, csrc/cpu/conv_transpose_gemm.cpp) says oneDNN's backward-data primitive
+  // is the slow one: one GEMM plus a col2im, or the sub-pixel GEMM at large strides (bias
+  // included), in the same layout.
   at::Tensor y;
-  if (conv_transpose_gemm_serves(input, weight)) {
-    RECORD_USER_SCOPE("aefast path: conv_transpose_act2d gemm + col2im");
+  if (form != ConvTransposeForm::Vendor) {
+    RECORD_USER_SCOPE(form == ConvTransposeForm::SubPixel ? "aefast path: conv_transpose_act2d sub-pixel gemm"
+                                                          : "aefast path: conv_transpose_act2d gemm + col2im");
     const int64_t out_h = (input.size(2) - 1) * stride[0] - 2 * padding[0] + weight.size(2) + output_padding[0];
     const int64_t out_w = (input.size(3) - 1) * stride[1] - 2 * padding[1] + weight.size(3) + output_padding[1];
     y = conv_transpose_gemm(input, weight, b, stride, padding, out_h, out_w, layout);
@@ -248,6 +254,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
               "aefast::conv_transpose_act2d_backward: grad_out and act_input must match the forward's output");
   const std::array<int64_t, 2> dilation{1, 1};
   const at::MemoryFormat layout = conv_layout(input, weight);
+  if (conv_transpose_form(input, weight, stride, ConvTransposePass::Backward) == ConvTransposeForm::SubPixel) {
+    // Large strides: the sub-pixel form's GEMMs (csrc/cpu/conv_transpose_gemm.cpp) for grad_input
+    // and grad_W, grad_b from gpre as below (its fixed-order plane sums when NCHW).
+    RECORD_USER_SCOPE("aefast path: conv_transpose_act2d_backward sub-pixel gemm");
+    const at::Tensor g = grad_out.contiguous(layout);
+    const at::Tensor gpre =
+        act == DecoderAct::None
+            ? g
+            : activation_grad(g, act_input.contiguous(layout), act, negative_slope, empty_like_cpu_cached(g));
+    at::Tensor gb = !output_mask[2]                           ? at::zeros({weight.size(1)}, weight.options())
+                    : layout == at::MemoryFormat::Contiguous ? bias_grad(gpre, weight)
+                                                              : gpre.sum({0, 2, 3}).to(weight.scalar_type());
+    auto [gi, gw] = conv_transpose_subpixel_backward(gpre, input, weight, stride, padding, output_mask[0],
+                                                     output_mask[1], layout);
+    gi = gi.defined() ? gi : at::zeros_like(input, layout);
+    gw = gw.defined() ? gw : at::zeros_like(weight, layout);
+    return {gi, gw, gb};
+  }
+  RECORD_USER_SCOPE("aefast path: conv_transpose_act2d_backward onednn");
   if (layout == at::MemoryFormat::ChannelsLast) {
     // channels_last: ATen's activation gradients keep the layout, and oneDNN's backward sums grad_b
     // with the others (the plane sums below need NCHW planes).
