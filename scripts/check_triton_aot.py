@@ -94,11 +94,13 @@ def _constexpr(value):
 
 def _gpu_variants(spec):
     """The recorded constexprs as a GPU launch sets them (aefast.triton._common.mma_acc's knobs):
-    UPCAST (the interpreter's bf16 workaround) off, and fp32 with PRECISION both "tf32" (the default,
+    UPCAST (the interpreter's bf16 workaround) and INTERPRETED (the interpreter's own code paths,
+    e.g. conv_pool's vectorized argmax) off, and fp32 with PRECISION both "tf32" (the default,
     torch.backends.cudnn.allow_tf32) and "ieee" (allow_tf32 off: no tensor cores by definition)."""
     c = dict(spec["constexprs"])
-    if "UPCAST" in c:
-        c["UPCAST"] = False
+    for interpreter_only in ("UPCAST", "INTERPRETED"):
+        if interpreter_only in c:
+            c[interpreter_only] = False
     if "PRECISION" in c and c.get("DOT", True) and "*fp32" in spec["args"].values() and not any(
             t in ("*fp16", "*bf16") for t in spec["args"].values()):
         return [dict(spec, constexprs=dict(c, PRECISION=p)) for p in ("tf32", "ieee")]

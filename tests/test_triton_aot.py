@@ -50,6 +50,7 @@ def test_recorder_writes_the_launched_specialization(triton_interpreter, tmp_pat
     assert (c["KH"], c["KW"], c["PKH"], c["PKW"], c["NW"], c["ACT"], c["HAS_BIAS"]) == (3, 3, 2, 2, 4, 1, False)
     assert c["ACC"] == {"tl_dtype": "fp32"} and c["DOT"] is True and c["CIN_INNER"] is False
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(c) and "num_warps" in spec["options"]
+    assert c["INTERPRETED"] is True  # the interpreter's own argmax path (the AOT gate compiles the GPU one)
     # recording stops with the block
     AF.conv_pool2d(torch.randn(1, 3, 6, 5).half(), torch.randn(4, 3, 3, 3).half(), None, 1, 1, "relu", 2)
     assert len(path.read_text().splitlines()) == len(records)
@@ -93,6 +94,8 @@ def test_aot_script_compiles_each_config_with_its_maxnreg(triton_interpreter, tm
     assert [(j["options"]["num_warps"], j["options"]["num_stages"], j["options"].get("maxnreg")) for j in jobs] == \
         [(c.num_warps, c.num_stages, c.maxnreg) for c in configs]
     assert all(j["constexprs"]["BLOCK_M"] == c.kwargs["BLOCK_M"] for j, c in zip(jobs, configs))
+    # what a GPU launch compiles: tl.reduce(..., _scan_max), not the interpreter's vectorized argmax
+    assert all(j["constexprs"]["INTERPRETED"] is False and j["constexprs"]["UPCAST"] is False for j in jobs)
 
 
 _APPEND_WORKER = """
@@ -149,3 +152,59 @@ def test_roofline_models_the_encoder_with_its_own_tiles_and_split():
         for c_out, k in ((64, 27), (64, 576), (128, 576), (512, 4608), (1, 9)):
             assert roofline.encoder_wgrad_splits(positions, c_out, k) == \
                 conv_pool.wgrad_splits(positions, c_out, k, gpu=True)
+
+
+try:  # (the kernel below needs triton's JIT at import time; without triton its test skips)
+    import triton
+    import triton.language as tl
+
+    from aefast.triton.conv_pool import _scan_max, _scan_max_vectorized
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def both_scans(a_ptr, z_ptr, out_ptr, P: tl.constexpr, NW: tl.constexpr, N: tl.constexpr,
+                   VECTORIZED: tl.constexpr, ACC: tl.constexpr):
+        i = (tl.arange(0, P)[:, None, None] * NW + tl.arange(0, NW)[None, :, None]) * N + tl.arange(0, N)[None, None, :]
+        a = tl.load(a_ptr + i)
+        z = tl.load(z_ptr + i)
+        offs = tl.broadcast_to(tl.arange(0, NW)[None, :, None], (P, NW, N))
+        if VECTORIZED:
+            best, best_z, best_o = _scan_max_vectorized(a, z, offs, NW, ACC)
+        else:
+            best, best_z, best_o = tl.reduce((a, z, offs), 1, _scan_max)
+        j = tl.arange(0, P)[:, None] * N + tl.arange(0, N)[None, :]
+        tl.store(out_ptr + j, best)
+        tl.store(out_ptr + P * N + j, best_z)
+        tl.store(out_ptr + 2 * P * N + j, best_o.to(out_ptr.dtype.element_ty))
+
+
+def test_interpreted_argmax_is_the_gpu_scan_bit_for_bit():
+    """conv_pool's forward takes its window max/argmax with tl.reduce(..., _scan_max) on a GPU and with
+    _scan_max_vectorized under the interpreter (INTERPRETED): both must give the same offsets and the
+    same value bits on NaN (either sign), +-inf, +-0.0 ties, all-NaN and all--inf windows, in fp32
+    and fp64, for every padded window size."""
+    ok, why = _backend.availability()["triton"]
+    if not ok:
+        pytest.skip(why)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    inf, nan = float("inf"), float("nan")
+    value_sets = [[nan, -nan, -inf, inf, 0.0, -0.0, 1.0, -1.0], [-inf, inf, 0.0, -0.0, 1.0, -1.0, 2.0],
+                  [0.0, -0.0, -1.0, -inf]]
+    for dtype, acc, bits in ((torch.float32, tl.float32, torch.int32), (torch.float64, tl.float64, torch.int64)):
+        for values in value_sets:
+            for nw in (1, 2, 4, 8, 16):
+                p, n = 8, 4  # (the interpreter runs tl.reduce one element at a time)
+                pick = torch.randint(0, len(values), (p, nw, n), generator=g)
+                a = torch.tensor(values, dtype=dtype)[pick]
+                a[0], a[1], a[2] = nan, -inf, -0.0  # all-NaN, all--inf, all--0.0 windows
+                z = torch.randn(p, nw, n, generator=g, dtype=dtype)
+                z[3] = -0.0
+                results = []
+                for vectorized in (False, True):
+                    out = torch.empty(3, p, n, dtype=dtype, device=device)
+                    both_scans[(1,)](a.to(device), z.to(device), out, p, nw, n, vectorized, acc)
+                    results.append(out.cpu().view(bits))
+                assert torch.equal(results[0], results[1]), (dtype, values, nw)

@@ -25,13 +25,12 @@ import json
 import os
 import threading
 
-import torch
-
 ENV = "AEFAST_RECORD_TRITON_SPECS"
+# torch dtype name -> Triton's type name (names, so that appending records needs no torch import:
+# tests/test_triton_aot.py starts several recorder processes)
 _TORCH_TO_TRITON = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-    torch.bool: "i1",
+    "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1",
 }
 _lock = threading.Lock()
 _installed = None
@@ -55,8 +54,10 @@ def append_record(path, line):
 
 
 def _arg_type(value):
+    import torch
+
     if isinstance(value, torch.Tensor):
-        return "*" + _TORCH_TO_TRITON[value.dtype]
+        return "*" + _TORCH_TO_TRITON[str(value.dtype).removeprefix("torch.")]
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):

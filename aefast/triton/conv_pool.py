@@ -19,7 +19,10 @@ forward    C[r, co] = sum_k A[r, k] * B[k, co], K = Cin*KH*KW in BLOCK_K slices,
            eager rounds, so the argmax compares torch's numbers), then max/argmax over the NW rows of
            each position with torch's scan rule (first maximum wins, a NaN wins, the last NaN of a
            window wins). Only the pooled map, the uint8 window offsets and z at the argmax are
-           written.
+           written. On a GPU the max/argmax is one tl.reduce with that rule as its combine
+           (_scan_max); under TRITON_INTERPRET=1 (constexpr INTERPRETED) it is the same winner from
+           tl.max/tl.min/tl.sum (_scan_max_vectorized), because the interpreter calls a Python
+           combine once per element (~95% of an interpreted encoder test) and numpy for those.
 backward   gz = grad * act'(preact), pooled-size (one elementwise kernel).
   wgrad    grad_w[co, k] = sum_{(j, o)} A[co, (j, o)] * B[(j, o), k] with
              A[co, (j, o)] = gz[n, co, j] if window[n, co, j] == o else 0   (built in registers)
@@ -149,6 +152,34 @@ def _scan_max(a1, z1, i1, a2, z2, i2):
 
 
 @triton.jit
+def _at_winner(x, won, ACC: tl.constexpr):
+    """x at the one True of won along axis 1, bit for bit: an integer sum of the bit patterns (a
+    float sum would turn a -0.0 winner into +0.0: numpy's sum starts from +0.0)."""
+    if ACC == tl.float64:
+        return tl.sum(tl.where(won, x.to(tl.int64, bitcast=True), 0), axis=1).to(tl.float64, bitcast=True)
+    else:
+        return tl.sum(tl.where(won, x.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scan_max_vectorized(a, z, offs, NW: tl.constexpr, ACC: tl.constexpr):
+    """_scan_max's winner over axis 1 of (positions, NW, channels), from whole-array reductions: the
+    interpreter runs tl.reduce with a Python combine function element by element (~95% of an
+    interpreted encoder test), but tl.max/tl.min/tl.sum as one numpy call each. Same total order:
+    a window holding a NaN takes its last NaN offset; otherwise the first offset equal to the
+    window's maximum (a == max is false for every NaN, and a window without NaN has no NaN to
+    mask, so the maximum over where(isnan, -inf, a) is the plain maximum; +0.0 == -0.0, so the
+    first of the two wins, as in _scan_max). a and z (ACC) are then taken at the winning offset."""
+    nan = a != a
+    last_nan = tl.max(tl.where(nan, offs, -1), axis=1)
+    peak = tl.max(tl.where(nan, float("-inf"), a), axis=1)
+    first_peak = tl.min(tl.where(a == peak[:, None, :], offs, NW), axis=1)
+    best_o = tl.where(last_nan >= 0, last_nan, first_peak)
+    won = offs == best_o[:, None, :]
+    return _at_winner(a, won, ACC), _at_winner(z, won, ACC), best_o
+
+
+@triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
                           M, CIN, H, W, COUT, HO, WO, K, SH, SW, PH, PW, HC, WC, SPH, SPW,
                           xs_n, xs_c, xs_h, xs_w, ws_o, ws_i, ws_h, ws_w,
@@ -157,6 +188,7 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
                           NW: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                           NOISE: tl.constexpr, CIN_INNER: tl.constexpr, DOT: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+                          INTERPRETED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     BLOCK_P: tl.constexpr = (BLOCK_M + NW - 1) // NW  # pooled positions per program
     ROWS: tl.constexpr = BLOCK_P * NW
@@ -199,8 +231,13 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, win_ptr, pre_ptr,
     a = round_to(activate(z, ACT, slope), out_dtype)
     a = tl.where(in_window[:, None], a, float("-inf"))  # padding offsets and clipped rows never win
     offs = tl.broadcast_to(off[:, None], (ROWS, BLOCK_N))
-    best, best_z, best_o = tl.reduce((tl.reshape(a, (BLOCK_P, NW, BLOCK_N)), tl.reshape(z, (BLOCK_P, NW, BLOCK_N)),
-                                      tl.reshape(offs, (BLOCK_P, NW, BLOCK_N))), 1, _scan_max)
+    a3 = tl.reshape(a, (BLOCK_P, NW, BLOCK_N))
+    z3 = tl.reshape(z, (BLOCK_P, NW, BLOCK_N))
+    o3 = tl.reshape(offs, (BLOCK_P, NW, BLOCK_N))
+    if INTERPRETED:
+        best, best_z, best_o = _scan_max_vectorized(a3, z3, o3, NW, ACC)
+    else:
+        best, best_z, best_o = tl.reduce((a3, z3, o3), 1, _scan_max)
     q = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     qw = q % WO
     qh = (q // WO) % HO
@@ -428,7 +465,7 @@ def conv_pool2d_forward(input, weight, bias, stride, padding, activation, negati
         padding[0], padding[1], hc, wc, sp[0], sp[1], *x.stride(), *w.stride(), _slope(negative_slope, x), seed, float(corruption_level),
         float(low), float(high), KH=kh, KW=kw, PKH=pool_size[0], PKW=pool_size[1], NW=nw, ACT=int(activation),
         HAS_BIAS=bias is not None, ACC=_tl_acc(x.dtype), NOISE=noise, CIN_INNER=_cin_inner(x),
-        IDX64=_needs_int64(x, w, pooled), **mode)
+        IDX64=_needs_int64(x, w, pooled), INTERPRETED=_INTERPRET, **mode)
     return pooled, window, preact
 
 
