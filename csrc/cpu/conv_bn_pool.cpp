@@ -42,6 +42,7 @@
 #include "aefast/conv_pool.h"
 #include "aefast/cpu_isa.h"
 #include "aefast/conv_transpose_gemm.h"
+#include "aefast/conv_weight_grad.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
 
@@ -473,11 +474,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     // (conv_transpose_gemm_serves, csrc/cpu/conv_transpose_gemm.cpp) says oneDNN's backward-data
     // primitive is the slow one, it runs as one GEMM plus a col2im, in the input's own layout.
     const bool gemm_grad_input = output_mask[0] && conv_transpose_gemm_serves(dy, weight);
+    // grad_weight and grad_bias: by direct accumulation where its rule (conv_weight_grad_direct_serves,
+    // csrc/cpu/conv_weight_grad.cpp) says oneDNN's backward-weights primitive is the slow one.
+    const bool direct_weight_grad = (output_mask[1] || output_mask[2]) && weight.scalar_type() == dy.scalar_type() &&
+                                    conv_weight_grad_direct_serves(dy, input, weight.size(2), weight.size(3));
+    const bool vendor_input_grad = output_mask[0] && !gemm_grad_input;
+    const bool vendor_weight_grad = (output_mask[1] || output_mask[2]) && !direct_weight_grad;
     std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
-    if (!gemm_grad_input || output_mask[1] || output_mask[2])
+    if (vendor_input_grad || vendor_weight_grad)
       grads = at::convolution_backward(dy, conv_operand(input, s.WC), weight,
                                        c10::IntArrayRef(cout), stride, padding, {1, 1}, false, {0, 0}, 1,
-                                       {output_mask[0] && !gemm_grad_input, output_mask[1], output_mask[2]});
+                                       {vendor_input_grad, vendor_weight_grad && output_mask[1],
+                                        vendor_weight_grad && output_mask[2]});
+    if (direct_weight_grad)
+      std::tie(std::get<1>(grads), std::get<2>(grads)) =
+          conv_weight_grad_direct(dy, input, weight.size(2), weight.size(3), stride, padding, output_mask[2]);
     grad_input = std::get<0>(grads);
     if (gemm_grad_input)
       grad_input = conv_transpose_gemm(dy, weight, std::nullopt, stride, padding, input.size(2), input.size(3),
