@@ -7,6 +7,13 @@
   are held to torch's ConvTranspose2d / Conv2d -> BatchNorm2d -> act in fp32 and fp64 (gradcheck),
   forward and backward, and to results independent of the thread count. fp16/bf16 are not served
   (oneDNN keeps them) and still match.
+* conv_direct (csrc/cpu/conv_direct.cpp): a small-channel conv's forward and weight gradient by
+  direct accumulation (register tiles, the im2col read in place), which serve conv_bn_pool2d where
+  oneDNN is slow (the conv VAE's encoder). AEFAST_CONV_DIRECT=always|never|auto as above; both
+  kernels are held to torch on every ISA in fp32 and fp64 (gradcheck), the weight gradient also in its
+  ConvTranspose2d form, and to results independent of the thread count.
+* the running-statistics update in C++ (aefast._C.update_running_stats), the one implementation the
+  fused BatchNorm ops call, held bit for bit to the reference twin's update.
 * aefast.optimize's rewrites for the conv VAE's layout: a stride-2 Conv2d -> BatchNorm2d (batch
   statistics) -> act with no pool becomes conv_bn_pool2d with 1x1 windows (stride-1 ones stay); a stride-2 ConvTranspose2d before a
   batch-statistics BatchNorm2d becomes conv_transpose_act2d (the BatchNorm2d -> act after it
@@ -370,7 +377,7 @@ def _conv_weight_grad_torch(grad, x, kh, kw, stride, padding):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", WEIGHT_GRADS)
 def test_weight_grad_direct_matches_torch_every_isa(monkeypatch, isa, dtype, shape):
-    """csrc/cpu/conv_weight_grad.cpp against torch's conv backward: every tap-block size (taps 9, 72,
+    """csrc/cpu/conv_direct.cpp against torch's conv backward: every tap-block size (taps 9, 72,
     27, 40, 153, 4, 18, 90), whole channel vectors, tails (17, 12, 3, 24 fp64), strides, paddings, and
     grad / x in both layouts."""
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
@@ -402,7 +409,7 @@ def test_weight_grad_direct_matches_torch_every_isa(monkeypatch, isa, dtype, sha
                                    (2, 5, 3, (3, 4), (4, 2), (3, 2), (2, 1), (1, 0))])
 def test_weight_grad_direct_is_a_transposed_convs_weight_grad(shape):
     """The same kernel gives a ConvTranspose2d's grad_weight with grad = its input and x = its
-    grad_output (the formula in aefast/conv_weight_grad.h), for its callers in the decoder."""
+    grad_output (the formula in aefast/conv_direct.h), for its callers in the decoder."""
     n, ci, co, hw, (kh, kw), s, p, op = shape
     gen = torch.Generator().manual_seed(ci + co)
     x = torch.randn(n, ci, *hw, generator=gen, dtype=torch.float64)
@@ -444,7 +451,7 @@ def test_weight_grad_direct_rejects_what_it_does_not_serve():
 def test_conv_bn_pool_grads_match_torch_with_the_direct_weight_grad(monkeypatch, mode, shape, layout):
     """conv_bn_pool2d's grad_weight and grad_bias from conv_weight_grad_direct (always), oneDNN (never)
     or the rule (auto), against fp64 torch; the input needing no gradient too (the first layer)."""
-    monkeypatch.setenv("AEFAST_CONV_WGRAD_DIRECT", mode)
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", mode)
     n, ci, co, hw, k, s, p, pool = shape
     k = (k, k) if isinstance(k, int) else k
     g = torch.Generator().manual_seed(ci * 5 + co)
@@ -469,7 +476,7 @@ def test_conv_bn_pool_grads_match_torch_with_the_direct_weight_grad(monkeypatch,
 
 
 def test_conv_bn_pool_fp64_gradcheck_through_the_direct_weight_grad(monkeypatch):
-    monkeypatch.setenv("AEFAST_CONV_WGRAD_DIRECT", "always")
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "always")
     g = torch.Generator().manual_seed(14)
     args = [torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64), torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64),
             torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5,
@@ -484,7 +491,7 @@ def test_conv_bn_pool_fp64_gradcheck_through_the_direct_weight_grad(monkeypatch)
 
 
 def test_conv_bn_pool_opcheck_through_the_direct_weight_grad(monkeypatch):
-    monkeypatch.setenv("AEFAST_CONV_WGRAD_DIRECT", "always")
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "always")
     g = torch.Generator().manual_seed(15)
     xe = torch.randn(2, 3, 7, 6, generator=g, requires_grad=True)
     we, be = torch.randn(8, 3, 3, 3, generator=g, requires_grad=True), torch.randn(8, generator=g, requires_grad=True)
@@ -494,13 +501,16 @@ def test_conv_bn_pool_opcheck_through_the_direct_weight_grad(monkeypatch):
                            [1, 1], [0, 0], False))
 
 
-def test_bad_weight_grad_mode_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("AEFAST_CONV_WGRAD_DIRECT", "sometimes")
+def test_bad_direct_conv_mode_is_a_clear_error(monkeypatch):
     x, w = torch.randn(2, 3, 6, 6), torch.randn(8, 3, 3, 3, requires_grad=True)
     out = AF.conv_bn_pool2d(x, w, None, None, None, None, None, True, stride=2, padding=1, pool_size=1,
                             return_indices=False)
-    with pytest.raises(RuntimeError, match="AEFAST_CONV_WGRAD_DIRECT must be auto, always or never"):
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "sometimes")
+    with pytest.raises(RuntimeError, match="AEFAST_CONV_DIRECT must be auto, always or never"):
         out.sum().backward()
+    with pytest.raises(RuntimeError, match="AEFAST_CONV_DIRECT must be auto, always or never"):
+        AF.conv_bn_pool2d(x, w, None, None, None, None, None, True, stride=2, padding=1, pool_size=1,
+                          return_indices=False)
 
 
 # ---------------------------------------------------------------- running statistics in C++
@@ -563,3 +573,67 @@ def test_fused_ops_update_running_stats_as_batchnorm2d(momentum, op):
     torch.testing.assert_close(ours.running_mean, bn.running_mean, **TOLERANCES[torch.float32])
     torch.testing.assert_close(ours.running_var, bn.running_var, **TOLERANCES[torch.float32])
     assert int(ours.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", WEIGHT_GRADS)
+def test_conv_forward_direct_matches_torch_every_isa(monkeypatch, isa, dtype, shape):
+    """The forward of csrc/cpu/conv_direct.cpp against F.conv2d: every position-block size (rows 8,
+    4, 5, 2, 6, 1, 4 wide), whole channel vectors and tails, strides, paddings, both input layouts;
+    the result is channels-last (the layout conv_bn_pool2d keeps its conv output in)."""
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    n, cx, cg, hw, (kh, kw), s, p = shape
+    gen = torch.Generator().manual_seed(cx * 13 + cg)
+    x = torch.randn(n, cx, *hw, generator=gen, dtype=dtype)
+    w = torch.randn(cg, cx, kh, kw, generator=gen, dtype=dtype)
+    b = torch.randn(cg, generator=gen, dtype=dtype)
+    if cg > 32 // x.element_size() * 4:
+        with pytest.raises(RuntimeError, match="conv_forward_direct"):
+            aefast._C.conv_forward_direct(x, w, b, list(s), list(p))
+        return
+    want = F.conv2d(x.double(), w.double(), b.double(), s, p)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for bias in (b, None):
+            got = aefast._C.conv_forward_direct(x.contiguous(memory_format=layout), w, bias, list(s), list(p))
+            assert got.shape == want.shape and got.dtype == dtype
+            assert got.is_contiguous(memory_format=torch.channels_last) or cg == 1
+            expected = want if bias is not None else want - b.double().view(1, -1, 1, 1)
+            torch.testing.assert_close(got.double(), expected, **TOLERANCES[dtype])
+
+
+def test_conv_forward_direct_rejects_what_it_does_not_serve():
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="conv_forward_direct"):
+        aefast._C.conv_forward_direct(x, torch.randn(33, 3, 3, 3), None, [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="conv_forward_direct"):
+        aefast._C.conv_forward_direct(x, torch.randn(8, 3, 7, 7), None, [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="conv_forward_direct"):
+        aefast._C.conv_forward_direct(x, torch.randn(8, 3, 3, 3), None, [1, 0], [0, 0])
+
+
+@pytest.mark.parametrize("mode", WGRAD_MODES)
+@pytest.mark.parametrize("shape", ENCODERS + [(128, 1, 8, (16, 16), 3, 2, 1, 1), (3, 1, 16, (9, 8), 3, 2, 1, 2)])
+def test_conv_bn_pool_forward_through_the_direct_conv(monkeypatch, mode, shape):
+    """conv_bn_pool2d's outputs, indices and running statistics with its conv run by the direct kernel
+    (always), oneDNN (never) or the rule (auto: the conv VAE's 1 -> 8 first stage), against torch."""
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", mode)
+    n, ci, co, hw, k, s, p, pool = shape
+    k = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(ci * 3 + co)
+    x = torch.randn(n, ci, *hw, generator=g)
+    conv = nn.Conv2d(ci, co, k, s, p)
+    bn = nn.BatchNorm2d(co)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / (ci * k[0] * k[1]) ** 0.5)
+    ours = copy.deepcopy(bn)
+    want, want_idx = F.max_pool2d(F.leaky_relu(bn(conv(x)), 0.2), pool, return_indices=True)
+    got, got_idx = AF.conv_bn_pool2d(x, conv.weight, conv.bias, ours.weight, ours.bias, ours.running_mean,
+                                     ours.running_var, True, ours.momentum, ours.eps, stride=s, padding=p,
+                                     activation="leaky_relu", pool_size=pool, num_batches_tracked=ours.num_batches_tracked,
+                                     negative_slope=0.2)
+    torch.testing.assert_close(got, want.detach(), **TOLERANCES[torch.float32])
+    if pool > 1:
+        assert torch.equal(got_idx, want_idx)
+    torch.testing.assert_close(ours.running_mean, bn.running_mean, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours.running_var, bn.running_var, **TOLERANCES[torch.float32])

@@ -42,7 +42,7 @@
 #include "aefast/conv_pool.h"
 #include "aefast/cpu_isa.h"
 #include "aefast/conv_transpose_gemm.h"
-#include "aefast/conv_weight_grad.h"
+#include "aefast/conv_direct.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
 
@@ -322,10 +322,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   const int64_t conv_h = (input.size(2) + 2 * padding[0] - weight.size(2)) / std::max<int64_t>(stride[0], 1) + 1;
   const bool one_by_one = pool_size.size() == 2 && pool_size[0] == 1 && pool_size[1] == 1 &&
                           pool_stride.size() == 2 && pool_stride[0] <= 1 && pool_stride[1] <= 1;
-  const at::Tensor conv_in =
-      one_by_one && conv_h * conv_w <= kSmallPlane ? input : conv_operand(input, conv_w);
-  const at::Tensor y =
-      as_channels_last(at::convolution(conv_in, weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
+  // Where oneDNN's forward is the slow one at few channels (conv_forward_direct_serves, the one rule,
+  // csrc/cpu/conv_direct.cpp), the conv runs by direct accumulation, straight into channels-last y.
+  const at::Tensor y = [&] {
+    if (conv_forward_direct_serves(input, weight) && (!bias.has_value() || !bias->defined() ||
+                                                      bias->scalar_type() == input.scalar_type()))
+      return conv_forward_direct(input, weight, bias, stride, padding);
+    const at::Tensor conv_in = one_by_one && conv_h * conv_w <= kSmallPlane ? input : conv_operand(input, conv_w);
+    return as_channels_last(at::convolution(conv_in, weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
+  }();
   const EncoderPool s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
@@ -475,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     // primitive is the slow one, it runs as one GEMM plus a col2im, in the input's own layout.
     const bool gemm_grad_input = output_mask[0] && conv_transpose_gemm_serves(dy, weight);
     // grad_weight and grad_bias: by direct accumulation where its rule (conv_weight_grad_direct_serves,
-    // csrc/cpu/conv_weight_grad.cpp) says oneDNN's backward-weights primitive is the slow one.
+    // csrc/cpu/conv_direct.cpp) says oneDNN's backward-weights primitive is the slow one.
     const bool direct_weight_grad = (output_mask[1] || output_mask[2]) && weight.scalar_type() == dy.scalar_type() &&
                                     conv_weight_grad_direct_serves(dy, input, weight.size(2), weight.size(3));
     const bool vendor_input_grad = output_mask[0] && !gemm_grad_input;

@@ -1,6 +1,6 @@
 #pragma once
 // A convolution's weight gradient (groups 1, dilation 1) by direct accumulation on CPU, for the
-// small-channel layers where oneDNN's backward-weights primitive is slow (csrc/cpu/conv_weight_grad.cpp
+// small-channel layers where oneDNN's backward-weights primitive is slow (csrc/cpu/conv_direct.cpp
 // has the math, the measurements and the rule).
 //
 // The one formula serves both directions of aefast's CPU kernels:
@@ -11,12 +11,13 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace aefast {
 
 // Whether conv_weight_grad_direct serves the weight gradient of a conv with this grad (N, Cg, HG, WG),
-// x (N, Cx, HX, WX) and kernel size here (the measured rule, or AEFAST_CONV_WGRAD_DIRECT=always|never,
+// x (N, Cx, HX, WX) and kernel size here (the measured rule, or AEFAST_CONV_DIRECT=always|never,
 // which tests and A/B timings use).
 bool conv_weight_grad_direct_serves(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw);
 
@@ -28,5 +29,12 @@ bool conv_weight_grad_direct_serves(const at::Tensor& grad, const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> conv_weight_grad_direct(const at::Tensor& grad, const at::Tensor& x, int64_t kh,
                                                            int64_t kw, c10::IntArrayRef stride,
                                                            c10::IntArrayRef padding, bool want_bias);
+
+// The forward of the same direct form: conv2d(x, weight, bias, stride, padding) (groups 1, dilation
+// 1) as an (N, Cg, HO, WO) tensor with channels-last memory (a permuted (N, HO, WO, Cg) buffer),
+// x in any layout, fp32 or fp64; conv_forward_direct_serves is its rule (the same environment switch).
+bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::IntArrayRef stride, c10::IntArrayRef padding);
 
 }  // namespace aefast
