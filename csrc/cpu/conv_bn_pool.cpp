@@ -11,7 +11,9 @@
 // (at::convolution_backward: oneDNN) for dx, dw and db.
 //
 // The multiply-adds are the vendor's (at::convolution / at::convolution_backward), in channels-last,
-// oneDNN's fast layout (an NCHW input is transposed in, grad_input back out, by a tiled transpose).
+// oneDNN's fast layout (an NCHW input is transposed in, grad_input back out, by a tiled transpose),
+// except where the rules of csrc/cpu/conv_direct.cpp (small channel counts: oneDNN's slow shapes) or
+// csrc/cpu/conv_transpose_gemm.cpp (grad_input) take the forward, grad_weight or grad_input.
 // aefast's part is memory-bound and lives in conv_bn_pool_kernels.inc, built per ISA, vectorised
 // over channels: the channel statistics (one pass over y, shifted sums in double), the normalise ->
 // activate -> pool -> argmax epilogue (one pass over y, writes only pooled-size tensors) and, in
