@@ -317,14 +317,15 @@ bool conv_weight_grad_direct_serves(const at::Tensor& grad, const at::Tensor& x,
   if (mode == DirectMode::Never || !supported(grad, x, kh, kw)) return false;
   if (mode == DirectMode::Always) return true;
   // The rule, the shapes where it was measured faster than oneDNN (fp32, 1 thread, process_time,
-  // median of 9 x 30, loaded 2-core AVX-512 machine, Dec 2026; channels-last grad and x, 3x3):
-  //   N128 1->8 16x16 s2 (the conv VAE's first stage; a ConvTranspose2d 8->1 4x4 s2 is the same
-  //   sum): oneDNN 119 us, direct 71 (with a per-element xpad copy since replaced by row copies);
-  //   N128 8->16 8x8 s2 (its second stage; its decoder's 16->8): 74 vs 61.
-  // and where it lost (so left out): N16 16->32 48x48 s2: 465 vs 738; N16 3->16 96x96 s1: 1100 vs
-  // 1466; N16 32->32 24x24: 261 vs 367; N16 8->8 96x96 s1: 2142 vs 2087 (a tie). So: fp32 (fp64 is
-  // the tests' dtype; half types stay on oneDNN), grad channels one or two whole 8-wide vectors (no
-  // padded copy), at most kMaxTaps taps and kMaxPositions grad positions.
+  // median of 9 x 30, loaded 2-core AVX-512 machine, Dec 2026; channels-last grad and x, 3x3), in us:
+  //   N128 1->8 16x16 s2 (the conv VAE's first stage; its decoder's ConvTranspose2d 8->1 8x8 s2 is
+  //   the same sum): oneDNN 133, direct 36 (130 vs 37 as the transposed conv's weight grad);
+  //   N128 8->16 8x8 s2 (its second stage; the decoder's 16->8 the same way): 78 vs 50 (83 vs 52).
+  // and where it lost or tied (so left out; measured before the xpad copy became row copies, which
+  // took enc1 from 71 to 36 us, so worth measuring again): N16 16->32 48x48 s2: oneDNN 465 vs 738;
+  // N16 3->16 96x96 s1: 1100 vs 1466; N16 32->32 24x24: 261 vs 367; N16 8->8 96x96 s1: 2142 vs 2087.
+  // So: fp32 (fp64 is the tests' dtype; half types stay on oneDNN), grad channels one or two whole
+  // 8-wide vectors (no padded copy), at most kMaxTaps taps and kMaxPositions grad positions.
   constexpr int64_t kMaxTaps = 8 * 9;
   constexpr int64_t kMaxPositions = 8192;
   const int64_t cg = grad.size(1);
@@ -371,9 +372,12 @@ bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight) {
         (weight.size(0) + 32 / x.element_size() - 1) / (32 / x.element_size()) <= kMaxVectors))
     return false;
   if (mode == DirectMode::Always) return true;
-  // The rule: measured (see the top of this file) for one input channel under a 3x3 kernel (9 taps):
-  // the conv VAE's first stage, where oneDNN's forward is slow and the channels-last copy of its
-  // NCHW output is saved too. fp32, 8 or 16 output channels, at most kMaxForwardTaps taps.
+  // The rule (fp32, 1 thread, process_time, loaded machine, us; oneDNN on the NCHW input plus the
+  // channels-last copy of its output, which is what the encoder otherwise does at small planes / oneDNN
+  // given channels-last / direct): N128 1->8 16x16 s2 (the conv VAE's first stage) 97 / 73 / 34, so
+  // one input channel under a 3x3 kernel (9 taps) is served; N128 8->16 8x8 s2 (its second stage)
+  // 86 / 104 / 70 is a smaller win left out until a quiet machine confirms it; N16 3->16 96x96 s2
+  // 3009 / 351 / 503 loses. fp32, 8 or 16 output channels, at most kMaxForwardTaps taps.
   constexpr int64_t kMaxForwardTaps = 9;
   const int64_t cg = weight.size(0);
   return x.scalar_type() == at::kFloat && (cg == 8 || cg == 16) &&
