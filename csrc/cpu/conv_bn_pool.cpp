@@ -327,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   // Where oneDNN's forward is the slow one at few channels (conv_forward_direct_serves, the one rule,
   // csrc/cpu/conv_direct.cpp), the conv runs by direct accumulation, straight into channels-last y.
   const at::Tensor y = [&] {
-    if (conv_forward_direct_serves(input, weight) && (!bias.has_value() || !bias->defined() ||
+    if (conv_forward_direct_serves(input, weight, stride, padding) && (!bias.has_value() || !bias->defined() ||
                                                       bias->scalar_type() == input.scalar_type()))
       return conv_forward_direct(input, weight, bias, stride, padding);
     const at::Tensor conv_in = one_by_one && conv_h * conv_w <= kSmallPlane ? input : conv_operand(input, conv_w);

@@ -312,6 +312,11 @@ bool supported(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t 
 
 }  // namespace
 
+// The bounds of both rules (their measurements are in conv_weight_grad_direct_serves and
+// conv_forward_direct_serves).
+constexpr int64_t kMaxTaps = 8 * 9;
+constexpr int64_t kMaxPositions = 8192;
+
 bool conv_weight_grad_direct_serves(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw) {
   const DirectMode mode = mode_from_env();
   if (mode == DirectMode::Never || !supported(grad, x, kh, kw)) return false;
@@ -326,8 +331,6 @@ bool conv_weight_grad_direct_serves(const at::Tensor& grad, const at::Tensor& x,
   // N16 3->16 96x96 s1: 1100 vs 1466; N16 32->32 24x24: 261 vs 367; N16 8->8 96x96 s1: 2142 vs 2087.
   // So: fp32 (fp64 is the tests' dtype; half types stay on oneDNN), grad channels one or two whole
   // 8-wide vectors (no padded copy), at most kMaxTaps taps and kMaxPositions grad positions.
-  constexpr int64_t kMaxTaps = 8 * 9;
-  constexpr int64_t kMaxPositions = 8192;
   const int64_t cg = grad.size(1);
   return grad.scalar_type() == at::kFloat && (cg == 8 || cg == 16) && x.size(1) * kh * kw <= kMaxTaps &&
          grad.size(0) * grad.size(2) * grad.size(3) <= kMaxPositions;
@@ -363,7 +366,8 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_direct(const at::Tensor& gra
   return {grad_weight, grad_bias};
 }
 
-bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight) {
+bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
+                                c10::IntArrayRef padding) {
   const DirectMode mode = mode_from_env();
   if (mode == DirectMode::Never || weight.dim() != 4 || weight.scalar_type() != x.scalar_type()) return false;
   // the forward's output channels play the weight gradient's grad channels: the same limits
@@ -374,14 +378,18 @@ bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight) {
   if (mode == DirectMode::Always) return true;
   // The rule (fp32, 1 thread, process_time, loaded machine, us; oneDNN on the NCHW input plus the
   // channels-last copy of its output, which is what the encoder otherwise does at small planes / oneDNN
-  // given channels-last / direct): N128 1->8 16x16 s2 (the conv VAE's first stage) 97 / 73 / 34, so
-  // one input channel under a 3x3 kernel (9 taps) is served; N128 8->16 8x8 s2 (its second stage)
-  // 86 / 104 / 70 is a smaller win left out until a quiet machine confirms it; N16 3->16 96x96 s2
-  // 3009 / 351 / 503 loses. fp32, 8 or 16 output channels, at most kMaxForwardTaps taps.
-  constexpr int64_t kMaxForwardTaps = 9;
+  // given channels-last / direct): N128 1->8 16x16 s2 (the conv VAE's first stage) 97 / 73 / 34;
+  // N128 8->16 8x8 s2 (its second stage) 86 / 104 / 70; N16 3->16 96x96 s2 3009 / 351 / 503 loses
+  // (36864 positions). So: fp32, 8 or 16 output channels, at most kMaxTaps taps (the weight
+  // gradient's bound) and kMaxPositions output positions, as the weight gradient's rule.
+  if (stride.size() != 2 || padding.size() != 2 || stride[0] <= 0 || stride[1] <= 0 ||
+      x.size(2) + 2 * padding[0] < weight.size(2) || x.size(3) + 2 * padding[1] < weight.size(3))
+    return false;  // malformed: the vendor conv reports it
   const int64_t cg = weight.size(0);
+  const int64_t positions = x.size(0) * ((x.size(2) + 2 * padding[0] - weight.size(2)) / stride[0] + 1) *
+                            ((x.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1);
   return x.scalar_type() == at::kFloat && (cg == 8 || cg == 16) &&
-         weight.size(1) * weight.size(2) * weight.size(3) <= kMaxForwardTaps;
+         weight.size(1) * weight.size(2) * weight.size(3) <= kMaxTaps && positions <= kMaxPositions;
 }
 
 at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

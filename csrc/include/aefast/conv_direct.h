@@ -33,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad_direct(const at::Tensor& gra
 // The forward of the same direct form: conv2d(x, weight, bias, stride, padding) (groups 1, dilation
 // 1) as an (N, Cg, HO, WO) tensor with channels-last memory (a permuted (N, HO, WO, Cg) buffer),
 // x in any layout, fp32 or fp64; conv_forward_direct_serves is its rule (the same environment switch).
-bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight);
+bool conv_forward_direct_serves(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
+                                c10::IntArrayRef padding);
 at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::IntArrayRef stride, c10::IntArrayRef padding);
 
