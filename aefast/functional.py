@@ -1091,7 +1091,8 @@ def batch_norm_act2d(input, bn_weight, bn_bias, running_mean, running_var, train
     out, mean, var = _batch_norm_act_ops.batch_norm_act2d(backend, input, gamma, beta, eps,
                                                           ACTIVATION_CODES[activation], negative_slope)
     if training:
-        ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
+        _batch_norm_act_ops.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                                                 count)
     return out
 
 
@@ -1147,5 +1148,6 @@ def conv_bn_pool2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
         backend, input, weight, bias, gamma, beta, s, p, eps, ACTIVATION_CODES[activation], negative_slope, k_pool,
         s_pool, ceil_mode)
     if training:
-        ref.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
+        _batch_norm_act_ops.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                                                 count)
     return _encoder_outputs(backend, pooled, window, input, return_indices, index_format, conv_hw, k_pool, s_pool)

@@ -11,6 +11,7 @@
 //   backward: (grad_input, grad_weight, grad_bias) = <ns>::batch_norm_act2d_backward(grad_out, input,
 //   mean, var, weight, bias, eps, activation, negative_slope), output_mask = what autograd needs.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -135,7 +136,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act2d_autograd(
   return {out, mean, var};
 }
 
+namespace {
+
+// The CPU fast path of update_running_stats: one loop over the channels, in the running
+// statistics' dtype T, with the operations (and roundings) of the ATen ops below: the scalar factors
+// are rounded to T first, as a Python number is when it multiplies a T tensor.
+template <typename T>
+void update_running_stats_loop(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                               const at::Tensor& var, T factor, T keep, T unbias) {
+  T* rm = running_mean.mutable_data_ptr<T>();
+  T* rv = running_var.mutable_data_ptr<T>();
+  const T* m = mean.const_data_ptr<T>();
+  const T* v = var.const_data_ptr<T>();
+  for (int64_t c = 0; c < running_mean.numel(); ++c) {
+    const T a = rm[c] * keep, b = m[c] * factor;
+    rm[c] = a + b;
+    const T u = v[c] * unbias;
+    const T d = rv[c] * keep, e = u * factor;
+    rv[c] = d + e;
+  }
+}
+
+}  // namespace
+
+void update_running_stats(const std::optional<at::Tensor>& running_mean_opt,
+                          const std::optional<at::Tensor>& running_var_opt,
+                          const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+                          const at::Tensor& mean, const at::Tensor& var, int64_t count) {
+  at::NoGradGuard no_grad;
+  const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (tracked) num_batches_tracked->add_(1);
+  if (!(running_mean_opt.has_value() && running_mean_opt->defined())) return;
+  TORCH_CHECK(running_var_opt.has_value() && running_var_opt->defined(),
+              "aefast: update_running_stats needs both running_mean and running_var");
+  TORCH_CHECK(count > 1, "aefast: update_running_stats needs more than one value per channel, got ", count);
+  at::Tensor running_mean = *running_mean_opt, running_var = *running_var_opt;
+  if (!momentum.has_value() && !tracked) return;  // torch's factor 0.0: the running statistics stay
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  const auto dtype = running_mean.scalar_type();
+  const bool fast = running_mean.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble) &&
+                    running_var.scalar_type() == dtype && mean.scalar_type() == dtype &&
+                    var.scalar_type() == dtype && mean.device().is_cpu() && var.device().is_cpu() &&
+                    running_mean.is_contiguous() && running_var.is_contiguous() && mean.is_contiguous() &&
+                    var.is_contiguous() && running_mean.numel() == mean.numel() &&
+                    running_var.numel() == var.numel() && running_mean.numel() == running_var.numel() &&
+                    (momentum.has_value() || num_batches_tracked->device().is_cpu());
+  if (fast) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "aefast_update_running_stats", [&] {
+      scalar_t factor, keep;
+      if (momentum.has_value()) {
+        factor = static_cast<scalar_t>(*momentum);
+        keep = static_cast<scalar_t>(1.0 - *momentum);
+      } else {  // 1 / num_batches_tracked in T (a reciprocal), and 1 - that in T
+        const scalar_t reciprocal = scalar_t(1) / static_cast<scalar_t>(num_batches_tracked->item<int64_t>());
+        factor = reciprocal * scalar_t(1);
+        keep = scalar_t(1) - factor;
+      }
+      update_running_stats_loop<scalar_t>(running_mean, running_var, mean, var, factor, keep,
+                                          static_cast<scalar_t>(unbias));
+    });
+    return;
+  }
+  // Any other device or dtype: the reference's tensor ops (no host synchronisation on CUDA).
+  const at::Tensor unbiased = var * unbias;
+  if (momentum.has_value()) {
+    running_mean.mul_(1.0 - *momentum).add_(mean.to(dtype) * *momentum);
+    running_var.mul_(1.0 - *momentum).add_(unbiased.to(running_var.scalar_type()) * *momentum);
+  } else {
+    const at::Tensor factor = num_batches_tracked->to(dtype).reciprocal() * 1.0;
+    const at::Tensor keep = at::rsub(factor, 1);
+    running_mean.mul_(keep).add_(mean.to(dtype) * factor);
+    running_var.mul_(keep).add_(unbiased.to(running_var.scalar_type()) * factor);
+  }
+}
+
 void bind_batch_norm_act_autograd(pybind11::module_& m) {
+  m.def("update_running_stats", &update_running_stats,
+        "nn.BatchNorm2d's training-mode update of running_mean, running_var and num_batches_tracked, in place, "
+        "from the batch mean and biased var of count values per channel (aefast.reference.functional."
+        "update_running_stats is its specification)",
+        pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("num_batches_tracked"),
+        pybind11::arg("momentum"), pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("count"));
   // The GIL is released while the kernels run, as torch's own bindings do; Triton twins are Python
   // kernels and take it back themselves.
   m.def("batch_norm_act2d_autograd", &batch_norm_act2d_autograd,

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "aefast/conv_bn_pool_autograd.h"
+#include "aefast/conv_direct.h"
 
 namespace aefast {
 namespace {
@@ -182,6 +183,28 @@ void bind_conv_bn_pool_autograd(pybind11::module_& m) {
         pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("eps"), pybind11::arg("activation"),
         pybind11::arg("negative_slope"), pybind11::arg("pool_size"), pybind11::arg("pool_stride"),
         pybind11::arg("ceil_mode"));
+  // The direct small-channel conv kernels of conv_bn_pool2d's CPU forward and backward
+  // (csrc/cpu/conv_direct.cpp), for the tests to hold them to torch's conv2d and its backward (the
+  // weight gradient in both of its uses: Conv2d, ConvTranspose2d).
+  m.def(
+      "conv_weight_grad_direct",
+      [](const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, bool want_bias) {
+        return conv_weight_grad_direct(grad, x, kh, kw, stride, padding, want_bias);
+      },
+      "(grad_weight, grad_bias) of a conv by direct accumulation (CPU, fp32/fp64; aefast/conv_direct.h)",
+      pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("grad"), pybind11::arg("x"),
+      pybind11::arg("kh"), pybind11::arg("kw"), pybind11::arg("stride"), pybind11::arg("padding"),
+      pybind11::arg("want_bias"));
+  m.def(
+      "conv_forward_direct",
+      [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+         std::vector<int64_t> stride, std::vector<int64_t> padding) {
+        return conv_forward_direct(x, weight, bias, stride, padding);
+      },
+      "conv2d by direct accumulation (CPU, fp32/fp64, channels-last result; aefast/conv_direct.h)",
+      pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::arg("x"), pybind11::arg("weight"),
+      pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"));
 }
 
 }  // namespace aefast

@@ -7,6 +7,13 @@
   are held to torch's ConvTranspose2d / Conv2d -> BatchNorm2d -> act in fp32 and fp64 (gradcheck),
   forward and backward, and to results independent of the thread count. fp16/bf16 are not served
   (oneDNN keeps them) and still match.
+* conv_direct (csrc/cpu/conv_direct.cpp): a small-channel conv's forward and weight gradient by
+  direct accumulation (register tiles, the im2col read in place), which serve conv_bn_pool2d where
+  oneDNN is slow (the conv VAE's encoder). AEFAST_CONV_DIRECT=always|never|auto as above; both
+  kernels are held to torch on every ISA in fp32 and fp64 (gradcheck), the weight gradient also in its
+  ConvTranspose2d form, and to results independent of the thread count.
+* the running-statistics update in C++ (aefast._C.update_running_stats), the one implementation the
+  fused BatchNorm ops call, held bit for bit to the reference twin's update.
 * aefast.optimize's rewrites for the conv VAE's layout: a stride-2 Conv2d -> BatchNorm2d (batch
   statistics) -> act with no pool becomes conv_bn_pool2d with 1x1 windows (stride-1 ones stay); a stride-2 ConvTranspose2d before a
   batch-statistics BatchNorm2d becomes conv_transpose_act2d (the BatchNorm2d -> act after it
@@ -341,3 +348,292 @@ def test_one_by_one_windows_match_the_reference_twin_on_every_backend(backend_na
     for got, want in zip(results[backend_name], results["reference"]):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
+
+
+# ---------------------------------------------------------------- conv weight gradient by direct accumulation
+
+WGRAD_MODES = ["always", "never", "auto"]
+WEIGHT_GRADS = [  # (n, cx, cg, (hx, wx), (kh, kw), stride, padding): grad (n, cg, ...) against x (n, cx, hx, wx)
+    (128, 1, 8, (16, 16), (3, 3), (2, 2), (1, 1)),  # the conv VAE's first encoder stage
+    (128, 8, 16, (8, 8), (3, 3), (2, 2), (1, 1)),  # its second
+    (2, 3, 17, (9, 7), (3, 3), (2, 2), (1, 1)),  # a tail-only vector (17 = 2*8 + 1 fp32 channels)
+    (3, 5, 12, (10, 9), (4, 2), (3, 2), (2, 1)),
+    (1, 17, 3, (5, 6), (3, 3), (1, 1), (1, 1)),
+    (2, 4, 32, (6, 6), (1, 1), (1, 1), (0, 0)),
+    (2, 2, 24, (1, 1), (3, 3), (2, 2), (1, 1)),
+    (4, 6, 8, (7, 11), (5, 3), (1, 2), (0, 2)),
+]
+
+
+def _conv_weight_grad_torch(grad, x, kh, kw, stride, padding):
+    """torch's (grad_weight, grad_bias) of conv2d(x, W) given grad_output ``grad``, in fp64."""
+    w = torch.zeros(grad.shape[1], x.shape[1], kh, kw, dtype=torch.float64)
+    _, gw, gb = torch.ops.aten.convolution_backward(grad.double(), x.double(), w, [grad.shape[1]], list(stride),
+                                                    list(padding), [1, 1], False, [0, 0], 1, [False, True, True])
+    return gw, gb
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", WEIGHT_GRADS)
+def test_weight_grad_direct_matches_torch_every_isa(monkeypatch, isa, dtype, shape):
+    """csrc/cpu/conv_direct.cpp against torch's conv backward: every tap-block size (taps 9, 72,
+    27, 40, 153, 4, 18, 90), whole channel vectors, tails (17, 12, 3, 24 fp64), strides, paddings, and
+    grad / x in both layouts."""
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    n, cx, cg, hw, (kh, kw), s, p = shape
+    gen = torch.Generator().manual_seed(cx * 31 + cg)
+    x = torch.randn(n, cx, *hw, generator=gen, dtype=dtype)
+    ho, wo = ((hw[a] + 2 * p[a] - (kh, kw)[a]) // s[a] + 1 for a in range(2))
+    grad = torch.randn(n, cg, ho, wo, generator=gen, dtype=dtype)
+    if cg > 32 // x.element_size() * 4:  # past its register tile (32 fp32 / 16 fp64 channels): refused
+        with pytest.raises(RuntimeError, match="conv_weight_grad_direct"):
+            aefast._C.conv_weight_grad_direct(grad, x, kh, kw, list(s), list(p), True)
+        return
+    want_w, want_b = _conv_weight_grad_torch(grad, x, kh, kw, s, p)
+    tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, float(want_w.abs().max()))) if dtype == torch.float32 else \
+        dict(rtol=1e-10, atol=1e-10)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        gw, gb = aefast._C.conv_weight_grad_direct(grad.contiguous(memory_format=layout),
+                                                   x.contiguous(memory_format=layout), kh, kw, list(s), list(p), True)
+        assert gw.shape == (cg, cx, kh, kw) and gw.dtype == dtype and gw.is_contiguous()
+        torch.testing.assert_close(gw.double(), want_w, **tol)
+        torch.testing.assert_close(gb.double(), want_b, **tol)
+    gw_only, gb_none = aefast._C.conv_weight_grad_direct(grad, x, kh, kw, list(s), list(p), False)
+    assert gb_none is None  # an undefined tensor: no bias gradient asked for
+    torch.testing.assert_close(gw_only.double(), want_w, **tol)
+
+
+@pytest.mark.parametrize("shape", [(128, 16, 8, (4, 4), (3, 3), (2, 2), (1, 1), (1, 1)),  # the conv VAE's decoder
+                                   (128, 8, 1, (8, 8), (3, 3), (2, 2), (1, 1), (1, 1)),
+                                   (2, 5, 3, (3, 4), (4, 2), (3, 2), (2, 1), (1, 0))])
+def test_weight_grad_direct_is_a_transposed_convs_weight_grad(shape):
+    """The same kernel gives a ConvTranspose2d's grad_weight with grad = its input and x = its
+    grad_output (the formula in aefast/conv_direct.h), for its callers in the decoder."""
+    n, ci, co, hw, (kh, kw), s, p, op = shape
+    gen = torch.Generator().manual_seed(ci + co)
+    x = torch.randn(n, ci, *hw, generator=gen, dtype=torch.float64)
+    w = torch.randn(ci, co, kh, kw, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = F.conv_transpose2d(x, w, None, s, p, op)
+    gy = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(gy)
+    gw, _ = aefast._C.conv_weight_grad_direct(x, gy, kh, kw, list(s), list(p), False)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_grad_direct_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(13)
+    x, grad = torch.randn(37, 8, 8, 8, generator=g), torch.randn(37, 16, 4, 4, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(aefast._C.conv_weight_grad_direct(grad, x, 3, 3, [2, 2], [1, 1], True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1]) for r in results[1:])
+
+
+def test_weight_grad_direct_rejects_what_it_does_not_serve():
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="conv_weight_grad_direct"):
+        aefast._C.conv_weight_grad_direct(torch.randn(2, 33, 3, 3), x, 3, 3, [2, 2], [1, 1], True)  # 33 > 32 channels
+    with pytest.raises(RuntimeError, match="conv_weight_grad_direct"):
+        aefast._C.conv_weight_grad_direct(torch.randn(2, 4, 3, 3).half(), x.half(), 3, 3, [2, 2], [1, 1], True)
+    with pytest.raises(RuntimeError, match="conv_weight_grad_direct"):
+        aefast._C.conv_weight_grad_direct(torch.randn(2, 4, 3, 3), x, 3, 3, [0, 2], [1, 1], True)
+
+
+@pytest.mark.parametrize("mode", WGRAD_MODES)
+@pytest.mark.parametrize("shape", ENCODERS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_bn_pool_grads_match_torch_with_the_direct_weight_grad(monkeypatch, mode, shape, layout):
+    """conv_bn_pool2d's grad_weight and grad_bias from conv_weight_grad_direct (always), oneDNN (never)
+    or the rule (auto), against fp64 torch; the input needing no gradient too (the first layer)."""
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", mode)
+    n, ci, co, hw, k, s, p, pool = shape
+    k = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(ci * 5 + co)
+    x = torch.randn(n, ci, *hw, generator=g).contiguous(memory_format=layout)
+    w = torch.randn(co, ci, *k, generator=g) / (ci * k[0] * k[1]) ** 0.5
+    b, gamma, beta = torch.randn(co, generator=g), torch.rand(co, generator=g) + 0.5, torch.randn(co, generator=g)
+    for x_needs_grad in (True, False):
+        got_leaves = _leaves(x, w, b, gamma, beta)
+        got_leaves[0].requires_grad_(x_needs_grad)
+        got = AF.conv_bn_pool2d(*got_leaves, None, None, True, stride=s, padding=p, activation="leaky_relu",
+                                pool_size=pool, return_indices=False, negative_slope=0.2)
+        got_grads = _grads(got, got_leaves)
+        leaves64 = _leaves(*(t.double() for t in (x, w, b, gamma, beta)))
+        want_grads = _grads(_encoder_reference(*leaves64, s, p, "leaky_relu", pool, 0.2), leaves64)
+        scale = max(1.0, max(float(g.abs().max()) for g in want_grads))
+        for name, got_g, want_g in zip(("x", "w", "b", "gamma", "beta"), got_grads, want_grads):
+            if name == "x" and not x_needs_grad:
+                assert got_g is None
+                continue
+            torch.testing.assert_close(got_g.double(), want_g, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert got_grads[1].is_contiguous()
+
+
+def test_conv_bn_pool_fp64_gradcheck_through_the_direct_weight_grad(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "always")
+    g = torch.Generator().manual_seed(14)
+    args = [torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64), torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64),
+            torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5,
+            torch.randn(5, generator=g, dtype=torch.float64)]
+    args = [a.requires_grad_() for a in args]
+    for pool in (1, 2):
+        def fn(x, w, b, gamma, beta):
+            return AF.conv_bn_pool2d(x, w, b, gamma, beta, None, None, True, stride=1 if pool == 2 else 2, padding=1,
+                                     activation="tanh", pool_size=pool, return_indices=False)
+
+        assert torch.autograd.gradcheck(fn, args)
+
+
+def test_conv_bn_pool_opcheck_through_the_direct_weight_grad(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "always")
+    g = torch.Generator().manual_seed(15)
+    xe = torch.randn(2, 3, 7, 6, generator=g, requires_grad=True)
+    we, be = torch.randn(8, 3, 3, 3, generator=g, requires_grad=True), torch.randn(8, generator=g, requires_grad=True)
+    gamma, beta = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    torch.library.opcheck(torch.ops.aefast.conv_bn_pool2d_forward.default,
+                          (xe, we, be, gamma.requires_grad_(), beta.requires_grad_(), [2, 2], [1, 1], 1e-5, 2, 0.2,
+                           [1, 1], [0, 0], False))
+
+
+def test_bad_direct_conv_mode_is_a_clear_error(monkeypatch):
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(8, 3, 3, 3, requires_grad=True)
+    out = AF.conv_bn_pool2d(x, w, None, None, None, None, None, True, stride=2, padding=1, pool_size=1,
+                            return_indices=False)
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "sometimes")
+    with pytest.raises(RuntimeError, match="AEFAST_CONV_DIRECT must be auto, always or never"):
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match="AEFAST_CONV_DIRECT must be auto, always or never"):
+        AF.conv_bn_pool2d(x, w, None, None, None, None, None, True, stride=2, padding=1, pool_size=1,
+                          return_indices=False)
+
+
+# ---------------------------------------------------------------- running statistics in C++
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, 0.37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("tracked", [True, False])
+def test_update_running_stats_is_the_reference(momentum, dtype, tracked):
+    """aefast._C.update_running_stats (the one implementation the fused BatchNorm ops call) equals the
+    reference twin's update over several steps: bit for bit on CPU fp32/fp64 (its loop), to fp16
+    tolerance for fp16 running statistics (its tensor ops); momentum=None's cumulative average included."""
+    from aefast.reference import functional as ref
+
+    gen = torch.Generator().manual_seed(16)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    ours = [torch.randn(7, generator=gen).to(dtype), (torch.rand(7, generator=gen) + 0.5).to(dtype),
+            torch.tensor(3, dtype=torch.int64) if tracked else None]
+    theirs = [None if t is None else t.clone() for t in ours]
+    for step in range(4):
+        mean, var = torch.randn(7, generator=gen, dtype=stat), torch.rand(7, generator=gen, dtype=stat)
+        count = 5 + 100 * step
+        aefast._C.update_running_stats(*ours, momentum, mean, var, count)
+        ref.update_running_stats(*theirs, momentum, mean, var, count)
+        for a, b in zip(ours, theirs):
+            if a is None or dtype != torch.float16:
+                assert (a is None and b is None) or torch.equal(a, b)
+            else:  # the tensor-op path rounds to fp16 once more or less than the reference here and there
+                torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3)
+    if not tracked and momentum is None:
+        assert torch.equal(ours[0], theirs[0])  # torch's factor 0: nothing moves
+
+
+def test_update_running_stats_without_running_stats_counts_batches():
+    n = torch.tensor(0, dtype=torch.int64)
+    aefast._C.update_running_stats(None, None, n, 0.1, torch.zeros(3), torch.ones(3), 10)
+    assert int(n) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("op", ["conv_bn_pool2d", "batch_norm_act2d"])
+def test_fused_ops_update_running_stats_as_batchnorm2d(momentum, op):
+    """Through the fused ops' eager path (the C++ update), against nn.BatchNorm2d over three steps."""
+    gen = torch.Generator().manual_seed(17)
+    conv = nn.Conv2d(3, 8, 3, 2, 1)
+    bn = nn.BatchNorm2d(8, momentum=momentum)
+    ours = copy.deepcopy(bn)
+    for _ in range(3):
+        x = torch.randn(4, 3, 9, 10, generator=gen)
+        with torch.no_grad():
+            want = F.leaky_relu(bn(conv(x)), 0.2)
+        if op == "conv_bn_pool2d":
+            got = AF.conv_bn_pool2d(x, conv.weight, conv.bias, ours.weight, ours.bias, ours.running_mean,
+                                    ours.running_var, True, momentum, ours.eps, stride=2, padding=1,
+                                    activation="leaky_relu", pool_size=1, return_indices=False,
+                                    num_batches_tracked=ours.num_batches_tracked, negative_slope=0.2)
+        else:
+            got = AF.batch_norm_act2d(conv(x), ours.weight, ours.bias, ours.running_mean, ours.running_var, True,
+                                      momentum, ours.eps, "leaky_relu", ours.num_batches_tracked, negative_slope=0.2)
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours.running_mean, bn.running_mean, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours.running_var, bn.running_var, **TOLERANCES[torch.float32])
+    assert int(ours.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", WEIGHT_GRADS)
+def test_conv_forward_direct_matches_torch_every_isa(monkeypatch, isa, dtype, shape):
+    """The forward of csrc/cpu/conv_direct.cpp against F.conv2d: every position-block size (rows 8,
+    4, 5, 2, 6, 1, 4 wide), whole channel vectors and tails, strides, paddings, both input layouts;
+    the result is channels-last (the layout conv_bn_pool2d keeps its conv output in)."""
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    n, cx, cg, hw, (kh, kw), s, p = shape
+    gen = torch.Generator().manual_seed(cx * 13 + cg)
+    x = torch.randn(n, cx, *hw, generator=gen, dtype=dtype)
+    w = torch.randn(cg, cx, kh, kw, generator=gen, dtype=dtype)
+    b = torch.randn(cg, generator=gen, dtype=dtype)
+    if cg > 32 // x.element_size() * 4:
+        with pytest.raises(RuntimeError, match="conv_forward_direct"):
+            aefast._C.conv_forward_direct(x, w, b, list(s), list(p))
+        return
+    want = F.conv2d(x.double(), w.double(), b.double(), s, p)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for bias in (b, None):
+            got = aefast._C.conv_forward_direct(x.contiguous(memory_format=layout), w, bias, list(s), list(p))
+            assert got.shape == want.shape and got.dtype == dtype
+            assert got.is_contiguous(memory_format=torch.channels_last) or cg == 1
+            expected = want if bias is not None else want - b.double().view(1, -1, 1, 1)
+            torch.testing.assert_close(got.double(), expected, **TOLERANCES[dtype])
+
+
+def test_conv_forward_direct_rejects_what_it_does_not_serve():
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="conv_forward_direct"):
+        aefast._C.conv_forward_direct(x, torch.randn(33, 3, 3, 3), None, [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="conv_forward_direct"):
+        aefast._C.conv_forward_direct(x, torch.randn(8, 3, 7, 7), None, [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="conv_forward_direct"):
+        aefast._C.conv_forward_direct(x, torch.randn(8, 3, 3, 3), None, [1, 0], [0, 0])
+
+
+@pytest.mark.parametrize("mode", WGRAD_MODES)
+@pytest.mark.parametrize("shape", ENCODERS + [(128, 1, 8, (16, 16), 3, 2, 1, 1), (3, 1, 16, (9, 8), 3, 2, 1, 2)])
+def test_conv_bn_pool_forward_through_the_direct_conv(monkeypatch, mode, shape):
+    """conv_bn_pool2d's outputs, indices and running statistics with its conv run by the direct kernel
+    (always), oneDNN (never) or the rule (auto: the conv VAE's 1 -> 8 first stage), against torch."""
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", mode)
+    n, ci, co, hw, k, s, p, pool = shape
+    k = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(ci * 3 + co)
+    x = torch.randn(n, ci, *hw, generator=g)
+    conv = nn.Conv2d(ci, co, k, s, p)
+    bn = nn.BatchNorm2d(co)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / (ci * k[0] * k[1]) ** 0.5)
+    ours = copy.deepcopy(bn)
+    want, want_idx = F.max_pool2d(F.leaky_relu(bn(conv(x)), 0.2), pool, return_indices=True)
+    got, got_idx = AF.conv_bn_pool2d(x, conv.weight, conv.bias, ours.weight, ours.bias, ours.running_mean,
+                                     ours.running_var, True, ours.momentum, ours.eps, stride=s, padding=p,
+                                     activation="leaky_relu", pool_size=pool, num_batches_tracked=ours.num_batches_tracked,
+                                     negative_slope=0.2)
+    torch.testing.assert_close(got, want.detach(), **TOLERANCES[torch.float32])
+    if pool > 1:
+        assert torch.equal(got_idx, want_idx)
+    torch.testing.assert_close(ours.running_mean, bn.running_mean, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours.running_var, bn.running_var, **TOLERANCES[torch.float32])

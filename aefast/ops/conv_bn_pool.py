@@ -44,7 +44,9 @@ vendor conv backward. (Splitting dL/dy by linearity into the sparse k*g part and
 part does not save work: the c1*y part needs a dense transposed conv of y itself.) grad_b is sum dL/dy,
 zero up to rounding, since BatchNorm removes the mean.
 
-Backends: cpu runs the C++ kernels (oneDNN for the conv). triton (aefast/triton/conv_bn_pool.py)
+Backends: cpu runs the C++ kernels (oneDNN for the conv, except the small-channel convs where
+oneDNN is slow, whose forward and weight gradient run by direct accumulation: csrc/cpu/conv_direct.cpp
+and its rule, e.g. a conv VAE's 1 -> 8 and 8 -> 16 stride-2 encoder). triton (aefast/triton/conv_bn_pool.py)
 hands the conv and its backward to the vendor through torch (cuDNN on a GPU, TF32 as
 torch.backends.cudnn.allow_tf32 says) and runs the statistics, the normalise -> activate -> pool ->
 argmax epilogue, the pool-sparse sums and the dense dL/dy as Triton kernels: the same schema,

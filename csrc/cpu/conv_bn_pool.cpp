@@ -11,7 +11,9 @@
 // (at::convolution_backward: oneDNN) for dx, dw and db.
 //
 // The multiply-adds are the vendor's (at::convolution / at::convolution_backward), in channels-last,
-// oneDNN's fast layout (an NCHW input is transposed in, grad_input back out, by a tiled transpose).
+// oneDNN's fast layout (an NCHW input is transposed in, grad_input back out, by a tiled transpose),
+// except where the rules of csrc/cpu/conv_direct.cpp (small channel counts: oneDNN's slow shapes) or
+// csrc/cpu/conv_transpose_gemm.cpp (grad_input) take the forward, grad_weight or grad_input.
 // aefast's part is memory-bound and lives in conv_bn_pool_kernels.inc, built per ISA, vectorised
 // over channels: the channel statistics (one pass over y, shifted sums in double), the normalise ->
 // activate -> pool -> argmax epilogue (one pass over y, writes only pooled-size tensors) and, in
@@ -42,6 +44,7 @@
 #include "aefast/conv_pool.h"
 #include "aefast/cpu_isa.h"
 #include "aefast/conv_transpose_gemm.h"
+#include "aefast/conv_direct.h"
 #include "aefast/cpu_buffer_cache.h"
 #include "aefast/torch_utils.h"
 
@@ -321,10 +324,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
   const int64_t conv_h = (input.size(2) + 2 * padding[0] - weight.size(2)) / std::max<int64_t>(stride[0], 1) + 1;
   const bool one_by_one = pool_size.size() == 2 && pool_size[0] == 1 && pool_size[1] == 1 &&
                           pool_stride.size() == 2 && pool_stride[0] <= 1 && pool_stride[1] <= 1;
-  const at::Tensor conv_in =
-      one_by_one && conv_h * conv_w <= kSmallPlane ? input : conv_operand(input, conv_w);
-  const at::Tensor y =
-      as_channels_last(at::convolution(conv_in, weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
+  // Where oneDNN's forward is the slow one at few channels (conv_forward_direct_serves, the one rule,
+  // csrc/cpu/conv_direct.cpp), the conv runs by direct accumulation, straight into channels-last y.
+  const at::Tensor y = [&] {
+    if (conv_forward_direct_serves(input, weight, stride, padding) && (!bias.has_value() || !bias->defined() ||
+                                                      bias->scalar_type() == input.scalar_type()))
+      return conv_forward_direct(input, weight, bias, stride, padding);
+    const at::Tensor conv_in = one_by_one && conv_h * conv_w <= kSmallPlane ? input : conv_operand(input, conv_w);
+    return as_channels_last(at::convolution(conv_in, weight, bias, stride, padding, {1, 1}, false, {0, 0}, 1));
+  }();
   const EncoderPool s = check_geometry(y, pool_size, pool_stride, ceil_mode);
   check_bn_params("conv_bn_pool2d_forward", bn_weight, bn_bias, s.C);
   const auto stat_dtype = at::toOpMathType(y.scalar_type());
@@ -473,11 +481,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_p
     // (conv_transpose_gemm_serves, csrc/cpu/conv_transpose_gemm.cpp) says oneDNN's backward-data
     // primitive is the slow one, it runs as one GEMM plus a col2im, in the input's own layout.
     const bool gemm_grad_input = output_mask[0] && conv_transpose_gemm_serves(dy, weight, stride);
+    // grad_weight and grad_bias: by direct accumulation where its rule (conv_weight_grad_direct_serves,
+    // csrc/cpu/conv_direct.cpp) says oneDNN's backward-weights primitive is the slow one.
+    const bool direct_weight_grad = (output_mask[1] || output_mask[2]) && weight.scalar_type() == dy.scalar_type() &&
+                                    conv_weight_grad_direct_serves(dy, input, weight.size(2), weight.size(3));
+    const bool vendor_input_grad = output_mask[0] && !gemm_grad_input;
+    const bool vendor_weight_grad = (output_mask[1] || output_mask[2]) && !direct_weight_grad;
     std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
-    if (!gemm_grad_input || output_mask[1] || output_mask[2])
+    if (vendor_input_grad || vendor_weight_grad)
       grads = at::convolution_backward(dy, conv_operand(input, s.WC), weight,
                                        c10::IntArrayRef(cout), stride, padding, {1, 1}, false, {0, 0}, 1,
-                                       {output_mask[0] && !gemm_grad_input, output_mask[1], output_mask[2]});
+                                       {vendor_input_grad, vendor_weight_grad && output_mask[1],
+                                        vendor_weight_grad && output_mask[2]});
+    if (direct_weight_grad)
+      std::tie(std::get<1>(grads), std::get<2>(grads)) =
+          conv_weight_grad_direct(dy, input, weight.size(2), weight.size(3), stride, padding, output_mask[2]);
     grad_input = std::get<0>(grads);
     if (gemm_grad_input)
       grad_input = conv_transpose_gemm(dy, weight, std::nullopt, stride, padding, input.size(2), input.size(3),
