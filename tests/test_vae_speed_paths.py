@@ -637,3 +637,73 @@ def test_conv_bn_pool_forward_through_the_direct_conv(monkeypatch, mode, shape):
         assert torch.equal(got_idx, want_idx)
     torch.testing.assert_close(ours.running_mean, bn.running_mean, **TOLERANCES[torch.float32])
     torch.testing.assert_close(ours.running_var, bn.running_var, **TOLERANCES[torch.float32])
+
+
+# ---------------------------------------------------------------- conv_transpose_act2d's direct weight grad
+
+DIRECT_UPSAMPLERS = [  # (n, cin, cout, (h, w), (kh, kw), stride, padding, output_padding): cin 8 or 16 (the rule)
+    (128, 16, 8, (4, 4), (3, 3), (2, 2), (1, 1), (1, 1)),  # the conv VAE's decoder
+    (128, 8, 1, (8, 8), (3, 3), (2, 2), (1, 1), (1, 1)),
+    (3, 8, 5, (5, 7), (3, 3), (2, 2), (1, 1), (1, 0)),
+    (2, 16, 3, (3, 6), (2, 4), (3, 2), (0, 1), (2, 1)),
+    (1, 8, 7, (1, 1), (3, 3), (1, 1), (0, 0), (0, 0)),
+]
+
+
+@pytest.mark.parametrize("mode", WGRAD_MODES)
+@pytest.mark.parametrize("shape", DIRECT_UPSAMPLERS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_transpose_act_grads_match_torch_with_the_direct_weight_grad(monkeypatch, mode, shape, layout):
+    """conv_transpose_act2d's grad_W from conv_weight_grad_direct (always), oneDNN (never) or the
+    rule (auto), in the weight's layout, against fp64 torch; with and without an activation, and
+    with the input needing no gradient (grad_W alone)."""
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", mode)
+    n, ci, co, hw, k, s, p, op = shape
+    g = torch.Generator().manual_seed(ci * 7 + co)
+    x = torch.randn(n, ci, *hw, generator=g).contiguous(memory_format=layout)
+    w = (torch.randn(ci, co, *k, generator=g) / (ci * k[0] * k[1]) ** 0.5).contiguous(memory_format=layout)
+    b = torch.randn(co, generator=g)
+    for act, x_needs_grad in (("leaky_relu", True), (None, True), ("sigmoid", False)):
+        got_leaves, want_leaves = _leaves(x, w, b), _leaves(*(t.double() for t in (x, w, b)))
+        got_leaves[0].requires_grad_(x_needs_grad)
+        want_leaves[0].requires_grad_(x_needs_grad)
+        got = AF.conv_transpose_act2d(*got_leaves, s, p, op, activation=act, negative_slope=0.2)
+        want = _act(F.conv_transpose2d(*want_leaves, s, p, op), act, 0.2)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        got_grads, want_grads = _grads(got, got_leaves), _grads(want, want_leaves)
+        # fp32 sums of up to n*h*w terms: the error bound scales with the largest gradient entry
+        scale = max(1.0, max(float(g.abs().max()) for g in want_grads if g is not None))
+        for name, got_g, want_g in zip(("x", "w", "b"), got_grads, want_grads):
+            if name == "x" and not x_needs_grad:
+                assert got_g is None
+                continue
+            torch.testing.assert_close(got_g.double(), want_g, rtol=1e-4, atol=1e-5 * scale, msg=name)
+            assert got_g.shape == want_g.shape
+
+
+def test_conv_transpose_act_fp64_gradcheck_through_the_direct_weight_grad(monkeypatch):
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", "always")
+    g = torch.Generator().manual_seed(16)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 3, 4, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+        w = torch.randn(8, 3, 3, 3, generator=g, dtype=torch.float64)
+        b = torch.randn(3, generator=g, dtype=torch.float64)
+        args = [t.requires_grad_() for t in (x, w, b)]
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: AF.conv_transpose_act2d(x, w, b, 2, 1, 1, activation="tanh"), args)
+
+
+@pytest.mark.parametrize("mode, taken", [("auto", True), ("always", True), ("never", False)])
+def test_conv_transpose_act_direct_weight_grad_is_the_rules_pick_at_the_vae_decoder(monkeypatch, mode, taken):
+    """At the conv VAE's decoder shape (N128 16->8 4x4 s2, channels_last and NCHW) the rule takes the
+    direct weight grad; AEFAST_CONV_DIRECT=never keeps oneDNN's."""
+    monkeypatch.setenv("AEFAST_CONV_DIRECT", mode)
+    n, ci, co, hw, k, s, p, op = DIRECT_UPSAMPLERS[0]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(n, ci, *hw).contiguous(memory_format=layout).requires_grad_()
+        w = torch.randn(ci, co, *k).contiguous(memory_format=layout).requires_grad_()
+        y = AF.conv_transpose_act2d(x, w, None, s, p, op, activation="leaky_relu")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y.sum().backward()
+        paths = {e.name for e in prof.events() if e.name.startswith("aefast path: ")}
+        assert ("aefast path: conv_transpose_act2d_backward direct weight grad" in paths) == taken, paths

@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "aefast/conv_direct.h"
 #include "aefast/conv_transpose_act_host.h"
 #include "aefast/conv_transpose_gemm.h"
 #include "aefast/cpu_buffer_cache.h"
@@ -240,6 +241,23 @@ std::tuple<at::Tensor, at::Tensor> conv_transpose_act2d_cpu(const at::Tensor& in
   TORCH_CHECK(false, "aefast::conv_transpose_act2d: unhandled activation");
 }
 
+// A transposed conv's grad_W[ci, co, kh, kw] = sum over n, i, j of input[n, ci, i, j] *
+// gpre[n, co, i*s - p + kh, j*s - p + kw]: the weight gradient of the conv of gpre back to the input's
+// size, with the input in the role of that conv's grad_output (csrc/include/aefast/conv_direct.h).
+// At the few channels where conv_weight_grad_direct_serves measured oneDNN's backward-weights
+// primitive slow (the conv VAE's decoder: 130 -> 37 and 83 -> 52 us per call), it computes it.
+bool direct_weight_grad_serves(const at::Tensor& input, const at::Tensor& gpre, const at::Tensor& weight) {
+  return weight.scalar_type() == input.scalar_type() &&
+         conv_weight_grad_direct_serves(input, gpre, weight.size(2), weight.size(3));
+}
+
+at::Tensor transposed_weight_grad_direct(const at::Tensor& input, const at::Tensor& gpre, const at::Tensor& weight,
+                                         c10::IntArrayRef stride, c10::IntArrayRef padding) {
+  RECORD_USER_SCOPE("aefast path: conv_transpose_act2d_backward direct weight grad");
+  return std::get<0>(conv_weight_grad_direct(input, gpre, weight.size(2), weight.size(3), stride, padding,
+                                             /*want_bias=*/false));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& act_input, const at::Tensor& input, const at::Tensor& weight,
     c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef output_padding,
@@ -278,9 +296,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
     // with the others (the plane sums below need NCHW planes).
     const at::Tensor gpre = activation_grad(grad_out.contiguous(layout), act_input, act, negative_slope, {});
     const std::array<int64_t, 1> bias_sizes{weight.size(1)};
+    const bool direct_weight_grad = output_mask[1] && direct_weight_grad_serves(input, gpre, weight);
     auto [gi, gw, gb] = at::convolution_backward(gpre.contiguous(layout), input.contiguous(layout),
                                                  weight.contiguous(layout), bias_sizes, stride, padding, dilation,
-                                                 /*transposed=*/true, output_padding, /*groups=*/1, output_mask);
+                                                 /*transposed=*/true, output_padding, /*groups=*/1,
+                                                 {output_mask[0], output_mask[1] && !direct_weight_grad,
+                                                  output_mask[2]});
+    if (direct_weight_grad) gw = transposed_weight_grad_direct(input, gpre, weight, stride, padding);
     gi = gi.defined() ? gi.contiguous(layout) : at::zeros_like(input, layout);
     gw = gw.defined() ? gw.contiguous(layout) : at::zeros_like(weight, layout);
     gb = gb.defined() ? gb : at::zeros({weight.size(1)}, weight.options());
@@ -296,11 +318,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose_act2d_backward_cpu
                                                 empty_like_cpu_cached(g));
   at::Tensor gb = output_mask[2] ? bias_grad(gpre, weight) : at::zeros({weight.size(1)}, weight.options());
   at::Tensor gi, gw;
-  if (output_mask[0] || output_mask[1]) {
+  const bool direct_weight_grad = output_mask[1] && direct_weight_grad_serves(input, gpre, weight);
+  if (output_mask[0] || (output_mask[1] && !direct_weight_grad)) {
     std::tie(gi, gw, std::ignore) = at::convolution_backward(
         gpre, input.contiguous(), weight.contiguous(), std::nullopt, stride, padding, dilation, /*transposed=*/true,
-        output_padding, /*groups=*/1, {output_mask[0], output_mask[1], false});
+        output_padding, /*groups=*/1, {output_mask[0], output_mask[1] && !direct_weight_grad, false});
   }
+  if (direct_weight_grad) gw = transposed_weight_grad_direct(input, gpre, weight, stride, padding);
   gi = gi.defined() ? gi.contiguous() : at::zeros_like(input, at::MemoryFormat::Contiguous);
   gw = gw.defined() ? gw.contiguous() : at::zeros_like(weight, at::MemoryFormat::Contiguous);
   return {gi, gw, gb};
