@@ -665,8 +665,8 @@ def test_cpu_vector_sigmoid_accuracy(cpu_isa):
 
 # ---------------------------------------------------------------- window-vector kernels (small slabs)
 # Small slabs (K = KH*KW*C_out taps in at most 4 vectors) with pool windows of at most 4 elements
-# run the window-vector kernels (lanes = pool windows; csrc/cpu/unpool_deconv.cpp, "small slabs:
-# window vectors"). The cases reach each of their branches, for every vector width:
+# run the window-vector kernels (lanes = pool windows; csrc/cpu/unpool_deconv_window_vectors.cpp).
+# The cases reach each of their branches, for every vector width:
 #   pool 2 wide with stride_w 1 (shuffle interleave / de-interleave), pool 1 (direct adds,
 #   the dense transposed conv), other pools or stride_w > 1 (scalar scatter / gather); windows
 #   clipped by the plane (full decode) and rows / columns past the last window; rows of windows
