@@ -113,17 +113,67 @@ inline int64_t decoder_ring_rows(const DecoderGeometry& g) {
 template <typename scalar_t, typename acc_t, typename index_t>
 __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
                                                  const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
-                                                 int64_t ph, int64_t pw0, int64_t pw1, int64_t ring_rows,
-                                                 int64_t ring_row_pos, ImageScratch<acc_t>& s) {
+                                                 int64_t ph, int64_t pw0, int64_t pw1, const int32_t* slot_ring,
+                                                 ImageScratch<acc_t>& s) {
   const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window, cap = s.cap, h0 = ph * g.pool_h;
   const int64_t nbk = (pw1 - pw0) * window;
   int32_t* __restrict__ cnt = s.cnt.data();
   int32_t* __restrict__ ent_w = s.ent_w.data();
   acc_t* __restrict__ ent_z = s.ent_z.data();
   int64_t first_bad = std::numeric_limits<int64_t>::max();
-  std::fill(cnt, cnt + nbk, 0);
   prefetch_window_row(z, idx, g, ph + 1, pw0, pw1);
-  for (int64_t c = 0; c < g.c_in; ++c) {
+  bool checked = false;  // set when the fast pass has bucketed every entry
+  if (h0 + g.pool_h <= g.unpooled_h && pw1 * g.pool_w <= g.unpooled_w) {
+    // Fast pass: every window of the segment lies inside the plane, so an index is valid iff
+    // its offset is below the window (window form) or it names a position of its own window
+    // (flat form), and no table lookup is needed. cnt[b] holds bucket b's next free slot
+    // during the pass. A bad index is bucketed at an in-bounds slot and flagged; the segment is
+    // then redone by the checking pass below (the error path only). The buckets come out as
+    // before (channels ascending), so no sum changes. Measured with the tabled ring slots
+    // below (1 thread, CPU time, interleaved A/B on a loaded machine; 64->32 @14x14 N=256,
+    // window indices): the forward went from 7.6-8.4 to 6.7-7.4 ms.
+    const int64_t uw = g.unpooled_w, pool_h = g.pool_h, pool_w = g.pool_w;
+    const bool pool2x2 = pool_h == 2 && pool_w == 2;
+    for (int64_t b = 0; b < nbk; ++b) cnt[b] = static_cast<int32_t>(b * cap);
+    bool bad = false;
+    for (int64_t c = 0; c < g.c_in; ++c) {
+      const int64_t kb = c * plane + ph * g.pooled_w;
+      const index_t* __restrict__ ir = idx + kb;
+      const scalar_t* __restrict__ zr = z + kb;
+      const int32_t wo = static_cast<int32_t>(c * kp);
+      int64_t b0 = 0;
+      for (int64_t pw = pw0; pw < pw1; ++pw, b0 += window) {
+        int64_t o;
+        if constexpr (std::is_same_v<index_t, int64_t>) {
+          const int64_t rel = ir[pw] - (h0 * uw + pw * pool_w);
+          int64_t i, j;
+          if (pool2x2) {  // the common window, without the counting loop
+            i = rel >= uw;
+            j = rel - (i ? uw : 0);
+          } else {
+            i = 0;
+            for (int64_t r = 1; r <= pool_h; ++r) i += rel >= r * uw;
+            j = rel - i * uw;
+          }
+          const bool ok = rel >= 0 && i < pool_h && j < pool_w;
+          bad |= !ok;
+          o = ok ? i * pool_w + j : 0;
+        } else {
+          o = static_cast<int64_t>(ir[pw]);
+          bad |= o >= window;
+          o = o < window ? o : 0;
+        }
+        const int32_t d = cnt[b0 + o]++;
+        ent_w[d] = wo;
+        ent_z[d] = static_cast<acc_t>(zr[pw]);
+      }
+    }
+    checked = !bad;
+    if (checked)
+      for (int64_t b = 0; b < nbk; ++b) cnt[b] -= static_cast<int32_t>(b * cap);
+  }
+  if (!checked) std::fill(cnt, cnt + nbk, 0);
+  for (int64_t c = 0; c < g.c_in && !checked; ++c) {
     const int64_t kb = c * plane + ph * g.pooled_w;
     const int32_t wo = static_cast<int32_t>(c * kp);
     for (int64_t pw = pw0; pw < pw1; ++pw) {
@@ -139,12 +189,12 @@ __attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z,
       ent_z[d] = static_cast<acc_t>(z[k]);
     }
   }
+  // The positions' places in the row ring (slot_ring, see decoder_ring_rows): slot
+  // (ph * pooled_w + pw) * window + o is bucket b = (pw - pw0) * window + o. Tabled once per call:
+  // computed here, they cost four integer divisions per bucket and row.
+  const int32_t* __restrict__ ring_of = slot_ring + (ph * g.pooled_w + pw0) * window;
   for (int64_t b = 0; b < nbk; ++b) {
-    const int64_t pw = pw0 + b / window, o = b % window;
-    const int32_t q = wtab.slot_q[(ph * g.pooled_w + pw) * window + o];
-    // The position's place in the row ring (see decoder_ring_rows).
-    const int32_t rq =
-        q < 0 ? -1 : static_cast<int32_t>((q / g.unpooled_w % ring_rows) * ring_row_pos + q % g.unpooled_w);
+    const int32_t rq = ring_of[b];
     s.bq[b] = rq;
     if (rq >= 0) s.has[rq] = cnt[b] > 0;
   }
@@ -157,6 +207,36 @@ int64_t positions_of(const index_t* __restrict__ idx, const DecoderGeometry& g, 
                      int32_t* __restrict__ pos_of) {
   const int64_t plane = g.pooled_h * g.pooled_w;
   int64_t first_bad = std::numeric_limits<int64_t>::max();
+  if (g.pooled_h * g.pool_h <= g.unpooled_h && g.pooled_w * g.pool_w <= g.unpooled_w) {
+    // No window is clipped: an index is valid iff its offset is below the window (window form)
+    // or it names a position of its own window (flat form, where it then IS the position), so
+    // no table lookup or division is needed per entry.
+    const int64_t uw = g.unpooled_w, pool_h = g.pool_h, pool_w = g.pool_w, window = wtab.window;
+    const int64_t* __restrict__ pos = wtab.pos.data();
+    for (int64_t c = 0; c < g.c_in; ++c)
+      for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+        const int64_t kb = c * plane + ph * g.pooled_w, row = ph * pool_h * uw;
+        for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+          const int64_t corner = row + pw * pool_w;
+          int64_t q;
+          bool ok;
+          if constexpr (std::is_same_v<index_t, int64_t>) {
+            q = idx[kb + pw];
+            const int64_t rel = q - corner;
+            int64_t i = 0;
+            for (int64_t r = 1; r <= pool_h; ++r) i += rel >= r * uw;
+            ok = rel >= 0 && i < pool_h && rel - i * uw < pool_w;
+          } else {
+            const int64_t o = static_cast<int64_t>(idx[kb + pw]);
+            ok = o < window;
+            q = corner + pos[ok ? o : 0];
+          }
+          pos_of[kb + pw] = ok ? static_cast<int32_t>(q) : -1;
+          if (!ok) first_bad = std::min(first_bad, kb + pw);
+        }
+      }
+    return first_bad;
+  }
   for (int64_t c = 0; c < g.c_in; ++c)
     for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
       const int64_t kb = c * plane + ph * g.pooled_w, h0 = ph * g.pool_h;
@@ -486,6 +566,12 @@ void forward_typed(const ForwardCall& call) {
   const int64_t row_pos = small ? g.unpooled_w : decoder_ring_row_positions(g);
   std::vector<int64_t> rowq(rt.x.size()), need_h(static_cast<size_t>(g.out_h), -1);
   for (size_t r = 0; r < rt.x.size(); ++r) rowq[r] = (rt.x[r] % ring) * row_pos;
+  // Each slot's position in the row ring, or -1 outside the plane (bucket_segment).
+  std::vector<int32_t> slot_ring(wtab.slot_q.size());
+  for (size_t i = 0; i < slot_ring.size(); ++i) {
+    const int32_t q = wtab.slot_q[i];
+    slot_ring[i] = q < 0 ? -1 : static_cast<int32_t>((q / g.unpooled_w % ring) * row_pos + q % g.unpooled_w);
+  }
   for (int64_t oy = 0; oy < g.out_h; ++oy)  // the last unpooled row output row oy reads
     for (int32_t r = rt.first[oy]; r < rt.first[oy + 1]; ++r) need_h[oy] = std::max<int64_t>(need_h[oy], rt.x[r]);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
@@ -522,8 +608,8 @@ void forward_typed(const ForwardCall& call) {
         for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
           for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
             const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
-            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1, ring,
-                                                                         row_pos, scratch));
+            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1,
+                                                                         slot_ring.data(), scratch));
             slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(),
                   scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
           }
