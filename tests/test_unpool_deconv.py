@@ -620,11 +620,14 @@ def assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act
 
 # ---------------------------------------------------------------- index check inside the CPU kernel
 
+@pytest.mark.parametrize("c_out", [2, 16], ids=["small_slab", "large_slab"])
 @pytest.mark.parametrize("fmt", ["flat", "window"])
-def test_cpu_kernel_finds_the_first_bad_index(fmt, monkeypatch):
+def test_cpu_kernel_finds_the_first_bad_index(fmt, c_out, monkeypatch):
     """The CPU forward checks the indices itself (no separate pass runs) and names the first bad
-    one in row-major order, across images, as first_bad_unpool_index does."""
-    z, idx, w, b, out_hw = make_case(3, 4, 2, (6, 6), 2, 3, seed=25)
+    one in row-major order, across images, as first_bad_unpool_index does. C_out 16 runs the
+    per-entry kernels, whose unclipped rows are bucketed by a fast pass that only flags a bad
+    index and then redoes the row with the checking decode."""
+    z, idx, w, b, out_hw = make_case(3, 4, c_out, (6, 6), 2, 3, seed=25)
     if fmt == "window":
         idx = AF.flat_to_window(idx, out_hw, 2)
     bad = idx.clone()
@@ -648,7 +651,43 @@ def test_cpu_kernel_finds_the_first_bad_index(fmt, monkeypatch):
         with pytest.raises(ValueError, match=r"at position \(1, 3, 2, 2\)"):
             AF.unpool_conv_transpose2d(z, bad, w, b, 2, out_hw, 1, 1, index_format=fmt)
         y = AF.unpool_conv_transpose2d(z, idx, w, b, 2, out_hw, 1, 1, index_format=fmt)  # good ones pass
-    assert y.shape == (3, 2, 6, 6)
+    assert y.shape == (3, c_out, 6, 6)
+
+
+@pytest.mark.parametrize("bad_value", [2, 12, 3, -1, 36],
+                         ids=["past_window_col", "row_below", "next_window", "negative", "past_plane"])
+def test_cpu_per_entry_kernel_rejects_each_kind_of_bad_flat_index(bad_value):
+    """Flat indices that the per-entry fast decode must reject: the column just past the window,
+    the row below it, a neighbour window's element, a negative one (window (0, 0) of a 6x6 plane
+    with 2x2 windows holds 0, 1, 6, 7)."""
+    z, idx, w, b, out_hw = make_case(2, 3, 16, (6, 6), 2, 3, seed=26)
+    bad = idx.clone()
+    bad[1, 2, 0, 0] = bad_value
+    with pytest.raises(RuntimeError, match=f"invalid index at linear position {(1 * 3 + 2) * 9}"):
+        torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, [2, 2], list(out_hw), [1, 1], [1, 1], [0, 0], None, 0.0)
+
+
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_cpu_per_entry_backward_skips_bad_indices(fmt):
+    """A direct torch.ops backward call with a bad index (C_out 16: the per-entry kernels, whose
+    unclipped planes are decoded without table lookups) skips that entry: grad 0 there, and the
+    other gradients as if its value were 0."""
+    z, idx, w, b, out_hw = make_case(2, 4, 16, (8, 8), 2, 3, seed=27)
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, 2)
+    bad = idx.clone()
+    bad[1, 2, 1, 3] = 9 if fmt == "window" else 0
+    z_zeroed = z.clone()
+    z_zeroed[1, 2, 1, 3] = 0
+    gy = torch.randn(2, 16, *out_hw, generator=torch.Generator().manual_seed(3))
+    args = ([2, 2], list(out_hw), [1, 1], [1, 1], [0, 0], None, 0.0, [True, True, True])
+    gz, gw, gb = torch.ops.aefast.unpool_conv_transpose2d_backward(gy, gy, z, bad, w, *args)
+    gz_ref, gw_ref, gb_ref = torch.ops.aefast.unpool_conv_transpose2d_backward(gy, gy, z_zeroed, idx, w, *args)
+    assert gz[1, 2, 1, 3] == 0
+    gz_ref[1, 2, 1, 3] = 0
+    torch.testing.assert_close(gz, gz_ref)
+    torch.testing.assert_close(gw, gw_ref)
+    torch.testing.assert_close(gb, gb_ref)
 
 
 def test_cpu_vector_sigmoid_accuracy(cpu_isa):
@@ -665,8 +704,8 @@ def test_cpu_vector_sigmoid_accuracy(cpu_isa):
 
 # ---------------------------------------------------------------- window-vector kernels (small slabs)
 # Small slabs (K = KH*KW*C_out taps in at most 4 vectors) with pool windows of at most 4 elements
-# run the window-vector kernels (lanes = pool windows; csrc/cpu/unpool_deconv.cpp, "small slabs:
-# window vectors"). The cases reach each of their branches, for every vector width:
+# run the window-vector kernels (lanes = pool windows; csrc/cpu/unpool_deconv_window_vectors.cpp).
+# The cases reach each of their branches, for every vector width:
 #   pool 2 wide with stride_w 1 (shuffle interleave / de-interleave), pool 1 (direct adds,
 #   the dense transposed conv), other pools or stride_w > 1 (scalar scatter / gather); windows
 #   clipped by the plane (full decode) and rows / columns past the last window; rows of windows

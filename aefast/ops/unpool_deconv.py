@@ -25,7 +25,8 @@ input (pooled map) decides: when it is channels_last (dense in that layout and n
 channels_last; grad_out is read in whichever of the two layouts it comes (``_dense``: no copy),
 and act_input is read in grad_out's layout. The CPU kernels read channels_last z / idx / grad_out
 without a tensor-sized copy (per-image transposes in cache, and direct channels_last epilogue and
-gpre passes: csrc/cpu/unpool_deconv.cpp); the CUDA GEMM form and the Triton twins convert their
+gpre passes: csrc/cpu/unpool_deconv_entries.cpp and
+unpool_deconv_window_vectors.cpp); the CUDA GEMM form and the Triton twins convert their
 results at the end.
 
 max_unpool2d: out[plane, idx[p]] = in[plane, p], the last p (row-major) wins for duplicate
