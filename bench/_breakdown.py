@@ -160,6 +160,29 @@ def f_convolution_backward(c):
     return Cost(flops, nbytes, "conv")
 
 
+# aefast's upsampler. conv_transpose_act2d(input, weight, bias, stride, padding, output_padding,
+# activation, negative_slope) -> (out, pre): a dense transposed conv whatever form the CPU rule
+# picks (oneDNN, GEMM + col2im, sub-pixel GEMM, the gather kernel), so the op itself is the row: its
+# forms do not all nest a modelled op. Bytes: input, weight, bias read, the output written once.
+def f_conv_transpose_act2d(c):
+    return _conv(c, 0, 1, 2, c.arg(3), c.arg(4, 0), 1, True, c.arg(5), 1)
+
+
+def f_conv_transpose_act2d_backward(c):
+    """conv_transpose_act2d_backward(grad_out, act_input, input, weight, stride, padding,
+    output_padding, activation, negative_slope, output_mask): grad_input and grad_weight each the
+    forward's dense MACs (whether oneDNN, the sub-pixel GEMMs or the direct weight grad computes
+    them); the activation gradient and grad_bias are elementwise / a reduction (bytes only)."""
+    go, x, wt = c.shape(0), c.shape(2), c.shape(3)
+    mask = list(c.arg(9, [True, True, True]))
+    macs = conv_macs(x, wt, go, True)
+    e = c.esize(0)
+    nbytes = (c.nbytes(0) + c.nbytes(1) + (c.nbytes(3) if mask[0] else 0) + (c.nbytes(2) if mask[1] else 0)
+              + (math.prod(x) * e if mask[0] else 0) + (math.prod(wt) * e if mask[1] else 0)
+              + (go[1] * e if len(mask) > 2 and mask[2] else 0))
+    return Cost(2.0 * macs * (int(bool(mask[0])) + int(bool(mask[1]))), nbytes, "conv")
+
+
 # aefast's encoder. conv_pool2d_forward(input, weight, bias, stride, padding, activation,
 # negative_slope, pool_size) -> (pooled, window uint8, preact): the conv is computed densely, but
 # only on the rows/cols that feed a pool window (HO*PKH x WO*PKW, csrc/cpu/conv_pool.cpp), and
@@ -408,6 +431,8 @@ FORMULAS: dict[str, Callable[[_Call], Cost]] = {
     "aten::_convolution": f_convolution,
     "aten::mkldnn_convolution": f_mkldnn_convolution,
     "aten::convolution_backward": f_convolution_backward,
+    "aefast::conv_transpose_act2d": f_conv_transpose_act2d,
+    "aefast::conv_transpose_act2d_backward": f_conv_transpose_act2d_backward,
     "aefast::conv_pool2d_forward": f_conv_pool2d_forward,
     "aefast::conv_pool2d_backward_input": f_conv_pool2d_backward_input,
     "aefast::conv_pool2d_backward_weight": f_conv_pool2d_backward_weight,

@@ -87,8 +87,12 @@ def test_conv_transpose_act_forward_and_grads_match_torch(monkeypatch, mode, sha
         want = _act(F.conv_transpose2d(*want_leaves, s, p, op), act, 0.2)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
-        for got_g, want_g in zip(_grads(got, got_leaves), _grads(want, want_leaves)):
-            torch.testing.assert_close(got_g, want_g, **TOLERANCES[torch.float32])
+        got_grads, want_grads = _grads(got, got_leaves), _grads(want, want_leaves)
+        # grad_W sums N*H*W products per entry (2048 at the VAE's shape), in another order than
+        # oneDNN's where the direct weight grad serves (conv_direct.cpp): bound by the largest entry
+        scale = max(1.0, max(float(g.abs().max()) for g in want_grads))
+        for got_g, want_g in zip(got_grads, want_grads):
+            torch.testing.assert_close(got_g, want_g, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("act", ACTS)
