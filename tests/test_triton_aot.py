@@ -56,6 +56,20 @@ def test_recorder_writes_the_launched_specialization(triton_interpreter, tmp_pat
     assert len(path.read_text().splitlines()) == len(records)
 
 
+def test_recorder_keeps_only_aefasts_own_kernels(triton_interpreter, tmp_path):
+    """A kernel a test defines (both_scans, below) is launched but not recorded: the AOT gate imports
+    every recorded kernel by name, and a test module is not importable there."""
+    if triton is None:
+        pytest.skip("triton is not installed")
+    path = tmp_path / "specs.jsonl"
+    a = torch.zeros(1, 1, 1)
+    with triton_interpreter.recording(path):
+        both_scans[(1,)](a, a.clone(), torch.empty(3, 1, 1), 1, 1, 1, False, tl.float32)
+    assert not path.exists() or path.read_text() == ""
+    records = _record_encoder_forward(triton_interpreter, path)
+    assert records and all(r["kernel"].startswith("aefast.") for r in records)
+
+
 def test_aot_script_compiles_the_recorded_encoder_for_sm80_and_sm90(triton_interpreter, tmp_path):
     path = tmp_path / "specs.jsonl"
     _record_encoder_forward(triton_interpreter, path)
