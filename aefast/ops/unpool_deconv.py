@@ -25,7 +25,7 @@ input (pooled map) decides: when it is channels_last (dense in that layout and n
 channels_last; grad_out is read in whichever of the two layouts it comes (``_dense``: no copy),
 and act_input is read in grad_out's layout. The CPU kernels read channels_last z / idx / grad_out
 without a tensor-sized copy (per-image transposes in cache, and direct channels_last epilogue and
-gpre passes: csrc/cpu/unpool_deconv_entries.cpp and
+gpre passes: csrc/cpu/unpool_deconv_entries_forward.cpp / _backward.cpp and
 unpool_deconv_window_vectors.cpp); the CUDA GEMM form and the Triton twins convert their
 results at the end.
 

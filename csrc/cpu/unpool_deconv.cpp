@@ -17,7 +17,7 @@
 // This file checks the arguments and picks the kernels; they live in two families, with what
 // they share (SIMD vectors, ISA clones, index decoding = validation, notation) in
 // unpool_deconv_cpu.h:
-//   * the per-entry kernels (unpool_deconv_entries.cpp): one slab of taps per pooled entry,
+//   * the per-entry kernels (unpool_deconv_entries_forward.cpp / _backward.cpp): one slab of taps per pooled entry,
 //     summed per unpooled position; every shape the window vectors do not take;
 //   * the window-vector kernels (unpool_deconv_window_vectors.cpp): lanes = pool windows, for
 //     small slabs (C_out = 1 or 3) with windows of at most 4 elements (use_window_vectors);

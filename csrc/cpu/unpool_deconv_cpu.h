@@ -1,6 +1,6 @@
 // Internals shared by the two CPU kernel families of the unpool_deconv ops (the fused decoder
-// block, csrc/cpu/unpool_deconv.cpp): the per-entry kernels (unpool_deconv_entries.cpp) and the
-// window-vector kernels (unpool_deconv_window_vectors.cpp). Here: the SIMD vectors and the ISA
+// block, csrc/cpu/unpool_deconv.cpp): the per-entry kernels (unpool_deconv_entries_forward.cpp,
+// unpool_deconv_entries_backward.cpp) and the window-vector kernels (unpool_deconv_window_vectors.cpp). Here: the SIMD vectors and the ISA
 // clones, index decoding (which is the validation), the weight reorder, and the entry points of
 // each family, which unpool_deconv.cpp calls after checking the arguments and picking one.
 //
@@ -364,6 +364,15 @@ struct ForwardOperands {
   }
 };
 
+// Chunking of a slab of nvt vectors: chunks of at most max_nv vectors, and at most what keeps
+// C_in chunks of weights within ~32 KiB (L1), balanced.
+inline int64_t chunk_vectors(int64_t nvt, int64_t rows, int64_t vec_bytes_, int64_t max_nv) {
+  const int64_t l1 = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows * vec_bytes_));
+  const int64_t cap = std::max<int64_t>(1, std::min({max_nv, nvt, l1}));
+  const int64_t chunks = (nvt + cap - 1) / cap;
+  return (nvt + chunks - 1) / chunks;
+}
+
 // The backward's batch chunks: at most 16 of consecutive items, their size a function of N only
 // (never of the thread count), so that the grad_weight partial sums, added in chunk order, do not
 // depend on the number of threads.
@@ -429,8 +438,8 @@ struct BackwardCall {
 };
 
 // The families (each dispatches on dtype and index type itself).
-void forward_per_entry(const ForwardCall& call);        // unpool_deconv_entries.cpp
-void backward_per_entry(const BackwardCall& call);      // unpool_deconv_entries.cpp
+void forward_per_entry(const ForwardCall& call);        // unpool_deconv_entries_forward.cpp
+void backward_per_entry(const BackwardCall& call);      // unpool_deconv_entries_backward.cpp
 void forward_window_vectors(const ForwardCall& call);   // unpool_deconv_window_vectors.cpp
 void backward_window_vectors(const BackwardCall& call); // unpool_deconv_window_vectors.cpp
 

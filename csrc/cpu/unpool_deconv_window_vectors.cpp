@@ -3,7 +3,7 @@
 // The forward and backward of small slabs (K = KH*KW*C_out taps in at most 4 vectors, e.g.
 // C_out = 1 or 3) with pool windows of at most 4 elements (2x2, 1x2, 1x1).
 //
-// Where the time went in the per-entry kernels (unpool_deconv_entries.cpp: band_sums + epilogue,
+// Where the time went in the per-entry kernels (unpool_deconv_entries_forward.cpp: band_sums + epilogue,
 // band_grads), measured on the 2-core EPYC by switching single steps off in one process (1 thread, fp32, window
 // indices; 32->1 @28x28 N=256 / 32->3 @128x128 N=32):
 //   * forward 7.6 / 23 ms: the epilogue 4.4 / 12.6 ms, i.e. ~80 cycles per output pixel: a
