@@ -538,6 +538,27 @@ def test_cpu_paths_independent_of_thread_count(cpu_isa, case):
     assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act)
 
 
+# The per-entry backward writes gpre (grad_out * act') through a planar buffer of ~8192 values per
+# band of output rows (C_out x rows x W_out), transposed into its channels-last buffer by L x L
+# register tiles when C_out is a whole number of vectors, else by strided stores. Wide outputs cut
+# the image into several bands (the last one partial) and each row into several tiles (the last
+# one partial). (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, act)
+GPRE_BAND_CASES = [
+    (1, 3, 32, (7, 100), 2, 3, 1, 1, 0, "relu"),      # 3200 per row: bands of 2 rows, then 1
+    (2, 2, 64, (5, 130), 2, 3, 1, 1, 0, "sigmoid"),   # 8320 per row: one row per band
+    (1, 2, 36, (4, 230), 2, 3, 1, 1, 0, "tanh"),      # C_out 36: strided stores, one row per band
+]
+
+
+@pytest.mark.parametrize("case", GPRE_BAND_CASES, ids=[f"{c[2]}x{c[3][1]}" for c in GPRE_BAND_CASES])
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+def test_cpu_backward_gpre_bands_per_isa(cpu_isa, case, fmt):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=28)
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, fmt)
+    assert_close_all(got, want, torch.float32, scale=2.0)
+
+
 # AEFAST_DECODER_WINDOW_VECTORS=0 turns the window-vector kernels off (small slabs, windows of at
 # most 4), so that the per-entry band kernels they replaced run, for A/B timing
 # (bench/bench_kernel_ledger.py): both held to torch, and the kernels name the path they took in
