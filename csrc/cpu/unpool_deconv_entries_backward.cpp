@@ -17,8 +17,10 @@
 //     once into a band im2col; then channel-major with Wt[c] and the grad_Wt[c] sum in
 //     registers, each entry costs one nb load, a dot (grad_z) and an FMA (grad_W).
 //
-// Measured on 64->32 @14x14 N=256 (one Zen 5 core, CPU time; window / flat indices: 8.4 / 9.3 ms
-// before this design, 4.8 / 5.0 ms with it), what each part of the per-channel path owes its form:
+// Measured on 64->32 @14x14 N=256 (one Zen 5 core, CPU time, interleaved medians on a busy
+// machine; window / flat indices: 8.3 / 9.2 ms before this design, 4.9-5.2 / 5.0-5.5 ms with it;
+// W2's 128->64 @32x32 and 64->32 @64x64, N=32: 1.2x and 1.35x faster), what each part of the
+// per-channel path owes its form:
 //   * gpre from NCHW grad_out goes through a planar band buffer and L x L register-tile
 //     transposes (was: per output row, a serial sum of the row's tail and strided scalar stores;
 //     2.5 cycles per value, a quarter of the time);
