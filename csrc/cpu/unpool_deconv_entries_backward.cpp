@@ -543,11 +543,11 @@ void backward_typed(const BackwardCall& call) {
   // The entries' nb offsets (positions_of): position (h, w) at h * row_step + w * col_step in gpad
   // (direct: noff) or in the image's im2col (q * kp); per pool window p its corner position and
   // that corner's offset, per window offset o its offset from the corner. int32 offsets: the
-  // largest is below the buffer's size.
+  // largest is below the buffer's size (the per-position path does not use them).
   const int64_t row_step = plan.direct ? g.stride_h * row_stride : g.unpooled_w * kp;
   const int64_t col_step = plan.direct ? g.stride_w * g.c_out : kp;
   const int64_t* nofs = plan.direct ? noff.data() : noff.data() + P;
-  TORCH_CHECK(std::max(item, P * kp) < std::numeric_limits<int32_t>::max(),
+  TORCH_CHECK(plan.per_position || (plan.direct ? item : P * kp) < std::numeric_limits<int32_t>::max(),
               "aefast::unpool_conv_transpose2d_backward: one image is too large for the CPU kernel");
   std::vector<int64_t> corner(static_cast<size_t>(plane)), corner_off(static_cast<size_t>(plane)), woff(wtab.window);
   for (int64_t ph = 0; ph < g.pooled_h; ++ph)
