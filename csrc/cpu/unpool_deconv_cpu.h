@@ -437,7 +437,19 @@ struct BackwardCall {
   at::Tensor& grad_b;
 };
 
-// The families (each dispatches on dtype and index type itself).
+// The dtype / index-type dispatch of every family entry: run.template operator()<scalar_t, index_t>()
+// for z's dtype and idx's index form (int64 flat indices or uint8 window offsets).
+template <typename F>
+void dispatch_decoder_types(const at::Tensor& z, const at::Tensor& idx, const F& run) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "unpool_conv_transpose2d_cpu", [&] {
+    if (idx.scalar_type() == at::kLong)
+      run.template operator()<scalar_t, int64_t>();
+    else
+      run.template operator()<scalar_t, uint8_t>();
+  });
+}
+
+// The families (each dispatches through dispatch_decoder_types).
 void forward_per_entry(const ForwardCall& call);        // unpool_deconv_entries_forward.cpp
 void backward_per_entry(const BackwardCall& call);      // unpool_deconv_entries_backward.cpp
 void forward_window_vectors(const ForwardCall& call);   // unpool_deconv_window_vectors.cpp

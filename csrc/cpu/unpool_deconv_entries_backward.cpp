@@ -652,12 +652,7 @@ void backward_typed(const BackwardCall& call) {
 }  // namespace
 
 void backward_per_entry(const BackwardCall& call) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.z.scalar_type(), "unpool_conv_transpose2d_bwd_cpu", [&] {
-    if (call.idx.scalar_type() == at::kLong)
-      backward_typed<scalar_t, int64_t>(call);
-    else
-      backward_typed<scalar_t, uint8_t>(call);
-  });
+  dispatch_decoder_types(call.z, call.idx, [&]<typename S, typename I>() { backward_typed<S, I>(call); });
 }
 
 }  // namespace unpool_deconv_cpu
