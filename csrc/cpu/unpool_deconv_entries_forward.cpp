@@ -501,8 +501,8 @@ template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const acc_t* __restrict__ bias,
                                        const DecoderGeometry& g, const AxisTaps& rt,
                                        const int64_t* __restrict__ rowq, const AxisTaps& ct,
-                                       const int64_t* __restrict__ colpart, int64_t kp, acc_t sl,
-                                       scalar_t* __restrict__ out, scalar_t* __restrict__ pre, int64_t oy0,
+                                       const int64_t* __restrict__ colpart, const uint8_t* __restrict__ col_shifts,
+                                       int64_t kp, acc_t sl, scalar_t* __restrict__ out, scalar_t* __restrict__ pre, int64_t oy0,
                                        int64_t oy1, acc_t* __restrict__ rowbuf, bool cl) {
   using V = typename VecOf<acc_t, VB>::type;
   using IV = typename VecOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, VB>::type;
@@ -518,18 +518,25 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const acc_t*
   for (int64_t oy = oy0; oy < oy1; ++oy) {
     const int32_t r0 = rt.first[oy], nr = rt.first[oy + 1] - r0;
     for (int32_t r = 0; r < nr; ++r) rowpart[r] = rowq[r0 + r] * kp + rt.kk[r0 + r] * kw_n * co_n;
+    int32_t nt = 0;
+    int64_t shift = 0;  // offs are those of pixel ox - shift / kp, moved right by shift
     for (int64_t ox = 0; ox < g.out_w; ++ox) {
-      const int32_t c0 = ct.first[ox], nc = ct.first[ox + 1] - c0;
-      int32_t nt = 0;
-      for (int32_t r = 0; r < nr; ++r)
-        for (int32_t c = 0; c < nc; ++c) offs[nt++] = rowpart[r] + colpart[c0 + c];
+      if (ox > 0 && col_shifts[ox]) {
+        shift += kp;
+      } else {
+        const int32_t c0 = ct.first[ox], nc = ct.first[ox + 1] - c0;
+        nt = 0;
+        shift = 0;
+        for (int32_t r = 0; r < nr; ++r)
+          for (int32_t c = 0; c < nc; ++c) offs[nt++] = rowpart[r] + colpart[c0 + c];
+      }
       for (int64_t v0 = 0; v0 < nvt; v0 += kMaxBlock) {
         const int64_t cb0 = v0 * L;
         switch (std::min(kMaxBlock, nvt - v0)) {
 #define AEFAST_EPI_CASE(K)                                                                        \
   case K: {                                                                                       \
     V a[K];                                                                                       \
-    pixel_sums<VB, K, acc_t>(T, offs, nt, bias, cb0, a);                                          \
+    pixel_sums<VB, K, acc_t>(T + shift, offs, nt, bias, cb0, a);                                  \
     if (cl) {                                                                                     \
       scalar_t* o_px = out + (oy * g.out_w + ox) * co_n;                                          \
       scalar_t* p_px = pre ? pre + (oy * g.out_w + ox) * co_n : nullptr;                          \
@@ -570,18 +577,21 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const acc_t*
 template <int VB, typename scalar_t, typename acc_t>
 AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const acc_t* bias, const DecoderGeometry& g,
                                         const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct,
-                                        const int64_t* colpart, int64_t kp, DecoderAct act, acc_t sl, scalar_t* out,
-                                        scalar_t* pre, int64_t oy0, int64_t oy1, acc_t* rowbuf, bool cl) {
-#define AEFAST_EPILOGUE(A) \
-  epilogue_act<VB, A, scalar_t, acc_t>(T, bias, g, rt, rowq, ct, colpart, kp, sl, out, pre, oy0, oy1, rowbuf, cl)
+                                        const int64_t* colpart, const uint8_t* col_shifts, int64_t kp, DecoderAct act,
+                                        acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1,
+                                        acc_t* rowbuf, bool cl) {
+#define AEFAST_EPILOGUE(A)                                                                                        \
+  epilogue_act<VB, A, scalar_t, acc_t>(T, bias, g, rt, rowq, ct, colpart, col_shifts, kp, sl, out, pre, oy0, oy1, \
+                                       rowbuf, cl)
   AEFAST_FOR_DECODER_ACT(act, AEFAST_EPILOGUE)
 #undef AEFAST_EPILOGUE
 }
 AEFAST_ISA_CLONES(epilogue,
                   (const acc_t* T, const acc_t* bias, const DecoderGeometry& g, const AxisTaps& rt,
-                   const int64_t* rowq, const AxisTaps& ct, const int64_t* colpart, int64_t kp, DecoderAct act,
-                   acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1, acc_t* rowbuf, bool cl),
-                  (T, bias, g, rt, rowq, ct, colpart, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl))
+                   const int64_t* rowq, const AxisTaps& ct, const int64_t* colpart, const uint8_t* col_shifts,
+                   int64_t kp, DecoderAct act, acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1,
+                   acc_t* rowbuf, bool cl),
+                  (T, bias, g, rt, rowq, ct, colpart, col_shifts, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl))
 
 template <typename scalar_t, typename index_t>
 void forward_typed(const ForwardCall& call) {
@@ -623,6 +633,15 @@ void forward_typed(const ForwardCall& call) {
   std::vector<int64_t> rowq(rt.x.size()), need_h(static_cast<size_t>(g.out_h), -1), colpart(ct.x.size());
   for (size_t r = 0; r < rt.x.size(); ++r) rowq[r] = (rt.x[r] % ring) * row_pos;
   for (size_t c = 0; c < ct.x.size(); ++c) colpart[c] = ct.x[c] * kp + ct.kk[c] * g.c_out;
+  // col_shifts[ox]: pixel ox's column taps are pixel ox-1's, each one position to the right
+  // (stride-1 interior pixels), so its tap offsets are the previous ones plus kp.
+  std::vector<uint8_t> col_shifts(static_cast<size_t>(g.out_w), 0);
+  for (int64_t ox = 1; ox < g.out_w; ++ox) {
+    const int32_t c0 = ct.first[ox], c1 = ct.first[ox + 1], p0 = ct.first[ox - 1];
+    bool same = c1 - c0 == c0 - p0;
+    for (int32_t c = 0; same && c < c1 - c0; ++c) same = ct.kk[c0 + c] == ct.kk[p0 + c] && ct.x[c0 + c] == ct.x[p0 + c] + 1;
+    col_shifts[ox] = same;
+  }
   // Each slot's position in the row ring, or -1 outside the plane.
   std::vector<int32_t> slot_ring(wtab.slot_q.size());
   for (size_t i = 0; i < slot_ring.size(); ++i) {
@@ -672,7 +691,7 @@ void forward_typed(const ForwardCall& call) {
       int64_t bad = std::numeric_limits<int64_t>::max();
       if (small) {
         bad = bands(zn, in, wt, g, wtab, kp, T);
-        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), kp, act, sl, o, p, 0, g.out_h, rowbuf.data(), cl);
+        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, 0, g.out_h, rowbuf.data(), cl);
       } else {
         const acc_t* za = nullptr;
         if constexpr (std::is_same_v<scalar_t, acc_t>) za = zn;
@@ -700,7 +719,7 @@ void forward_typed(const ForwardCall& call) {
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
           while (oy1 < g.out_h && need_h[oy1] < h_done) ++oy1;
-          epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), kp, act, sl, o, p, oy_done, oy1, rowbuf.data(),
+          epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, oy1, rowbuf.data(),
                    cl);
           oy_done = oy1;
         }
@@ -708,7 +727,7 @@ void forward_typed(const ForwardCall& call) {
         // another row's sums.
         for (int64_t h = g.pooled_h * g.pool_h; h < g.unpooled_h; ++h)
           std::fill(T + (h % ring) * row_pos * kp, T + (h % ring + 1) * row_pos * kp, acc_t(0));
-        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), kp, act, sl, o, p, oy_done, g.out_h, rowbuf.data(),
+        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, g.out_h, rowbuf.data(),
                  cl);
         if (any_bad) bad = first_bad_in_image(in, g, wtab);
       }
