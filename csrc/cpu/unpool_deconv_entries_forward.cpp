@@ -6,12 +6,21 @@
 //
 // Forward (no zero-filled unpooled map; u is never built):
 //   1. T[q][k] = sum_{e at q} z_e * Wt[c_e][k] (k < Kp), the tap vector of position q.
-//      * large slabs (Kp > 4 vectors, e.g. 64->32: 18 zmm): GATHER. The entries of a row
-//        segment of windows are bucketed by (window, offset) in one pass (each bucket has room
-//        for C_in entries, so there are no prefix sums and no serial counter chains; ci stays
-//        ascending), then per position the slab is summed in SIMD registers over its entries,
-//        in column chunks of <= 8 vectors so that the C_in x chunk weight block stays in L1:
-//        one weight load per FMA, nothing stored until the position is done.
+//      * large slabs (Kp > 4 vectors, e.g. 64->32: 18 zmm): GATHER, row of pool windows by row.
+//        a. row_masks: per position of the row, the bitmask of the channels whose index names
+//           it (one 64-bit word per 64 channels), vectorised over 8 windows with AVX-512
+//           compares (a masked OR per offset and channel; the portable clones OR bit by bit).
+//           Decoding is the validation; a row with a bad index is rescanned for the first one.
+//        b. slab_sums: per position, walk the set bits (ascending channel, tzcnt / blsr): a
+//           broadcast of z (the row's z copied window-major first) times the weight slab at
+//           c*Kp, summed in SIMD registers in column chunks of <= 12 vectors that keep the
+//           C_in x chunk weight block within 40 KiB of L1 (9 of 18 for 64->32: ~4% faster
+//           than 6 within 32 KiB); one
+//           weight load per FMA, the position's T written once, zeros where it has no entry.
+//        These replaced bucketing the entries by position (a counter and two stores per entry,
+//        ~30% of the forward's time). The sums are the same, in the same order: the output
+//        equals the bucketed version's (torch.equal on the benchmark and W2 shapes; only the
+//        sign of an exact zero sum may differ, where a pixel's taps now add +0 slabs).
 //      * small slabs (Kp <= 4 vectors, e.g. C_out = 1 or 3: 9 or 27 taps in one or two
 //        vectors) with windows of at most 4 elements (2x2, 1x2, 2x1, 1x1): not this layout at
 //        all but the window-vector kernels (lanes = pool windows, taps = loop iterations; see
@@ -21,13 +30,20 @@
 //        channel-major with Wt[c] in registers, each entry adds z * Wt[c] to T[q] (consecutive
 //        entries hit different windows, so the adds do not wait on each other).
 //   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
-//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
-//      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
-//      for fp32 accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from
-//      inside the parallel region was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
-//      activations stay scalar here.) Each output row goes through a per-row channel buffer
-//      into NCHW, and with large slabs T lives in a ring of unpooled rows: steps 1 and 2 run
-//      row of windows by row of windows, so T stays in L2 (decoder_ring_rows).
+//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused. T is dense
+//      (every position written), so a pixel's tap offsets are its rows' plus its columns' (and
+//      an interior pixel's are the previous pixel's plus Kp). channels_last: activation and
+//      vector stores per pixel. NCHW: the row goes channels-last into a buffer, L x L blocks of
+//      it are transposed in registers and stored along each channel's row, the activation on
+//      the transposed vectors (a compile-time constant; relu / leaky_relu, and sigmoid for fp32
+//      accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from inside
+//      the parallel region was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so
+//      the other transcendental activations stay scalar here.) With large slabs T lives in a
+//      ring of unpooled rows: steps 1 and 2 run row of windows by row of windows, so T stays in
+//      L2 (decoder_ring_rows).
+//   Measured (standalone harness, 1 thread, CPU time, medians of interleaved runs against the
+//   bucketed version, loaded 2-core Zen 5): 64->32 @14x14 N=256 0.74-0.79x the time with window
+//   and flat indices; 128->64 @32x32 and 64->32 @64x64 N=32 0.80-0.91x.
 // Why not the vendor GEMM (columns = unpooled values x W, then col2im): the argmax is per
 // channel, so the channels that meet at one unpooled position differ from window to window; a
 // dense GEMM must multiply the zeros of the unpooled map too (pool window x these MACs). Timed
@@ -260,14 +276,14 @@ struct AxisTaps {
 // summed in NV vector registers and stored once; a position without entries gets zeros, so
 // every position of the row is written (the epilogue needs no "has entries" test).
 template <int VB, int NV, typename acc_t>
-AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const acc_t* __restrict__ zrow, int64_t plane,
+AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const acc_t* __restrict__ zrow, int64_t c_in,
                                     const uint64_t* __restrict__ masks, int64_t words,
                                     const int32_t* __restrict__ ring_of, int64_t pwn, int64_t window,
                                     acc_t* __restrict__ T, int64_t kp) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   for (int64_t pw = 0; pw < pwn; ++pw) {
-    const acc_t* __restrict__ zk = zrow + pw;
+    const acc_t* __restrict__ zk = zrow + pw * c_in;
     for (int64_t o = 0; o < window; ++o) {
       const int64_t s = pw * window + o;
       const int32_t rq = ring_of[s];
@@ -279,7 +295,7 @@ AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const acc_t* _
         while (m) {
           const int64_t c = 64 * w + __builtin_ctzll(m);
           m &= m - 1;
-          const V zb = zk[c * plane] - V{};  // a broadcast (x - +0 is x, -0 included)
+          const V zb = zk[c] - V{};  // a broadcast (x - +0 is x, -0 included)
           const acc_t* __restrict__ wc = wt + c * kp;
           // Opaque to the optimiser: otherwise GCC folds the chunk offset k0 + j*L into one
           // register per vector (spilled to xmm) instead of the loads' displacements.
@@ -295,7 +311,7 @@ AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const acc_t* _
 // Step 1b for every column chunk of the slab (nvc vectors each: the C_in x chunk weight block
 // stays in L1 while the row's positions are summed).
 template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const acc_t* zrow, int64_t plane, const uint64_t* masks,
+AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const acc_t* zrow, int64_t c_in, const uint64_t* masks,
                                      int64_t words, const int32_t* ring_of, int64_t pwn, int64_t window, acc_t* T,
                                      int64_t kp, int64_t nvc) {
   constexpr int L = VecOf<acc_t, VB>::L;
@@ -304,7 +320,7 @@ AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const acc_t* zrow, int64_t
     switch (nv) {
 #define AEFAST_SLAB_CASE(K)                                                                             \
   case K:                                                                                               \
-    slab_sums<VB, K, acc_t>(wt + k0, zrow, plane, masks, words, ring_of, pwn, window, T + k0, kp); \
+    slab_sums<VB, K, acc_t>(wt + k0, zrow, c_in, masks, words, ring_of, pwn, window, T + k0, kp); \
     break;
       AEFAST_SLAB_CASE(1) AEFAST_SLAB_CASE(2) AEFAST_SLAB_CASE(3) AEFAST_SLAB_CASE(4)
       AEFAST_SLAB_CASE(5) AEFAST_SLAB_CASE(6) AEFAST_SLAB_CASE(7) AEFAST_SLAB_CASE(8)
@@ -315,9 +331,9 @@ AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const acc_t* zrow, int64_t
   }
 }
 AEFAST_ISA_CLONES(slabs,
-                  (const acc_t* wt, const acc_t* zrow, int64_t plane, const uint64_t* masks, int64_t words,
+                  (const acc_t* wt, const acc_t* zrow, int64_t c_in, const uint64_t* masks, int64_t words,
                    const int32_t* ring_of, int64_t pwn, int64_t window, acc_t* T, int64_t kp, int64_t nvc),
-                  (wt, zrow, plane, masks, words, ring_of, pwn, window, T, kp, nvc))
+                  (wt, zrow, c_in, masks, words, ring_of, pwn, window, T, kp, nvc))
 
 // Column chunks of the slab: at most max_nv vectors, and at most what keeps C_in chunks of
 // weights within budget bytes (L1), balanced.
@@ -667,10 +683,11 @@ void forward_typed(const ForwardCall& call) {
       masks.resize(g.pooled_w * window * words);
       acc_mem.resize(2 * window * 8);
     }
-    // z as the slab sums read it: planar, in the accumulation type (a converted copy per image
-    // for channels_last or a narrower dtype; z itself otherwise). channels_last idx: planar copy.
-    const bool z_copy = cl || !std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> z_acc(z_copy ? plane_in : 0);
+    // z of a row of windows as the slab sums read it: window-major (zr[pw * C_in + c]), in the
+    // accumulation type. (Read straight from the NCHW planes, the C_in values of a window lie a
+    // plane apart: with planes of a multiple of 1 KiB they share a few L1 sets and evict each
+    // other, measured ~10% slower on 128->64 at 32x32.)
+    std::vector<acc_t> zr(small ? 0 : g.pooled_w * g.c_in);
     std::vector<scalar_t> z_pl(cl && small ? plane_in : 0);
     std::vector<index_t> idx_pl(cl ? plane_in : 0);
     for (int64_t n = n0; n < n1; ++n) {
@@ -693,28 +710,28 @@ void forward_typed(const ForwardCall& call) {
         bad = bands(zn, in, wt, g, wtab, kp, T);
         epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, 0, g.out_h, rowbuf.data(), cl);
       } else {
-        const acc_t* za = nullptr;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) za = zn;
-        if (z_copy) {
-          acc_t* d = z_acc.data();
-          if (cl)
-            for (int64_t q = 0; q < plane; ++q)
-              for (int64_t c = 0; c < g.c_in; ++c) d[c * plane + q] = static_cast<acc_t>(zn[q * g.c_in + c]);
-          else
-            for (int64_t k = 0; k < plane_in; ++k) d[k] = static_cast<acc_t>(zn[k]);
-          za = d;
-        }
         bool any_bad = false;
         int64_t oy_done = 0;  // output rows [0, oy_done) are written
         for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
           // The next row of windows (or the next image's first) while this one is summed:
           // its reads hop a plane per channel, which the hardware prefetchers do not follow.
-          if (ph + 1 < g.pooled_h)
+          if (cl)
+            ;  // (z and idx are not planes there)
+          else if (ph + 1 < g.pooled_h)
             prefetch_window_row(zn, in, g, ph + 1, 0, g.pooled_w);
-          else if (!cl && n + 1 < n1)
+          else if (n + 1 < n1)
             prefetch_window_row(zn + plane_in, in + plane_in, g, 0, 0, g.pooled_w);
           any_bad |= masks_of_row(in, avail, g, wtab, ph, words, masks.data(), acc_mem.data());
-          slabs(wt, za + ph * g.pooled_w, plane, masks.data(), words, slot_ring.data() + ph * g.pooled_w * window,
+          if (cl) {
+            const scalar_t* zs = zn + ph * g.pooled_w * g.c_in;
+            for (int64_t e = 0; e < g.pooled_w * g.c_in; ++e) zr[e] = static_cast<acc_t>(zs[e]);
+          } else {
+            for (int64_t c = 0; c < g.c_in; ++c) {
+              const scalar_t* zs = zn + c * plane + ph * g.pooled_w;
+              for (int64_t pw = 0; pw < g.pooled_w; ++pw) zr[pw * g.c_in + c] = static_cast<acc_t>(zs[pw]);
+            }
+          }
+          slabs(wt, zr.data(), g.c_in, masks.data(), words, slot_ring.data() + ph * g.pooled_w * window,
                 g.pooled_w, window, T, kp, nvc);
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
