@@ -646,8 +646,8 @@ def assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act
 def test_cpu_kernel_finds_the_first_bad_index(fmt, c_out, monkeypatch):
     """The CPU forward checks the indices itself (no separate pass runs) and names the first bad
     one in row-major order, across images, as first_bad_unpool_index does. C_out 16 runs the
-    per-entry kernels, whose unclipped rows are bucketed by a fast pass that only flags a bad
-    index and then redoes the row with the checking decode."""
+    per-entry kernels, whose channel-mask pass only flags a row with a bad index; the image is
+    then rescanned with the checking decode."""
     z, idx, w, b, out_hw = make_case(3, 4, c_out, (6, 6), 2, 3, seed=25)
     if fmt == "window":
         idx = AF.flat_to_window(idx, out_hw, 2)
@@ -911,3 +911,50 @@ def test_roofline_model_uses_the_kernels_tile_list():
     assert roofline.PACK_K_BELOW == kernels.PACK_K_BELOW
     assert roofline.WGRAD_TARGET_PROGRAMS == kernels.WGRAD_TARGET_PROGRAMS
     assert roofline.WGRAD_MIN_CHUNK == kernels.WGRAD_MIN_CHUNK
+
+
+# (n, c_in, c_out, unpooled hw, pool, ceil_mode): per-entry large-slab shapes whose rows of windows
+# cover the channel-mask builder's cases: clipped last windows (ceil_mode, odd sizes) and a row
+# tail of lanes; more than one 64-channel word; two 8-window lane groups; a 3x3 (generic) window.
+MASK_CASES = [
+    (3, 5, 16, (7, 9), 2, True),
+    (2, 70, 16, (6, 6), 2, False),
+    (2, 6, 16, (9, 19), 2, True),
+    (2, 6, 16, (8, 11), 3, True),
+]
+
+
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=["clipped", "two_words", "two_lane_groups", "pool3"])
+def test_cpu_per_entry_masks_find_the_first_bad_index(cpu_isa, case, fmt):
+    """The large-slab forward builds channel masks per row of windows (AVX-512: compares against
+    the value that names each offset, -1 for an offset outside the plane). Every kind of bad
+    index, placed anywhere and in particular in clipped windows (a flat -1 there equals that
+    marker), raises with the first one in row-major order; the good indices match the reference."""
+    n, ci, co, hw, pool, ceil = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, 3, seed=36, ceil_mode=ceil)
+    window = pool * pool
+    got, want = run_both("cpu", z, idx, w, b, pool, out_hw, 1, 1, 0, "relu", fmt)
+    assert_close_all(got, want, torch.float32)
+    if fmt == "window":
+        idx = AF.flat_to_window(idx, out_hw, pool)
+    gen = torch.Generator().manual_seed(37)
+    ph_n, pw_n = idx.shape[2], idx.shape[3]
+    spots = [(n - 1, ci - 1, ph_n - 1, pw_n - 1), (0, ci // 2, ph_n - 1, 0), (n - 1, 0, 0, pw_n - 1)]
+    for trial in range(6):
+        bad = idx.clone()
+        if trial < len(spots):
+            positions = [((spots[trial][0] * ci + spots[trial][1]) * ph_n + spots[trial][2]) * pw_n + spots[trial][3]]
+        else:
+            positions = torch.randint(0, bad.numel(), (2,), generator=gen).tolist()
+        for pos in positions:
+            if fmt == "flat":
+                bad.view(-1)[pos] = -1 if trial % 2 == 0 else out_hw[0] * out_hw[1]
+            else:
+                bad.view(-1)[pos] = window - 1 if (ceil and trial < len(spots)) else window + trial
+        first = int(torch.ops.aefast.first_bad_unpool_index(bad, list(out_hw), [pool, pool], True))
+        if first < 0:  # an in-window offset that names a plane element: still valid
+            continue
+        with pytest.raises(RuntimeError, match=f"invalid index at linear position {first}\\b"):
+            torch.ops.aefast.unpool_conv_transpose2d(z, bad, w, b, [pool, pool], list(out_hw), [1, 1], [1, 1], [0, 0],
+                                                     "relu", 0.0)

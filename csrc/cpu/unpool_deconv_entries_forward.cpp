@@ -6,12 +6,21 @@
 //
 // Forward (no zero-filled unpooled map; u is never built):
 //   1. T[q][k] = sum_{e at q} z_e * Wt[c_e][k] (k < Kp), the tap vector of position q.
-//      * large slabs (Kp > 4 vectors, e.g. 64->32: 18 zmm): GATHER. The entries of a row
-//        segment of windows are bucketed by (window, offset) in one pass (each bucket has room
-//        for C_in entries, so there are no prefix sums and no serial counter chains; ci stays
-//        ascending), then per position the slab is summed in SIMD registers over its entries,
-//        in column chunks of <= 8 vectors so that the C_in x chunk weight block stays in L1:
-//        one weight load per FMA, nothing stored until the position is done.
+//      * large slabs (Kp > 4 vectors, e.g. 64->32: 18 zmm): GATHER, row of pool windows by row.
+//        a. row_masks: per position of the row, the bitmask of the channels whose index names
+//           it (one 64-bit word per 64 channels), vectorised over 8 windows with AVX-512
+//           compares (a masked OR per offset and channel; the portable clones OR bit by bit).
+//           Decoding is the validation; a row with a bad index is rescanned for the first one.
+//        b. slab_sums: per position, walk the set bits (ascending channel, tzcnt / blsr): a
+//           broadcast of z (the row's z copied window-major first) times the weight slab at
+//           c*Kp, summed in SIMD registers in column chunks of <= 12 vectors that keep the
+//           C_in x chunk weight block within 40 KiB of L1 (9 of 18 for 64->32: ~4% faster
+//           than 6 within 32 KiB); one
+//           weight load per FMA, the position's T written once, zeros where it has no entry.
+//        These replaced bucketing the entries by position (a counter and two stores per entry,
+//        ~30% of the forward's time). The sums are the same, in the same order: the output
+//        equals the bucketed version's (torch.equal on the benchmark and W2 shapes; only the
+//        sign of an exact zero sum may differ, where a pixel's taps now add +0 slabs).
 //      * small slabs (Kp <= 4 vectors, e.g. C_out = 1 or 3: 9 or 27 taps in one or two
 //        vectors) with windows of at most 4 elements (2x2, 1x2, 2x1, 1x1): not this layout at
 //        all but the window-vector kernels (lanes = pool windows, taps = loop iterations; see
@@ -21,13 +30,20 @@
 //        channel-major with Wt[c] in registers, each entry adds z * Wt[c] to T[q] (consecutive
 //        entries hit different windows, so the adds do not wait on each other).
 //   2. per output pixel (oy, ox): pre[co] = b[co] + sum_{taps (kh, kw) with oy = h*sh - padh + kh,
-//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused, then the
-//      activation at the (NCHW) store (a compile-time constant; relu / leaky_relu, and sigmoid
-//      for fp32 accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from
-//      inside the parallel region was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so the transcendental
-//      activations stay scalar here.) Each output row goes through a per-row channel buffer
-//      into NCHW, and with large slabs T lives in a ring of unpooled rows: steps 1 and 2 run
-//      row of windows by row of windows, so T stays in L2 (decoder_ring_rows).
+//      ox = w*sw - padw + kw} T[(h, w)][kh][kw][co], vectorised over co, bias fused. T is dense
+//      (every position written), so a pixel's tap offsets are its rows' plus its columns' (and
+//      an interior pixel's are the previous pixel's plus Kp). channels_last: activation and
+//      vector stores per pixel. NCHW: the row goes channels-last into a buffer, L x L blocks of
+//      it are transposed in registers and stored along each channel's row, the activation on
+//      the transposed vectors (a compile-time constant; relu / leaky_relu, and sigmoid for fp32
+//      accumulation, on whole vectors). (Calling ATen's vectorised sigmoid per image from inside
+//      the parallel region was tried: with 2 OpenMP threads it cost ~7 ms per call in waits, so
+//      the other transcendental activations stay scalar here.) With large slabs T lives in a
+//      ring of unpooled rows: steps 1 and 2 run row of windows by row of windows, so T stays in
+//      L2 (decoder_ring_rows).
+//   Measured (standalone harness, 1 thread, CPU time, medians of interleaved runs against the
+//   bucketed version, loaded 2-core Zen 5): 64->32 @14x14 N=256 0.74-0.79x the time with window
+//   and flat indices; 128->64 @32x32 and 64->32 @64x64 N=32 0.80-0.91x.
 // Why not the vendor GEMM (columns = unpooled values x W, then col2im): the argmax is per
 // channel, so the channels that meet at one unpooled position differ from window to window; a
 // dense GEMM must multiply the zeros of the unpooled map too (pool window x these MACs). Timed
@@ -40,35 +56,16 @@
 // No atomics; results do not depend on the number of threads.
 #include "unpool_deconv_cpu.h"
 
+#if AEFAST_X86_CLONES
+#include <immintrin.h>
+#endif
+
 namespace aefast {
 namespace unpool_deconv_cpu {
 namespace {
 
-// Per-thread scratch: the entries of one segment of a row of pool windows, bucketed by slot
-// (b = (pw - pw0) * window + o), each bucket with room for all C_in channels, so that the
-// bucketing is a single pass with independent counters (no prefix sums, no serial chains).
-template <typename acc_t>
-struct ImageScratch {
-  int64_t seg = 0;              // windows per segment
-  int64_t cap = 0;              // bucket capacity (C_in)
-  PaddedVec<int32_t> cnt;     // [b] entries in bucket b
-  PaddedVec<int32_t> bq;      // [b] position of bucket b, -1 outside the plane
-  PaddedVec<int32_t> ent_w;   // [b*cap + i] ci * Kp (the entry's weight slab)
-  PaddedVec<acc_t> ent_z;     // [b*cap + i] z
-  PaddedVec<uint8_t> has;     // [ring q] 1 if position q holds an entry (never set outside windows)
-  ImageScratch(const DecoderGeometry& g, bool buckets, int64_t ring_positions) {
-    const int64_t window = g.pool_h * g.pool_w;
-    if (!buckets) return;
-    cap = g.c_in;
-    // Segments of at most ~32K entries of room (a few hundred KiB), whole rows when they fit.
-    seg = std::max<int64_t>(1, std::min<int64_t>(g.pooled_w, 32768 / std::max<int64_t>(1, window * cap)));
-    cnt.resize(seg * window);
-    bq.resize(seg * window);
-    ent_w.resize(seg * window * cap);
-    ent_z.resize(seg * window * cap);
-    has.assign(ring_positions, 0);
-  }
-};
+// Column chunks of the large-slab sums: C_in x chunk weights within this many bytes of L1.
+constexpr int64_t kForwardChunkBytes = 40960;
 
 // The forward's tap vectors T of the large-slab path live in a ring of unpooled rows: row h at
 // ring row h % rows. The epilogue of output row oy reads the rows h with h*sh - pad_h + kh = oy,
@@ -88,99 +85,170 @@ inline int64_t decoder_ring_rows(const DecoderGeometry& g) {
   return std::min(g.unpooled_h, (g.kernel_h - 1 + g.stride_h - 1) / g.stride_h + g.pool_h);
 }
 
-// Buckets the entries of windows (ph, pw0 .. pw1-1) by slot, ci ascending within a bucket
-// (channel-major pass: idx and z are read contiguously along pw), sets has[] of their
-// positions, and returns the first invalid k (linear within the image) or INT64_MAX.
-template <typename scalar_t, typename acc_t, typename index_t>
-__attribute__((noinline)) int64_t bucket_segment(const scalar_t* __restrict__ z, const index_t* __restrict__ idx,
-                                                 const DecoderGeometry& g, const WindowTable& wtab, int64_t kp,
-                                                 int64_t ph, int64_t pw0, int64_t pw1, const int32_t* slot_ring,
-                                                 ImageScratch<acc_t>& s) {
-  const int64_t plane = g.pooled_h * g.pooled_w, window = wtab.window, cap = s.cap, h0 = ph * g.pool_h;
-  const int64_t nbk = (pw1 - pw0) * window;
-  int32_t* __restrict__ cnt = s.cnt.data();
-  int32_t* __restrict__ ent_w = s.ent_w.data();
-  acc_t* __restrict__ ent_z = s.ent_z.data();
-  int64_t first_bad = std::numeric_limits<int64_t>::max();
-  prefetch_window_row(z, idx, g, ph + 1, pw0, pw1);
-  bool checked = false;  // set when the fast pass has bucketed every entry
-  if (h0 + g.pool_h <= g.unpooled_h && pw1 * g.pool_w <= g.unpooled_w) {
-    // Fast pass: every window of the segment lies inside the plane, so an index is valid iff
-    // its offset is below the window (window form) or it names a position of its own window
-    // (flat form), and no table lookup is needed. cnt[b] holds bucket b's next free slot
-    // during the pass. A bad index is bucketed at an in-bounds slot and flagged; the segment is
-    // then redone by the checking pass below (the error path only). The buckets come out as
-    // before (channels ascending), so no sum changes. Measured with the tabled ring slots
-    // below (1 thread, CPU time, interleaved A/B on a loaded machine; 64->32 @14x14 N=256,
-    // window indices): the forward went from 7.6-8.4 to 6.7-7.4 ms.
-    const int64_t uw = g.unpooled_w, pool_h = g.pool_h, pool_w = g.pool_w;
-    const bool pool2x2 = pool_h == 2 && pool_w == 2;
-    for (int64_t b = 0; b < nbk; ++b) cnt[b] = static_cast<int32_t>(b * cap);
-    bool bad = false;
-    for (int64_t c = 0; c < g.c_in; ++c) {
-      const int64_t kb = c * plane + ph * g.pooled_w;
-      const index_t* __restrict__ ir = idx + kb;
-      const scalar_t* __restrict__ zr = z + kb;
-      const int32_t wo = static_cast<int32_t>(c * kp);
-      int64_t b0 = 0;
-      for (int64_t pw = pw0; pw < pw1; ++pw, b0 += window) {
-        int64_t o;
-        if constexpr (std::is_same_v<index_t, int64_t>) {
-          const int64_t rel = ir[pw] - (h0 * uw + pw * pool_w);
-          int64_t i, j;
-          if (pool2x2) {  // the common window, without the counting loop
-            i = rel >= uw;
-            j = rel - (i ? uw : 0);
-          } else {
-            i = 0;
-            for (int64_t r = 1; r <= pool_h; ++r) i += rel >= r * uw;
-            j = rel - i * uw;
-          }
-          const bool ok = rel >= 0 && i < pool_h && j < pool_w;
-          bad |= !ok;
-          o = ok ? i * pool_w + j : 0;
-        } else {
-          o = static_cast<int64_t>(ir[pw]);
-          bad |= o >= window;
-          o = o < window ? o : 0;
-        }
-        const int32_t d = cnt[b0 + o]++;
-        ent_w[d] = wo;
-        ent_z[d] = static_cast<acc_t>(zr[pw]);
-      }
-    }
-    checked = !bad;
-    if (checked)
-      for (int64_t b = 0; b < nbk; ++b) cnt[b] -= static_cast<int32_t>(b * cap);
-  }
-  if (!checked) std::fill(cnt, cnt + nbk, 0);
-  for (int64_t c = 0; c < g.c_in && !checked; ++c) {
-    const int64_t kb = c * plane + ph * g.pooled_w;
-    const int32_t wo = static_cast<int32_t>(c * kp);
-    for (int64_t pw = pw0; pw < pw1; ++pw) {
-      const int64_t k = kb + pw;
-      const int64_t o = decode_offset(idx, k, h0, pw * g.pool_w, g, wtab);
+
+// Step 1a of the large-slab path, one row of pool windows (ph): the channel bitmask of every
+// position of the row, masks[(pw * window + o) * words + w], bit c % 64 of word c / 64 set iff
+// entry (c, ph, pw) lies at offset o of its window. Returns whether some index of the row is
+// invalid (it sets no bit); the caller then finds the first one (first_bad_in_image).
+// This replaces bucketing the entries (a counter increment and two stores per entry, ~30% of the
+// forward's time): the slab sums walk the set bits instead.
+//
+// Portable form (baseline and AVX2 clones): entry by entry, channel-major (z and idx read
+// contiguously along pw), OR the channel's bit into its position's mask.
+template <typename index_t>
+AEFAST_ALWAYS_INLINE bool row_masks_scalar(const index_t* __restrict__ idx, const DecoderGeometry& g,
+                                           const WindowTable& wtab, int64_t ph, int64_t words,
+                                           uint64_t* __restrict__ masks) {
+  const int64_t window = wtab.window, pwn = g.pooled_w, plane = g.pooled_h * pwn;
+  std::fill(masks, masks + pwn * window * words, uint64_t(0));
+  bool bad = false;
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const uint64_t bit = uint64_t(1) << (c & 63);
+    uint64_t* __restrict__ mw = masks + c / 64;
+    for (int64_t pw = 0; pw < pwn; ++pw) {
+      const int64_t o = decode_offset(idx, c * plane + ph * pwn + pw, ph * g.pool_h, pw * g.pool_w, g, wtab);
       if (o < 0) {
-        first_bad = std::min(first_bad, k);
+        bad = true;
         continue;
       }
-      const int64_t b = (pw - pw0) * window + o;
-      const int64_t d = b * cap + cnt[b]++;
-      ent_w[d] = wo;
-      ent_z[d] = static_cast<acc_t>(z[k]);
+      mw[(pw * window + o) * words] |= bit;
     }
   }
-  // The positions' places in the row ring (slot_ring, see decoder_ring_rows): slot
-  // (ph * pooled_w + pw) * window + o is bucket b = (pw - pw0) * window + o. Tabled once per call:
-  // computed here, they cost four integer divisions per bucket and row.
-  const int32_t* __restrict__ ring_of = slot_ring + (ph * g.pooled_w + pw0) * window;
-  for (int64_t b = 0; b < nbk; ++b) {
-    const int32_t rq = ring_of[b];
-    s.bq[b] = rq;
-    if (rq >= 0) s.has[rq] = cnt[b] > 0;
-  }
-  return first_bad;
+  return bad;
 }
+
+// AVX-512 form: vectorised over 8 windows of the row (one 64-bit lane each). Per channel the
+// lanes' indices are compared with the value that names each offset of their window (want, from
+// lane_tables) and the channel's bit is ORed into the lanes that match (a compare into a mask
+// register and a masked OR per offset: ~2 instructions per entry for 2x2 windows). An index that
+// matches no offset inside the plane is invalid. Intrinsics, not GCC vector extensions: GCC 12
+// lowered the generic form of these 64-bit compares to lane-by-lane code (slower than the
+// portable loop).
+// row_masks' per-lane tables of windows ph, pw0 .. pw0 + 7: per offset o, the value an index
+// must have to name it (want[o*8 + l]: the window offset, or the flat position; -1 where that
+// position is outside the plane, a value only an invalid flat index can have) and whether it is
+// inside the plane (inside[o*8 + l]: bit l). Returns the lanes that are windows of the row.
+inline uint8_t lane_tables(const DecoderGeometry& g, int64_t ph, int64_t pw0, bool flat, int64_t* __restrict__ want,
+                           uint8_t* __restrict__ inside) {
+  const int64_t window = g.pool_h * g.pool_w, h0 = ph * g.pool_h;
+  uint8_t live = 0;
+  for (int64_t l = 0; l < 8; ++l) live |= static_cast<uint8_t>((pw0 + l < g.pooled_w) << l);
+  for (int64_t o = 0; o < window; ++o) {
+    const int64_t di = o / g.pool_w, dj = o % g.pool_w;
+    inside[o] = 0;
+    for (int64_t l = 0; l < 8; ++l) {
+      const int64_t w = (pw0 + l) * g.pool_w + dj;
+      const bool in = pw0 + l < g.pooled_w && h0 + di < g.unpooled_h && w < g.unpooled_w;
+      want[o * 8 + l] = !in ? -1 : flat ? (h0 + di) * g.unpooled_w + w : o;
+      inside[o] |= static_cast<uint8_t>(in << l);
+    }
+  }
+  return live;
+}
+#if AEFAST_X86_CLONES
+// WIN: the window size when it is a compile-time constant (2x2: accumulators in registers), 0
+// for any other (accumulators in acc_mem).
+template <int WIN, typename index_t>
+AEFAST_TARGET_AVX512 __attribute__((noinline)) bool row_masks_avx512(const index_t* __restrict__ idx, int64_t avail,
+                                                                     const DecoderGeometry& g, int64_t ph,
+                                                                     int64_t words, uint64_t* __restrict__ masks,
+                                                                     int64_t* __restrict__ scratch) {
+  constexpr bool flat = std::is_same_v<index_t, int64_t>;
+  const int64_t window = WIN ? WIN : g.pool_h * g.pool_w;
+  const int64_t pwn = g.pooled_w, plane = g.pooled_h * pwn;
+  int64_t* __restrict__ acc_mem = scratch;         // [window][8]
+  int64_t* __restrict__ want = scratch + window * 8;  // [window][8]
+  uint8_t inside_stack[64];
+  std::vector<uint8_t> inside_heap(window > 64 ? window : 0);
+  uint8_t* __restrict__ inside = window > 64 ? inside_heap.data() : inside_stack;
+  uint8_t bad = 0;
+  for (int64_t pw0 = 0; pw0 < pwn; pw0 += 8) {
+    const uint8_t live = lane_tables(g, ph, pw0, flat, want, inside);
+    bool clipped = live != 0xff;
+    for (int64_t o = 0; o < window; ++o) clipped |= inside[o] != live;
+    __m512i wv[WIN ? WIN : 1];
+    if constexpr (WIN > 0)
+      for (int o = 0; o < WIN; ++o) wv[o] = _mm512_loadu_si512(want + o * 8);
+    const int64_t nl = std::min<int64_t>(8, pwn - pw0);
+    for (int64_t w = 0; w < words; ++w) {
+      __m512i acc[WIN ? WIN : 1];
+      if constexpr (WIN > 0)
+        for (int o = 0; o < WIN; ++o) acc[o] = _mm512_setzero_si512();
+      else
+        std::fill(acc_mem, acc_mem + window * 8, int64_t(0));
+      const int64_t c1 = std::min(g.c_in, 64 * w + 64);
+      for (int64_t c = 64 * w; c < c1; ++c) {
+        const int64_t k = c * plane + ph * pwn + pw0;
+        // Masked loads past the tensor's end (the last row of the last image): they never fault.
+        const __mmask8 room = avail - k >= 8 ? __mmask8(0xff) : __mmask8((1u << (avail - k)) - 1);
+        __m512i v;
+        if constexpr (flat)
+          v = _mm512_maskz_loadu_epi64(room, idx + k);
+        else
+          v = _mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(room, idx + k));
+        const __m512i bit = _mm512_set1_epi64(static_cast<int64_t>(uint64_t(1) << (c & 63)));
+        __mmask8 hit = 0;
+        if constexpr (WIN > 0) {
+          for (int o = 0; o < WIN; ++o) {
+            const __mmask8 e = _mm512_cmpeq_epi64_mask(v, wv[o]);
+            hit |= e;
+            acc[o] = _mm512_mask_or_epi64(acc[o], e, acc[o], bit);
+          }
+        } else {
+          for (int64_t o = 0; o < window; ++o) {
+            const __mmask8 e = _mm512_cmpeq_epi64_mask(v, _mm512_loadu_si512(want + o * 8));
+            hit |= e;
+            const __m512i a = _mm512_loadu_si512(acc_mem + o * 8);
+            _mm512_storeu_si512(acc_mem + o * 8, _mm512_mask_or_epi64(a, e, a, bit));
+          }
+        }
+        bad |= live & ~hit;
+      }
+      if constexpr (WIN > 0)
+        for (int o = 0; o < WIN; ++o) _mm512_storeu_si512(acc_mem + o * 8, acc[o]);
+      for (int64_t l = 0; l < nl; ++l)
+        for (int64_t o = 0; o < window; ++o) {
+          const int64_t m = acc_mem[o * 8 + l];
+          // A match of want -1 (a flat index -1 where the offset is outside the plane).
+          if (clipped && m != 0 && !((inside[o] >> l) & 1)) bad = 1;
+          masks[((pw0 + l) * window + o) * words + w] = static_cast<uint64_t>(m);
+        }
+    }
+  }
+  return bad != 0;
+}
+#endif
+
+// The first invalid index of an image (NCHW-linear within the image), INT64_MAX if none: the
+// error path only, after row_masks has reported one.
+template <typename index_t>
+int64_t first_bad_in_image(const index_t* idx, const DecoderGeometry& g, const WindowTable& wtab) {
+  const int64_t plane = g.pooled_h * g.pooled_w;
+  for (int64_t c = 0; c < g.c_in; ++c)
+    for (int64_t ph = 0; ph < g.pooled_h; ++ph)
+      for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+        const int64_t k = c * plane + ph * g.pooled_w + pw;
+        if (decode_offset(idx, k, ph * g.pool_h, pw * g.pool_w, g, wtab) < 0) return k;
+      }
+  return std::numeric_limits<int64_t>::max();
+}
+
+template <int VB, typename scalar_t, typename acc_t, typename index_t>
+AEFAST_ALWAYS_INLINE bool masks_body(const index_t* idx, int64_t avail, const DecoderGeometry& g,
+                                     const WindowTable& wtab, int64_t ph, int64_t words, uint64_t* masks,
+                                     int64_t* scratch) {
+#if AEFAST_X86_CLONES
+  if constexpr (VB == 64) {
+    if (g.pool_h * g.pool_w == 4) return row_masks_avx512<4, index_t>(idx, avail, g, ph, words, masks, scratch);
+    return row_masks_avx512<0, index_t>(idx, avail, g, ph, words, masks, scratch);
+  }
+#endif
+  return row_masks_scalar<index_t>(idx, g, wtab, ph, words, masks);
+}
+AEFAST_ISA_CLONES_IDX(masks, bool,
+                      (const index_t* idx, int64_t avail, const DecoderGeometry& g, const WindowTable& wtab,
+                       int64_t ph, int64_t words, uint64_t* masks, int64_t* scratch),
+                      (idx, avail, g, wtab, ph, words, masks, scratch))
 
 // Output taps along one axis: for output coordinate o, the (kernel offset, input position)
 // pairs with o = x*s - pad + kk, 0 <= x < extent. Flattened: first[o] .. first[o + 1].
@@ -203,59 +271,78 @@ struct AxisTaps {
 };
 
 // ---------------------------------------------------------------- forward
-// T[q][k0 : k0 + NV*L] = sum_{e at q} z_e * Wt[c_e][k0 : ...] for every position with entries,
-// summed in NV vector registers (entries in CSR order), stored once.
+// Step 1b: T[q][k0 : k0 + NV*L] = sum_{c in mask(q)} z[c] * Wt[c][k0 : ...] for every position q
+// of a row of windows (channels ascending: the set bits of the mask in order, tzcnt / blsr),
+// summed in NV vector registers and stored once; a position without entries gets zeros, so
+// every position of the row is written (the epilogue needs no "has entries" test).
 template <int VB, int NV, typename acc_t>
-AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const int32_t* __restrict__ cnt,
-                                    const int32_t* __restrict__ bq, const int32_t* __restrict__ ent_w,
-                                    const acc_t* __restrict__ ent_z, int64_t cap, acc_t* __restrict__ T, int64_t kp,
-                                    int64_t nbk) {
+AEFAST_ALWAYS_INLINE void slab_sums(const acc_t* __restrict__ wt, const acc_t* __restrict__ zrow, int64_t c_in,
+                                    const uint64_t* __restrict__ masks, int64_t words,
+                                    const int32_t* __restrict__ ring_of, int64_t pwn, int64_t window,
+                                    acc_t* __restrict__ T, int64_t kp) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
-  for (int64_t b = 0; b < nbk; ++b) {
-    const int32_t e0 = static_cast<int32_t>(b * cap), e1 = e0 + cnt[b];
-    if (e0 == e1) continue;
-    const int64_t q = bq[b];
-    V a[NV];
-    for (int j = 0; j < NV; ++j) a[j] = V{};
-    for (int32_t e = e0; e < e1; ++e) {
-      const V zb = V{} + ent_z[e];
-      const acc_t* __restrict__ w = wt + ent_w[e];
-      for (int j = 0; j < NV; ++j) a[j] += zb * vload<V>(w + j * L);
+  for (int64_t pw = 0; pw < pwn; ++pw) {
+    const acc_t* __restrict__ zk = zrow + pw * c_in;
+    for (int64_t o = 0; o < window; ++o) {
+      const int64_t s = pw * window + o;
+      const int32_t rq = ring_of[s];
+      if (rq < 0) continue;  // a clipped window's offset outside the plane
+      V a[NV];
+      for (int j = 0; j < NV; ++j) a[j] = V{};
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t m = masks[s * words + w];
+        while (m) {
+          const int64_t c = 64 * w + __builtin_ctzll(m);
+          m &= m - 1;
+          const V zb = zk[c] - V{};  // a broadcast (x - +0 is x, -0 included)
+          const acc_t* __restrict__ wc = wt + c * kp;
+          // Opaque to the optimiser: otherwise GCC folds the chunk offset k0 + j*L into one
+          // register per vector (spilled to xmm) instead of the loads' displacements.
+          asm("" : "+r"(wc));
+          for (int j = 0; j < NV; ++j) a[j] += zb * vload<V>(wc + j * L);
+        }
+      }
+      for (int j = 0; j < NV; ++j) vstore(T + rq * kp + j * L, a[j]);
     }
-    for (int j = 0; j < NV; ++j) vstore(T + q * kp + j * L, a[j]);
   }
 }
 
-struct ForwardPlan {
-  int64_t kp;   // slab stride (whole vectors)
-  int64_t nvc;  // vectors per chunk
-};
-
-// Step 1 of the forward for every chunk of the slab.
+// Step 1b for every column chunk of the slab (nvc vectors each: the C_in x chunk weight block
+// stays in L1 while the row's positions are summed).
 template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const int32_t* cnt, const int32_t* bq, const int32_t* ent_w,
-                                     const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc,
-                                     int64_t nbk) {
+AEFAST_ALWAYS_INLINE void slabs_body(const acc_t* wt, const acc_t* zrow, int64_t c_in, const uint64_t* masks,
+                                     int64_t words, const int32_t* ring_of, int64_t pwn, int64_t window, acc_t* T,
+                                     int64_t kp, int64_t nvc) {
   constexpr int L = VecOf<acc_t, VB>::L;
   for (int64_t k0 = 0; k0 < kp; k0 += nvc * L) {
     const int64_t nv = std::min<int64_t>(nvc, (kp - k0) / L);
     switch (nv) {
-#define AEFAST_SLAB_CASE(K)                                                  \
-  case K:                                                                    \
-    slab_sums<VB, K, acc_t>(wt + k0, cnt, bq, ent_w, ent_z, cap, T + k0, kp, nbk); \
+#define AEFAST_SLAB_CASE(K)                                                                             \
+  case K:                                                                                               \
+    slab_sums<VB, K, acc_t>(wt + k0, zrow, c_in, masks, words, ring_of, pwn, window, T + k0, kp); \
     break;
       AEFAST_SLAB_CASE(1) AEFAST_SLAB_CASE(2) AEFAST_SLAB_CASE(3) AEFAST_SLAB_CASE(4)
       AEFAST_SLAB_CASE(5) AEFAST_SLAB_CASE(6) AEFAST_SLAB_CASE(7) AEFAST_SLAB_CASE(8)
+      AEFAST_SLAB_CASE(9) AEFAST_SLAB_CASE(10) AEFAST_SLAB_CASE(11) AEFAST_SLAB_CASE(12)
 #undef AEFAST_SLAB_CASE
       default: break;
     }
   }
 }
 AEFAST_ISA_CLONES(slabs,
-                  (const acc_t* wt, const int32_t* cnt, const int32_t* bq, const int32_t* ent_w,
-                   const acc_t* ent_z, int64_t cap, acc_t* T, int64_t kp, int64_t nvc, int64_t nbk),
-                  (wt, cnt, bq, ent_w, ent_z, cap, T, kp, nvc, nbk))
+                  (const acc_t* wt, const acc_t* zrow, int64_t c_in, const uint64_t* masks, int64_t words,
+                   const int32_t* ring_of, int64_t pwn, int64_t window, acc_t* T, int64_t kp, int64_t nvc),
+                  (wt, zrow, c_in, masks, words, ring_of, pwn, window, T, kp, nvc))
+
+// Column chunks of the slab: at most max_nv vectors, and at most what keeps C_in chunks of
+// weights within budget bytes (L1), balanced.
+inline int64_t forward_chunk_vectors(int64_t nvt, int64_t c_in, int64_t vbytes, int64_t max_nv, int64_t budget) {
+  const int64_t l1 = std::max<int64_t>(1, budget / std::max<int64_t>(1, c_in * vbytes));
+  const int64_t cap = std::max<int64_t>(1, std::min({max_nv, nvt, l1}));
+  const int64_t chunks = (nvt + cap - 1) / cap;
+  return (nvt + chunks - 1) / chunks;
+}
 
 // Step 1 for small slabs (kp <= 4 vectors, e.g. C_out = 1 or 3), one row of pool windows
 // (unpooled rows h0 .. h0 + pool_h - 1): there a position holds about C_in / window entries
@@ -319,106 +406,165 @@ AEFAST_ISA_CLONES_IDX(bands, int64_t,
                        const WindowTable& wtab, int64_t kp, acc_t* T),
                       (z, idx, wt, g, wtab, kp, T))
 
-// Step 2 of the forward: gather the taps of every output pixel, bias, activation, NCHW store.
-// The vector over co may run past C_out into the next tap or slab (T has L values of slack at
-// its end): those lanes are never stored. has = nullptr: T is dense (zero where no entry).
-// Output rows oy0 .. oy1-1; tap r of the rows reads T row rowq[r] (its position offset: ring
-// row times the positions of a ring row, see decoder_ring_rows).
-// Each output row is first written channel by channel into rowbuf (row stride
-// epilogue_row_stride) and then copied to its C_out planes, one contiguous run each. Storing
-// the lanes straight into NCHW wrote C_out lines a plane apart for every pixel: with planes of
-// a multiple of 4 KiB (64x64 or 32x32 floats) those lines share one L1 set, and the forward of
-// 64->32 at 64x64 ran at half the rate of 66x66 (measured, 1 thread, same process).
-inline int64_t epilogue_row_stride(int64_t out_w) { return (out_w + 15) / 16 * 16 + 16; }
-
-// One pixel's channels cb0 .. cb0 + NV*L - 1: bias + the taps at offs[0 .. nt) (in the
-// fixed tap order), then the activation; stored as a channels_last run (cl) or lane by lane
-// into the row buffer's channel rows (orow / prow, row stride rs, column ox).
-template <int VB, int NV, DecoderAct A, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void epilogue_block(const acc_t* __restrict__ T, const int64_t* __restrict__ offs, int32_t nt,
-                                         const acc_t* __restrict__ bias, int64_t cb0, int64_t co_n, acc_t sl,
-                                         bool cl, scalar_t* __restrict__ out_px, scalar_t* __restrict__ pre_px,
-                                         scalar_t* __restrict__ orow, scalar_t* __restrict__ prow, int64_t rs) {
+// Step 2 of the forward: gather the taps of every output pixel, bias, activation, store.
+// T is dense (every position written, zeros where no entry), so a pixel's tap list is its
+// rows' offsets (tap row r of the call: T row rowq[r], kernel row rt.kk[r]) plus its columns'
+// offsets (colpart: ct.x * kp + ct.kk * C_out), in the fixed (kh, kw) order. Output rows
+// oy0 .. oy1-1.
+// channels_last: a pixel's C_out values are one contiguous run, stored as vectors.
+// NCHW: the row's pre-activations go channels-last into rowbuf ([pixel][channel], vectors),
+// then L x L blocks of it are transposed in registers (log2 L rounds of interleaves) and stored
+// as vectors along each channel's output row, the activation applied to the transposed vectors.
+// (Storing lane by lane into per-channel rows and copying those to the planes, as before, was
+// one scalar store per value; storing lanes straight into NCHW made C_out lines a plane apart per
+// pixel, which with 4 KiB planes share one L1 set: measured, 64->32 at 64x64 ran at half the rate
+// of 66x66.)
+template <int VB, int NV, typename acc_t>
+AEFAST_ALWAYS_INLINE void pixel_sums(const acc_t* __restrict__ T, const int64_t* __restrict__ offs, int32_t nt,
+                                     const acc_t* __restrict__ bias, int64_t cb0,
+                                     typename VecOf<acc_t, VB>::type (&a)[NV]) {
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
-  V a[NV];
   for (int j = 0; j < NV; ++j) a[j] = vload<V>(bias + cb0 + j * L);
   for (int32_t t = 0; t < nt; ++t) {
     const acc_t* __restrict__ src = T + offs[t] + cb0;
     for (int j = 0; j < NV; ++j) a[j] += vload<V>(src + j * L);
   }
-  constexpr bool vec_done = A == DecoderAct::None || A == DecoderAct::Relu || A == DecoderAct::LeakyRelu ||
-                            (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>);
-  for (int j = 0; j < NV; ++j) {
-    const int64_t cb = cb0 + j * L, nl = std::min<int64_t>(L, co_n - cb);
-    V v = a[j];
-    if (pre_px) {
-      if (cl)
-        wv_store<scalar_t, acc_t>(pre_px + cb, v, nl);
-      else
-        for (int64_t l = 0; l < nl; ++l) prow[(cb + l) * rs] = static_cast<scalar_t>(v[l]);
-    }
-    // relu / leaky_relu on the whole vector (NaN propagates: x < 0 is false for it).
-    if constexpr (A == DecoderAct::Relu) {
-      v = v < V{} ? V{} : v;
-    } else if constexpr (A == DecoderAct::LeakyRelu) {
-      v = v >= V{} ? v : v * sl;
-    } else if constexpr (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>) {
-      v = sigmoid_vec_f32<V, typename VecOf<int32_t, VB>::type>(v);
-    }
-    if constexpr (!vec_done)
-      for (int64_t l = 0; l < nl; ++l) v[l] = act_forward<acc_t>(v[l], A, sl);
-    if (cl)
-      wv_store<scalar_t, acc_t>(out_px + cb, v, nl);
-    else
-      for (int64_t l = 0; l < nl; ++l) orow[(cb + l) * rs] = static_cast<scalar_t>(v[l]);
+}
+
+// The activation on a whole vector (relu / leaky_relu, sigmoid for float; NaN propagates:
+// x < 0 is false for it), else lane by lane on the first nl lanes.
+template <DecoderAct A, typename acc_t, typename V, typename IV>
+AEFAST_ALWAYS_INLINE V act_vec(V v, acc_t sl, int64_t nl) {
+  if constexpr (A == DecoderAct::None) {
+    return v;
+  } else if constexpr (A == DecoderAct::Relu) {
+    return v < V{} ? V{} : v;
+  } else if constexpr (A == DecoderAct::LeakyRelu) {
+    return v >= V{} ? v : v * sl;
+  } else if constexpr (A == DecoderAct::Sigmoid && std::is_same_v<acc_t, float>) {
+    return sigmoid_vec_f32<V, IV>(v);
+  } else {
+    for (int64_t l = 0; l < nl; ++l) v[l] = act_forward<acc_t>(v[l], A, sl);
+    return v;
   }
 }
 
-// Per output row: for each pixel the T offsets of its taps are listed once (rows r outer,
-// columns c inner: the fixed summation order), then its channels are summed in blocks of up to
-// 8 vectors held in registers (the tap list and its index tables are read once per pixel, not
-// once per channel vector: measured, the per-vector re-walk made this epilogue ~100 cycles a
-// pixel for 64->32).
+// r[i] = row i of an L x L block -> r[i] = column i: log2 L rounds of interleaving r[i] with
+// r[i + L/2] (after round t, lane bits and row bits have rotated by t + 1 places).
+template <typename V, int L>
+AEFAST_ALWAYS_INLINE void transpose_block(V (&r)[L]) {
+  using I = std::conditional_t<sizeof(r[0][0]) == 4, int32_t, int64_t>;
+  typedef I M __attribute__((vector_size(sizeof(V))));
+  M lo, hi;
+  for (int i = 0; i < L / 2; ++i) {
+    lo[2 * i] = i;
+    lo[2 * i + 1] = L + i;
+    hi[2 * i] = L / 2 + i;
+    hi[2 * i + 1] = L + L / 2 + i;
+  }
+  // Fully unrolled, so that r and t stay in registers (a rolled round loop kept them in memory
+  // and copied t to r with rep movsq).
+#pragma GCC unroll 8
+  for (int round = 1; round < L; round *= 2) {
+    V t[L];
+#pragma GCC unroll 16
+    for (int i = 0; i < L / 2; ++i) {
+      t[2 * i] = __builtin_shuffle(r[i], r[i + L / 2], lo);
+      t[2 * i + 1] = __builtin_shuffle(r[i], r[i + L / 2], hi);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) r[i] = t[i];
+  }
+}
+
+// The first nl lanes of v to dst, converted to scalar_t: a whole-vector store when nl = L, else
+// pieces of 8, 4, 2 and 1 lanes (fixed-size copies, each one move; a lane loop compiled to a
+// spill and rep movsq, ~40% of the epilogue for 14-pixel rows).
+template <typename scalar_t, typename acc_t, typename V>
+AEFAST_ALWAYS_INLINE void store_lanes(scalar_t* __restrict__ dst, const V& v, int64_t nl) {
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(acc_t));
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t l = 0; l < nl; ++l) dst[l] = static_cast<scalar_t>(v[l]);
+  } else {
+    if (nl == L) {
+      vstore(dst, v);
+      return;
+    }
+    acc_t lanes[L];
+    __builtin_memcpy(lanes, &v, sizeof(V));
+    int64_t l = 0;
+    if constexpr (L > 8)
+      if (nl & 8) {
+        __builtin_memcpy(dst + l, lanes + l, 8 * sizeof(acc_t));
+        l += 8;
+      }
+    if constexpr (L > 4)
+      if (nl & 4) {
+        __builtin_memcpy(dst + l, lanes + l, 4 * sizeof(acc_t));
+        l += 4;
+      }
+    if constexpr (L > 2)
+      if (nl & 2) {
+        __builtin_memcpy(dst + l, lanes + l, 2 * sizeof(acc_t));
+        l += 2;
+      }
+    if (nl & 1) dst[l] = lanes[l];
+  }
+}
+
 template <int VB, DecoderAct A, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_t* __restrict__ has,
-                                       const acc_t* __restrict__ bias, const DecoderGeometry& g, const AxisTaps& rt,
-                                       const int64_t* __restrict__ rowq, const AxisTaps& ct, int64_t kp,
-                                       DecoderAct act, acc_t sl, scalar_t* __restrict__ out,
-                                       scalar_t* __restrict__ pre, int64_t oy0, int64_t oy1,
-                                       scalar_t* __restrict__ rowbuf, bool cl) {
+AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const acc_t* __restrict__ bias,
+                                       const DecoderGeometry& g, const AxisTaps& rt,
+                                       const int64_t* __restrict__ rowq, const AxisTaps& ct,
+                                       const int64_t* __restrict__ colpart, const uint8_t* __restrict__ col_shifts,
+                                       int64_t kp, acc_t sl, scalar_t* __restrict__ out, scalar_t* __restrict__ pre, int64_t oy0,
+                                       int64_t oy1, acc_t* __restrict__ rowbuf, bool cl) {
+  using V = typename VecOf<acc_t, VB>::type;
+  using IV = typename VecOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   constexpr int64_t kMaxBlock = 8;  // vectors of channels per register block
   const int64_t co_n = g.c_out, hw_out = g.out_h * g.out_w, kw_n = g.kernel_w;
-  const int64_t rs = epilogue_row_stride(g.out_w), nvt = (co_n + L - 1) / L;
-  scalar_t* __restrict__ orow = rowbuf;
-  scalar_t* __restrict__ prow = rowbuf + co_n * rs;
-  int64_t offs_stack[64];
+  const int64_t nvt = (co_n + L - 1) / L, cs = nvt * L;  // rowbuf: [pixel][cs]
+  int64_t offs_stack[64], rowpart_stack[16];
   std::vector<int64_t> offs_heap(g.kernel_h * g.kernel_w > 64 ? g.kernel_h * g.kernel_w : 0);
+  std::vector<int64_t> rowpart_heap(g.kernel_h > 16 ? g.kernel_h : 0);
   int64_t* __restrict__ offs = offs_heap.empty() ? offs_stack : offs_heap.data();
+  int64_t* __restrict__ rowpart = rowpart_heap.empty() ? rowpart_stack : rowpart_heap.data();
   for (int64_t oy = oy0; oy < oy1; ++oy) {
-    const int32_t r0 = rt.first[oy], r1 = rt.first[oy + 1];
+    const int32_t r0 = rt.first[oy], nr = rt.first[oy + 1] - r0;
+    for (int32_t r = 0; r < nr; ++r) rowpart[r] = rowq[r0 + r] * kp + rt.kk[r0 + r] * kw_n * co_n;
+    int32_t nt = 0;
+    int64_t shift = 0;  // offs are those of pixel ox - shift / kp, moved right by shift
     for (int64_t ox = 0; ox < g.out_w; ++ox) {
-      const int32_t c0 = ct.first[ox], c1 = ct.first[ox + 1];
-      int32_t nt = 0;
-      for (int32_t r = r0; r < r1; ++r) {
-        const int64_t qrow = rowq[r], krow = rt.kk[r] * kw_n;
-        for (int32_t c = c0; c < c1; ++c) {
-          const int64_t q = qrow + ct.x[c];
-          if (has && !has[q]) continue;
-          offs[nt++] = q * kp + (krow + ct.kk[c]) * co_n;
-        }
+      if (ox > 0 && col_shifts[ox]) {
+        shift += kp;
+      } else {
+        const int32_t c0 = ct.first[ox], nc = ct.first[ox + 1] - c0;
+        nt = 0;
+        shift = 0;
+        for (int32_t r = 0; r < nr; ++r)
+          for (int32_t c = 0; c < nc; ++c) offs[nt++] = rowpart[r] + colpart[c0 + c];
       }
-      // channels_last: the pixel's C_out values are one contiguous run of the output.
-      scalar_t* out_px = cl ? out + (oy * g.out_w + ox) * co_n : nullptr;
-      scalar_t* pre_px = pre ? (cl ? pre + (oy * g.out_w + ox) * co_n : prow + ox) : nullptr;
       for (int64_t v0 = 0; v0 < nvt; v0 += kMaxBlock) {
+        const int64_t cb0 = v0 * L;
         switch (std::min(kMaxBlock, nvt - v0)) {
-#define AEFAST_EPI_CASE(K)                                                                                     \
-  case K:                                                                                                      \
-    epilogue_block<VB, K, A, scalar_t, acc_t>(T, offs, nt, bias, v0 * L, co_n, sl, cl, out_px, pre_px, orow + ox, \
-                                              prow + ox, rs);                                                  \
-    break;
+#define AEFAST_EPI_CASE(K)                                                                        \
+  case K: {                                                                                       \
+    V a[K];                                                                                       \
+    pixel_sums<VB, K, acc_t>(T + shift, offs, nt, bias, cb0, a);                                  \
+    if (cl) {                                                                                     \
+      scalar_t* o_px = out + (oy * g.out_w + ox) * co_n;                                          \
+      scalar_t* p_px = pre ? pre + (oy * g.out_w + ox) * co_n : nullptr;                          \
+      for (int j = 0; j < K; ++j) {                                                               \
+        const int64_t cb = cb0 + j * L, nl = std::min<int64_t>(L, co_n - cb);                     \
+        if (p_px) store_lanes<scalar_t, acc_t>(p_px + cb, a[j], nl);                              \
+        store_lanes<scalar_t, acc_t>(o_px + cb, act_vec<A, acc_t, V, IV>(a[j], sl, nl), nl);      \
+      }                                                                                           \
+    } else {                                                                                      \
+      for (int j = 0; j < K; ++j) vstore(rowbuf + ox * cs + cb0 + j * L, a[j]);                   \
+    }                                                                                             \
+  } break;
           AEFAST_EPI_CASE(1) AEFAST_EPI_CASE(2) AEFAST_EPI_CASE(3) AEFAST_EPI_CASE(4)
           AEFAST_EPI_CASE(5) AEFAST_EPI_CASE(6) AEFAST_EPI_CASE(7) AEFAST_EPI_CASE(8)
 #undef AEFAST_EPI_CASE
@@ -427,27 +573,41 @@ AEFAST_ALWAYS_INLINE void epilogue_act(const acc_t* __restrict__ T, const uint8_
       }
     }
     if (cl) continue;
-    for (int64_t co = 0; co < co_n; ++co) {
-      std::memcpy(out + co * hw_out + oy * g.out_w, orow + co * rs, sizeof(scalar_t) * g.out_w);
-      if (pre) std::memcpy(pre + co * hw_out + oy * g.out_w, prow + co * rs, sizeof(scalar_t) * g.out_w);
+    // rowbuf has room for whole blocks of L pixels (the lanes past out_w are never stored).
+    for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += L) {
+      const int64_t np = std::min<int64_t>(L, g.out_w - ox0);
+      for (int64_t cb = 0; cb < co_n; cb += L) {
+        V r[L];
+        for (int i = 0; i < L; ++i) r[i] = vload<V>(rowbuf + (ox0 + i) * cs + cb);
+        transpose_block<V, L>(r);
+        const int64_t nch = std::min<int64_t>(L, co_n - cb);
+        for (int64_t i = 0; i < nch; ++i) {
+          const int64_t at = (cb + i) * hw_out + oy * g.out_w + ox0;
+          if (pre) store_lanes<scalar_t, acc_t>(pre + at, r[i], np);
+          store_lanes<scalar_t, acc_t>(out + at, act_vec<A, acc_t, V, IV>(r[i], sl, np), np);
+        }
+      }
     }
   }
 }
 template <int VB, typename scalar_t, typename acc_t>
-AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
-                                        const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct, int64_t kp,
-                                        DecoderAct act, acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0,
-                                        int64_t oy1, scalar_t* rowbuf, bool cl) {
-#define AEFAST_EPILOGUE(A) \
-  epilogue_act<VB, A, scalar_t, acc_t>(T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl)
+AEFAST_ALWAYS_INLINE void epilogue_body(const acc_t* T, const acc_t* bias, const DecoderGeometry& g,
+                                        const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct,
+                                        const int64_t* colpart, const uint8_t* col_shifts, int64_t kp, DecoderAct act,
+                                        acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1,
+                                        acc_t* rowbuf, bool cl) {
+#define AEFAST_EPILOGUE(A)                                                                                        \
+  epilogue_act<VB, A, scalar_t, acc_t>(T, bias, g, rt, rowq, ct, colpart, col_shifts, kp, sl, out, pre, oy0, oy1, \
+                                       rowbuf, cl)
   AEFAST_FOR_DECODER_ACT(act, AEFAST_EPILOGUE)
 #undef AEFAST_EPILOGUE
 }
 AEFAST_ISA_CLONES(epilogue,
-                  (const acc_t* T, const uint8_t* has, const acc_t* bias, const DecoderGeometry& g,
-                   const AxisTaps& rt, const int64_t* rowq, const AxisTaps& ct, int64_t kp, DecoderAct act,
-                   acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1, scalar_t* rowbuf, bool cl),
-                  (T, has, bias, g, rt, rowq, ct, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl))
+                  (const acc_t* T, const acc_t* bias, const DecoderGeometry& g, const AxisTaps& rt,
+                   const int64_t* rowq, const AxisTaps& ct, const int64_t* colpart, const uint8_t* col_shifts,
+                   int64_t kp, DecoderAct act, acc_t sl, scalar_t* out, scalar_t* pre, int64_t oy0, int64_t oy1,
+                   acc_t* rowbuf, bool cl),
+                  (T, bias, g, rt, rowq, ct, colpart, col_shifts, kp, act, sl, out, pre, oy0, oy1, rowbuf, cl))
 
 template <typename scalar_t, typename index_t>
 void forward_typed(const ForwardCall& call) {
@@ -458,11 +618,12 @@ void forward_typed(const ForwardCall& call) {
   const ForwardOperands<scalar_t> ops(call.z, call.weight, call.bias, g);
   const Isa isa = ops.isa;
   const int64_t L = ops.L, kp = ops.kp;
-  const ForwardPlan plan{kp, chunk_vectors(kp / L, g.c_in, vec_bytes(isa), 8)};
+  const int64_t nvc = forward_chunk_vectors(kp / L, g.c_in, vec_bytes(isa), 12, kForwardChunkBytes);
   const at::TensorOptions acc_opts = ops.acc_opts;
   const acc_t* wt = ops.wt_t.template const_data_ptr<acc_t>();
   const acc_t* b = ops.b_t.template const_data_ptr<acc_t>();
   const WindowTable wtab(g);
+  const int64_t window = wtab.window;
   const AxisTaps rt(g.out_h, g.unpooled_h, g.kernel_h, g.stride_h, g.pad_h);
   const AxisTaps ct(g.out_w, g.unpooled_w, g.kernel_w, g.stride_w, g.pad_w);
   const scalar_t* zp = call.z.const_data_ptr<scalar_t>();
@@ -475,7 +636,8 @@ void forward_typed(const ForwardCall& call) {
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const auto slabs = AEFAST_PICK(slabs, isa);
   const auto epilogue = AEFAST_PICK(epilogue, isa);
-  // Small slabs: row bands of dense T (band_sums); larger ones: bucketed entries (slab_sums).
+  const auto masks_of_row = AEFAST_PICK_IDX(masks, isa);
+  // Small slabs: row bands of dense T (band_sums); larger ones: channel masks (slab_sums).
   const bool small = kp / L <= 4;
   const auto bands = AEFAST_PICK_IDX(bands, isa);
   // The path taken, named in the profiler (bench/bench_kernel_ledger.py reads it).
@@ -484,9 +646,19 @@ void forward_typed(const ForwardCall& call) {
   // rows it reads are summed (decoder_ring_rows). The small-slab bands keep the image's T.
   const int64_t ring = small ? g.unpooled_h : decoder_ring_rows(g);
   const int64_t row_pos = small ? g.unpooled_w : decoder_ring_row_positions(g);
-  std::vector<int64_t> rowq(rt.x.size()), need_h(static_cast<size_t>(g.out_h), -1);
+  std::vector<int64_t> rowq(rt.x.size()), need_h(static_cast<size_t>(g.out_h), -1), colpart(ct.x.size());
   for (size_t r = 0; r < rt.x.size(); ++r) rowq[r] = (rt.x[r] % ring) * row_pos;
-  // Each slot's position in the row ring, or -1 outside the plane (bucket_segment).
+  for (size_t c = 0; c < ct.x.size(); ++c) colpart[c] = ct.x[c] * kp + ct.kk[c] * g.c_out;
+  // col_shifts[ox]: pixel ox's column taps are pixel ox-1's, each one position to the right
+  // (stride-1 interior pixels), so its tap offsets are the previous ones plus kp.
+  std::vector<uint8_t> col_shifts(static_cast<size_t>(g.out_w), 0);
+  for (int64_t ox = 1; ox < g.out_w; ++ox) {
+    const int32_t c0 = ct.first[ox], c1 = ct.first[ox + 1], p0 = ct.first[ox - 1];
+    bool same = c1 - c0 == c0 - p0;
+    for (int32_t c = 0; same && c < c1 - c0; ++c) same = ct.kk[c0 + c] == ct.kk[p0 + c] && ct.x[c0 + c] == ct.x[p0 + c] + 1;
+    col_shifts[ox] = same;
+  }
+  // Each slot's position in the row ring, or -1 outside the plane.
   std::vector<int32_t> slot_ring(wtab.slot_q.size());
   for (size_t i = 0; i < slot_ring.size(); ++i) {
     const int32_t q = wtab.slot_q[i];
@@ -494,56 +666,87 @@ void forward_typed(const ForwardCall& call) {
   }
   for (int64_t oy = 0; oy < g.out_h; ++oy)  // the last unpooled row output row oy reads
     for (int32_t r = rt.first[oy]; r < rt.first[oy + 1]; ++r) need_h[oy] = std::max<int64_t>(need_h[oy], rt.x[r]);
+  const int64_t words = (g.c_in + 63) / 64;
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    ImageScratch<acc_t> scratch(g, !small, ring * row_pos);
     // T: one slab per position (of the ring, or of the image for small slabs) plus L values of
-    // slack (the epilogue's last vector may run past the last slab). Zeroed once so that no
-    // lane is ever uninitialised.
+    // slack (the epilogue's last vector may run past the last slab). Zeroed once: positions
+    // that no row of windows covers (columns past the last window) stay zero.
     at::Tensor T_t = zeros_cpu_cached({(small ? P : ring * row_pos) * kp + L}, acc_opts);
-    // The epilogue's output row (and pre-activation row) of every channel.
-    std::vector<scalar_t> rowbuf_v(2 * g.c_out * epilogue_row_stride(g.out_w));
-    scalar_t* rowbuf = rowbuf_v.data();
     acc_t* T = T_t.mutable_data_ptr<acc_t>();
-    // channels_last: the image's z and idx in planar order (image_to_planar).
-    std::vector<scalar_t> z_pl(cl ? plane_in : 0);
+    // The NCHW epilogue's channels-last output row, whole blocks of L pixels (zeroed: the lanes
+    // past out_w are transposed, never stored).
+    std::vector<acc_t> rowbuf((g.out_w + L - 1) / L * L * ((g.c_out + L - 1) / L * L) + L, acc_t(0));
+    // The large-slab path: a row's channel masks (row_masks), the generic-window accumulators.
+    PaddedVec<uint64_t> masks;
+    PaddedVec<int64_t> acc_mem;
+    if (!small) {
+      masks.resize(g.pooled_w * window * words);
+      acc_mem.resize(2 * window * 8);
+    }
+    // z of a row of windows as the slab sums read it: window-major (zr[pw * C_in + c]), in the
+    // accumulation type. (Read straight from the NCHW planes, the C_in values of a window lie a
+    // plane apart: with planes of a multiple of 1 KiB they share a few L1 sets and evict each
+    // other, measured ~10% slower on 128->64 at 32x32.)
+    std::vector<acc_t> zr(small ? 0 : g.pooled_w * g.c_in);
+    std::vector<scalar_t> z_pl(cl && small ? plane_in : 0);
     std::vector<index_t> idx_pl(cl ? plane_in : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const scalar_t* zn = zp + n * plane_in;
       const index_t* in = ip + n * plane_in;
+      int64_t avail = (g.n - n) * plane_in;  // index values readable from in (row_masks' loads)
       if (cl) {
-        image_to_planar(zn, g.c_in, plane, z_pl.data());
         image_to_planar(in, g.c_in, plane, idx_pl.data());
-        zn = z_pl.data();
         in = idx_pl.data();
+        avail = plane_in;
+        if (small) {
+          image_to_planar(zn, g.c_in, plane, z_pl.data());
+          zn = z_pl.data();
+        }
       }
       scalar_t* o = op + n * plane_out;
       scalar_t* p = pp ? pp + n * plane_out : nullptr;
       int64_t bad = std::numeric_limits<int64_t>::max();
       if (small) {
         bad = bands(zn, in, wt, g, wtab, kp, T);
-        epilogue(T, nullptr, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, 0, g.out_h, rowbuf, cl);
+        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, 0, g.out_h, rowbuf.data(), cl);
       } else {
-        uint8_t* has = scratch.has.data();
+        bool any_bad = false;
         int64_t oy_done = 0;  // output rows [0, oy_done) are written
         for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-          for (int64_t pw0 = 0; pw0 < g.pooled_w; pw0 += scratch.seg) {
-            const int64_t pw1 = std::min(g.pooled_w, pw0 + scratch.seg);
-            bad = std::min(bad, bucket_segment<scalar_t, acc_t, index_t>(zn, in, g, wtab, kp, ph, pw0, pw1,
-                                                                         slot_ring.data(), scratch));
-            slabs(wt, scratch.cnt.data(), scratch.bq.data(), scratch.ent_w.data(), scratch.ent_z.data(),
-                  scratch.cap, T, kp, plan.nvc, (pw1 - pw0) * wtab.window);
+          // The next row of windows (or the next image's first) while this one is summed:
+          // its reads hop a plane per channel, which the hardware prefetchers do not follow.
+          if (cl)
+            ;  // (z and idx are not planes there)
+          else if (ph + 1 < g.pooled_h)
+            prefetch_window_row(zn, in, g, ph + 1, 0, g.pooled_w);
+          else if (n + 1 < n1)
+            prefetch_window_row(zn + plane_in, in + plane_in, g, 0, 0, g.pooled_w);
+          any_bad |= masks_of_row(in, avail, g, wtab, ph, words, masks.data(), acc_mem.data());
+          if (cl) {
+            const scalar_t* zs = zn + ph * g.pooled_w * g.c_in;
+            for (int64_t e = 0; e < g.pooled_w * g.c_in; ++e) zr[e] = static_cast<acc_t>(zs[e]);
+          } else {
+            for (int64_t c = 0; c < g.c_in; ++c) {
+              const scalar_t* zs = zn + c * plane + ph * g.pooled_w;
+              for (int64_t pw = 0; pw < g.pooled_w; ++pw) zr[pw * g.c_in + c] = static_cast<acc_t>(zs[pw]);
+            }
           }
+          slabs(wt, zr.data(), g.c_in, masks.data(), words, slot_ring.data() + ph * g.pooled_w * window,
+                g.pooled_w, window, T, kp, nvc);
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
           while (oy1 < g.out_h && need_h[oy1] < h_done) ++oy1;
-          epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, oy1, rowbuf, cl);
+          epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, oy1, rowbuf.data(),
+                   cl);
           oy_done = oy1;
         }
         // Unpooled rows below the last row of windows hold no entry; their ring rows may hold
-        // another row's flags.
+        // another row's sums.
         for (int64_t h = g.pooled_h * g.pool_h; h < g.unpooled_h; ++h)
-          std::fill(has + (h % ring) * row_pos, has + (h % ring + 1) * row_pos, uint8_t(0));
-        epilogue(T, has, b, g, rt, rowq.data(), ct, kp, act, sl, o, p, oy_done, g.out_h, rowbuf, cl);
+          std::fill(T + (h % ring) * row_pos * kp, T + (h % ring + 1) * row_pos * kp, acc_t(0));
+        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, g.out_h, rowbuf.data(),
+                 cl);
+        if (any_bad) bad = first_bad_in_image(in, g, wtab);
       }
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
     }
