@@ -757,12 +757,7 @@ void forward_typed(const ForwardCall& call) {
 }  // namespace
 
 void forward_per_entry(const ForwardCall& call) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.z.scalar_type(), "unpool_conv_transpose2d_cpu", [&] {
-    if (call.idx.scalar_type() == at::kLong)
-      forward_typed<scalar_t, int64_t>(call);
-    else
-      forward_typed<scalar_t, uint8_t>(call);
-  });
+  dispatch_decoder_types(call.z, call.idx, [&]<typename S, typename I>() { forward_typed<S, I>(call); });
 }
 
 }  // namespace unpool_deconv_cpu
