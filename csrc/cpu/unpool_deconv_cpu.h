@@ -1,8 +1,9 @@
 // Internals shared by the two CPU kernel families of the unpool_deconv ops (the fused decoder
 // block, csrc/cpu/unpool_deconv.cpp): the per-entry kernels (unpool_deconv_entries_forward.cpp,
-// unpool_deconv_entries_backward.cpp) and the window-vector kernels (unpool_deconv_window_vectors.cpp). Here: the SIMD vectors and the ISA
-// clones, index decoding (which is the validation), the weight reorder, and the entry points of
-// each family, which unpool_deconv.cpp calls after checking the arguments and picking one.
+// unpool_deconv_entries_backward.cpp) and the window-vector kernels
+// (unpool_deconv_window_vectors.cpp). Here: the SIMD vectors and the ISA clones, index decoding
+// (which is the validation), the weight reorder, and the entry points of each family, which
+// unpool_deconv.cpp calls after checking the arguments and picking one.
 //
 // Notation. Wt[ci][kh][kw][co] is the weight reordered so that the KH*KW*C_out weights of one
 // input channel form one contiguous "slab" of K = KH*KW*C_out values (padded with zeros to Kp,
@@ -406,6 +407,24 @@ void finish_weight_bias_grads(acc_t* gwt, int64_t chunks, const acc_t* bias_part
     }
   }
 }
+
+// The backward's partial sums, through the c10 allocator (not std::vector) so that memory profilers
+// see them: grad_b per item (bias_part[n][co]) and grad_Wt per fixed chunk of items (gwt[k][ci][kp],
+// chunks of backward_chunk_items(N)); finish_weight_bias_grads adds them in item / chunk order.
+template <typename acc_t>
+struct WeightBiasPartials {
+  int64_t chunk, chunks;
+  at::Tensor bias_part_t, gwt_t;
+  acc_t* bias_part;
+  acc_t* gwt;
+  WeightBiasPartials(const DecoderGeometry& g, int64_t kp, bool need_w, const at::TensorOptions& acc_opts)
+      : chunk(backward_chunk_items(g.n)),
+        chunks((g.n + chunk - 1) / chunk),
+        bias_part_t(empty_cpu_cached({g.n * g.c_out}, acc_opts)),
+        gwt_t(empty_cpu_cached({need_w ? chunks * g.c_in * kp : 0}, acc_opts)),
+        bias_part(bias_part_t.mutable_data_ptr<acc_t>()),
+        gwt(gwt_t.mutable_data_ptr<acc_t>()) {}
+};
 
 // One forward call, its arguments checked and laid out (dense in fmt) by unpool_conv_transpose2d_cpu.
 struct ForwardCall {

@@ -556,13 +556,8 @@ void backward_typed(const BackwardCall& call) {
       corner_off[ph * g.pooled_w + pw] = ph * g.pool_h * row_step + pw * g.pool_w * col_step;
     }
   for (int64_t o = 0; o < wtab.window; ++o) woff[o] = wtab.di[o] * row_step + wtab.dj[o] * col_step;
-  const int64_t chunk = backward_chunk_items(g.n), chunks = (g.n + chunk - 1) / chunk;
-  // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor bias_part_t = empty_cpu_cached({g.n * g.c_out}, acc_opts);
-  at::Tensor gwt_t = empty_cpu_cached({mask[1] ? chunks * g.c_in * kp : 0}, acc_opts);
-  acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
-  acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
+  const WeightBiasPartials<acc_t> parts(g, kp, mask[1], acc_opts);
   scalar_t* gz = call.grad_z.mutable_data_ptr<scalar_t>();
   const bool need_img = mask[0] || mask[1];
   const auto band_grads_all = AEFAST_PICK_IDX(band_grads_all, isa);
@@ -570,7 +565,7 @@ void backward_typed(const BackwardCall& call) {
   const auto gpre = AEFAST_PICK(gpre, isa);
   const auto channels = AEFAST_PICK(channels, isa);
   RECORD_USER_SCOPE("aefast path: unpool_conv_transpose2d_backward per entry");
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, parts.chunks, 1, [&](int64_t k0, int64_t k1) {
     at::Tensor gpad_t = empty_cpu_cached({item + L}, acc_opts);
     // im2col: of the whole image (per-channel order without direct runs), or of one row band of
     // pool windows (small slabs); the slab tails stay zero.
@@ -603,10 +598,10 @@ void backward_typed(const BackwardCall& call) {
       std::fill(gpad + (g.pad_h + g.out_h) * cols_c, gpad + item + L, acc_t(0));
     }
     for (int64_t kc = k0; kc < k1; ++kc) {
-      if (mask[1]) std::fill(gwt + kc * g.c_in * kp, gwt + (kc + 1) * g.c_in * kp, acc_t(0));
-      for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
-        gpre(gp + n * plane_out, ap + n * plane_out, g, ext.cols, act, sl, gpad, bias_part + n * g.c_out, gbuf,
-             band_rows, cl_go);
+      if (mask[1]) std::fill(parts.gwt + kc * g.c_in * kp, parts.gwt + (kc + 1) * g.c_in * kp, acc_t(0));
+      for (int64_t n = kc * parts.chunk; n < std::min(g.n, (kc + 1) * parts.chunk); ++n) {
+        gpre(gp + n * plane_out, ap + n * plane_out, g, ext.cols, act, sl, gpad, parts.bias_part + n * g.c_out,
+             gbuf, band_rows, cl_go);
         if (!need_img) continue;
         const scalar_t* zn = zp + n * plane_in;
         const index_t* in = ip + n * plane_in;
@@ -618,7 +613,7 @@ void backward_typed(const BackwardCall& call) {
           in = idx_pl.data();
           gzn = z_pl.data() + plane_in;
         }
-        acc_t* part = mask[1] ? gwt + kc * g.c_in * kp : nullptr;
+        acc_t* part = mask[1] ? parts.gwt + kc * g.c_in * kp : nullptr;
         if (plan.per_position) {
           if (mask[0]) std::fill(gzn, gzn + plane_in, scalar_t(0));  // invalid entries keep 0
           band_grads_all(zn, in, wt, gpad, noff.data(), row_stride, g, wtab, kp, col, gzn, part, mask[0], mask[1]);
@@ -646,7 +641,8 @@ void backward_typed(const BackwardCall& call) {
       }
     }
   });
-  finish_weight_bias_grads<scalar_t, acc_t>(gwt, chunks, bias_part, g, kp, mask, call.grad_w, call.grad_b);
+  finish_weight_bias_grads<scalar_t, acc_t>(parts.gwt, parts.chunks, parts.bias_part, g, kp, mask, call.grad_w,
+                                            call.grad_b);
 }
 
 }  // namespace

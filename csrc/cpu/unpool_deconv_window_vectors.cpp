@@ -608,20 +608,15 @@ void backward_typed(const BackwardCall& call) {
   const at::Tensor wt_t = reorder_weight<scalar_t, acc_t>(call.weight, g, kp);
   const acc_t* wt = wt_t.const_data_ptr<acc_t>();
   const WindowTable wtab(g);
-  const int64_t chunk = backward_chunk_items(g.n), chunks = (g.n + chunk - 1) / chunk;
-  // Buffers through the c10 allocator (not std::vector) so that memory profilers see them.
   const at::TensorOptions acc_opts = call.z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor bias_part_t = empty_cpu_cached({g.n * g.c_out}, acc_opts);
-  at::Tensor gwt_t = empty_cpu_cached({mask[1] ? chunks * g.c_in * kp : 0}, acc_opts);
-  acc_t* bias_part = bias_part_t.mutable_data_ptr<acc_t>();
-  acc_t* gwt = gwt_t.mutable_data_ptr<acc_t>();
+  const WeightBiasPartials<acc_t> parts(g, kp, mask[1], acc_opts);
   scalar_t* gz = call.grad_z.mutable_data_ptr<scalar_t>();
   const bool need_img = mask[0] || mask[1];
   RECORD_USER_SCOPE("aefast path: unpool_conv_transpose2d_backward window vectors");
   const WvGeom wg = wv_geom(g, L, sizeof(acc_t));
   const auto wv_gpre = AEFAST_PICK(wv_gpre, isa);
   const auto wv_backward = AEFAST_PICK_IDX(wv_backward, isa);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, parts.chunks, 1, [&](int64_t k0, int64_t k1) {
       // packed row of windows, the gathered footprints Gp, the grad_z row, the grad_Wt lanes.
     const int64_t nplan = g.c_out * wg.R * wg.C, npk = wg.RB * g.c_in * wg.LW;
     const int64_t ngp = wg.RBb * wtab.window * wg.K * wg.LW;
@@ -642,7 +637,7 @@ void backward_typed(const BackwardCall& call) {
     std::vector<index_t> idx_pl(cl_in ? plane_in : 0);
     for (int64_t kc = k0; kc < k1; ++kc) {
       std::fill(GWv, GWv + ngw, acc_t(0));
-      for (int64_t n = kc * chunk; n < std::min(g.n, (kc + 1) * chunk); ++n) {
+      for (int64_t n = kc * parts.chunk; n < std::min(g.n, (kc + 1) * parts.chunk); ++n) {
         const scalar_t* gon = gp + n * plane_out;
         const scalar_t* aon = ap + n * plane_out;
         if (cl_go) {
@@ -651,7 +646,7 @@ void backward_typed(const BackwardCall& call) {
           gon = go_pl.data();
           aon = go_pl.data() + plane_out;
         }
-        wv_gpre(gon, aon, g, wg, act, sl, gplan, bias_part + n * g.c_out);
+        wv_gpre(gon, aon, g, wg, act, sl, gplan, parts.bias_part + n * g.c_out);
         if (!need_img) continue;
         // wv_backward writes every element of grad_z (0 for invalid entries): no zero fill
         // first (a whole extra write pass over grad_z, ~15% of this backward).
@@ -669,7 +664,7 @@ void backward_typed(const BackwardCall& call) {
         if (cl_in && mask[0]) image_to_channels_last(gzn, g.c_in, plane, gz + n * plane_in);
       }
       if (mask[1]) {  // the chunk's grad_Wt: lanes summed in lane order
-        acc_t* part = gwt + kc * g.c_in * kp;
+        acc_t* part = parts.gwt + kc * g.c_in * kp;
         std::fill(part, part + g.c_in * kp, acc_t(0));
         for (int64_t c = 0; c < g.c_in; ++c)
           for (int64_t k = 0; k < wg.K; ++k) {
@@ -680,7 +675,8 @@ void backward_typed(const BackwardCall& call) {
       }
     }
   });
-  finish_weight_bias_grads<scalar_t, acc_t>(gwt, chunks, bias_part, g, kp, mask, call.grad_w, call.grad_b);
+  finish_weight_bias_grads<scalar_t, acc_t>(parts.gwt, parts.chunks, parts.bias_part, g, kp, mask, call.grad_w,
+                                            call.grad_b);
 }
 
 }  // namespace
