@@ -736,16 +736,16 @@ void forward_typed(const ForwardCall& call) {
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
           while (oy1 < g.out_h && need_h[oy1] < h_done) ++oy1;
-          epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, oy1, rowbuf.data(),
-                   cl);
+          epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, oy1,
+                   rowbuf.data(), cl);
           oy_done = oy1;
         }
         // Unpooled rows below the last row of windows hold no entry; their ring rows may hold
         // another row's sums.
         for (int64_t h = g.pooled_h * g.pool_h; h < g.unpooled_h; ++h)
           std::fill(T + (h % ring) * row_pos * kp, T + (h % ring + 1) * row_pos * kp, acc_t(0));
-        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, g.out_h, rowbuf.data(),
-                 cl);
+        epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, oy_done, g.out_h,
+                 rowbuf.data(), cl);
         if (any_bad) bad = first_bad_in_image(in, g, wtab);
       }
       if (bad != std::numeric_limits<int64_t>::max()) atomic_min(first_bad, n * plane_in + bad);
