@@ -12,19 +12,16 @@
 //   mean, var, weight, bias, eps, activation, negative_slope), output_mask = what autograd needs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor, std::optional for pybind11
 
-#include <map>
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "aefast/autograd_entry.h"
 #include "aefast/batch_norm_act_autograd.h"
 
 namespace aefast {
@@ -46,20 +43,12 @@ struct BatchNormActOps {
   c10::TypedOperatorHandle<BackwardSig> backward;
 };
 
-// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
-// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins).
 const BatchNormActOps& ops_for(const std::string& ns) {
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::string, std::unique_ptr<BatchNormActOps>>();  // leaked: used at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = (*cache)[ns];
-  if (!slot) {
-    auto& dispatcher = c10::Dispatcher::singleton();
-    slot = std::make_unique<BatchNormActOps>(BatchNormActOps{
-        dispatcher.findSchemaOrThrow((ns + "::batch_norm_act2d_forward").c_str(), "").typed<ForwardSig>(),
-        dispatcher.findSchemaOrThrow((ns + "::batch_norm_act2d_backward").c_str(), "").typed<BackwardSig>()});
-  }
-  return *slot;
+  return cached_ops<BatchNormActOps>(ns, [](const std::string& n) {
+    return BatchNormActOps{typed_op<ForwardSig>(n, "batch_norm_act2d_forward"),
+                           typed_op<BackwardSig>(n, "batch_norm_act2d_backward")};
+  });
 }
 
 struct BatchNormActBackward final : torch::autograd::Node {

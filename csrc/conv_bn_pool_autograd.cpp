@@ -13,21 +13,18 @@
 //   bn_bias, ...), output_mask = which of the five autograd needs (and are present).
 // Only the pooled map carries the history; window, conv_out, mean and var are not differentiable.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor, std::optional / std::vector for pybind11
 
 #include <array>
-#include <map>
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "aefast/autograd_entry.h"
 #include "aefast/conv_bn_pool_autograd.h"
 #include "aefast/conv_direct.h"
 
@@ -53,25 +50,12 @@ struct ConvBnPoolOps {
   c10::TypedOperatorHandle<BackwardSig> backward;
 };
 
-// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
-// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins).
 const ConvBnPoolOps& ops_for(const std::string& ns) {
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::string, std::unique_ptr<ConvBnPoolOps>>();  // leaked: used at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = (*cache)[ns];
-  if (!slot) {
-    auto& dispatcher = c10::Dispatcher::singleton();
-    slot = std::make_unique<ConvBnPoolOps>(ConvBnPoolOps{
-        dispatcher.findSchemaOrThrow((ns + "::conv_bn_pool2d_forward").c_str(), "").typed<ForwardSig>(),
-        dispatcher.findSchemaOrThrow((ns + "::conv_bn_pool2d_backward").c_str(), "").typed<BackwardSig>()});
-  }
-  return *slot;
-}
-
-std::array<int64_t, 2> pair_of(const std::vector<int64_t>& v, const char* what) {
-  TORCH_CHECK(v.size() == 2, "aefast::conv_bn_pool2d: ", what, " needs two entries, got ", v.size());
-  return {v[0], v[1]};
+  return cached_ops<ConvBnPoolOps>(ns, [](const std::string& n) {
+    return ConvBnPoolOps{typed_op<ForwardSig>(n, "conv_bn_pool2d_forward"),
+                         typed_op<BackwardSig>(n, "conv_bn_pool2d_backward")};
+  });
 }
 
 struct ConvBnPoolBackward final : torch::autograd::Node {
@@ -137,8 +121,9 @@ Five conv_bn_pool2d_autograd(const std::string& ns, const at::Tensor& input, con
     need_grad |= t != nullptr && t->requires_grad();
   }
   need_grad &= at::GradMode::is_enabled();
-  const auto s = pair_of(stride, "stride"), p = pair_of(padding, "padding");
-  const auto k = pair_of(pool_size, "pool_size"), ks = pair_of(pool_stride, "pool_stride");
+  const auto s = pair_of(stride, "conv_bn_pool2d", "stride"), p = pair_of(padding, "conv_bn_pool2d", "padding");
+  const auto k = pair_of(pool_size, "conv_bn_pool2d", "pool_size");
+  const auto ks = pair_of(pool_stride, "conv_bn_pool2d", "pool_stride");
   Five result;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

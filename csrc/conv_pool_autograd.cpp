@@ -16,20 +16,17 @@
 // The grad reaching the node is made contiguous in preact's layout first (the kernels read the
 // pooled tensors in one layout), as the formula does.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor, std::optional / std::vector for pybind11
 
-#include <map>
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "aefast/autograd_entry.h"
 #include "aefast/conv_pool_autograd.h"
 
 namespace aefast {
@@ -61,22 +58,14 @@ struct ConvPoolOps {
   c10::TypedOperatorHandle<BackwardWeightSig> backward_weight;
 };
 
-// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
-// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins).
 const ConvPoolOps& ops_for(const std::string& ns) {
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::string, std::unique_ptr<ConvPoolOps>>();  // leaked: used at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = (*cache)[ns];
-  if (!slot) {
-    auto& d = c10::Dispatcher::singleton();
-    slot = std::make_unique<ConvPoolOps>(ConvPoolOps{
-        d.findSchemaOrThrow((ns + "::conv_pool2d_forward").c_str(), "").typed<ForwardSig>(),
-        d.findSchemaOrThrow((ns + "::conv_pool2d_backward").c_str(), "").typed<BackwardSig>(),
-        d.findSchemaOrThrow((ns + "::conv_pool2d_backward_input").c_str(), "").typed<BackwardInputSig>(),
-        d.findSchemaOrThrow((ns + "::conv_pool2d_backward_weight").c_str(), "").typed<BackwardWeightSig>()});
-  }
-  return *slot;
+  return cached_ops<ConvPoolOps>(ns, [](const std::string& n) {
+    return ConvPoolOps{typed_op<ForwardSig>(n, "conv_pool2d_forward"),
+                       typed_op<BackwardSig>(n, "conv_pool2d_backward"),
+                       typed_op<BackwardInputSig>(n, "conv_pool2d_backward_input"),
+                       typed_op<BackwardWeightSig>(n, "conv_pool2d_backward_weight")};
+  });
 }
 
 // aefast/ops/conv_pool.py's _memory_format: channels-last and not also plainly contiguous.
@@ -142,11 +131,6 @@ struct ConvPool2DBackward final : torch::autograd::Node {
   }
 };
 
-std::array<int64_t, 2> pair_of(const std::vector<int64_t>& v, const char* what) {
-  TORCH_CHECK(v.size() == 2, "aefast::conv_pool2d: ", what, " needs two entries, got ", v.size());
-  return {v[0], v[1]};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> conv_pool2d_autograd(const std::string& ns, const at::Tensor& input,
@@ -166,8 +150,9 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_autograd(const std::string& ns, c
   for (const at::Tensor* t : {&input, &weight})
     TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ",
                 "conv_pool2d's eager path is not supported; use aefast.set_backend('reference') for it");
-  const auto s = pair_of(stride, "stride"), p = pair_of(padding, "padding");
-  const auto k = pair_of(pool_size, "pool_size"), ps = pair_of(pool_stride, "pool_stride");
+  const auto s = pair_of(stride, "conv_pool2d", "stride"), p = pair_of(padding, "conv_pool2d", "padding");
+  const auto k = pair_of(pool_size, "conv_pool2d", "pool_size");
+  const auto ps = pair_of(pool_stride, "conv_pool2d", "pool_stride");
   at::Tensor pooled, window, preact;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

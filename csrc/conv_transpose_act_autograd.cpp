@@ -15,19 +15,16 @@
 //   act_input, input, weight, ...), with output_mask = which of the three autograd needs.
 // The pre-activation is never returned to Python on this path, so no gradient reaches it.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor, std::optional / std::vector for pybind11
 
-#include <map>
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "aefast/autograd_entry.h"
 #include "aefast/conv_transpose_act_autograd.h"
 
 namespace aefast {
@@ -50,26 +47,12 @@ struct ConvTransposeActOps {
   c10::TypedOperatorHandle<BackwardSig> backward;
 };
 
-// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
-// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins).
 const ConvTransposeActOps& ops_for(const std::string& ns) {
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::string, std::unique_ptr<ConvTransposeActOps>>();  // leaked: used at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = (*cache)[ns];
-  if (!slot) {
-    auto& dispatcher = c10::Dispatcher::singleton();
-    slot = std::make_unique<ConvTransposeActOps>(ConvTransposeActOps{
-        dispatcher.findSchemaOrThrow((ns + "::conv_transpose_act2d").c_str(), "").typed<ForwardSig>(),
-        dispatcher.findSchemaOrThrow((ns + "::conv_transpose_act2d_backward").c_str(), "").typed<BackwardSig>()});
-  }
-  return *slot;
-}
-
-// The activations whose derivative needs the pre-activation (aefast/ops/unpool_deconv.py,
-// NEEDS_PREACTIVATION): the op then returns it as its second output.
-bool needs_preactivation(const std::optional<std::string>& activation) {
-  return activation.has_value() && (*activation == "leaky_relu" || *activation == "gelu" || *activation == "silu");
+  return cached_ops<ConvTransposeActOps>(ns, [](const std::string& n) {
+    return ConvTransposeActOps{typed_op<ForwardSig>(n, "conv_transpose_act2d"),
+                               typed_op<BackwardSig>(n, "conv_transpose_act2d_backward")};
+  });
 }
 
 struct ConvTransposeActBackward final : torch::autograd::Node {
@@ -99,22 +82,15 @@ struct ConvTransposeActBackward final : torch::autograd::Node {
                                    has_bias && task_should_compute_output(2)};
     if (!(need[0] || need[1] || need[2])) return out;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const std::optional<c10::string_view> act =
-        activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt;
-    auto [gi, gw, gb] = ops->backward.call(grad, act_input.unpack(getptr()), input.unpack(),
-                                           weight.unpack(), stride, padding, output_padding, act, negative_slope,
-                                           need);
+    auto [gi, gw, gb] = ops->backward.call(grad, act_input.unpack(getptr()), input.unpack(), weight.unpack(),
+                                           stride, padding, output_padding, activation_arg(activation),
+                                           negative_slope, need);
     if (need[0]) out[0] = std::move(gi);
     if (need[1]) out[1] = std::move(gw);
     if (need[2]) out[2] = std::move(gb);
     return out;
   }
 };
-
-std::array<int64_t, 2> pair_of(const std::vector<int64_t>& v, const char* what) {
-  TORCH_CHECK(v.size() == 2, "aefast::conv_transpose_act2d: ", what, " needs two entries, got ", v.size());
-  return {v[0], v[1]};
-}
 
 }  // namespace
 
@@ -133,14 +109,13 @@ at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor
   for (const at::Tensor* t : {&input, &weight})
     TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ",
                 "conv_transpose_act2d's eager path is not supported; use aefast.set_backend('reference') for it");
-  const auto s = pair_of(stride, "stride"), p = pair_of(padding, "padding");
-  const auto op = pair_of(output_padding, "output_padding");
-  const std::optional<c10::string_view> act =
-      activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt;
+  const auto s = pair_of(stride, "conv_transpose_act2d", "stride");
+  const auto p = pair_of(padding, "conv_transpose_act2d", "padding");
+  const auto op = pair_of(output_padding, "conv_transpose_act2d", "output_padding");
   at::Tensor out, pre;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(out, pre) = ops.forward.call(input, weight, bias, s, p, op, act, negative_slope);
+    std::tie(out, pre) = ops.forward.call(input, weight, bias, s, p, op, activation_arg(activation), negative_slope);
   }
   if (!need_grad) return out;
   auto node = c10::make_intrusive<ConvTransposeActBackward>();

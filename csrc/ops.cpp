@@ -12,6 +12,7 @@
 #include "aefast/batch_norm_act_autograd.h"
 #include "aefast/conv_bn_pool_autograd.h"
 #include "aefast/conv_transpose_act_autograd.h"
+#include "aefast/unpool_deconv_autograd.h"
 #include "aefast/conv_pool_autograd.h"
 #include "aefast/recon_loss_autograd.h"
 
@@ -213,6 +214,7 @@ PYBIND11_MODULE(_C, m) {
   aefast::bind_recon_loss_autograd(m);
   aefast::bind_batch_norm_act_autograd(m);
   aefast::bind_conv_transpose_act_autograd(m);
+  aefast::bind_unpool_deconv_autograd(m);
   aefast::bind_conv_pool_autograd(m);
   aefast::bind_conv_bn_pool_autograd(m);
   m.doc() = "aefast compiled kernels; the operators live in torch.ops.aefast";

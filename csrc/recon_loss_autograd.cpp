@@ -16,17 +16,14 @@
 //     sum_i g_i l_i. bce kinds keep the saved gradient (a recompute would pay log/exp twice).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor for pybind11
 
-#include <map>
-#include <memory>
-#include <mutex>
 #include <string>
 
+#include "aefast/autograd_entry.h"
 #include "aefast/recon_loss_autograd.h"
 
 namespace aefast {
@@ -48,20 +45,12 @@ struct LossOps {
   c10::TypedOperatorHandle<GradScaleSig> scale;
 };
 
-// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins,
-// registered from Python). Looked up once: a schema lookup costs about as much as the call.
+// The kernels of one namespace: aefast (C++ CPU / CUDA) or aefast_triton (the Triton twins).
 const LossOps& ops_for(const std::string& ns) {
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::string, std::unique_ptr<LossOps>>();  // leaked: used at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = (*cache)[ns];
-  if (!slot) {
-    auto& dispatcher = c10::Dispatcher::singleton();
-    slot = std::make_unique<LossOps>(
-        LossOps{dispatcher.findSchemaOrThrow((ns + "::recon_loss").c_str(), "").typed<ReconLossSig>(),
-                dispatcher.findSchemaOrThrow((ns + "::loss_grad_scale").c_str(), "").typed<GradScaleSig>()});
-  }
-  return *slot;
+  return cached_ops<LossOps>(ns, [](const std::string& n) {
+    return LossOps{typed_op<ReconLossSig>(n, "recon_loss"),
+                   typed_op<GradScaleSig>(n, "loss_grad_scale")};
+  });
 }
 
 bool owns_target_grad(const std::string& kind) { return kind == "bce" || kind == "bce_logits"; }

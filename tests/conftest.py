@@ -148,6 +148,19 @@ CPU_ISAS = [
 ]
 
 
+def formula_path(fn):
+    """Run ``fn`` with the registered (Python) autograd formulas: the C++ eager autograd entries
+    (csrc/*_autograd.cpp) serve only plain eager calls, and are turned off here."""
+    from aefast.ops import _registry
+
+    original = _registry.eager_autograd_entry_serves
+    _registry.eager_autograd_entry_serves = lambda *tensors: False
+    try:
+        return fn()
+    finally:
+        _registry.eager_autograd_entry_serves = original
+
+
 @pytest.fixture
 def index_checks(monkeypatch):
     """Counts the one-pass index checks (aefast::first_bad_unpool_index) that run."""

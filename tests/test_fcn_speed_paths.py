@@ -20,24 +20,12 @@ import torch.nn.functional as F
 
 import aefast
 from aefast import functional as AF
-from conftest import TOLERANCES
+from conftest import TOLERANCES, formula_path
 
 ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
 
 
 # ------------------------------------------------------------------ conv_pool2d's C++ autograd entry
-
-def _formula_path(fn):
-    """Run ``fn`` with the registered (Python) formula: the entry serves only plain eager calls."""
-    from aefast.ops import _registry
-
-    original = _registry.eager_autograd_entry_serves
-    _registry.eager_autograd_entry_serves = lambda *tensors: False
-    try:
-        return fn()
-    finally:
-        _registry.eager_autograd_entry_serves = original
-
 
 def _encoder_case(seed, cin=3, cout=17, hw=(9, 11), k=3, channels_last=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +62,7 @@ def test_conv_pool_entry_matches_formula(kwargs, needs, channels_last):
     x, w, b = _encoder_case(1, channels_last=channels_last)
     with aefast.set_backend("cpu"):
         got, got_idx, got_grads, y = _encoder_grads(x, w, b, needs, kwargs)
-        want, want_idx, want_grads, y_formula = _formula_path(lambda: _encoder_grads(x, w, b, needs, kwargs))
+        want, want_idx, want_grads, y_formula = formula_path(lambda: _encoder_grads(x, w, b, needs, kwargs))
     assert y.grad_fn.name() == "aefast::ConvPool2DBackward"
     assert y_formula.grad_fn.name() != "aefast::ConvPool2DBackward"
     assert torch.equal(got_idx, want_idx)

@@ -38,6 +38,7 @@ import re
 
 import torch
 
+from aefast import _C
 from aefast.ops import _registry
 
 NEEDS_PREACTIVATION = ("leaky_relu", "gelu", "silu")
@@ -199,7 +200,17 @@ _registry.register_autograd("max_unpool2d", _make_max_unpool_backward, _setup_ma
 
 def unpool_conv_transpose2d(backend, input, indices, weight, bias, pool_size, unpooled_size, stride, padding,
                             output_padding, activation, negative_slope):
-    """Arguments validated by aefast.functional; returns the activated output only."""
+    """Arguments validated by aefast.functional; returns the activated output only.
+
+    Eager calls on plain tensors take the C++ autograd entry (csrc/unpool_deconv_autograd.cpp,
+    ``aefast._C.unpool_conv_transpose2d_autograd``): the same forward and backward ops as the
+    formula registered above, without the torch.library autograd wrapper's Python (~75 us to enter,
+    and the backward's call back into Python). torch.compile, subclasses and torch.func go through
+    the registered formula."""
+    if _registry.eager_autograd_entry_serves(input, weight, bias):
+        return _C.unpool_conv_transpose2d_autograd(
+            _registry.namespace_name(backend), input, indices, weight, bias, list(pool_size), list(unpooled_size),
+            list(stride), list(padding), list(output_padding), activation, float(negative_slope))
     out, _ = _registry.op(backend, "unpool_conv_transpose2d")(
         input, indices, weight, bias, list(pool_size), list(unpooled_size), list(stride), list(padding),
         list(output_padding), activation, float(negative_slope))
