@@ -398,6 +398,7 @@ ISA_CASES = [
     (2, 32, 64, 14, 14, 3, 1, 1, 2, "relu", torch.float32),       # K = 288: oneDNN forward, 18 vectors
     (1, 3, 33, 17, 19, 3, 2, 1, 3, "gelu", torch.float32),        # K = 27, leftover GEMM columns
     (2, 80, 9, 9, 8, 3, 1, 1, 2, "leaky_relu", torch.float32),    # K = 720: several chunks of 8 vectors
+    (1, 16, 5, 13, 11, 3, 2, 1, 3, "relu", torch.float32),       # runs of 48: wgrad reads the image, stride 2, 3x3 pool
     (1, 17, 5, 11, 9, (5, 3), (1, 2), (2, 1), (2, 3), "tanh", torch.float32),
     (2, 3, 7, 10, 9, 1, 1, 0, 2, None, torch.float32),            # 1x1 kernel, K = 3
     (1, 5, 6, 9, 9, 3, 1, 2, 2, "sigmoid", torch.float64),        # fp64: 8-wide rows
@@ -593,7 +594,9 @@ def test_cpu_epilogue_forms_agree(monkeypatch, isa, case):
 # (long reductions) and by conv position with the output channels in vector lanes (short ones,
 # e.g. the first layer's K = 9 or 27). AEFAST_ENCODER_WGRAD forces one; both are held to the
 # reference on every case above (the default picks one of them per case) and to each other with
-# a corrupted input.
+# a corrupted input. The per-entry form reads the patches in the padded image when their KW*Cin
+# runs are whole vectors of the ISA (32->64, 16->5, 80->9 under AVX-512, 40->12 fp64), else copies
+# them first (17->5, 3->33, 8->24 fp16 under AVX-512).
 @pytest.mark.parametrize("form", ["entries", "positions"])
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"

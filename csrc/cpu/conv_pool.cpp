@@ -739,7 +739,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const int64_t part_len = by_position ? K * ldg : s.Cout * Kp;  // one chunk's weight partial
     // The forward's corruption, regenerated element by element in the image load.
     const auto corrupt_at = noise.at_element<scalar_t, acc_t>();
-    TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31), "aefast::conv_pool2d backward: the image is too wide");
+    TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31) && (!need_w || Hp * row < (int64_t(1) << 31)),
+                "aefast::conv_pool2d backward: the image is too wide");
     // Fixed chunks of images (a function of N and the sizes only) own the weight/bias partials.
     const int64_t chunks =
         need_w ? std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(s.Cout * Kp, 1), 1, std::min<int64_t>(s.N, 16))
