@@ -96,11 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act2d_autograd(
   const bool need_grad = at::GradMode::is_enabled() &&
                          (input.requires_grad() || (has_weight && weight->requires_grad()) ||
                           (has_bias && bias->requires_grad()));
-  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
-  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
-  for (const at::Tensor* t : {&input, has_weight ? &*weight : nullptr, has_bias ? &*bias : nullptr})
-    TORCH_CHECK(t == nullptr || !t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) ",
-                "through batch_norm_act2d's eager path is not supported; use aefast.set_backend('reference') for it");
+  refuse_forward_ad("batch_norm_act2d", {&input, has_weight ? &*weight : nullptr, has_bias ? &*bias : nullptr});
   at::Tensor out, mean, var;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -112,14 +112,9 @@ Five conv_bn_pool2d_autograd(const std::string& ns, const at::Tensor& input, con
   const std::array<const at::Tensor*, 5> tensors{&input, &weight, present[2] ? &*bias : nullptr,
                                                  present[3] ? &*bn_weight : nullptr,
                                                  present[4] ? &*bn_bias : nullptr};
+  refuse_forward_ad("conv_bn_pool2d", {tensors[0], tensors[1], tensors[2], tensors[3], tensors[4]});
   bool need_grad = false;
-  for (const at::Tensor* t : tensors) {
-    // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
-    // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
-    TORCH_CHECK(t == nullptr || !t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) ",
-                "through conv_bn_pool2d's eager path is not supported; use aefast.set_backend('reference') for it");
-    need_grad |= t != nullptr && t->requires_grad();
-  }
+  for (const at::Tensor* t : tensors) need_grad |= t != nullptr && t->requires_grad();
   need_grad &= at::GradMode::is_enabled();
   const auto s = pair_of(stride, "conv_bn_pool2d", "stride"), p = pair_of(padding, "conv_bn_pool2d", "padding");
   const auto k = pair_of(pool_size, "conv_bn_pool2d", "pool_size");

@@ -145,11 +145,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_autograd(const std::string& ns, c
   const bool grad_mode = at::GradMode::is_enabled();
   const bool needs[3] = {grad_mode && input.requires_grad(), grad_mode && weight.requires_grad(),
                          grad_mode && has_bias && bias->requires_grad()};
-  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
-  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
-  for (const at::Tensor* t : {&input, &weight})
-    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ",
-                "conv_pool2d's eager path is not supported; use aefast.set_backend('reference') for it");
+  refuse_forward_ad("conv_pool2d", {&input, &weight, has_bias ? &*bias : nullptr});
   const auto s = pair_of(stride, "conv_pool2d", "stride"), p = pair_of(padding, "conv_pool2d", "padding");
   const auto k = pair_of(pool_size, "conv_pool2d", "pool_size");
   const auto ps = pair_of(pool_stride, "conv_pool2d", "pool_stride");

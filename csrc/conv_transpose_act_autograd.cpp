@@ -55,40 +55,16 @@ const ConvTransposeActOps& ops_for(const std::string& ns) {
   });
 }
 
-struct ConvTransposeActBackward final : torch::autograd::Node {
+struct ConvTransposeActBackward final : DecoderActNode {
   const ConvTransposeActOps* ops = nullptr;
-  std::array<int64_t, 2> stride{}, padding{}, output_padding{};
-  std::optional<std::string> activation;
-  double negative_slope = 0.01;
-  bool has_bias = false;
-  SavedVariable input, weight, act_input;
 
   std::string name() const override { return "aefast::ConvTransposeAct2DBackward"; }
 
-  void release_variables() override {
-    for (SavedVariable* v : {&input, &weight, &act_input}) v->reset_data();
-  }
-
   variable_list apply(variable_list&& grads) override {
-    variable_list out(3);
-    const at::Tensor& grad = grads[0];
-    if (!grad.defined()) return out;  // the output was not used (grads are not zero-filled)
-    // The backward op has no autograd formula of its own: a graph through it would have no
-    // second derivative, so refuse rather than return a silently wrong Hessian.
-    TORCH_CHECK(!at::GradMode::is_enabled(), "aefast: double backward (create_graph=True) through ",
-                "conv_transpose_act2d is not supported; use aefast.set_backend('reference') for higher-order "
-                "gradients");
-    const std::array<bool, 3> need{task_should_compute_output(0), task_should_compute_output(1),
-                                   has_bias && task_should_compute_output(2)};
-    if (!(need[0] || need[1] || need[2])) return out;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gi, gw, gb] = ops->backward.call(grad, act_input.unpack(getptr()), input.unpack(), weight.unpack(),
-                                           stride, padding, output_padding, activation_arg(activation),
-                                           negative_slope, need);
-    if (need[0]) out[0] = std::move(gi);
-    if (need[1]) out[1] = std::move(gw);
-    if (need[2]) out[2] = std::move(gb);
-    return out;
+    return input_weight_bias_grads(*this, grads[0], has_bias, "conv_transpose_act2d", [&](std::array<bool, 3> need) {
+      return ops->backward.call(grads[0], act_input.unpack(getptr()), input.unpack(), weight.unpack(), stride, padding,
+                                output_padding, activation_arg(activation), negative_slope, need);
+    });
   }
 };
 
@@ -104,11 +80,7 @@ at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor
   const bool grad_mode = at::GradMode::is_enabled();
   const bool need_grad = grad_mode && (input.requires_grad() || weight.requires_grad() ||
                                        (has_bias && bias->requires_grad()));
-  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
-  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
-  for (const at::Tensor* t : {&input, &weight})
-    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ",
-                "conv_transpose_act2d's eager path is not supported; use aefast.set_backend('reference') for it");
+  refuse_forward_ad("conv_transpose_act2d", {&input, &weight, has_bias ? &*bias : nullptr});
   const auto s = pair_of(stride, "conv_transpose_act2d", "stride");
   const auto p = pair_of(padding, "conv_transpose_act2d", "padding");
   const auto op = pair_of(output_padding, "conv_transpose_act2d", "output_padding");
@@ -119,21 +91,8 @@ at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor
   }
   if (!need_grad) return out;
   auto node = c10::make_intrusive<ConvTransposeActBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, has_bias ? *bias : at::Tensor()));
   node->ops = &ops;
-  node->stride = s;
-  node->padding = p;
-  node->output_padding = op;
-  node->activation = activation;
-  node->negative_slope = negative_slope;
-  node->has_bias = has_bias;
-  torch::autograd::set_history(out, node);
-  node->input = SavedVariable(input, /*is_output=*/false);
-  node->weight = SavedVariable(weight, /*is_output=*/false);
-  // out is this node's own output: saved as one (no reference cycle), and an in-place change of it
-  // after the forward makes the backward raise instead of reading modified values.
-  node->act_input = needs_preactivation(activation) ? SavedVariable(pre, /*is_output=*/false)
-                                                    : SavedVariable(out, /*is_output=*/true);
+  node->attach(input, weight, bias, s, p, op, activation, negative_slope, out, pre);
   return out;
 }
 

@@ -137,11 +137,7 @@ at::Tensor recon_loss_autograd(const std::string& ns, const at::Tensor& input, c
     TORCH_CHECK(!(grad_mode && t->has_value() && (*t)->defined() && (*t)->requires_grad()),
                 "aefast::recon_loss does not differentiate weight or pos_weight; aefast.functional routes such "
                 "calls to the reference");
-  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
-  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
-  for (const at::Tensor* t : {&input, &target})
-    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through the fused "
-                "loss is not supported; use aefast.set_backend('reference') for it");
+  refuse_forward_ad("the fused loss", {&input, &target});
   const bool own_t = owns_target_grad(kind);
   const bool recompute = reduction == "none" && !own_t;  // see the comment at the top
   const bool flag_x = !recompute && (need_x || (need_t && !own_t));

@@ -62,40 +62,24 @@ at::Tensor dense(const at::Tensor& t) {
   return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t : t.contiguous();
 }
 
-struct UnpoolConvTranspose2DBackward final : torch::autograd::Node {
+struct UnpoolConvTranspose2DBackward final : DecoderActNode {
   const UnpoolDeconvOps* ops = nullptr;
-  std::array<int64_t, 2> pool_size{}, unpooled_size{}, stride{}, padding{}, output_padding{};
-  std::optional<std::string> activation;
-  double negative_slope = 0.01;
-  bool has_bias = false;
-  SavedVariable input, indices, weight, act_input;
+  std::array<int64_t, 2> pool_size{}, unpooled_size{};
+  SavedVariable indices;
 
   std::string name() const override { return "aefast::UnpoolConvTranspose2DBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&input, &indices, &weight, &act_input}) v->reset_data();
+    DecoderActNode::release_variables();
+    indices.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
-    variable_list out(3);
-    const at::Tensor& grad = grads[0];
-    if (!grad.defined()) return out;  // the output was not used (grads are not zero-filled)
-    // The backward op has no autograd formula of its own: a graph through it would have no
-    // second derivative, so refuse rather than return a silently wrong Hessian.
-    TORCH_CHECK(!at::GradMode::is_enabled(), "aefast: double backward (create_graph=True) through ", kOp,
-                " is not supported; use aefast.set_backend('reference') for higher-order gradients");
-    const std::array<bool, 3> need{task_should_compute_output(0), task_should_compute_output(1),
-                                   has_bias && task_should_compute_output(2)};
-    if (!(need[0] || need[1] || need[2])) return out;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gi, gw, gb] = ops->backward.call(dense(grad), act_input.unpack(getptr()), input.unpack(),
-                                           indices.unpack(), weight.unpack(), pool_size, unpooled_size, stride,
-                                           padding, output_padding, activation_arg(activation), negative_slope,
-                                           need);
-    if (need[0]) out[0] = std::move(gi);
-    if (need[1]) out[1] = std::move(gw);
-    if (need[2]) out[2] = std::move(gb);
-    return out;
+    return input_weight_bias_grads(*this, grads[0], has_bias, kOp, [&](std::array<bool, 3> need) {
+      return ops->backward.call(dense(grads[0]), act_input.unpack(getptr()), input.unpack(), indices.unpack(),
+                                weight.unpack(), pool_size, unpooled_size, stride, padding, output_padding,
+                                activation_arg(activation), negative_slope, need);
+    });
   }
 };
 
@@ -112,11 +96,7 @@ at::Tensor unpool_conv_transpose2d_autograd(const std::string& ns, const at::Ten
   const bool has_bias = bias.has_value() && bias->defined();
   const bool need_grad = at::GradMode::is_enabled() && (input.requires_grad() || weight.requires_grad() ||
                                                         (has_bias && bias->requires_grad()));
-  // Forward-mode AD would need a jvp formula; this entry has none, and silently dropping the
-  // tangent would be wrong. (The Python caller routes functorch transforms elsewhere.)
-  for (const at::Tensor* t : {&input, &weight})
-    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), "aefast: forward-mode AD (jvp, dual tensors) through ", kOp,
-                "'s eager path is not supported; use aefast.set_backend('reference') for it");
+  refuse_forward_ad(kOp, {&input, &weight, has_bias ? &*bias : nullptr});
   const auto k = pair_of(pool_size, kOp, "pool_size"), u = pair_of(unpooled_size, kOp, "unpooled_size");
   const auto s = pair_of(stride, kOp, "stride"), p = pair_of(padding, kOp, "padding");
   const auto op = pair_of(output_padding, kOp, "output_padding");
@@ -128,24 +108,11 @@ at::Tensor unpool_conv_transpose2d_autograd(const std::string& ns, const at::Ten
   }
   if (!need_grad) return out;
   auto node = c10::make_intrusive<UnpoolConvTranspose2DBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, has_bias ? *bias : at::Tensor()));
   node->ops = &ops;
   node->pool_size = k;
   node->unpooled_size = u;
-  node->stride = s;
-  node->padding = p;
-  node->output_padding = op;
-  node->activation = activation;
-  node->negative_slope = negative_slope;
-  node->has_bias = has_bias;
-  torch::autograd::set_history(out, node);
-  node->input = SavedVariable(input, /*is_output=*/false);
+  node->attach(input, weight, bias, s, p, op, activation, negative_slope, out, pre);
   node->indices = SavedVariable(indices, /*is_output=*/false);
-  node->weight = SavedVariable(weight, /*is_output=*/false);
-  // out is this node's own output: saved as one (no reference cycle), and an in-place change of it
-  // after the forward makes the backward raise instead of reading modified values.
-  node->act_input = needs_preactivation(activation) ? SavedVariable(pre, /*is_output=*/false)
-                                                    : SavedVariable(out, /*is_output=*/true);
   return out;
 }
 

@@ -169,13 +169,26 @@ def test_entry_builds_no_graph_without_grad_and_refuses_what_it_cannot_do():
         own.add_(0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
-        # Forward-mode AD goes to the registered formula (which has no jvp either: a clear error).
-        import torch.autograd.forward_ad as fwAD
 
-        with fwAD.dual_level():
-            dual = fwAD.make_dual(z, torch.ones_like(z))
-            with pytest.raises(RuntimeError, match="forward-mode AD|jvp|forward AD"):
-                AF.unpool_conv_transpose2d(dual, idx, w, b, activation="relu", **kwargs)
+
+# Forward-mode AD: the eager entries have no jvp formula, so a tangent on any differentiable
+# argument (the bias too) is a clear error, never silently dropped.
+@pytest.mark.parametrize("dual_arg", [0, 1, 2])
+@pytest.mark.parametrize("block", ["unpool_conv_transpose2d", "conv_transpose_act2d", "conv_pool2d"])
+def test_entries_refuse_a_tangent_on_any_argument(dual_arg, block):
+    import torch.autograd.forward_ad as fwAD
+
+    z, idx, _, w, b, kwargs = _case(CASES[0], seed=11)
+    calls = {
+        "unpool_conv_transpose2d": lambda z, w, b: AF.unpool_conv_transpose2d(z, idx, w, b, activation="relu", **kwargs),
+        "conv_transpose_act2d": lambda z, w, b: AF.conv_transpose_act2d(z, w, b, 1, 1, activation="relu"),
+        "conv_pool2d": lambda z, w, b: AF.conv_pool2d(z, w.transpose(0, 1).contiguous(), b, 1, 1, "relu", 2)[0],
+    }
+    args = [z, w, b]
+    with aefast.set_backend("cpu"), fwAD.dual_level():
+        args[dual_arg] = fwAD.make_dual(args[dual_arg], torch.ones_like(args[dual_arg]))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            calls[block](*args)
 
 
 def test_entry_reports_bad_indices_as_the_formula_does():
