@@ -63,6 +63,7 @@
 #include "aefast/torch_utils.h"
 #include "conv_pool_cpu.h"
 #include "conv_pool_general.h"
+#include "unpool_deconv_cpu.h"
 
 namespace aefast {
 namespace {
@@ -604,6 +605,52 @@ bool wgrad_uses_positions(const Shape& s) {
   return s.PKH * s.PKW * s.K() <= kPositionWgradMaxDenseK;
 }
 
+// Which input-gradient form the sparse backward uses: the decoder's forward kernels applied to
+// gz (dgrad_by_decoder_forward) or the per-position buckets of this file (dgrad_image). Both
+// serve every pool this file's backward sees (tiling pools: pool stride = pool size, no clipped
+// ceil_mode window; overlapping pools and clipped windows never reach it, they take
+// conv_pool_general.cpp's path). AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one
+// form, for tests and A/B timing.
+bool dgrad_uses_decoder_forward(const Shape& s) {
+  if (const char* env = std::getenv("AEFAST_ENCODER_DGRAD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    if (v == "decoder") return true;
+    if (v == "buckets") return false;
+    TORCH_CHECK(false, "AEFAST_ENCODER_DGRAD must be 'decoder' or 'buckets', got '", v, "'");
+  }
+  (void)s;
+  return true;  // RULE_PENDING_MEASUREMENT
+}
+
+// The input gradient as the decoder's forward (unpool_deconv.cpp; the derivation above
+// conv_pool2d_backward_impl): grad_x = conv_transpose2d(max_unpool2d(gz, window offsets), w,
+// stride, padding) cut to the input's H x W, i.e. unpool_conv_transpose2d with z = gz, indices =
+// the window offsets, the encoder's weight (Cout, Cin, KH, KW) read as the transposed conv's
+// (C_in = Cout, C_out = Cin), no bias, no activation. The unpooled plane is the part of the conv
+// output that the windows cover (HO*PKH x WO*PKW: no entry lies beyond it) and the output size is
+// the input's (AxisTaps gives the rows / columns no conv window reads no tap: zeros).
+// gz (N, Cout, HO, WO) is in the accumulation type and dense in the layout cl says, as the window
+// offsets are; half types run the decoder in fp32 on gz and a widened weight and are rounded once
+// into grad_input. The decoder writes grad_input itself where the types and the layout agree,
+// else a temporary that is copied (half types; grad_input channels-last with NCHW pooled tensors).
+// The decoder forward is deterministic per image, so the result is thread-count independent.
+template <typename scalar_t>
+void dgrad_by_decoder_forward(const at::Tensor& gz, const at::Tensor& window, const at::Tensor& weight, const Shape& s,
+                              bool cl, at::Tensor& grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  namespace dec = unpool_deconv_cpu;
+  const DecoderGeometry g{s.N, s.Cout, s.Cin, s.HO, s.WO, s.PKH, s.PKW, s.HO * s.PKH, s.WU(),
+                          s.KH, s.KW, s.SH, s.SW, s.PH, s.PW, s.H, s.W};
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor w = weight.to(gz.scalar_type()).contiguous();
+  const bool direct = std::is_same_v<scalar_t, acc_t> && grad_input.is_contiguous(fmt);
+  at::Tensor out = direct ? grad_input : empty_cpu_cached(grad_input.sizes(), gz.options(), fmt);
+  at::Tensor pre = at::empty({0}, gz.options());
+  const std::optional<at::Tensor> no_bias;
+  dec::forward_sparse(dec::ForwardCall{gz, window, w, no_bias, g, DecoderAct::None, 0.0, cl, out, pre});
+  if (!direct) grad_input.copy_(out);
+}
+
 template <typename scalar_t, typename acc_t>
 using GzFn = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t*);
 
@@ -648,6 +695,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const at::Tensor* weight, const Shape& s, int64_t activation, double negative_slope,
     const InputCorruption& noise) {
   const bool need_x = weight != nullptr, need_w = input != nullptr;
+  // The input gradient's form (dgrad_uses_decoder_forward): the decoder's forward over gz, or
+  // the per-position buckets (dgrad_image) inside the per-image loop below.
+  const bool dgrad_decoder = need_x && dgrad_uses_decoder_forward(s), dgrad_buckets = need_x && !dgrad_decoder;
   // Channels-last pooled tensors (the forward's outputs for a channels-last input) are read as
   // they are: each image's gz and window offsets are transposed to the kernels' (Cout, plane)
   // order in a per-thread buffer, instead of an NCHW copy of the three tensors.
@@ -689,11 +739,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const auto transpose = pick_transpose<acc_t>(isa);
     // Weight rows (Cout, Kp), k = (ki*KW + kj)*Cin + ci, zero-padded, for the dgrad.
     at::Tensor wr;
-    if (need_x) {
+    if (dgrad_buckets) {
       wr = at::zeros({s.Cout, Kp}, g.options().dtype(acc_dtype));
       wr.narrow(1, 0, K).copy_(weight->permute({0, 2, 3, 1}).reshape({s.Cout, K}));
     }
-    const acc_t* wrp = need_x ? wr.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* wrp = dgrad_buckets ? wr.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* xp = need_w ? input->const_data_ptr<scalar_t>() : nullptr;
     const int64_t xstr[4] = {need_w ? input->stride(0) : 0, need_w ? input->stride(1) : 0,
                              need_w ? input->stride(2) : 0, need_w ? input->stride(3) : 0};
@@ -717,6 +767,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       geo.offk[k] = static_cast<int32_t>(geo.di[k] * WU + geo.dj[k]);
     }
     const auto kern = pick_bwd<acc_t>(isa);
+    // The input gradient by the decoder's forward (dgrad_uses_decoder_forward): gz of every
+    // image first (the full pooled-size tensor, in the layout of the pooled tensors), then the
+    // decoder over the batch; the weight gradient below reads the same gz.
+    at::Tensor gz_all;
+    if (dgrad_decoder) {
+      gz_all = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, g.options().dtype(acc_dtype),
+                                cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+      acc_t* gza = gz_all.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, s.N, std::max<int64_t>(1, 65536 / std::max<int64_t>(E, 1)), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) gzfn(gp + n * E, zp + n * E, E, slope, gza + n * E);
+      });
+      RECORD_USER_SCOPE("aefast path: conv_pool2d_backward dgrad by decoder forward");
+      dgrad_by_decoder_forward<scalar_t>(gz_all, win, *weight, s, cl_grads, grad_input);
+    }
+    const acc_t* gz_of_images = dgrad_decoder ? gz_all.const_data_ptr<acc_t>() : nullptr;
     // The weight gradient by conv position (wgrad_uses_positions): G strips of pooled rows sized
     // for L1/L2, the patch offsets of every conv position and of every k, partials (K, ldg).
     const bool by_position = need_w && wgrad_uses_positions(s);
@@ -742,9 +807,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31) && (!need_w || Hp * row < (int64_t(1) << 31)),
                 "aefast::conv_pool2d backward: the image is too wide");
     // Fixed chunks of images (a function of N and the sizes only) own the weight/bias partials.
+    // (Nothing is left for the loop when the decoder has done the only gradient asked for.)
     const int64_t chunks =
         need_w ? std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(s.Cout * Kp, 1), 1, std::min<int64_t>(s.N, 16))
-               : s.N;
+               : dgrad_buckets ? s.N : 0;
     // Image- and weight-sized scratch through the buffer cache (aefast/cpu_buffer_cache.h): a
     // fresh buffer of a few MB page-faults on every call. Each chunk zeroes its own part_w slice.
     const at::TensorOptions acc_opts = g.options().dtype(acc_dtype);
@@ -761,11 +827,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       const bool by_entry = need_w && !by_position;
       std::vector<acc_t> gg(by_entry ? plane : 0), patches(by_entry ? max_pos * Kp : 0);
       std::vector<acc_t> gpos(by_position ? geo_pos.rows * s.PKH * WU * ldg : 0);
-      std::vector<int32_t> off(by_entry ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
-      const at::Tensor gx_t = empty_cpu_cached({need_x ? Hp * row : 0}, acc_opts);
+      std::vector<int32_t> off(by_entry ? plane : 0), fill(dgrad_buckets ? keys : 0),
+          bo(dgrad_buckets ? keys * s.Cout : 0);
+      const at::Tensor gx_t = empty_cpu_cached({dgrad_buckets ? Hp * row : 0}, acc_opts);
       acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
-      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), dcol(need_x ? Kp : 0);
-      std::vector<acc_t> gz_cl(cl_grads ? E : 0);
+      std::vector<acc_t> bg(dgrad_buckets ? keys * s.Cout : 0), dcol(dgrad_buckets ? Kp : 0);
+      std::vector<acc_t> gz_cl(cl_grads && gz_of_images == nullptr ? E : 0);
       std::vector<uint8_t> kn_nchw(cl_grads ? E : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
@@ -777,12 +844,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
         }
         for (int64_t n = n0; n < n1; ++n) {
           const uint8_t* kn = kp + n * E;
+          // The image's gz in (Cout, plane) order: computed here, or read from gz_of_images
+          // (the decoder-form dgrad computed it for every image).
+          const acc_t* gzn = gz;
           if (cl_grads) {  // (plane, Cout) -> (Cout, plane)
-            gzfn(gp + n * E, zp + n * E, E, slope, gz_cl.data());
-            transpose(gz_cl.data(), plane, s.Cout, gz, plane);
+            const acc_t* gz_pc = gz_cl.data();
+            if (gz_of_images != nullptr)
+              gz_pc = gz_of_images + n * E;
+            else
+              gzfn(gp + n * E, zp + n * E, E, slope, gz_cl.data());
+            transpose(gz_pc, plane, s.Cout, gz, plane);
             for (int64_t co = 0; co < s.Cout; ++co)
               for (int64_t q = 0; q < plane; ++q) kn_nchw[co * plane + q] = kn[q * s.Cout + co];
             kn = kn_nchw.data();
+          } else if (gz_of_images != nullptr) {
+            gzn = gz_of_images + n * E;
           } else {
             gzfn(gp + n * E, zp + n * E, E, slope, gz);
           }
@@ -791,13 +867,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
             load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad + s.PH * row + s.PW * s.Cin, row,
                                              corrupt_at);
             if (by_position)
-              kern.wgrad_by_position(geo_pos, xpad, gz, kn, pbase.data(), koff.data(), ldg, gpos.data(), gw, gb);
+              kern.wgrad_by_position(geo_pos, xpad, gzn, kn, pbase.data(), koff.data(), ldg, gpos.data(), gw, gb);
             else
-              kern.wgrad(geo, xpad, gz, kn, patches.data(), off.data(), gg.data(), gw, gb);
+              kern.wgrad(geo, xpad, gzn, kn, patches.data(), off.data(), gg.data(), gw, gb);
           }
-          if (need_x) {
+          if (dgrad_buckets) {
             std::fill(gx, gx + Hp * row, acc_t(0));
-            kern.dgrad(geo, gz, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
+            kern.dgrad(geo, gzn, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
             // The interior of the padded gradient image, to channels-last or NCHW.
             scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
             if (in_cl) {
