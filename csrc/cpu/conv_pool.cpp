@@ -30,8 +30,9 @@
 // rounded up to 64 bytes) with the Kp-long accumulator in vector registers while the rows stream
 // through (wsum): wgrad sums, per output channel, the input patches at its argmax positions; dgrad
 // sums, per conv position, the weight rows of the channels routed there (bucketed per pooled row)
-// and adds that receptive-field gradient onto the padded input gradient once per position.
-// About a quarter of the dense backward's multiply-adds, no im2col of the whole image, no stores
+// and adds that receptive-field gradient onto the padded input gradient once per position; or,
+// where dgrad_uses_decoder_forward says so, dgrad is the decoder's forward (unpool_deconv.cpp's
+// kernels) applied to gz, the window offsets and w. About a quarter of the dense backward's multiply-adds, no im2col of the whole image, no stores
 // in the inner loop. Weight partials per fixed chunk of images, summed in chunk order: results do
 // not depend on the thread count.
 //
@@ -555,6 +556,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
 //          conv position (CSR, in co order), and each position's dcol row is summed from the
 //          weight rows of its entries (W is (Cout, Kp), L1/L2-resident), then added into the
 //          padded gradient image once per position (KH runs of KW*Cin), not once per entry.
+//          Or (dgrad_uses_decoder_forward) grad_x = conv_transpose2d(max_unpool2d(gz), w), which
+//          is the decoder block's forward: its kernels (dgrad_by_decoder_forward) run on gz.
 // Small Cin (1, 3: K = 9, 27) vectorises over k the same way: K pads to 16 or 32 floats.
 //
 // Determinism: each image is done by one thread in a fixed order; weight/bias partials live per
@@ -609,17 +612,47 @@ bool wgrad_uses_positions(const Shape& s) {
 // gz (dgrad_by_decoder_forward) or the per-position buckets of this file (dgrad_image). Both
 // serve every pool this file's backward sees (tiling pools: pool stride = pool size, no clipped
 // ceil_mode window; overlapping pools and clipped windows never reach it, they take
-// conv_pool_general.cpp's path). AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one
-// form, for tests and A/B timing.
-bool dgrad_uses_decoder_forward(const Shape& s) {
+// conv_pool_general.cpp's path), so the rule is about speed only:
+//   * few input channels, whose KH*KW*Cin taps fit in <= 3 vectors of the ISA, with windows of
+//     <= 4 elements: the decoder's window-vector kernels (lanes = pool windows) against buckets
+//     whose rows use 1-3 lanes in 16: the decoder form, on every ISA;
+//   * Cin >= 32 and Cout >= 16 (the decoder's per-entry kernels with many entries per window):
+//     the decoder form under AVX-512, where it wins or ties; its AVX2 clones lost on every such
+//     shape (the row masks are AVX-512 intrinsics, the portable form ORs bit by bit);
+//   * otherwise (Cin 7 to 16, or Cout < 16: few entries per position, the decoder's dense T
+//     stores and tap epilogue outweigh the sums) the buckets.
+// Measured: a standalone A/B script (/tmp, not committed) timing the raw ops in one process, AEFAST_ENCODER_DGRAD alternated
+// per round, 1 thread, CPU time, medians of 15-31 rounds, 3x3 conv padding 1, 2x2 pool, relu,
+// fp32, NCHW unless "cl", AVX-512 Zen 5 under load ~5 (directions only). Input gradient alone,
+// decoder / buckets ms (ratio), then the fused backward's ratio:
+//   W1 1->32 28x28 N256       2.5-2.8 / 5.9-6.1 (0.42-0.45), fused 0.55-0.60
+//   W1 32->64 14x14 N256      6.1-6.2 / 5.7-5.9 (1.05-1.08), fused 1.03-1.07; cl 0.95-0.98, 1.00-1.05
+//   W2 3->32 128x128 N32      9.2-9.5 / 17.5-19 (0.49-0.54), fused 0.81-0.82
+//   W2 32->64 64x64 N32       14.8-15 / 16.5-17.2 (0.86-0.90), fused 0.95
+//   W2 64->128 32x32 N32      13.3-14.4 / 15.3-16.6 (0.87), fused 0.94-0.96
+//   N64 64->64 14x14 0.84-0.85, 128->64 0.73-0.75, 32->32 28x28 0.95-1.02, 32->16 0.91-0.95
+//   tutorial 1->16 28x28 N128 0.29-0.32, N64 5->16 0.59; but 7->32 1.02-1.09 (4 vectors)
+//   losses: tutorial 16->4 14x14 N128 1.40-1.48, SegNet-like 8->16 48x48 N16 cl 1.19-1.25,
+//   16->16 24x24 cl 1.04-1.07 (NCHW 1.13-1.16), 8->32 1.24-1.28, 16->32 1.01-1.12, 16->64
+//   1.00-1.02, 64->8 1.09-1.15.
+// With AEFAST_CPU_ISA=avx2: 1->32 / 1->16 0.71 / 0.58 (K = 9: 2 vectors of 8), 3->32 0.97 (4
+// vectors), every Cin >= 5 shape above 1.06-1.65. SegNetAutoencoder at W1 has W1's encoder shapes.
+// AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one form, for tests and A/B timing.
+constexpr int64_t kDecoderDgradMaxSlabVectors = 3;
+constexpr int64_t kDecoderDgradMinCin = 32, kDecoderDgradMinCout = 16;
+
+bool dgrad_uses_decoder_forward(const Shape& s, at::ScalarType dtype) {
   if (const char* env = std::getenv("AEFAST_ENCODER_DGRAD"); env != nullptr && *env != '\0') {
     const std::string v(env);
     if (v == "decoder") return true;
     if (v == "buckets") return false;
     TORCH_CHECK(false, "AEFAST_ENCODER_DGRAD must be 'decoder' or 'buckets', got '", v, "'");
   }
-  (void)s;
-  return true;  // RULE_PENDING_MEASUREMENT
+  const Isa isa = cpu_isa();
+  const int64_t lanes = unpool_deconv_cpu::decoder_lanes(isa, dtype);  // the accumulation type's
+  const int64_t slab_vectors = (s.KH * s.KW * s.Cin + lanes - 1) / lanes;
+  if (s.PKH * s.PKW <= 4 && slab_vectors <= kDecoderDgradMaxSlabVectors) return true;
+  return isa == Isa::kAvx512 && s.Cin >= kDecoderDgradMinCin && s.Cout >= kDecoderDgradMinCout;
 }
 
 // The input gradient as the decoder's forward (unpool_deconv.cpp; the derivation above
@@ -697,7 +730,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
   const bool need_x = weight != nullptr, need_w = input != nullptr;
   // The input gradient's form (dgrad_uses_decoder_forward): the decoder's forward over gz, or
   // the per-position buckets (dgrad_image) inside the per-image loop below.
-  const bool dgrad_decoder = need_x && dgrad_uses_decoder_forward(s), dgrad_buckets = need_x && !dgrad_decoder;
+  const bool dgrad_decoder = need_x && dgrad_uses_decoder_forward(s, grad_pooled.scalar_type());
+  const bool dgrad_buckets = need_x && !dgrad_decoder;
   // Channels-last pooled tensors (the forward's outputs for a channels-last input) are read as
   // they are: each image's gz and window offsets are transposed to the kernels' (Cout, plane)
   // order in a per-thread buffer, instead of an NCHW copy of the three tensors.
@@ -769,7 +803,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const auto kern = pick_bwd<acc_t>(isa);
     // The input gradient by the decoder's forward (dgrad_uses_decoder_forward): gz of every
     // image first (the full pooled-size tensor, in the layout of the pooled tensors), then the
-    // decoder over the batch; the weight gradient below reads the same gz.
+    // decoder over the batch; the weight gradient below reads the same gz. (Tried: per chunk of
+    // images inside the loop below, gz of the chunk, the decoder on it, then the chunk's weight
+    // gradient while gz is in cache. It gained on W2's 3->32 128x128, 16 MB of gz (fused ratio
+    // 0.74 against 0.82), but the per-call set-up of the decoder, up to 16 calls, cost more on
+    // every other shape: W1 32->64 fused 1.07 against 1.03-1.05, N16 16->16 24x24 1.30 / 1.0.)
     at::Tensor gz_all;
     if (dgrad_decoder) {
       gz_all = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, g.options().dtype(acc_dtype),
