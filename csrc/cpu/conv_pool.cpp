@@ -618,23 +618,26 @@ bool wgrad_uses_positions(const Shape& s) {
 //     whose rows use 1-3 lanes in 16: the decoder form, on every ISA;
 //   * Cin >= 32 and Cout >= 16 (the decoder's per-entry kernels with many entries per window):
 //     the decoder form under AVX-512, where it wins or ties; its AVX2 clones lost on every such
-//     shape (the row masks are AVX-512 intrinsics, the portable form ORs bit by bit);
-//   * otherwise (Cin 7 to 16, or Cout < 16: few entries per position, the decoder's dense T
-//     stores and tap epilogue outweigh the sums) the buckets.
-// Measured: a standalone A/B script (/tmp, not committed) timing the raw ops in one process, AEFAST_ENCODER_DGRAD alternated
-// per round, 1 thread, CPU time, medians of 15-31 rounds, 3x3 conv padding 1, 2x2 pool, relu,
-// fp32, NCHW unless "cl", AVX-512 Zen 5 under load ~5 (directions only). Input gradient alone,
-// decoder / buckets ms (ratio), then the fused backward's ratio:
-//   W1 1->32 28x28 N256       2.5-2.8 / 5.9-6.1 (0.42-0.45), fused 0.55-0.60
-//   W1 32->64 14x14 N256      6.1-6.2 / 5.7-5.9 (1.05-1.08), fused 1.03-1.07; cl 0.95-0.98, 1.00-1.05
-//   W2 3->32 128x128 N32      9.2-9.5 / 17.5-19 (0.49-0.54), fused 0.81-0.82
-//   W2 32->64 64x64 N32       14.8-15 / 16.5-17.2 (0.86-0.90), fused 0.95
-//   W2 64->128 32x32 N32      13.3-14.4 / 15.3-16.6 (0.87), fused 0.94-0.96
-//   N64 64->64 14x14 0.84-0.85, 128->64 0.73-0.75, 32->32 28x28 0.95-1.02, 32->16 0.91-0.95
-//   tutorial 1->16 28x28 N128 0.29-0.32, N64 5->16 0.59; but 7->32 1.02-1.09 (4 vectors)
-//   losses: tutorial 16->4 14x14 N128 1.40-1.48, SegNet-like 8->16 48x48 N16 cl 1.19-1.25,
-//   16->16 24x24 cl 1.04-1.07 (NCHW 1.13-1.16), 8->32 1.24-1.28, 16->32 1.01-1.12, 16->64
-//   1.00-1.02, 64->8 1.09-1.15.
+//     shape (not profiled; the decoder's row masks have AVX-512 intrinsics, its other clones
+//     OR bit by bit);
+//   * otherwise (Cin 7 to 16, or Cout < 16: few entries per position; not profiled, presumably
+//     the decoder's dense T stores and per-pixel tap sums outweigh its sums there) the buckets.
+// Measured: a standalone A/B script (/tmp, not committed) timing the raw ops in one process,
+// AEFAST_ENCODER_DGRAD alternated per round, 1 thread, CPU time, medians of 15-31 rounds, 3x3
+// conv padding 1, 2x2 pool, relu, fp32, NCHW unless "cl", AVX-512 Zen 5 under load 2-5
+// (directions only; the ratios moved by up to ~0.1 between runs). Ratio decoder / buckets for the
+// input gradient alone (conv_pool2d_backward_input), then for the fused backward (both gradients):
+//   W1 1->32 28x28 N256       0.42-0.45, fused 0.55-0.58 (2.5-2.8 against 5.9-6.1 ms)
+//   W1 32->64 14x14 N256      0.92-1.08, fused 1.01-1.03 (a tie: ~6 ms each); cl 0.95-0.98, 1.02
+//   W2 3->32 128x128 N32      0.49-0.54, fused 0.78 (9.5 against 18 ms)
+//   W2 32->64 64x64 N32       0.86-0.92, fused 0.93-0.96 (15 against 17 ms)
+//   W2 64->128 32x32 N32      0.87-0.88, fused 0.95
+//   N128 64->64 14x14 0.83-0.85, fused 0.91; N64 128->64 14x14 0.73-0.76, fused 0.87;
+//   N64 28x28 32->32 0.95-1.04 and 32->16 0.91-1.05 (ties), fused 1.00-1.07
+//   tutorial 1->16 28x28 N128 0.29-0.32, fused 0.45; N64 5->16 0.57-0.59; but 7->32 1.02-1.09
+//   (4 vectors): buckets. Losses of the decoder form, kept on buckets: tutorial 16->4 14x14 N128
+//   1.27-1.48, SegNet-like N16 8->16 48x48 cl 1.19-1.25, 16->16 24x24 cl 0.98-1.07 (NCHW
+//   1.04-1.16), N64 28x28 8->32 1.21-1.28, 16->32 0.99-1.12, 16->64 0.97-1.02, N128 64->8 1.09-1.15.
 // With AEFAST_CPU_ISA=avx2: 1->32 / 1->16 0.71 / 0.58 (K = 9: 2 vectors of 8), 3->32 0.97 (4
 // vectors), every Cin >= 5 shape above 1.06-1.65. SegNetAutoencoder at W1 has W1's encoder shapes.
 // AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one form, for tests and A/B timing.
@@ -801,25 +804,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       geo.offk[k] = static_cast<int32_t>(geo.di[k] * WU + geo.dj[k]);
     }
     const auto kern = pick_bwd<acc_t>(isa);
-    // The input gradient by the decoder's forward (dgrad_uses_decoder_forward): gz of every
-    // image first (the full pooled-size tensor, in the layout of the pooled tensors), then the
-    // decoder over the batch; the weight gradient below reads the same gz. (Tried: per chunk of
-    // images inside the loop below, gz of the chunk, the decoder on it, then the chunk's weight
-    // gradient while gz is in cache. It gained on W2's 3->32 128x128, 16 MB of gz (fused ratio
-    // 0.74 against 0.82), but the per-call set-up of the decoder, up to 16 calls, cost more on
-    // every other shape: W1 32->64 fused 1.07 against 1.03-1.05, N16 16->16 24x24 1.30 / 1.0.)
-    at::Tensor gz_all;
-    if (dgrad_decoder) {
-      gz_all = empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, g.options().dtype(acc_dtype),
-                                cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-      acc_t* gza = gz_all.mutable_data_ptr<acc_t>();
+    // The input gradient by the decoder's forward (dgrad_uses_decoder_forward) runs over the
+    // whole batch's gz (gz_all, in the layout of the pooled tensors): with the weight gradient,
+    // the loop below writes each image's gz there as it computes it for the weight gradient, and
+    // the decoder runs after the loop; alone, a pass computes gz_all first. (Tried: per chunk of
+    // images inside the loop, the decoder on the chunk's gz while it is in cache. It gained on
+    // W2's 3->32 128x128, 16 MB of gz (fused ratio 0.74 against 0.82), but the per-call set-up of
+    // the decoder, up to 16 calls, cost more on every other shape: W1 32->64 fused 1.07 against
+    // 1.03-1.05, N16 16->16 24x24 1.30 against 1.0.)
+    const at::Tensor gz_all =
+        dgrad_decoder ? empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, g.options().dtype(acc_dtype),
+                                         cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+                      : at::Tensor();
+    acc_t* gz_of_images = dgrad_decoder ? gz_all.mutable_data_ptr<acc_t>() : nullptr;
+    if (dgrad_decoder && !need_w)
       at::parallel_for(0, s.N, std::max<int64_t>(1, 65536 / std::max<int64_t>(E, 1)), [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) gzfn(gp + n * E, zp + n * E, E, slope, gza + n * E);
+        for (int64_t n = n0; n < n1; ++n) gzfn(gp + n * E, zp + n * E, E, slope, gz_of_images + n * E);
       });
-      RECORD_USER_SCOPE("aefast path: conv_pool2d_backward dgrad by decoder forward");
-      dgrad_by_decoder_forward<scalar_t>(gz_all, win, *weight, s, cl_grads, grad_input);
-    }
-    const acc_t* gz_of_images = dgrad_decoder ? gz_all.const_data_ptr<acc_t>() : nullptr;
     // The weight gradient by conv position (wgrad_uses_positions): G strips of pooled rows sized
     // for L1/L2, the patch offsets of every conv position and of every k, partials (K, ldg).
     const bool by_position = need_w && wgrad_uses_positions(s);
@@ -870,7 +871,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       const at::Tensor gx_t = empty_cpu_cached({dgrad_buckets ? Hp * row : 0}, acc_opts);
       acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
       std::vector<acc_t> bg(dgrad_buckets ? keys * s.Cout : 0), dcol(dgrad_buckets ? Kp : 0);
-      std::vector<acc_t> gz_cl(cl_grads && gz_of_images == nullptr ? E : 0);
+      std::vector<acc_t> gz_cl(cl_grads && !dgrad_decoder ? E : 0);
       std::vector<uint8_t> kn_nchw(cl_grads ? E : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
@@ -882,20 +883,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
         }
         for (int64_t n = n0; n < n1; ++n) {
           const uint8_t* kn = kp + n * E;
-          // The image's gz in (Cout, plane) order: computed here, or read from gz_of_images
-          // (the decoder-form dgrad computed it for every image).
+          // The image's gz, into gz_all's slot for the decoder-form dgrad; the kernels below
+          // read it in (Cout, plane) order (gzn).
           const acc_t* gzn = gz;
           if (cl_grads) {  // (plane, Cout) -> (Cout, plane)
-            const acc_t* gz_pc = gz_cl.data();
-            if (gz_of_images != nullptr)
-              gz_pc = gz_of_images + n * E;
-            else
-              gzfn(gp + n * E, zp + n * E, E, slope, gz_cl.data());
+            acc_t* gz_pc = dgrad_decoder ? gz_of_images + n * E : gz_cl.data();
+            gzfn(gp + n * E, zp + n * E, E, slope, gz_pc);
             transpose(gz_pc, plane, s.Cout, gz, plane);
             for (int64_t co = 0; co < s.Cout; ++co)
               for (int64_t q = 0; q < plane; ++q) kn_nchw[co * plane + q] = kn[q * s.Cout + co];
             kn = kn_nchw.data();
-          } else if (gz_of_images != nullptr) {
+          } else if (dgrad_decoder) {
+            gzfn(gp + n * E, zp + n * E, E, slope, gz_of_images + n * E);
             gzn = gz_of_images + n * E;
           } else {
             gzfn(gp + n * E, zp + n * E, E, slope, gz);
@@ -932,6 +931,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
         }
       }
     });
+    if (dgrad_decoder) {
+      RECORD_USER_SCOPE("aefast path: conv_pool2d_backward dgrad by decoder forward");
+      dgrad_by_decoder_forward<scalar_t>(gz_all, win, *weight, s, cl_grads, grad_input);
+    }
     if (need_w) {
       // Sum the chunk partials in chunk order straight into the outputs, permuting
       // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW) on the way.
