@@ -712,6 +712,28 @@ def test_cpu_input_gradient_forms_agree(monkeypatch, dtype):
     assert torch.equal(got["decoder"][2], got["buckets"][2]) and torch.equal(got["decoder"][3], got["buckets"][3])
 
 
+# The rule (conv_pool.cpp, dgrad_uses_decoder_forward), as each ISA variant applies it: the
+# decoder form for few input channels (3x3 taps of one channel: one vector, or two of 8 lanes) on
+# every ISA and for Cin >= 32, Cout >= 16 under AVX-512 only; the buckets for 16->4. The path
+# names itself in the profiler; the fused op runs the same rule.
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_input_gradient_form_rule(monkeypatch, isa):
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    monkeypatch.delenv("AEFAST_ENCODER_DGRAD", raising=False)
+    avx512 = torch.ops.aefast.unpool_deconv_cpu_isa() == 2
+    ops = torch.ops.aefast
+    for cin, cout, want in ((1, 16, True), (16, 4, False), (32, 64, avx512)):
+        x, w, b = make(2, cin, cout, 10, 10, 3, torch.float32, "cpu", seed=cin)
+        pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], 1, 0.01,
+                                                         [2, 2])
+        for run in (lambda: ops.conv_pool2d_backward_input(pooled, window, preact, w.detach(), [10, 10], [1, 1],
+                                                           [1, 1], 1, 0.01, [2, 2]),
+                    lambda: ops.conv_pool2d_backward(pooled, window, preact, x.detach(), w.detach(), [1, 1], [1, 1],
+                                                     1, 0.01, [2, 2])):
+            taken = "aefast path: conv_pool2d_backward dgrad by decoder forward" in cpu_paths_taken(run)
+            assert taken == want, (cin, cout, isa)
+
+
 def test_cpu_input_gradient_form_env_rejects_unknown_value(monkeypatch):
     x, w, b = make(1, 3, 4, 8, 8, 3, torch.float32, "cpu")
     monkeypatch.setenv("AEFAST_ENCODER_DGRAD", "dense")

@@ -638,6 +638,8 @@ bool wgrad_uses_positions(const Shape& s) {
 //   (4 vectors): buckets. Losses of the decoder form, kept on buckets: tutorial 16->4 14x14 N128
 //   1.27-1.48, SegNet-like N16 8->16 48x48 cl 1.19-1.25, 16->16 24x24 cl 0.98-1.07 (NCHW
 //   1.04-1.16), N64 28x28 8->32 1.21-1.28, 16->32 0.99-1.12, 16->64 0.97-1.02, N128 64->8 1.09-1.15.
+// Other geometries in the Cin >= 32 branch, ties: 3x3 pool 32->64 21x21 N128 1.04-1.05, stride-2
+// 32->64 28x28 N256 1.03, and 32->64 14x14 N64 fp64 0.91, bf16 1.01-1.05 (fused 0.99-1.04).
 // With AEFAST_CPU_ISA=avx2: 1->32 / 1->16 0.71 / 0.58 (K = 9: 2 vectors of 8), 3->32 0.97 (4
 // vectors), every Cin >= 5 shape above 1.06-1.65. SegNetAutoencoder at W1 has W1's encoder shapes.
 // AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one form, for tests and A/B timing.
