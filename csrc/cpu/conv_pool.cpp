@@ -32,9 +32,9 @@
 // sums, per conv position, the weight rows of the channels routed there (bucketed per pooled row)
 // and adds that receptive-field gradient onto the padded input gradient once per position; or,
 // where dgrad_uses_decoder_forward says so, dgrad is the decoder's forward (unpool_deconv.cpp's
-// kernels) applied to gz, the window offsets and w. About a quarter of the dense backward's multiply-adds, no im2col of the whole image, no stores
-// in the inner loop. Weight partials per fixed chunk of images, summed in chunk order: results do
-// not depend on the thread count.
+// kernels) applied to gz, the window offsets and w. About a quarter of the dense backward's
+// multiply-adds, no im2col of the whole image, no stores in the inner loop. Weight partials per
+// fixed chunk of images, summed in chunk order: results do not depend on the thread count.
 //
 // Instruction sets: the hot loops (conv_pool_kernels.inc) are built three times, AVX-512
 // (512-bit vectors), AVX2+FMA and the baseline, and picked at run time (cpu_isa(): the best the
