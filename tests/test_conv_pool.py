@@ -644,11 +644,128 @@ def test_cpu_weight_gradient_form_env_rejects_unknown_value(monkeypatch):
             y.sum().backward()
 
 
+# The input gradient has two forms (csrc/cpu/conv_pool.cpp, dgrad_uses_decoder_forward): the
+# decoder's forward kernels applied to gz (unpool_conv_transpose2d's math with z = gz, the window
+# offsets as indices and the encoder's weight as the transposed conv's) and the per-position
+# buckets (dgrad_image). AEFAST_ENCODER_DGRAD forces one; both are held to the reference on every
+# case above, through the input-only op and the fused one, for NCHW, a channels-last input and a
+# channels-last weight (grad_input channels-last in the last two). The cases reach both decoder
+# families: the window-vector kernels (Cin 1 or 3 taps in <= 4 vectors, <= 4-element windows) and
+# the per-entry ones (larger slabs, 3x3 and 2x3 pools).
+@pytest.mark.parametrize("form", ["decoder", "buckets"])
 @pytest.mark.parametrize("isa", CPU_ISAS)
-def test_cpu_backward_independent_of_thread_count(monkeypatch, isa):
-    # Weight/bias partials belong to fixed chunks of images and are summed in chunk order; each
-    # image's input gradient is computed by one thread: bitwise the same for 1, 2 and 3 threads.
+@pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
+                                                 for c in ISA_CASES])
+def test_cpu_input_gradient_forms(monkeypatch, form, isa, case):
+    n, cin, cout, h, w, k, s, p, pool, act, dtype = case
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    monkeypatch.setenv("AEFAST_ENCODER_DGRAD", form)
+    x, wt, b = make(n, cin, cout, h, w, k, dtype, "cpu", seed=cin * 100 + cout + 2)
+    tol = HALF_GRAD_TOL.get(dtype, TOLERANCES[dtype])
+    cl = torch.channels_last
+    with aefast.set_backend("cpu"):
+        for xin, win in ((x.detach(), wt.detach()), (x.detach().to(memory_format=cl), wt.detach()),
+                         (x.detach(), wt.detach().to(memory_format=cl))):
+            xin, win = xin.requires_grad_(), win.requires_grad_()
+            y, idx = AF.conv_pool2d(xin, win, b, s, p, act, pool)
+            grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+            rx, rw, rb = routed_grads(x, wt, b, s, p, act, idx, grad)
+            (gx_alone,) = torch.autograd.grad(y, (xin,), grad, retain_graph=True)  # backward_input
+            gx, gw, gb = torch.autograd.grad(y, (xin, win, b), grad, retain_graph=True)  # the fused backward
+            for g_, r_ in ((gx_alone, rx), (gx, rx), (gw, rw), (gb, rb)):
+                torch.testing.assert_close(g_.double(), r_, rtol=tol["rtol"],
+                                           atol=tol["atol"] * max(1.0, r_.abs().max().item()))
+            # Either form gives grad_input the same dtype and layout (the rule is the op's).
+            monkeypatch.setenv("AEFAST_ENCODER_DGRAD", "buckets")
+            (bx_alone,) = torch.autograd.grad(y, (xin,), grad, retain_graph=True)
+            (bx,) = torch.autograd.grad(y, (xin,), grad)
+            monkeypatch.setenv("AEFAST_ENCODER_DGRAD", form)
+            for g_, b_ in ((gx_alone, bx_alone), (gx, bx)):
+                assert g_.dtype == dtype and g_.shape == x.shape and g_.stride() == b_.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_input_gradient_forms_agree(monkeypatch, dtype):
+    # The raw ops, with the pooled gradient channels-last while window and preact are NCHW (the
+    # decoder form then runs in NCHW and copies into the channels-last grad_input), and the fused
+    # op with a corrupted input (its weight gradient reads the gz the decoder form computed for
+    # the whole batch first). The two forms sum the same products in different orders.
+    ops = torch.ops.aefast
+    x, w, b = make(5, 6, 17, 13, 11, 3, dtype, "cpu", seed=9)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    noise = ("gaussian", 0.3, 1234, 0.0, 1.0)
+    pooled, window, preact = ops.conv_pool2d_forward(x, w, b, [1, 1], [1, 1], 5, 0.01, [2, 2], *noise)
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grad_cl = grad.to(memory_format=torch.channels_last)
+    got = {}
+    for form in ("decoder", "buckets"):
+        monkeypatch.setenv("AEFAST_ENCODER_DGRAD", form)
+        alone = ops.conv_pool2d_backward_input(grad_cl, window, preact, w, [13, 11], [1, 1], [1, 1], 5, 0.01, [2, 2])
+        assert alone.is_contiguous(memory_format=torch.channels_last) and not alone.is_contiguous()
+        got[form] = (alone,) + tuple(ops.conv_pool2d_backward(grad, window, preact, x, w, [1, 1], [1, 1], 5, 0.01,
+                                                              [2, 2], *noise))
+    tol = HALF_GRAD_TOL.get(dtype, dict(rtol=1e-5, atol=1e-5))
+    for a, c in zip(got["decoder"], got["buckets"]):
+        torch.testing.assert_close(a.double(), c.double(), rtol=tol["rtol"],
+                                   atol=tol["atol"] * max(1.0, c.abs().max().item()))
+    # The weight and bias gradients do not depend on the input gradient's form: bit for bit.
+    assert torch.equal(got["decoder"][2], got["buckets"][2]) and torch.equal(got["decoder"][3], got["buckets"][3])
+
+
+# The rule (conv_pool.cpp, dgrad_uses_decoder_forward), as each ISA variant applies it: the
+# decoder form for few input channels (3x3 taps of one channel: one vector, or two of 8 lanes) on
+# every ISA and for Cin >= 32, Cout >= 16 under AVX-512 only; the buckets for 16->4. The path
+# names itself in the profiler; the fused op runs the same rule.
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_input_gradient_form_rule(monkeypatch, isa):
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    monkeypatch.delenv("AEFAST_ENCODER_DGRAD", raising=False)
+    avx512 = torch.ops.aefast.unpool_deconv_cpu_isa() == 2
+    ops = torch.ops.aefast
+    for cin, cout, want in ((1, 16, True), (16, 4, False), (32, 64, avx512)):
+        x, w, b = make(2, cin, cout, 10, 10, 3, torch.float32, "cpu", seed=cin)
+        pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], 1, 0.01,
+                                                         [2, 2])
+        for run in (lambda: ops.conv_pool2d_backward_input(pooled, window, preact, w.detach(), [10, 10], [1, 1],
+                                                           [1, 1], 1, 0.01, [2, 2]),
+                    lambda: ops.conv_pool2d_backward(pooled, window, preact, x.detach(), w.detach(), [1, 1], [1, 1],
+                                                     1, 0.01, [2, 2])):
+            taken = "aefast path: conv_pool2d_backward dgrad by decoder forward" in cpu_paths_taken(run)
+            assert taken == want, (cin, cout, isa)
+
+
+def test_cpu_input_gradient_form_env_rejects_unknown_value(monkeypatch):
+    x, w, b = make(1, 3, 4, 8, 8, 3, torch.float32, "cpu")
+    monkeypatch.setenv("AEFAST_ENCODER_DGRAD", "dense")
+    with aefast.set_backend("cpu"):
+        y, _ = AF.conv_pool2d(x, w, b, 1, 1, "relu", 2)
+        with pytest.raises(RuntimeError, match="AEFAST_ENCODER_DGRAD"):
+            y.sum().backward()
+
+
+def test_cpu_decoder_form_input_gradient_rejects_bad_window_offsets(monkeypatch):
+    # The decoder's forward decodes (validates) every index: a window offset outside the 2x2
+    # window, which only a direct op call can pass, raises instead of being used.
+    monkeypatch.setenv("AEFAST_ENCODER_DGRAD", "decoder")
+    ops = torch.ops.aefast
+    x, w, b = make(2, 4, 8, 8, 8, 3, torch.float32, "cpu")
+    pooled, window, preact = ops.conv_pool2d_forward(x.detach(), w.detach(), b.detach(), [1, 1], [1, 1], 1, 0.01,
+                                                     [2, 2])
+    window = window.clone()
+    window[1, 3, 2, 1] = 4
+    with pytest.raises(RuntimeError, match="invalid index"):
+        ops.conv_pool2d_backward_input(torch.ones_like(pooled), window, preact, w.detach(), [8, 8], [1, 1], [1, 1], 1,
+                                       0.01, [2, 2])
+
+
+@pytest.mark.parametrize("form", ["decoder", "buckets"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_backward_independent_of_thread_count(monkeypatch, isa, form):
+    # Weight/bias partials belong to fixed chunks of images and are summed in chunk order; each
+    # image's input gradient is computed by one thread (both forms): bitwise the same for 1, 2
+    # and 3 threads.
+    monkeypatch.setenv("AEFAST_CPU_ISA", isa)
+    monkeypatch.setenv("AEFAST_ENCODER_DGRAD", form)
     ops = torch.ops.aefast
     for cin, cout in ((1, 32), (32, 64)):
         x, w, b = make(37, cin, cout, 12, 12, 3, torch.float32, "cpu", seed=cin)
@@ -664,7 +781,9 @@ def test_cpu_backward_independent_of_thread_count(monkeypatch, isa):
                                                     [2, 2])
                 gw, gb = ops.conv_pool2d_backward_weight(grad, window, preact, x.detach(), [3, 3], [1, 1], [1, 1], 1,
                                                          0.01, [2, 2])
-                results.append((gx, gw, gb))
+                fused = ops.conv_pool2d_backward(grad, window, preact, x.detach(), w.detach(), [1, 1], [1, 1], 1, 0.01,
+                                                 [2, 2])
+                results.append((gx, gw, gb) + tuple(fused))
         finally:
             torch.set_num_threads(before)
         for other in results[1:]:

@@ -30,10 +30,11 @@
 // rounded up to 64 bytes) with the Kp-long accumulator in vector registers while the rows stream
 // through (wsum): wgrad sums, per output channel, the input patches at its argmax positions; dgrad
 // sums, per conv position, the weight rows of the channels routed there (bucketed per pooled row)
-// and adds that receptive-field gradient onto the padded input gradient once per position.
-// About a quarter of the dense backward's multiply-adds, no im2col of the whole image, no stores
-// in the inner loop. Weight partials per fixed chunk of images, summed in chunk order: results do
-// not depend on the thread count.
+// and adds that receptive-field gradient onto the padded input gradient once per position; or,
+// where dgrad_uses_decoder_forward says so, dgrad is the decoder's forward (unpool_deconv.cpp's
+// kernels) applied to gz, the window offsets and w. About a quarter of the dense backward's
+// multiply-adds, no im2col of the whole image, no stores in the inner loop. Weight partials per
+// fixed chunk of images, summed in chunk order: results do not depend on the thread count.
 //
 // Instruction sets: the hot loops (conv_pool_kernels.inc) are built three times, AVX-512
 // (512-bit vectors), AVX2+FMA and the baseline, and picked at run time (cpu_isa(): the best the
@@ -63,6 +64,7 @@
 #include "aefast/torch_utils.h"
 #include "conv_pool_cpu.h"
 #include "conv_pool_general.h"
+#include "unpool_deconv_cpu.h"
 
 namespace aefast {
 namespace {
@@ -554,6 +556,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_forward_cpu(
 //          conv position (CSR, in co order), and each position's dcol row is summed from the
 //          weight rows of its entries (W is (Cout, Kp), L1/L2-resident), then added into the
 //          padded gradient image once per position (KH runs of KW*Cin), not once per entry.
+//          Or (dgrad_uses_decoder_forward) grad_x = conv_transpose2d(max_unpool2d(gz), w), which
+//          is the decoder block's forward: its kernels (dgrad_by_decoder_forward) run on gz.
 // Small Cin (1, 3: K = 9, 27) vectorises over k the same way: K pads to 16 or 32 floats.
 //
 // Determinism: each image is done by one thread in a fixed order; weight/bias partials live per
@@ -604,6 +608,87 @@ bool wgrad_uses_positions(const Shape& s) {
   return s.PKH * s.PKW * s.K() <= kPositionWgradMaxDenseK;
 }
 
+// Which input-gradient form the sparse backward uses: the decoder's forward kernels applied to
+// gz (dgrad_by_decoder_forward) or the per-position buckets of this file (dgrad_image). Both
+// serve every pool this file's backward sees (tiling pools: pool stride = pool size, no clipped
+// ceil_mode window; overlapping pools and clipped windows never reach it, they take
+// conv_pool_general.cpp's path), so the rule is about speed only:
+//   * few input channels, whose KH*KW*Cin taps fit in <= 3 vectors of the ISA, with windows of
+//     <= 4 elements: the decoder's window-vector kernels (lanes = pool windows) against buckets
+//     whose rows use 1-3 lanes in 16: the decoder form, on every ISA;
+//   * Cin >= 32 and Cout >= 16 (the decoder's per-entry kernels with many entries per window):
+//     the decoder form under AVX-512, where it wins or ties; its AVX2 clones lost on every such
+//     shape (not profiled; the decoder's row masks have AVX-512 intrinsics, its other clones
+//     OR bit by bit);
+//   * otherwise (Cin 7 to 16, or Cout < 16: few entries per position; not profiled, presumably
+//     the decoder's dense T stores and per-pixel tap sums outweigh its sums there) the buckets.
+// Measured: a standalone A/B script (/tmp, not committed) timing the raw ops in one process,
+// AEFAST_ENCODER_DGRAD alternated per round, 1 thread, CPU time, medians of 15-31 rounds, 3x3
+// conv padding 1, 2x2 pool, relu, fp32, NCHW unless "cl", AVX-512 Zen 5 under load 2-5
+// (directions only; the ratios moved by up to ~0.1 between runs). Ratio decoder / buckets for the
+// input gradient alone (conv_pool2d_backward_input), then for the fused backward (both gradients):
+//   W1 1->32 28x28 N256       0.42-0.45, fused 0.55-0.58 (2.5-2.8 against 5.9-6.1 ms)
+//   W1 32->64 14x14 N256      0.92-1.08, fused 1.01-1.03 (a tie: ~6 ms each); cl 0.95-0.98, 1.02
+//   W2 3->32 128x128 N32      0.49-0.54, fused 0.78 (9.5 against 18 ms)
+//   W2 32->64 64x64 N32       0.86-0.92, fused 0.93-0.96 (15 against 17 ms)
+//   W2 64->128 32x32 N32      0.87-0.88, fused 0.95
+//   N128 64->64 14x14 0.83-0.85, fused 0.91; N64 128->64 14x14 0.73-0.76, fused 0.87;
+//   N64 28x28 32->32 0.95-1.04 and 32->16 0.91-1.05 (ties), fused 1.00-1.07
+//   tutorial 1->16 28x28 N128 0.29-0.32, fused 0.45; N64 5->16 0.57-0.59; but 7->32 1.02-1.09
+//   (4 vectors): buckets. Losses of the decoder form, kept on buckets: tutorial 16->4 14x14 N128
+//   1.27-1.48, SegNet-like N16 8->16 48x48 cl 1.19-1.25, 16->16 24x24 cl 0.98-1.07 (NCHW
+//   1.04-1.16), N64 28x28 8->32 1.21-1.28, 16->32 0.99-1.12, 16->64 0.97-1.02, N128 64->8 1.09-1.15.
+// Other geometries in the Cin >= 32 branch, ties: 3x3 pool 32->64 21x21 N128 1.04-1.05, stride-2
+// 32->64 28x28 N256 1.03, and 32->64 14x14 N64 fp64 0.91, bf16 1.01-1.05 (fused 0.99-1.04).
+// With AEFAST_CPU_ISA=avx2: 1->32 / 1->16 0.71 / 0.58 (K = 9: 2 vectors of 8), 3->32 0.97 (4
+// vectors), every Cin >= 5 shape above 1.06-1.65. SegNetAutoencoder at W1 has W1's encoder shapes.
+// AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one form, for tests and A/B timing.
+constexpr int64_t kDecoderDgradMaxSlabVectors = 3;
+constexpr int64_t kDecoderDgradMinCin = 32, kDecoderDgradMinCout = 16;
+
+bool dgrad_uses_decoder_forward(const Shape& s, at::ScalarType dtype) {
+  if (const char* env = std::getenv("AEFAST_ENCODER_DGRAD"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    if (v == "decoder") return true;
+    if (v == "buckets") return false;
+    TORCH_CHECK(false, "AEFAST_ENCODER_DGRAD must be 'decoder' or 'buckets', got '", v, "'");
+  }
+  const Isa isa = cpu_isa();
+  const int64_t lanes = unpool_deconv_cpu::decoder_lanes(isa, dtype);  // the accumulation type's
+  const int64_t slab_vectors = (s.KH * s.KW * s.Cin + lanes - 1) / lanes;
+  if (s.PKH * s.PKW <= 4 && slab_vectors <= kDecoderDgradMaxSlabVectors) return true;
+  return isa == Isa::kAvx512 && s.Cin >= kDecoderDgradMinCin && s.Cout >= kDecoderDgradMinCout;
+}
+
+// The input gradient as the decoder's forward (unpool_deconv.cpp; the derivation above
+// conv_pool2d_backward_impl): grad_x = conv_transpose2d(max_unpool2d(gz, window offsets), w,
+// stride, padding) cut to the input's H x W, i.e. unpool_conv_transpose2d with z = gz, indices =
+// the window offsets, the encoder's weight (Cout, Cin, KH, KW) read as the transposed conv's
+// (C_in = Cout, C_out = Cin), no bias, no activation. The unpooled plane is the part of the conv
+// output that the windows cover (HO*PKH x WO*PKW: no entry lies beyond it) and the output size is
+// the input's (AxisTaps gives the rows / columns no conv window reads no tap: zeros).
+// gz (N, Cout, HO, WO) is in the accumulation type and dense in the layout cl says, as the window
+// offsets are; half types run the decoder in fp32 on gz and a widened weight and are rounded once
+// into grad_input. The decoder writes grad_input itself where the types and the layout agree,
+// else a temporary that is copied (half types; grad_input channels-last with NCHW pooled tensors).
+// The decoder forward is deterministic per image, so the result is thread-count independent.
+template <typename scalar_t>
+void dgrad_by_decoder_forward(const at::Tensor& gz, const at::Tensor& window, const at::Tensor& weight, const Shape& s,
+                              bool cl, at::Tensor& grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  namespace dec = unpool_deconv_cpu;
+  const DecoderGeometry g{s.N, s.Cout, s.Cin, s.HO, s.WO, s.PKH, s.PKW, s.HO * s.PKH, s.WU(),
+                          s.KH, s.KW, s.SH, s.SW, s.PH, s.PW, s.H, s.W};
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor w = weight.to(gz.scalar_type()).contiguous();
+  const bool direct = std::is_same_v<scalar_t, acc_t> && grad_input.is_contiguous(fmt);
+  at::Tensor out = direct ? grad_input : empty_cpu_cached(grad_input.sizes(), gz.options(), fmt);
+  at::Tensor pre = at::empty({0}, gz.options());
+  const std::optional<at::Tensor> no_bias;
+  dec::forward_sparse(dec::ForwardCall{gz, window, w, no_bias, g, DecoderAct::None, 0.0, cl, out, pre});
+  if (!direct) grad_input.copy_(out);
+}
+
 template <typename scalar_t, typename acc_t>
 using GzFn = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t*);
 
@@ -648,6 +733,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const at::Tensor* weight, const Shape& s, int64_t activation, double negative_slope,
     const InputCorruption& noise) {
   const bool need_x = weight != nullptr, need_w = input != nullptr;
+  // The input gradient's form (dgrad_uses_decoder_forward): the decoder's forward over gz, or
+  // the per-position buckets (dgrad_image) inside the per-image loop below.
+  const bool dgrad_decoder = need_x && dgrad_uses_decoder_forward(s, grad_pooled.scalar_type());
+  const bool dgrad_buckets = need_x && !dgrad_decoder;
   // Channels-last pooled tensors (the forward's outputs for a channels-last input) are read as
   // they are: each image's gz and window offsets are transposed to the kernels' (Cout, plane)
   // order in a per-thread buffer, instead of an NCHW copy of the three tensors.
@@ -689,11 +778,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     const auto transpose = pick_transpose<acc_t>(isa);
     // Weight rows (Cout, Kp), k = (ki*KW + kj)*Cin + ci, zero-padded, for the dgrad.
     at::Tensor wr;
-    if (need_x) {
+    if (dgrad_buckets) {
       wr = at::zeros({s.Cout, Kp}, g.options().dtype(acc_dtype));
       wr.narrow(1, 0, K).copy_(weight->permute({0, 2, 3, 1}).reshape({s.Cout, K}));
     }
-    const acc_t* wrp = need_x ? wr.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* wrp = dgrad_buckets ? wr.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* xp = need_w ? input->const_data_ptr<scalar_t>() : nullptr;
     const int64_t xstr[4] = {need_w ? input->stride(0) : 0, need_w ? input->stride(1) : 0,
                              need_w ? input->stride(2) : 0, need_w ? input->stride(3) : 0};
@@ -717,6 +806,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       geo.offk[k] = static_cast<int32_t>(geo.di[k] * WU + geo.dj[k]);
     }
     const auto kern = pick_bwd<acc_t>(isa);
+    // The input gradient by the decoder's forward (dgrad_uses_decoder_forward) runs over the
+    // whole batch's gz (gz_all, in the layout of the pooled tensors): with the weight gradient,
+    // the loop below writes each image's gz there as it computes it for the weight gradient, and
+    // the decoder runs after the loop; alone, a pass computes gz_all first. (Tried: per chunk of
+    // images inside the loop, the decoder on the chunk's gz while it is in cache. It gained on
+    // W2's 3->32 128x128, 16 MB of gz (fused ratio 0.74 against 0.82), but the per-call set-up of
+    // the decoder, up to 16 calls, cost more on every other shape: W1 32->64 fused 1.07 against
+    // 1.03-1.05, N16 16->16 24x24 1.30 against 1.0.)
+    const at::Tensor gz_all =
+        dgrad_decoder ? empty_cpu_cached({s.N, s.Cout, s.HO, s.WO}, g.options().dtype(acc_dtype),
+                                         cl_grads ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+                      : at::Tensor();
+    acc_t* gz_of_images = dgrad_decoder ? gz_all.mutable_data_ptr<acc_t>() : nullptr;
+    if (dgrad_decoder && !need_w)
+      at::parallel_for(0, s.N, std::max<int64_t>(1, 65536 / std::max<int64_t>(E, 1)), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) gzfn(gp + n * E, zp + n * E, E, slope, gz_of_images + n * E);
+      });
     // The weight gradient by conv position (wgrad_uses_positions): G strips of pooled rows sized
     // for L1/L2, the patch offsets of every conv position and of every k, partials (K, ldg).
     const bool by_position = need_w && wgrad_uses_positions(s);
@@ -742,9 +848,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
     TORCH_CHECK(max_pos * Kp < (int64_t(1) << 31) && (!need_w || Hp * row < (int64_t(1) << 31)),
                 "aefast::conv_pool2d backward: the image is too wide");
     // Fixed chunks of images (a function of N and the sizes only) own the weight/bias partials.
+    // (Nothing is left for the loop when the decoder has done the only gradient asked for.)
     const int64_t chunks =
         need_w ? std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(s.Cout * Kp, 1), 1, std::min<int64_t>(s.N, 16))
-               : s.N;
+               : dgrad_buckets ? s.N : 0;
     // Image- and weight-sized scratch through the buffer cache (aefast/cpu_buffer_cache.h): a
     // fresh buffer of a few MB page-faults on every call. Each chunk zeroes its own part_w slice.
     const at::TensorOptions acc_opts = g.options().dtype(acc_dtype);
@@ -761,11 +868,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       const bool by_entry = need_w && !by_position;
       std::vector<acc_t> gg(by_entry ? plane : 0), patches(by_entry ? max_pos * Kp : 0);
       std::vector<acc_t> gpos(by_position ? geo_pos.rows * s.PKH * WU * ldg : 0);
-      std::vector<int32_t> off(by_entry ? plane : 0), fill(need_x ? keys : 0), bo(need_x ? keys * s.Cout : 0);
-      const at::Tensor gx_t = empty_cpu_cached({need_x ? Hp * row : 0}, acc_opts);
+      std::vector<int32_t> off(by_entry ? plane : 0), fill(dgrad_buckets ? keys : 0),
+          bo(dgrad_buckets ? keys * s.Cout : 0);
+      const at::Tensor gx_t = empty_cpu_cached({dgrad_buckets ? Hp * row : 0}, acc_opts);
       acc_t* gx = gx_t.mutable_data_ptr<acc_t>();
-      std::vector<acc_t> bg(need_x ? keys * s.Cout : 0), dcol(need_x ? Kp : 0);
-      std::vector<acc_t> gz_cl(cl_grads ? E : 0);
+      std::vector<acc_t> bg(dgrad_buckets ? keys * s.Cout : 0), dcol(dgrad_buckets ? Kp : 0);
+      std::vector<acc_t> gz_cl(cl_grads && !dgrad_decoder ? E : 0);
       std::vector<uint8_t> kn_nchw(cl_grads ? E : 0);
       for (int64_t c = cbegin; c < cend; ++c) {
         const int64_t n0 = c * s.N / chunks, n1 = (c + 1) * s.N / chunks;
@@ -777,12 +885,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
         }
         for (int64_t n = n0; n < n1; ++n) {
           const uint8_t* kn = kp + n * E;
+          // The image's gz, into gz_all's slot for the decoder-form dgrad; the kernels below
+          // read it in (Cout, plane) order (gzn).
+          const acc_t* gzn = gz;
           if (cl_grads) {  // (plane, Cout) -> (Cout, plane)
-            gzfn(gp + n * E, zp + n * E, E, slope, gz_cl.data());
-            transpose(gz_cl.data(), plane, s.Cout, gz, plane);
+            acc_t* gz_pc = dgrad_decoder ? gz_of_images + n * E : gz_cl.data();
+            gzfn(gp + n * E, zp + n * E, E, slope, gz_pc);
+            transpose(gz_pc, plane, s.Cout, gz, plane);
             for (int64_t co = 0; co < s.Cout; ++co)
               for (int64_t q = 0; q < plane; ++q) kn_nchw[co * plane + q] = kn[q * s.Cout + co];
             kn = kn_nchw.data();
+          } else if (dgrad_decoder) {
+            gzfn(gp + n * E, zp + n * E, E, slope, gz_of_images + n * E);
+            gzn = gz_of_images + n * E;
           } else {
             gzfn(gp + n * E, zp + n * E, E, slope, gz);
           }
@@ -791,13 +906,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
             load_input_rows<scalar_t, acc_t>(xp, xstr, s, n, 0, s.H, xpad + s.PH * row + s.PW * s.Cin, row,
                                              corrupt_at);
             if (by_position)
-              kern.wgrad_by_position(geo_pos, xpad, gz, kn, pbase.data(), koff.data(), ldg, gpos.data(), gw, gb);
+              kern.wgrad_by_position(geo_pos, xpad, gzn, kn, pbase.data(), koff.data(), ldg, gpos.data(), gw, gb);
             else
-              kern.wgrad(geo, xpad, gz, kn, patches.data(), off.data(), gg.data(), gw, gb);
+              kern.wgrad(geo, xpad, gzn, kn, patches.data(), off.data(), gg.data(), gw, gb);
           }
-          if (need_x) {
+          if (dgrad_buckets) {
             std::fill(gx, gx + Hp * row, acc_t(0));
-            kern.dgrad(geo, gz, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
+            kern.dgrad(geo, gzn, kn, wrp, fill.data(), bo.data(), bg.data(), dcol.data(), gx);
             // The interior of the padded gradient image, to channels-last or NCHW.
             scalar_t* dst = gxo + n * s.Cin * s.H * s.W;
             if (in_cl) {
@@ -818,6 +933,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
         }
       }
     });
+    if (dgrad_decoder) {
+      RECORD_USER_SCOPE("aefast path: conv_pool2d_backward dgrad by decoder forward");
+      dgrad_by_decoder_forward<scalar_t>(gz_all, win, *weight, s, cl_grads, grad_input);
+    }
     if (need_w) {
       // Sum the chunk partials in chunk order straight into the outputs, permuting
       // (Cout, KH, KW, Cin) -> (Cout, Cin, KH, KW) on the way.

@@ -166,11 +166,7 @@ std::tuple<at::Tensor, at::Tensor> unpool_conv_transpose2d_cpu(
   at::Tensor out = empty_cpu_cached({g.n, g.c_out, g.out_h, g.out_w}, input.options(), fmt);
   at::Tensor pre = act_needs_preactivation(act) ? empty_cpu_cached(out.sizes(), input.options(), fmt)
                                                 : at::empty({0}, input.options());
-  const ForwardCall call{z, idx, w, bias, g, act, negative_slope, cl, out, pre};
-  if (use_window_vectors(g, input.scalar_type()))
-    forward_window_vectors(call);
-  else
-    forward_per_entry(call);
+  forward_sparse(ForwardCall{z, idx, w, bias, g, act, negative_slope, cl, out, pre});
   return {out, pre};
 }
 
@@ -327,6 +323,14 @@ at::Tensor first_bad_unpool_index_cpu(const at::Tensor& indices, c10::IntArrayRe
 
 
 }  // namespace
+
+void forward_sparse(const ForwardCall& call) {
+  if (use_window_vectors(call.g, call.z.scalar_type()))
+    forward_window_vectors(call);
+  else
+    forward_per_entry(call);
+}
+
 }  // namespace unpool_deconv_cpu
 
 TORCH_LIBRARY_IMPL(aefast, CompositeExplicitAutograd, m) {

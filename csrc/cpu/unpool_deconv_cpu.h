@@ -473,6 +473,10 @@ void forward_per_entry(const ForwardCall& call);        // unpool_deconv_entries
 void backward_per_entry(const BackwardCall& call);      // unpool_deconv_entries_backward.cpp
 void forward_window_vectors(const ForwardCall& call);   // unpool_deconv_window_vectors.cpp
 void backward_window_vectors(const BackwardCall& call); // unpool_deconv_window_vectors.cpp
+// The sparse forward of the family that serves call.g (unpool_deconv.cpp: the window-vector
+// kernels where use_window_vectors says so, else the per-entry ones). Also the CPU encoder's
+// input gradient (conv_pool.cpp, dgrad_uses_decoder_forward), which is this forward applied to gz.
+void forward_sparse(const ForwardCall& call);           // unpool_deconv.cpp
 
 }  // namespace unpool_deconv_cpu
 }  // namespace aefast
