@@ -84,6 +84,7 @@ SWITCHES = {
     "AEFAST_ENCODER_CONV": "vendor|direct, csrc/cpu/conv_pool_winograd.cpp encoder_cpu_uses_vendor_conv",
     "AEFAST_ENCODER_BACKWARD": "sparse|vendor, csrc/cpu/conv_pool.cpp backward_uses_vendor",
     "AEFAST_ENCODER_WGRAD": "entries|positions, csrc/cpu/conv_pool.cpp wgrad_uses_positions",
+    "AEFAST_ENCODER_DGRAD": "decoder|buckets, csrc/cpu/conv_pool.cpp dgrad_uses_decoder_forward",
     "AEFAST_DECODER_WINDOW_VECTORS": "0|1, csrc/cpu/unpool_deconv.cpp use_window_vectors",
     "AEFAST_DECODER_FORWARD": "vendor|sparse, csrc/cpu/unpool_deconv.cpp decoder_forward_uses_vendor",
     "AEFAST_CONV_TRANSPOSE_FORWARD": "gather|vendor, csrc/cpu/conv_transpose_act.cpp use_gather_forward",
@@ -96,7 +97,7 @@ class Variant:
     name: str
     run: Callable[[], object]
     switches: dict | None = None  # environment switches forcing it; None: another op (never the rule's pick)
-    path: str | None = None       # the profiler label of the path it forces (None with switches: the op's only path)
+    path: str | tuple | None = None  # the profiler label(s) of the path it forces (None with switches: the op's only path)
     executes: str = "counted"     # what it multiplies, against the counted FLOPs
     lower_bound: bool = False     # the GEMMs alone: a bound, not a kernel
     timed_once: bool = False      # seconds per call: its checking call is its figure (no rounds)
@@ -240,13 +241,24 @@ def encoder_entries(label, n, cin, cout, h, w, channels_last=False):
         gemms["cols"]()   # dgrad: gz rows (every conv position) x W
         gemms["wgrad"]()  # wgrad: gz^T x im2col rows of x
 
+    by_decoder = "conv_pool2d_backward dgrad by decoder forward"
+
+    def sparse_switches(wgrad, dgrad):
+        return {"AEFAST_ENCODER_BACKWARD": "sparse", "AEFAST_ENCODER_WGRAD": wgrad, "AEFAST_ENCODER_DGRAD": dgrad}
+
     backward = Entry("conv_pool2d backward (encoder dgrad + wgrad)", label, 2 * sparse, bwd, [
-        Variant("sparse gather kernels, wgrad per entry", bwd,
-                {"AEFAST_ENCODER_BACKWARD": "sparse", "AEFAST_ENCODER_WGRAD": "entries"},
+        Variant("sparse gather kernels, wgrad per entry, dgrad buckets", bwd,
+                sparse_switches("entries", "buckets"),
                 "conv_pool2d_backward sparse, wgrad per entry"),
-        Variant("sparse gather kernels, wgrad by position", bwd,
-                {"AEFAST_ENCODER_BACKWARD": "sparse", "AEFAST_ENCODER_WGRAD": "positions"},
+        Variant("sparse gather kernels, wgrad per entry, dgrad = decoder forward", bwd,
+                sparse_switches("entries", "decoder"),
+                ("conv_pool2d_backward sparse, wgrad per entry", by_decoder)),
+        Variant("sparse gather kernels, wgrad by position, dgrad buckets", bwd,
+                sparse_switches("positions", "buckets"),
                 "conv_pool2d_backward sparse, wgrad by position", "2.5x counted (dense wgrad)"),
+        Variant("sparse gather kernels, wgrad by position, dgrad = decoder forward", bwd,
+                sparse_switches("positions", "decoder"),
+                ("conv_pool2d_backward sparse, wgrad by position", by_decoder), "2.5x counted (dense wgrad)"),
         Variant("scatter + oneDNN convolution_backward", bwd, {"AEFAST_ENCODER_BACKWARD": "vendor"},
                 "conv_pool2d_backward scatter + onednn", "4x counted"),
         Variant(GEMM_FORM, gemm_form, executes="4x counted", timed_once=True),
@@ -457,6 +469,13 @@ def all_entries(quick):
         yield from loss_entries(label, shape)
 
 
+def variant_paths(v):
+    """The profiler labels a variant forces, as a set (empty: none named)."""
+    if v.path is None:
+        return set()
+    return {v.path} if isinstance(v.path, str) else set(v.path)
+
+
 def resolve_variants(entry):
     """Runs the op as dispatched (every switch unset) and every variant once, under the profiler:
     checks that each variant computes the same thing and that a forced one took its path (one
@@ -468,17 +487,21 @@ def resolve_variants(entry):
     with environment_switches(dict.fromkeys(SWITCHES)):
         want, taken, _ = run_and_paths(entry.dispatched)
     kept, left_out, first_call = [], [], {}
+    # A variant's path may be several labels (an op that runs two kernels, e.g. the encoder
+    # backward's dgrad and wgrad): it is the rule's pick when the dispatched op took exactly its
+    # labels among those the entry's variants name.
+    named = {p for v in entry.variants for p in variant_paths(v)}
     for v in entry.variants:
         with environment_switches(v.switches):
             got, paths, first_call[v.name] = run_and_paths(v.run)
         if v.lower_bound:
             kept.append((v, False))
             continue
-        if v.path is not None and v.path not in paths:
+        if not variant_paths(v) <= set(paths):
             left_out.append(v.name)
             continue
         check_close(v.name, got, want, f"{entry.kernel} | {entry.case}", entry.compared)
-        rule = v.switches is not None and (v.path in taken if v.path is not None else True)
+        rule = v.switches is not None and (variant_paths(v) == named & set(taken) if v.path is not None else True)
         kept.append((v, rule))
     return kept, taken, left_out, first_call
 

@@ -28,13 +28,14 @@ def test_kernel_ledger_quick(tmp_path):
         assert len(picks) == 1, (case, [r["variant"] for r in rows if r["case"] == case])
         assert picks[0]["extra"]["verdict"] and not picks[0]["extra"]["lower_bound"]
     # Competing algorithms are side by side: the encoder forward's three paths on a K >= 64 shape,
-    # the encoder backward's sparse kernels against oneDNN and the GEMM form, the decoder's
+    # the encoder backward's sparse kernels (both wgrad forms, each with both dgrad forms) against
+    # oneDNN and the GEMM form, the decoder's
     # window-vector kernels against the per-entry ones on a C_out 1 shape.
     variants = {(r["extra"]["kernel"].split(" (")[0], r["extra"]["case"]): set() for r in rows}
     for r in rows:
         variants[(r["extra"]["kernel"].split(" (")[0], r["extra"]["case"])].add(r["variant"])
     assert len(variants[("conv_pool2d forward", "quick 2x8->16 10x9")]) == 3
-    assert len(variants[("conv_pool2d backward", "quick 2x8->16 10x9")]) == 5
+    assert len(variants[("conv_pool2d backward", "quick 2x8->16 10x9")]) == 7
     # (+ the vendor conv over the unpooled map, which can be forced on any shape)
     assert len(variants[("unpool_conv_transpose2d forward", "quick 2x8->1 8x8")]) == 5
     assert len(variants[("unpool_conv_transpose2d forward", "quick 1x16->24 6x7")]) == 4  # large slab: no window vectors
