@@ -82,9 +82,9 @@ GEMM_FORM = "GEMM form, scalar gathers (CUDA algorithm; timed once)"
 SWITCHES = {
     "AEFAST_ENCODER_WINOGRAD": "0|1, csrc/cpu/conv_pool_winograd.cpp encoder_uses_winograd",
     "AEFAST_ENCODER_CONV": "vendor|direct, csrc/cpu/conv_pool_winograd.cpp encoder_cpu_uses_vendor_conv",
-    "AEFAST_ENCODER_BACKWARD": "sparse|vendor, csrc/cpu/conv_pool.cpp backward_uses_vendor",
-    "AEFAST_ENCODER_WGRAD": "entries|positions, csrc/cpu/conv_pool.cpp wgrad_uses_positions",
-    "AEFAST_ENCODER_DGRAD": "decoder|buckets, csrc/cpu/conv_pool.cpp dgrad_uses_decoder_forward",
+    "AEFAST_ENCODER_BACKWARD": "sparse|vendor, csrc/cpu/conv_pool_backward.cpp backward_uses_vendor",
+    "AEFAST_ENCODER_WGRAD": "entries|positions, csrc/cpu/conv_pool_backward.cpp wgrad_uses_positions",
+    "AEFAST_ENCODER_DGRAD": "decoder|buckets, csrc/cpu/conv_pool_backward.cpp dgrad_uses_decoder_forward",
     "AEFAST_DECODER_WINDOW_VECTORS": "0|1, csrc/cpu/unpool_deconv.cpp use_window_vectors",
     "AEFAST_DECODER_FORWARD": "vendor|sparse, csrc/cpu/unpool_deconv.cpp decoder_forward_uses_vendor",
     "AEFAST_CONV_TRANSPOSE_FORWARD": "gather|vendor, csrc/cpu/conv_transpose_act.cpp use_gather_forward",

@@ -590,7 +590,7 @@ def test_cpu_epilogue_forms_agree(monkeypatch, isa, case):
         assert torch.equal(a, c) or torch.equal(a.isnan(), c.isnan()) and torch.equal(a.nan_to_num(), c.nan_to_num())
 
 
-# The weight gradient has two forms (csrc/cpu/conv_pool.cpp, wgrad_uses_positions): per entry
+# The weight gradient has two forms (csrc/cpu/conv_pool_backward.cpp, wgrad_uses_positions): per entry
 # (long reductions) and by conv position with the output channels in vector lanes (short ones,
 # e.g. the first layer's K = 9 or 27). AEFAST_ENCODER_WGRAD forces one; both are held to the
 # reference on every case above (the default picks one of them per case) and to each other with
@@ -644,7 +644,7 @@ def test_cpu_weight_gradient_form_env_rejects_unknown_value(monkeypatch):
             y.sum().backward()
 
 
-# The input gradient has two forms (csrc/cpu/conv_pool.cpp, dgrad_uses_decoder_forward): the
+# The input gradient has two forms (csrc/cpu/conv_pool_backward.cpp, dgrad_uses_decoder_forward): the
 # decoder's forward kernels applied to gz (unpool_conv_transpose2d's math with z = gz, the window
 # offsets as indices and the encoder's weight as the transposed conv's) and the per-position
 # buckets (dgrad_image). AEFAST_ENCODER_DGRAD forces one; both are held to the reference on every
@@ -712,7 +712,7 @@ def test_cpu_input_gradient_forms_agree(monkeypatch, dtype):
     assert torch.equal(got["decoder"][2], got["buckets"][2]) and torch.equal(got["decoder"][3], got["buckets"][3])
 
 
-# The rule (conv_pool.cpp, dgrad_uses_decoder_forward), as each ISA variant applies it: the
+# The rule (conv_pool_backward.cpp, dgrad_uses_decoder_forward), as each ISA variant applies it: the
 # decoder form for few input channels (3x3 taps of one channel: one vector, or two of 8 lanes) on
 # every ISA and for Cin >= 32, Cout >= 16 under AVX-512 only; the buckets for 16->4. The path
 # names itself in the profiler; the fused op runs the same rule.
@@ -997,7 +997,7 @@ def test_cpu_channels_last_in_channels_last_out(monkeypatch, isa, case):
     same(gb, want[2])
 
 
-# A tiling pool's backward has two routes (csrc/cpu/conv_pool.cpp, backward_uses_vendor): aefast's
+# A tiling pool's backward has two routes (csrc/cpu/conv_pool_backward.cpp, backward_uses_vendor): aefast's
 # sparse kernels (the default, measured faster), and gz scattered into a dense channels-last dL/dz
 # handed to oneDNN's convolution_backward (the general pool's route), kept as an A/B switch. Both against the exact
 # routed gradients and each other, in both layouts, the layouts of their results equal; ceil_mode

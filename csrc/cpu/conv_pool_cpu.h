@@ -9,9 +9,11 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "aefast/corruption.h"
 #include "aefast/cpu_isa.h"
+#include "conv_pool_general.h"
 
 namespace aefast {
 namespace encoder_cpu {
@@ -119,6 +121,34 @@ void conv_pool2d_forward_winograd(const at::Tensor& input, const at::Tensor& wei
                                   const std::optional<at::Tensor>& bias_opt, const Shape& s, int64_t activation,
                                   double negative_slope, const InputCorruption& noise, at::Tensor& pooled,
                                   at::Tensor& window, at::Tensor& preact);
+
+
+// Host-side helpers of the forward and the backward (defined in conv_pool.cpp).
+// The pool of a call: pool_size windows, pool_stride apart (0: = pool_size), ceil_mode.
+PoolWindows pool_windows(c10::IntArrayRef pool, c10::IntArrayRef pool_stride, bool ceil_mode);
+// Whether the tiling kernels serve the pool (else conv_pool_general.cpp does).
+bool tiling_pool(const PoolWindows& p, int64_t H, int64_t W, int64_t KH, int64_t KW, c10::IntArrayRef stride,
+                 c10::IntArrayRef padding);
+Shape make_shape(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t KH, int64_t KW,
+                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef pool);
+InputCorruption parse_input_corruption(c10::string_view kind, double level, int64_t seed, double low, double high);
+void check_activation(int64_t act);
+void check_conv_args(const at::Tensor& input, const at::Tensor& weight);
+// Channels-last and not also plainly contiguous (the fake functions' test).
+bool strides_channels_last(const at::Tensor& t);
+// conv_pool_general.cpp's results in the layout of the tiling path's rule.
+at::Tensor in_layout(const at::Tensor& t, bool channels_last);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_layout(std::tuple<at::Tensor, at::Tensor, at::Tensor> t,
+                                                         bool channels_last);
+
+// Geometry of the sparse backward (conv_pool_backward.cpp, conv_pool2d_backward_impl): rows of Kp = K rounded up to 64
+// bytes, conv positions p = h*WU + w, strips of `rows` pooled rows for the wgrad patches, and
+// per window offset k its row di, column dj and position offset offk = di*WU + dj.
+struct BwdGeom {
+  int64_t Cin, Cout, KH, KW, SH, SW, HO, WO, PKH, PKW;
+  int64_t K, Kp, WU, row, run, rows, pkhw, keys;
+  int32_t di[256], dj[256], offk[256];
+};
 
 }  // namespace encoder_cpu
 }  // namespace aefast

@@ -1,7 +1,8 @@
 // The Winograd F(2x2, 3x3) forward of the encoder block conv -> bias -> activation -> 2x2
 // max-pool with argmax (3x3, stride-1 convs), for fp32 and the half types (computed in fp32).
-// The op entry point, its other forward paths and the backward are in conv_pool.cpp; this file
-// reuses its input load, register-blocked GEMM and fused epilogue (conv_pool_cpu.h).
+// The op entry point and its other forward paths are in conv_pool.cpp (the backward in
+// conv_pool_backward.cpp); this file reuses its input load, register-blocked GEMM and fused
+// epilogue (conv_pool_cpu.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -475,7 +475,7 @@ void forward_window_vectors(const ForwardCall& call);   // unpool_deconv_window_
 void backward_window_vectors(const BackwardCall& call); // unpool_deconv_window_vectors.cpp
 // The sparse forward of the family that serves call.g (unpool_deconv.cpp: the window-vector
 // kernels where use_window_vectors says so, else the per-entry ones). Also the CPU encoder's
-// input gradient (conv_pool.cpp, dgrad_uses_decoder_forward), which is this forward applied to gz.
+// input gradient (conv_pool_backward.cpp, dgrad_uses_decoder_forward), which is this forward applied to gz.
 void forward_sparse(const ForwardCall& call);           // unpool_deconv.cpp
 
 }  // namespace unpool_deconv_cpu
