@@ -14,8 +14,8 @@
 //        b. slab_sums: per position, walk the set bits (ascending channel, tzcnt / blsr): a
 //           broadcast of z (the row's z copied window-major first) times the weight slab at
 //           c*Kp, summed in SIMD registers in column chunks of <= 12 vectors that keep the
-//           C_in x chunk weight block within 40 KiB of L1 (9 of 18 for 64->32: ~4% faster
-//           than 6 within 32 KiB); one
+//           C_in x chunk weight block within 48 KiB of L1 (9 of 18 for 64->32: ~4% faster
+//           than 6 within 32 KiB; 6 of 36 for 128->64, see kForwardChunkBytes); one
 //           weight load per FMA, the position's T written once, zeros where it has no entry.
 //        These replaced bucketing the entries by position (a counter and two stores per entry,
 //        ~30% of the forward's time). The sums are the same, in the same order: the output
@@ -65,7 +65,13 @@ namespace unpool_deconv_cpu {
 namespace {
 
 // Column chunks of the large-slab sums: C_in x chunk weights within this many bytes of L1.
-constexpr int64_t kForwardChunkBytes = 40960;
+// 48 KiB (the whole L1D of these Zen 5 cores), not 40: 128->64 (36 vectors) then runs 6 chunks
+// of 6 instead of 7 of 5 and one of 1, and each chunk re-walks every position's channel masks
+// (tzcnt loop, a mispredicted exit per position); measured 0.92-0.93x the time of 40 KiB on
+// 128->64 @32x32 N=32 (standalone harness, 1 thread, CPU time, medians of 15 interleaved runs,
+// 3 repeats, loaded 2-core machine). 64->32 keeps 2 chunks of 9 (unchanged). The results do not
+// depend on the chunking (each T value is one chunk's sum over the same channels in order).
+constexpr int64_t kForwardChunkBytes = 49152;
 
 // The forward's tap vectors T of the large-slab path live in a ring of unpooled rows: row h at
 // ring row h % rows. The epilogue of output row oy reads the rows h with h*sh - pad_h + kh = oy,
