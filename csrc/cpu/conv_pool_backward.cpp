@@ -166,9 +166,11 @@ bool wgrad_uses_positions(const Shape& s) {
 //     <= 4 elements: the decoder's window-vector kernels (lanes = pool windows) against buckets
 //     whose rows use 1-3 lanes in 16: the decoder form, on every ISA;
 //   * Cin >= 32 and Cout >= 16 (the decoder's per-entry kernels with many entries per window):
-//     the decoder form under AVX-512, where it wins or ties; its AVX2 clones lost on every such
-//     shape (not profiled; the decoder's row masks have AVX-512 intrinsics, its other clones
-//     OR bit by bit);
+//     the buckets. The 1-thread A/B below had the decoder form win or tie under AVX-512 (its AVX2
+//     clones lost on every such shape), but with the training steps' 2 threads it lost or tied
+//     (fused backward via autograd.grad of AF.conv_pool2d, AEFAST_ENCODER_DGRAD alternated,
+//     wall-clock medians of 15, two runs on a slow host, decoder / buckets: W1 32->64 14x14 N256 1.14 / 1.03, W2 32->64 64x64
+//     N32 1.09 / 1.08, W2 64->128 32x32 N32 1.01 / 1.00), so the rule leaves them on the buckets;
 //   * otherwise (Cin 7 to 16, or Cout < 16: few entries per position; not profiled, presumably
 //     the decoder's dense T stores and per-pixel tap sums outweigh its sums there) the buckets.
 // Measured: a standalone A/B script (/tmp, not committed) timing the raw ops in one process,
@@ -193,7 +195,6 @@ bool wgrad_uses_positions(const Shape& s) {
 // vectors), every Cin >= 5 shape above 1.06-1.65. SegNetAutoencoder at W1 has W1's encoder shapes.
 // AEFAST_ENCODER_DGRAD=decoder|buckets (read per call) forces one form, for tests and A/B timing.
 constexpr int64_t kDecoderDgradMaxSlabVectors = 3;
-constexpr int64_t kDecoderDgradMinCin = 32, kDecoderDgradMinCout = 16;
 
 bool dgrad_uses_decoder_forward(const Shape& s, at::ScalarType dtype) {
   if (const char* env = std::getenv("AEFAST_ENCODER_DGRAD"); env != nullptr && *env != '\0') {
@@ -205,8 +206,7 @@ bool dgrad_uses_decoder_forward(const Shape& s, at::ScalarType dtype) {
   const Isa isa = cpu_isa();
   const int64_t lanes = unpool_deconv_cpu::decoder_lanes(isa, dtype);  // the accumulation type's
   const int64_t slab_vectors = (s.KH * s.KW * s.Cin + lanes - 1) / lanes;
-  if (s.PKH * s.PKW <= 4 && slab_vectors <= kDecoderDgradMaxSlabVectors) return true;
-  return isa == Isa::kAvx512 && s.Cin >= kDecoderDgradMinCin && s.Cout >= kDecoderDgradMinCout;
+  return s.PKH * s.PKW <= 4 && slab_vectors <= kDecoderDgradMaxSlabVectors;
 }
 
 // The input gradient as the decoder's forward (unpool_deconv.cpp; the derivation above
