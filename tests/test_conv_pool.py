@@ -421,12 +421,12 @@ ISA_CASES = [
     (1, 1, 5, 4, 2, 3, 1, 2, 2, "relu", torch.float32),
     (1, 3, 6, 9, 11, 3, 2, 2, 2, "relu", torch.float32),          # run of 9, stride 2, padding 2
 ]
+ISA_CASE_IDS = [f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}" for c in ISA_CASES]
 HALF_GRAD_TOL = {torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
-                                                 for c in ISA_CASES])
+@pytest.mark.parametrize("case", ISA_CASES, ids=ISA_CASE_IDS)
 def test_cpu_isa_variants(monkeypatch, isa, case):
     n, cin, cout, h, w, k, s, p, pool, act, dtype = case
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
@@ -599,8 +599,7 @@ def test_cpu_epilogue_forms_agree(monkeypatch, isa, case):
 # them first (17->5, 3->33, 8->24 fp16 under AVX-512).
 @pytest.mark.parametrize("form", ["entries", "positions"])
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
-                                                 for c in ISA_CASES])
+@pytest.mark.parametrize("case", ISA_CASES, ids=ISA_CASE_IDS)
 def test_cpu_weight_gradient_forms(monkeypatch, form, isa, case):
     n, cin, cout, h, w, k, s, p, pool, act, dtype = case
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
@@ -654,8 +653,7 @@ def test_cpu_weight_gradient_form_env_rejects_unknown_value(monkeypatch):
 # the per-entry ones (larger slabs, 3x3 and 2x3 pools).
 @pytest.mark.parametrize("form", ["decoder", "buckets"])
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("case", ISA_CASES, ids=[f"{c[1]}to{c[2]}-k{c[5]}-s{c[6]}-{c[9]}-{str(c[10])[6:]}"
-                                                 for c in ISA_CASES])
+@pytest.mark.parametrize("case", ISA_CASES, ids=ISA_CASE_IDS)
 def test_cpu_input_gradient_forms(monkeypatch, form, isa, case):
     n, cin, cout, h, w, k, s, p, pool, act, dtype = case
     monkeypatch.setenv("AEFAST_CPU_ISA", isa)
