@@ -121,6 +121,8 @@ struct BwdKernels {
   void (*wgrad_by_position)(const BwdGeom&, const T*, const T*, const uint8_t*, const int32_t*, const int32_t*,
                             int64_t, T*, T*, T*);
   int64_t position_cols;
+  // Whether wgrad reads the patches in place from the padded image (it needs no patch buffer).
+  bool (*wgrad_reads_image)(const BwdGeom&);
 };
 
 template <typename T>
@@ -128,13 +130,13 @@ BwdKernels<T> pick_bwd(Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
       return {&avx512::wgrad_image<T>, &avx512::dgrad_image<T>, &avx512::wgrad_image_by_position<T>,
-              avx512::wgrad_position_cols<T>()};
+              avx512::wgrad_position_cols<T>(), &avx512::wgrad_reads_image<T>};
     case Isa::kAvx2:
       return {&avx2::wgrad_image<T>, &avx2::dgrad_image<T>, &avx2::wgrad_image_by_position<T>,
-              avx2::wgrad_position_cols<T>()};
+              avx2::wgrad_position_cols<T>(), &avx2::wgrad_reads_image<T>};
     default:
       return {&generic::wgrad_image<T>, &generic::dgrad_image<T>, &generic::wgrad_image_by_position<T>,
-              generic::wgrad_position_cols<T>()};
+              generic::wgrad_position_cols<T>(), &generic::wgrad_reads_image<T>};
   }
 }
 
@@ -415,7 +417,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool2d_backward_impl(
       acc_t* gz = gz_t.mutable_data_ptr<acc_t>();
       acc_t* xpad = xpad_t.mutable_data_ptr<acc_t>();
       const bool by_entry = need_w && !by_position;
-      std::vector<acc_t> gg(by_entry ? plane : 0), patches(by_entry ? max_pos * Kp : 0);
+      std::vector<acc_t> gg(by_entry ? plane : 0),
+          patches(by_entry && !kern.wgrad_reads_image(geo) ? max_pos * Kp : 0);
       std::vector<acc_t> gpos(by_position ? geo_pos.rows * s.PKH * WU * ldg : 0);
       std::vector<int32_t> off(by_entry ? plane : 0), fill(dgrad_buckets ? keys : 0),
           bo(dgrad_buckets ? keys * s.Cout : 0);
