@@ -239,7 +239,7 @@ inline void image_to_channels_last(const T* __restrict__ src, int64_t c_n, int64
 // The kernels read a row of pool windows channel by channel: the reads hop by a whole plane
 // from channel to channel, which the hardware prefetchers do not follow. So the same windows of
 // the next row are fetched (every channel) while this row is processed (measured: without it
-// the decoding waited on memory for most of its time).
+// the decoding waited on memory for most of its time). z = nullptr: the indices alone.
 template <typename scalar_t, typename index_t>
 AEFAST_ALWAYS_INLINE void prefetch_window_row(const scalar_t* z, const index_t* idx, const DecoderGeometry& g,
                                               int64_t ph, int64_t pw0, int64_t pw1) {
@@ -248,10 +248,12 @@ AEFAST_ALWAYS_INLINE void prefetch_window_row(const scalar_t* z, const index_t* 
   const int64_t plane = g.pooled_h * g.pooled_w;
   for (int64_t c = 0; c < g.c_in; ++c) {
     const int64_t k0 = c * plane + ph * g.pooled_w + pw0, k1 = k0 + (pw1 - pw0);
-    const char* zb = reinterpret_cast<const char*>(z + k0);
-    const char* ze = reinterpret_cast<const char*>(z + k1);
-    for (const char* a = zb; a < ze; a += line) __builtin_prefetch(a);
-    __builtin_prefetch(ze - 1);
+    if (z != nullptr) {
+      const char* zb = reinterpret_cast<const char*>(z + k0);
+      const char* ze = reinterpret_cast<const char*>(z + k1);
+      for (const char* a = zb; a < ze; a += line) __builtin_prefetch(a);
+      __builtin_prefetch(ze - 1);
+    }
     const char* ib = reinterpret_cast<const char*>(idx + k0);
     const char* ie = reinterpret_cast<const char*>(idx + k1);
     for (const char* a = ib; a < ie; a += line) __builtin_prefetch(a);

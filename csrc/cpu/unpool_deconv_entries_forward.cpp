@@ -484,8 +484,36 @@ AEFAST_ALWAYS_INLINE void transpose_block(V (&r)[L]) {
   }
 }
 
+// z of one image, window-major as the slab sums read it: dst[p * C_in + c] = z[c][p] (the
+// NCHW planes transposed, in the accumulation type), in L x L register blocks. It replaced a
+// scalar copy per row of windows (a strided store per value: ~7% of the 64->32 @14x14 forward,
+// 1 thread, perf samples). Half types convert value by value.
+template <int VB, typename scalar_t, typename acc_t>
+AEFAST_ALWAYS_INLINE void windows_major_body(const scalar_t* __restrict__ src, int64_t c_n, int64_t p_n,
+                                             acc_t* __restrict__ dst) {
+  using V = typename VecOf<acc_t, VB>::type;
+  constexpr int L = VecOf<acc_t, VB>::L;
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; c0 + L <= c_n; c0 += L) {
+      int64_t p0 = 0;
+      for (; p0 + L <= p_n; p0 += L) {
+        V r[L];
+        for (int i = 0; i < L; ++i) r[i] = vload<V>(src + (c0 + i) * p_n + p0);
+        transpose_block<V, L>(r);
+        for (int i = 0; i < L; ++i) vstore(dst + (p0 + i) * c_n + c0, r[i]);
+      }
+      for (; p0 < p_n; ++p0)
+        for (int i = 0; i < L; ++i) dst[p0 * c_n + c0 + i] = src[(c0 + i) * p_n + p0];
+    }
+  }
+  for (; c0 < c_n; ++c0)
+    for (int64_t p = 0; p < p_n; ++p) dst[p * c_n + c0] = static_cast<acc_t>(src[c0 * p_n + p]);
+}
+AEFAST_ISA_CLONES(windows_major, (const scalar_t* src, int64_t c_n, int64_t p_n, acc_t* dst), (src, c_n, p_n, dst))
+
 // The first nl lanes of v to dst, converted to scalar_t: a whole-vector store when nl = L, else
-// pieces of 8, 4, 2 and 1 lanes (fixed-size copies, each one move; a lane loop compiled to a
+// one masked store (AVX-512), or pieces of 8, 4, 2 and 1 lanes (fixed-size copies, each one move; a lane loop compiled to a
 // spill and rep movsq, ~40% of the epilogue for 14-pixel rows).
 template <typename scalar_t, typename acc_t, typename V>
 AEFAST_ALWAYS_INLINE void store_lanes(scalar_t* __restrict__ dst, const V& v, int64_t nl) {
@@ -497,6 +525,20 @@ AEFAST_ALWAYS_INLINE void store_lanes(scalar_t* __restrict__ dst, const V& v, in
       vstore(dst, v);
       return;
     }
+#if AEFAST_X86_CLONES
+    if constexpr (sizeof(V) == 64) {  // only in the AVX-512 clones: one masked store
+      // ("+m" on the whole vector: the compiler keeps every other access to those bytes in
+      // order; the masked-off lanes are neither read nor written, nor can they fault.)
+      if constexpr (sizeof(acc_t) == 4) {
+        const uint16_t m = static_cast<uint16_t>((1u << nl) - 1);
+        asm("vmovups %1, %0%{%2%}" : "+m"(*reinterpret_cast<V*>(dst)) : "v"(v), "Yk"(m));
+      } else {
+        const uint8_t m = static_cast<uint8_t>((1u << nl) - 1);
+        asm("vmovupd %1, %0%{%2%}" : "+m"(*reinterpret_cast<V*>(dst)) : "v"(v), "Yk"(m));
+      }
+      return;
+    }
+#endif
     acc_t lanes[L];
     __builtin_memcpy(lanes, &v, sizeof(V));
     int64_t l = 0;
@@ -643,6 +685,7 @@ void forward_typed(const ForwardCall& call) {
   const auto slabs = AEFAST_PICK(slabs, isa);
   const auto epilogue = AEFAST_PICK(epilogue, isa);
   const auto masks_of_row = AEFAST_PICK_IDX(masks, isa);
+  const auto windows_major = AEFAST_PICK(windows_major, isa);
   // Small slabs: row bands of dense T (band_sums); larger ones: channel masks (slab_sums).
   const bool small = kp / L <= 4;
   const auto bands = AEFAST_PICK_IDX(bands, isa);
@@ -689,11 +732,12 @@ void forward_typed(const ForwardCall& call) {
       masks.resize(g.pooled_w * window * words);
       acc_mem.resize(2 * window * 8);
     }
-    // z of a row of windows as the slab sums read it: window-major (zr[pw * C_in + c]), in the
-    // accumulation type. (Read straight from the NCHW planes, the C_in values of a window lie a
-    // plane apart: with planes of a multiple of 1 KiB they share a few L1 sets and evict each
-    // other, measured ~10% slower on 128->64 at 32x32.)
-    std::vector<acc_t> zr(small ? 0 : g.pooled_w * g.c_in);
+    // z of the image as the slab sums read it: window-major (zw[(ph * pooled_w + pw) * C_in + c]),
+    // in the accumulation type; channels_last fp32 z already is. (Read straight from the NCHW
+    // planes, the C_in values of a window lie a plane apart: with planes of a multiple of 1 KiB
+    // they share a few L1 sets and evict each other, measured ~10% slower on 128->64 at 32x32.)
+    constexpr bool z_is_acc = std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> zw(small || (cl && z_is_acc) ? 0 : plane_in);
     std::vector<scalar_t> z_pl(cl && small ? plane_in : 0);
     std::vector<index_t> idx_pl(cl ? plane_in : 0);
     for (int64_t n = n0; n < n1; ++n) {
@@ -716,28 +760,27 @@ void forward_typed(const ForwardCall& call) {
         bad = bands(zn, in, wt, g, wtab, kp, T);
         epilogue(T, b, g, rt, rowq.data(), ct, colpart.data(), col_shifts.data(), kp, act, sl, o, p, 0, g.out_h, rowbuf.data(), cl);
       } else {
+        const acc_t* zimg = zw.data();
+        if (!cl)
+          windows_major(zn, g.c_in, plane, zw.data());
+        else if constexpr (z_is_acc)
+          zimg = reinterpret_cast<const acc_t*>(zn);
+        else
+          for (int64_t e = 0; e < plane_in; ++e) zw[e] = static_cast<acc_t>(zn[e]);
         bool any_bad = false;
         int64_t oy_done = 0;  // output rows [0, oy_done) are written
         for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-          // The next row of windows (or the next image's first) while this one is summed:
-          // its reads hop a plane per channel, which the hardware prefetchers do not follow.
+          // The indices of the next row of windows (or the next image's first) while this one
+          // is summed: their reads hop a plane per channel, which the hardware prefetchers do
+          // not follow. (z is read whole and in order by windows_major.)
           if (cl)
-            ;  // (z and idx are not planes there)
+            ;  // (idx is not planes there)
           else if (ph + 1 < g.pooled_h)
-            prefetch_window_row(zn, in, g, ph + 1, 0, g.pooled_w);
+            prefetch_window_row(static_cast<const scalar_t*>(nullptr), in, g, ph + 1, 0, g.pooled_w);
           else if (n + 1 < n1)
-            prefetch_window_row(zn + plane_in, in + plane_in, g, 0, 0, g.pooled_w);
+            prefetch_window_row(static_cast<const scalar_t*>(nullptr), in + plane_in, g, 0, 0, g.pooled_w);
           any_bad |= masks_of_row(in, avail, g, wtab, ph, words, masks.data(), acc_mem.data());
-          if (cl) {
-            const scalar_t* zs = zn + ph * g.pooled_w * g.c_in;
-            for (int64_t e = 0; e < g.pooled_w * g.c_in; ++e) zr[e] = static_cast<acc_t>(zs[e]);
-          } else {
-            for (int64_t c = 0; c < g.c_in; ++c) {
-              const scalar_t* zs = zn + c * plane + ph * g.pooled_w;
-              for (int64_t pw = 0; pw < g.pooled_w; ++pw) zr[pw * g.c_in + c] = static_cast<acc_t>(zs[pw]);
-            }
-          }
-          slabs(wt, zr.data(), g.c_in, masks.data(), words, slot_ring.data() + ph * g.pooled_w * window,
+          slabs(wt, zimg + ph * g.pooled_w * g.c_in, g.c_in, masks.data(), words, slot_ring.data() + ph * g.pooled_w * window,
                 g.pooled_w, window, T, kp, nvc);
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
