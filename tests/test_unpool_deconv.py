@@ -559,6 +559,44 @@ def test_cpu_backward_gpre_bands_per_isa(cpu_isa, case, fmt):
     assert_close_all(got, want, torch.float32)
 
 
+# The per-channel backward walks each channel's entries band by band: whole rows of pool windows
+# whose neighbourhoods fit in 128 KiB of gpad (nb read in place) or of the im2col (kBackwardBandBytes,
+# csrc/cpu/unpool_deconv_entries_backward.cpp). These images span several bands with a partial last
+# one: C_out 32 rows of 10.6 KB (6 pool rows a band, 10 rows), C_out 17 through a 1.6 MB im2col
+# (one row a band), pool 3 with clipped last windows and stride 2.
+# (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, act)
+CHANNEL_BAND_CASES = [
+    (2, 5, 32, (20, 80), 2, 3, 1, 1, 0, "relu"),
+    (1, 3, 17, (9, 70), 2, 3, 1, 1, 0, "gelu"),
+    (2, 4, 32, (17, 40), 3, 3, 2, 1, 1, "leaky_relu"),
+]
+CHANNEL_BAND_IDS = [f"{c[2]}x{c[3][0]}x{c[3][1]}_pool{c[4]}_s{c[6]}" for c in CHANNEL_BAND_CASES]
+
+
+@pytest.mark.parametrize("case", CHANNEL_BAND_CASES, ids=CHANNEL_BAND_IDS)
+@pytest.mark.parametrize("fmt", ["flat", "window"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_backward_channel_bands_per_isa(cpu_isa, case, fmt, layout):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    # fp64 to its own tolerance (a wrong band bound shows as a large error); fp32 with 10x the
+    # usual tolerance: grad_W and grad_b reach ~100 here, sums of up to 1600 entries.
+    for dtype, scale in ((torch.float64, 1.0), (torch.float32, 10.0)):
+        z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, seed=31, dtype=dtype)
+        if layout == "channels_last":
+            z, idx = z.contiguous(memory_format=torch.channels_last), idx.contiguous(memory_format=torch.channels_last)
+        got, want = run_both("cpu", z, idx, w, b, pool, out_hw, s, p, op, act, fmt)
+        assert_close_all(got, want, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("case", CHANNEL_BAND_CASES[:2], ids=CHANNEL_BAND_IDS[:2])
+def test_cpu_backward_channel_bands_partial_grads_and_threads(case):
+    n, ci, co, hw, pool, k, s, p, op, act = case
+    z, idx, w, b, out_hw = make_case(n, ci, co, hw, pool, k, dtype=torch.float64, seed=32)
+    assert_partial_gradients_equal_full(z, idx, w, b, pool, out_hw, s, p, op, act)
+    z, idx, w, b, out_hw = make_case(3, ci, co, hw, pool, k, seed=33)
+    assert_same_bits_for_1_2_3_threads(z, idx, w, b, pool, out_hw, s, p, op, act)
+
+
 # AEFAST_DECODER_WINDOW_VECTORS=0 turns the window-vector kernels off (small slabs, windows of at
 # most 4), so that the per-entry band kernels they replaced run, for A/B timing
 # (bench/bench_kernel_ledger.py): both held to torch, and the kernels name the path they took in

@@ -112,12 +112,15 @@ AEFAST_ISA_CLONES_IDX(positions_of, void,
 // Where the neighbourhood nb(q) of each position lives: in gpad itself (runs of run_len values,
 // run r at offset r * run_stride from noff[q]; run_len a whole number of vectors), or in a
 // per-image im2col buffer (one run of kp values at noff[q] = q * kp).
+constexpr int64_t kBackwardBandBytes = int64_t(128) << 10;
+
 struct BackwardPlan {
   int64_t kp;
   bool per_position;  // small slabs: row bands (band_grads), else per channel
   bool direct;        // nb read straight from gpad (else from the im2col buffer)
   int64_t runs, run_len, run_stride;
   int64_t nvc;        // vectors per chunk (per-channel order)
+  int64_t band;       // pooled positions per band of whole rows of pool windows (per-channel order)
 };
 
 // Per channel, for one chunk of NV vectors at slab offset k0 (nb offset nbo of each run):
@@ -291,62 +294,66 @@ AEFAST_ALWAYS_INLINE void channels_loop(const scalar_t* z, const acc_t* wt, cons
   using V = typename VecOf<acc_t, VB>::type;
   constexpr int L = VecOf<acc_t, VB>::L;
   const int64_t kp = plan.kp, plane = g.pooled_h * g.pooled_w, nvr = plan.run_len / L;
-  for (int64_t c = 0; c < g.c_in; ++c) {
-    prefetch_slice(next, c, g.c_in);
-    const int32_t* offq = nb_of + c * plane;
-    const scalar_t* zc = z + c * plane;
-    for (int64_t r = 0; r < plan.runs; ++r)
-      for (int64_t v0 = 0; v0 < nvr; v0 += plan.nvc) {
-        const int64_t nv = std::min(plan.nvc, nvr - v0);
-        const int64_t ko = r * plan.run_len + v0 * L;       // slab offset
-        const int64_t nbo = r * plan.run_stride + v0 * L;  // offset within nb
-        acc_t* gw = NW ? gwt + c * kp + ko : nullptr;
-        const acc_t* w = wt + c * kp + ko;
-        const bool first = ko == 0;
-        switch (nv) {
-#define AEFAST_CHAN_CASE_BODY(K)                                                                   \
-  if (first)                                                                                       \
-    channel_chunk<VB, K, NZ, NW, true, scalar_t, acc_t>(w, nb + nbo, offq, zc, plane, dzv, gw);  \
-  else                                                                                             \
-    channel_chunk<VB, K, NZ, NW, false, scalar_t, acc_t>(w, nb + nbo, offq, zc, plane, dzv, gw);
-#define AEFAST_CHAN_CASE(K) \
-  case K:                   \
+  const int64_t bands = (plane + plan.band - 1) / plan.band;
+  for (int64_t p0 = 0; p0 < plane; p0 += plan.band) {
+    const int64_t np = std::min(plan.band, plane - p0);
+    for (int64_t c = 0; c < g.c_in; ++c) {
+      prefetch_slice(next, p0 / plan.band * g.c_in + c, bands * g.c_in);
+      const int32_t* offq = nb_of + c * plane + p0;
+      const scalar_t* zc = z + c * plane + p0;
+      for (int64_t r = 0; r < plan.runs; ++r)
+        for (int64_t v0 = 0; v0 < nvr; v0 += plan.nvc) {
+          const int64_t nv = std::min(plan.nvc, nvr - v0);
+          const int64_t ko = r * plan.run_len + v0 * L;       // slab offset
+          const int64_t nbo = r * plan.run_stride + v0 * L;  // offset within nb
+          acc_t* gw = NW ? gwt + c * kp + ko : nullptr;
+          const acc_t* w = wt + c * kp + ko;
+          const bool first = ko == 0;
+          switch (nv) {
+#define AEFAST_CHAN_CASE_BODY(K)                                                                 \
+  if (first)                                                                                     \
+    channel_chunk<VB, K, NZ, NW, true, scalar_t, acc_t>(w, nb + nbo, offq, zc, np, dzv, gw);    \
+  else                                                                                           \
+    channel_chunk<VB, K, NZ, NW, false, scalar_t, acc_t>(w, nb + nbo, offq, zc, np, dzv, gw);
+#define AEFAST_CHAN_CASE(K)  \
+  case K:                    \
     AEFAST_CHAN_CASE_BODY(K) \
     break;
-          AEFAST_CHAN_CASE(1) AEFAST_CHAN_CASE(2) AEFAST_CHAN_CASE(3) AEFAST_CHAN_CASE(4)
-          AEFAST_CHAN_CASE(5) AEFAST_CHAN_CASE(6) AEFAST_CHAN_CASE(7) AEFAST_CHAN_CASE(8)
+            AEFAST_CHAN_CASE(1) AEFAST_CHAN_CASE(2) AEFAST_CHAN_CASE(3) AEFAST_CHAN_CASE(4)
+            AEFAST_CHAN_CASE(5) AEFAST_CHAN_CASE(6) AEFAST_CHAN_CASE(7) AEFAST_CHAN_CASE(8)
 #define AEFAST_CHAN_CASE_WIDE(K) \
   case K:                        \
     if constexpr (VB == 64) {    \
       AEFAST_CHAN_CASE_BODY(K)   \
     }                            \
     break;
-          AEFAST_CHAN_CASE_WIDE(9) AEFAST_CHAN_CASE_WIDE(10) AEFAST_CHAN_CASE_WIDE(11) AEFAST_CHAN_CASE_WIDE(12)
+            AEFAST_CHAN_CASE_WIDE(9) AEFAST_CHAN_CASE_WIDE(10) AEFAST_CHAN_CASE_WIDE(11) AEFAST_CHAN_CASE_WIDE(12)
 #undef AEFAST_CHAN_CASE_WIDE
 #undef AEFAST_CHAN_CASE_BODY
 #undef AEFAST_CHAN_CASE
-          default: break;
+            default: break;
+          }
         }
+      if constexpr (NZ) {
+        scalar_t* gzc = gz + c * plane + p0;
+        int64_t p = 0;
+        for (; p + L <= np; p += L) {
+          V v[L];
+          for (int e = 0; e < L; ++e) v[e] = vload<V>(dzv + (p + e) * L);
+          const V s = lane_sums<L>(v);
+          // invalid entries (q < 0) get 0: a lane select on the sign of q
+          using QV = typename VecOf<int32_t, L * 4>::type;
+          using MV = typename VecOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, VB>::type;
+          const MV valid = __builtin_convertvector(vload<QV>(offq + p) >= 0, MV);
+          const V r = valid ? s : V{};
+          if constexpr (std::is_same_v<scalar_t, acc_t>)
+            vstore(gzc + p, r);
+          else
+            for (int e = 0; e < L; ++e) gzc[p + e] = static_cast<scalar_t>(r[e]);
+        }
+        for (; p < np; ++p)
+          gzc[p] = offq[p] >= 0 ? static_cast<scalar_t>(hsum<acc_t, VB>(vload<V>(dzv + p * L))) : scalar_t(0);
       }
-    if constexpr (NZ) {
-      scalar_t* gzc = gz + c * plane;
-      int64_t p = 0;
-      for (; p + L <= plane; p += L) {
-        V v[L];
-        for (int e = 0; e < L; ++e) v[e] = vload<V>(dzv + (p + e) * L);
-        const V s = lane_sums<L>(v);
-        // invalid entries (q < 0) get 0: a lane select on the sign of q
-        using QV = typename VecOf<int32_t, L * 4>::type;
-        using MV = typename VecOf<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, VB>::type;
-        const MV valid = __builtin_convertvector(vload<QV>(offq + p) >= 0, MV);
-        const V r = valid ? s : V{};
-        if constexpr (std::is_same_v<scalar_t, acc_t>)
-          vstore(gzc + p, r);
-        else
-          for (int e = 0; e < L; ++e) gzc[p + e] = static_cast<scalar_t>(r[e]);
-      }
-      for (; p < plane; ++p)
-        gzc[p] = offq[p] >= 0 ? static_cast<scalar_t>(hsum<acc_t, VB>(vload<V>(dzv + p * L))) : scalar_t(0);
     }
   }
 }
@@ -521,7 +528,22 @@ void backward_typed(const BackwardCall& call) {
   plan.run_stride = plan.direct ? row_stride : kp;
   // Chunks of at most 12 vectors with AVX-512 (weights and grad_Wt: 24 of the 32 registers;
   // measured on 128->64 @32x32: runs of 12 in one chunk instead of two of 6, -9%), 6 below.
-  plan.nvc = plan.per_position ? 0 : chunk_vectors(plan.run_len / L, 1, vec_bytes(isa), isa == Isa::kAvx512 ? 12 : 6);  if (plan.per_position) {
+  plan.nvc = plan.per_position ? 0 : chunk_vectors(plan.run_len / L, 1, vec_bytes(isa), isa == Isa::kAvx512 ? 12 : 6);
+  // Bands of whole rows of pool windows whose neighbourhoods (the nb rows they read, in gpad or
+  // the im2col) fit in kBackwardBandBytes: every channel's pass over a band then reads them from
+  // L2, where one pass per channel over the whole image streamed an image-sized nb from L3 or
+  // memory C_in times (measured, 2 threads, interleaved, Xeon host: backward of N16 64->64 at
+  // 96x96 unpooled 79 -> 41-45 ms, N32 64->32 at 128x128 153 -> 82 ms; 64->32 @14x14 N=256,
+  // one band, unchanged). 128 KiB measured no worse than 256 KiB or 1 MiB there, and leaves
+  // room in a Zen 5 core's 1 MiB L2.
+  {
+    const int64_t row_step_bytes =
+        (plan.direct ? g.stride_h * row_stride : g.unpooled_w * kp) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t rows = std::clamp<int64_t>(kBackwardBandBytes / std::max<int64_t>(1, g.pool_h * row_step_bytes), 1,
+                                             std::max<int64_t>(g.pooled_h, 1));
+    plan.band = std::max<int64_t>(1, rows * g.pooled_w);
+  }
+  if (plan.per_position) {
     plan.runs = g.kernel_h;
     plan.run_stride = row_stride;
   }
