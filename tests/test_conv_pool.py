@@ -399,6 +399,7 @@ ISA_CASES = [
     (1, 3, 33, 17, 19, 3, 2, 1, 3, "gelu", torch.float32),        # K = 27, leftover GEMM columns
     (2, 80, 9, 9, 8, 3, 1, 1, 2, "leaky_relu", torch.float32),    # K = 720: several chunks of 8 vectors
     (1, 16, 5, 13, 11, 3, 2, 1, 3, "relu", torch.float32),       # runs of 48: wgrad reads the image, stride 2, 3x3 pool
+    (1, 16, 3, 24, 100, 3, 1, 1, 2, "relu", torch.float32),      # ... in bands of 10 pooled rows (128 KiB), then 2
     (1, 17, 5, 11, 9, (5, 3), (1, 2), (2, 1), (2, 3), "tanh", torch.float32),
     (2, 3, 7, 10, 9, 1, 1, 0, 2, None, torch.float32),            # 1x1 kernel, K = 3
     (1, 5, 6, 9, 9, 3, 1, 2, 2, "sigmoid", torch.float64),        # fp64: 8-wide rows
