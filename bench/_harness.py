@@ -339,13 +339,25 @@ class Row:
         return self.bytes_moved / self.seconds / 1e9 if self.seconds else 0.0
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the SIMD level torch dispatches to (platform.processor() is empty on
+    Linux; these hosts have been AMD EPYC and Intel Xeon, whose ratios differ)."""
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "device": device,
     }
