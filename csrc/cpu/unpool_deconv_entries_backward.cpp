@@ -125,8 +125,8 @@ struct BackwardPlan {
 
 // Per channel, for one chunk of NV vectors at slab offset k0 (nb offset nbo of each run):
 // registers hold the weight chunk and the grad_Wt chunk; each entry loads its nb chunk once.
-// dzv keeps the grad_z partial vector of every entry across the chunks of a channel (FIRST: the
-// channel's first chunk starts it). The dot runs on two accumulators (even and odd vectors), so
+// dzv keeps the grad_z partial vector of every entry of the band across the chunks of a channel
+// (FIRST: the channel's first chunk starts it). The dot runs on two accumulators (even and odd vectors), so
 // an entry's chain is NV/2 FMAs long; the loop is specialised on what is needed (NZ: grad_z,
 // NW: grad_W), with no test left in it.
 template <int VB, int NV, bool NZ, bool NW, bool FIRST, typename scalar_t, typename acc_t>
@@ -593,7 +593,7 @@ void backward_typed(const BackwardCall& call) {
     // pool windows (small slabs); the slab tails stay zero.
     at::Tensor col_t = zeros_cpu_cached({!need_img ? 0 : plan.per_position ? g.pool_h * g.unpooled_w * kp
                                                  : plan.direct ? 0 : P * kp}, acc_opts);
-    at::Tensor dzv_t = empty_cpu_cached({need_img && !plan.per_position ? plane * L : 0}, acc_opts);
+    at::Tensor dzv_t = empty_cpu_cached({need_img && !plan.per_position ? plan.band * L : 0}, acc_opts);
     acc_t* gpad = gpad_t.mutable_data_ptr<acc_t>();
     acc_t* col = col_t.mutable_data_ptr<acc_t>();
     acc_t* dzv = dzv_t.mutable_data_ptr<acc_t>();

@@ -513,8 +513,8 @@ AEFAST_ALWAYS_INLINE void windows_major_body(const scalar_t* __restrict__ src, i
 AEFAST_ISA_CLONES(windows_major, (const scalar_t* src, int64_t c_n, int64_t p_n, acc_t* dst), (src, c_n, p_n, dst))
 
 // The first nl lanes of v to dst, converted to scalar_t: a whole-vector store when nl = L, else
-// one masked store (AVX-512), or pieces of 8, 4, 2 and 1 lanes (fixed-size copies, each one move; a lane loop compiled to a
-// spill and rep movsq, ~40% of the epilogue for 14-pixel rows).
+// one masked store (AVX-512), or pieces of 8, 4, 2 and 1 lanes (fixed-size copies, each one
+// move; a lane loop compiled to a spill and rep movsq, ~40% of the epilogue for 14-pixel rows).
 template <typename scalar_t, typename acc_t, typename V>
 AEFAST_ALWAYS_INLINE void store_lanes(scalar_t* __restrict__ dst, const V& v, int64_t nl) {
   constexpr int L = static_cast<int>(sizeof(V) / sizeof(acc_t));
@@ -527,14 +527,18 @@ AEFAST_ALWAYS_INLINE void store_lanes(scalar_t* __restrict__ dst, const V& v, in
     }
 #if AEFAST_X86_CLONES
     if constexpr (sizeof(V) == 64) {  // only in the AVX-512 clones: one masked store
-      // ("+m" on the whole vector: the compiler keeps every other access to those bytes in
+      // ("+m" on the vector's bytes, unaligned: the compiler keeps every other access to them in
       // order; the masked-off lanes are neither read nor written, nor can they fault.)
+      struct VectorBytes {
+        char b[sizeof(V)];
+      };
+      VectorBytes& bytes = *reinterpret_cast<VectorBytes*>(dst);
       if constexpr (sizeof(acc_t) == 4) {
         const uint16_t m = static_cast<uint16_t>((1u << nl) - 1);
-        asm("vmovups %1, %0%{%2%}" : "+m"(*reinterpret_cast<V*>(dst)) : "v"(v), "Yk"(m));
+        asm("vmovups %1, %0%{%2%}" : "+m"(bytes) : "v"(v), "Yk"(m));
       } else {
         const uint8_t m = static_cast<uint8_t>((1u << nl) - 1);
-        asm("vmovupd %1, %0%{%2%}" : "+m"(*reinterpret_cast<V*>(dst)) : "v"(v), "Yk"(m));
+        asm("vmovupd %1, %0%{%2%}" : "+m"(bytes) : "v"(v), "Yk"(m));
       }
       return;
     }
@@ -780,8 +784,8 @@ void forward_typed(const ForwardCall& call) {
           else if (n + 1 < n1)
             prefetch_window_row(static_cast<const scalar_t*>(nullptr), in + plane_in, g, 0, 0, g.pooled_w);
           any_bad |= masks_of_row(in, avail, g, wtab, ph, words, masks.data(), acc_mem.data());
-          slabs(wt, zimg + ph * g.pooled_w * g.c_in, g.c_in, masks.data(), words, slot_ring.data() + ph * g.pooled_w * window,
-                g.pooled_w, window, T, kp, nvc);
+          slabs(wt, zimg + ph * g.pooled_w * g.c_in, g.c_in, masks.data(), words,
+                slot_ring.data() + ph * g.pooled_w * window, g.pooled_w, window, T, kp, nvc);
           const int64_t h_done = std::min(g.unpooled_h, (ph + 1) * g.pool_h);
           int64_t oy1 = oy_done;
           while (oy1 < g.out_h && need_h[oy1] < h_done) ++oy1;
