@@ -28,6 +28,21 @@ Fails too when no specialization was recorded. Writes the table to --out (defaul
 bench/results/triton_aot_<date>.md). --list prints it and exits 0 whatever failed.
 Cost: one Triton compile per distinct input and arch, --jobs at a time (default: all cores), the
 conv-family kernels (the slow compiles) first so that no long compile is left alone at the end.
+
+Known results (--known FILE, what .ci/run passes: .ci/triton_aot_known.jsonl): a compile whose Triton
+cache hash is in FILE takes its registers, spills, shared memory and tensor-core instruction from there
+instead of compiling again. The hash is the one triton.compile files the kernel under in its own cache
+(get_cache_key: Triton's own sources and bundled ptxas, the kernel's source and every JIT function it
+calls, the signature, the constexprs, the target arch and the launch options), so an entry answers
+exactly the compile that produced it, as a warm Triton cache would; any change to a kernel, a tile
+config, a constexpr or Triton itself gives a new hash, compiled here. --recheck N compiles N randomly
+chosen known compiles again and fails unless each matches its entry and Triton's hash equals the one
+computed here (a stale or wrong file, or a Triton whose key this script no longer reproduces, fails CI
+instead of passing it). Compile errors are never stored. --write-known FILE writes this run's results
+(kept and new) to FILE, one JSON line per hash, sorted: after a change to a kernel, run the gate on a
+full recording with --write-known and commit the file, and CI compiles only what the recording has
+that the file has not. A cold gate over the full suite's recording: ~3000 compiles, ~0.65 CPU-s each
+(~18 min on 2 cores, measured 2026-12-07); answered from the file: seconds.
 Nothing more can be deduped without weakening the gate: on the CI suite's recording (2026-12-07, 628
 specializations, 1065 distinct compile inputs) every input gave a different TTIR after Triton's own
 inlining/CSE/DCE (make_ttir; locations and the kernel's name aside), so no two compiles were one kernel.
@@ -38,10 +53,13 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import functools
+import hashlib
 import importlib
 import io
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -185,12 +203,12 @@ def _ptxas_report(cc, target, options):
     return max(int(r) for r in registers), spills, max((int(b) for b in smem), default=0)
 
 
-def compile_one(job, arch):
+def _compile_input(job, arch):
+    """The kernel's name and triton.compile's source and target for one job."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    _capture_ptxas_logs()
     module, name, fn = _resolve(job["kernel"])
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
@@ -202,14 +220,53 @@ def compile_one(job, arch):
             constexprs[p] = _constexpr(job["constexprs"][p])
         else:
             signature[p] = job["args"][p]
-    dtype = [t[1:] for t in (signature[p] for p in fn.arg_names) if t in ("*fp32", "*fp16", "*bf16", "*fp64")][:1]
+    return name, ASTSource(fn=fn, signature=signature, constexprs=constexprs), GPUTarget("cuda", arch, 32)
+
+
+@functools.cache
+def _backend(arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    return make_backend(GPUTarget("cuda", arch, 32))
+
+
+def triton_cache_hash(job, arch):
+    """The hash triton.compile files this compile under (triton/compiler/compiler.py, compile():
+    sha256 of get_cache_key(src, backend, options, env_vars)), computed without compiling."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key
+
+    _, src, _ = _compile_input(job, arch)
+    backend = _backend(arch)
+    options = backend.parse_options(dict(job["options"], **src.parse_options()))
+    key = get_cache_key(src, backend, options, env_vars=get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def describe(job, arch):
+    """The table row's identity of one compile (kernel, arch, config, dtype), without its results."""
+    module, name, fn = _resolve(job["kernel"])
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    types = [job["args"][p] for p in fn.arg_names if p in job["args"] and p not in job["constexprs"]]
+    dtype = [t[1:] for t in types if t in ("*fp32", "*fp16", "*bf16", "*fp64")][:1]
     prec = job["constexprs"].get("PRECISION")  # named where it decides: fp32 operands (TF32 or IEEE)
     config = ",".join(x for x in (prec if prec in ("tf32", "ieee") and dtype == ["fp32"] else "", job["config"]) if x)
-    result = dict(kernel=job["kernel"], name=name, arch=arch, config=config, dtype=dtype or ["-"], error="")
-    target = GPUTarget("cuda", arch, 32)
+    return dict(kernel=job["kernel"], name=name, arch=arch, config=config, dtype=dtype or ["-"], error="")
+
+
+RESULT_FIELDS = ("registers", "spills", "shared", "tensor_core")
+
+
+def compile_one(job, arch):
+    import triton
+
+    _capture_ptxas_logs()
+    result = describe(job, arch)
+    _, src, target = _compile_input(job, arch)
     try:
-        cc = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                            options=job["options"])
+        cc = triton.compile(src, target=target, options=job["options"])
     except Exception as e:  # noqa: BLE001  (reported per kernel)
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         return result
@@ -219,10 +276,45 @@ def compile_one(job, arch):
     except Exception as e:  # noqa: BLE001  (reported per kernel)
         result["error"] = f"resource usage unreadable: {e}"[:200]
         return result
-    result.update(registers=registers, spills=spills, shared=int(cc.metadata.shared) + static_shared,
+    result.update(hash=cc.hash, registers=registers, spills=spills, shared=int(cc.metadata.shared) + static_shared,
                   tensor_core="wgmma" if re.search(r"\bwgmma\.", ptx) else ("mma" if re.search(r"\bmma\.", ptx)
                                                                             else "-"))
     return result
+
+
+def load_known(path):
+    """hash -> {registers, spills, shared, tensor_core} from a --write-known file (none: empty)."""
+    if not path or not Path(path).exists():
+        return {}
+    known = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            known[entry["hash"]] = {f: entry[f] for f in RESULT_FIELDS}
+    return known
+
+
+def write_known(path, results):
+    entries = {res["hash"]: {f: res[f] for f in RESULT_FIELDS} for res in results
+               if not res["error"] and res.get("hash")}
+    lines = [json.dumps(dict(hash=h, **entries[h])) for h in sorted(entries)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
+def recheck_problems(result, expected_hash, entry):
+    """Why a fresh compile of a known entry disagrees with it (empty: it agrees)."""
+    if result["error"]:
+        return []  # judge() reports the compile error itself
+    problems = []
+    if result["hash"] != expected_hash:
+        problems.append(f"Triton filed it under {result['hash'][:12]}, not the {expected_hash[:12]} computed "
+                        "here (triton_cache_hash no longer reproduces Triton's key)")
+    differing = [f"{f} {entry[f]} known, {result[f]} now" for f in RESULT_FIELDS if entry[f] != result[f]]
+    if differing:
+        problems.append("differs from the known result: " + ", ".join(differing))
+    return problems
 
 
 def _needs_tensor_cores(job):
@@ -278,6 +370,9 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="one progress line per compile")
     ap.add_argument("--source", default="", help="what recorded the specializations (one line in the table)")
     ap.add_argument("--kernels", default=None, help="only kernels whose qualified name matches this regex")
+    ap.add_argument("--known", default=None, help="JSONL of known results by Triton cache hash (see above)")
+    ap.add_argument("--recheck", type=int, default=0, help="compile this many known results again, at random")
+    ap.add_argument("--write-known", default=None, help="write this run's results, by hash, to this JSONL file")
     ap.add_argument("--out", default=None, help="markdown table path (default bench/results/triton_aot_<date>.md)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real GPU targets
@@ -296,28 +391,47 @@ def main(argv=None):
     jobs = dedup_jobs(job for spec in specs for job in expand(spec))
     work = [(job, arch) for job in jobs for arch in ARCHS]
     work.sort(key=lambda w: _resolve(w[0]["kernel"])[0].__name__ not in CONV_FAMILY_MODULES)  # (stable)
-    print(f"{len(specs)} specializations, {len(jobs)} distinct compile inputs, {len(work)} compiles "
-          f"({args.jobs} at a time)", flush=True)
+    known = load_known(args.known)
+    hashes = [triton_cache_hash(job, arch) for job, arch in work] if known else [None] * len(work)
+    answered = [i for i, h in enumerate(hashes) if h in known]
+    rechecked = set(random.sample(answered, min(args.recheck, len(answered))))
+    to_compile = [i for i in range(len(work)) if i not in answered or i in rechecked]
+    print(f"{len(specs)} specializations, {len(jobs)} distinct compile inputs, {len(work)} compiles: "
+          f"{len(answered) - len(rechecked)} answered by {args.known}, {len(to_compile)} to compile, "
+          f"{len(rechecked)} of them known results rechecked ({args.jobs} at a time)", flush=True)
+    results = [None] * len(work)
+    for i in answered:
+        if i not in rechecked:
+            results[i] = dict(describe(*work[i]), hash=hashes[i], **known[hashes[i]])
     started = time.monotonic()
+    recheck_failures = {}
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = []
-        for job, res in pool.map(_run_job, work):
-            results.append((job, res))
-            if args.verbose or len(results) % 100 == 0 or len(results) == len(work):
-                print(f"  [{len(results)}/{len(work)}, {time.monotonic() - started:.0f} s] {res['name']} "
+        for done, (i, (job, res)) in enumerate(zip(to_compile, pool.map(_run_job, (work[i] for i in to_compile))), 1):
+            results[i] = res
+            if i in rechecked:
+                recheck_failures[i] = recheck_problems(res, hashes[i], known[hashes[i]])
+            if args.verbose or done % 100 == 0 or done == len(to_compile):
+                print(f"  [{done}/{len(to_compile)}, {time.monotonic() - started:.0f} s] {res['name']} "
                       f"{','.join(res['dtype'])} sm_{res['arch']} {res['config']}: regs {res.get('registers', '-')} "
                       f"spills {res.get('spills', '-')} {res.get('tensor_core', '-')} {res['error']}", flush=True)
+    results = [(job, res) for (job, _), res in zip(work, results)]
+    if args.write_known:
+        n = write_known(args.write_known, [res for _, res in results])
+        print(f"{n} known results written to {args.write_known}")
     elapsed = time.monotonic() - started
     rows = []
     failed = 0
-    for job, res in results:
-        problems = judge(res, _needs_tensor_cores(job))
+    for i, (job, res) in enumerate(results):
+        problems = judge(res, _needs_tensor_cores(job)) + recheck_failures.get(i, [])
         failed += bool(problems)
         rows.append((res, problems))
     rows.sort(key=lambda r: (r[0]["kernel"], ",".join(r[0]["dtype"]), r[0]["config"], r[0]["arch"]))
     lines = [f"# Triton AOT check ({datetime.date.today().isoformat()})", "",
              f"triton {__import__('triton').__version__}; {len(specs)} recorded specializations, {len(work)} "
              "compiles; `registers` per thread, `spills` = ptxas spill store+load bytes, `shared` bytes per block.", "",
+             f"Compiled in this run: {len(to_compile)} ({len(rechecked)} of them rechecks of known results, "
+             f"{sum(bool(p) for p in recheck_failures.values())} disagreeing); answered by the known results "
+             f"({args.known or 'none given'}): {len(answered) - len(rechecked)}.", "",
              *([f"Recorded by: {args.source}", ""] if args.source else []),
              "| kernel | dtype | arch | config | registers | spills | shared | tensor core | problems |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -8,6 +8,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# AEFAST_HYPOTHESIS_PROFILE=ci (.ci/run): every CI run draws the same fuzz examples. Random draws would
+# launch new Triton specializations in each run, which the AOT gate then compiles cold (~400 compiles,
+# ~2 min on 2 cores), and a failure would depend on the run. Without it (./dev test) each run draws anew.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("AEFAST_HYPOTHESIS_PROFILE", "default"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -222,3 +222,40 @@ def test_interpreted_argmax_is_the_gpu_scan_bit_for_bit():
                     both_scans[(1,)](a.to(device), z.to(device), out, p, nw, n, vectorized, acc)
                     results.append(out.cpu().view(bits))
                 assert torch.equal(results[0], results[1]), (dtype, values, nw)
+
+
+def test_aot_script_answers_from_known_results_and_rechecks_them(triton_interpreter, tmp_path):
+    """--write-known stores each compile's results under Triton's cache hash; --known answers the same
+    compiles from the file without compiling (an empty Triton cache stays empty); --recheck compiles
+    known ones again and fails when an entry disagrees with the fresh compile."""
+    path = tmp_path / "specs.jsonl"
+    _record_encoder_forward(triton_interpreter, path)
+    known = tmp_path / "known.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def gate(*args, cache=None):
+        run_env = dict(env, TRITON_CACHE_DIR=str(cache)) if cache else env
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_triton_aot.py"), "--specs", str(path),
+                               "--out", str(tmp_path / "aot.md"), "--jobs", "1", *args], capture_output=True,
+                              text=True, env=run_env, cwd=ROOT, timeout=900)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    rc, out = gate("--write-known", str(known))
+    assert rc == 0, out[-3000:]
+    entries = [json.loads(line) for line in known.read_text().splitlines()]
+    n_compiles = sum(1 for line in (tmp_path / "aot.md").read_text().splitlines() if line.startswith("| _"))
+    assert len(entries) == n_compiles and n_compiles >= 2
+    assert all(len(e["hash"]) == 64 and e["registers"] > 0 for e in entries)
+
+    empty = tmp_path / "triton_cache"
+    rc, out = gate("--known", str(known), cache=empty)
+    assert rc == 0, out[-3000:]
+    assert f"{n_compiles} answered by" in out and "0 to compile" in out
+    assert not empty.exists() or not any(empty.iterdir())  # nothing compiled
+
+    rc, out = gate("--known", str(known), "--recheck", str(n_compiles))  # every entry compiled again: agrees
+    assert rc == 0, out[-3000:]
+    entries[0]["registers"] += 1
+    known.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    rc, out = gate("--known", str(known), "--recheck", str(n_compiles))
+    assert rc == 1 and "differs from the known result: registers" in out, out[-3000:]
