@@ -321,6 +321,23 @@ def conv_transpose_act2d(input, weight, bias=None, stride=1, padding=0, output_p
     return _channels_last_like(out, input)
 
 
+def _slice_indices(crop: slice, length):
+    """crop.indices(length), in Python: torch 2.11's dynamo cannot trace the builtin (a graph break)."""
+    step = 1 if crop.step is None else crop.step
+    if step == 0:
+        raise ValueError("slice step cannot be zero")
+    lower, upper = (0, length) if step > 0 else (-1, length - 1)
+
+    def bound(value, default):
+        if value is None:
+            return default
+        if value < 0:
+            return max(value + length, lower)
+        return min(value, upper)
+
+    return (bound(crop.start, lower if step > 0 else upper), bound(crop.stop, upper if step > 0 else lower), step)
+
+
 def conv_transpose_act2d_cropped(input, weight, bias, stride, padding, output_padding, rows, cols, activation=None,
                                  negative_slope=0.01, contiguous_output=False):
     """conv_transpose_act2d(input, weight, bias, stride, padding, output_padding, activation=...)[:, :, rows, cols]
@@ -344,7 +361,7 @@ def conv_transpose_act2d_cropped(input, weight, bias, stride, padding, output_pa
     full = [(input.shape[-2 + a] - 1) * s[a] - 2 * p[a] + weight.shape[2 + a] + op[a] for a in range(2)]
     folded = []
     for a, crop in enumerate((rows, cols)):
-        c0, c1, step = crop.indices(full[a]) if isinstance(crop, slice) else (0, 0, 0)
+        c0, c1, step = _slice_indices(crop, full[a]) if isinstance(crop, slice) else (0, 0, 0)
         extra = op[a] + c0 + c1 - full[a]
         folded.append((p[a] + c0, extra) if step == 1 and c1 > c0 and 0 <= extra < s[a] else None)
     if None in folded:
@@ -444,13 +461,19 @@ _WINDOW_STRIDES: dict[int, tuple] = {}
 
 
 def _remember_window_stride(window, s_pool):
+    """Eager only, like validation.mark_trusted: under torch.compile the traced tensors have no lasting
+    identity (and torch 2.11's dynamo cannot trace id() of one: a graph break, which fullgraph refuses)."""
     import weakref
 
+    if _compiling():
+        return
     key = id(window)
     _WINDOW_STRIDES[key] = (weakref.ref(window, lambda _, key=key: _WINDOW_STRIDES.pop(key, None)), tuple(s_pool))
 
 
 def _window_stride_of(indices):
+    if _compiling():
+        return None
     entry = _WINDOW_STRIDES.get(id(indices))
     return entry[1] if entry is not None and entry[0]() is indices else None
 

@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act2d_autograd(
     std::tie(out, mean, var) = ops.forward.call(input, weight, bias, eps, activation, negative_slope);
   }
   if (!need_grad) return {out, mean, var};
-  auto node = c10::make_intrusive<BatchNormActBackward>();
+  auto node = make_node<BatchNormActBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, has_weight ? *weight : at::Tensor(),
                                                            has_bias ? *bias : at::Tensor()));
   node->ops = &ops;

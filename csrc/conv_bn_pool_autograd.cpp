@@ -127,7 +127,7 @@ Five conv_bn_pool2d_autograd(const std::string& ns, const at::Tensor& input, con
   }
   if (!need_grad) return result;
   auto& [pooled, window, conv_out, mean, var] = result;
-  auto node = c10::make_intrusive<ConvBnPoolBackward>();
+  auto node = make_node<ConvBnPoolBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, present[2] ? *bias : at::Tensor(),
                                                            present[3] ? *bn_weight : at::Tensor(),
                                                            present[4] ? *bn_bias : at::Tensor()));

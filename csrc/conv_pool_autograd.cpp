@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_autograd(const std::string& ns, c
                                                         kClean, 0.0, 0, 0.0, 1.0, ps, ceil_mode);
   }
   if (!(needs[0] || needs[1] || needs[2])) return {pooled, window};
-  auto node = c10::make_intrusive<ConvPool2DBackward>();
+  auto node = make_node<ConvPool2DBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, has_bias ? *bias : at::Tensor()));
   node->ops = &ops;
   node->stride = s;

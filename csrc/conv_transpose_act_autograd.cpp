@@ -90,7 +90,7 @@ at::Tensor conv_transpose_act2d_autograd(const std::string& ns, const at::Tensor
     std::tie(out, pre) = ops.forward.call(input, weight, bias, s, p, op, activation_arg(activation), negative_slope);
   }
   if (!need_grad) return out;
-  auto node = c10::make_intrusive<ConvTransposeActBackward>();
+  auto node = make_node<ConvTransposeActBackward>();
   node->ops = &ops;
   node->attach(input, weight, bias, s, p, op, activation, negative_slope, out, pre);
   return out;

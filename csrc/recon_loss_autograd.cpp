@@ -148,7 +148,7 @@ at::Tensor recon_loss_autograd(const std::string& ns, const at::Tensor& input, c
     std::tie(loss, gx, gt) = ops.loss.call(input, target, weight, pos_weight, kind, reduction, delta, flag_x, flag_t);
   }
   if (!(need_x || need_t)) return loss;
-  auto node = c10::make_intrusive<ReconLossBackward>();
+  auto node = make_node<ReconLossBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, target));
   node->ops = &ops;
   node->kind = kind;

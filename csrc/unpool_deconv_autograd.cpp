@@ -107,7 +107,7 @@ at::Tensor unpool_conv_transpose2d_autograd(const std::string& ns, const at::Ten
         ops.forward.call(input, indices, weight, bias, k, u, s, p, op, activation_arg(activation), negative_slope);
   }
   if (!need_grad) return out;
-  auto node = c10::make_intrusive<UnpoolConvTranspose2DBackward>();
+  auto node = make_node<UnpoolConvTranspose2DBackward>();
   node->ops = &ops;
   node->pool_size = k;
   node->unpooled_size = u;

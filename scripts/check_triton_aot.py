@@ -397,7 +397,8 @@ def main(argv=None):
     rechecked = set(random.sample(answered, min(args.recheck, len(answered))))
     to_compile = [i for i in range(len(work)) if i not in answered or i in rechecked]
     print(f"{len(specs)} specializations, {len(jobs)} distinct compile inputs, {len(work)} compiles: "
-          f"{len(answered) - len(rechecked)} answered by {args.known}, {len(to_compile)} to compile, "
+          f"{len(answered) - len(rechecked)} answered by {args.known or 'known results (none given)'}, "
+          f"{len(to_compile)} to compile, "
           f"{len(rechecked)} of them known results rechecked ({args.jobs} at a time)", flush=True)
     results = [None] * len(work)
     for i in answered:

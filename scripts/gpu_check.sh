@@ -145,7 +145,9 @@ if [ "$DRY" = 1 ]; then
   step build 1200 "$PY" -m pip wheel --no-build-isolation --no-deps -v . -w "$WORK/wheel" \
     "-Cbuild-dir=build/{wheel_tag}" && BUILD_OK=1
 else
-  step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
+  # sm_90 only (H100/H200): torch's CMake config compiles the archs of TORCH_CUDA_ARCH_LIST, which an
+  # image may set for itself (CMakeLists.txt maps CMAKE_CUDA_ARCHITECTURES onto it when it is unset).
+  step build 200 env TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
     -Cbuild-dir=build/gpu-cuda -Ceditable.rebuild=false -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
     && "$PY" -c "import aefast, sys; sys.exit(0 if aefast.BUILD_INFO['cuda'] else 1)" >>"$WORK/logs/build.log" 2>&1 \
     && BUILD_OK=1

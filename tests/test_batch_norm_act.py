@@ -55,7 +55,10 @@ def make_pair(channels, act="relu", momentum=0.1, affine=True, track_running_sta
 def run_step(model, x):
     x = x.detach().clone().requires_grad_()
     out = model(x)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+    # drawn in fp32 (fp64 for fp64 runs), then rounded: the spec and fused runs of another dtype get the same
+    # gradient (torch 2.11 draws a different fp16 sequence from the same seed than its fp32 one)
+    draw = torch.float64 if out.dtype == torch.float64 else torch.float32
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=draw).to(out.dtype).to(out.device)
     (out * grad).sum().backward()
     grads = {"x": x.grad}
     grads.update({name.replace("0.", "", 1): p.grad for name, p in model.named_parameters()})

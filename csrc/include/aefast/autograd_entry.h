@@ -16,9 +16,22 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace aefast {
+
+// A new autograd node, held as torch's set_history wants it: torch 2.13 keeps nodes in
+// c10::intrusive_ptr (Node is an intrusive_ptr_target), torch 2.11 (the GPU image's) in
+// std::shared_ptr. Chosen from Node's own type, so no version number has to be right.
+template <typename NodeT>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
+    return c10::make_intrusive<NodeT>();
+  } else {
+    return std::make_shared<NodeT>();
+  }
+}
 
 // The typed handle of <ns>::<name>. Looked up once per namespace by cached_ops: a schema lookup
 // costs about as much as the call.
