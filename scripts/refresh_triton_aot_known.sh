@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
-specs=$(mktemp --suffix=.jsonl)
-trap 'rm -f "$specs"' EXIT
+mkdir -p out
+specs=out/triton_specs.jsonl  # kept: scripts/check_triton_aot.py --specs out/triton_specs.jsonl reruns the gate alone
+rm -f "$specs"
 AEFAST_HYPOTHESIS_PROFILE=ci AEFAST_RECORD_TRITON_SPECS="$specs" ./dev test "$@"
 "$(aefast_python)" scripts/check_triton_aot.py --specs "$specs" --out out/triton_aot.md \
     --known .ci/triton_aot_known.jsonl --write-known .ci/triton_aot_known.jsonl \

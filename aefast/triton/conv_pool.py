@@ -103,7 +103,7 @@ GPU_CONFIGS = {
     ],
     "_conv_pool_fwd_kernel:ieee": [
         _config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, maxnreg=_WHOLE_FILE),
-        _config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
+        _config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=_WHOLE_FILE),
     ],
     "_conv_pool_fwd_kernel:fp64": [_config(BLOCK_M=32, BLOCK_N=8, BLOCK_K=8, num_warps=4, num_stages=1,
                                            maxnreg=_WHOLE_FILE)],
