@@ -560,8 +560,8 @@ def test_cpu_backward_gpre_bands_per_isa(cpu_isa, case, fmt):
 
 
 # The per-channel backward walks each channel's entries band by band: whole rows of pool windows
-# whose neighbourhoods fit in 128 KiB of gpad (nb read in place) or of the im2col (kBackwardBandBytes,
-# csrc/cpu/unpool_deconv_entries_backward.cpp). These images span several bands with a partial last
+# whose neighbourhoods fit in 128 KiB of gpad (nb read in place) or of the im2col (kL2BandBytes in
+# csrc/include/aefast/cpu_isa.h). These images span several bands with a partial last
 # one: C_out 32 rows of 10.6 KB (6 pool rows a band, 10 rows), C_out 17 through a 1.6 MB im2col
 # (one row a band), pool 3 with clipped last windows and stride 2.
 # (n, c_in, c_out, unpooled hw, pool, k, stride, padding, output_padding, act)

@@ -112,8 +112,6 @@ AEFAST_ISA_CLONES_IDX(positions_of, void,
 // Where the neighbourhood nb(q) of each position lives: in gpad itself (runs of run_len values,
 // run r at offset r * run_stride from noff[q]; run_len a whole number of vectors), or in a
 // per-image im2col buffer (one run of kp values at noff[q] = q * kp).
-constexpr int64_t kBackwardBandBytes = int64_t(128) << 10;
-
 struct BackwardPlan {
   int64_t kp;
   bool per_position;  // small slabs: row bands (band_grads), else per channel
@@ -530,18 +528,14 @@ void backward_typed(const BackwardCall& call) {
   // measured on 128->64 @32x32: runs of 12 in one chunk instead of two of 6, -9%), 6 below.
   plan.nvc = plan.per_position ? 0 : chunk_vectors(plan.run_len / L, 1, vec_bytes(isa), isa == Isa::kAvx512 ? 12 : 6);
   // Bands of whole rows of pool windows whose neighbourhoods (the nb rows they read, in gpad or
-  // the im2col) fit in kBackwardBandBytes: every channel's pass over a band then reads them from
-  // L2, where one pass per channel over the whole image streamed an image-sized nb from L3 or
-  // memory C_in times (measured, 2 threads, interleaved, Xeon host: backward of N16 64->64 at
-  // 96x96 unpooled 79 -> 41-45 ms, N32 64->32 at 128x128 153 -> 82 ms; 64->32 @14x14 N=256,
-  // one band, unchanged). 128 KiB measured no worse than 256 KiB or 1 MiB there, and leaves
-  // room in a Zen 5 core's 1 MiB L2.
+  // the im2col) fit in L2 (rows_per_l2_band): one pass per channel over the whole image streamed
+  // an image-sized nb from L3 or memory C_in times (measured, 2 threads, interleaved, Xeon host:
+  // backward of N16 64->64 at 96x96 unpooled 79 -> 41-45 ms, N32 64->32 at 128x128 153 -> 82 ms;
+  // 64->32 @14x14 N=256, one band, unchanged).
   {
     const int64_t row_step_bytes =
         (plan.direct ? g.stride_h * row_stride : g.unpooled_w * kp) * static_cast<int64_t>(sizeof(acc_t));
-    const int64_t rows = std::clamp<int64_t>(kBackwardBandBytes / std::max<int64_t>(1, g.pool_h * row_step_bytes), 1,
-                                             std::max<int64_t>(g.pooled_h, 1));
-    plan.band = std::max<int64_t>(1, rows * g.pooled_w);
+    plan.band = std::max<int64_t>(1, rows_per_l2_band(g.pool_h * row_step_bytes, g.pooled_h) * g.pooled_w);
   }
   if (plan.per_position) {
     plan.runs = g.kernel_h;
