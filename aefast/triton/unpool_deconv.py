@@ -36,7 +36,8 @@ writes per-block partial sums of gpre per channel (grad_b's first stage).
 No float atomics anywhere: results are bitwise reproducible.
 
 Precision: fp32 operands use TF32 when torch.backends.cudnn.allow_tf32 is on (as cuDNN's convs)
-and IEEE fp32 when it is off; fp16/bf16 accumulate in fp32; fp64 in fp64. Under
+and IEEE fp32 when it is off; fp16/bf16 accumulate in fp32; fp64 reduces in fp64 with a broadcast
+product and tl.sum, as the encoder's fp64 does (gradcheck's dtype, not a speed path). Under
 TRITON_INTERPRET=1, bf16 operands are upcast to fp32 before tl.dot (the interpreter's bf16 dot
 returns garbage), which is exact for the products and keeps fp32 accumulation.
 
@@ -51,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from aefast.triton._common import mma_acc
 from aefast.triton.conv_pool import config_variant
 
 BLOCK = 256
@@ -79,17 +81,20 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # accumulators: both need about half the tensor-core tile and two stages. BLOCK_K is 16 for IEEE too (8
 # used fewer registers, but the GPU image's Triton 3.6 refuses a tl.dot with K < 16; the forward's 32x32x16
 # spilled 8-24 B on sm_90 at 4 and 8 warps, so IEEE's forward has one tile). fp64 (gradcheck's
-# dtype, not a speed path) has one tile: 32x32x16 spilled on sm_90.
+# dtype, not a speed path) reduces with tl.sum over a (BLOCK_M, BLOCK_K, BLOCK_N) product held in
+# registers, so its tile is small and K may be 8: 32x32x8 at 8 warps, one stage, 104-128 registers
+# under Triton 3.6 and 3.9 (at 4 warps the forward spilled 16 B on sm_90 under 3.6, and 16x32x8 8 B
+# in the weight gradient under 3.9).
 TILES = {
     "fwd": [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3), (64, 32, 16, 4, 3), (64, 8, 16, 4, 2)],
     "fwd:ieee": [(64, 64, 16, 8, 2)],
-    "fwd:fp64": [(32, 64, 16, 8, 2)],
+    "fwd:fp64": [(32, 32, 8, 8, 1)],
     "dgrad": [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3), (64, 16, 32, 4, 3)],
     "dgrad:ieee": [(64, 64, 16, 8, 2), (32, 32, 16, 4, 2)],
-    "dgrad:fp64": [(32, 64, 16, 8, 2)],
+    "dgrad:fp64": [(32, 32, 8, 8, 1)],
     "wgrad": [(64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (64, 32, 16, 4, 3), (64, 16, 16, 4, 2)],
     "wgrad:ieee": [(64, 32, 16, 8, 2), (32, 32, 16, 4, 2)],
-    "wgrad:fp64": [(32, 64, 16, 8, 2)],
+    "wgrad:fp64": [(32, 32, 8, 8, 1)],
 }
 _KERNEL_NAMES = {"fwd": "_forward_kernel", "dgrad": "_dgrad_kernel", "wgrad": "_wgrad_kernel"}
 _VARIANTS = ("", "ieee", "fp64")
@@ -202,14 +207,6 @@ def _unpooled_tile(z_ptr, idx_ptr, n, h, w, ok, ci, szn, szc, szh, szw, sin, sic
 
 
 @triton.jit
-def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _unpool_source(oy, ox, kh, kw, HU, WU, SH, SW, PADH, PADW):
     """The unpooled position (h, w) that output (oy, ox) reads through tap (kh, kw) of the
     transposed conv, h = (oy + padh - kh) / sh when divisible and in range (likewise w)."""
@@ -226,9 +223,9 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
                     SH, SW, PADH, PADW, slope_hi, slope_lo,
                     szn, szc, szh, szw, sin, sic, sih, siw, son, soc, soh, sow,
                     DTYPE_KEY, POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr, PACK_K: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, DOT: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
+                    PACK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # wt is W permuted to (KH, KW, Cin, Cout), contiguous: K row k = t * Cin + ci (tap t = kh*KW + kw).
     # PACK_K (few input channels): one K loop over the flattened (t, ci), so K pads once to
     # BLOCK_K instead of once per tap; else a loop over taps with a Cin loop inside.
@@ -257,7 +254,7 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
             a = _unpooled_tile(z_ptr, idx_ptr, n[:, None], h, w, ok & m_ok[:, None] & (k < K)[None, :], ci[None, :],
                                szn, szc, szh, szw, sin, sic, sih, siw, HP, WP, WU, POOL_H, POOL_W, IS_FLAT)
             b = tl.load(wt_ptr + k[:, None] * C_OUT + co[None, :], mask=(k < K)[:, None] & co_ok[None, :], other=0)
-            acc = _mma(acc, a, b, PRECISION, UPCAST)
+            acc = mma_acc(acc, a, b, DOT, PRECISION, UPCAST)
     else:
         for t in range(KH * KW):
             kh = t // KW
@@ -271,7 +268,7 @@ def _forward_kernel(z_ptr, idx_ptr, wt_ptr, b_ptr, out_ptr, pre_ptr, M, C_IN, C_
                                    IS_FLAT)
                 b = tl.load(wt_ptr + (t * C_IN + ci)[:, None] * C_OUT + co[None, :],
                             mask=ci_ok[:, None] & co_ok[None, :], other=0)
-                acc = _mma(acc, a, b, PRECISION, UPCAST)
+                acc = mma_acc(acc, a, b, DOT, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_ok, other=0).to(ACC_DTYPE)[None, :]
     # Eager rounds the conv output to the tensor dtype before the activation reads it.
@@ -314,9 +311,9 @@ def _gpre_kernel(g_ptr, a_ptr, gpre_ptr, part_ptr, M, C_OUT, HO, WO, slope_hi, s
 @triton.jit
 def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW, SH, SW,
                   PADH, PADW, sin, sic, sih, siw, DTYPE_KEY,
-                  POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr, PACK_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
+                  PACK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M = unpooled positions (n, h, w); N = Cin; K = (t, co). wt is W permuted to (KH, KW, Cout, Cin),
     # contiguous (K row k = t * Cout + co). gz (contiguous NCHW) gets D only at the argmax.
     # PACK_K (few output channels): one loop over the flattened (t, co), as in the forward.
@@ -345,7 +342,7 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
             ok = m_ok[:, None] & (k < K)[None, :] & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
             a = tl.load(gpre_ptr + ((n[:, None] * HO + oy) * WO + ox) * C_OUT + co[None, :], mask=ok, other=0)
             b = tl.load(wt_ptr + k[:, None] * C_IN + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0)
-            acc = _mma(acc, a, b, PRECISION, UPCAST)
+            acc = mma_acc(acc, a, b, DOT, PRECISION, UPCAST)
     else:
         for t in range(KH * KW):
             kh = t // KW
@@ -360,7 +357,7 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
                             other=0)
                 b = tl.load(wt_ptr + (t * C_OUT + co)[:, None] * C_IN + ci[None, :],
                             mask=co_ok[:, None] & ci_ok[None, :], other=0)
-                acc = _mma(acc, a, b, PRECISION, UPCAST)
+                acc = mma_acc(acc, a, b, DOT, PRECISION, UPCAST)
     ph = h // POOL_H
     pw = w // POOL_W
     r_ok = m_ok & (ph < HP) & (pw < WP)
@@ -382,8 +379,8 @@ def _dgrad_kernel(gpre_ptr, idx_ptr, wt_ptr, gz_ptr, M, C_IN, C_OUT, HP, WP, HU,
 @triton.jit
 def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_OUT, HP, WP, HU, WU, HO, WO, KH, KW,
                   SH, SW, PADH, PADW, szn, szc, szh, szw, sin, sic, sih, siw, DTYPE_KEY,
-                  POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
+                  POOL_H: tl.constexpr, POOL_W: tl.constexpr, IS_FLAT: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (tile of ci x (t, co), chunk s): part[s, ci, t * Cout + co] = sum over the unpooled
     # positions p of chunk s of U[p, ci] * gpre[shift_t(p), co]: the im2col of gpre packs the taps
@@ -417,7 +414,7 @@ def _wgrad_kernel(gpre_ptr, z_ptr, idx_ptr, part_ptr, P, CHUNK, SPLIT, C_IN, C_O
         ox = w[:, None] * SW - PADW + kw[None, :]
         g_ok = p_ok[:, None] & j_ok[None, :] & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
         g = tl.load(gpre_ptr + ((n[:, None] * HO + oy) * WO + ox) * C_OUT + co[None, :], mask=g_ok, other=0)
-        acc = _mma(acc, tl.trans(u), g, PRECISION, UPCAST)
+        acc = mma_acc(acc, tl.trans(u), g, DOT, PRECISION, UPCAST)
     base = s.to(tl.int64) * C_IN * NT
     tl.store(part_ptr + base + ci[:, None] * NT + j[None, :], acc, mask=ci_ok[:, None] & j_ok[None, :])
 
@@ -441,8 +438,11 @@ def _precision(dtype):
 
 
 def _dot_flags(dtype):
-    return dict(PRECISION=_precision(dtype), UPCAST=INTERPRETING and dtype == torch.bfloat16,
-                ACC_DTYPE=_acc_dtype(dtype))
+    """mma_acc's constexprs. fp64 reduces with tl.sum, not tl.dot: Triton 3.6 (the GPU image's)
+    asserts on a fp64 dot with the default out_dtype and, given out_dtype=fp64, aborts the process in
+    its MMAv2 lowering ("fp64 don't support largeK MMA") for these kernels' K=16 tiles."""
+    return dict(DOT=dtype != torch.float64, PRECISION=_precision(dtype),
+                UPCAST=INTERPRETING and dtype == torch.bfloat16, ACC_DTYPE=_acc_dtype(dtype))
 
 
 # Channels per tap below which the taps are packed into K (the K loop runs over (tap, channel)):
